@@ -1,0 +1,119 @@
+"""User memory accesses: the TLB, the hardware page walk, and the fault entry.
+
+arch/x86/mm/fault.c (``do_user_addr_fault``). A load or store looks in the CPU's TLB;
+on a miss (or a store through an entry not yet dirty) the hardware walker reads the
+four levels, sets the accessed and dirty bits with a locked update and fills the TLB; if
+the walk finds no usable entry, the fault handler runs with mmap_lock held for read and
+the access is retried. An access outside any VMA, or not allowed by it, is SIGSEGV.
+"""
+
+from __future__ import annotations
+
+from kmm import memory, tlb
+from kmm.mm_types import VM_EXEC, VM_READ, VM_WRITE
+from kmm.pgtable import (
+    _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER,
+    PAGE_SHIFT, PMD_SHIFT, pgd_index, pmd_index, pmd_pfn, pte_index, pte_pfn,
+    pud_index, table_pfn,
+)
+
+COST_ACCESS = 1
+
+
+class Segv(Exception):
+    """The access killed the process with SIGSEGV."""
+
+    def __init__(self, addr: int, code: str) -> None:
+        super().__init__(f"SIGSEGV ({code}) at {addr:#x}")
+        self.addr = addr
+        self.code = code
+
+
+class OutOfMemory(Exception):
+    """VM_FAULT_OOM: the fault could not get memory."""
+
+
+def _usable(entry: int, write: bool) -> bool:
+    if entry & (_PAGE_PRESENT | _PAGE_USER) != _PAGE_PRESENT | _PAGE_USER:
+        return False
+    return not write or bool(entry & _PAGE_RW)
+
+
+async def _walk(m, cpu, mm, addr: int, write: bool) -> bool:
+    """The hardware page walk: True once the TLB holds a usable translation."""
+    e = await m.entry_read("pgd", mm.pgd, pgd_index(addr))
+    if not _usable(e, write):
+        return False
+    e = await m.entry_read("pud", table_pfn(e), pud_index(addr))
+    if not _usable(e, write):
+        return False
+    tbl, idx = table_pfn(e), pmd_index(addr)
+    e = await m.entry_read("pmd", tbl, idx)
+    if not _usable(e, write):
+        return False
+    huge = bool(e & _PAGE_PSE)
+    if not huge:
+        tbl, idx = table_pfn(e), pte_index(addr)
+        e = await m.entry_read("pte", tbl, idx)
+        if not _usable(e, write):
+            return False
+    want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    if want != e and not await m.entry_cmpxchg("pmd" if huge else "pte", tbl, idx, e, want):
+        return False  # changed under the walker: walk again
+    pfn = pmd_pfn(want) if huge else pte_pfn(want)
+    tlb.tlb_fill(cpu, mm, addr, pfn, bool(want & _PAGE_RW), bool(want & _PAGE_DIRTY), huge)
+    return True
+
+
+def _tlb_lookup(cpu, mm_id: int, addr: int):
+    e = cpu.tlb4k.get((mm_id, addr >> PAGE_SHIFT))
+    if e is not None:
+        return e
+    e = cpu.tlb2m.get((mm_id, addr >> PMD_SHIFT))
+    if e is not None:
+        return (e[0] + ((addr >> PAGE_SHIFT) & 511), e[1], e[2])
+    return None
+
+
+async def user_access(m, task, cpu_id: int, addr: int, write: bool,
+                      data: bytes = b"", n: int = 1) -> bytes:
+    """One load (n bytes) or store (data) within a page, as the CPU performs it."""
+    cpu = m.cpus[cpu_id]
+    mm = task.mm
+    sched = m.sched
+    stats = m.tlb_stats
+    while True:
+        e = _tlb_lookup(cpu, mm.id, addr)
+        if e is not None and (not write or (e[1] and e[2])):
+            pfn = e[0]
+            off = addr & 4095
+            if write:
+                await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
+                m.physmem.write(pfn, off, data)
+                return b""
+            await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
+            return m.physmem.read(pfn, off, n)
+        stats[cpu_id] += 1
+        if await _walk(m, cpu, mm, addr, write):
+            continue
+        await do_user_addr_fault(m, task, addr, write)
+
+
+async def do_user_addr_fault(m, task, addr: int, write: bool) -> None:
+    mm = task.mm
+    await mm.mmap_lock.down_read("do_user_addr_fault")
+    try:
+        vma = mm.find_vma(addr)
+        if vma is None or vma.start > addr:
+            raise Segv(addr, "SEGV_MAPERR")
+        if write and not vma.flags & VM_WRITE:
+            raise Segv(addr, "SEGV_ACCERR")
+        if not vma.flags & (VM_READ | VM_WRITE | VM_EXEC):
+            raise Segv(addr, "SEGV_ACCERR")
+        fault = await memory.handle_mm_fault(m, vma, addr, write)
+    finally:
+        await mm.mmap_lock.up_read()
+    if fault & memory.VM_FAULT_OOM:
+        raise OutOfMemory(f"out of memory faulting {addr:#x}")
+    if fault & memory.VM_FAULT_SIGSEGV:
+        raise Segv(addr, "SEGV_MAPERR")

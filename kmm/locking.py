@@ -1,0 +1,293 @@
+"""Modelled kernel locks: owners, FIFO wait queues, lockdep checks and lock_stat.
+
+One lock class per kernel lock, with the kernel's name (``lockdep.ORDER``):
+``mmap_lock`` (rwsem per mm), ``page_table_lock`` (per mm), ``ptlock_pmd`` and
+``ptlock_pte`` (split page-table locks in the table page's struct page), ``anon_vma``
+(the root's rwsem), ``folio_lock`` (PG_locked), ``split_queue_lock`` and ``zone_lock``.
+
+Acquire and release are preemption points. A contended lock puts the actor on the lock's
+FIFO queue and blocks it; release hands the lock to the first waiter (qspinlock and rwsem
+hand-off). Statistics per class use the fields of /proc/lock_stat, in emulated time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kmm.lockdep import HeldLock, Lockdep
+
+LOCK_STAT_FIELDS = (
+    "class name", "con-bounces", "contentions", "waittime-min", "waittime-max",
+    "waittime-total", "waittime-avg", "acq-bounces", "acquisitions", "holdtime-min",
+    "holdtime-max", "holdtime-total", "holdtime-avg",
+)
+
+COST_LOCK = 20  # ns: an uncontended atomic on a cache line
+
+
+@dataclass(slots=True)
+class ClassStats:
+    con_bounces: int = 0
+    contentions: int = 0
+    wait_min: int = 0
+    wait_max: int = 0
+    wait_total: int = 0
+    acq_bounces: int = 0
+    acquisitions: int = 0
+    hold_min: int = 0
+    hold_max: int = 0
+    hold_total: int = 0
+    holds: int = 0
+
+    def waited(self, ns: int) -> None:
+        self.wait_min = ns if self.contentions == 1 else min(self.wait_min, ns)
+        self.wait_max = max(self.wait_max, ns)
+        self.wait_total += ns
+
+    def held(self, ns: int) -> None:
+        self.holds += 1
+        self.hold_min = ns if self.holds == 1 else min(self.hold_min, ns)
+        self.hold_max = max(self.hold_max, ns)
+        self.hold_total += ns
+
+    def row(self, name: str) -> dict:
+        """One /proc/lock_stat line (times in emulated microseconds, as lock_stat prints)."""
+        us = lambda ns: round(ns / 1000, 2)  # noqa: E731
+        return dict(zip(LOCK_STAT_FIELDS, (
+            name, self.con_bounces, self.contentions, us(self.wait_min), us(self.wait_max),
+            us(self.wait_total), us(self.wait_total / self.contentions) if self.contentions else 0.0,
+            self.acq_bounces, self.acquisitions, us(self.hold_min), us(self.hold_max),
+            us(self.hold_total), us(self.hold_total / self.holds) if self.holds else 0.0)))
+
+
+class Locks:
+    """The machine's lock world: scheduler, lockdep graph and per-class statistics."""
+
+    def __init__(self, sched) -> None:
+        self.sched = sched
+        self.lockdep = Lockdep()
+        self.stats: dict[str, ClassStats] = {}
+
+    def stats_for(self, cls: str) -> ClassStats:
+        st = self.stats.get(cls)
+        if st is None:
+            st = self.stats[cls] = ClassStats()
+        return st
+
+    def spinlock(self, cls: str, name: str) -> "SpinLock":
+        return SpinLock(self, cls, name)
+
+    def rwsem(self, cls: str, name: str) -> "RwSem":
+        return RwSem(self, cls, name)
+
+    def lock_stat(self) -> list[dict]:
+        """/proc/lock_stat: one row per lock class that was ever taken."""
+        return [st.row(cls) for cls, st in sorted(self.stats.items())]
+
+
+def _drop_held(actor, lock) -> int:
+    held = actor.held
+    for i in range(len(held) - 1, -1, -1):
+        if held[i].lock is lock:
+            del held[i]
+            return i
+    raise RuntimeError(f"{actor.name} releases {lock.name}, which it does not hold")
+
+
+class _Lock:
+    __slots__ = ("world", "cls", "name", "stats", "waiters", "t_acq", "last_cpu")
+
+    def __init__(self, world: Locks, cls: str, name: str) -> None:
+        self.world = world
+        self.cls = cls
+        self.name = name
+        self.stats = world.stats_for(cls)
+        self.waiters: deque = deque()
+        self.t_acq: dict = {}
+        self.last_cpu: int | None = None
+
+    def _acquired(self, actor, site: str, subclass: int, read: bool, now: int) -> None:
+        actor.held.append(HeldLock(self, site, subclass, read))
+        st = self.stats
+        st.acquisitions += 1
+        if self.last_cpu is not None and self.last_cpu != actor.cpu:
+            st.acq_bounces += 1
+        self.last_cpu = actor.cpu
+        self.t_acq[actor] = now
+
+    def _contended(self, actor) -> int:
+        st = self.stats
+        st.contentions += 1
+        if self.last_cpu is not None and self.last_cpu != actor.cpu:
+            st.con_bounces += 1
+        return self.world.sched.now
+
+    def _released(self, actor) -> None:
+        _drop_held(actor, self)
+        self.stats.held(self.world.sched.now - self.t_acq.pop(actor))
+
+
+class SpinLock(_Lock):
+    """spinlock_t: one owner; waiters queue in arrival order (qspinlock's MCS queue)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, world: Locks, cls: str, name: str) -> None:
+        super().__init__(world, cls, name)
+        self.owner = None
+
+    def owner_names(self) -> list[str]:
+        return [self.owner.name] if self.owner is not None else []
+
+    async def lock(self, site: str, subclass: int = 0) -> None:
+        """spin_lock / spin_lock_nested. Context: returns with the lock held."""
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("lock", COST_LOCK, lock=self.name, site=site)
+        self.world.lockdep.check_acquire(actor, self, site, subclass)
+        if self.owner is not None:
+            t0 = self._contended(actor)
+            self.waiters.append(actor)
+            await sched.block(self)  # unlock hands us the lock
+            self.stats.waited(sched.now - t0)
+        else:
+            self.owner = actor
+        self._acquired(actor, site, subclass, False, sched.now)
+
+    async def trylock(self, site: str) -> bool:
+        """spin_trylock: never waits, so it adds no lock-order dependency."""
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("trylock", COST_LOCK, lock=self.name, site=site)
+        if self.owner is not None:
+            return False
+        self.owner = actor
+        self._acquired(actor, site, 0, False, sched.now)
+        return True
+
+    async def unlock(self) -> None:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("unlock", COST_LOCK, lock=self.name)
+        if self.owner is not actor:
+            raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
+                               f"{self.owner.name if self.owner else 'no one'}")
+        self._released(actor)
+        if self.waiters:
+            self.owner = self.waiters.popleft()
+            sched.wake(self.owner)
+        else:
+            self.owner = None
+
+    def is_locked(self) -> bool:
+        return self.owner is not None
+
+
+class RwSem(_Lock):
+    """struct rw_semaphore: many readers or one writer; a queued writer stops new readers."""
+
+    __slots__ = ("readers", "writer")
+
+    def __init__(self, world: Locks, cls: str, name: str) -> None:
+        super().__init__(world, cls, name)
+        self.readers: list = []
+        self.writer = None
+
+    def owner_names(self) -> list[str]:
+        if self.writer is not None:
+            return [self.writer.name]
+        return [a.name for a in self.readers]
+
+    async def _down(self, site: str, write: bool, subclass: int) -> None:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("lock", COST_LOCK, lock=self.name, site=site,
+                          mode="write" if write else "read")
+        self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
+        free = self.writer is None and (not self.readers if write else not self.waiters)
+        if free:
+            if write:
+                self.writer = actor
+            else:
+                self.readers.append(actor)
+        else:
+            t0 = self._contended(actor)
+            self.waiters.append((actor, write))
+            await sched.block(self)  # the releaser granted it to us
+            self.stats.waited(sched.now - t0)
+        self._acquired(actor, site, subclass, not write, sched.now)
+
+    async def down_read(self, site: str) -> None:
+        await self._down(site, False, 0)
+
+    async def down_write(self, site: str, subclass: int = 0) -> None:
+        await self._down(site, True, subclass)
+
+    async def down_read_trylock(self, site: str) -> bool:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="read")
+        if self.writer is not None or self.waiters:
+            return False
+        self.readers.append(actor)
+        self._acquired(actor, site, 0, True, sched.now)
+        return True
+
+    async def down_write_trylock(self, site: str) -> bool:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="write")
+        if self.writer is not None or self.readers:
+            return False
+        self.writer = actor
+        self._acquired(actor, site, 0, False, sched.now)
+        return True
+
+    async def up_read(self) -> None:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("unlock", COST_LOCK, lock=self.name, mode="read")
+        self.readers.remove(actor)
+        self._released(actor)
+        self._grant()
+
+    async def up_write(self) -> None:
+        sched = self.world.sched
+        actor = sched.current
+        await sched.point("unlock", COST_LOCK, lock=self.name, mode="write")
+        if self.writer is not actor:
+            raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")
+        self.writer = None
+        self._released(actor)
+        self._grant()
+
+    def _grant(self) -> None:
+        # rwsem_wake: a writer at the head gets the lock once it is free; readers at the
+        # head are woken together, up to the first queued writer.
+        sched = self.world.sched
+        while self.waiters and self.writer is None:
+            actor, write = self.waiters[0]
+            if write:
+                if self.readers:
+                    return
+                self.waiters.popleft()
+                self.writer = actor
+                sched.wake(actor)
+                return
+            self.waiters.popleft()
+            self.readers.append(actor)
+            sched.wake(actor)
+
+    def is_locked(self) -> bool:
+        return self.writer is not None or bool(self.readers)
+
+    def is_write_locked(self) -> bool:
+        return self.writer is not None
+
+
+class FolioLock(SpinLock):
+    """PG_locked: a sleeping bit lock. Same queue discipline; taken with trylock by
+    khugepaged and reclaim, which must never sleep on it under a spinlock."""
+
+    __slots__ = ()

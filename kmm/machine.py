@@ -1,0 +1,228 @@
+"""The emulated machine: memory, allocator, locks, CPUs and processes, wired together.
+
+Emulator-only façade. It owns the shared state every actor reaches, and the operations
+on it that are preemption points: page-table entry reads, writes and exchanges,
+refcount changes and page-table page allocation. The kernel paths live in the modules
+named after mm/ files and take the machine as their first argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kmm import page_alloc
+from kmm.locking import FolioLock, Locks
+from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
+from kmm.physmem import PhysMem
+from kmm.pgtable import PAGE_SHIFT, PAGE_SIZE
+from kmm.runtime.sched import Scheduler
+from kmm.sysfs import Sysfs
+from kmm.vmstat import VmStat
+
+COST_ENTRY = 1      # ns: a page-table entry read or write (cached)
+COST_CLEAR_PAGE = 250
+COST_COPY_PAGE = 500
+
+
+class KernelBug(Exception):
+    """VM_BUG_ON: the emulated kernel reached a state the real one never may."""
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    memory: int = 1 << 30
+    swap: int = 0
+    cpus: int = 2
+    seed: int = 1
+
+
+class Task:
+    """A process (task_struct, reduced to what mm needs): a name, a pid and an mm."""
+
+    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions")
+
+    def __init__(self, name: str, pid: int, mm: MmStruct) -> None:
+        self.name = name
+        self.pid = pid
+        self.mm = mm
+        self.alive = True
+        self.signal: str | None = None
+        self.regions: dict[str, tuple[int, int]] = {}  # scenario name -> (addr, size)
+
+
+class Cpu:
+    """One emulated CPU: its TLB (4K and 2M entries, tagged by mm as with PCID)."""
+
+    __slots__ = ("id", "tlb4k", "tlb2m")
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+        # (mm id, vpn) -> (pfn, writable, dirty)
+        self.tlb4k: dict[tuple[int, int], tuple[int, bool, bool]] = {}
+        # (mm id, addr >> 21) -> (head pfn, writable, dirty)
+        self.tlb2m: dict[tuple[int, int], tuple[int, bool, bool]] = {}
+
+
+class Machine:
+    def __init__(self, config: MachineConfig = MachineConfig(), *, mode: str = "free",
+                 seed: int | None = None, replay=None, trace=None) -> None:
+        if config.memory < 16 << 20 or config.memory % PAGE_SIZE:
+            raise ValueError("memory must be a multiple of 4 KiB and at least 16 MiB")
+        self.config = config
+        self.sched = Scheduler(mode, config.seed if seed is None else seed, replay, trace)
+        self.locks = Locks(self.sched)
+        self.vmstat = VmStat()
+        self.sysfs = Sysfs()
+        self.physmem = PhysMem(config.memory >> PAGE_SHIFT)
+        self.zone = page_alloc.Zone(self, self.physmem.nr_pages)
+        self.cpus = [Cpu(i) for i in range(config.cpus)]
+        self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU
+        # empty_zero_page: a reserved frame, never freed
+        self.zero_pfn = self.zone.boot_alloc(0)
+        zp = self.physmem.page(self.zero_pfn)
+        zp.page_type = PGTY_zero
+        zp.refcount = 1
+        self.huge_zero_pfn = -1           # the huge zero folio, allocated on first use
+        self.huge_zero_refcount = 0       # huge_zero_refcount: the mms holding it (+1 global)
+        self.deferred_split_queue: dict[int, None] = {}  # ds_queue, in queue order
+        self.split_queue_lock = self.locks.spinlock("split_queue_lock", "split_queue")
+        self.tasks: dict[str, Task] = {}
+        self._next_pid = 1
+        self._next_mm = 1
+        self._next_anon_vma = 1
+        self.khugepaged_mm_slots: list[MmStruct] = []
+        self.lock_errors: list[str] = []
+
+    # ------------------------------------------------------------------ bugs
+    def bug(self, message: str) -> None:
+        raise KernelBug(message)
+
+    # ------------------------------------------------------------- processes
+    async def mm_alloc(self, owner: str) -> MmStruct | None:
+        """mm_alloc + pgd_alloc: a new mm with an empty PGD (None when out of memory)."""
+        mm = MmStruct(self._next_mm, owner, -1,
+                      self.locks.rwsem("mmap_lock", f"mmap_lock:{owner}"),
+                      self.locks.spinlock("page_table_lock", f"page_table_lock:{owner}"))
+        self._next_mm += 1
+        pgd = await self.pte_alloc_one(mm, "pgd")
+        if pgd < 0:
+            return None
+        mm.pgd = pgd
+        return mm
+
+    def new_task(self, name: str, mm: MmStruct) -> Task:
+        if name in self.tasks and self.tasks[name].alive:
+            raise ValueError(f"process {name!r} exists")
+        t = Task(name, self._next_pid, mm)
+        self._next_pid += 1
+        self.tasks[name] = t
+        return t
+
+    def new_anon_vma_id(self) -> int:
+        i = self._next_anon_vma
+        self._next_anon_vma += 1
+        return i
+
+    # ------------------------------------------------- page-table entry ops
+    # READ_ONCE/WRITE_ONCE/xchg/cmpxchg on an entry: each is a preemption point.
+    async def entry_read(self, level: str, table: int, idx: int) -> int:
+        await self.sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
+        return self.physmem.tables[table][idx]
+
+    async def entry_set(self, level: str, table: int, idx: int, val: int) -> None:
+        await self.sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
+        self.physmem.tables[table][idx] = val
+
+    async def entry_get_and_clear(self, level: str, table: int, idx: int) -> int:
+        await self.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
+        t = self.physmem.tables[table]
+        old = t[idx]
+        t[idx] = 0
+        return old
+
+    async def entry_cmpxchg(self, level: str, table: int, idx: int, old: int, new: int) -> bool:
+        await self.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
+        t = self.physmem.tables[table]
+        if t[idx] != old:
+            return False
+        t[idx] = new
+        return True
+
+    # ------------------------------------------------------------- refcounts
+    async def folio_ref_add(self, folio: Page, n: int) -> None:
+        await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
+        folio.refcount += n
+
+    async def folio_put(self, folio: Page, n: int = 1) -> None:
+        """folio_put / folio_put_refs: the last reference frees the folio."""
+        await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
+        folio.refcount -= n
+        if folio.refcount < 0:
+            self.bug(f"folio_put: refcount underflow {folio!r}")
+        if folio.refcount == 0:
+            await self.free_folio(folio)
+
+    async def free_folio(self, folio: Page) -> None:
+        """__folio_put: unqueue from the deferred split list, then back to the buddy."""
+        if folio.pfn == self.huge_zero_pfn:
+            self.bug("freeing the huge zero folio")
+        if folio.on_deferred_list:
+            await self.split_queue_lock.lock("__folio_unqueue_deferred_split")
+            self.deferred_split_queue.pop(folio.pfn, None)
+            folio.on_deferred_list = False
+            await self.split_queue_lock.unlock()
+        await page_alloc.free_pages(self, folio.pfn, folio.order)
+
+    def folio_lock_of(self, folio: Page) -> FolioLock:
+        lk = folio.lock
+        if lk is None:
+            lk = folio.lock = FolioLock(self.locks, "folio_lock", f"folio:{folio.pfn:#x}")
+        return lk
+
+    # -------------------------------------------------------- page tables
+    async def pte_alloc_one(self, mm: MmStruct, level: str) -> int:
+        """pte_alloc_one / pmd_alloc_one / pud_alloc_one: a zeroed table page for mm.
+
+        PMD and PTE tables carry their split ptlock. Returns the pfn, or -1 when memory
+        is exhausted.
+        """
+        pfn = await page_alloc.alloc_pages(self, 0, "GFP_PGTABLE_USER", "pgtable")
+        if pfn < 0:
+            return -1
+        self.physmem.new_table(pfn)
+        pg = self.physmem.page(pfn)
+        pg.page_type = PGTY_table
+        pg.mm = mm
+        pg.pt_level = level
+        if level in ("pmd", "pte"):
+            pg.ptl = self.locks.spinlock("ptlock_" + level, f"ptl_{level}:{pfn:#x}")
+        mm.pgtables_bytes += PAGE_SIZE
+        self.vmstat.mod_node_page_state("nr_page_table_pages", 1)
+        return pfn
+
+    async def pte_free(self, mm: MmStruct, pfn: int) -> None:
+        """pte_free / pmd_free: the table page goes back to the buddy allocator."""
+        pg = self.physmem.page(pfn)
+        if pg.pt_deposit:
+            self.bug(f"freeing PMD table {pfn:#x} with deposited tables")
+        if any(self.physmem.tables[pfn]):
+            self.bug(f"freeing non-empty page table {pfn:#x}")
+        self.physmem.drop_table(pfn)
+        pg.page_type = ""
+        pg.ptl = None
+        pg.mm = None
+        pg.pt_deposit = None
+        mm.pgtables_bytes -= PAGE_SIZE
+        self.vmstat.mod_node_page_state("nr_page_table_pages", -1)
+        await self.folio_put(pg)
+
+    def table_lock(self, table_pfn: int):
+        """pmd_lockptr / pte_lockptr: the split ptlock in the table page's struct page."""
+        return self.physmem.pages[table_pfn].ptl
+
+    # ----------------------------------------------------------- huge zero
+    def is_huge_zero_pfn(self, pfn: int) -> bool:
+        return pfn == self.huge_zero_pfn and pfn >= 0
+
+    def is_zero_pfn(self, pfn: int) -> bool:
+        return pfn == self.zero_pfn

@@ -1,0 +1,577 @@
+"""The page fault path and page-table teardown and copy: mm/memory.c.
+
+``handle_mm_fault`` walks down the levels as ``__handle_mm_fault`` does, allocating
+tables outside locks and installing them only if the slot is still empty; at the PMD
+level it hands eligible faults to ``create_huge_pmd`` (huge_memory.py), and at the PTE
+level it runs ``do_anonymous_page``, ``do_wp_page`` or the access-flag update. Every
+path re-reads its entry under the lock (``pte_same``/``pmd_same``) after any point where
+another actor may have changed it, and backs out (returns 0, the CPU refaults) if so.
+
+``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
+splitting a huge PMD where the range covers only part of it. Left out: file and shared
+mappings, userfaultfd, NUMA hinting, mTHP orders below PMD (disabled by default), KSM,
+per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE tables.
+"""
+
+from __future__ import annotations
+
+from kmm import huge_memory, page_alloc, rmap, swap, tlb
+from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_SHARED, VM_WRITE, MmStruct, VmArea
+from kmm.pgtable import (
+    PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
+    pmd_none, pmd_present, pmd_trans_huge, pte_dirty, pte_index, pte_mkdirty,
+    pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none, pte_pfn, pte_present, pte_special,
+    pte_write, pud_index, pgd_index, table_pfn, is_pmd_migration_entry, is_swap_pmd,
+    pmd_write, pte_mkold, pte_wrprotect,
+)
+
+VM_FAULT_OOM = 0x1
+VM_FAULT_SIGSEGV = 0x2
+VM_FAULT_FALLBACK = 0x4
+VM_FAULT_NOPAGE = 0x8
+
+FAULT_FLAG_WRITE = 0x1
+FAULT_FLAG_UNSHARE = 0x2
+
+
+class Vmf:
+    """struct vm_fault: what one fault knows as it goes down the levels."""
+
+    __slots__ = ("vma", "address", "write", "pmd_tbl", "pmd_idx", "orig_pmd",
+                 "pte_tbl", "pte_idx", "orig_pte", "ptl")
+
+    def __init__(self, vma: VmArea, address: int, write: bool) -> None:
+        self.vma = vma
+        self.address = address & ~(PAGE_SIZE - 1)
+        self.write = write
+        self.pmd_tbl = -1
+        self.pmd_idx = 0
+        self.orig_pmd = 0
+        self.pte_tbl = -1
+        self.pte_idx = 0
+        self.orig_pte = 0
+        self.ptl = None
+
+
+# ------------------------------------------------------------ upper levels
+async def _alloc_table(m, mm: MmStruct, table: int, idx: int, level: str, child: str,
+                       site: str) -> int:
+    """__pud_alloc / __pmd_alloc: allocate outside the lock, install under
+    mm->page_table_lock only if the entry is still empty. Returns the child table."""
+    e = await m.entry_read(level, table, idx)
+    if e:
+        return table_pfn(e)
+    new = await m.pte_alloc_one(mm, child)
+    if new < 0:
+        return -1
+    await mm.page_table_lock.lock(site)
+    e = await m.entry_read(level, table, idx)
+    if not e:
+        e = mk_table_entry(new)
+        await m.entry_set(level, table, idx, e)
+        new = -1
+    await mm.page_table_lock.unlock()
+    if new >= 0:
+        await m.pte_free(mm, new)  # another fault won the race
+    return table_pfn(e)
+
+
+async def pmd_alloc(m, mm: MmStruct, addr: int) -> int:
+    """pud_alloc + pmd_alloc: the PMD table for addr (-1: out of memory)."""
+    pud = await _alloc_table(m, mm, mm.pgd, pgd_index(addr), "pgd", "pud", "__pud_alloc")
+    if pud < 0:
+        return -1
+    return await _alloc_table(m, mm, pud, pud_index(addr), "pud", "pmd", "__pmd_alloc")
+
+
+def pmd_lookup(m, mm: MmStruct, addr: int) -> int:
+    """mm_find_pmd without points: the PMD table covering addr, or -1 (for walkers
+    that already hold the locks that keep tables alive)."""
+    tables = m.physmem.tables
+    e = tables[mm.pgd][pgd_index(addr)]
+    if not e:
+        return -1
+    e = tables[table_pfn(e)][pud_index(addr)]
+    if not e:
+        return -1
+    return table_pfn(e)
+
+
+async def pmd_install(m, mm: MmStruct, pmd_tbl: int, idx: int, new: int) -> bool:
+    """pmd_install: install a new PTE table if the PMD is still none (under the PMD
+    lock). Returns True if ``new`` was used."""
+    ptl = m.table_lock(pmd_tbl)
+    await ptl.lock("pmd_install")
+    used = False
+    if pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+        mm.nr_ptes += 1
+        await m.entry_set("pmd", pmd_tbl, idx, mk_table_entry(new))
+        used = True
+    await ptl.unlock()
+    return used
+
+
+async def __pte_alloc(m, mm: MmStruct, pmd_tbl: int, idx: int) -> bool:
+    """__pte_alloc: False when no memory for the table."""
+    new = await m.pte_alloc_one(mm, "pte")
+    if new < 0:
+        return False
+    if not await pmd_install(m, mm, pmd_tbl, idx, new):
+        await m.pte_free(mm, new)
+    return True
+
+
+async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
+    """pte_offset_map_lock: lock the PTE table the PMD points to, re-checking the PMD
+    under the lock. Returns (table, ptl), or None if the PMD is none, huge or a
+    migration entry now (the caller backs out)."""
+    while True:
+        pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+        if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+            return None
+        pte_tbl = table_pfn(pmdval)
+        ptl = m.table_lock(pte_tbl)
+        await ptl.lock("pte_offset_map_lock", subclass)
+        if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+            return pte_tbl, ptl
+        await ptl.unlock()
+
+
+# ------------------------------------------------------------ fault entry
+async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
+    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
+    m.vmstat.count_vm_event("pgfault")
+    await m.sched.point("handle_mm_fault", addr=addr, write=write)
+    return await __handle_mm_fault(m, vma, addr, write)
+
+
+async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
+    mm = vma.mm
+    vmf = Vmf(vma, addr, write)
+    pmd_tbl = await pmd_alloc(m, mm, addr)
+    if pmd_tbl < 0:
+        return VM_FAULT_OOM
+    vmf.pmd_tbl, vmf.pmd_idx = pmd_tbl, pmd_index(addr)
+    pmdval = await m.entry_read("pmd", pmd_tbl, vmf.pmd_idx)
+    if pmd_none(pmdval) and huge_memory.thp_vma_allowable_order(m, vma, "pagefault"):
+        ret = await huge_memory.create_huge_pmd(m, vmf)
+        if not ret & VM_FAULT_FALLBACK:
+            return ret
+    else:
+        orig = vmf.orig_pmd = await m.entry_read("pmd", pmd_tbl, vmf.pmd_idx)
+        if is_swap_pmd(orig):
+            if is_pmd_migration_entry(orig):
+                await huge_memory.pmd_migration_entry_wait(m, vmf)
+            return 0
+        if pmd_trans_huge(orig):
+            if write and not pmd_write(orig):
+                ret = await huge_memory.wp_huge_pmd(m, vmf)
+                if not ret & VM_FAULT_FALLBACK:
+                    return ret
+            else:
+                await huge_memory.huge_pmd_set_accessed(m, vmf)
+                return 0
+    return await handle_pte_fault(m, vmf)
+
+
+async def handle_pte_fault(m, vmf: Vmf) -> int:
+    """handle_pte_fault: missing, swapped, write-protected, or just old/clean."""
+    pmdval = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+    if pmd_none(pmdval):
+        return await do_anonymous_page(m, vmf)
+    if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+        return 0  # pte_offset_map failed: the PMD changed under us, refault
+    vmf.pte_tbl, vmf.pte_idx = table_pfn(pmdval), pte_index(vmf.address)
+    orig = vmf.orig_pte = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    if pte_none(orig):
+        return await do_anonymous_page(m, vmf)
+    if not pte_present(orig):
+        return await swap.do_swap_page(m, vmf)
+    res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        return 0
+    vmf.pte_tbl, vmf.ptl = res
+    entry = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    if entry != orig:
+        await vmf.ptl.unlock()
+        return 0
+    if vmf.write:
+        if not pte_write(entry):
+            return await do_wp_page(m, vmf)  # drops the ptl
+        entry = pte_mkdirty(entry)
+    entry = pte_mkyoung(entry)
+    if entry != orig:
+        await m.entry_set("pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
+    await vmf.ptl.unlock()
+    return 0
+
+
+async def do_anonymous_page(m, vmf: Vmf) -> int:
+    """do_anonymous_page: a read maps the shared zero page, a write a new zeroed page.
+
+    Context: mmap_lock held for read; takes and drops the PTE lock.
+    """
+    vma = vmf.vma
+    mm = vma.mm
+    if vma.flags & VM_SHARED:
+        m.bug("shared anonymous mappings are not modelled")
+    if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+        if not await __pte_alloc(m, mm, vmf.pmd_tbl, vmf.pmd_idx):
+            return VM_FAULT_OOM
+    idx = pte_index(vmf.address)
+    if not vmf.write:
+        entry = pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot))
+        res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+        if res is None:
+            return 0
+        tbl, ptl = res
+        if not pte_none(await m.entry_read("pte", tbl, idx)):
+            await ptl.unlock()
+            return 0
+        await m.entry_set("pte", tbl, idx, entry)
+        await ptl.unlock()
+        return 0
+    if not await rmap.anon_vma_prepare(m, vma):
+        return VM_FAULT_OOM
+    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    if pfn < 0:
+        return VM_FAULT_OOM
+    await m.sched.point("clear_page", 250, pfn=pfn)
+    folio = m.physmem.page(pfn)
+    entry = pfn_pte(pfn, vma.page_prot)
+    if vma.flags & VM_WRITE:
+        entry = pte_mkwrite(pte_mkdirty(entry))
+    res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        await m.folio_put(folio)
+        return 0
+    tbl, ptl = res
+    if not pte_none(await m.entry_read("pte", tbl, idx)):
+        await ptl.unlock()
+        await m.folio_put(folio)  # a racing fault mapped it first
+        return 0
+    mm.rss_anon += 1
+    await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+    await m.entry_set("pte", tbl, idx, entry)
+    await ptl.unlock()
+    return 0
+
+
+# ---------------------------------------------------------------- COW
+async def do_wp_page(m, vmf: Vmf) -> int:
+    """do_wp_page: a write to a present read-only PTE. Reuse the page if this mapping
+    is its only user (PageAnonExclusive, or the folio's only reference), else copy.
+
+    Context: PTE lock held on entry; released on return.
+    """
+    vma = vmf.vma
+    orig = vmf.orig_pte
+    pfn = pte_pfn(orig)
+    if not pte_special(orig):
+        page = m.physmem.page(pfn)
+        folio = m.physmem.folio(pfn)
+        if folio.anon_vma is not None and (rmap.page_anon_exclusive(page) or
+                                           await wp_can_reuse_anon_folio(m, folio, vma)):
+            page.flags |= PG_anon_exclusive
+            return await wp_page_reuse(m, vmf)
+        await m.folio_ref_add(folio, 1)  # held across the copy
+    else:
+        folio = None
+    await vmf.ptl.unlock()
+    return await wp_page_copy(m, vmf, folio)
+
+
+async def wp_can_reuse_anon_folio(m, folio, vma: VmArea) -> bool:
+    """wp_can_reuse_anon_folio: only this mapping references the folio.
+
+    A large folio may be reused when every reference is a mapping in this mm
+    (__wp_can_reuse_large_anon_folio); a small one when its refcount is 1.
+    """
+    if folio.order:
+        if folio.large_mapcount != folio.refcount:
+            return False
+        return rmap.folio_mapping_mms(m, folio) <= {vma.mm.id}
+    if folio.refcount > 1:
+        return False
+    lk = m.folio_lock_of(folio)
+    if not await lk.trylock("wp_can_reuse_anon_folio"):
+        return False
+    ok = folio.refcount == 1
+    if ok:
+        folio.anon_vma = vma.anon_vma  # folio_move_anon_rmap
+    await lk.unlock()
+    return ok
+
+
+async def wp_page_reuse(m, vmf: Vmf) -> int:
+    entry = pte_mkyoung(vmf.orig_pte)
+    entry = pte_mkwrite(pte_mkdirty(entry))
+    await m.entry_set("pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
+    await vmf.ptl.unlock()
+    return 0
+
+
+async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
+    """wp_page_copy: copy the page (or zero-fill, from the zero page), then swap the
+    PTE under the lock if it is still the one we faulted on.
+
+    Context: called without the PTE lock; old_folio carries an extra reference.
+    """
+    vma = vmf.vma
+    mm = vma.mm
+    old_pfn = pte_pfn(vmf.orig_pte)
+    if not await rmap.anon_vma_prepare(m, vma):
+        return VM_FAULT_OOM
+    new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    if new < 0:
+        if old_folio is not None:
+            await m.folio_put(old_folio)
+        return VM_FAULT_OOM
+    if old_folio is None:
+        await m.sched.point("clear_page", 250, pfn=new)
+    else:
+        await m.sched.point("copy_page", 500, dst=new, src=old_pfn)
+        m.physmem.copy(new, old_pfn)
+    new_folio = m.physmem.page(new)
+    res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is not None:
+        tbl, ptl = res
+        if await m.entry_read("pte", tbl, vmf.pte_idx) == vmf.orig_pte:
+            if old_folio is None:
+                mm.rss_anon += 1
+            entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
+            # ptep_clear_flush: no CPU may keep writing through the old translation
+            await m.entry_get_and_clear("pte", tbl, vmf.pte_idx)
+            await tlb.flush_tlb_page(m, mm, vmf.address)
+            await rmap.folio_add_new_anon_rmap(m, new_folio, vma, vmf.address, pmd=False)
+            await m.entry_set("pte", tbl, vmf.pte_idx, entry)
+            if old_folio is not None:
+                await rmap.folio_remove_rmap_ptes(m, old_folio, old_pfn, 1)
+                await m.folio_put(old_folio)  # the reference the old PTE held
+            new_folio = None
+        await ptl.unlock()
+    if new_folio is not None:
+        await m.folio_put(new_folio)  # lost the race: the new page is not needed
+    if old_folio is not None:
+        await m.folio_put(old_folio)
+    return 0
+
+
+# ------------------------------------------------------------------- zap
+class MmuGather:
+    """struct mmu_gather: pages are freed only after the TLB flush of the range."""
+
+    __slots__ = ("mm", "start", "end", "folios", "tables")
+
+    def __init__(self, mm: MmStruct) -> None:
+        self.mm = mm
+        self.start = 1 << 63
+        self.end = 0
+        self.folios: list = []
+        self.tables: list[int] = []
+
+    def track(self, start: int, end: int) -> None:
+        self.start = min(self.start, start)
+        self.end = max(self.end, end)
+
+    async def finish(self, m) -> None:
+        """tlb_finish_mmu: flush, then drop the references the mappings held."""
+        if self.end > self.start:
+            await tlb.flush_tlb_mm_range(m, self.mm, self.start, self.end)
+        for folio, n in self.folios:
+            await m.folio_put(folio, n)
+        for t in self.tables:
+            await m.pte_free(self.mm, t)
+        self.folios.clear()
+        self.tables.clear()
+
+
+async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int) -> None:
+    """unmap_page_range: clear every mapping in [start, end) of vma.
+
+    Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
+    """
+    mm = vma.mm
+    addr = start
+    while addr < end:
+        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
+        pmd_tbl = pmd_lookup(m, mm, addr)
+        if pmd_tbl < 0:
+            addr = min((addr + PUD_SIZE) & ~(PUD_SIZE - 1), end)
+            continue
+        await zap_pmd_range(m, tlbg, vma, pmd_tbl, addr, nxt)
+        addr = nxt
+
+
+async def zap_pmd_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, addr: int,
+                        nxt: int) -> None:
+    idx = pmd_index(addr)
+    pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+    if is_swap_pmd(pmdval) or pmd_trans_huge(pmdval):
+        if nxt - addr != PMD_SIZE:
+            await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
+        elif await huge_memory.zap_huge_pmd(m, tlbg, vma, pmd_tbl, idx, addr):
+            return
+    if pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+        return
+    await zap_pte_range(m, tlbg, vma, pmd_tbl, idx, addr, nxt)
+
+
+async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int,
+                        addr: int, end: int) -> None:
+    """zap_pte_range: clear PTEs under the PTE lock; rmap removal now, the references
+    after the TLB flush (the mmu_gather)."""
+    res = await pte_offset_map_lock(m, pmd_tbl, pidx)
+    if res is None:
+        return
+    tbl, ptl = res
+    mm = vma.mm
+    tlbg.track(addr, end)
+    a = addr
+    while a < end:
+        i = pte_index(a)
+        ent = await m.entry_read("pte", tbl, i)
+        if ent:
+            await m.entry_get_and_clear("pte", tbl, i)
+            if pte_present(ent):
+                pfn = pte_pfn(ent)
+                if not pte_special(ent):
+                    folio = m.physmem.folio(pfn)
+                    if pte_dirty(ent):
+                        folio.flags |= PG_dirty  # folio_mark_dirty
+                    mm.rss_anon -= 1
+                    await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
+                    tlbg.folios.append((folio, 1))
+            else:
+                await swap.zap_nonpresent_pte(m, mm, ent)
+        a += PAGE_SIZE
+    await ptl.unlock()
+
+
+async def free_pgtables(m, mm: MmStruct, start: int, end: int, floor: int,
+                        ceiling: int) -> None:
+    """free_pgtables: free the PTE and PMD tables that only mapped [start, end).
+
+    [floor, ceiling) is the hole the unmapped VMAs leave (the neighbouring VMAs' ends),
+    so a table still covering a live VMA stays.
+    """
+    tables = m.physmem.tables
+    addr = start & ~(PMD_SIZE - 1)
+    while addr < end:
+        # a PTE table maps [addr, addr + 2 MiB): free it only if all of that is in the hole
+        pmd_tbl = pmd_lookup(m, mm, addr)
+        nxt = addr + PMD_SIZE
+        if pmd_tbl >= 0 and addr >= floor and nxt <= ceiling:
+            i = pmd_index(addr)
+            e = tables[pmd_tbl][i]
+            if e and not pmd_trans_huge(e) and pmd_present(e):
+                await m.entry_get_and_clear("pmd", pmd_tbl, i)
+                mm.nr_ptes -= 1
+                await m.pte_free(mm, table_pfn(e))
+        addr = nxt
+    # PMD tables whose whole 1 GiB lies in the hole
+    addr = start & ~(PUD_SIZE - 1)
+    while addr < end:
+        nxt = addr + PUD_SIZE
+        if addr >= floor and nxt <= ceiling:
+            pgde = tables[mm.pgd][pgd_index(addr)]
+            if pgde:
+                pud = table_pfn(pgde)
+                e = tables[pud][pud_index(addr)]
+                if e and not any(tables[table_pfn(e)]):
+                    await m.entry_get_and_clear("pud", pud, pud_index(addr))
+                    await m.pte_free(mm, table_pfn(e))
+        addr = nxt
+    addr = start & ~(PGDIR_SIZE - 1)
+    while addr < end:
+        nxt = addr + PGDIR_SIZE
+        if addr >= floor and nxt <= ceiling:
+            pgde = tables[mm.pgd][pgd_index(addr)]
+            if pgde and not any(tables[table_pfn(pgde)]):
+                await m.entry_get_and_clear("pgd", mm.pgd, pgd_index(addr))
+                await m.pte_free(mm, table_pfn(pgde))
+        addr = nxt
+
+
+# ---------------------------------------------------------------- fork
+async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
+    """copy_page_range: the child's page tables for one VMA; private writable pages
+    become read-only in both (COW). False when out of memory.
+
+    Context: both mmap_locks held for write.
+    """
+    src_mm, dst_mm = src_vma.mm, dst_vma.mm
+    addr = src_vma.start
+    while addr < src_vma.end:
+        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), src_vma.end)
+        src_pmd = pmd_lookup(m, src_mm, addr)
+        if src_pmd < 0:
+            addr = min((addr + PUD_SIZE) & ~(PUD_SIZE - 1), src_vma.end)
+            continue
+        idx = pmd_index(addr)
+        pmdval = await m.entry_read("pmd", src_pmd, idx)
+        if pmd_none(pmdval):
+            addr = nxt
+            continue
+        dst_pmd = await pmd_alloc(m, dst_mm, addr)
+        if dst_pmd < 0:
+            return False
+        if is_swap_pmd(pmdval) or pmd_trans_huge(pmdval):
+            r = await huge_memory.copy_huge_pmd(m, dst_vma, src_vma, dst_pmd, src_pmd,
+                                                idx, addr)
+            if r == -1:
+                return False
+            if r == 0:
+                addr = nxt
+                continue
+            # -EAGAIN: the PMD was split meanwhile; copy its PTEs
+        if not await copy_pte_range(m, dst_vma, src_vma, dst_pmd, src_pmd, idx, addr, nxt):
+            return False
+        addr = nxt
+    return True
+
+
+async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_pmd: int,
+                         idx: int, addr: int, end: int) -> bool:
+    dst_mm = dst_vma.mm
+    if pmd_none(await m.entry_read("pmd", dst_pmd, idx)):
+        if not await __pte_alloc(m, dst_mm, dst_pmd, idx):
+            return False
+    dres = await pte_offset_map_lock(m, dst_pmd, idx)
+    if dres is None:
+        return False
+    dtbl, dptl = dres
+    sres = await pte_offset_map_lock(m, src_pmd, idx, subclass=1)  # spin_lock_nested
+    if sres is None:
+        await dptl.unlock()
+        return True
+    stbl, sptl = sres
+    a = addr
+    while a < end:
+        i = pte_index(a)
+        ent = await m.entry_read("pte", stbl, i)
+        if ent:
+            if pte_present(ent):
+                ent = await copy_present_pte(m, dst_mm, src_vma, stbl, i, ent)
+            else:
+                ent = await swap.copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent)
+            await m.entry_set("pte", dtbl, i, ent)
+        a += PAGE_SIZE
+    await sptl.unlock()
+    await dptl.unlock()
+    return True
+
+
+async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: int,
+                           ent: int) -> int:
+    """copy_present_pte: share the page, write-protecting both PTEs of a COW mapping."""
+    pfn = pte_pfn(ent)
+    if not pte_special(ent):
+        folio = m.physmem.folio(pfn)
+        await m.folio_ref_add(folio, 1)
+        await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
+        dst_mm.rss_anon += 1
+    if pte_write(ent):  # is_cow_mapping: both sides must fault to write
+        ent = pte_wrprotect(ent)
+        await m.entry_set("pte", stbl, i, ent)
+    return pte_mkold(ent)  # __copy_present_ptes: the child's copy starts old

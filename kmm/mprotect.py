@@ -1,0 +1,112 @@
+"""mprotect: mm/mprotect.c.
+
+``mprotect_fixup`` splits VMAs at the range's ends (which splits a straddling huge PMD),
+then ``change_protection`` rewrites the entries: a huge PMD the range covers wholly keeps
+its PMD (``change_huge_pmd``), a partly covered one is split first. Private pages that
+are PageAnonExclusive become writable at once when write permission returns
+(MM_CP_TRY_CHANGE_WRITABLE); shared ones wait for a write fault.
+"""
+
+from __future__ import annotations
+
+from kmm import huge_memory, memory, mmap, tlb
+from kmm.mm_types import PG_anon_exclusive, VM_READ, VM_WRITE
+from kmm.pgtable import (
+    PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none, pmd_trans_huge,
+    pte_index, pte_mkwrite, pte_modify, pte_pfn, pte_present, pte_special, pte_write,
+    vm_page_prot,
+)
+
+PROT = {"none": 0, "r": VM_READ, "rw": VM_READ | VM_WRITE}
+
+
+async def do_mprotect(m, task, start: int, length: int, prot: str) -> int | str:
+    """mprotect(start, length, prot): 0, EINVAL, or ENOMEM at the first hole (the
+    VMAs before it keep their new protection, as in do_mprotect_pkey)."""
+    if start & (PAGE_SIZE - 1) or length < 0:
+        return "EINVAL"
+    end = start + mmap.page_align(length)
+    if end > TASK_SIZE or end < start:
+        return "ENOMEM"
+    if end == start:
+        return 0
+    mm = task.mm
+    await mm.mmap_lock.down_write("do_mprotect_pkey")
+    try:
+        vma = mm.find_vma(start)
+        if vma is None or vma.start > start:
+            return "ENOMEM"
+        nstart = start
+        while True:
+            newflags = (vma.flags & ~(VM_READ | VM_WRITE)) | PROT[prot]
+            tmp = min(vma.end, end)
+            vma = await mprotect_fixup(m, vma, nstart, tmp, newflags)
+            nstart = tmp
+            if nstart >= end:
+                return 0
+            vma = mm.find_vma(nstart)
+            if vma is None or vma.start != nstart:
+                return "ENOMEM"
+    finally:
+        await mm.mmap_lock.up_write()
+
+
+async def mprotect_fixup(m, vma, start: int, end: int, newflags: int):
+    if newflags == vma.flags:
+        return vma
+    vma = await mmap.vma_modify_flags(m, vma, start, end, newflags)
+    await change_protection(m, vma, start, end, bool(newflags & VM_WRITE))
+    return vma
+
+
+async def change_protection(m, vma, start: int, end: int, try_writable: bool) -> None:
+    """change_protection -> change_pmd_range -> change_huge_pmd / change_pte_range."""
+    mm = vma.mm
+    newprot = vm_page_prot(vma.flags)
+    addr = start
+    changed = False
+    while addr < end:
+        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
+        pmd_tbl = memory.pmd_lookup(m, mm, addr)
+        if pmd_tbl < 0:
+            addr = nxt
+            continue
+        idx = pmd_index(addr)
+        pmd = await m.entry_read("pmd", pmd_tbl, idx)
+        if is_swap_pmd(pmd) or pmd_trans_huge(pmd):
+            if nxt - addr != PMD_SIZE:
+                await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
+            elif await huge_memory.change_huge_pmd(m, vma, pmd_tbl, idx, addr, newprot,
+                                                   try_writable):
+                addr = nxt
+                continue
+        if not pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+            changed |= await change_pte_range(m, vma, pmd_tbl, idx, addr, nxt, newprot,
+                                              try_writable)
+        addr = nxt
+    if changed:
+        await tlb.flush_tlb_mm_range(m, mm, start, end)
+
+
+async def change_pte_range(m, vma, pmd_tbl: int, pidx: int, addr: int, end: int,
+                           newprot: int, try_writable: bool) -> bool:
+    res = await memory.pte_offset_map_lock(m, pmd_tbl, pidx)
+    if res is None:
+        return False
+    tbl, ptl = res
+    changed = False
+    while addr < end:
+        i = pte_index(addr)
+        old = await m.entry_read("pte", tbl, i)
+        if pte_present(old):
+            new = pte_modify(old, newprot)
+            if try_writable and not pte_write(new) and not pte_special(new):
+                page = m.physmem.page(pte_pfn(new))
+                if page.flags & PG_anon_exclusive:  # can_change_pte_writable
+                    new = pte_mkwrite(new)
+            if new != old:
+                await m.entry_set("pte", tbl, i, new)
+                changed = True
+        addr += PAGE_SIZE
+    await ptl.unlock()
+    return changed

@@ -1,0 +1,59 @@
+"""Deposit and withdraw of page tables behind huge PMDs; PMD invalidation.
+
+mm/pgtable-generic.c. Every anonymous huge PMD (and huge zero PMD) has one PTE table
+deposited with the PMD table page that holds it, so splitting it later never needs
+memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
+"""
+
+from __future__ import annotations
+
+from kmm import tlb
+from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid
+
+
+def _assert_pmd_locked(m, pmd_tbl: int, what: str) -> None:
+    ptl = m.table_lock(pmd_tbl)
+    if ptl.owner is not m.sched.current:
+        m.bug(f"{what}: PMD lock of table {pmd_tbl:#x} not held by {m.sched.current.name}")
+
+
+async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
+    """pgtable_trans_huge_deposit: park a PTE table behind a huge PMD.
+
+    Context: pmd_lockptr(mm, pmd) held.
+    """
+    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_deposit")
+    await m.sched.point("pgtable_trans_huge_deposit", pt=pmd_tbl, table=pgtable)
+    page = m.physmem.pages[pmd_tbl]
+    if page.pt_deposit is None:
+        page.pt_deposit = []
+    page.pt_deposit.append(pgtable)
+
+
+async def pgtable_trans_huge_withdraw(m, mm, pmd_tbl: int) -> int:
+    """pgtable_trans_huge_withdraw: take back a deposited table (any one: they are
+    interchangeable). Context: pmd_lockptr(mm, pmd) held."""
+    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_withdraw")
+    page = m.physmem.pages[pmd_tbl]
+    if not page.pt_deposit:
+        m.bug(f"pgtable_trans_huge_withdraw: nothing deposited under {pmd_tbl:#x}")
+    pgtable = page.pt_deposit.pop()
+    await m.sched.point("pgtable_trans_huge_withdraw", pt=pmd_tbl, table=pgtable)
+    return pgtable
+
+
+async def pmdp_invalidate(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
+    """pmdp_invalidate: clear present but keep the PMD trans-huge (lockless readers
+    still see a huge PMD), then flush the 2 MiB range on every CPU. Returns the old
+    value. Context: PMD lock held."""
+    old = await m.entry_read("pmd", pmd_tbl, idx)
+    await m.entry_set("pmd", pmd_tbl, idx, pmd_mkinvalid(old))
+    await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
+    return old
+
+
+async def pmdp_huge_clear_flush(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
+    """pmdp_huge_clear_flush: clear the PMD, then flush the 2 MiB range."""
+    old = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+    await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
+    return old

@@ -1,0 +1,331 @@
+"""The deterministic scheduler: it alone decides which actor runs between two points.
+
+Actors are trio tasks, but trio's run queue decides nothing: every actor except the one
+the scheduler calls *current* is parked in ``wait_task_rescheduled``, so exactly one actor
+is runnable between two points. Choices come from the scheduler's own
+``random.Random(seed)``; emulated time is the scheduler's clock, advanced by the cost of
+each operation, with sleepers woken in ``(time, seq)`` order (SimPy's total order). No
+wall clock reaches a trace.
+
+Preemption points (``await sched.point(event, ...)``): every operation on shared machine
+state is one, and each emits one trace event:
+
+=====================  ============================================================
+event                  operation
+=====================  ============================================================
+``lock`` ``unlock``    modelled lock acquire/release (spinlock, rwsem, folio lock)
+``pgd/pud/pmd/pte``    page-table entry read (``*_read``), write (``set_*``), cmpxchg
+``page_ref``           refcount change; ``mapcount``: mapcount/entire mapcount change
+``alloc_pages``        allocator request/reply (a message to the page_alloc actor)
+``tlb_flush``          local flush; ``ipi``: shootdown of another CPU's entries
+``load`` ``store``     a user access to a frame through the TLB
+``fault``              entry to the fault handler, and the kernel's named steps
+=====================  ============================================================
+
+Modes: ``free`` runs the current actor until it blocks (the fast path: a point is a
+counter bump), ``random`` picks uniformly among runnable actors at every point, ``replay``
+follows a recorded decision list. Every choice among two or more runnable actors is
+appended to ``decisions``, so a random run replays exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from bisect import insort
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import trio
+
+FREE, RANDOM, REPLAY = "free", "random", "replay"
+MODES = (FREE, RANDOM, REPLAY)
+
+RUNNABLE, BLOCKED, SLEEPING, IDLE, DONE = "runnable", "blocked", "sleeping", "idle", "done"
+
+
+class SchedError(Exception):
+    """The run cannot go on: a deadlock, or a replay that diverged."""
+
+
+class Deadlock(SchedError):
+    """No actor can run and some wait: the wait-for graph is in the message."""
+
+
+class Actor:
+    """One actor: a CPU thread, the page allocator, a daemon, a driver.
+
+    ``handle`` (for server actors) processes one message at a time; ``call`` runs it on
+    the caller's trio task (a deterministic hand-off) while the trace attributes every
+    point inside it to this actor.
+    """
+
+    __slots__ = (
+        "name", "id", "kind", "state", "task", "go", "blocked_on", "daemon", "cpu",
+        "held", "busy", "queue", "handle", "last_op",
+    )
+
+    def __init__(self, name: str, id: int, kind: str, daemon: bool = False,
+                 cpu: int | None = None) -> None:
+        self.name = name
+        self.id = id
+        self.kind = kind
+        self.state = RUNNABLE
+        self.task: trio.lowlevel.Task | None = None
+        self.go = False
+        self.blocked_on: object = None
+        self.daemon = daemon
+        self.cpu = cpu
+        self.held: list = []  # lockdep's held-lock stack
+        self.busy = False
+        self.queue: deque[Actor] = deque()
+        self.handle: Callable[[Any], Awaitable[Any]] | None = None
+        self.last_op = ""
+
+    def __lt__(self, other: "Actor") -> bool:  # runnable list order
+        return self.id < other.id
+
+    def __repr__(self) -> str:
+        return f"<actor {self.name} {self.state}>"
+
+
+def _abort(_raise_cancel):  # parked actors may be cancelled when a run stops
+    return trio.lowlevel.Abort.SUCCEEDED
+
+
+class Scheduler:
+    """Owns order and time for one machine."""
+
+    def __init__(self, mode: str = FREE, seed: int = 0,
+                 replay: list[str] | None = None, trace=None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
+        self.mode = mode
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.replay = list(replay or ())
+        self._replay_pos = 0
+        self.trace = trace
+        self.actors: list[Actor] = []
+        self.current: Actor | None = None
+        self.now = 0  # emulated nanoseconds
+        self.seq = 0
+        self.switches = 0
+        self.decisions: list[str] = []
+        self._runnable: list[Actor] = []
+        self._sleepers: list[tuple[int, int, Actor]] = []
+        self._finished: trio.Event | None = None
+        self.on_point: Callable[[], None] | None = None  # an invariant hook, for explore
+
+    # ------------------------------------------------------------------ points
+    async def point(self, event: str, cost: int = 1, **fields: Any) -> None:
+        """One preemption point: record the event, then let the scheduler choose."""
+        self.seq += 1
+        self.now += cost
+        cur = self.current
+        cur.last_op = event
+        if self.trace is not None:
+            self.trace.emit(self.seq, self.now, cur.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= self.now:
+            self._wake_sleepers()
+        if self.on_point is not None:
+            self.on_point()
+        if self.mode is FREE or len(self._runnable) < 2:
+            return
+        nxt = self._choose()
+        if nxt is not cur:
+            await self._switch(cur, nxt)
+
+    def _choose(self) -> Actor:
+        run = self._runnable
+        if self.mode == RANDOM:
+            nxt = run[self.rng.randrange(len(run))]
+        elif self.mode == REPLAY:
+            if self._replay_pos >= len(self.replay):
+                nxt = run[0] if self.current not in run else self.current
+            else:
+                name = self.replay[self._replay_pos]
+                self._replay_pos += 1
+                for nxt in run:
+                    if nxt.name == name:
+                        break
+                else:
+                    raise SchedError(
+                        f"replay diverged at decision {self._replay_pos}: {name} is not "
+                        f"runnable (runnable: {', '.join(a.name for a in run)})")
+        else:
+            nxt = run[0]
+        self.decisions.append(nxt.name)
+        return nxt
+
+    # --------------------------------------------------------------- switching
+    async def _switch(self, cur: Actor, nxt: Actor) -> None:
+        self.current = nxt
+        self.switches += 1
+        self._resume(nxt)
+        await trio.lowlevel.wait_task_rescheduled(_abort)
+
+    @staticmethod
+    def _resume(actor: Actor) -> None:
+        if actor.task is None:
+            actor.go = True  # not started yet: it runs on as soon as trio starts it
+        else:
+            trio.lowlevel.reschedule(actor.task)
+
+    def _next(self) -> Actor | None:
+        """The actor to run after the current one stopped being runnable."""
+        while True:
+            if self._runnable:
+                if self.mode is FREE or len(self._runnable) == 1:
+                    return self._runnable[0]
+                return self._choose()
+            if not self._sleepers:
+                return None
+            wake_at, _, actor = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake_at)
+            self._make_runnable(actor)
+
+    def _wake_sleepers(self) -> None:
+        while self._sleepers and self._sleepers[0][0] <= self.now:
+            _, _, actor = heapq.heappop(self._sleepers)
+            self._make_runnable(actor)
+
+    def _make_runnable(self, actor: Actor) -> None:
+        actor.state = RUNNABLE
+        actor.blocked_on = None
+        insort(self._runnable, actor)
+
+    def _stop_running(self, actor: Actor, state: str, on: object = None) -> None:
+        actor.state = state
+        actor.blocked_on = on
+        self._runnable.remove(actor)
+
+    async def _give_up_cpu(self, cur: Actor) -> None:
+        nxt = self._next()
+        if nxt is None:
+            self._no_one_runnable()
+            return
+        if nxt is cur:
+            return
+        await self._switch(cur, nxt)
+
+    def _no_one_runnable(self) -> None:
+        waiting = [a for a in self.actors if a.state == BLOCKED]
+        if any(not a.daemon for a in waiting):
+            raise Deadlock(self.wait_for_report(waiting))
+        if self._finished is not None:
+            self._finished.set()
+
+    def wait_for_report(self, waiting: list[Actor]) -> str:
+        lines = ["deadlock: no actor can run"]
+        for a in waiting:
+            on = a.blocked_on
+            owners = getattr(on, "owner_names", lambda: [])()
+            held = ", ".join(h.lock.name for h in a.held) or "nothing"
+            lines.append(f"  {a.name} waits for {getattr(on, 'name', on)}"
+                         f" (held by {', '.join(owners) or 'no one'}); holds {held}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------- blocking, waking
+    async def block(self, on: object) -> None:
+        """The current actor waits until someone calls ``wake`` on it."""
+        cur = self.current
+        self._stop_running(cur, BLOCKED, on)
+        await self._give_up_cpu(cur)
+
+    def wake(self, actor: Actor) -> None:
+        """Make a blocked actor runnable again (it runs when the scheduler picks it)."""
+        if actor.state != BLOCKED:
+            raise SchedError(f"wake of {actor.name}, which is {actor.state}")
+        self._make_runnable(actor)
+
+    async def sleep(self, ns: int) -> None:
+        """Sleep in emulated time."""
+        cur = self.current
+        self._stop_running(cur, SLEEPING)
+        heapq.heappush(self._sleepers, (self.now + ns, self.seq, cur))
+        self.seq += 1
+        await self._give_up_cpu(cur)
+
+    # ------------------------------------------------------------ server actors
+    def server(self, name: str, handle: Callable[[Any], Awaitable[Any]],
+               kind: str = "server") -> Actor:
+        """An actor that handles one message at a time (the page allocator)."""
+        actor = Actor(name, len(self.actors), kind, daemon=True)
+        actor.state = IDLE
+        actor.handle = handle
+        self.actors.append(actor)
+        return actor
+
+    async def call(self, server: Actor, msg: Any) -> Any:
+        """Send ``msg`` to a server actor and wait for its reply.
+
+        The caller blocks; the server's handler runs on the caller's trio task with
+        ``current`` set to the server, so its points are the server's and another actor
+        may be scheduled between them. A second caller queues until the first is served.
+        """
+        caller = self.current
+        while server.busy:
+            server.queue.append(caller)
+            await self.block(server)
+        server.busy = True
+        server.task = caller.task
+        self._stop_running(caller, BLOCKED, server)
+        self._make_runnable(server)
+        self.current = server
+        try:
+            return await server.handle(msg)
+        finally:
+            server.busy = False
+            self._stop_running(server, IDLE)
+            if server.queue:
+                self.wake(server.queue.popleft())
+            self._make_runnable(caller)
+            self.current = caller
+
+    # --------------------------------------------------------------- lifecycle
+    def spawn(self, nursery: trio.Nursery, name: str,
+              fn: Callable[..., Awaitable[Any]], *args: Any, kind: str = "cpu",
+              daemon: bool = False, cpu: int | None = None) -> Actor:
+        """Create an actor running ``fn(*args)``; it runs when the scheduler picks it."""
+        actor = Actor(name, len(self.actors), kind, daemon=daemon, cpu=cpu)
+        self.actors.append(actor)
+        self._make_runnable(actor)
+        nursery.start_soon(self._actor_main, actor, fn, args, name=name)
+        return actor
+
+    async def _actor_main(self, actor: Actor, fn, args) -> None:
+        actor.task = trio.lowlevel.current_task()
+        if not actor.go:
+            await trio.lowlevel.wait_task_rescheduled(_abort)
+        try:
+            await fn(*args)
+        finally:
+            if actor.state == RUNNABLE:
+                self._stop_running(actor, DONE)
+            actor.state = DONE
+        if all(a.state == DONE or a.daemon for a in self.actors):
+            self._finished.set()  # the daemons left are cancelled by run()
+            return
+        nxt = self._next()
+        if nxt is None:
+            self._no_one_runnable()
+        else:
+            self.current = nxt
+            self.switches += 1
+            self._resume(nxt)
+
+    async def run(self, main: Callable[..., Awaitable[Any]], *args: Any,
+                  name: str = "main", cpu: int | None = 0) -> None:
+        """Run ``main`` as the first actor until every non-daemon actor is done.
+
+        Daemon actors still running then are cancelled.
+        """
+        self._finished = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            first = self.spawn(nursery, name, main, *args, cpu=cpu)
+            self.current = first
+            first.go = True
+            await self._finished.wait()
+            nursery.cancel_scope.cancel()

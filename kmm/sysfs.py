@@ -1,0 +1,173 @@
+"""The knobs of /sys/kernel/mm/transparent_hugepage/, with the kernel's validation.
+
+mm/huge_memory.c (enabled, defrag, use_zero_page, shrink_underused) and mm/khugepaged.c
+(the khugepaged/ directory). The check for each knob lives here once and serves sysfs
+writes, scenario TOML and daemon knobs alike: a value the kernel's store handler would
+refuse with -EINVAL is refused here with ``KnobError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+HPAGE_PMD_NR = 512
+UINT_MAX = 2**32 - 1
+
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+ENABLED = ("always", "madvise", "never")
+DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
+
+
+class KnobError(ValueError):
+    """A value the knob's store handler refuses (-EINVAL)."""
+
+
+def _choice(*words: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        # sysfs_streq: the written word, ignoring one trailing newline
+        if isinstance(value, str) and value.rstrip("\n") in words:
+            return value.rstrip("\n")
+        raise KnobError(f"must be one of {', '.join(words)}")
+
+    return check
+
+
+def _ulong(value: object) -> int:
+    # kstrtoul(buf, 10, ...): a decimal integer; TOML ints and their decimal strings.
+    if isinstance(value, bool):
+        raise KnobError("must be an integer")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and value.rstrip("\n").isdigit():
+        n = int(value.rstrip("\n"))
+    else:
+        raise KnobError("must be a non-negative integer")
+    if n < 0:
+        raise KnobError("must be a non-negative integer")
+    return n
+
+
+def _flag(value: object) -> int:
+    # single_hugepage_flag_store: kstrtoul, then "value > 1" is -EINVAL
+    n = _ulong(value)
+    if n > 1:
+        raise KnobError("must be 0 or 1")
+    return n
+
+
+def _bool(value: object) -> int:
+    # split_underused_thp_store uses kstrtobool: 1/0, y/n, on/off (first letters decide)
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "y", "yes", "on", "true"):
+            return 1
+        if v in ("0", "n", "no", "off", "false"):
+            return 0
+    raise KnobError("must be a boolean (0/1, y/n, on/off)")
+
+
+def _max_ptes(value: object) -> int:
+    # max_ptes_{none,swap,shared}_store: "err || max > HPAGE_PMD_NR - 1" is -EINVAL
+    n = _ulong(value)
+    if n > HPAGE_PMD_NR - 1:
+        raise KnobError(f"must be in 0..{HPAGE_PMD_NR - 1}")
+    return n
+
+
+def _pages_to_scan(value: object) -> int:
+    # pages_to_scan_store: kstrtouint, "err || !pages" is -EINVAL
+    n = _ulong(value)
+    if n == 0 or n > UINT_MAX:
+        raise KnobError(f"must be in 1..{UINT_MAX}")
+    return n
+
+
+def _msecs(value: object) -> int:
+    # scan_sleep_millisecs_store / alloc_sleep_millisecs_store: kstrtouint
+    n = _ulong(value)
+    if n > UINT_MAX:
+        raise KnobError(f"must be in 0..{UINT_MAX}")
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class Knob:
+    name: str  # path below THP_DIR
+    default: object
+    check: Callable[[object], object]
+    words: tuple[str, ...] = ()  # the choices a show handler lists, for word knobs
+
+
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob("enabled", "madvise", _choice(*ENABLED), ENABLED),
+        Knob("defrag", "madvise", _choice(*DEFRAG), DEFRAG),
+        Knob("use_zero_page", 1, _flag),
+        Knob("shrink_underused", 1, _bool),
+        Knob("khugepaged/max_ptes_none", HPAGE_PMD_NR - 1, _max_ptes),
+        Knob("khugepaged/max_ptes_swap", HPAGE_PMD_NR // 8, _max_ptes),
+        Knob("khugepaged/max_ptes_shared", HPAGE_PMD_NR // 2, _max_ptes),
+        Knob("khugepaged/pages_to_scan", HPAGE_PMD_NR * 8, _pages_to_scan),
+        Knob("khugepaged/scan_sleep_millisecs", 10000, _msecs),
+        Knob("khugepaged/alloc_sleep_millisecs", 60000, _msecs),
+        Knob("khugepaged/defrag", 1, _flag),
+    )
+}
+
+# The scenario tables map onto these directories (design.md section 4).
+TABLES = {"thp": "", "khugepaged": "khugepaged/"}
+
+
+def validate(name: str, value: object) -> object:
+    """Check one knob write as the kernel's store handler would; return the stored value.
+
+    Raises KeyError for an unknown knob and KnobError for a refused value.
+    """
+    knob = KNOBS[name]
+    return knob.check(value)
+
+
+def sysfs_text(name: str, value: object) -> str:
+    """The text the kernel's show handler prints for a stored value."""
+    words = KNOBS[name].words
+    if words:
+        return " ".join(f"[{w}]" if w == value else w for w in words)
+    return str(value)
+
+
+class Sysfs:
+    """The machine's knob values. Writes are validated; reads give the stored value."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, object] = {n: k.default for n, k in KNOBS.items()}
+
+    def __getitem__(self, name: str) -> object:
+        return self._values[name]
+
+    def write(self, name: str, value: object) -> None:
+        self._values[name] = validate(name, value)
+
+    def items(self):
+        return self._values.items()
+
+    # The fault path reads these on every fault; plain attributes keep that cheap.
+    @property
+    def enabled(self) -> str:
+        return self._values["enabled"]  # type: ignore[return-value]
+
+    @property
+    def defrag(self) -> str:
+        return self._values["defrag"]  # type: ignore[return-value]
+
+    @property
+    def use_zero_page(self) -> bool:
+        return bool(self._values["use_zero_page"])
+
+    def khugepaged(self, name: str) -> int:
+        return self._values["khugepaged/" + name]  # type: ignore[return-value]

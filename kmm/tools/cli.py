@@ -1,0 +1,114 @@
+"""The ``kmm`` command: run, oracle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kmm.tools.scenario import ScenarioError
+
+
+def summary(report: dict, title: str) -> str:
+    """The human-readable report: steps, counters that moved, regions, locks."""
+    out = [title]
+    steps = report.get("steps") or []
+    if steps:
+        out.append("\nsteps")
+        for i, s in enumerate(steps, 1):
+            extra = " ".join(f"{k}={v}" for k, v in s.items() if k not in ("op", "ok"))
+            out.append(f"  {i:3} {s['op']:<10} {'ok' if s['ok'] else 'FAILED'} {extra}".rstrip())
+    moved = {k: v for k, v in report["vmstat"].items() if v}
+    out.append("\n/proc/vmstat (thp_*, change over the run)")
+    out.extend(f"  {k:<28} {v}" for k, v in moved.items())
+    if not moved:
+        out.append("  (no thp_* counter moved)")
+    out.append("\nregions                           Rss      AnonHugePages")
+    for name, r in report["regions"].items():
+        out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB")
+    if not report["regions"]:
+        out.append("  (no live process has a region)")
+    locks = [r for r in report.get("locks", []) if r["acquisitions"]]
+    if locks:
+        out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
+                   "waittime-total  holdtime-total")
+        for r in locks:
+            out.append(f"  {r['class name']:<26} {r['acquisitions']:>12} {r['contentions']:>12}"
+                       f" {r['waittime-total']:>15} {r['holdtime-total']:>15}")
+    run = report.get("run")
+    if run:
+        out.append(f"\nrun: seed {run['seed']}, {run['mode']} scheduler, {run['events']} events, "
+                   f"{run['emulated_ns'] / 1e6:.3f} ms emulated, trace sha256 "
+                   f"{run['trace_sha256'][:16]}")
+    return "\n".join(out)
+
+
+def cmd_run(args) -> int:
+    from kmm.machine import KernelBug
+    from kmm.tools import runner
+    from kmm.tools.scenario import load_scenario
+    trace = open(args.trace, "w") if args.trace else None
+    try:
+        if args.file.endswith(".py"):
+            rep = runner.run_program(args.file, cpus=args.cpus or 2, seed=args.seed or 1,
+                                     mode=args.mode, trace_file=trace)
+            title = f"{args.file}: program on {args.cpus or 2} CPUs"
+        else:
+            sc = load_scenario(args.file)
+            rep = runner.run_scenario(sc, seed=args.seed, mode=args.mode, trace_file=trace,
+                                      cpus=args.cpus)
+            title = f"{args.file}: {sc.description}"
+    except KernelBug as e:
+        print(f"kmm: kernel BUG: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if trace:
+            trace.close()
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(summary(rep, title))
+    return 0
+
+
+def cmd_oracle(args) -> int:
+    from kmm.tools import oracle
+    from kmm.tools.scenario import load_scenario
+    sc = load_scenario(args.file)
+    try:
+        rep = oracle.run_oracle(sc)
+    except oracle.OracleError as e:
+        print(f"kmm oracle: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(summary(rep, f"{args.file} on the host kernel: {sc.description}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a scenario (.toml) or a program (.py)")
+    r.add_argument("file")
+    r.add_argument("--json", action="store_true", help="print the JSON report")
+    r.add_argument("--seed", type=int, help="scheduler seed (default: the scenario's)")
+    r.add_argument("--trace", help="write the event trace (JSON lines) here")
+    r.add_argument("--mode", default="free", choices=("free", "random"),
+                   help="scheduler: free (run each actor until it blocks) or random")
+    r.add_argument("--cpus", type=int, help="emulated CPUs")
+    r.set_defaults(fn=cmd_run)
+    o = sub.add_parser("oracle", help="run a scenario on the host kernel")
+    o.add_argument("file")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_oracle)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ScenarioError as e:
+        print(f"kmm: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"kmm: {e.filename}: no such file", file=sys.stderr)
+        return 2

@@ -1,0 +1,883 @@
+"""Run a scenario on the host kernel and report what it did (design.md section 5).
+
+The oracle is the emulator's ground truth: the same scenario file, run by real processes
+on the machine's own Linux, reported in the same shape as ``kmm run --json``.
+
+How a run goes:
+
+* Each scenario process is a real process: a tiny Python *worker* (stdlib and ctypes only,
+  started with ``python -I -S``) that reads fixed-size commands from a pipe and does the
+  syscall or the memory accesses itself. Touch and check loops write and read one byte per
+  stride through ctypes, so a worker allocates almost nothing while steps run; it marks
+  its own anonymous memory MADV_NOHUGEPAGE at start-up, so neither a fault under
+  enabled=always nor khugepaged gives it THPs of its own. The driver (this process) runs
+  the steps under prctl(PR_SET_THP_DISABLE) for the same reason. Measured: 165 runs of the
+  corpus and repeated enabled=always runs with 64 MiB touches and forks gave identical
+  counters; other processes on the host can still add THP events under enabled=always.
+* A ``fork`` step forks the worker with ``clone(CLONE_PARENT | SIGCHLD)``: the mm is
+  duplicated exactly as by fork(2), but the new process is a child of the driver, so the
+  driver can ``waitpid`` every worker and see a SIGSEGV for what it is.
+* The THP knobs are set for the run (the scenario's values over the kernel defaults of
+  ``kmm.sysfs.KNOBS``, which is what the emulator boots with) and always restored
+  afterwards, also on errors and Ctrl-C; a file in /run remembers the saved values so a
+  run that was killed outright is repaired by the next one. A lock file serialises runs.
+* khugepaged is kept from acting between steps: a *decoy* process keeps the khugepaged mm
+  list non-empty (so registering a scenario mm does not wake it) without giving it anything
+  to collapse, and ``scan_sleep_millisecs`` is held very long during the run. A khugepaged
+  step wakes it by writing that knob again, once per scan round, until ``full_scans`` has
+  grown by the step's count, and waits until it sleeps again.
+* ``echo 2 > /proc/sys/vm/drop_caches`` before the run runs the shrinkers, which free the
+  huge zero folio when no mm holds it, so the run's first huge-zero use counts
+  ``thp_zero_page_alloc`` 1 as it does on the emulator's freshly booted machine.
+
+Run ``python -m kmm.tools.oracle FILE...`` to print reports, or
+``python -m kmm.tools.oracle --record workloads/*.toml`` to (re)write the recordings
+``<name>.oracle.json`` beside each file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno as errno_mod
+import fcntl
+import json
+import os
+import re
+import select
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from kmm import sysfs, vmstat
+from kmm.tools.conformance import compare
+from kmm.tools.scenario import (
+    PAGE_SIZE,
+    Scenario,
+    ScenarioError,
+    Step,
+    load_scenario,
+    round_up,
+    step_range,
+)
+
+THP_DIR = sysfs.THP_DIR
+LONG_SLEEP_MS = 3_600_000  # scan_sleep_millisecs while a run is in progress
+LOCK_PATH = "/run/kmm-oracle.lock"
+SAVED_PATH = "/run/kmm-oracle.saved.json"
+STEP_TIMEOUT = 120.0  # seconds a worker may take over one step
+KHUGEPAGED_TIMEOUT = 30.0  # seconds a khugepaged step may wait for full_scans
+DECOY_ADDR = 0x1000_0000_0000
+
+MADV = {"hugepage": 14, "nohugepage": 15, "dontneed": 4, "collapse": 25, "pageout": 21,
+        "cold": 20, "free": 8}
+PROT = {"none": 0, "r": 1, "rw": 3}
+
+# clone(2) on the architectures we know; CLONE_PARENT keeps every worker a child of the
+# driver. SIGCHLD as the exit signal, as fork(2) uses.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+CLONE_PARENT = 0x00008000
+
+# Worker commands: eight signed 64-bit words (op, six arguments); replies: three words
+# (status 0 / -1, errno, value).
+CMD = struct.Struct("<8q")
+RES = struct.Struct("<3q")
+OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXIT, OP_PING = (
+    range(1, 10)
+)
+
+# The worker program. It must run under ``python -I -S`` (no site, no kmm on the path)
+# and allocate as little as possible while steps run.
+_WORKER_PY = r"""
+import ctypes, os, resource, struct, sys
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+libc = ctypes.CDLL(None, use_errno=True)
+vp, sz, ci, cl = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_long
+libc.mmap.restype = vp
+libc.mmap.argtypes = (vp, sz, ci, ci, ci, cl)
+libc.munmap.argtypes = (vp, sz)
+libc.mprotect.argtypes = (vp, sz, ci)
+libc.madvise.argtypes = (vp, sz, ci)
+libc.syscall.restype = cl
+libc.syscall.argtypes = (cl, cl, cl, cl, cl, cl)
+memset = ctypes.memset
+byte_at = ctypes.c_ubyte.from_address
+get_errno = ctypes.get_errno
+CMD = struct.Struct("<8q")
+RES = struct.Struct("<3q")
+MAP_FAILED = (1 << 64) - 1
+MAP_FLAGS = 0x02 | 0x20 | 0x100000  # MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+fds = [int(x) for x in sys.argv[1].split(",")]
+slot = int(sys.argv[2])
+clone_nr = int(sys.argv[3])
+clone_flags = int(sys.argv[4])
+cmd_fd = fds[2 * slot]
+res_fd = fds[2 * slot + 1]
+
+# Keep the interpreter's own anonymous memory (heap, arenas, stack) out of THP: under
+# enabled=always khugepaged would otherwise collapse it during a khugepaged step.
+with open("/proc/self/maps") as f:
+    maps = f.read().splitlines()
+for line in maps:
+    parts = line.split()
+    if len(parts) >= 5 and parts[1].startswith("rw") and parts[4] == "0":
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        libc.madvise(lo, hi - lo, 15)  # MADV_NOHUGEPAGE
+del maps, line, parts
+
+def reply(status, err, value):
+    os.write(res_fd, RES.pack(status, err, value))
+
+def result(rc):
+    if rc == 0:
+        reply(0, 0, 0)
+    else:
+        reply(-1, get_errno(), 0)
+
+while True:
+    buf = os.read(cmd_fd, CMD.size)
+    while buf and len(buf) < CMD.size:
+        more = os.read(cmd_fd, CMD.size - len(buf))
+        if not more:
+            buf = b""
+        buf += more
+    if len(buf) < CMD.size:
+        os._exit(0)  # the driver is gone
+    op, a, b, c, d, e, f, g = CMD.unpack(buf)
+    if op == 1:
+        r = libc.mmap(a, b, 3, MAP_FLAGS, -1, 0)
+        if r == a:
+            reply(0, 0, 0)
+        elif r == MAP_FAILED or r is None:
+            reply(-1, get_errno(), 0)
+        else:  # a kernel without MAP_FIXED_NOREPLACE placed it elsewhere
+            libc.munmap(r, b)
+            reply(-1, 17, 0)
+    elif op == 2:
+        result(libc.munmap(a, b))
+    elif op == 3:
+        result(libc.mprotect(a, b, c))
+    elif op == 4:
+        result(libc.madvise(a, b, c))
+    elif op == 5:
+        if d:
+            for p in range(a, b, c):
+                memset(p, e, 1)
+        else:
+            for p in range(a, b, c):
+                byte_at(p).value
+        reply(0, 0, 0)
+    elif op == 6:
+        bad = 0
+        for p in range(a, b, c):
+            if byte_at(p).value != d:
+                bad += 1
+        reply(0, 0, bad)
+    elif op == 7:
+        pid = libc.syscall(clone_nr, clone_flags, 0, 0, 0, 0)
+        if pid == 0:
+            slot = a
+            cmd_fd = fds[2 * slot]
+            res_fd = fds[2 * slot + 1]
+        elif pid < 0:
+            reply(-1, get_errno(), 0)
+        else:
+            reply(0, 0, pid)
+    elif op == 8:
+        os._exit(0)
+    elif op == 9:
+        reply(0, 0, os.getpid())
+"""
+
+
+class OracleError(Exception):
+    """The oracle cannot run here, or the host did something it cannot report."""
+
+
+# --------------------------------------------------------------------------- host knobs
+
+
+def _knob_path(name: str) -> str:
+    return os.path.join(THP_DIR, name)
+
+
+def read_knob(name: str) -> str:
+    """The knob's current value as one would write it back ("[x]" words unbracketed)."""
+    with open(_knob_path(name)) as f:
+        text = f.read().strip()
+    m = re.search(r"\[([^\]]+)\]", text)
+    return m.group(1) if m else text
+
+
+def write_knob(name: str, value: object) -> None:
+    try:
+        with open(_knob_path(name), "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        raise OracleError(f"cannot write {value!r} to {_knob_path(name)}: {e.strerror}") from None
+
+
+def _mthp_knobs() -> list[str]:
+    """The per-size anonymous mTHP ``enabled`` files (hugepages-<size>kB/enabled)."""
+    try:
+        names = sorted(os.listdir(THP_DIR))
+    except OSError:
+        return []
+    return [f"{n}/enabled" for n in names
+            if n.startswith("hugepages-") and os.path.exists(_knob_path(f"{n}/enabled"))]
+
+
+def _pmd_mthp_knob() -> str:
+    with open(_knob_path("hpage_pmd_size")) as f:
+        kb = int(f.read()) // 1024
+    return f"hugepages-{kb}kB/enabled"
+
+
+class HostKnobs:
+    """Saves every knob the oracle may touch and restores them all, once.
+
+    The saved values are also written to SAVED_PATH before anything changes, so that if a
+    run is killed outright the next run (holding the same lock) restores them first.
+    """
+
+    def __init__(self) -> None:
+        self.names = list(sysfs.KNOBS) + _mthp_knobs()
+        self.saved: dict[str, str] = {}
+
+    def save(self) -> None:
+        if os.path.exists(SAVED_PATH):
+            # A previous run died before restoring: its saved values are the real ones.
+            with open(SAVED_PATH) as f:
+                self.saved = json.load(f)
+            self.restore(keep_file=True)
+        self.saved = {n: read_knob(n) for n in self.names}
+        tmp = SAVED_PATH + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.saved, f)
+        os.replace(tmp, SAVED_PATH)
+
+    def restore(self, keep_file: bool = False) -> None:
+        # enabled first (stops khugepaged scanning the run's leftovers under a mode it no
+        # longer has), scan_sleep_millisecs last (its write wakes khugepaged).
+        order = sorted(self.saved, key=lambda n: (n != "enabled", n == "khugepaged/scan_sleep_millisecs"))
+        errors = []
+        for name in order:
+            try:
+                if read_knob(name) != self.saved[name]:
+                    write_knob(name, self.saved[name])
+            except (OSError, OracleError) as e:
+                errors.append(f"{name}: {e}")
+        if errors:
+            raise OracleError("could not restore THP knobs: " + "; ".join(errors))
+        if not keep_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(SAVED_PATH)
+
+
+# --------------------------------------------------------------------------- khugepaged
+
+
+_kthread_pid: int | None = None
+
+
+def _is_khugepaged(pid: int | str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() != "khugepaged":
+                return False
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[1] == "2"  # a kernel thread (parent kthreadd)
+
+
+def _khugepaged_pid() -> int | None:
+    """The khugepaged kthread's pid (it changes when enabled=never stops the thread)."""
+    global _kthread_pid
+    if _kthread_pid is not None and _is_khugepaged(_kthread_pid):
+        return _kthread_pid
+    _kthread_pid = None
+    for d in os.listdir("/proc"):
+        if d.isdigit() and _is_khugepaged(d):
+            _kthread_pid = int(d)
+            break
+    return _kthread_pid
+
+
+def full_scans() -> int:
+    return int(read_knob("khugepaged/full_scans"))
+
+
+class Khugepaged:
+    """Watches the khugepaged thread: asleep in its wait between scans, or not."""
+
+    def _state(self) -> tuple[str, str, int] | None:
+        pid = _khugepaged_pid()
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/wchan") as f:
+                wchan = f.read().strip()
+            with open(f"/proc/{pid}/status") as f:
+                m = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", f.read(), re.M)
+        except OSError:
+            return None
+        return state, wchan, int(m.group(1)) if m else 0
+
+    def switches(self) -> int:
+        st = self._state()
+        return st[2] if st else 0
+
+    def running(self) -> bool:
+        return _khugepaged_pid() is not None
+
+    def wait_asleep(self, since_switches: int, deadline: float) -> None:
+        """Wait until khugepaged has slept since ``since_switches`` and is now asleep in
+        its wait between scans, with full_scans steady."""
+        while True:
+            st = self._state()
+            if st is None:
+                return  # no khugepaged thread: nothing can scan
+            state, wchan, sw = st
+            # Asleep between scans: in khugepaged_wait_work (inlined into khugepaged()).
+            if state == "S" and wchan.startswith("khugepaged") and sw > since_switches:
+                f0 = full_scans()
+                time.sleep(0.005)
+                st2 = self._state()
+                if st2 is not None and st2[0] == "S" and st2[2] == sw and full_scans() == f0:
+                    return
+            if time.monotonic() > deadline:
+                raise OracleError("khugepaged did not go back to sleep within the timeout")
+            time.sleep(0.002)
+
+    def kick(self, deadline: float) -> None:
+        """Wake khugepaged for one scan round (writing scan_sleep_millisecs resets its
+        sleep) and wait until it sleeps again; the long sleep stays in force."""
+        sw = self.switches()
+        write_knob("khugepaged/scan_sleep_millisecs", LONG_SLEEP_MS)
+        self.wait_asleep(sw, deadline)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class Worker:
+    name: str
+    slot: int
+    pid: int
+    pidfd: int
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (addr, size)
+    alive: bool = True
+
+
+class WorkerDied(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class Workers:
+    """The scenario's processes: spawns the first, forks the rest, talks to them."""
+
+    def __init__(self, nslots: int) -> None:
+        arch = os.uname().machine
+        if arch not in _SYS_CLONE:
+            raise OracleError(f"kmm oracle does not know clone(2) on {arch}")
+        self.clone_nr = _SYS_CLONE[arch]
+        self.pipes: list[tuple[int, int, int, int]] = []  # (cmd_r, cmd_w, res_r, res_w)
+        self.open_fds: set[int] = set()
+        for _ in range(nslots):
+            cmd_r, cmd_w = os.pipe()
+            res_r, res_w = os.pipe()
+            self.pipes.append((cmd_r, cmd_w, res_r, res_w))
+            self.open_fds.update((cmd_r, cmd_w, res_r, res_w))
+        self.by_name: dict[str, Worker] = {}
+        self.order: list[Worker] = []
+
+    def spawn(self, name: str) -> Worker:
+        worker_fds = [fd for p in self.pipes for fd in (p[0], p[3])]
+        for fd in worker_fds:
+            os.set_inheritable(fd, True)
+        try:
+            pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-I", "-S", "-c", _WORKER_PY,
+                 ",".join(map(str, worker_fds)), "0", str(self.clone_nr),
+                 str(CLONE_PARENT | signal.SIGCHLD)],
+                {}, setsid=True,
+            )
+        finally:
+            for fd in worker_fds:
+                os.set_inheritable(fd, False)
+        # Only workers hold the worker ends now, so a worker that dies leaves no reader.
+        for p in self.pipes:
+            for fd in (p[0], p[3]):
+                os.close(fd)
+                self.open_fds.discard(fd)
+        w = Worker(name, 0, pid, os.pidfd_open(pid))
+        self._add(w)
+        _, _, wpid = self.call(w, OP_PING)
+        if wpid != pid:
+            raise OracleError(f"worker {name} answered as pid {wpid}, expected {pid}")
+        return w
+
+    def _add(self, w: Worker) -> None:
+        self.by_name[w.name] = w
+        self.order.append(w)
+
+    def call(self, w: Worker, op: int, *args: int, timeout: float = STEP_TIMEOUT) -> tuple[int, int, int]:
+        """Send one command; return the reply, or raise WorkerDied with the wait status."""
+        cmd_w, res_r = self.pipes[w.slot][1], self.pipes[w.slot][2]
+        words = (op, *args) + (0,) * (7 - len(args))
+        try:
+            os.write(cmd_w, CMD.pack(*words))
+        except BrokenPipeError:
+            raise WorkerDied(self._reap(w)) from None
+        if op == OP_EXIT:
+            status = self._reap(w)
+            if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                raise WorkerDied(status)
+            return (0, 0, 0)
+        buf = b""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(res_r, select.POLLIN)
+        poller.register(w.pidfd, select.POLLIN)
+        while len(buf) < RES.size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OracleError(f"worker {w.name} (pid {w.pid}) did not answer in {timeout:.0f} s")
+            events = dict(poller.poll(left * 1000))
+            if res_r in events:
+                chunk = os.read(res_r, RES.size - len(buf))
+                if chunk:
+                    buf += chunk
+                    continue
+            if w.pidfd in events:
+                raise WorkerDied(self._reap(w))
+        return RES.unpack(buf)
+
+    def _reap(self, w: Worker) -> int:
+        _, status = os.waitpid(w.pid, 0)
+        w.alive = False
+        os.close(w.pidfd)
+        return status
+
+    def fork(self, parent: Worker, child_name: str, child_slot: int) -> Worker:
+        status, err, pid = self.call(parent, OP_FORK, child_slot)
+        if status != 0:
+            raise OSError(err, os.strerror(err))
+        child = Worker(child_name, child_slot, pid, os.pidfd_open(pid), dict(parent.regions))
+        self._add(child)
+        return child
+
+    def kill_all(self) -> None:
+        for w in self.order:
+            if w.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    self._reap(w)
+        for fd in self.open_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.open_fds.clear()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def read_thp_vmstat() -> dict[str, int]:
+    values: dict[str, int] = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("thp_"):
+                name, value = line.split()
+                values[name] = int(value)
+    missing = [n for n in vmstat.THP_EVENTS if n not in values]
+    if missing:
+        raise OracleError(f"/proc/vmstat lacks {', '.join(missing)}: not the kernel kmm models")
+    return values
+
+
+_VMA_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
+
+
+def read_smaps(pid: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, Rss kB, AnonHugePages kB) for each VMA of the process."""
+    vmas: list[list[int]] = []
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = _VMA_RE.match(line)
+            if m:
+                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0])
+            elif line.startswith("Rss:"):
+                vmas[-1][2] = int(line.split()[1])
+            elif line.startswith("AnonHugePages:"):
+                vmas[-1][3] = int(line.split()[1])
+    return [tuple(v) for v in vmas]  # type: ignore[misc]
+
+
+def region_figures(vmas, addr: int, size: int) -> dict[str, int]:
+    end = addr + round_up(size, PAGE_SIZE)
+    rss = huge = 0
+    for start, stop, r, h in vmas:
+        if start >= addr and stop <= end:
+            rss += r
+            huge += h
+    return {"rss_kb": rss, "anon_huge_kb": huge}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_host() -> None:
+    if not os.path.isdir(THP_DIR):
+        raise OracleError(f"{THP_DIR} does not exist: this kernel has no transparent huge pages")
+    if os.geteuid() != 0:
+        raise OracleError("kmm oracle needs root to set /sys/kernel/mm/transparent_hugepage knobs")
+
+
+@contextlib.contextmanager
+def _run_lock(timeout: float = 300.0):
+    """One oracle run at a time on this machine: runs share the knobs and the counters."""
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OracleError(f"another kmm oracle run holds {LOCK_PATH}") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """Hold off SIGINT/SIGTERM while knobs are restored, so a second Ctrl-C cannot stop
+    the restore half way."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (ValueError, OSError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+
+
+@contextlib.contextmanager
+def _thp_disabled_here():
+    """prctl(PR_SET_THP_DISABLE) on this process for the duration, then as it was."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong)
+    old = libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    if old < 0 or libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OracleError(f"prctl(PR_SET_THP_DISABLE): {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_THP_DISABLE, 1 if old else 0, 0, 0, 0)
+
+
+def _plan_slots(scenario: Scenario) -> dict[str, int]:
+    """Pipe slot of each process name: main is 0, then each fork's child in step order."""
+    slots = {"main": 0}
+    for step in scenario.steps:
+        if step.op == "fork":
+            slots[step.child] = len(slots)  # type: ignore[index]
+    return slots
+
+
+def effective_knobs(scenario: Scenario) -> dict[str, object]:
+    """The value of every knob for the run: the scenario's over the kernel defaults."""
+    knobs = {name: knob.default for name, knob in sysfs.KNOBS.items()}
+    knobs.update(scenario.knobs)
+    return knobs
+
+
+def _drop_caches() -> None:
+    # Mode 2 runs the slab shrinkers, among them the huge zero folio's (frees it when no
+    # mm holds it) and the deferred split queue's.
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def _setup_decoy() -> Workers:
+    """A process whose mm khugepaged keeps on its list and never collapses anything in:
+    a MADV_HUGEPAGE VMA whose only aligned 2 MiB block has no page table, and one written
+    page in the unaligned tail (a VMA needs an anon_vma to register)."""
+    decoy = Workers(1)
+    w = decoy.spawn("decoy")
+    size = (2 << 20) + PAGE_SIZE
+    for op, *args in ((OP_MMAP, DECOY_ADDR, size),
+                      (OP_TOUCH, DECOY_ADDR + (2 << 20), DECOY_ADDR + size, PAGE_SIZE, 1, 1),
+                      (OP_MADVISE, DECOY_ADDR, size, MADV["hugepage"])):
+        status, err, _ = decoy.call(w, op, *args)
+        if status != 0:
+            decoy.kill_all()
+            raise OracleError(f"decoy setup failed: {errno_mod.errorcode.get(err, err)}")
+    return decoy
+
+
+def _errno_result(op: str, err: int) -> dict:
+    return {"op": op, "ok": False, "errno": errno_mod.errorcode.get(err, str(err))}
+
+
+class _Run:
+    def __init__(self, scenario: Scenario, workers: Workers, khugepaged: Khugepaged) -> None:
+        self.scenario = scenario
+        self.workers = workers
+        self.khugepaged = khugepaged
+        self.slots = _plan_slots(scenario)
+
+    def step(self, step: Step) -> dict:
+        op = step.op
+        w = self.workers.by_name.get(step.proc)
+        if op == "khugepaged":
+            self._khugepaged(step.full_scans or 1)
+            return {"op": op, "ok": True}
+        if w is None or not w.alive:
+            # Died of a signal earlier (or its parent did before forking it).
+            return {"op": op, "ok": False, "error": "no such process"}
+        try:
+            return self._step(step, w)
+        except WorkerDied as died:
+            st = died.status
+            if os.WIFSIGNALED(st):
+                return {"op": op, "ok": False, "signal": signal.Signals(os.WTERMSIG(st)).name}
+            raise OracleError(
+                f"step {step.index}: worker {w.name} exited unexpectedly (status {st})"
+            ) from None
+
+    def _step(self, step: Step, w: Worker) -> dict:
+        op = step.op
+        call = self.workers.call
+        if op == "mmap":
+            addr, size = step.addr, step.size
+            assert addr is not None and size is not None
+            w.regions[step.region] = (addr, size)  # type: ignore[index]
+            status, err, _ = call(w, OP_MMAP, addr, size)
+        elif op == "fork":
+            try:
+                self.workers.fork(w, step.child, self.slots[step.child])  # type: ignore[arg-type]
+            except OSError as e:
+                return _errno_result(op, e.errno or 0)
+            return {"op": op, "ok": True}
+        elif op == "exit":
+            call(w, OP_EXIT)
+            return {"op": op, "ok": True}
+        else:
+            addr, size = w.regions[step.region]  # type: ignore[index]
+            start, end = step_range(step, size)
+            a, b = addr + start, addr + end
+            if op == "munmap":
+                status, err, _ = call(w, OP_MUNMAP, a, b - a)
+            elif op == "mprotect":
+                status, err, _ = call(w, OP_MPROTECT, a, b - a, PROT[step.prot])  # type: ignore[index]
+            elif op == "madvise":
+                status, err, _ = call(w, OP_MADVISE, a, b - a, MADV[step.advice])  # type: ignore[index]
+            elif op == "touch":
+                status, err, _ = call(w, OP_TOUCH, a, b, step.stride, int(step.write), step.value)
+            elif op == "check":
+                status, err, bad = call(w, OP_CHECK, a, b, step.stride, step.value)
+                return {"op": op, "ok": True, "mismatches": bad}
+            else:
+                raise OracleError(f"step {step.index}: op {op!r} is not supported")
+        if status != 0:
+            return _errno_result(op, err)
+        return {"op": op, "ok": True}
+
+    def _khugepaged(self, rounds: int) -> None:
+        if not self.khugepaged.running():
+            raise OracleError("a khugepaged step, but the host's khugepaged is not running "
+                              "(enabled=never?)")
+        target = full_scans() + rounds
+        deadline = time.monotonic() + KHUGEPAGED_TIMEOUT
+        while full_scans() < target:
+            if time.monotonic() > deadline:
+                raise OracleError(
+                    f"khugepaged did not complete {rounds} full scans in {KHUGEPAGED_TIMEOUT:.0f} s")
+            self.khugepaged.kick(deadline)
+
+    def regions(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for w in self.workers.order:
+            if not w.alive:
+                continue
+            vmas = read_smaps(w.pid)
+            for name, (addr, size) in w.regions.items():
+                out[f"{w.name}/{name}"] = region_figures(vmas, addr, size)
+            # Self-check: a worker must never fault huge pages of its own (its interpreter
+            # heap under enabled=always), or the counters would not be the scenario's.
+            own = sum(h for start, stop, _, h in vmas if not any(
+                start >= a and stop <= a + round_up(s, PAGE_SIZE) for a, s in w.regions.values()))
+            if own:
+                raise OracleError(f"worker {w.name} has {own} kB of THPs outside its regions: "
+                                  "the counters include the worker's own faults")
+        return out
+
+
+def run_oracle(scenario: Scenario) -> dict:
+    """Run the scenario on the host kernel; return the report (design.md section 5)."""
+    _check_host()
+    with _run_lock():
+        knobs = HostKnobs()
+        khugepaged = Khugepaged()
+        decoy: Workers | None = None
+        workers: Workers | None = None
+        try:
+            knobs.save()
+            effective = effective_knobs(scenario)
+            # Set-up under known conditions: PMD-size mTHP follows the global knob and no
+            # other size is on (the emulator models PMD THPs only); khugepaged running.
+            pmd_mthp = _pmd_mthp_knob()
+            for name in _mthp_knobs():
+                want = "inherit" if name == pmd_mthp else "never"
+                if read_knob(name) != want:
+                    write_knob(name, want)
+            write_knob("enabled", "madvise")
+            _drop_caches()
+            decoy = _setup_decoy()
+            workers = Workers(len(_plan_slots(scenario)))
+            main = workers.spawn("main")
+            for name, value in effective.items():
+                if name not in ("enabled", "khugepaged/scan_sleep_millisecs"):
+                    write_knob(name, value)
+            deadline = time.monotonic() + KHUGEPAGED_TIMEOUT
+            # This write wakes khugepaged for one round over the decoy; it then sleeps long.
+            khugepaged.kick(deadline)
+            write_knob("enabled", effective["enabled"])
+            run = _Run(scenario, workers, khugepaged)
+            assert main is workers.by_name["main"]
+            # The driver (this process) must not fault or collapse THPs of its own during
+            # the run. Set after the workers were spawned: execve keeps the flag.
+            with _thp_disabled_here():
+                before = read_thp_vmstat()
+                results = [run.step(step) for step in scenario.steps]
+                after = read_thp_vmstat()
+            report = {
+                "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
+                "regions": run.regions(),
+                "steps": results,
+            }
+        finally:
+            with _no_interrupts():
+                try:
+                    if workers is not None:
+                        workers.kill_all()
+                    if decoy is not None:
+                        decoy.kill_all()
+                finally:
+                    knobs.restore()
+    return report
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def restore_saved_knobs() -> int:
+    """Put back the knobs a killed run left changed (they are in SAVED_PATH)."""
+    _check_host()
+    with _run_lock():
+        if not os.path.exists(SAVED_PATH):
+            print("nothing to restore", file=sys.stderr)
+            return 0
+        knobs = HostKnobs()
+        with open(SAVED_PATH) as f:
+            knobs.saved = json.load(f)
+        with _no_interrupts():
+            knobs.restore()
+    print("THP knobs restored", file=sys.stderr)
+    return 0
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def recording_path(scenario_path: str) -> str:
+    base = scenario_path[:-5] if scenario_path.endswith(".toml") else scenario_path
+    return base + ".oracle.json"
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def run_repeated(scenario: Scenario, runs: int) -> tuple[dict, list[str]]:
+    """Run ``runs`` times; return the first report and the differences of the others."""
+    first = run_oracle(scenario)
+    problems: list[str] = []
+    for i in range(1, runs):
+        again = run_oracle(scenario)
+        problems += [f"run {i + 1}: {d}" for d in compare(first, again)]
+    return first, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kmm.tools.oracle",
+        description="Run scenarios on the host kernel and print or record their reports.",
+    )
+    ap.add_argument("files", nargs="*", help="scenario TOML files")
+    ap.add_argument("--restore", action="store_true",
+                    help="only put back the THP knobs saved by a run that was killed")
+    ap.add_argument("--record", action="store_true",
+                    help="write <name>.oracle.json beside each scenario instead of printing")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="run each scenario this many times and refuse to record if they differ")
+    args = ap.parse_args(argv)
+    if args.restore:
+        return restore_saved_knobs()
+    if not args.files:
+        ap.error("no scenario files given")
+    rc = 0
+    for path in args.files:
+        try:
+            scenario = load_scenario(path)
+            report, problems = run_repeated(scenario, max(1, args.runs))
+        except ScenarioError as e:
+            print(e, file=sys.stderr)
+            rc = 1
+            continue
+        except (OracleError, OSError) as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        if problems:
+            print(f"{path}: not reproducible, not recorded:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            rc = 1
+            continue
+        if args.record:
+            out = recording_path(path)
+            with open(out, "w") as f:
+                f.write(dumps({"kernel": kernel_release(), "report": report}))
+            print(f"{out}: recorded", file=sys.stderr)
+        else:
+            sys.stdout.write(dumps(report))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Run a scenario (TOML) or a program (Python) on an emulated machine; build the report.
+
+The report has the shape of design.md section 5, which ``kmm oracle`` also prints:
+``vmstat`` (every thp_* counter, as the change over the run), ``regions`` (Rss and
+AnonHugePages per live process and region) and ``steps`` (one result per step). The
+extra keys ``locks`` and ``run`` (lock_stat rows; seed, trace digest, emulated time)
+extend it without changing those three.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any, Callable
+
+import trio
+
+from kmm import fault, madvise
+from kmm.machine import KernelBug, Machine, MachineConfig
+from kmm.runtime.sched import SchedError
+from kmm.runtime.trace import Trace
+from kmm.task_mmu import smaps_range
+from kmm.tools.scenario import Scenario, ScenarioError, step_range
+from kmm.workload import Kernel, Proc
+
+
+class NotSupported(ScenarioError):
+    """A valid step whose mechanism a later issue brings."""
+
+
+def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
+                  knobs: dict | None = None, cpus: int | None = None) -> Machine:
+    cfg = MachineConfig(memory=config.memory, swap=config.swap,
+                        cpus=cpus or config.cpus, seed=config.seed)
+    m = Machine(cfg, mode=mode, seed=seed, trace=Trace(trace_file))
+    for name, value in (knobs or {}).items():
+        m.sysfs.write(name, value)
+    return m
+
+
+def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
+    regions: dict[str, dict[str, int]] = {}
+    for task in m.tasks.values():
+        if not task.alive:
+            continue
+        for name, (addr, size) in task.regions.items():
+            rss, huge = smaps_range(m, task.mm, addr, addr + size)
+            regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
+    return {
+        "vmstat": m.vmstat.thp_lines(),
+        "regions": regions,
+        "steps": steps,
+        "locks": [row for row in m.locks.lock_stat()],
+        "run": {"seed": m.sched.seed, "mode": m.sched.mode, "events": m.sched.seq,
+                "emulated_ns": m.sched.now, "trace_sha256": m.sched.trace.digest(),
+                "tlb_misses": list(m.tlb_stats)},
+    }
+
+
+async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
+    m = k.machine
+    res: dict[str, Any] = {"op": step.op}
+    task = m.tasks.get(step.proc)
+    if task is None or not task.alive:
+        return {**res, "ok": False, "error": "no such process"}
+    p = Proc(k, task, 0)
+    if step.op == "mmap":
+        r = await p.mmap(step.size, step.addr)
+        # the region is reported even if the mmap failed (zeros), as the oracle does
+        task.regions[step.region] = (step.addr, step.size)
+        if isinstance(r, str):
+            return {**res, "ok": False, "errno": r}
+        return {**res, "ok": True}
+    if step.op == "fork":
+        try:
+            await p.fork(step.child)
+        except fault.OutOfMemory:
+            return {**res, "ok": False, "errno": "ENOMEM"}
+        return {**res, "ok": True}
+    if step.op == "exit":
+        await p.exit()
+        return {**res, "ok": True}
+    if step.op == "khugepaged":
+        raise NotSupported(scenario.path, step.index, "op",
+                           "khugepaged is not yet supported (comes with the khugepaged issue)")
+    addr, size = task.regions[step.region]
+    lo, hi = step_range(step, size)
+    start, length = addr + lo, hi - lo
+    if step.op in ("munmap", "mprotect", "madvise"):
+        try:
+            if step.op == "munmap":
+                r = await p.munmap(start, length)
+            elif step.op == "mprotect":
+                r = await p.mprotect(start, length, step.prot)
+            else:
+                r = await p.madvise(start, length, step.advice)
+        except madvise.NotYetSupported as e:
+            raise NotSupported(scenario.path, step.index, "advice", str(e)) from None
+        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
+    # touch / check
+    try:
+        n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
+                          value=step.value, stride=step.stride)
+    except fault.Segv:
+        return {**res, "ok": False, "signal": "SIGSEGV"}
+    if step.op == "check":
+        return {**res, "ok": True, "mismatches": n}
+    return {**res, "ok": True}
+
+
+def _trio_run(m: Machine, driver) -> None:
+    """Run the machine; an actor's exception comes out as itself, not as a group."""
+    try:
+        trio.run(m.sched.run, driver)
+    except BaseExceptionGroup as eg:
+        e: BaseException = eg
+        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+            e = e.exceptions[0]
+        raise e from None
+
+
+def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
+                 trace_file=None, check: Callable | None = None,
+                 cpus: int | None = None) -> dict[str, Any]:
+    """Run every step of a scenario on a fresh machine and return the report.
+
+    ``check(machine, kernel)`` (the invariant checker in tests) runs after every step.
+    """
+    m = build_machine(scenario.machine, seed=seed, mode=mode, trace_file=trace_file,
+                      knobs=scenario.knobs, cpus=cpus)
+    k = Kernel(m)
+    steps: list[dict] = []
+
+    async def driver() -> None:
+        await k.process("main")
+        for step in scenario.steps:
+            steps.append(await run_step(k, step, scenario))
+            if check is not None:
+                check(m, k)
+
+    _trio_run(m, driver)
+    return report(m, k, steps)
+
+
+def load_program(path: str):
+    """A workload program: a module with ``async def main(k)``."""
+    spec = importlib.util.spec_from_file_location(f"kmm_program_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ScenarioError(path, None, None, "cannot load as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    main = getattr(mod, "main", None)
+    if main is None:
+        raise ScenarioError(path, None, "main", "a program defines async def main(k)")
+    return mod
+
+
+def run_program(path: str, *, cpus: int = 2, seed: int = 1, mode: str = "free",
+                memory: int = 1 << 30, trace_file=None,
+                check: Callable | None = None) -> dict[str, Any]:
+    """Run a program; its processes' mappings are reported as regions named by address."""
+    mod = load_program(path)
+    from kmm.tools.scenario import MachineConfig as ScenarioMachine
+    m = build_machine(ScenarioMachine(memory=memory, cpus=cpus, seed=seed), seed=seed,
+                      mode=mode, trace_file=trace_file, cpus=cpus)
+    k = Kernel(m)
+    if check is not None:
+        k.after_op = lambda: check(m, k)
+    result: dict[str, Any] = {}
+
+    async def driver() -> None:
+        result["value"] = await mod.main(k)
+
+    _trio_run(m, driver)
+    for task in m.tasks.values():
+        if task.alive and not task.regions:
+            task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}
+    rep = report(m, k, [])
+    rep["result"] = result.get("value")
+    return rep
+
+
+__all__ = ["run_scenario", "run_program", "report", "NotSupported", "KernelBug",
+           "SchedError"]

@@ -1,0 +1,394 @@
+"""Load and validate scenario TOML files (design.md section 4).
+
+A scenario is a sequence of steps by named processes. Loading checks everything that can
+be checked without running it: the tables and keys, each value's type and range, the
+sysfs knobs (with the kernel's own validation, ``kmm.sysfs.validate``), and the process
+and region names in force at each step. What only the kernel can decide (an offset
+outside the region, an unaligned length, a touch of unmapped memory) is left to the run.
+
+Every problem raises ``ScenarioError``, whose text is one line naming the file, the step
+number (for steps) and the key.
+
+Region addresses are fixed at load time so the emulator and the oracle place every
+region at the same address: a cursor starts at ``REGION_BASE``; each mmap step takes the
+cursor as its address, then the cursor moves on by the size rounded up to 2 MiB plus a
+2 MiB gap, so neighbouring regions never merge into one VMA.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+
+from kmm import sysfs
+
+REGION_BASE = 0x2000_0000_0000
+PAGE_SIZE = 4096
+PMD_SIZE = 2 << 20
+MAX_SIZE = 1 << 57  # beyond any user address space; keeps every address within 64 bits
+
+_UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_SIZE_RE = re.compile(r"(\d+)(KiB|MiB|GiB|TiB)?")
+# Names appear in report keys as "proc/region", so no slashes or blanks.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+ADVICE = ("hugepage", "nohugepage", "dontneed", "collapse", "pageout", "cold", "free")
+PROT = ("none", "r", "rw")
+TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "steps")
+
+# The keys each op accepts besides "op" and "proc"; True marks a required key.
+OP_KEYS: dict[str, dict[str, bool]] = {
+    "mmap": {"region": True, "size": True},
+    "munmap": {"region": True, "offset": False, "length": False},
+    "mprotect": {"region": True, "offset": False, "length": False, "prot": True},
+    "madvise": {"region": True, "advice": True, "offset": False, "length": False},
+    "touch": {
+        "region": True,
+        "offset": False,
+        "length": False,
+        "write": False,
+        "value": False,
+        "stride": False,
+    },
+    "check": {"region": True, "offset": False, "length": False, "value": False, "stride": False},
+    "fork": {"child": True},
+    "exit": {},
+    "khugepaged": {"full_scans": False},
+}
+OPS = tuple(OP_KEYS)
+
+
+class ScenarioError(Exception):
+    """Bad scenario input. ``str(e)`` is one line: "<file>: step <n>: <key>: <message>".
+
+    ``step`` is None for top-level tables ("<file>: [thp] enabled: <message>") and for
+    TOML syntax errors ("<file>: line <L>: <message>"); ``key`` is None when no single
+    key is at fault.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        step: int | None,
+        key: str | None,
+        message: str,
+        *,
+        table: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.file = file
+        self.step = step
+        self.key = key
+        self.table = table
+        self.line = line
+        self.message = " ".join(str(message).split())  # always one line
+        parts = [file]
+        if line is not None:
+            parts.append(f"line {line}")
+        if step is not None:
+            parts.append(f"step {step}")
+        if key is not None:
+            parts.append(f"[{table}] {key}" if table else key)
+        parts.append(self.message)
+        super().__init__(": ".join(parts))
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    memory: int = 1 << 30
+    swap: int = 0
+    cpus: int = 2
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 1-based position in [[steps]]
+    op: str  # one of OPS
+    proc: str = "main"
+    region: str | None = None
+    size: int | None = None  # mmap
+    offset: int = 0
+    length: int | None = None  # None = to the end of the region
+    advice: str | None = None  # one of ADVICE
+    prot: str | None = None  # one of PROT
+    write: bool = True
+    value: int = 1
+    stride: int = 4096
+    child: str | None = None  # fork
+    full_scans: int | None = None  # khugepaged
+    addr: int | None = None  # mmap: the region's start address
+
+
+@dataclass(frozen=True)
+class Scenario:
+    path: str
+    description: str
+    machine: MachineConfig
+    knobs: dict[str, object]  # kmm.sysfs.KNOBS name -> validated value, as set by the file
+    steps: tuple[Step, ...]
+
+    def regions(self) -> dict[str, int]:
+        """Region name -> size, in mmap order.
+
+        A name may be mapped by more than one process (each process has its own
+        namespace); the first mmap of the name gives the size here. ``Step.addr`` of each
+        mmap step is the authority on where a process's region lives.
+        """
+        sizes: dict[str, int] = {}
+        for step in self.steps:
+            if step.op == "mmap":
+                sizes.setdefault(step.region, step.size)  # type: ignore[arg-type]
+        return sizes
+
+
+def round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def parse_size(text_or_int: object, *, file: str, step: int | None, key: str) -> int:
+    """A size in bytes: a non-negative int, or a string "<n>", "<n>KiB", "<n>MiB",
+    "<n>GiB" or "<n>TiB". Anything else (floats, "4MB", negatives, bools) is an error."""
+    n = _parse_size(text_or_int, file=file, step=step, key=key)
+    if n > MAX_SIZE:
+        raise ScenarioError(file, step, key, f"must be at most 128 PiB (the user address space), got {n}")
+    return n
+
+
+def _parse_size(text_or_int: object, *, file: str, step: int | None, key: str) -> int:
+    v = text_or_int
+    if isinstance(v, bool):
+        raise ScenarioError(file, step, key, f"must be a size (bytes or \"<n>KiB|MiB|GiB|TiB\"), not {_show(v)}")
+    if isinstance(v, int):
+        if v < 0:
+            raise ScenarioError(file, step, key, f"must not be negative, got {v}")
+        return v
+    if isinstance(v, str):
+        m = _SIZE_RE.fullmatch(v)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2) or ""]
+    raise ScenarioError(file, step, key, f"must be a size (bytes or \"<n>KiB|MiB|GiB|TiB\"), not {_show(v)}")
+
+
+def _show(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\n", "\\n") + '"'
+    if isinstance(v, dict):
+        return "a table"
+    if isinstance(v, list):
+        return "an array"
+    return repr(v)
+
+
+def _int(v: object, *, lo: int | None, hi: int | None, file: str, step: int | None,
+         key: str, table: str | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ScenarioError(file, step, key, f"must be an integer, not {_show(v)}", table=table)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ScenarioError(file, step, key, f"must be {rng}, got {v}", table=table)
+    return v
+
+
+def _name(v: object, *, file: str, step: int, key: str) -> str:
+    if not isinstance(v, str) or not _NAME_RE.fullmatch(v):
+        raise ScenarioError(
+            file, step, key, f"must be a name of letters, digits, '_', '.' or '-', not {_show(v)}"
+        )
+    return v
+
+
+def _word(v: object, words: tuple[str, ...], *, file: str, step: int, key: str) -> str:
+    if not isinstance(v, str) or v not in words:
+        raise ScenarioError(file, step, key, f"must be one of {', '.join(words)}, not {_show(v)}")
+    return v
+
+
+def _load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ScenarioError(path, None, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ScenarioError(path, None, None, "not valid UTF-8", line=line) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", msg)
+        if m:
+            line = int(m.group(1))
+            msg = msg[: m.start()] + f" (column {m.group(2)})"
+        else:
+            line = text.count("\n") + 1
+            msg = re.sub(r"\s*\(at end of document\)$", " (at end of document)", msg)
+        raise ScenarioError(path, None, None, msg, line=line) from None
+
+
+def _machine(table: object, file: str) -> MachineConfig:
+    if not isinstance(table, dict):
+        raise ScenarioError(file, None, "machine", f"must be a table, not {_show(table)}")
+    kw: dict[str, int] = {}
+    for key, v in table.items():
+        if key in ("memory", "swap"):
+            try:
+                kw[key] = parse_size(v, file=file, step=None, key=key)
+            except ScenarioError as e:
+                raise ScenarioError(file, None, key, e.message, table="machine") from None
+            if key == "memory" and kw[key] == 0:
+                raise ScenarioError(file, None, key, "must be above 0", table="machine")
+        elif key == "cpus":
+            kw[key] = _int(v, lo=1, hi=None, file=file, step=None, key=key, table="machine")
+        elif key == "seed":
+            kw[key] = _int(v, lo=0, hi=None, file=file, step=None, key=key, table="machine")
+        else:
+            raise ScenarioError(
+                file, None, key, "unknown key (allowed: memory, swap, cpus, seed)", table="machine"
+            )
+    return MachineConfig(**kw)
+
+
+def _knobs(doc: dict, file: str) -> dict[str, object]:
+    knobs: dict[str, object] = {}
+    for table, prefix in sysfs.TABLES.items():
+        if table not in doc:
+            continue
+        t = doc[table]
+        if not isinstance(t, dict):
+            raise ScenarioError(file, None, table, f"must be a table, not {_show(t)}")
+        allowed = [
+            n[len(prefix):] for n in sysfs.KNOBS
+            if n.startswith(prefix) and "/" not in n[len(prefix):]
+        ]
+        for key, v in t.items():
+            if key not in allowed:
+                raise ScenarioError(
+                    file, None, key, f"unknown knob (allowed: {', '.join(allowed)})", table=table
+                )
+            if isinstance(v, (dict, list)):
+                raise ScenarioError(file, None, key, f"must be a value, not {_show(v)}", table=table)
+            try:
+                knobs[prefix + key] = sysfs.validate(prefix + key, v)
+            except sysfs.KnobError as e:
+                raise ScenarioError(file, None, key, str(e), table=table) from None
+    return knobs
+
+
+class _Namespace:
+    """Which processes exist and which regions each knows, as the steps unfold."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, list[str]] = {"main": []}
+        self.ever: set[str] = {"main"}
+
+
+def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int]) -> Step:
+    if not isinstance(raw, dict):
+        raise ScenarioError(file, index, None, f"must be a table ([[steps]]), not {_show(raw)}")
+    if "op" not in raw:
+        raise ScenarioError(file, index, "op", f"required (one of {', '.join(OPS)})")
+    op = raw["op"]
+    if not isinstance(op, str) or op not in OP_KEYS:
+        raise ScenarioError(file, index, "op", f"unknown op {_show(op)} (one of {', '.join(OPS)})")
+    keys = OP_KEYS[op]
+    for key in raw:
+        if key not in keys and key not in ("op", "proc"):
+            allowed = ", ".join(["op", "proc", *keys])
+            raise ScenarioError(file, index, key, f"unknown key for {op} (allowed: {allowed})")
+    for key, required in keys.items():
+        if required and key not in raw:
+            raise ScenarioError(file, index, key, f"required for {op}")
+
+    kw: dict[str, object] = {"index": index, "op": op}
+    proc = _name(raw.get("proc", "main"), file=file, step=index, key="proc")
+    if proc not in ns.procs:
+        why = "has exited" if proc in ns.ever else "does not exist"
+        raise ScenarioError(file, index, "proc", f"process {proc!r} {why} at this step")
+    kw["proc"] = proc
+    regions = ns.procs[proc]
+
+    if "region" in raw:
+        region = _name(raw["region"], file=file, step=index, key="region")
+        if op == "mmap":
+            if region in regions:
+                raise ScenarioError(
+                    file, index, "region", f"region {region!r} is already mapped by {proc!r}"
+                )
+        elif region not in regions:
+            raise ScenarioError(file, index, "region", f"unknown region {region!r} for {proc!r}")
+        kw["region"] = region
+
+    for key in ("size", "offset", "length", "stride"):
+        if key in raw:
+            kw[key] = parse_size(raw[key], file=file, step=index, key=key)
+    if kw.get("stride") == 0:
+        raise ScenarioError(file, index, "stride", "must be above 0")
+    if "value" in raw:
+        kw["value"] = _int(raw["value"], lo=0, hi=255, file=file, step=index, key="value")
+    if "write" in raw:
+        if not isinstance(raw["write"], bool):
+            raise ScenarioError(file, index, "write", f"must be true or false, not {_show(raw['write'])}")
+        kw["write"] = raw["write"]
+    if "advice" in raw:
+        kw["advice"] = _word(raw["advice"], ADVICE, file=file, step=index, key="advice")
+    if "prot" in raw:
+        kw["prot"] = _word(raw["prot"], PROT, file=file, step=index, key="prot")
+    if op == "khugepaged":
+        kw["full_scans"] = _int(raw.get("full_scans", 1), lo=1, hi=None, file=file, step=index,
+                                key="full_scans")
+
+    if op == "mmap":
+        size = kw["size"]
+        assert isinstance(size, int)
+        kw["addr"] = cursor[0]
+        cursor[0] += round_up(size, PMD_SIZE) + PMD_SIZE
+        regions.append(kw["region"])  # type: ignore[arg-type]
+    elif op == "fork":
+        child = _name(raw["child"], file=file, step=index, key="child")
+        if child in ns.ever:
+            raise ScenarioError(file, index, "child", f"process name {child!r} is already used")
+        ns.procs[child] = list(regions)
+        ns.ever.add(child)
+        kw["child"] = child
+    elif op == "exit":
+        del ns.procs[proc]
+    return Step(**kw)  # type: ignore[arg-type]
+
+
+def load_scenario(path: str | os.PathLike) -> Scenario:
+    """Read and validate one scenario file; raise ScenarioError on any problem."""
+    file = os.fspath(path)
+    doc = _load_toml(file)
+    for key in doc:
+        if key not in TOP_LEVEL:
+            raise ScenarioError(
+                file, None, key, f"unknown top-level key (allowed: {', '.join(TOP_LEVEL)})"
+            )
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError(file, None, "description", f"must be a string, not {_show(description)}")
+    machine = _machine(doc.get("machine", {}), file)
+    knobs = _knobs(doc, file)
+    raw_steps = doc.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise ScenarioError(file, None, "steps", "must be an array of tables ([[steps]])")
+    ns = _Namespace()
+    cursor = [REGION_BASE]
+    steps = tuple(_step(raw, i, file, ns, cursor) for i, raw in enumerate(raw_steps, start=1))
+    return Scenario(path=file, description=description, machine=machine, knobs=knobs, steps=steps)
+
+
+def step_range(step: Step, size: int) -> tuple[int, int]:
+    """The [start, end) offsets a munmap/mprotect/madvise/touch/check step acts on, relative
+    to its region's start: ``length`` None means to the end of the region (empty when
+    ``offset`` is past the end)."""
+    length = step.length if step.length is not None else max(size - step.offset, 0)
+    return step.offset, step.offset + length

@@ -1,0 +1,80 @@
+"""/proc/vmstat event counters and the smaps figures of a VMA.
+
+mm/vmstat.c and include/linux/vm_event_item.h: ``count_vm_event`` bumps one named event.
+``THP_EVENTS`` lists every thp_* line of Linux 6.18's /proc/vmstat in the kernel's order
+(read off the host's /proc/vmstat), so a report names exactly the kernel's counters.
+"""
+
+from __future__ import annotations
+
+THP_EVENTS: tuple[str, ...] = (
+    "thp_migration_success",
+    "thp_migration_fail",
+    "thp_migration_split",
+    "thp_fault_alloc",
+    "thp_fault_fallback",
+    "thp_fault_fallback_charge",
+    "thp_collapse_alloc",
+    "thp_collapse_alloc_failed",
+    "thp_file_alloc",
+    "thp_file_fallback",
+    "thp_file_fallback_charge",
+    "thp_file_mapped",
+    "thp_split_page",
+    "thp_split_page_failed",
+    "thp_deferred_split_page",
+    "thp_underused_split_page",
+    "thp_split_pmd",
+    "thp_scan_exceed_none_pte",
+    "thp_scan_exceed_swap_pte",
+    "thp_scan_exceed_share_pte",
+    "thp_split_pud",
+    "thp_zero_page_alloc",
+    "thp_zero_page_alloc_failed",
+    "thp_swpout",
+    "thp_swpout_fallback",
+)
+
+# Counters that grow with every khugepaged pass over a refused range: the host and the
+# emulator agree on whether they moved, not by how much (kernel-thp.md section 12).
+PER_PASS_EVENTS = frozenset(
+    {"thp_scan_exceed_none_pte", "thp_scan_exceed_swap_pte", "thp_scan_exceed_share_pte"}
+)
+
+# Other vm events and node stats the machine keeps (not part of the thp_* report).
+OTHER_EVENTS: tuple[str, ...] = (
+    "pgfault",
+    "pgmajfault",
+    "pgalloc_normal",
+    "pgfree",
+    "cow_ksm",
+    "compact_stall",
+    "compact_fail",
+    "compact_success",
+)
+
+
+class VmStat:
+    """The machine's event counters (vm_event_states) and node stats (vm_node_stat)."""
+
+    __slots__ = ("events", "node")
+
+    def __init__(self) -> None:
+        self.events: dict[str, int] = dict.fromkeys(THP_EVENTS + OTHER_EVENTS, 0)
+        self.node: dict[str, int] = {
+            "nr_anon_pages": 0,
+            "nr_anon_transparent_hugepages": 0,
+            "nr_page_table_pages": 0,
+        }
+
+    def count_vm_event(self, item: str, delta: int = 1) -> None:
+        """count_vm_event / count_vm_events: bump one named event."""
+        self.events[item] += delta
+
+    def mod_node_page_state(self, item: str, delta: int) -> None:
+        self.node[item] += delta
+
+    def thp_lines(self) -> dict[str, int]:
+        """The thp_* lines of /proc/vmstat, in the kernel's order."""
+        ev = self.events
+        return {name: ev[name] for name in THP_EVENTS}

@@ -1,0 +1,228 @@
+"""The program API: what a workload does to the emulated machine.
+
+A program is a Python module with ``async def main(k: Kernel)``. It creates processes,
+maps memory and touches it; ``k.parallel`` runs functions concurrently, each on its own
+emulated CPU (a separate actor), so two CPUs can fault the same range at once::
+
+    async def main(k):
+        p = await k.process("main")
+        a = await p.mmap(4 << 20)
+        await p.madvise(a, 4 << 20, "hugepage")
+        await k.parallel(lambda cpu: p.on(cpu).touch(a, 2 << 20),
+                         lambda cpu: p.on(cpu).touch(a, 2 << 20, value=2))
+
+Every write is remembered in a shadow copy per process (forked with the process), so
+``Proc.verify`` and the invariant checker can prove that no byte was lost.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from kmm import fault, fork, madvise, mmap, mprotect
+from kmm.pgtable import PAGE_SIZE
+
+
+class Kernel:
+    """A program's handle on the machine: processes, CPUs, concurrency."""
+
+    def __init__(self, machine) -> None:
+        self.machine = machine
+        self.shadow: dict[str, dict[int, int]] = {}  # task name -> addr -> byte written
+        self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+
+    @property
+    def cpus(self) -> int:
+        return len(self.machine.cpus)
+
+    async def process(self, name: str = "main") -> "Proc":
+        """A new process with an empty address space (exec)."""
+        m = self.machine
+        mm = await m.mm_alloc(name)
+        if mm is None:
+            raise fault.OutOfMemory("no memory for a new mm")
+        task = m.new_task(name, mm)
+        self.shadow[name] = {}
+        return Proc(self, task, m.sched.current.cpu or 0)
+
+    def proc(self, name: str) -> "Proc":
+        return Proc(self, self.machine.tasks[name], 0)
+
+    async def parallel(self, *fns: Callable[[int], Awaitable[object]]) -> list:
+        """Run fns[i](cpu) on CPU i (mod the CPU count), each as its own actor; wait
+        for all. Returns their results (an exception is returned, not raised)."""
+        sched = self.machine.sched
+        results: list = [None] * len(fns)
+        me = sched.current
+        waiting = {"n": len(fns)}
+
+        def body(i, fn):
+            async def run() -> None:
+                try:
+                    results[i] = await fn(i % self.cpus)
+                except (fault.Segv, fault.OutOfMemory) as e:
+                    results[i] = e
+                waiting["n"] -= 1
+                if waiting["n"] == 0:
+                    sched.wake(me)
+            return run
+
+        for i, fn in enumerate(fns):
+            sched.spawn(sched.nursery, f"cpu{i % self.cpus}.{len(sched.actors)}",
+                        body(i, fn), cpu=i % self.cpus)
+        if waiting["n"]:
+            await sched.block("parallel")
+        return results
+
+    def _done(self) -> None:
+        if self.after_op is not None:
+            self.after_op()
+
+
+class Proc:
+    """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
+
+    def __init__(self, k: Kernel, task, cpu: int) -> None:
+        self.k = k
+        self.m = k.machine
+        self.task = task
+        self.cpu = cpu
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def on(self, cpu: int) -> "Proc":
+        return Proc(self.k, self.task, cpu)
+
+    def _alive(self) -> None:
+        if not self.task.alive:
+            raise ProcessLookupError(f"process {self.name} has exited")
+
+    async def mmap(self, size: int, addr: int | None = None) -> int:
+        """An anonymous private read-write mapping; returns its address (or errno name)."""
+        self._alive()
+        if addr is None:
+            addr = self._free_area(size)
+        r = await mmap.do_mmap(self.m, self.task, addr, size)
+        self.k._done()
+        return r
+
+    def _free_area(self, size: int) -> int:
+        # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
+        top = max((v.end for v in self.task.mm.vmas), default=0x2000_0000_0000)
+        return (top + (4 << 20) - 1) & ~((2 << 20) - 1)
+
+    async def munmap(self, addr: int, length: int):
+        self._alive()
+        r = await mmap.do_munmap(self.m, self.task, addr, length)
+        if r == 0:
+            self._forget(addr, length)
+        self.k._done()
+        return r
+
+    async def mprotect(self, addr: int, length: int, prot: str):
+        self._alive()
+        r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
+        self.k._done()
+        return r
+
+    async def madvise(self, addr: int, length: int, advice: str):
+        self._alive()
+        r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
+        if r in (0, "ENOMEM") and advice == "dontneed":
+            self._forget(addr, length)  # private anonymous memory reads back as zeros
+        self.k._done()
+        return r
+
+    def _forget(self, addr: int, length: int) -> None:
+        sh = self.k.shadow[self.name]
+        end = addr + length
+        if len(sh) < length:
+            for a in [a for a in sh if addr <= a < end]:
+                del sh[a]
+        else:
+            for a in range(addr, end):
+                sh.pop(a, None)
+
+    async def fork(self, child: str) -> "Proc":
+        self._alive()
+        t = await fork.copy_process(self.m, self.task, child)
+        if isinstance(t, str):
+            raise fault.OutOfMemory(f"fork: {t}")
+        self.k.shadow[child] = dict(self.k.shadow[self.name])
+        self.k._done()
+        return Proc(self.k, t, self.cpu)
+
+    async def exit(self) -> None:
+        self._alive()
+        await fork.do_exit(self.m, self.task)
+        self.k.shadow.pop(self.name, None)
+        self.k._done()
+
+    async def _kill(self, sig: str) -> None:
+        self.task.signal = sig
+        await self.exit()
+
+    async def store(self, addr: int, data: bytes) -> None:
+        """Write bytes (each page's part is one CPU store). SIGSEGV kills the process."""
+        self._alive()
+        sh = self.k.shadow[self.name]
+        i = 0
+        try:
+            while i < len(data):
+                a = addr + i
+                chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
+                await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                for j, b in enumerate(chunk):
+                    sh[a + j] = b
+                i += len(chunk)
+        except fault.Segv:
+            await self._kill("SIGSEGV")
+            raise
+        self.k._done()
+
+    async def load(self, addr: int, n: int = 1) -> bytes:
+        self._alive()
+        out = bytearray()
+        try:
+            while len(out) < n:
+                a = addr + len(out)
+                k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
+                out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
+        except fault.Segv:
+            await self._kill("SIGSEGV")
+            raise
+        self.k._done()
+        return bytes(out)
+
+    async def touch(self, addr: int, length: int, write: bool = True, value: int = 1,
+                    stride: int = PAGE_SIZE) -> int:
+        """One access per stride in [addr, addr+length): a byte ``value`` written, or a
+        byte read. Returns how many read bytes differed from ``value`` (reads only)."""
+        self._alive()
+        sh = self.k.shadow[self.name]
+        data = bytes([value])
+        mismatches = 0
+        m, task, cpu = self.m, self.task, self.cpu
+        try:
+            for a in range(addr, addr + length, stride):
+                if write:
+                    await fault.user_access(m, task, cpu, a, True, data)
+                    sh[a] = value
+                else:
+                    got = await fault.user_access(m, task, cpu, a, False, n=1)
+                    mismatches += got[0] != value
+        except fault.Segv:
+            await self._kill("SIGSEGV")
+            raise
+        self.k._done()
+        return mismatches
+
+    async def verify(self) -> list[int]:
+        """Addresses whose byte does not read back as last written (should be empty)."""
+        bad = []
+        for a, b in sorted(self.k.shadow[self.name].items()):
+            if (await self.load(a))[0] != b:
+                bad.append(a)
+        return bad
