@@ -35,6 +35,8 @@ def summary(report: dict, title: str) -> str:
         for r in locks:
             out.append(f"  {r['class name']:<26} {r['acquisitions']:>12} {r['contentions']:>12}"
                        f" {r['waittime-total']:>15} {r['holdtime-total']:>15}")
+    if report.get("result") is not None:
+        out.append(f"\nprogram result: {report['result']}")
     run = report.get("run")
     if run:
         out.append(f"\nrun: seed {run['seed']}, {run['mode']} scheduler, {run['events']} events, "
