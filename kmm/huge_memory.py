@@ -20,7 +20,7 @@ from kmm.mm_types import (
     VM_WRITE,
 )
 from kmm.pgtable import (
-    HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE,
+    HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE,
     is_pmd_migration_entry, is_swap_pmd, is_writable_migration_entry,
     make_migration_entry, migration_entry_pfn, mk_table_entry, pfn_pmd, pfn_pte,
     pmd_dirty, pmd_mkdirty, pmd_mkold, pmd_mkwrite, pmd_mkyoung, pmd_modify, pmd_none,
@@ -575,5 +575,3 @@ def mapped_addresses(m, mm, folio, lo: int, hi: int):
         if first <= pfn < last:
             yield addr
 
-
-_ = (PAGE_SIZE,)

@@ -91,7 +91,6 @@ class Machine:
         self._next_mm = 1
         self._next_anon_vma = 1
         self.khugepaged_mm_slots: list[MmStruct] = []
-        self.lock_errors: list[str] = []
 
     # ------------------------------------------------------------------ bugs
     def bug(self, message: str) -> None:

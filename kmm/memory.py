@@ -16,6 +16,7 @@ per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE table
 from __future__ import annotations
 
 from kmm import huge_memory, page_alloc, rmap, swap, tlb
+from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_SHARED, VM_WRITE, MmStruct, VmArea
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
@@ -236,7 +237,7 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
     pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     if pfn < 0:
         return VM_FAULT_OOM
-    await m.sched.point("clear_page", 250, pfn=pfn)
+    await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=pfn)
     folio = m.physmem.page(pfn)
     entry = pfn_pte(pfn, vma.page_prot)
     if vma.flags & VM_WRITE:
@@ -328,9 +329,9 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
             await m.folio_put(old_folio)
         return VM_FAULT_OOM
     if old_folio is None:
-        await m.sched.point("clear_page", 250, pfn=new)
+        await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=new)
     else:
-        await m.sched.point("copy_page", 500, dst=new, src=old_pfn)
+        await m.sched.point("copy_page", COST_COPY_PAGE, dst=new, src=old_pfn)
         m.physmem.copy(new, old_pfn)
     new_folio = m.physmem.page(new)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -450,47 +451,42 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
 
 async def free_pgtables(m, mm: MmStruct, start: int, end: int, floor: int,
                         ceiling: int) -> None:
-    """free_pgtables: free the PTE and PMD tables that only mapped [start, end).
+    """free_pgtables / free_pgd_range: free the tables that only mapped [start, end).
 
-    [floor, ceiling) is the hole the unmapped VMAs leave (the neighbouring VMAs' ends),
-    so a table still covering a live VMA stays.
+    [floor, ceiling) is the hole the unmapped VMAs leave (the neighbouring VMAs' ends):
+    a table is freed only if all the address space it maps lies in the hole. Walks the
+    tables that exist, level by level, so a whole-address-space teardown costs what is
+    mapped, not 2^47 bytes' worth of slots.
     """
     tables = m.physmem.tables
-    addr = start & ~(PMD_SIZE - 1)
-    while addr < end:
-        # a PTE table maps [addr, addr + 2 MiB): free it only if all of that is in the hole
-        pmd_tbl = pmd_lookup(m, mm, addr)
-        nxt = addr + PMD_SIZE
-        if pmd_tbl >= 0 and addr >= floor and nxt <= ceiling:
-            i = pmd_index(addr)
-            e = tables[pmd_tbl][i]
-            if e and not pmd_trans_huge(e) and pmd_present(e):
-                await m.entry_get_and_clear("pmd", pmd_tbl, i)
-                mm.nr_ptes -= 1
-                await m.pte_free(mm, table_pfn(e))
-        addr = nxt
-    # PMD tables whose whole 1 GiB lies in the hole
-    addr = start & ~(PUD_SIZE - 1)
-    while addr < end:
-        nxt = addr + PUD_SIZE
-        if addr >= floor and nxt <= ceiling:
-            pgde = tables[mm.pgd][pgd_index(addr)]
-            if pgde:
-                pud = table_pfn(pgde)
-                e = tables[pud][pud_index(addr)]
-                if e and not any(tables[table_pfn(e)]):
-                    await m.entry_get_and_clear("pud", pud, pud_index(addr))
+    pgd = tables[mm.pgd]
+    for gi in range(pgd_index(start), pgd_index(end - 1) + 1):
+        if not pgd[gi]:
+            continue
+        pud_tbl = table_pfn(pgd[gi])
+        g0 = gi * PGDIR_SIZE
+        pud = tables[pud_tbl]
+        for ui in range(pud_index(max(start, g0)), pud_index(min(end, g0 + PGDIR_SIZE) - 1) + 1):
+            if not pud[ui]:
+                continue
+            pmd_tbl = table_pfn(pud[ui])
+            u0 = g0 + ui * PUD_SIZE
+            pmd = tables[pmd_tbl]
+            lo, hi = max(start, u0), min(end, u0 + PUD_SIZE)
+            for pi in range(pmd_index(lo), pmd_index(hi - 1) + 1):
+                e = pmd[pi]
+                a0 = u0 + pi * PMD_SIZE
+                if (e and pmd_present(e) and not pmd_trans_huge(e)
+                        and a0 >= floor and a0 + PMD_SIZE <= ceiling):
+                    await m.entry_get_and_clear("pmd", pmd_tbl, pi)
+                    mm.nr_ptes -= 1
                     await m.pte_free(mm, table_pfn(e))
-        addr = nxt
-    addr = start & ~(PGDIR_SIZE - 1)
-    while addr < end:
-        nxt = addr + PGDIR_SIZE
-        if addr >= floor and nxt <= ceiling:
-            pgde = tables[mm.pgd][pgd_index(addr)]
-            if pgde and not any(tables[table_pfn(pgde)]):
-                await m.entry_get_and_clear("pgd", mm.pgd, pgd_index(addr))
-                await m.pte_free(mm, table_pfn(pgde))
-        addr = nxt
+            if u0 >= floor and u0 + PUD_SIZE <= ceiling and not any(pmd):
+                await m.entry_get_and_clear("pud", pud_tbl, ui)
+                await m.pte_free(mm, pmd_tbl)
+        if g0 >= floor and g0 + PGDIR_SIZE <= ceiling and not any(pud):
+            await m.entry_get_and_clear("pgd", mm.pgd, gi)
+            await m.pte_free(mm, pud_tbl)
 
 
 # ---------------------------------------------------------------- fork

@@ -270,5 +270,3 @@ async def free_pages(m, pfn: int, order: int) -> None:
     """__free_pages: the page's last reference is gone; return it to the buddy lists."""
     await m.sched.call(m.zone.actor, FreePages(pfn, order))
 
-
-_ = PG_head

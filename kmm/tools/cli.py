@@ -89,6 +89,16 @@ def cmd_oracle(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from kmm.tools import bench
+    if min(args.pages, args.thps, args.repeat) < 1:
+        print("kmm bench: --pages, --thps and --repeat must be at least 1", file=sys.stderr)
+        return 2
+    rep = bench.run_bench(pages=args.pages, thps=args.thps, repeat=args.repeat)
+    print(json.dumps(rep, indent=1) if args.json else bench.format_table(rep))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -105,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("file")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_oracle)
+    b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
+    b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
+    b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
+    b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
