@@ -88,10 +88,16 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             pfn = e[0]
             off = addr & 4095
             if write:
-                await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
+                if sched.fast:
+                    sched.tick(COST_ACCESS)
+                else:
+                    await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
                 m.physmem.write(pfn, off, data)
                 return b""
-            await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
+            if sched.fast:
+                sched.tick(COST_ACCESS)
+            else:
+                await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
             return m.physmem.read(pfn, off, n)
         stats[cpu_id] += 1
         if await _walk(m, cpu, mm, addr, write):

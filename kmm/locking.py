@@ -144,7 +144,10 @@ class SpinLock(_Lock):
         """spin_lock / spin_lock_nested. Context: returns with the lock held."""
         sched = self.world.sched
         actor = sched.current
-        await sched.point("lock", COST_LOCK, lock=self.name, site=site)
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("lock", COST_LOCK, lock=self.name, site=site)
         self.world.lockdep.check_acquire(actor, self, site, subclass)
         if self.owner is not None:
             t0 = self._contended(actor)
@@ -159,7 +162,10 @@ class SpinLock(_Lock):
         """spin_trylock: never waits, so it adds no lock-order dependency."""
         sched = self.world.sched
         actor = sched.current
-        await sched.point("trylock", COST_LOCK, lock=self.name, site=site)
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("trylock", COST_LOCK, lock=self.name, site=site)
         if self.owner is not None:
             return False
         self.owner = actor
@@ -169,7 +175,10 @@ class SpinLock(_Lock):
     async def unlock(self) -> None:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("unlock", COST_LOCK, lock=self.name)
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("unlock", COST_LOCK, lock=self.name)
         if self.owner is not actor:
             raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
                                f"{self.owner.name if self.owner else 'no one'}")
@@ -202,8 +211,11 @@ class RwSem(_Lock):
     async def _down(self, site: str, write: bool, subclass: int) -> None:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("lock", COST_LOCK, lock=self.name, site=site,
-                          mode="write" if write else "read")
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("lock", COST_LOCK, lock=self.name, site=site,
+                              mode="write" if write else "read")
         self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
         free = self.writer is None and (not self.readers if write else not self.waiters)
         if free:
@@ -227,7 +239,10 @@ class RwSem(_Lock):
     async def down_read_trylock(self, site: str) -> bool:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="read")
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="read")
         if self.writer is not None or self.waiters:
             return False
         self.readers.append(actor)
@@ -237,7 +252,10 @@ class RwSem(_Lock):
     async def down_write_trylock(self, site: str) -> bool:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="write")
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="write")
         if self.writer is not None or self.readers:
             return False
         self.writer = actor
@@ -247,7 +265,10 @@ class RwSem(_Lock):
     async def up_read(self) -> None:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("unlock", COST_LOCK, lock=self.name, mode="read")
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("unlock", COST_LOCK, lock=self.name, mode="read")
         self.readers.remove(actor)
         self._released(actor)
         self._grant()
@@ -255,7 +276,10 @@ class RwSem(_Lock):
     async def up_write(self) -> None:
         sched = self.world.sched
         actor = sched.current
-        await sched.point("unlock", COST_LOCK, lock=self.name, mode="write")
+        if sched.fast:
+            sched.tick(COST_LOCK)
+        else:
+            await sched.point("unlock", COST_LOCK, lock=self.name, mode="write")
         if self.writer is not actor:
             raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")
         self.writer = None

@@ -125,11 +125,19 @@ class Machine:
     # ------------------------------------------------- page-table entry ops
     # READ_ONCE/WRITE_ONCE/xchg/cmpxchg on an entry: each is a preemption point.
     async def entry_read(self, level: str, table: int, idx: int) -> int:
-        await self.sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
+        sched = self.sched
+        if sched.fast:
+            sched.tick(COST_ENTRY)
+        else:
+            await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
         return self.physmem.tables[table][idx]
 
     async def entry_set(self, level: str, table: int, idx: int, val: int) -> None:
-        await self.sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
+        sched = self.sched
+        if sched.fast:
+            sched.tick(COST_ENTRY)
+        else:
+            await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
         self.physmem.tables[table][idx] = val
 
     async def entry_get_and_clear(self, level: str, table: int, idx: int) -> int:

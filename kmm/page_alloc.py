@@ -172,12 +172,18 @@ class Zone:
                 pfn = await hooks.direct_reclaim_compact(self, order, msg.gfp)
         sched = self.machine.sched
         if pfn < 0:
-            await sched.point("mm_page_alloc_fail", order=order, gfp=msg.gfp,
-                              purpose=msg.purpose)
+            if sched.fast:
+                sched.tick(1)
+            else:
+                await sched.point("mm_page_alloc_fail", order=order, gfp=msg.gfp,
+                                  purpose=msg.purpose)
             return -1
         self._prep_new_page(pfn, order)
-        await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp=msg.gfp,
-                          purpose=msg.purpose)
+        if sched.fast:
+            sched.tick(1)
+        else:
+            await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp=msg.gfp,
+                              purpose=msg.purpose)
         self.machine.vmstat.count_vm_event("pgalloc_normal", 1 << order)
         return pfn
 
@@ -186,7 +192,10 @@ class Zone:
             return -1
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
-        await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
+        if self.machine.sched.fast:
+            self.machine.sched.tick(COST_RMQUEUE)
+        else:
+            await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
         await self.lock.unlock()
         return pfn
 
@@ -212,7 +221,10 @@ class Zone:
         self.physmem.clear(pfn, 1 << order)
         await self.lock.lock("free_one_page")
         self._free_one_page(pfn, order)
-        await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
+        if self.machine.sched.fast:
+            self.machine.sched.tick(COST_RMQUEUE)
+        else:
+            await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
         await self.lock.unlock()
         self.machine.vmstat.count_vm_event("pgfree", 1 << order)
 

@@ -76,7 +76,10 @@ def page_anon_exclusive(page: Page) -> bool:
 async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
                                   pmd: bool) -> None:
     """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio."""
-    await m.sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
     folio.anon_vma = vma.anon_vma
     folio.index = vma.linear_page_index(addr)
     folio.flags |= PG_anon_exclusive
@@ -93,7 +96,10 @@ async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
 async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
                                    exclusive: bool) -> None:
     """folio_add_anon_rmap_ptes: nr PTE mappings of pages pfn.. of an existing folio."""
-    await m.sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
     pm = m.physmem
     if not folio.order:
         folio.mapcount += 1
@@ -114,7 +120,10 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
 
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_remove_rmap_ptes: nr PTE mappings gone; queue a partially mapped THP."""
-    await m.sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
     pm = m.physmem
     if not folio.order:
         folio.mapcount -= 1
@@ -142,7 +151,10 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 
 
 async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
-    await m.sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
     if exclusive:
@@ -151,7 +163,10 @@ async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
-    await m.sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
     folio.entire_mapcount -= 1
     folio.large_mapcount -= 1
     if folio.entire_mapcount < 0:
@@ -168,7 +183,10 @@ async def folio_remove_rmap_pmd(m, folio: Page) -> None:
 async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_try_dup_anon_rmap_ptes (fork): the pages become shared; never fails here
     (no pins are modelled), so exclusivity is simply cleared."""
-    await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
     pm = m.physmem
     if not folio.order:
         folio.mapcount += 1
@@ -183,7 +201,10 @@ async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> Non
 
 async def folio_try_dup_anon_rmap_pmd(m, folio: Page) -> None:
     """folio_try_dup_anon_rmap_pmd (fork of a PMD-mapped THP)."""
-    await m.sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
     folio.flags &= ~PG_anon_exclusive

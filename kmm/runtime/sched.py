@@ -100,7 +100,7 @@ class Scheduler:
                  replay: list[str] | None = None, trace=None) -> None:
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
-        self.mode = mode
+        self.mode = FREE if mode == FREE else mode
         self.seed = seed
         self.rng = random.Random(seed)
         self.replay = list(replay or ())
@@ -115,7 +115,30 @@ class Scheduler:
         self._runnable: list[Actor] = []
         self._sleepers: list[tuple[int, int, Actor]] = []
         self._finished: trio.Event | None = None
-        self.on_point: Callable[[], None] | None = None  # an invariant hook, for explore
+        self._on_point: Callable[[], None] | None = None
+        self._set_fast()
+
+    # A point at which nothing can switch and nothing is traced (free mode, no trace,
+    # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine.
+    def _set_fast(self) -> None:
+        self.fast = self.mode is FREE and self.trace is None and self._on_point is None
+
+    @property
+    def on_point(self) -> Callable[[], None] | None:
+        """A hook run at every point (the invariant checker, for explore)."""
+        return self._on_point
+
+    @on_point.setter
+    def on_point(self, hook: Callable[[], None] | None) -> None:
+        self._on_point = hook
+        self._set_fast()
+
+    def tick(self, cost: int) -> None:
+        """The whole of a point when ``fast``: same sequence and time as ``point``."""
+        self.seq += 1
+        self.now += cost
+        if self._sleepers and self._sleepers[0][0] <= self.now:
+            self._wake_sleepers()
 
     # ------------------------------------------------------------------ points
     async def point(self, event: str, cost: int = 1, **fields: Any) -> None:
