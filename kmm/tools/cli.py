@@ -35,6 +35,11 @@ def summary(report: dict, title: str) -> str:
         for r in locks:
             out.append(f"  {r['class name']:<26} {r['acquisitions']:>12} {r['contentions']:>12}"
                        f" {r['waittime-total']:>15} {r['holdtime-total']:>15}")
+    zone = report.get("zone")
+    if zone:
+        out.append(f"\nbuddyinfo (Normal, orders 0..10): {' '.join(map(str, zone['buddyinfo']))}"
+                   f"   free {zone['nr_free']} pages, watermarks "
+                   + " ".join(f"{k} {v}" for k, v in zone["watermarks"].items()))
     if report.get("result") is not None:
         out.append(f"\nprogram result: {report['result']}")
     run = report.get("run")

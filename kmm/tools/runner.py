@@ -3,8 +3,9 @@
 The report has the shape of design.md section 5, which ``kmm oracle`` also prints:
 ``vmstat`` (every thp_* counter, as the change over the run), ``regions`` (Rss and
 AnonHugePages per live process and region) and ``steps`` (one result per step). The
-extra keys ``locks`` and ``run`` (lock_stat rows; seed, trace digest, emulated time)
-extend it without changing those three.
+extra keys ``locks`` (lock_stat rows), ``zone`` (/proc/buddyinfo, free pages,
+watermarks) and ``run`` (seed, trace digest, emulated time) extend it without changing
+those three.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
         "regions": regions,
         "steps": steps,
         "locks": [row for row in m.locks.lock_stat()],
+        "zone": {"buddyinfo": m.zone.buddyinfo(), "nr_free": m.zone.nr_free,
+                 "watermarks": dict(m.zone.wmark),
+                 "min_free_kbytes": m.zone.min_free_kbytes},
         "run": {"seed": m.sched.seed, "mode": m.sched.mode, "events": m.sched.seq,
                 "emulated_ns": m.sched.now, "trace_sha256": m.sched.trace.digest(),
                 "tlb_misses": list(m.tlb_stats)},
@@ -161,8 +165,7 @@ def run_program(path: str, *, cpus: int = 2, seed: int = 1, mode: str = "free",
                 check: Callable | None = None) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address."""
     mod = load_program(path)
-    from kmm.tools.scenario import MachineConfig as ScenarioMachine
-    m = build_machine(ScenarioMachine(memory=memory, cpus=cpus, seed=seed), seed=seed,
+    m = build_machine(MachineConfig(memory=memory, cpus=cpus, seed=seed), seed=seed,
                       mode=mode, trace_file=trace_file, cpus=cpus)
     k = Kernel(m)
     if check is not None:

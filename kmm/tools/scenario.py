@@ -23,6 +23,7 @@ import tomllib
 from dataclasses import dataclass
 
 from kmm import sysfs
+from kmm.machine import MachineConfig  # the [machine] table
 
 REGION_BASE = 0x2000_0000_0000
 PAGE_SIZE = 4096
@@ -95,12 +96,6 @@ class ScenarioError(Exception):
         super().__init__(": ".join(parts))
 
 
-@dataclass(frozen=True)
-class MachineConfig:
-    memory: int = 1 << 30
-    swap: int = 0
-    cpus: int = 2
-    seed: int = 1
 
 
 @dataclass(frozen=True)
