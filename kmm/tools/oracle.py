@@ -43,6 +43,7 @@ import errno as errno_mod
 import fcntl
 import json
 import os
+import pathlib
 import re
 import select
 import signal
@@ -88,108 +89,10 @@ OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXI
     range(1, 10)
 )
 
-# The worker program. It must run under ``python -I -S`` (no site, no kmm on the path)
-# and allocate as little as possible while steps run.
-_WORKER_PY = r"""
-import ctypes, os, resource, struct, sys
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-libc = ctypes.CDLL(None, use_errno=True)
-vp, sz, ci, cl = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_long
-libc.mmap.restype = vp
-libc.mmap.argtypes = (vp, sz, ci, ci, ci, cl)
-libc.munmap.argtypes = (vp, sz)
-libc.mprotect.argtypes = (vp, sz, ci)
-libc.madvise.argtypes = (vp, sz, ci)
-libc.syscall.restype = cl
-libc.syscall.argtypes = (cl, cl, cl, cl, cl, cl)
-memset = ctypes.memset
-byte_at = ctypes.c_ubyte.from_address
-get_errno = ctypes.get_errno
-CMD = struct.Struct("<8q")
-RES = struct.Struct("<3q")
-MAP_FAILED = (1 << 64) - 1
-MAP_FLAGS = 0x02 | 0x20 | 0x100000  # MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-fds = [int(x) for x in sys.argv[1].split(",")]
-slot = int(sys.argv[2])
-clone_nr = int(sys.argv[3])
-clone_flags = int(sys.argv[4])
-cmd_fd = fds[2 * slot]
-res_fd = fds[2 * slot + 1]
+# The worker program lives in oracle_worker.py beside this file; it runs under
+# ``python -I -S`` (no site, no kmm on the path).
+_WORKER_PATH = str(pathlib.Path(__file__).with_name("oracle_worker.py"))
 
-# Keep the interpreter's own anonymous memory (heap, arenas, stack) out of THP: under
-# enabled=always khugepaged would otherwise collapse it during a khugepaged step.
-with open("/proc/self/maps") as f:
-    maps = f.read().splitlines()
-for line in maps:
-    parts = line.split()
-    if len(parts) >= 5 and parts[1].startswith("rw") and parts[4] == "0":
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        libc.madvise(lo, hi - lo, 15)  # MADV_NOHUGEPAGE
-del maps, line, parts
-
-def reply(status, err, value):
-    os.write(res_fd, RES.pack(status, err, value))
-
-def result(rc):
-    if rc == 0:
-        reply(0, 0, 0)
-    else:
-        reply(-1, get_errno(), 0)
-
-while True:
-    buf = os.read(cmd_fd, CMD.size)
-    while buf and len(buf) < CMD.size:
-        more = os.read(cmd_fd, CMD.size - len(buf))
-        if not more:
-            buf = b""
-        buf += more
-    if len(buf) < CMD.size:
-        os._exit(0)  # the driver is gone
-    op, a, b, c, d, e, f, g = CMD.unpack(buf)
-    if op == 1:
-        r = libc.mmap(a, b, 3, MAP_FLAGS, -1, 0)
-        if r == a:
-            reply(0, 0, 0)
-        elif r == MAP_FAILED or r is None:
-            reply(-1, get_errno(), 0)
-        else:  # a kernel without MAP_FIXED_NOREPLACE placed it elsewhere
-            libc.munmap(r, b)
-            reply(-1, 17, 0)
-    elif op == 2:
-        result(libc.munmap(a, b))
-    elif op == 3:
-        result(libc.mprotect(a, b, c))
-    elif op == 4:
-        result(libc.madvise(a, b, c))
-    elif op == 5:
-        if d:
-            for p in range(a, b, c):
-                memset(p, e, 1)
-        else:
-            for p in range(a, b, c):
-                byte_at(p).value
-        reply(0, 0, 0)
-    elif op == 6:
-        bad = 0
-        for p in range(a, b, c):
-            if byte_at(p).value != d:
-                bad += 1
-        reply(0, 0, bad)
-    elif op == 7:
-        pid = libc.syscall(clone_nr, clone_flags, 0, 0, 0, 0)
-        if pid == 0:
-            slot = a
-            cmd_fd = fds[2 * slot]
-            res_fd = fds[2 * slot + 1]
-        elif pid < 0:
-            reply(-1, get_errno(), 0)
-        else:
-            reply(0, 0, pid)
-    elif op == 8:
-        os._exit(0)
-    elif op == 9:
-        reply(0, 0, os.getpid())
-"""
 
 
 class OracleError(Exception):
@@ -406,7 +309,7 @@ class Workers:
         try:
             pid = os.posix_spawn(
                 sys.executable,
-                [sys.executable, "-I", "-S", "-c", _WORKER_PY,
+                [sys.executable, "-I", "-S", _WORKER_PATH,
                  ",".join(map(str, worker_fds)), "0", str(self.clone_nr),
                  str(CLONE_PARENT | signal.SIGCHLD)],
                 {}, setsid=True,
