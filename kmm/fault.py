@@ -39,16 +39,17 @@ def _usable(entry: int, write: bool) -> bool:
     return not write or bool(entry & _PAGE_RW)
 
 
-async def _walk(m, cpu, mm, addr: int, write: bool) -> bool:
-    """The hardware page walk: True once the TLB holds a usable translation."""
-    e = await m.entry_read("pgd", mm.pgd, pgd_index(addr))
+async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
+    """The hardware page walk: True once the TLB holds a usable translation, False
+    when the access must fault, None when the entries changed under it (walk again)."""
+    pgde = e = await m.entry_read("pgd", mm.pgd, pgd_index(addr))
     if not _usable(e, write):
         return False
-    e = await m.entry_read("pud", table_pfn(e), pud_index(addr))
+    pude = e = await m.entry_read("pud", table_pfn(e), pud_index(addr))
     if not _usable(e, write):
         return False
     tbl, idx = table_pfn(e), pmd_index(addr)
-    e = await m.entry_read("pmd", tbl, idx)
+    pmde = e = await m.entry_read("pmd", tbl, idx)
     if not _usable(e, write):
         return False
     huge = bool(e & _PAGE_PSE)
@@ -59,10 +60,29 @@ async def _walk(m, cpu, mm, addr: int, write: bool) -> bool:
             return False
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
     if want != e and not await m.entry_cmpxchg("pmd" if huge else "pte", tbl, idx, e, want):
-        return False  # changed under the walker: walk again
+        return None  # changed under the walker: walk again
+    if not _path_is(m, mm, addr, pgde, pude, pmde if not huge else want,
+                    None if huge else want):
+        return None  # a shootdown came during the walk: walk again
     pfn = pmd_pfn(want) if huge else pte_pfn(want)
     tlb.tlb_fill(cpu, mm, addr, pfn, bool(want & _PAGE_RW), bool(want & _PAGE_DIRTY), huge)
     return True
+
+
+def _path_is(m, mm, addr: int, pgde: int, pude: int, pmde: int, ptee: int | None) -> bool:
+    """The walk's entries are still in the tables (read without points).
+
+    A walk and the access it serves are one instruction: a TLB shootdown IPI is taken
+    before or after it, never inside, so once flush_tlb_mm_range returns no CPU may
+    still fill or use the translation it flushed. The emulated walk spans several
+    points, so it re-checks its path at the moment it fills the TLB.
+    """
+    t = m.physmem.tables
+    if t[mm.pgd][pgd_index(addr)] != pgde or t[table_pfn(pgde)][pud_index(addr)] != pude:
+        return False
+    if t[table_pfn(pude)][pmd_index(addr)] != pmde:
+        return False
+    return ptee is None or t[table_pfn(pmde)][pte_index(addr)] == ptee
 
 
 def _tlb_lookup(cpu, mm_id: int, addr: int):
@@ -92,15 +112,19 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
                     sched.tick(COST_ACCESS)
                 else:
                     await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
+                    if _tlb_lookup(cpu, mm.id, addr) != e:
+                        continue  # shot down before the store: translate again
                 m.physmem.write(pfn, off, data)
                 return b""
             if sched.fast:
                 sched.tick(COST_ACCESS)
             else:
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
+                if _tlb_lookup(cpu, mm.id, addr) != e:
+                    continue  # shot down before the load: translate again
             return m.physmem.read(pfn, off, n)
         stats[cpu_id] += 1
-        if await _walk(m, cpu, mm, addr, write):
+        if await _walk(m, cpu, mm, addr, write) is not False:
             continue
         await do_user_addr_fault(m, task, addr, write)
 

@@ -41,7 +41,9 @@ async def do_mprotect(m, task, start: int, length: int, prot: str) -> int | str:
             newflags = (vma.flags & ~(VM_READ | VM_WRITE)) | PROT[prot]
             tmp = min(vma.end, end)
             vma = await mprotect_fixup(m, vma, nstart, tmp, newflags)
-            nstart = tmp
+            # vma_iter_end: past the VMA the range was merged into, which may have
+            # swallowed the next one (already of the new flags)
+            nstart = min(vma.end, end)
             if nstart >= end:
                 return 0
             vma = mm.find_vma(nstart)

@@ -116,6 +116,8 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
             page.flags |= PG_anon_exclusive
     folio.large_mapcount += nr
     folio.nr_pages_mapped += newly
+    if newly and not folio.entire_mapcount:  # __folio_add_rmap: NR_ANON_MAPPED
+        m.vmstat.mod_node_page_state("nr_anon_pages", newly)
 
 
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
@@ -144,6 +146,8 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
             page.flags &= ~PG_anon_exclusive
     folio.large_mapcount -= nr
     folio.nr_pages_mapped -= unmapped
+    if unmapped and not folio.entire_mapcount:  # __folio_remove_rmap: NR_ANON_MAPPED
+        m.vmstat.mod_node_page_state("nr_anon_pages", -unmapped)
     # __folio_remove_rmap: pages became unmapped while others stay PTE-mapped, and no
     # PMD mapping covers the whole folio any more
     if unmapped and folio.nr_pages_mapped and not folio.entire_mapcount:
@@ -173,6 +177,9 @@ async def folio_remove_rmap_pmd(m, folio: Page) -> None:
         m.bug(f"entire mapcount underflow {folio!r}")
     if folio.entire_mapcount == 0:
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", -1)
+        # the pages no PTE keeps mapped are unmapped now (NR_ANON_MAPPED)
+        m.vmstat.mod_node_page_state("nr_anon_pages",
+                                     folio.nr_pages_mapped - folio.nr_pages)
         if not folio.nr_pages_mapped:
             folio.flags &= ~PG_anon_exclusive
         elif folio.nr_pages_mapped < folio.nr_pages:

@@ -43,8 +43,12 @@ def from_dict(d: dict[str, Any]):
     if cls is None:
         raise WireError(f"message: unknown kind {d['kind']!r}")
     fields = {k: v for k, v in d.items() if k != "kind"}
-    if set(fields) != set(cls._types):
-        raise WireError(f"{cls.kind}: fields {sorted(fields)} != {sorted(cls._types)}")
+    for name in cls._types:
+        if name not in fields:
+            raise WireError(f"{cls.kind}.{name}: missing field")
+    for name in fields:
+        if name not in cls._types:
+            raise WireError(f"{cls.kind}.{name}: unknown field")
     for name, tp in cls._types.items():
         v = fields[name]
         ok = isinstance(v, tp) if isinstance(tp, type) else True
