@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from kmm import page_alloc
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
@@ -91,6 +93,17 @@ class Machine:
         self._next_mm = 1
         self._next_anon_vma = 1
         self.khugepaged_mm_slots: list[MmStruct] = []
+
+    def run(self, driver) -> None:
+        """Run ``driver`` as the first actor until every workload actor is done; an
+        actor's exception comes out as itself, not wrapped in an exception group."""
+        try:
+            trio.run(self.sched.run, driver)
+        except BaseExceptionGroup as eg:
+            e: BaseException = eg
+            while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+                e = e.exceptions[0]
+            raise e from None
 
     # ------------------------------------------------------------------ bugs
     def bug(self, message: str) -> None:

@@ -182,3 +182,53 @@ def _data_errors(m, k) -> list[str]:
                 if vma is not None:
                     errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
     return errs
+
+
+def check_between_ops(m, k) -> None:
+    """check_invariants, unless another actor is inside an operation (holds a lock):
+    the invariants hold between operations, not halfway through another CPU's fault."""
+    cur = m.sched.current
+    if not any(a.held for a in m.sched.actors if a is not cur):
+        check_invariants(m, k)
+
+
+def run_machine(fn, *, memory: int = 1 << 30, cpus: int = 1, seed: int = 1,
+                mode: str = "free", knobs: dict | None = None, check=check_invariants):
+    """Run ``await fn(m, k)`` as the driver of a fresh machine, ``check(m, k)`` after
+    every workload operation and at the end. Returns (machine, fn's value)."""
+    from kmm.machine import Machine, MachineConfig
+    from kmm.runtime.trace import Trace
+    from kmm.workload import Kernel
+    m = Machine(MachineConfig(memory=memory, cpus=cpus, seed=seed), mode=mode, trace=Trace())
+    for name, value in (knobs or {}).items():
+        m.sysfs.write(name, value)
+    k = Kernel(m)
+    k.after_op = lambda: check(m, k)
+    box = {}
+
+    async def driver() -> None:
+        box["value"] = await fn(m, k)
+        check_invariants(m, k)
+
+    m.run(driver)
+    return m, box.get("value")
+
+
+async def together(m, **fns) -> None:
+    """Run each ``fns[name]()`` as its own actor named ``name`` on CPU i (mod the CPU
+    count) and wait for all of them: a forced concurrency for tests."""
+    sched = m.sched
+    me = sched.current
+    left = [len(fns)]
+
+    def body(fn):
+        async def actor() -> None:
+            await fn()
+            left[0] -= 1
+            if not left[0]:
+                sched.wake(me)
+        return actor
+
+    for i, (name, fn) in enumerate(fns.items()):
+        sched.spawn(sched.nursery, name, body(fn), cpu=i % len(m.cpus))
+    await sched.block("together")

@@ -30,7 +30,6 @@ from typing import Any
 
 from kmm.machine import Machine, MachineConfig
 from kmm.runtime.trace import Trace
-from kmm.tools.runner import _trio_run
 from kmm.workload import Kernel
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -91,7 +90,7 @@ def emulated_faults(n: int, huge: bool, *, traced: bool = False) -> dict[str, An
         out["thp_fault_fallback"] = (m.vmstat.events["thp_fault_fallback"]
                                      - ev["thp_fault_fallback"])
 
-    _trio_run(m, driver)
+    m.run(driver)
     return {"faults": n, "kind": "thp" if huge else "4k", "traced": traced,
             "memory": cfg.memory, **out}
 
@@ -225,7 +224,7 @@ def startup_one(memory: int, repeat: int = 3) -> dict[str, Any]:
         m = Machine(MachineConfig(memory=memory))
         heap_construct = tracemalloc.get_traced_memory()[0] - before
         k = Kernel(m)
-        _trio_run(m, lambda: small_workload(k))
+        m.run(lambda: small_workload(k))
         gc.collect()
         heap_after = tracemalloc.get_traced_memory()[0] - before
     finally:

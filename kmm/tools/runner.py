@@ -14,8 +14,6 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-import trio
-
 from kmm import fault, madvise
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
@@ -112,17 +110,6 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     return {**res, "ok": True}
 
 
-def _trio_run(m: Machine, driver) -> None:
-    """Run the machine; an actor's exception comes out as itself, not as a group."""
-    try:
-        trio.run(m.sched.run, driver)
-    except BaseExceptionGroup as eg:
-        e: BaseException = eg
-        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-            e = e.exceptions[0]
-        raise e from None
-
-
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
                  cpus: int | None = None) -> dict[str, Any]:
@@ -142,7 +129,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
             if check is not None:
                 check(m, k)
 
-    _trio_run(m, driver)
+    m.run(driver)
     return report(m, k, steps)
 
 
@@ -175,7 +162,7 @@ def run_program(path: str, *, cpus: int = 2, seed: int = 1, mode: str = "free",
     async def driver() -> None:
         result["value"] = await mod.main(k)
 
-    _trio_run(m, driver)
+    m.run(driver)
     for task in m.tasks.values():
         if task.alive and not task.regions:
             task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}

@@ -8,21 +8,19 @@ the invariant checker runs after every operation and at the end of every driver.
 
 from __future__ import annotations
 
+from kmm import testing
+
 import pytest
 
 from kmm import huge_memory, memory
-from kmm.machine import Machine, MachineConfig
 from kmm.mm_types import PG_anon_exclusive, PG_partially_mapped
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW,
     _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, _PAGE_USER, HPAGE_PMD_NR, PAGE_SIZE,
     pmd_index, pmd_pfn, pmd_trans_huge, pmd_write, pmd_young, pte_index, table_pfn,
 )
-from kmm.runtime.trace import Trace
 from kmm.task_mmu import smaps_range
 from kmm.testing import check_invariants
-from kmm.tools import runner
-from kmm.workload import Kernel
 
 MiB = 1 << 20
 NR = HPAGE_PMD_NR  # 512 subpages per PMD THP
@@ -30,20 +28,7 @@ NR = HPAGE_PMD_NR  # 512 subpages per PMD THP
 
 def run(fn, *, memory=1 << 30, cpus=1, knobs=None):
     """Run ``fn(m, k)`` as the driver of a fresh machine; invariants after every op."""
-    m = Machine(MachineConfig(memory=memory, cpus=cpus), trace=Trace())
-    for name, value in (knobs or {}).items():
-        m.sysfs.write(name, value)
-    k = Kernel(m)
-    k.after_op = lambda: check_invariants(m, k)
-    box = {}
-
-    async def driver():
-        box["value"] = await fn(m, k)
-        check_invariants(m, k)
-
-    runner._trio_run(m, driver)
-    return box.get("value")
-
+    return testing.run_machine(fn, memory=memory, cpus=cpus, knobs=knobs)[1]
 
 def pmd_at(m, mm, addr):
     """(PMD table pfn, PMD entry) mapping addr."""

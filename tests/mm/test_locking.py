@@ -9,61 +9,23 @@ bounces and wait/hold times per class.
 
 from __future__ import annotations
 
+from kmm import testing
+
 import pytest
 
 from kmm.locking import COST_LOCK, LOCK_STAT_FIELDS
 from kmm.lockdep import ORDER, LockdepSplat
-from kmm.machine import Machine, MachineConfig
-from kmm.runtime.trace import Trace
-from kmm.testing import check_invariants
-from kmm.tools import runner
-from kmm.workload import Kernel
 
 MiB = 1 << 20
 
 
-def quiet_check(m, k):
-    """check_invariants after an operation, unless another actor is inside one (holds
-    a lock): the invariants hold between operations, not halfway through another
-    CPU's fault (tests/mm/test_fault_concurrency.py explains)."""
-    cur = m.sched.current
-    if not any(a.held for a in m.sched.actors if a is not cur):
-        check_invariants(m, k)
-
+quiet_check = testing.check_between_ops
 
 def run(fn, *, mode="free", seed=1, cpus=2):
-    m = Machine(MachineConfig(memory=64 * MiB, cpus=cpus, seed=seed), mode=mode,
-                trace=Trace())
-    k = Kernel(m)
-    k.after_op = lambda: quiet_check(m, k)
-    box = {}
+    return testing.run_machine(fn, memory=64 * MiB, cpus=cpus, seed=seed, mode=mode,
+                               check=testing.check_between_ops)
 
-    async def driver():
-        box["value"] = await fn(m, k)
-        check_invariants(m, k)
-
-    runner._trio_run(m, driver)
-    return m, box.get("value")
-
-
-async def together(m, **fns):
-    """Run each ``fns[name]()`` as its own actor on CPU i; wait for all of them."""
-    sched = m.sched
-    me = sched.current
-    left = [len(fns)]
-
-    def body(fn):
-        async def actor():
-            await fn()
-            left[0] -= 1
-            if not left[0]:
-                sched.wake(me)
-        return actor
-
-    for i, (name, fn) in enumerate(fns.items()):
-        sched.spawn(sched.nursery, name, body(fn), cpu=i % len(m.cpus))
-    await sched.block("together")
-
+together = testing.together
 
 # ---------------------------------------------------------------------- lockdep
 def test_abba_between_two_classes_is_reported_without_a_deadlock():

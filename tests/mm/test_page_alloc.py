@@ -9,6 +9,8 @@ __setup_per_zone_wmarks), checked against the host's /proc/sys/vm/min_free_kbyte
 
 from __future__ import annotations
 
+from kmm import testing
+
 from math import isqrt
 
 import pytest
@@ -17,11 +19,7 @@ from kmm import memory, page_alloc
 from kmm.machine import Machine, MachineConfig
 from kmm.page_alloc import MAX_PAGE_ORDER
 from kmm.pgtable import HPAGE_PMD_NR, HPAGE_PMD_ORDER, pmd_index, pmd_trans_huge
-from kmm.runtime.trace import Trace
 from kmm.task_mmu import smaps_range
-from kmm.testing import check_invariants
-from kmm.tools import runner
-from kmm.workload import Kernel
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -29,20 +27,7 @@ MAX_BLOCK = 1 << MAX_PAGE_ORDER  # 1024 pages, 4 MiB
 
 
 def run(fn, *, memory=GiB, knobs=None):
-    m = Machine(MachineConfig(memory=memory, cpus=1), trace=Trace())
-    for name, value in (knobs or {}).items():
-        m.sysfs.write(name, value)
-    k = Kernel(m)
-    k.after_op = lambda: check_invariants(m, k)
-    box = {}
-
-    async def driver():
-        box["value"] = await fn(m, k)
-        check_invariants(m, k)
-
-    runner._trio_run(m, driver)
-    return m, box.get("value")
-
+    return testing.run_machine(fn, memory=memory, knobs=knobs)
 
 async def alloc(m, order=0):
     return await page_alloc.alloc_pages(m, order, "GFP_HIGHUSER_MOVABLE", "anon")

@@ -14,7 +14,6 @@ from kmm.fault import Segv
 from kmm.machine import Machine, MachineConfig
 from kmm.runtime.trace import Trace
 from kmm.testing import check_invariants
-from kmm.tools import runner
 from kmm.tools.runner import run_scenario
 from kmm.tools.scenario import load_scenario
 from kmm.workload import Kernel
@@ -214,7 +213,7 @@ def test_segv_in_a_program_kills_only_that_process():
         with pytest.raises(ProcessLookupError):
             await p.touch(a, 4096)
 
-    runner._trio_run(m, driver)
+    m.run(driver)
     assert out["code"] == "SEGV_MAPERR"
     assert out["task"] == (False, "SIGSEGV", -1)
     assert out["leak"] == 0

@@ -9,6 +9,8 @@ host (wall clock, trio's run queue) reaches a trace.
 
 from __future__ import annotations
 
+from kmm import testing
+
 import hashlib
 import json
 
@@ -74,7 +76,7 @@ def run(m, k, fn, check=True):
     async def driver():
         box["value"] = await fn(m, k)
 
-    runner._trio_run(m, driver)
+    m.run(driver)
     return box.get("value")
 
 
@@ -84,24 +86,7 @@ def run_race(**kw):
     return m
 
 
-async def together(m, **fns):
-    """Run each ``fns[name]()`` as its own actor named ``name``; wait for all of them."""
-    sched = m.sched
-    me = sched.current
-    left = [len(fns)]
-
-    def body(fn):
-        async def actor():
-            await fn()
-            left[0] -= 1
-            if not left[0]:
-                sched.wake(me)
-        return actor
-
-    for i, (name, fn) in enumerate(fns.items()):
-        sched.spawn(sched.nursery, name, body(fn), cpu=i % len(m.cpus))
-    await sched.block("together")
-
+together = testing.together
 
 # ----------------------------------------------------------------- determinism
 def test_same_seed_same_trace_digest(tmp_path):
