@@ -9,6 +9,8 @@ host (wall clock, trio's run queue) reaches a trace.
 
 from __future__ import annotations
 
+import pathlib
+
 from kmm import testing
 
 import hashlib
@@ -19,38 +21,14 @@ import pytest
 from kmm.machine import Machine, MachineConfig
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace, read_trace
-from kmm.testing import check_invariants
 from kmm.tools import runner
 from kmm.workload import Kernel
 
 MiB = 1 << 20
 
-PROGRAM = '''
-MiB = 1 << 20
-
-
-async def main(k):
-    p = await k.process("main")
-    a = await p.mmap(4 * MiB)
-    await p.madvise(a, 4 * MiB, "hugepage")
-    await k.parallel(
-        lambda cpu: p.on(cpu).touch(a, 2 * MiB, value=1, stride=64 * 1024),
-        lambda cpu: p.on(cpu).touch(a + 4096, 2 * MiB - 4096, value=2, stride=64 * 1024),
-    )
-    return {"lost": len(await p.verify())}
-'''
-
-
-async def race(k):
-    """The program above, as a function (so a test can keep the machine)."""
-    p = await k.process("main")
-    a = await p.mmap(4 * MiB)
-    await p.madvise(a, 4 * MiB, "hugepage")
-    await k.parallel(
-        lambda cpu: p.on(cpu).touch(a, 2 * MiB, value=1, stride=64 * 1024),
-        lambda cpu: p.on(cpu).touch(a + 4096, 2 * MiB - 4096, value=2, stride=64 * 1024),
-    )
-    assert await p.verify() == []
+# the two-CPU race users run: both CPUs write-fault the same PMD
+TWO_CPU_FAULT = pathlib.Path(__file__).resolve().parents[2] / "workloads" / "two_cpu_fault.py"
+race = runner.load_program(str(TWO_CPU_FAULT)).main
 
 
 def machine(*, mode="free", seed=1, replay=None, sink=None, cpus=2):
@@ -59,13 +37,7 @@ def machine(*, mode="free", seed=1, replay=None, sink=None, cpus=2):
     return m, Kernel(m)
 
 
-def quiet_check(m, k):
-    """check_invariants after an operation, unless another actor is inside one (holds
-    a lock): the invariants hold between operations, not halfway through another
-    CPU's fault (tests/mm/test_fault_concurrency.py explains)."""
-    cur = m.sched.current
-    if not any(a.held for a in m.sched.actors if a is not cur):
-        check_invariants(m, k)
+quiet_check = testing.check_between_ops
 
 
 def run(m, k, fn, check=True):
@@ -82,7 +54,7 @@ def run(m, k, fn, check=True):
 
 def run_race(**kw):
     m, k = machine(**kw)
-    run(m, k, lambda m, k: race(k))
+    assert run(m, k, lambda m, k: race(k)) == {"lost_bytes": 0}
     return m
 
 
@@ -91,14 +63,12 @@ together = testing.together
 # ----------------------------------------------------------------- determinism
 def test_same_seed_same_trace_digest(tmp_path):
     """Same program, same seed, random mode: the trace (and so its digest) is identical."""
-    prog = tmp_path / "race.py"
-    prog.write_text(PROGRAM)
-    reps = [runner.run_program(str(prog), cpus=2, seed=7, mode="random",
+    reps = [runner.run_program(str(TWO_CPU_FAULT), cpus=2, seed=7, mode="random",
                                check=quiet_check) for _ in range(2)]
     a, b = (r["run"] for r in reps)
     assert a["trace_sha256"] == b["trace_sha256"]
     assert a["events"] == b["events"] > 0 and a["emulated_ns"] == b["emulated_ns"]
-    assert reps[0]["result"] == reps[1]["result"] == {"lost": 0}
+    assert reps[0]["result"] == reps[1]["result"] == {"lost_bytes": 0}
     assert reps[0]["vmstat"] == reps[1]["vmstat"]
 
 
@@ -262,8 +232,7 @@ def test_sleepers_wake_in_time_then_seq_order(mode):
 def test_trace_files_are_byte_identical_for_the_same_seed(tmp_path):
     """trace_file: canonical JSON lines (sorted keys; seq, t, actor, event and the
     event's fields), nothing from the host, so the same seed writes the same bytes."""
-    prog = tmp_path / "race.py"
-    prog.write_text(PROGRAM)
+    prog = TWO_CPU_FAULT
     paths = []
     for i, seed in enumerate((5, 5, 6)):
         path = tmp_path / f"t{i}.jsonl"
