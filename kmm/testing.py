@@ -217,18 +217,5 @@ def run_machine(fn, *, memory: int = 1 << 30, cpus: int = 1, seed: int = 1,
 async def together(m, **fns) -> None:
     """Run each ``fns[name]()`` as its own actor named ``name`` on CPU i (mod the CPU
     count) and wait for all of them: a forced concurrency for tests."""
-    sched = m.sched
-    me = sched.current
-    left = [len(fns)]
-
-    def body(fn):
-        async def actor() -> None:
-            await fn()
-            left[0] -= 1
-            if not left[0]:
-                sched.wake(me)
-        return actor
-
-    for i, (name, fn) in enumerate(fns.items()):
-        sched.spawn(sched.nursery, name, body(fn), cpu=i % len(m.cpus))
-    await sched.block("together")
+    await m.sched.spawn_and_join([(name, fn, i % len(m.cpus))
+                                  for i, (name, fn) in enumerate(fns.items())])

@@ -52,27 +52,19 @@ class Kernel:
         """Run fns[i](cpu) on CPU i (mod the CPU count), each as its own actor; wait
         for all. Returns their results (an exception is returned, not raised)."""
         sched = self.machine.sched
-        results: list = [None] * len(fns)
-        me = sched.current
-        waiting = {"n": len(fns)}
 
-        def body(i, fn):
-            async def run() -> None:
+        def thread(i, fn):
+            async def run():
                 try:
-                    results[i] = await fn(i % self.cpus)
+                    return await fn(i % self.cpus)
                 except (fault.Segv, fault.OutOfMemory) as e:
-                    results[i] = e
-                waiting["n"] -= 1
-                if waiting["n"] == 0:
-                    sched.wake(me)
+                    return e
             return run
 
-        for i, fn in enumerate(fns):
-            sched.spawn(sched.nursery, f"cpu{i % self.cpus}.{len(sched.actors)}",
-                        body(i, fn), cpu=i % self.cpus)
-        if waiting["n"]:
-            await sched.block("parallel")
-        return results
+        first = len(sched.actors)
+        return await sched.spawn_and_join(
+            [(f"cpu{i % self.cpus}.{first + i}", thread(i, fn), i % self.cpus)
+             for i, fn in enumerate(fns)])
 
     def _done(self) -> None:
         if self.after_op is not None:

@@ -317,6 +317,28 @@ class Scheduler:
         nursery.start_soon(self._actor_main, actor, fn, args, name=name)
         return actor
 
+    async def spawn_and_join(self, actors: list[tuple[str, Callable[[], Awaitable[Any]],
+                                                      int | None]]) -> list:
+        """Run each (name, fn, cpu) as its own actor and wait until all have returned;
+        their return values, in order. The caller blocks meanwhile (a deterministic join)."""
+        me = self.current
+        results: list = [None] * len(actors)
+        left = [len(actors)]
+
+        def body(i, fn):
+            async def run() -> None:
+                results[i] = await fn()
+                left[0] -= 1
+                if not left[0]:
+                    self.wake(me)
+            return run
+
+        for i, (name, fn, cpu) in enumerate(actors):
+            self.spawn(self.nursery, name, body(i, fn), cpu=cpu)
+        if left[0]:
+            await self.block("join")
+        return results
+
     async def _actor_main(self, actor: Actor, fn, args) -> None:
         actor.task = trio.lowlevel.current_task()
         if not actor.go:
