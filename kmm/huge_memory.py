@@ -26,7 +26,8 @@ from kmm.pgtable import (
     pmd_dirty, pmd_mkdirty, pmd_mkold, pmd_mkwrite, pmd_mkyoung, pmd_modify, pmd_none,
     pmd_pfn, pmd_present, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
     pmd_young, pte_mkdirty, pte_mkold, pte_mkspecial, pte_mkwrite, swp_offset,
-    SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ_EXCLUSIVE, swp_type,
+    SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, SWP_MIGRATION_READ_EXCLUSIVE, swp_entry,
+    swp_type,
     _PAGE_SPECIAL,
 )
 
@@ -346,10 +347,8 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
     if is_swap_pmd(pmd):
         if is_pmd_migration_entry(pmd):
             if is_writable_migration_entry(pmd):
-                off = swp_offset(pmd)
                 # make_readable_migration_entry: both sides must fault to write
-                from kmm.pgtable import swp_entry, SWP_MIGRATION_READ
-                pmd = swp_entry(SWP_MIGRATION_READ, off)
+                pmd = swp_entry(SWP_MIGRATION_READ, swp_offset(pmd))
                 await m.entry_set("pmd", src_pmd, idx, pmd)
             dst_mm.rss_anon += HPAGE_PMD_NR
             dst_mm.nr_ptes += 1
