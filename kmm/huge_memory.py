@@ -14,7 +14,7 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
-from kmm import page_alloc, pgtable_generic as pgg, rmap
+from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, PG_partially_mapped, VM_HUGEPAGE, VM_NOHUGEPAGE,
     VM_WRITE,
@@ -179,6 +179,7 @@ async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: in
     if vma.flags & VM_WRITE:
         entry = pmd_mkwrite(entry)
     await rmap.folio_add_new_anon_rmap(m, folio, vma, haddr, pmd=True)
+    await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
     await m.entry_set("pmd", pmd_tbl, idx, entry)
     vma.mm.rss_anon += HPAGE_PMD_NR
     m.vmstat.count_vm_event("thp_fault_alloc")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import page_alloc
+from kmm import page_alloc, swap, swapfile
 from kmm.locking import FolioLock, Locks
-from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
+from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
 from kmm.pgtable import PAGE_SHIFT, PAGE_SIZE
 from kmm.runtime.sched import Scheduler
@@ -93,6 +93,11 @@ class Machine:
         self._next_mm = 1
         self._next_anon_vma = 1
         self.khugepaged_mm_slots: list[MmStruct] = []
+        self.lruvec = swap.Lruvec(self.locks)
+        self.swap_info = swapfile.swapon(self, config.swap)
+        # registered shrinkers (shrinker_register): objects with count_objects(m) and
+        # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
+        self.shrinkers: list = []
 
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an
@@ -183,9 +188,15 @@ class Machine:
             await self.free_folio(folio)
 
     async def free_folio(self, folio: Page) -> None:
-        """__folio_put: unqueue from the deferred split list, then back to the buddy."""
+        """__folio_put: off the LRU, unqueue from the deferred split list, then back to
+        the buddy."""
         if folio.pfn == self.huge_zero_pfn:
             self.bug("freeing the huge zero folio")
+        if folio.flags & PG_lru:  # page_cache_release / __page_cache_release
+            lk = self.lruvec.lru_lock
+            await lk.lock("__page_cache_release")
+            swap.lruvec_del_folio(self, folio)
+            await lk.unlock()
         if folio.on_deferred_list:
             await self.split_queue_lock.lock("__folio_unqueue_deferred_split")
             self.deferred_split_queue.pop(folio.pfn, None)

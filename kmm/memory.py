@@ -15,7 +15,7 @@ per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE table
 
 from __future__ import annotations
 
-from kmm import huge_memory, page_alloc, rmap, swap, tlb
+from kmm import huge_memory, migrate, page_alloc, rmap, swap, tlb
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_SHARED, VM_WRITE, MmStruct, VmArea
 from kmm.pgtable import (
@@ -23,7 +23,7 @@ from kmm.pgtable import (
     pmd_none, pmd_present, pmd_trans_huge, pte_dirty, pte_index, pte_mkdirty,
     pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none, pte_pfn, pte_present, pte_special,
     pte_write, pud_index, pgd_index, table_pfn, is_pmd_migration_entry, is_swap_pmd,
-    pmd_write, pte_mkold, pte_wrprotect,
+    pmd_write, pte_mkold, pte_wrprotect, is_migration_entry,
 )
 
 VM_FAULT_OOM = 0x1
@@ -187,7 +187,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
     if pte_none(orig):
         return await do_anonymous_page(m, vmf)
     if not pte_present(orig):
-        return await swap.do_swap_page(m, vmf)
+        return await do_swap_page(m, vmf)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
     if res is None:
         return 0
@@ -253,6 +253,7 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         return 0
     mm.rss_anon += 1
     await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+    await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
     await m.entry_set("pte", tbl, idx, entry)
     await ptl.unlock()
     return 0
@@ -345,6 +346,7 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
             await m.entry_get_and_clear("pte", tbl, vmf.pte_idx)
             await tlb.flush_tlb_page(m, mm, vmf.address)
             await rmap.folio_add_new_anon_rmap(m, new_folio, vma, vmf.address, pmd=False)
+            await swap.folio_add_lru(m, new_folio)  # folio_add_lru_vma
             await m.entry_set("pte", tbl, vmf.pte_idx, entry)
             if old_folio is not None:
                 await rmap.folio_remove_rmap_ptes(m, old_folio, old_pfn, 1)
@@ -444,7 +446,7 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
                     await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
                     tlbg.folios.append((folio, 1))
             else:
-                await swap.zap_nonpresent_pte(m, mm, ent)
+                await zap_nonpresent_ptes(m, mm, ent)
         a += PAGE_SIZE
     await ptl.unlock()
 
@@ -550,7 +552,7 @@ async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_
             if pte_present(ent):
                 ent = await copy_present_pte(m, dst_mm, src_vma, stbl, i, ent)
             else:
-                ent = await swap.copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent)
+                ent = await copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent)
             await m.entry_set("pte", dtbl, i, ent)
         a += PAGE_SIZE
     await sptl.unlock()
@@ -571,3 +573,32 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
         ent = pte_wrprotect(ent)
         await m.entry_set("pte", stbl, i, ent)
     return pte_mkold(ent)  # __copy_present_ptes: the child's copy starts old
+
+
+# ---------------------------------------------------- non-present PTEs
+async def do_swap_page(m, vmf: Vmf) -> int:
+    """do_swap_page: a migration entry waits for the split or move to finish (then the
+    CPU refaults); a swap entry is read back in."""
+    entry = vmf.orig_pte
+    if is_migration_entry(entry):
+        await migrate.migration_entry_wait(m, vmf)
+        return 0
+    m.bug(f"do_swap_page: swap entry {entry:#x} without a swap device")
+    return 0
+
+
+async def zap_nonpresent_ptes(m, mm: MmStruct, entry: int) -> None:
+    """zap_nonpresent_ptes: a migration entry is simply dropped (it holds no reference
+    of its own; the rmap walk that made it keeps the page)."""
+    if is_migration_entry(entry):
+        mm.rss_anon -= 1
+        return
+    m.bug(f"zap of swap entry {entry:#x} without a swap device")
+
+
+async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int) -> int:
+    """copy_nonpresent_pte: the child gets the same migration entry."""
+    if not is_migration_entry(entry):
+        m.bug(f"fork of swap entry {entry:#x} without a swap device")
+    dst_mm.rss_anon += 1
+    return entry

@@ -20,6 +20,10 @@ PG_reserved = 1 << 6
 PG_partially_mapped = 1 << 7
 PG_uptodate = 1 << 8
 PG_active = 1 << 9
+PG_swapcache = 1 << 10
+PG_writeback = 1 << 11
+PG_isolated = 1 << 12   # off the LRU in a private list (folio_isolate_lru)
+PG_unevictable = 1 << 13
 
 # page types (page_type): what a frame not mapped by users is for
 PGTY_none = ""
@@ -45,7 +49,7 @@ class Page:
     __slots__ = (
         "pfn", "flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
         "large_mapcount", "nr_pages_mapped", "anon_vma", "index", "lock", "ptl",
-        "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level",
+        "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
     )
 
     def __init__(self, pfn: int) -> None:
@@ -67,6 +71,7 @@ class Page:
         self.on_deferred_list = False
         self.mm = None             # page-table pages: the owning mm (pt_mm)
         self.pt_level = ""         # page-table pages: pgd, pud, pmd or pte
+        self.swap = 0              # folio->swap: first swap entry of a swap-cache folio
 
     @property
     def nr_pages(self) -> int:
@@ -126,7 +131,7 @@ class MmStruct:
     __slots__ = (
         "id", "owner", "pgd", "vmas", "mmap_lock", "page_table_lock", "rss_anon",
         "nr_ptes", "pgtables_bytes", "flags", "users", "cpumask", "huge_zero_ref",
-        "khugepaged_slot",
+        "khugepaged_slot", "swapents",
     )
 
     def __init__(self, id: int, owner: str, pgd: int, mmap_lock, page_table_lock) -> None:
@@ -137,6 +142,7 @@ class MmStruct:
         self.mmap_lock = mmap_lock
         self.page_table_lock = page_table_lock
         self.rss_anon = 0               # MM_ANONPAGES
+        self.swapents = 0               # MM_SWAPENTS
         self.nr_ptes = 0                # PTE tables, deposited ones included
         self.pgtables_bytes = 0
         self.flags: set[str] = set()    # MMF_* names

@@ -1,46 +1,163 @@
-"""Faults on non-present PTEs: mm/memory.c do_swap_page and mm/migrate.c.
+"""The LRU lists: mm/swap.c (folio_add_lru, folio_mark_accessed, the deactivations)
+with include/linux/mm_inline.h (lruvec_add_folio, lruvec_del_folio).
 
-A PTE migration entry (left by a folio split or migration) makes the fault wait until
-the folio is unlocked (``migration_entry_wait``), then the CPU refaults. Swap entries
-proper, the swap device and swap-in belong to the reclaim issue.
+One lruvec (one node, no memcg) holds four lists in the kernel's names. A list is an
+insertion-ordered dict of head pfns: the first key is the list's tail (the oldest
+folio, which reclaim takes first), the last key its head. A large folio is one entry
+and counts its pages, as ``lruvec->nr_pages`` does. New anonymous folios start on the
+inactive list (workingset protection, since 5.9); ``PG_referenced``/``PG_active``
+follow mark_page_accessed's two-step promotion. MADV_FREE moves a clean anonymous
+folio to the inactive *file* list without PG_swapbacked (lazyfree), so reclaim can
+drop it without swap. The per-CPU folio batches are left out: every change reaches the
+lists at once, which the kernel's lru_add_drain gives too.
 """
 
 from __future__ import annotations
 
-from kmm.pgtable import is_migration_entry, migration_entry_pfn
+from kmm.mm_types import (
+    PG_active, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_unevictable, Page,
+)
+
+LRU_LISTS = ("inactive_anon", "active_anon", "inactive_file", "active_file")
 
 
-async def do_swap_page(m, vmf) -> int:
-    """do_swap_page: only migration entries exist until swap is modelled."""
-    entry = vmf.orig_pte
-    if is_migration_entry(entry):
-        await migration_entry_wait(m, vmf)
-        return 0
-    m.bug(f"do_swap_page: swap entry {entry:#x} without a swap device")
-    return 0
+class Lruvec:
+    """struct lruvec: the four LRU lists and their page counts (NR_LRU_BASE + lru)."""
+
+    __slots__ = ("lists", "nr_pages", "lru_lock")
+
+    def __init__(self, locks) -> None:
+        self.lists: dict[str, dict[int, None]] = {name: {} for name in LRU_LISTS}
+        self.nr_pages: dict[str, int] = dict.fromkeys(LRU_LISTS, 0)
+        self.lru_lock = locks.spinlock("lru_lock", "lruvec.lru_lock")
 
 
-async def migration_entry_wait(m, vmf) -> None:
-    """migration_entry_wait: recheck the PTE under its lock, then sleep on the folio."""
-    from kmm import huge_memory
-    ptl = m.table_lock(vmf.pte_tbl)
-    await ptl.lock("migration_entry_wait")
-    cur = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
-    await ptl.unlock()
-    if cur == vmf.orig_pte:
-        folio = m.physmem.folio(migration_entry_pfn(cur))
-        await huge_memory.migration_entry_wait_on_locked(m, folio)
+def folio_lru_list(folio: Page) -> str:
+    """folio_lru_list: which list the folio's flags put it on."""
+    kind = "anon" if folio.flags & PG_swapbacked else "file"
+    return ("active_" if folio.flags & PG_active else "inactive_") + kind
 
 
-async def zap_nonpresent_pte(m, mm, entry: int) -> None:
-    """zap_nonpresent_ptes: a migration entry is simply dropped (it holds no reference)."""
-    if not is_migration_entry(entry):
-        m.bug(f"zap of swap entry {entry:#x} without a swap device")
+def lruvec_add_folio(m, folio: Page, tail: bool = False) -> None:
+    lv = m.lruvec
+    name = folio_lru_list(folio)
+    lst = lv.lists[name]
+    if tail:  # lruvec_add_folio_tail: rebuild with the folio first (rare: rotations)
+        items = list(lst)
+        lst.clear()
+        lst[folio.pfn] = None
+        lst.update(dict.fromkeys(items))
+    else:
+        lst[folio.pfn] = None
+    lv.nr_pages[name] += folio.nr_pages
+    folio.flags |= PG_lru
 
 
-async def copy_nonpresent_pte(m, dst_mm, src_mm, entry: int) -> int:
-    """copy_nonpresent_pte: the child gets the same migration entry."""
-    if not is_migration_entry(entry):
-        m.bug(f"fork of swap entry {entry:#x} without a swap device")
-    dst_mm.rss_anon += 1
-    return entry
+def lruvec_del_folio(m, folio: Page) -> None:
+    lv = m.lruvec
+    name = folio_lru_list(folio)
+    if lv.lists[name].pop(folio.pfn, 0) == 0:
+        m.bug(f"lruvec_del_folio: {folio!r} not on {name}")
+    lv.nr_pages[name] -= folio.nr_pages
+    folio.flags &= ~PG_lru
+
+
+async def folio_add_lru(m, folio: Page) -> None:
+    """folio_add_lru / folio_add_lru_vma: a new anonymous folio joins the inactive list
+    (PG_swapbacked: it can only be reclaimed through swap)."""
+    if folio.flags & PG_lru:
+        m.bug(f"folio_add_lru: {folio!r} already on an LRU")
+    folio.flags |= PG_swapbacked
+    lk = m.lruvec.lru_lock
+    await lk.lock("folio_add_lru")
+    lruvec_add_folio(m, folio)
+    await lk.unlock()
+
+
+async def folio_isolate_lru(m, folio: Page) -> bool:
+    """folio_isolate_lru: take the folio off its list with a reference of its own (for
+    migration or reclaim). False if another path isolated it first."""
+    lk = m.lruvec.lru_lock
+    await lk.lock("folio_isolate_lru")
+    ok = bool(folio.flags & PG_lru)
+    if ok:
+        lruvec_del_folio(m, folio)
+        folio.flags |= PG_isolated
+        folio.refcount += 1  # folio_get, under the lru lock like the kernel's
+    await lk.unlock()
+    return ok
+
+
+async def folio_putback_lru(m, folio: Page) -> None:
+    """folio_putback_lru: back on the list its flags name, dropping the isolation ref."""
+    lk = m.lruvec.lru_lock
+    await lk.lock("folio_putback_lru")
+    folio.flags &= ~PG_isolated
+    lruvec_add_folio(m, folio)
+    await lk.unlock()
+    await m.folio_put(folio)
+
+
+def folio_mark_accessed(m, folio: Page) -> None:
+    """folio_mark_accessed: inactive,unreferenced -> inactive,referenced -> active."""
+    if folio.flags & PG_unevictable:
+        return
+    if not folio.flags & PG_referenced:
+        folio.flags |= PG_referenced
+    elif not folio.flags & PG_active:
+        folio_activate_locked(m, folio)
+        folio.flags &= ~PG_referenced
+
+
+def folio_activate_locked(m, folio: Page) -> None:
+    """folio_activate (lru_activate): move an inactive folio to the active list."""
+    if folio.flags & PG_lru and not folio.flags & PG_active:
+        lruvec_del_folio(m, folio)
+        folio.flags |= PG_active
+        lruvec_add_folio(m, folio)
+    elif not folio.flags & PG_lru:
+        folio.flags |= PG_active
+
+
+async def folio_deactivate(m, folio: Page) -> None:
+    """folio_deactivate (lru_deactivate, MADV_COLD): to the inactive list's head,
+    forgetting the reference, so it goes before anything still referenced."""
+    lk = m.lruvec.lru_lock
+    await lk.lock("folio_deactivate")
+    if folio.flags & PG_lru and folio.flags & (PG_active | PG_referenced):
+        lruvec_del_folio(m, folio)
+        folio.flags &= ~(PG_active | PG_referenced)
+        lruvec_add_folio(m, folio)
+    await lk.unlock()
+
+
+async def folio_mark_lazyfree(m, folio: Page) -> None:
+    """folio_mark_lazyfree (lru_lazyfree, MADV_FREE): a clean swap-backed folio moves to
+    the inactive file list without PG_swapbacked, so reclaim may just drop it."""
+    lk = m.lruvec.lru_lock
+    await lk.lock("folio_mark_lazyfree")
+    if folio.flags & PG_lru and folio.flags & PG_swapbacked:
+        lruvec_del_folio(m, folio)
+        folio.flags &= ~(PG_active | PG_referenced | PG_swapbacked)
+        lruvec_add_folio(m, folio)
+    await lk.unlock()
+
+
+def lru_check(m) -> list[str]:
+    """Invariant: each list holds live large-or-small folio heads flagged PG_lru, on the
+    list their flags name, and the page counts add up."""
+    errs = []
+    pm = m.physmem
+    for name, lst in m.lruvec.lists.items():
+        n = 0
+        for pfn in lst:
+            f = pm.pages.get(pfn)
+            if f is None or f.head != pfn or not f.flags & PG_lru or f.refcount <= 0:
+                errs.append(f"LRU {name} holds {pfn:#x}, not a live folio on an LRU: {f!r}")
+                continue
+            if folio_lru_list(f) != name:
+                errs.append(f"LRU {name} holds {pfn:#x} whose flags name {folio_lru_list(f)}")
+            n += f.nr_pages
+        if n != m.lruvec.nr_pages[name]:
+            errs.append(f"LRU {name}: nr_pages {m.lruvec.nr_pages[name]} != {n}")
+    return errs

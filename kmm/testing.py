@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kmm import pagewalk
+from kmm import pagewalk, swap
+from kmm.mm_types import PG_lru
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
     migration_entry_pfn, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
@@ -140,6 +141,10 @@ def invariant_errors(m, k=None) -> list[str]:
         if f is None or not f.on_deferred_list or not f.order or zone.is_free(pfn):
             errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
     errs.extend(zone.check())
+    errs.extend(swap.lru_check(m))
+    for head in folios:
+        if not pm.pages[head].flags & PG_lru:
+            errs.append(f"folio {head:#x}: mapped but on no LRU list")
     if k is not None:
         errs.extend(_data_errors(m, k))
     return errs

@@ -48,6 +48,7 @@ import re
 import select
 import signal
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -139,33 +140,63 @@ def _pmd_mthp_knob() -> str:
 
 
 class HostKnobs:
-    """Saves every knob the oracle may touch and restores them all, once.
+    """Saves every knob the oracle may touch and restores them all, once; and releases
+    the host resources a run set up for itself (a zram swap device, a debugfs mount, a
+    memory cgroup), each noted with ``hold`` as soon as it exists.
 
-    The saved values are also written to SAVED_PATH before anything changes, so that if a
-    run is killed outright the next run (holding the same lock) restores them first.
+    The saved values and the held resources are written to SAVED_PATH before anything
+    changes, so that if a run is killed outright the next run (holding the same lock), or
+    ``--restore``, releases and restores them first.
     """
 
     def __init__(self) -> None:
         self.names = list(sysfs.KNOBS) + _mthp_knobs()
         self.saved: dict[str, str] = {}
+        self.held: dict[str, object] = {}  # "memcg": path, "zram": device id, "debugfs": path
+
+    def load(self) -> None:
+        with open(SAVED_PATH) as f:
+            state = json.load(f)
+        if "knobs" in state:
+            self.saved, self.held = state["knobs"], state.get("held", {})
+        else:  # the file of a run from before resources were held: knobs only
+            self.saved, self.held = state, {}
+
+    def _persist(self) -> None:
+        tmp = SAVED_PATH + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"knobs": self.saved, "held": self.held}, f)
+        os.replace(tmp, SAVED_PATH)
 
     def save(self) -> None:
         if os.path.exists(SAVED_PATH):
             # A previous run died before restoring: its saved values are the real ones.
-            with open(SAVED_PATH) as f:
-                self.saved = json.load(f)
+            self.load()
             self.restore(keep_file=True)
         self.saved = {n: read_knob(n) for n in self.names}
-        tmp = SAVED_PATH + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.saved, f)
-        os.replace(tmp, SAVED_PATH)
+        self.held = {}
+        self._persist()
+
+    def hold(self, kind: str, what: object) -> None:
+        """Note a resource the run now holds (before anything else can fail)."""
+        self.held[kind] = what
+        self._persist()
 
     def restore(self, keep_file: bool = False) -> None:
+        errors = []
+        # The memory cgroup first (its tasks are gone), then swap (nothing left uses it),
+        # debugfs last.
+        for kind, release in (("memcg", _memcg_release), ("zram", _zram_release),
+                              ("debugfs", _debugfs_release)):
+            if kind in self.held:
+                try:
+                    release(self.held[kind])
+                    del self.held[kind]
+                except (OSError, OracleError) as e:
+                    errors.append(f"{kind} {self.held[kind]}: {e}")
         # enabled first (stops khugepaged scanning the run's leftovers under a mode it no
         # longer has), scan_sleep_millisecs last (its write wakes khugepaged).
         order = sorted(self.saved, key=lambda n: (n != "enabled", n == "khugepaged/scan_sleep_millisecs"))
-        errors = []
         for name in order:
             try:
                 if read_knob(name) != self.saved[name]:
@@ -173,10 +204,165 @@ class HostKnobs:
             except (OSError, OracleError) as e:
                 errors.append(f"{name}: {e}")
         if errors:
-            raise OracleError("could not restore THP knobs: " + "; ".join(errors))
+            if os.path.exists(SAVED_PATH):
+                self._persist()  # what is still held, for the next attempt
+            raise OracleError("could not restore the host: " + "; ".join(errors))
         if not keep_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SAVED_PATH)
+
+
+# --------------------------------------------------------------------------- host resources
+#
+# Set up only for scenarios that need them and released on every exit path (HostKnobs).
+
+ZRAM_CONTROL = "/sys/class/zram-control"
+ZSWAP_ENABLED = "/sys/module/zswap/parameters/enabled"
+DEBUGFS = "/sys/kernel/debug"
+SPLIT_HUGE_PAGES = DEBUGFS + "/split_huge_pages"
+MEMCG_ROOT = "/sys/fs/cgroup/memory"
+MEMCG_PATH = MEMCG_ROOT + "/kmm-oracle"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _command(*argv: str) -> None:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        out = " ".join((r.stderr or r.stdout).split())
+        raise OracleError(f"{' '.join(argv)} failed (exit {r.returncode}): {out}")
+
+
+def active_swaps() -> list[str]:
+    """The swap areas in use (the first column of /proc/swaps)."""
+    with open("/proc/swaps") as f:
+        return [line.split()[0] for line in f.read().splitlines()[1:] if line.strip()]
+
+
+def zswap_enabled() -> bool:
+    try:
+        return _read(ZSWAP_ENABLED) in ("Y", "y", "1")
+    except FileNotFoundError:
+        return False  # no zswap in this kernel
+
+
+def _zram_swap_on(size: int, knobs: HostKnobs) -> str:
+    """A fresh zram device of ``size`` bytes as the only swap; returns its path.
+
+    zram is synchronous and non-rotational: a whole THP goes out in one piece
+    (thp_swpout) when a free 2 MiB swap cluster exists, and swap-in bypasses the swap
+    cache. zswap must be off, or pages would stop in its pool and never reach the device.
+    """
+    swaps = active_swaps()
+    if swaps:
+        raise OracleError(f"swap is already active ({', '.join(swaps)}): a scenario with "
+                          "[machine] swap needs its zram device to be the only swap; swapoff -a first")
+    if zswap_enabled():
+        raise OracleError(f"zswap is enabled ({ZSWAP_ENABLED}): swapped pages would stay in "
+                          "its pool; disable it for oracle runs")
+    if not os.path.isdir(ZRAM_CONTROL):
+        raise OracleError(f"{ZRAM_CONTROL} does not exist: load the zram module (modprobe zram)")
+    n = int(_read(ZRAM_CONTROL + "/hot_add"))
+    knobs.hold("zram", n)
+    dev = f"/dev/zram{n}"
+    _write(f"/sys/block/zram{n}/disksize", str(size))
+    _command("mkswap", dev)
+    _command("swapon", dev)
+    if active_swaps() != [dev]:
+        raise OracleError(f"after swapon {dev}, /proc/swaps lists {active_swaps()}")
+    return dev
+
+
+def _zram_release(n: object) -> None:
+    dev = f"/dev/zram{n}"
+    if dev in active_swaps():
+        _command("swapoff", dev)
+    if os.path.exists(f"/sys/block/zram{n}"):
+        _write(f"/sys/block/zram{n}/reset", "1")
+        _write(ZRAM_CONTROL + "/hot_remove", str(n))
+
+
+def _debugfs_mounted() -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1:3] == [DEBUGFS, "debugfs"] for line in f)
+
+
+def _debugfs_mount(knobs: HostKnobs) -> None:
+    """Mount debugfs for the run if it is not mounted (and note it, to unmount after)."""
+    if _debugfs_mounted():
+        return
+    knobs.hold("debugfs", DEBUGFS)
+    _command("mount", "-t", "debugfs", "debugfs", DEBUGFS)
+    if not os.path.exists(SPLIT_HUGE_PAGES):
+        raise OracleError(f"{SPLIT_HUGE_PAGES} does not exist (a kernel without "
+                          "CONFIG_TRANSPARENT_HUGEPAGE debugfs)")
+
+
+def _debugfs_release(path: object) -> None:
+    if _debugfs_mounted():
+        _command("umount", str(path))
+
+
+def _memcg_create(knobs: HostKnobs) -> str:
+    """A fresh cgroup-v1 memory cgroup for the scenario's processes."""
+    if not os.path.exists(MEMCG_ROOT + "/memory.limit_in_bytes"):
+        raise OracleError(f"{MEMCG_ROOT} is not a cgroup-v1 memory controller: "
+                          "a reclaim step needs one")
+    if os.path.isdir(MEMCG_PATH):
+        _memcg_release(MEMCG_PATH)  # left over from a run that died before noting it
+    knobs.hold("memcg", MEMCG_PATH)
+    os.mkdir(MEMCG_PATH)
+    return MEMCG_PATH
+
+
+def _memcg_release(path: object) -> None:
+    path = str(path)
+    if not os.path.isdir(path):
+        return
+    # Tasks still inside (a killed run's workers on their way out) go to the root group.
+    for _ in range(100):
+        pids = _read(path + "/cgroup.procs").split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                _write(MEMCG_ROOT + "/cgroup.procs", pid)
+        try:
+            os.rmdir(path)
+            return
+        except OSError as e:
+            if e.errno != errno_mod.EBUSY:
+                raise
+        time.sleep(0.02)
+    os.rmdir(path)
+
+
+def split_huge_pages(pid: int, start: int, end: int) -> tuple[int, int]:
+    """The ``split`` step: debugfs split_huge_pages_pid splits every THP mapped in
+    [start, end) of the process. Returns (status, errno) like a worker reply."""
+    try:
+        fd = os.open(SPLIT_HUGE_PAGES, os.O_WRONLY)
+    except OSError as e:
+        raise OracleError(f"cannot open {SPLIT_HUGE_PAGES}: {e.strerror}") from None
+    try:
+        os.write(fd, f"{pid},0x{start:x},0x{end:x}".encode())
+    except OSError as e:
+        return -1, e.errno or 0
+    finally:
+        os.close(fd)
+    return 0, 0
+
+
+def memcg_reclaim(path: str) -> None:
+    """The ``reclaim`` step (see the findings' semantics)."""
+    with contextlib.suppress(OSError):
+        _write(path + "/memory.force_empty", "0")
 
 
 # --------------------------------------------------------------------------- khugepaged
@@ -411,29 +597,49 @@ def read_thp_vmstat() -> dict[str, int]:
 _VMA_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
-def read_smaps(pid: int) -> list[tuple[int, int, int, int]]:
-    """(start, end, Rss kB, AnonHugePages kB) for each VMA of the process."""
+def read_smaps(pid: int) -> list[tuple[int, int, int, int, int]]:
+    """(start, end, Rss kB, AnonHugePages kB, Swap kB) for each VMA of the process."""
     vmas: list[list[int]] = []
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             m = _VMA_RE.match(line)
             if m:
-                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0])
+                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0])
             elif line.startswith("Rss:"):
                 vmas[-1][2] = int(line.split()[1])
             elif line.startswith("AnonHugePages:"):
                 vmas[-1][3] = int(line.split()[1])
+            elif line.startswith("Swap:"):
+                vmas[-1][4] = int(line.split()[1])
     return [tuple(v) for v in vmas]  # type: ignore[misc]
 
 
-def region_figures(vmas, addr: int, size: int) -> dict[str, int]:
+def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[str, int]:
+    """smaps sums over the region's VMAs; ``swap_kb`` only for a run with swap."""
     end = addr + round_up(size, PAGE_SIZE)
-    rss = huge = 0
-    for start, stop, r, h in vmas:
+    rss = huge = swapped = 0
+    for start, stop, r, h, sw in vmas:
         if start >= addr and stop <= end:
             rss += r
             huge += h
-    return {"rss_kb": rss, "anon_huge_kb": huge}
+            swapped += sw
+    figures = {"rss_kb": rss, "anon_huge_kb": huge}
+    if swap:
+        figures["swap_kb"] = swapped
+    return figures
+
+
+SWAP_EVENTS = ("pswpin", "pswpout")  # the report's "events" in a run with swap
+
+
+def read_vmstat(names) -> dict[str, int]:
+    values: dict[str, int] = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, value = line.split()
+            if name in names:
+                values[name] = int(value)
+    return values
 
 
 # --------------------------------------------------------------------------- the run
@@ -546,17 +752,24 @@ def _errno_result(op: str, err: int) -> dict:
 
 
 class _Run:
-    def __init__(self, scenario: Scenario, workers: Workers, khugepaged: Khugepaged) -> None:
+    def __init__(self, scenario: Scenario, workers: Workers, khugepaged: Khugepaged,
+                 memcg: str | None = None) -> None:
         self.scenario = scenario
         self.workers = workers
         self.khugepaged = khugepaged
         self.slots = _plan_slots(scenario)
+        self.swap = scenario.machine.swap > 0
+        self.memcg = memcg
 
     def step(self, step: Step) -> dict:
         op = step.op
         w = self.workers.by_name.get(step.proc)
         if op == "khugepaged":
             self._khugepaged(step.full_scans or 1)
+            return {"op": op, "ok": True}
+        if op == "reclaim":
+            assert self.memcg is not None
+            memcg_reclaim(self.memcg)
             return {"op": op, "ok": True}
         if w is None or not w.alive:
             # Died of a signal earlier (or its parent did before forking it).
@@ -603,6 +816,8 @@ class _Run:
             elif op == "check":
                 status, err, bad = call(w, OP_CHECK, a, b, step.stride, step.value)
                 return {"op": op, "ok": True, "mismatches": bad}
+            elif op == "split":
+                status, err = split_huge_pages(w.pid, a, b)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:
@@ -628,10 +843,10 @@ class _Run:
                 continue
             vmas = read_smaps(w.pid)
             for name, (addr, size) in w.regions.items():
-                out[f"{w.name}/{name}"] = region_figures(vmas, addr, size)
+                out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
             # Self-check: a worker must never fault huge pages of its own (its interpreter
             # heap under enabled=always), or the counters would not be the scenario's.
-            own = sum(h for start, stop, _, h in vmas if not any(
+            own = sum(h for start, stop, _, h, _ in vmas if not any(
                 start >= a and stop <= a + round_up(s, PAGE_SIZE) for a, s in w.regions.values()))
             if own:
                 raise OracleError(f"worker {w.name} has {own} kB of THPs outside its regions: "
@@ -660,8 +875,20 @@ def run_oracle(scenario: Scenario) -> dict:
             write_knob("enabled", "madvise")
             _drop_caches()
             decoy = _setup_decoy()
+            if scenario.machine.swap > 0:
+                _zram_swap_on(scenario.machine.swap, knobs)
+            if any(step.op == "split" for step in scenario.steps):
+                _debugfs_mount(knobs)
+            memcg = None
+            if any(step.op == "reclaim" for step in scenario.steps):
+                memcg = _memcg_create(knobs)
             workers = Workers(len(_plan_slots(scenario)))
             main = workers.spawn("main")
+            if memcg is not None:
+                # Before the first step, so every page of the scenario is charged here;
+                # forked workers inherit the group.
+                _write(memcg + "/memory.swappiness", "0")
+                _write(memcg + "/cgroup.procs", str(main.pid))
             for name, value in effective.items():
                 if name not in ("enabled", "khugepaged/scan_sleep_millisecs"):
                     write_knob(name, value)
@@ -669,19 +896,23 @@ def run_oracle(scenario: Scenario) -> dict:
             # This write wakes khugepaged for one round over the decoy; it then sleeps long.
             khugepaged.kick(deadline)
             write_knob("enabled", effective["enabled"])
-            run = _Run(scenario, workers, khugepaged)
+            run = _Run(scenario, workers, khugepaged, memcg)
             assert main is workers.by_name["main"]
             # The driver (this process) must not fault or collapse THPs of its own during
             # the run. Set after the workers were spawned: execve keeps the flag.
             with _thp_disabled_here():
                 before = read_thp_vmstat()
+                events0 = read_vmstat(SWAP_EVENTS)
                 results = [run.step(step) for step in scenario.steps]
                 after = read_thp_vmstat()
+                events1 = read_vmstat(SWAP_EVENTS)
             report = {
                 "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
                 "regions": run.regions(),
                 "steps": results,
             }
+            if run.swap:  # extension: swap traffic of a run with swap
+                report["events"] = {n: events1[n] - events0[n] for n in SWAP_EVENTS}
         finally:
             with _no_interrupts():
                 try:
@@ -705,11 +936,11 @@ def restore_saved_knobs() -> int:
             print("nothing to restore", file=sys.stderr)
             return 0
         knobs = HostKnobs()
-        with open(SAVED_PATH) as f:
-            knobs.saved = json.load(f)
+        knobs.load()
         with _no_interrupts():
             knobs.restore()
-    print("THP knobs restored", file=sys.stderr)
+    print("THP knobs restored and the run's swap, debugfs and memory cgroup released",
+          file=sys.stderr)
     return 0
 
 

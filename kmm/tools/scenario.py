@@ -57,6 +57,10 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     "fork": {"child": True},
     "exit": {},
     "khugepaged": {"full_scans": False},
+    # issue 3: split every THP mapped in a range (the kernel's debugfs split_huge_pages),
+    # and memory pressure on the scenario's processes (the shrinkers; see the oracle)
+    "split": {"region": True, "offset": False, "length": False},
+    "reclaim": {},
 }
 OPS = tuple(OP_KEYS)
 
