@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
-    PG_anon_exclusive, PG_dirty, PG_partially_mapped, VM_HUGEPAGE, VM_NOHUGEPAGE,
-    VM_WRITE,
+    PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
+    PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
+    VM_NOHUGEPAGE, VM_WRITE,
 )
 from kmm.pgtable import (
-    HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE,
-    is_pmd_migration_entry, is_swap_pmd, is_writable_migration_entry,
+    HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
+    pte_pfn, pte_present, pte_special, is_pmd_migration_entry, is_swap_pmd, is_writable_migration_entry,
     make_migration_entry, migration_entry_pfn, mk_table_entry, pfn_pmd, pfn_pte,
     pmd_dirty, pmd_mkdirty, pmd_mkold, pmd_mkwrite, pmd_mkyoung, pmd_modify, pmd_none,
     pmd_pfn, pmd_present, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
@@ -575,3 +576,270 @@ def mapped_addresses(m, mm, folio, lo: int, hi: int):
         if first <= pfn < last:
             yield addr
 
+
+
+# -------------------------------------------------------- folio split
+EAGAIN, EBUSY, EINVAL = 11, 16, 22
+
+
+def can_split_folio(m, folio, caller_pins: int) -> bool:
+    """can_split_folio: no one but the mappings, the swap cache and the caller holds a
+    reference (a GUP pin or a racing lookup would make the split fail with -EAGAIN)."""
+    extra = folio.nr_pages if folio.flags & PG_swapcache else 0
+    return rmap.folio_mapcount(folio) == folio.refcount - extra - caller_pins
+
+
+async def split_folio_to_list(m, folio, lst: list | None = None) -> int:
+    """split_folio_to_list: split_huge_page_to_list_to_order(folio, lst, 0)."""
+    return await split_huge_page_to_list_to_order(m, folio, lst, 0)
+
+
+async def split_huge_page_to_list_to_order(m, folio, lst: list | None,
+                                           new_order: int) -> int:
+    """split_huge_page_to_list_to_order (__folio_split, uniform, to order 0): the
+    large folio becomes independent order-0 folios; its mappings are frozen into
+    migration entries meanwhile, so no CPU sees a half-split folio. Returns 0, or
+    -EAGAIN (extra references: ``thp_split_page_failed``), -EBUSY, -EINVAL.
+
+    Unused pages are freed; with ``lst`` (reclaim) the new folios go on it, each with
+    a reference, instead of on the LRU. Context: caller holds the folio lock and a
+    reference; takes the anon_vma rwsem (write), split_queue_lock and the lru lock.
+    """
+    if new_order != 0 or new_order >= folio.order:
+        return -EINVAL
+    if m.is_huge_zero_pfn(folio.pfn):
+        return -EBUSY
+    if folio.flags & PG_writeback:
+        return -EBUSY
+    counted = folio.order == HPAGE_PMD_ORDER
+    anon_vma = folio.anon_vma
+    if anon_vma is None:
+        ret = -EBUSY
+    else:
+        rwsem = anon_vma.root.rwsem
+        await rwsem.down_write("__folio_split")
+        ret = await _folio_split_locked(m, folio, lst)
+        await rwsem.up_write()
+    if counted:
+        m.vmstat.count_vm_event("thp_split_page" if ret == 0 else "thp_split_page_failed")
+    await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=ret)
+    return ret
+
+
+async def _folio_split_locked(m, folio, lst: list | None) -> int:
+    """__folio_split after anon_vma_lock_write: unmap, freeze, split, remap, free."""
+    from kmm import migrate, swap
+    if not can_split_folio(m, folio, 1):
+        return -EAGAIN
+    await rmap.try_to_migrate(m, folio, split_pmd=folio.order >= HPAGE_PMD_ORDER)
+    extra = folio.nr_pages if folio.flags & PG_swapcache else 0
+    await m.split_queue_lock.lock("__folio_split")
+    frozen = folio.refcount == 1 + extra and not rmap.folio_mapped(folio)
+    if frozen:  # folio_ref_freeze
+        folio.refcount = 0
+        if folio.on_deferred_list:
+            m.deferred_split_queue.pop(folio.pfn, None)
+            folio.on_deferred_list = False
+        folio.flags &= ~PG_partially_mapped
+    await m.split_queue_lock.unlock()
+    if not frozen:
+        await migrate.remove_migration_ptes(m, folio, folio)
+        return -EAGAIN
+    head = folio.pfn
+    nr = folio.nr_pages
+    pm = m.physmem
+    lk = m.lruvec.lru_lock
+    await lk.lock("__folio_split")
+    on_lru = bool(folio.flags & PG_lru)
+    lru_order = None
+    if on_lru:
+        name = swap.folio_lru_list(folio)
+        lru_order = list(m.lruvec.lists[name])
+        swap.lruvec_del_folio(m, folio)
+    keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
+                          | PG_swapcache | PG_uptodate | PG_isolated)
+    new = []
+    for p in range(head, head + nr):  # __split_folio_to_order
+        page = pm.page(p)
+        page.head = p
+        page.order = 0
+        page.flags = keep  # PG_anon_exclusive lives in the migration entries
+        page.anon_vma = folio.anon_vma
+        page.index = folio.index + (p - head)
+        page.entire_mapcount = page.large_mapcount = page.nr_pages_mapped = 0
+        page.on_deferred_list = False
+        if keep & PG_swapcache:
+            page.swap = swp_entry(swp_type(folio.swap), swp_offset(folio.swap) + p - head)
+        page.refcount = 1 + (1 if keep & PG_swapcache else 0)
+        new.append(page)
+    if on_lru:  # lru_add_split_folio: the tails follow the head on its list
+        name = swap.folio_lru_list(new[0])
+        lst_ = m.lruvec.lists[name]
+        at = lru_order.index(head)
+        order = lru_order[:at + 1] + [p for p in range(head + 1, head + nr)] + lru_order[at + 1:]
+        lst_.clear()
+        lst_.update(dict.fromkeys(order))
+        for page in new:
+            page.flags |= PG_lru
+        m.lruvec.nr_pages[name] += nr
+    elif lst is not None:  # reclaim's isolated folio: the tails join its list
+        for page in new[1:]:
+            page.refcount += 1
+            lst.append(page)
+    else:  # isolated without a list: the tails go on the LRU by themselves
+        for page in new[1:]:
+            page.flags &= ~PG_isolated
+            swap.lruvec_add_folio(m, page)
+    await lk.unlock()
+    if keep & PG_swapcache:
+        from kmm import swap_state
+        await swap_state.split_swap_cache(m, new)
+    await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
+    await migrate.remove_migration_ptes(m, _Span(head, nr, folio.anon_vma, folio.index),
+                                        folio, use_zero_page=True)
+    for page in new[1:]:  # free_folio_and_swap_cache: unused tails go now
+        if page.flags & PG_swapcache and not page.mapcount:
+            from kmm import swap_state
+            await swap_state.free_swap_cache(m, page)
+        await m.folio_put(page)
+    return 0
+
+
+class _Span:
+    """What an rmap walk needs of a folio that no longer exists as one (remap_page
+    walks the range the large folio covered)."""
+
+    __slots__ = ("pfn", "nr_pages", "anon_vma", "index")
+
+    def __init__(self, pfn: int, nr: int, anon_vma, index: int) -> None:
+        self.pfn, self.nr_pages, self.anon_vma, self.index = pfn, nr, anon_vma, index
+
+
+# ------------------------------------------------- deferred split shrinker
+def thp_underused(m, folio) -> bool:
+    """thp_underused: more zero-filled subpages than khugepaged/max_ptes_none allows
+    (never with the default 511). Stops early once enough are non-zero."""
+    max_none = m.sysfs["khugepaged/max_ptes_none"]
+    if max_none == HPAGE_PMD_NR - 1:
+        return False
+    zero = filled = 0
+    for p in range(folio.pfn, folio.pfn + folio.nr_pages):
+        if m.physmem.is_zero(p):
+            zero += 1
+            if zero > max_none:
+                return True
+        else:
+            filled += 1
+            if filled >= HPAGE_PMD_NR - max_none:
+                return False
+    return False
+
+
+async def deferred_split_scan(m, nr_to_scan: int) -> int:
+    """deferred_split_scan: split up to nr_to_scan queued folios: partially mapped ones
+    (freeing their unmapped pages), and fully mapped underused ones
+    (``thp_underused_split_page``). A folio being freed just leaves the queue; one that
+    cannot be locked, or a partially mapped one that fails to split, is queued again.
+    Returns the number split. Context: takes split_queue_lock, folio locks."""
+    batch = []
+    await m.split_queue_lock.lock("deferred_split_scan")
+    for pfn in list(m.deferred_split_queue):
+        folio = m.physmem.page(pfn)
+        if folio.refcount > 0:  # folio_try_get
+            folio.refcount += 1
+            batch.append(folio)
+        else:
+            folio.flags &= ~PG_partially_mapped
+        del m.deferred_split_queue[pfn]
+        folio.on_deferred_list = False
+        nr_to_scan -= 1
+        if not nr_to_scan or len(batch) >= 31:  # PAGEVEC_SIZE
+            break
+    await m.split_queue_lock.unlock()
+    split = 0
+    for folio in batch:
+        did_split = underused = False
+        requeue = False
+        if not folio.flags & PG_partially_mapped:
+            underused = thp_underused(m, folio)
+            if not underused:
+                await m.folio_put(folio)
+                continue
+        lk = m.folio_lock_of(folio)
+        if not await lk.trylock("deferred_split_scan"):
+            requeue = True
+        else:
+            if await split_folio_to_list(m, folio, None) == 0:
+                did_split = True
+                split += 1
+                if underused:
+                    m.vmstat.count_vm_event("thp_underused_split_page")
+            await lk.unlock()
+            requeue = not did_split and bool(folio.flags & PG_partially_mapped)
+        if requeue and folio.order:
+            await m.split_queue_lock.lock("deferred_split_scan")
+            if not folio.on_deferred_list:
+                folio.on_deferred_list = True
+                m.deferred_split_queue[folio.pfn] = None
+            await m.split_queue_lock.unlock()
+        await m.folio_put(folio)
+    return split
+
+
+class DeferredSplitShrinker:
+    """The "thp-deferred_split" shrinker (shrinker_alloc in thp_shrinker_init)."""
+
+    name = "thp-deferred_split"
+    seeks = 2  # DEFAULT_SEEKS
+
+    def count_objects(self, m) -> int:
+        """deferred_split_count: the queue length."""
+        return len(m.deferred_split_queue)
+
+    async def scan_objects(self, m, nr_to_scan: int) -> int:
+        return await deferred_split_scan(m, nr_to_scan)
+
+
+def thp_shrinker_init(m) -> None:
+    """thp_shrinker_init: register the deferred split shrinker."""
+    m.shrinkers.append(DeferredSplitShrinker())
+
+
+# ------------------------------------------------------------ debugfs
+async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
+    """split_huge_pages_pid (/sys/kernel/debug/split_huge_pages "pid,start,end"):
+    split every anonymous PMD-size THP mapped in [start, end), page by page; a folio
+    that cannot be locked or has extra references is skipped. Returns the number
+    split. Context: takes the mmap lock for read, then folio locks."""
+    from kmm import pagewalk
+    mm = task.mm
+    split = 0
+    await mm.mmap_lock.down_read("split_huge_pages_pid")
+    addr = start & ~(PAGE_SIZE - 1)
+    while addr < end:
+        vma = mm.vma_lookup(addr)
+        if vma is None:
+            break
+        folio = None
+        for _a, level, entry in pagewalk.walk_leaves(m, mm, addr, addr + PAGE_SIZE):
+            if level == "pmd" and pmd_present(entry):
+                pfn = pmd_pfn(entry) + ((addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1))
+            elif level == "pte" and pte_present(entry) and not pte_special(entry):
+                pfn = pte_pfn(entry)
+            else:
+                continue
+            if not m.is_huge_zero_pfn(pfn & ~(HPAGE_PMD_NR - 1)):
+                folio = m.physmem.folio(pfn)
+        await m.sched.point("folio_walk_start", addr=addr)
+        if (folio is not None and folio.order == HPAGE_PMD_ORDER
+                and can_split_folio(m, folio, 0)):
+            lk = m.folio_lock_of(folio)
+            if await lk.trylock("split_huge_pages_pid"):
+                await m.folio_ref_add(folio, 1)
+                if await split_folio_to_list(m, folio, None) == 0:
+                    split += 1
+                await lk.unlock()
+                await m.folio_put(folio)
+        addr += PAGE_SIZE
+    await mm.mmap_lock.up_read()
+    return split

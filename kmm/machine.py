@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import page_alloc, swap, swapfile
+from kmm import huge_memory, page_alloc, swap, swapfile
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -98,6 +98,10 @@ class Machine:
         # registered shrinkers (shrinker_register): objects with count_objects(m) and
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
+        huge_memory.thp_shrinker_init(self)
+        self.waitqueues: dict[str, list] = {}
+        # behaviours that differ between 6.18 point releases, chosen per run
+        self.quirks: set[str] = set()  # wait_queue_head_t by name (kmm.daemon)
 
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an

@@ -11,7 +11,12 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 
 from __future__ import annotations
 
-from kmm.pgtable import is_migration_entry, migration_entry_pfn
+from kmm.mm_types import VM_LOCKED
+from kmm.pgtable import (
+    PAGE_SIZE, SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, is_migration_entry,
+    is_pmd_migration_entry, is_writable_migration_entry, migration_entry_pfn, pfn_pte,
+    pte_index, pte_mkdirty, pte_mkold, pte_mkspecial, pte_mkwrite, swp_offset, swp_type,
+)
 
 
 async def migration_entry_wait(m, vmf) -> None:
@@ -27,3 +32,57 @@ async def migration_entry_wait(m, vmf) -> None:
     if cur == vmf.orig_pte and is_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))
         await huge_memory.migration_entry_wait_on_locked(m, folio)
+
+
+async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> None:
+    """remove_migration_ptes: every migration entry naming a page of ``src`` becomes a
+    present PTE mapping the page at the same offset in ``dst`` (the same pages after a
+    split, the new ones after a move), with the entry's write, young, dirty and
+    exclusive state; each mapping takes a reference and a mapcount on its folio.
+
+    ``src`` spans what was one folio; ``dst`` maps pfns to their (new) folios. With
+    ``use_zero_page`` (RMP_USE_SHARED_ZEROPAGE, after a successful anonymous split) an
+    order-0 page holding only zeros is mapped as the shared zero page instead and left
+    to be freed (try_to_map_unused_to_zeropage). Context: folio(s) locked; the
+    anon_vma rwsem held (RMP_LOCKED) or taken here for read.
+    """
+    from kmm import memory, rmap
+    pm = m.physmem
+    first, last = src.pfn, src.pfn + src.nr_pages
+    for vma, lo, hi in rmap.rmap_walk_vmas(src):
+        mm = vma.mm
+        async for addr, nxt, pmd_tbl, idx, pmdval in rmap._pmd_steps(m, vma, lo, hi):
+            if is_pmd_migration_entry(pmdval):
+                m.bug("PMD migration entries are not made (THPs are split to migrate)")
+            res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+            if res is None:
+                continue
+            tbl, ptl = res
+            a = addr
+            while a < nxt:
+                i = pte_index(a)
+                ent = await m.entry_read("pte", tbl, i)
+                if is_migration_entry(ent) and first <= migration_entry_pfn(ent) < last:
+                    old_pfn = migration_entry_pfn(ent)
+                    pfn = dst.pfn + (old_pfn - first)
+                    folio = pm.folio(pfn)
+                    if (use_zero_page and not folio.order and pm.is_zero(pfn)
+                            and not vma.flags & VM_LOCKED):
+                        await m.entry_set("pte", tbl, i,
+                                          pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot)))
+                        mm.rss_anon -= 1
+                    else:
+                        off = swp_offset(ent)
+                        pte = pfn_pte(pfn, vma.page_prot)
+                        if not off & SWP_MIG_YOUNG:
+                            pte = pte_mkold(pte)
+                        if off & SWP_MIG_DIRTY:
+                            pte = pte_mkdirty(pte)
+                        if is_writable_migration_entry(ent):
+                            pte = pte_mkwrite(pte)
+                        exclusive = swp_type(ent) != SWP_MIGRATION_READ
+                        await m.folio_ref_add(folio, 1)
+                        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
+                        await m.entry_set("pte", tbl, i, pte)
+                a += PAGE_SIZE
+            await ptl.unlock()

@@ -39,6 +39,7 @@ VM_SHARED = 1 << 3
 VM_MAYREAD = 1 << 4
 VM_MAYWRITE = 1 << 5
 VM_MAYEXEC = 1 << 6
+VM_LOCKED = 1 << 13
 VM_HUGEPAGE = 1 << 29
 VM_NOHUGEPAGE = 1 << 30
 
@@ -71,7 +72,8 @@ class Page:
         self.on_deferred_list = False
         self.mm = None             # page-table pages: the owning mm (pt_mm)
         self.pt_level = ""         # page-table pages: pgd, pud, pmd or pte
-        self.swap = 0              # folio->swap: first swap entry of a swap-cache folio
+        self.swap = 0              # folio->swap: the first page's swap slot, as a PTE-format
+                                   # swap entry (pgtable.swp_entry), for a swap-cache folio
 
     @property
     def nr_pages(self) -> int:

@@ -10,8 +10,15 @@ Each mapcount change is a preemption point.
 
 from __future__ import annotations
 
-from kmm import huge_memory
-from kmm.mm_types import PG_anon_exclusive, AnonVma, Page, VmArea
+from kmm import huge_memory, tlb
+from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
+from kmm.pgtable import (
+    HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,
+    swp_type,
+    make_migration_entry, pmd_index, pmd_mkold, pmd_pfn, pmd_present, pmd_trans_huge,
+    pmd_young, pte_dirty, pte_index, pte_mkold, pte_pfn, pte_present, pte_special,
+    pte_write, pte_young, table_pfn,
+)
 
 
 async def anon_vma_prepare(m, vma: VmArea) -> bool:
@@ -103,6 +110,8 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
     pm = m.physmem
     if not folio.order:
         folio.mapcount += 1
+        if folio.mapcount == 1:
+            m.vmstat.mod_node_page_state("nr_anon_pages", 1)
         if exclusive:
             folio.flags |= PG_anon_exclusive
         return
@@ -247,3 +256,229 @@ def folio_maybe_mapped_shared(m, folio: Page) -> bool:
     if not folio.order:
         return folio.mapcount > 1
     return len(folio_mapping_mms(m, folio)) > 1
+
+
+# ------------------------------------------------------------ rmap walks
+def rmap_walk_vmas(folio: Page) -> list[tuple[VmArea, int, int]]:
+    """rmap_walk_anon's interval-tree lookup: every VMA on the folio's anon_vma whose
+    range covers some page of the folio, with the covered [lo, hi) addresses.
+
+    Context: the caller holds the anon_vma rwsem (read for a walk, write for a split).
+    """
+    av = folio.anon_vma
+    if av is None:
+        return []
+    first, last = folio.index, folio.index + folio.nr_pages
+    out = []
+    for vma in av.vmas:
+        lo = max(vma.start, vma.address_of(first))
+        hi = min(vma.end, vma.address_of(last))
+        if lo < hi:
+            out.append((vma, lo, hi))
+    return out
+
+
+async def _pmd_steps(m, vma: VmArea, lo: int, hi: int):
+    """page_vma_mapped_walk's descent: (addr, end, pmd table, index, pmd value) for
+    each PMD slot of [lo, hi) that has a table above it."""
+    from kmm import memory
+    addr = lo
+    while addr < hi:
+        nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, hi)
+        pmd_tbl = memory.pmd_lookup(m, vma.mm, addr)
+        if pmd_tbl >= 0:
+            idx = pmd_index(addr)
+            yield addr, nxt, pmd_tbl, idx, await m.entry_read("pmd", pmd_tbl, idx)
+        addr = nxt
+
+
+def _maps(folio: Page, pfn: int) -> bool:
+    return folio.pfn <= pfn < folio.pfn + folio.nr_pages
+
+
+async def try_to_migrate(m, folio: Page, split_pmd: bool) -> None:
+    """try_to_migrate: every mapping of the folio becomes a migration entry.
+
+    With ``split_pmd`` (TTU_SPLIT_HUGE_PMD) a PMD mapping is split with freeze, so it
+    turns into 512 PTE migration entries at once. 6.11-6.18 ended the whole rmap walk
+    after such a split (``m.quirks`` "split_pmd_ends_walk"), leaving other processes'
+    PMDs mapped and the split to fail; the stable fix continues the walk.
+    Context: folio locked; anon_vma rwsem held (write, for a split).
+    """
+    for vma, lo, hi in rmap_walk_vmas(folio):
+        if not await try_to_migrate_one(m, folio, vma, lo, hi, split_pmd):
+            return
+
+
+async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
+                             split_pmd: bool) -> bool:
+    """try_to_migrate_one: replace this VMA's mappings of the folio by migration
+    entries (young, dirty, write and exclusive kept in the entry), dropping one
+    reference and one mapcount per mapping; MM_ANONPAGES still counts them. False ends
+    the rmap walk."""
+    from kmm import huge_memory, memory
+    mm = vma.mm
+    async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
+        if pmd_trans_huge(pmdval) and pmd_present(pmdval):
+            if pmd_pfn(pmdval) != folio.pfn or not split_pmd:
+                continue
+            ptl = m.table_lock(pmd_tbl)
+            await ptl.lock("try_to_migrate_one")
+            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+                await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx,
+                                                   addr & HPAGE_PMD_MASK, freeze=True)
+            await ptl.unlock()
+            if "split_pmd_ends_walk" in m.quirks:
+                return False
+            continue
+        res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+        if res is None:
+            continue
+        tbl, ptl = res
+        cleared = False
+        a = addr
+        while a < nxt:
+            i = pte_index(a)
+            ent = await m.entry_read("pte", tbl, i)
+            if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
+                pfn = pte_pfn(ent)
+                page = m.physmem.page(pfn)
+                old = await m.entry_get_and_clear("pte", tbl, i)  # ptep_clear_flush
+                cleared = True
+                if pte_dirty(old):
+                    folio.flags |= PG_dirty
+                holder = page if folio.order else folio
+                exclusive = bool(holder.flags & PG_anon_exclusive)
+                holder.flags &= ~PG_anon_exclusive  # folio_try_share_anon_rmap_pte
+                await m.entry_set("pte", tbl, i, make_migration_entry(
+                    pfn, pte_write(old), exclusive, pte_young(old), pte_dirty(old)))
+                await folio_remove_rmap_ptes(m, folio, pfn, 1)
+                await m.folio_put(folio)
+            a += PAGE_SIZE
+        if cleared:  # TTU_BATCH_FLUSH: one flush per table, before the lock drops
+            await tlb.flush_tlb_mm_range(m, mm, addr, nxt)
+        await ptl.unlock()
+    return True
+
+
+async def try_to_unmap(m, folio: Page, split_pmd: bool) -> None:
+    """try_to_unmap (reclaim): drop every mapping of the folio. A swap-cache folio's
+    PTEs become swap entries (MM_ANONPAGES -> MM_SWAPENTS); a clean lazyfree folio's
+    are simply cleared; a lazyfree folio dirtied again since MADV_FREE becomes
+    swap-backed and keeps its mappings (the caller sees it still mapped).
+    Context: folio locked; takes the anon_vma rwsem for read.
+    """
+    av = folio.anon_vma
+    if av is None:
+        return
+    await av.root.rwsem.down_read("try_to_unmap")
+    for vma, lo, hi in rmap_walk_vmas(folio):
+        if not await try_to_unmap_one(m, folio, vma, lo, hi, split_pmd):
+            break
+    await av.root.rwsem.up_read()
+
+
+async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
+                           split_pmd: bool) -> bool:
+    """try_to_unmap_one: unmap the folio from one VMA. False ends the walk (a dirty
+    lazyfree folio must stay)."""
+    from kmm import huge_memory, memory, swapfile
+    mm = vma.mm
+    lazyfree = not folio.flags & PG_swapbacked
+    async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
+        if pmd_trans_huge(pmdval) and pmd_present(pmdval):
+            if pmd_pfn(pmdval) != folio.pfn:
+                continue
+            if not split_pmd:
+                return False
+            ptl = m.table_lock(pmd_tbl)
+            await ptl.lock("try_to_unmap_one")
+            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+                await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx,
+                                                   addr & HPAGE_PMD_MASK, freeze=False)
+            await ptl.unlock()
+        res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+        if res is None:
+            continue
+        tbl, ptl = res
+        cleared = False
+        ok = True
+        a = addr
+        while a < nxt:
+            i = pte_index(a)
+            ent = await m.entry_read("pte", tbl, i)
+            if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
+                pfn = pte_pfn(ent)
+                page = m.physmem.page(pfn)
+                old = await m.entry_get_and_clear("pte", tbl, i)
+                cleared = True
+                if lazyfree:
+                    if pte_dirty(old) or folio.flags & PG_dirty:
+                        # redirtied after MADV_FREE: keep it, as swap-backed again
+                        await m.entry_set("pte", tbl, i, old)
+                        folio.flags |= PG_swapbacked
+                        ok = False
+                        break
+                    mm.rss_anon -= 1
+                else:
+                    if pte_dirty(old):
+                        folio.flags |= PG_dirty
+                    holder = page if folio.order else folio
+                    exclusive = bool(holder.flags & PG_anon_exclusive)
+                    holder.flags &= ~PG_anon_exclusive
+                    # folio->swap names the first page's slot (a PTE-format entry)
+                    entry = swp_entry(swp_type(folio.swap),
+                                      swp_offset(folio.swap) + pfn - folio.pfn)
+                    await swapfile.swap_duplicate(m, entry)
+                    if exclusive:
+                        entry |= _PAGE_SWP_EXCLUSIVE
+                    await m.entry_set("pte", tbl, i, entry)
+                    mm.rss_anon -= 1
+                    mm.swapents += 1
+                await folio_remove_rmap_ptes(m, folio, pfn, 1)
+                await m.folio_put(folio)
+            a += PAGE_SIZE
+        if cleared:
+            await tlb.flush_tlb_mm_range(m, mm, addr, nxt)
+        await ptl.unlock()
+        if not ok:
+            return False
+    return True
+
+
+async def folio_referenced(m, folio: Page) -> int:
+    """folio_referenced: test and clear the young bit of every mapping of the folio
+    (ptep_clear_young_notify: x86 clears the accessed bit without a TLB flush, so a
+    CPU holding the translation does not set it again until it walks). Returns the
+    number of young mappings. Context: folio locked or isolated; takes the anon_vma
+    rwsem for read."""
+    av = folio.anon_vma
+    if av is None:
+        return 0
+    young = 0
+    await av.root.rwsem.down_read("folio_referenced")
+    for vma, lo, hi in rmap_walk_vmas(folio):
+        async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
+            if pmd_trans_huge(pmdval) and pmd_present(pmdval):
+                if pmd_pfn(pmdval) == folio.pfn and pmd_young(pmdval):
+                    if await m.entry_cmpxchg("pmd", pmd_tbl, idx, pmdval, pmd_mkold(pmdval)):
+                        young += 1
+                continue
+            if not pmd_present(pmdval):
+                continue
+            tbl = table_pfn(pmdval)
+            ptl = m.table_lock(tbl)
+            await ptl.lock("folio_referenced_one")
+            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+                a = addr
+                while a < nxt:
+                    i = pte_index(a)
+                    ent = await m.entry_read("pte", tbl, i)
+                    if (pte_present(ent) and not pte_special(ent) and pte_young(ent)
+                            and _maps(folio, pte_pfn(ent))):
+                        await m.entry_set("pte", tbl, i, pte_mkold(ent))
+                        young += 1
+                    a += PAGE_SIZE
+            await ptl.unlock()
+    await av.root.rwsem.up_read()
+    return young

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, madvise, mmap, mprotect
+from kmm import fault, fork, huge_memory, madvise, mmap, mprotect
 from kmm.pgtable import PAGE_SIZE
 
 
@@ -124,6 +124,14 @@ class Proc:
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
             self._forget(addr, length)  # private anonymous memory reads back as zeros
+        self.k._done()
+        return r
+
+    async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
+        """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
+        "pid,addr,end" to /sys/kernel/debug/split_huge_pages does; returns how many."""
+        self._alive()
+        r = await huge_memory.split_huge_pages_pid(self.m, self.task, addr, addr + length)
         self.k._done()
         return r
 

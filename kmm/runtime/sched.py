@@ -270,6 +270,19 @@ class Scheduler:
         self.seq += 1
         await self._give_up_cpu(cur)
 
+    def interrupt_sleep(self, actor: Actor) -> bool:
+        """End a sleep early (wake_up on a waitqueue an actor sleeps on with a
+        timeout). False if the actor is not sleeping."""
+        if actor.state != SLEEPING:
+            return False
+        for i, entry in enumerate(self._sleepers):
+            if entry[2] is actor:
+                self._sleepers.pop(i)
+                heapq.heapify(self._sleepers)
+                break
+        self._make_runnable(actor)
+        return True
+
     # ------------------------------------------------------------ server actors
     def server(self, name: str, handle: Callable[[Any], Awaitable[Any]],
                kind: str = "server") -> Actor:
