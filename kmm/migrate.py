@@ -11,7 +11,10 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 
 from __future__ import annotations
 
-from kmm.mm_types import VM_LOCKED
+from kmm.mm_types import (
+    PG_active, PG_dirty, PG_isolated, PG_referenced, PG_swapbacked, PG_swapcache,
+    PG_uptodate, PG_writeback, VM_LOCKED,
+)
 from kmm.pgtable import (
     PAGE_SIZE, SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, is_migration_entry,
     is_pmd_migration_entry, is_writable_migration_entry, migration_entry_pfn, pfn_pte,
@@ -86,3 +89,72 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
                         await m.entry_set("pte", tbl, i, pte)
                 a += PAGE_SIZE
             await ptl.unlock()
+
+
+async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[int, int]:
+    """migrate_pages (MIGRATE_ASYNC, order-0 anonymous folios): move each isolated
+    folio to a frame from ``get_new_folio(folio) -> pfn | -1``. The mappings are frozen
+    into migration entries (try_to_migrate), the contents and flags copied, and the
+    entries pointed at the new page (remove_migration_ptes). A folio that is locked by
+    someone else, has extra references or gets no frame stays where it is and goes
+    back on the LRU. Returns (nr_succeeded, nr_failed); counts pgmigrate_success /
+    pgmigrate_fail. Context: the folios are isolated (off the LRU, one reference
+    each); takes folio locks and anon_vma rwsems for read.
+    """
+    from kmm import swap
+    ok = failed = 0
+    for folio in folios:
+        if folio.refcount == 1:
+            # freed under us (only the isolation reference is left): done
+            folio.flags &= ~PG_isolated
+            await m.folio_put(folio)
+            ok += 1
+            continue
+        if await _migrate_one(m, folio, get_new_folio):
+            ok += 1
+        else:
+            failed += 1
+            await swap.folio_putback_lru(m, folio)
+    m.vmstat.count_vm_event("pgmigrate_success", ok)
+    m.vmstat.count_vm_event("pgmigrate_fail", failed)
+    await m.sched.point("mm_migrate_pages", succeeded=ok, failed=failed, reason=reason)
+    return ok, failed
+
+
+async def _migrate_one(m, folio, get_new_folio) -> bool:
+    """migrate_folio_unmap + migrate_folio_move for one order-0 anonymous folio."""
+    from kmm import rmap, swap
+    if folio.order or folio.flags & (PG_swapcache | PG_writeback) or folio.anon_vma is None:
+        return False
+    lk = m.folio_lock_of(folio)
+    if not await lk.trylock("migrate_folio_unmap"):
+        return False
+    new_pfn = get_new_folio(folio)
+    if new_pfn < 0:
+        await lk.unlock()
+        return False
+    av = folio.anon_vma.root
+    await av.rwsem.down_read("migrate_folio_unmap")
+    if rmap.folio_mapped(folio):
+        await rmap.try_to_migrate(m, folio, split_pmd=False)
+    moved = not rmap.folio_mapped(folio) and folio.refcount == 1  # folio_ref_freeze
+    if moved:
+        new = m.physmem.page(new_pfn)
+        m.physmem.copy(new_pfn, folio.pfn)  # folio_copy
+        new.flags = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
+                                   | PG_uptodate)
+        new.anon_vma, new.index = folio.anon_vma, folio.index
+        await remove_migration_ptes(m, folio, new)
+    else:
+        await remove_migration_ptes(m, folio, folio)
+    await av.rwsem.up_read()
+    await lk.unlock()
+    if not moved:
+        if new_pfn >= 0:
+            await m.folio_put(m.physmem.page(new_pfn))
+        return False
+    folio.flags &= ~PG_isolated
+    await m.folio_put(folio)  # the old frame goes back to the buddy
+    await swap.folio_add_lru(m, new)
+    await m.folio_put(new)    # the allocation's reference; the mappings keep theirs
+    return True

@@ -51,6 +51,8 @@ OTHER_EVENTS: tuple[str, ...] = (
     "compact_stall",
     "compact_fail",
     "compact_success",
+    "pgmigrate_success",
+    "pgmigrate_fail",
 )
 
 
