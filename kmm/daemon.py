@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-__all__ = ["Daemon", "DaemonContext", "ZoneState", "start_daemon", "wake_up"]
+__all__ = ["Daemon", "DaemonContext", "DaemonLoadError", "ZoneState", "load_daemons",
+           "start_daemon", "wake_up"]
 
 
 class Daemon(Protocol):
@@ -95,3 +96,36 @@ def start_daemon(m, daemon: Daemon) -> None:
     ctx = DaemonContext(m, daemon.name)
     m.sched.spawn(m.sched.nursery, daemon.name, daemon.run, ctx, kind="daemon",
                   daemon=True)
+
+
+ENTRY_POINT_GROUP = "kmm.daemons"
+
+
+class DaemonLoadError(Exception):
+    """A daemon plug-in that cannot be used; the message names it and its source."""
+
+
+def load_daemons(names=None) -> list:
+    """The daemon classes installed under the ``kmm.daemons`` entry-point group (the
+    built-in kswapd and kcompactd come through the same door as third-party plug-ins),
+    validated on load. ``names`` selects some; unknown names are an error."""
+    from importlib.metadata import entry_points
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    wanted = sorted(found) if names is None else list(names)
+    out = []
+    for name in wanted:
+        ep = found.get(name)
+        if ep is None:
+            raise DaemonLoadError(f"no daemon named {name!r} in entry-point group "
+                                  f"{ENTRY_POINT_GROUP!r} (installed: {', '.join(sorted(found))})")
+        dist = getattr(ep.dist, "name", "?")
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in is reported, not raised through
+            raise DaemonLoadError(f"daemon {name!r} ({ep.value}, from {dist}): "
+                                  f"cannot load: {e}") from None
+        if not isinstance(getattr(cls, "name", None), str) or not callable(getattr(cls, "run", None)):
+            raise DaemonLoadError(f"daemon {name!r} ({ep.value}, from {dist}): needs a "
+                                  "str `name` and an `async def run(self, ctx)`")
+        out.append(cls)
+    return out

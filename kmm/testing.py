@@ -186,6 +186,11 @@ def _data_errors(m, k) -> list[str]:
                 vma = task.mm.vma_lookup(addr)
                 if vma is not None:
                     errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
+        for addr, want in k.lazy.get(name, {}).items():
+            got = read_mapped_byte(m, task.mm, addr)
+            if got not in (None, 0, want):
+                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
+                            f"was written {want}")
     return errs
 
 

@@ -29,6 +29,9 @@ class Kernel:
     def __init__(self, machine) -> None:
         self.machine = machine
         self.shadow: dict[str, dict[int, int]] = {}  # task name -> addr -> byte written
+        # bytes under MADV_FREE: until rewritten they read back as written or as zero
+        # (reclaim may have discarded the lazyfree page)
+        self.lazy: dict[str, dict[int, int]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
 
     @property
@@ -43,6 +46,7 @@ class Kernel:
             raise fault.OutOfMemory("no memory for a new mm")
         task = m.new_task(name, mm)
         self.shadow[name] = {}
+        self.lazy[name] = {}
         return Proc(self, task, m.sched.current.cpu or 0)
 
     def proc(self, name: str) -> "Proc":
@@ -124,6 +128,10 @@ class Proc:
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
             self._forget(addr, length)  # private anonymous memory reads back as zeros
+        elif r in (0, "ENOMEM") and advice == "free":
+            sh, lazy = self.k.shadow[self.name], self.k.lazy[self.name]
+            for a in [a for a in sh if addr <= a < addr + length]:
+                lazy[a] = sh.pop(a)
         self.k._done()
         return r
 
@@ -136,14 +144,14 @@ class Proc:
         return r
 
     def _forget(self, addr: int, length: int) -> None:
-        sh = self.k.shadow[self.name]
         end = addr + length
-        if len(sh) < length:
-            for a in [a for a in sh if addr <= a < end]:
-                del sh[a]
-        else:
-            for a in range(addr, end):
-                sh.pop(a, None)
+        for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
+            if len(sh) < length:
+                for a in [a for a in sh if addr <= a < end]:
+                    del sh[a]
+            else:
+                for a in range(addr, end):
+                    sh.pop(a, None)
 
     async def fork(self, child: str) -> "Proc":
         self._alive()
@@ -151,6 +159,7 @@ class Proc:
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
         self.k.shadow[child] = dict(self.k.shadow[self.name])
+        self.k.lazy[child] = dict(self.k.lazy[self.name])
         self.k._done()
         return Proc(self.k, t, self.cpu)
 
@@ -158,6 +167,7 @@ class Proc:
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
+        self.k.lazy.pop(self.name, None)
         self.k._done()
 
     async def _kill(self, sig: str) -> None:
@@ -174,8 +184,10 @@ class Proc:
                 a = addr + i
                 chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
                 await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                lazy = self.k.lazy[self.name]
                 for j, b in enumerate(chunk):
                     sh[a + j] = b
+                    lazy.pop(a + j, None)
                 i += len(chunk)
         except fault.Segv:
             await self._kill("SIGSEGV")
@@ -202,6 +214,7 @@ class Proc:
         byte read. Returns how many read bytes differed from ``value`` (reads only)."""
         self._alive()
         sh = self.k.shadow[self.name]
+        lazy = self.k.lazy[self.name]
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
@@ -210,6 +223,8 @@ class Proc:
                 if write:
                     await fault.user_access(m, task, cpu, a, True, data)
                     sh[a] = value
+                    if lazy:
+                        lazy.pop(a, None)
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
@@ -226,6 +241,9 @@ class Proc:
         try:
             for a, b in sorted(self.k.shadow[self.name].items()):
                 if (await self.load(a))[0] != b:
+                    bad.append(a)
+            for a, b in sorted(self.k.lazy[self.name].items()):
+                if (await self.load(a))[0] not in (b, 0):
                     bad.append(a)
         finally:
             self.k.after_op = hook

@@ -26,6 +26,13 @@ def test_kmm_never_imports_daemons_or_workloads():
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
 
 
+def test_daemons_see_only_the_daemon_api():
+    """Policy daemons are written against kmm.daemon alone (plus the standard library)."""
+    for f in (ROOT / "daemons").rglob("*.py"):
+        bad = {i for i in imports(f) if i.startswith("kmm") and i != "kmm.daemon"}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
 def test_runtime_imports_no_mechanism():
     allowed = {"kmm.runtime"}
     for f in (ROOT / "kmm" / "runtime").rglob("*.py"):

@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import fault, madvise
+from kmm import fault, madvise, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -44,8 +44,10 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             continue
         for name, (addr, size) in task.regions.items():
             rss, huge = smaps_range(m, task.mm, addr, addr + size)
-            regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
-    return {
+            fig = regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
+            if m.swap_info is not None:  # extension: scenarios with a swap device
+                fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
+    rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
         "regions": regions,
         "steps": steps,
@@ -57,6 +59,12 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
                 "emulated_ns": m.sched.now, "trace_sha256": m.sched.trace.digest(),
                 "tlb_misses": list(m.tlb_stats)},
     }
+    if m.swap_info is not None:
+        rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    return rep
+
+
+SWAP_EVENTS = ("pswpin", "pswpout")
 
 
 async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
@@ -82,12 +90,18 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "exit":
         await p.exit()
         return {**res, "ok": True}
+    if step.op == "reclaim":
+        await reclaim_step(m)
+        return {**res, "ok": True}
     if step.op == "khugepaged":
         raise NotSupported(scenario.path, step.index, "op",
                            "khugepaged is not yet supported (comes with the khugepaged issue)")
     addr, size = task.regions[step.region]
     lo, hi = step_range(step, size)
     start, length = addr + lo, hi - lo
+    if step.op == "split":
+        await p.split_huge_page(start, length)
+        return {**res, "ok": True}
     if step.op in ("munmap", "mprotect", "madvise"):
         try:
             if step.op == "munmap":
@@ -108,6 +122,13 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
+
+
+async def reclaim_step(m: Machine) -> None:
+    """The ``reclaim`` step: memory-cgroup pressure on the scenario's processes, as the
+    oracle applies it (vmscan.memcg_reclaim)."""
+    from kmm import vmscan
+    await vmscan.memcg_reclaim(m)
 
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
