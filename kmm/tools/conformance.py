@@ -3,6 +3,10 @@
 ``compare(expected, actual)`` lists every difference as a readable line. Everything must
 be equal, except the counters of ``kmm.vmstat.PER_PASS_EVENTS``, which grow with every
 khugepaged pass and so compare only as zero / non-zero.
+
+A scenario with swap extends the report with ``events`` (pswpin / pswpout over the run)
+and each region with ``swap_kb``; ``events`` is compared whenever either report has it,
+and ``swap_kb`` like every other region field.
 """
 
 from __future__ import annotations
@@ -76,15 +80,26 @@ def _steps(expected: list, actual: list) -> list[str]:
     return out
 
 
+def _events(expected: dict, actual: dict) -> list[str]:
+    out = []
+    for name in list(expected) + [n for n in actual if n not in expected]:
+        e, a = expected.get(name, _MISSING), actual.get(name, _MISSING)
+        if e != a:
+            out.append(f"events.{name}: expected {_show(e)}, got {_show(a)}")
+    return out
+
+
 CONTRACT = ("vmstat", "regions", "steps")
+EXTENSIONS = ("events",)  # compared when either report has them
 
 
 def compare(expected: dict, actual: dict) -> list[str]:
     """Differences between two reports, one readable line each; [] when they agree."""
     out: list[str] = []
-    # the contract of design.md section 5; other top-level keys (the emulator's "locks"
-    # and "run") extend a report and are not compared
-    for section in CONTRACT:
+    # the contract of design.md section 5 and the compared extensions; other top-level
+    # keys (the emulator's "locks", "zone" and "run") extend a report and are not compared
+    extensions = [x for x in EXTENSIONS if x in expected or x in actual]
+    for section in (*CONTRACT, *extensions):
         e, a = expected.get(section, _MISSING), actual.get(section, _MISSING)
         if e is _MISSING or a is _MISSING:
             out.append(f"{section}: expected {_show(e)}, got {_show(a)}")
@@ -94,6 +109,8 @@ def compare(expected: dict, actual: dict) -> list[str]:
             out += _regions(e, a)
         elif section == "steps" and isinstance(e, list) and isinstance(a, list):
             out += _steps(e, a)
+        elif section == "events" and isinstance(e, dict) and isinstance(a, dict):
+            out += _events(e, a)
         elif e != a:
             out.append(f"{section}: expected {_show(e)}, got {_show(a)}")
     return out

@@ -30,6 +30,15 @@ How a run goes:
   huge zero folio when no mm holds it, so the run's first huge-zero use counts
   ``thp_zero_page_alloc`` 1 as it does on the emulator's freshly booted machine.
 
+* Issue 3 resources, set up only for the scenarios that need them and released on every
+  exit path like the knobs (the file in /run notes each one as soon as it exists):
+  ``[machine] swap`` > 0 makes a fresh zram device of that size the only swap (the run is
+  refused if another swap is active or zswap is on), and the report gains ``swap_kb`` per
+  region and ``events`` (pswpin, pswpout); a ``split`` step writes the range to debugfs
+  ``split_huge_pages`` (debugfs is mounted for the run if it is not); a ``reclaim`` step
+  runs ``memory.force_empty`` on a cgroup-v1 memory cgroup that holds every worker of the
+  run, with swappiness 0 (see ``memcg_reclaim``).
+
 Run ``python -m kmm.tools.oracle FILE...`` to print reports, or
 ``python -m kmm.tools.oracle --record workloads/*.toml`` to (re)write the recordings
 ``<name>.oracle.json`` beside each file.
@@ -98,6 +107,12 @@ _WORKER_PATH = str(pathlib.Path(__file__).with_name("oracle_worker.py"))
 
 class OracleError(Exception):
     """The oracle cannot run here, or the host did something it cannot report."""
+
+
+class HostLacks(OracleError):
+    """This host cannot run this scenario: it lacks something the scenario needs (zram,
+    a writable debugfs, a cgroup-v1 memory controller) or holds something in the way
+    (another active swap, zswap)."""
 
 
 # --------------------------------------------------------------------------- host knobs
@@ -235,7 +250,10 @@ def _read(path: str) -> str:
 
 
 def _command(*argv: str) -> None:
-    r = subprocess.run(argv, capture_output=True, text=True)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise HostLacks(f"{argv[0]} is not installed") from None
     if r.returncode != 0:
         out = " ".join((r.stderr or r.stdout).split())
         raise OracleError(f"{' '.join(argv)} failed (exit {r.returncode}): {out}")
@@ -263,15 +281,16 @@ def _zram_swap_on(size: int, knobs: HostKnobs) -> str:
     """
     swaps = active_swaps()
     if swaps:
-        raise OracleError(f"swap is already active ({', '.join(swaps)}): a scenario with "
-                          "[machine] swap needs its zram device to be the only swap; swapoff -a first")
+        raise HostLacks(f"swap is already active ({', '.join(swaps)}): a scenario with "
+                        "[machine] swap needs its zram device to be the only swap; swapoff -a first")
     if zswap_enabled():
-        raise OracleError(f"zswap is enabled ({ZSWAP_ENABLED}): swapped pages would stay in "
-                          "its pool; disable it for oracle runs")
+        raise HostLacks(f"zswap is enabled ({ZSWAP_ENABLED}): swapped pages would stay in "
+                        "its pool; disable it for oracle runs")
     if not os.path.isdir(ZRAM_CONTROL):
-        raise OracleError(f"{ZRAM_CONTROL} does not exist: load the zram module (modprobe zram)")
-    n = int(_read(ZRAM_CONTROL + "/hot_add"))
-    knobs.hold("zram", n)
+        raise HostLacks(f"{ZRAM_CONTROL} does not exist: load the zram module (modprobe zram)")
+    with _no_interrupts():  # no Ctrl-C between creating the device and noting it
+        n = int(_read(ZRAM_CONTROL + "/hot_add"))
+        knobs.hold("zram", n)
     dev = f"/dev/zram{n}"
     _write(f"/sys/block/zram{n}/disksize", str(size))
     _command("mkswap", dev)
@@ -296,14 +315,21 @@ def _debugfs_mounted() -> bool:
 
 
 def _debugfs_mount(knobs: HostKnobs) -> None:
-    """Mount debugfs for the run if it is not mounted (and note it, to unmount after)."""
-    if _debugfs_mounted():
-        return
-    knobs.hold("debugfs", DEBUGFS)
-    _command("mount", "-t", "debugfs", "debugfs", DEBUGFS)
+    """Mount debugfs for the run if it is not mounted (and note it, to unmount after);
+    check split_huge_pages can be written before any step runs."""
+    if not _debugfs_mounted():
+        knobs.hold("debugfs", DEBUGFS)
+        _command("mount", "-t", "debugfs", "debugfs", DEBUGFS)
     if not os.path.exists(SPLIT_HUGE_PAGES):
-        raise OracleError(f"{SPLIT_HUGE_PAGES} does not exist (a kernel without "
-                          "CONFIG_TRANSPARENT_HUGEPAGE debugfs)")
+        raise HostLacks(f"{SPLIT_HUGE_PAGES} does not exist (a kernel without "
+                        "CONFIG_DEBUG_FS or CONFIG_TRANSPARENT_HUGEPAGE): a split step needs it")
+    try:  # opening is harmless; kernel lockdown refuses it here, not at the write
+        os.close(os.open(SPLIT_HUGE_PAGES, os.O_WRONLY))
+    except OSError as e:
+        why = (" (kernel lockdown restricts debugfs: see /sys/kernel/security/lockdown)"
+               if e.errno == errno_mod.EPERM else "")
+        raise HostLacks(f"cannot open {SPLIT_HUGE_PAGES} for writing: {e.strerror}{why}; "
+                        "a split step needs it") from None
 
 
 def _debugfs_release(path: object) -> None:
@@ -314,8 +340,8 @@ def _debugfs_release(path: object) -> None:
 def _memcg_create(knobs: HostKnobs) -> str:
     """A fresh cgroup-v1 memory cgroup for the scenario's processes."""
     if not os.path.exists(MEMCG_ROOT + "/memory.limit_in_bytes"):
-        raise OracleError(f"{MEMCG_ROOT} is not a cgroup-v1 memory controller: "
-                          "a reclaim step needs one")
+        raise HostLacks(f"{MEMCG_ROOT} is not a cgroup-v1 memory controller: "
+                        "a reclaim step needs one")
     if os.path.isdir(MEMCG_PATH):
         _memcg_release(MEMCG_PATH)  # left over from a run that died before noting it
     knobs.hold("memcg", MEMCG_PATH)
@@ -360,9 +386,19 @@ def split_huge_pages(pid: int, start: int, end: int) -> tuple[int, int]:
 
 
 def memcg_reclaim(path: str) -> None:
-    """The ``reclaim`` step (see the findings' semantics)."""
-    with contextlib.suppress(OSError):
+    """The ``reclaim`` step: ``memory.force_empty`` of the run's memory cgroup.
+
+    The kernel drains the per-CPU LRU batches, then calls try_to_free_mem_cgroup_pages
+    until the group is empty or 16 passes free nothing. Every pass walks the priorities
+    from DEF_PRIORITY down to 0 and runs the group's memcg-aware shrinkers at each, so the
+    deferred split shrinker scans the group's whole queue. The group's swappiness is 0,
+    so no anonymous page is swapped out even with swap on; the file LRU is scanned, which
+    holds the clean MADV_FREE'd (lazyfree) folios, and those are discarded.
+    """
+    try:
         _write(path + "/memory.force_empty", "0")
+    except OSError as e:
+        raise OracleError(f"reclaim: writing {path}/memory.force_empty: {e.strerror}") from None
 
 
 # --------------------------------------------------------------------------- khugepaged

@@ -45,9 +45,16 @@ def test_corpus_file_has_a_recording(path):
     rec = json.loads(path.with_name(path.stem + ".oracle.json").read_text())
     assert set(rec) == {"kernel", "report"}
     report = rec["report"]
-    assert list(report) == ["vmstat", "regions", "steps"]
+    sc = load_scenario(path)
+    swap = sc.machine.swap > 0
+    # A run with swap extends the report with events and each region with swap_kb.
+    assert list(report) == ["vmstat", "regions", "steps"] + (["events"] if swap else [])
     assert list(report["vmstat"]) == list(vmstat.THP_EVENTS)
-    assert len(report["steps"]) == len(load_scenario(path).steps)
+    assert len(report["steps"]) == len(sc.steps)
+    fields = ["rss_kb", "anon_huge_kb"] + (["swap_kb"] if swap else [])
+    assert all(list(r) == fields for r in report["regions"].values())
+    if swap:
+        assert list(report["events"]) == ["pswpin", "pswpout"]
 
 
 MINIMAL = """
@@ -136,6 +143,44 @@ def test_defaults(tmp_path):
     assert (s.proc, s.offset, s.length, s.write, s.value, s.stride) == ("main", 0, None, True, 1, 4096)
 
 
+SPLIT_RECLAIM = """
+description = "issue 3 ops"
+[machine]
+swap = "64MiB"
+[[steps]]
+op = "mmap"
+region = "a"
+size = "4MiB"
+[[steps]]
+op = "split"
+region = "a"
+offset = "1MiB"
+length = "4KiB"
+[[steps]]
+op = "fork"
+child = "c1"
+[[steps]]
+op = "split"
+proc = "c1"
+region = "a"
+[[steps]]
+op = "reclaim"
+[[steps]]
+op = "reclaim"
+proc = "c1"
+"""
+
+
+def test_split_and_reclaim_steps(tmp_path):
+    sc = load_scenario(write(tmp_path, SPLIT_RECLAIM, "ok.toml"))
+    assert sc.machine.swap == 64 * MiB
+    _, split, _, split_child, reclaim, reclaim_child = sc.steps
+    assert (split.op, split.proc, split.region, split.offset, split.length) == ("split", "main", "a", MiB, 4096)
+    assert (split_child.proc, split_child.region, split_child.offset, split_child.length) == ("c1", "a", 0, None)
+    assert (reclaim.op, reclaim.proc, reclaim.region) == ("reclaim", "main", None)
+    assert reclaim_child.proc == "c1"
+
+
 @pytest.mark.parametrize(
     "text, n",
     [(0, 0), (4096, 4096), ("0", 0), ("4KiB", 4096), ("2MiB", 2 * MiB), ("1GiB", 1 << 30),
@@ -204,6 +249,23 @@ BAD = [
      '[[steps]]\nop = "fork"\nchild = "c1"\n', 3, "child", "already used"),
     ("bad_region_name", '[[steps]]\nop = "mmap"\nregion = "a/b"\nsize = 1\n', 1, "region", "name"),
     ("step_not_table", 'steps = [1]\n', 1, None, "table"),
+    # issue 3: split (region, offset, length) and reclaim (no keys of its own)
+    ("split_without_region", MMAP + '[[steps]]\nop = "split"\n', 2, "region", "required for split"),
+    ("split_unknown_region", MMAP + '[[steps]]\nop = "split"\nregion = "b"\n', 2, "region", "unknown region"),
+    ("split_before_mmap", '[[steps]]\nop = "split"\nregion = "a"\n', 1, "region", "unknown region"),
+    ("split_bad_length", MMAP + '[[steps]]\nop = "split"\nregion = "a"\nlength = "2MB"\n', 2, "length", "size"),
+    ("split_negative_offset", MMAP + '[[steps]]\nop = "split"\nregion = "a"\noffset = -1\n', 2, "offset", "negative"),
+    ("split_stride", MMAP + '[[steps]]\nop = "split"\nregion = "a"\nstride = 4096\n', 2, "stride",
+     "unknown key for split (allowed: op, proc, region, offset, length)"),
+    ("split_by_exited_proc", MMAP + '[[steps]]\nop = "fork"\nchild = "c1"\n[[steps]]\nop = "exit"\nproc = "c1"\n'
+     '[[steps]]\nop = "split"\nproc = "c1"\nregion = "a"\n', 4, "proc", "exited"),
+    ("reclaim_region", MMAP + '[[steps]]\nop = "reclaim"\nregion = "a"\n', 2, "region",
+     "unknown key for reclaim (allowed: op, proc)"),
+    ("reclaim_amount", '[[steps]]\nop = "reclaim"\namount = "1MiB"\n', 1, "amount", "unknown key for reclaim"),
+    ("reclaim_unknown_proc", '[[steps]]\nop = "reclaim"\nproc = "c9"\n', 1, "proc", "does not exist"),
+    ("unknown_op_lists_new_ops", '[[steps]]\nop = "shrink"\n', 1, "op", "split, reclaim"),
+    ("machine_swap_unit", '[machine]\nswap = "64MB"\n', None, "swap", "size"),
+    ("machine_swap_negative", '[machine]\nswap = -1\n', None, "swap", "negative"),
 ]
 
 
