@@ -23,9 +23,16 @@ def summary(report: dict, title: str) -> str:
     out.extend(f"  {k:<28} {v}" for k, v in moved.items())
     if not moved:
         out.append("  (no thp_* counter moved)")
-    out.append("\nregions                           Rss      AnonHugePages")
+    other = {k: v for k, v in (report.get("vm_events") or {}).items() if v}
+    if other:
+        out.append("\nother vm events (swap, reclaim, compaction, faults)")
+        out.extend(f"  {k:<28} {v}" for k, v in other.items())
+    swap = any("swap_kb" in r for r in report["regions"].values())
+    out.append("\nregions                           Rss      AnonHugePages"
+               + ("      Swap" if swap else ""))
     for name, r in report["regions"].items():
-        out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB")
+        out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB"
+                   + (f" {r.get('swap_kb', 0):>8} kB" if swap else ""))
     if not report["regions"]:
         out.append("  (no live process has a region)")
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
@@ -40,6 +47,10 @@ def summary(report: dict, title: str) -> str:
         out.append(f"\nbuddyinfo (Normal, orders 0..10): {' '.join(map(str, zone['buddyinfo']))}"
                    f"   free {zone['nr_free']} pages, watermarks "
                    + " ".join(f"{k} {v}" for k, v in zone["watermarks"].items()))
+    if "lru" in report:
+        lru = report["lru"]
+        out.append("LRU pages: " + ", ".join(f"{k} {v}" for k, v in lru.items())
+                   + f"; deferred split queue {report.get('deferred_split_queue', 0)} folios")
     if report.get("result") is not None:
         out.append(f"\nprogram result: {report['result']}")
     run = report.get("run")

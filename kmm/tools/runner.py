@@ -4,8 +4,11 @@ The report has the shape of design.md section 5, which ``kmm oracle`` also print
 ``vmstat`` (every thp_* counter, as the change over the run), ``regions`` (Rss and
 AnonHugePages per live process and region) and ``steps`` (one result per step). The
 extra keys ``locks`` (lock_stat rows), ``zone`` (/proc/buddyinfo, free pages,
-watermarks) and ``run`` (seed, trace digest, emulated time) extend it without changing
-those three.
+watermarks), ``vm_events`` (the other /proc/vmstat events: faults, swap, reclaim,
+compaction, migration), ``lru`` (pages per LRU list), ``deferred_split_queue`` (its
+length) and ``run`` (seed, trace digest, emulated time) extend it without changing those
+three; a scenario with swap also has ``events`` (pswpin, pswpout, as the oracle reports
+them) and ``swap_kb`` per region.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
         "zone": {"buddyinfo": m.zone.buddyinfo(), "nr_free": m.zone.nr_free,
                  "watermarks": dict(m.zone.wmark),
                  "min_free_kbytes": m.zone.min_free_kbytes},
+        # every other vm event the machine counts (reclaim, swap, compaction, faults)
+        "vm_events": {k: v for k, v in m.vmstat.events.items()
+                      if not k.startswith("thp_")},
+        "lru": dict(m.lruvec.nr_pages),
+        "deferred_split_queue": len(m.deferred_split_queue),
         "run": {"seed": m.sched.seed, "mode": m.sched.mode, "events": m.sched.seq,
                 "emulated_ns": m.sched.now, "trace_sha256": m.sched.trace.digest(),
                 "tlb_misses": list(m.tlb_stats)},
