@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect
+from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, task_mmu
 from kmm.pgtable import PAGE_SIZE
 
 
@@ -48,6 +48,11 @@ class Kernel:
         self.shadow[name] = {}
         self.lazy[name] = {}
         return Proc(self, task, m.sched.current.cpu or 0)
+
+    def smaps(self, proc: "Proc", addr: int, length: int) -> tuple[int, int]:
+        """(Rss kB, AnonHugePages kB) of the process over [addr, addr+length), as
+        /proc/PID/smaps sums them."""
+        return task_mmu.smaps_range(self.machine, proc.task.mm, addr, addr + length)
 
     def proc(self, name: str) -> "Proc":
         return Proc(self, self.machine.tasks[name], 0)
