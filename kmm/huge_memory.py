@@ -596,10 +596,17 @@ async def split_folio_to_list(m, folio, lst: list | None = None) -> int:
 
 async def split_huge_page_to_list_to_order(m, folio, lst: list | None,
                                            new_order: int) -> int:
-    """split_huge_page_to_list_to_order (__folio_split, uniform, to order 0): the
-    large folio becomes independent order-0 folios; its mappings are frozen into
-    migration entries meanwhile, so no CPU sees a half-split folio. Returns 0, or
-    -EAGAIN (extra references: ``thp_split_page_failed``), -EBUSY, -EINVAL.
+    """split_huge_page_to_list_to_order: __folio_split, uniform, to order 0 (the only
+    target order kmm models)."""
+    return await __folio_split(m, folio, lst, new_order)
+
+
+async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
+    """__folio_split (uniform, to order 0): the large folio becomes independent order-0
+    folios; its mappings are frozen into migration entries meanwhile, so no CPU sees a
+    half-split folio. Returns 0, or -EAGAIN (extra references), -EBUSY, -EINVAL;
+    ``thp_split_page`` or ``thp_split_page_failed`` for a PMD-order folio past the
+    argument checks.
 
     Unused pages are freed; with ``lst`` (reclaim) the new folios go on it, each with
     a reference, instead of on the LRU. Context: caller holds the folio lock and a
@@ -607,27 +614,26 @@ async def split_huge_page_to_list_to_order(m, folio, lst: list | None,
     """
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
-    if m.is_huge_zero_pfn(folio.pfn):
+    if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
         return -EBUSY
-    if folio.flags & PG_writeback:
-        return -EBUSY
-    counted = folio.order == HPAGE_PMD_ORDER
+    pmd_order = folio.order == HPAGE_PMD_ORDER
     anon_vma = folio.anon_vma
-    if anon_vma is None:
+    if anon_vma is None:  # folio_get_anon_vma failed
         ret = -EBUSY
     else:
         rwsem = anon_vma.root.rwsem
         await rwsem.down_write("__folio_split")
         ret = await _folio_split_locked(m, folio, lst)
         await rwsem.up_write()
-    if counted:
+    if pmd_order:
         m.vmstat.count_vm_event("thp_split_page" if ret == 0 else "thp_split_page_failed")
     await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=ret)
     return ret
 
 
 async def _folio_split_locked(m, folio, lst: list | None) -> int:
-    """__folio_split after anon_vma_lock_write: unmap, freeze, split, remap, free."""
+    """The body of __folio_split under anon_vma_lock_write: can_split_folio, unmap,
+    freeze, split, remap, free."""
     from kmm import migrate, swap
     if not can_split_folio(m, folio, 1):
         return -EAGAIN
