@@ -90,6 +90,91 @@ class DaemonContext:
         return ZoneState(z.nr_free, z.wmark["min"], z.wmark["low"], z.wmark["high"],
                          z.managed)
 
+    # --- reclaim (mm/vmscan.c), for kswapd
+    def kswapd_order(self) -> int:
+        """READ_ONCE(pgdat->kswapd_order): the highest order wakeup_kswapd asked for."""
+        from kmm import vmscan
+        return vmscan.NODE_DATA(self._m).kswapd_order
+
+    def set_kswapd_order(self, order: int) -> None:
+        """WRITE_ONCE(pgdat->kswapd_order, order)."""
+        from kmm import vmscan
+        vmscan.NODE_DATA(self._m).kswapd_order = order
+
+    def prepare_kswapd_sleep(self, order: int) -> bool:
+        """prepare_kswapd_sleep: may kswapd sleep? The zone is balanced for ``order``
+        (free pages above the high watermark), or the node is hopeless (reclaim failed
+        MAX_RECLAIM_RETRIES times in a row)."""
+        from kmm import vmscan
+        return vmscan.prepare_kswapd_sleep(self._m, order)
+
+    async def balance_pgdat(self, order: int) -> int:
+        """balance_pgdat: reclaim, at falling priority, until the zone is balanced for
+        ``order``; returns the order reclaim finished at (0 when a high-order goal was
+        dropped for fragmentation)."""
+        from kmm import vmscan
+        return await vmscan.balance_pgdat(self._m, order)
+
+    def count_vm_event(self, item: str) -> None:
+        """count_vm_event for the daemon's own events (kswapd_low_wmark_hit_quickly,
+        kswapd_high_wmark_hit_quickly)."""
+        self._m.vmstat.count_vm_event(item)
+
+    def kcompactd_work_requested(self) -> bool:
+        """kcompactd_work_requested: an allocation asked kcompactd for an order
+        (wakeup_kcompactd); the request stands until kcompactd_do_work serves it."""
+        from kmm import compaction
+        return compaction.kcompactd_work_requested(self._m)
+
+    async def kcompactd_do_work(self) -> str:
+        """kcompactd_do_work: compact the zone (MIGRATE_SYNC_LIGHT) until a free block
+        of the requested order exists or the scanners meet, unless compaction is
+        deferred or cannot help. Returns the enum compact_result name."""
+        from kmm import compaction
+        return (await compaction.kcompactd_do_work(self._m)).name
+
+    def wakeup_kcompactd(self, order: int) -> None:
+        """wakeup_kcompactd: ask kcompactd for a free block of ``order`` (kswapd does
+        before it sleeps: reclaim freed pages, compaction makes them a block)."""
+        from kmm import compaction
+        compaction.wakeup_kcompactd(self._m, order)
+
+    # -- khugepaged (mm/khugepaged.c): the mm_slot list, its cursor and the scan
+    def hugepage_pmd_enabled(self) -> bool:
+        """hugepage_pmd_enabled: PMD THPs may be made; khugepaged runs only then."""
+        from kmm import khugepaged
+        return khugepaged.hugepage_pmd_enabled(self._m)
+
+    def khugepaged_has_work(self) -> bool:
+        """khugepaged_has_work: some mm is registered and THPs are enabled."""
+        from kmm import khugepaged
+        return khugepaged.khugepaged_has_work(self._m)
+
+    def khugepaged_scan_at_head(self) -> bool:
+        """The scan cursor is NULL: the next mm scanned is the list's first, and a pass
+        over the list is complete (khugepaged_do_scan counts these)."""
+        return self._m.khugepaged_scan.mm_slot is None
+
+    async def khugepaged_scan_mm_slot(self, pages: int) -> tuple[int, str]:
+        """khugepaged_scan_mm_slot: scan the cursor's mm for up to ``pages`` of
+        progress (each PMD is HPAGE_PMD_NR, each passed-over VMA 1), collapsing what
+        may collapse with khugepaged's limits. Returns (progress, the last SCAN_*
+        result's name); finishing the last mm counts a full scan."""
+        from kmm import khugepaged
+        cc = khugepaged.CollapseControl(is_khugepaged=True)
+        progress, result = await khugepaged.khugepaged_scan_mm_slot(self._m, pages, cc)
+        return progress, result.name
+
+    @property
+    def khugepaged_sleep_expire(self) -> int:
+        """khugepaged_sleep_expire (emulated ns): a scan_sleep_millisecs or
+        alloc_sleep_millisecs write resets it to 0 and wakes khugepaged_wait."""
+        return self._m.khugepaged_scan.sleep_expire
+
+    @khugepaged_sleep_expire.setter
+    def khugepaged_sleep_expire(self, ns: int) -> None:
+        self._m.khugepaged_scan.sleep_expire = ns
+
 
 def start_daemon(m, daemon: Daemon) -> None:
     """Run a daemon as a daemon actor of the machine (the run ends without it)."""
@@ -107,8 +192,8 @@ class DaemonLoadError(Exception):
 
 def load_daemons(names=None) -> list:
     """The daemon classes installed under the ``kmm.daemons`` entry-point group (the
-    built-in kswapd and kcompactd come through the same door as third-party plug-ins),
-    validated on load. ``names`` selects some; unknown names are an error."""
+    built-in kswapd, kcompactd and khugepaged come through the same door as third-party
+    plug-ins), validated on load. ``names`` selects some; unknown names are an error."""
     from importlib.metadata import entry_points
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     wanted = sorted(found) if names is None else list(names)

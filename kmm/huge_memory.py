@@ -64,19 +64,26 @@ def thp_vma_suitable_order(vma, addr: int) -> bool:
     return vma.start <= haddr and haddr + HPAGE_PMD_SIZE <= vma.end
 
 
-def vma_thp_gfp_mask(m, vma) -> str:
-    """vma_thp_gfp_mask: how hard a THP fault may try, by the ``defrag`` knob."""
-    madvised = bool(vma.flags & VM_HUGEPAGE)
+def vma_thp_gfp_mask(m, vma) -> int:
+    """vma_thp_gfp_mask: how hard a THP fault may try, by the ``defrag`` knob.
+
+    always: stall in direct reclaim and compaction (not madvised: __GFP_NORETRY, give up
+    early); defer: wake kswapd/kcompactd and fail at once; defer+madvise: stall when
+    madvised, else wake them; madvise: stall when madvised, else nothing; never: nothing.
+    """
+    from kmm import gfp
+    madvised = vma is not None and bool(vma.flags & VM_HUGEPAGE)
     defrag = m.sysfs.defrag
     if defrag == "always":
-        return "GFP_TRANSHUGE"
+        return gfp.GFP_TRANSHUGE | (0 if madvised else gfp.__GFP_NORETRY)
     if defrag == "defer":
-        return "GFP_TRANSHUGE_DEFER"
+        return gfp.GFP_TRANSHUGE_LIGHT | gfp.__GFP_KSWAPD_RECLAIM
     if defrag == "defer+madvise":
-        return "GFP_TRANSHUGE" if madvised else "GFP_TRANSHUGE_DEFER"
+        return gfp.GFP_TRANSHUGE_LIGHT | (gfp.__GFP_DIRECT_RECLAIM if madvised
+                                          else gfp.__GFP_KSWAPD_RECLAIM)
     if defrag == "madvise":
-        return "GFP_TRANSHUGE" if madvised else "GFP_TRANSHUGE_LIGHT"
-    return "GFP_TRANSHUGE_LIGHT"
+        return gfp.GFP_TRANSHUGE_LIGHT | (gfp.__GFP_DIRECT_RECLAIM if madvised else 0)
+    return gfp.GFP_TRANSHUGE_LIGHT
 
 
 def is_huge_zero_pmd(m, pmd: int) -> bool:
@@ -164,7 +171,8 @@ async def set_huge_zero_folio(m, pgtable: int, mm, vma, haddr: int, pmd_tbl: int
 
 async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
     """vma_alloc_anon_folio_pmd: an order-9 folio, zeroed; thp_fault_fallback on failure."""
-    pfn = await page_alloc.alloc_pages(m, HPAGE_PMD_ORDER, vma_thp_gfp_mask(m, vma), "thp")
+    pfn = await page_alloc.vma_alloc_folio(m, vma_thp_gfp_mask(m, vma), HPAGE_PMD_ORDER,
+                                           vma, haddr)
     if pfn < 0:
         m.vmstat.count_vm_event("thp_fault_fallback")
         return -1
@@ -172,9 +180,11 @@ async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
     return pfn
 
 
-async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: int) -> None:
-    """map_anon_folio_pmd: install the PMD, add the rmap, count thp_fault_alloc and
-    queue the folio for the underused shrinker. Context: PMD lock held."""
+async def map_anon_folio_pmd_nopf(m, pfn: int, pmd_tbl: int, idx: int, vma,
+                                  haddr: int) -> None:
+    """map_anon_folio_pmd_nopf: install the PMD (dirty, writable if VM_WRITE), add the
+    rmap and the LRU, queue the folio for the underused shrinker; no fault counters
+    (collapse uses it). Context: PMD lock held."""
     folio = m.physmem.page(pfn)
     entry = pmd_mkdirty(pfn_pmd(pfn, vma.page_prot))
     if vma.flags & VM_WRITE:
@@ -182,9 +192,15 @@ async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: in
     await rmap.folio_add_new_anon_rmap(m, folio, vma, haddr, pmd=True)
     await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
     await m.entry_set("pmd", pmd_tbl, idx, entry)
+    await deferred_split_folio(m, folio, False)
+
+
+async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: int) -> None:
+    """map_anon_folio_pmd (map_anon_folio_pmd_pf): the _nopf mapping, then
+    MM_ANONPAGES and thp_fault_alloc. Context: PMD lock held."""
+    await map_anon_folio_pmd_nopf(m, pfn, pmd_tbl, idx, vma, haddr)
     vma.mm.rss_anon += HPAGE_PMD_NR
     m.vmstat.count_vm_event("thp_fault_alloc")
-    await deferred_split_folio(m, folio, False)
 
 
 async def __do_huge_pmd_anonymous_page(m, vmf, haddr: int) -> int:
@@ -555,6 +571,8 @@ async def deferred_split_folio(m, folio, partially_mapped: bool) -> None:
         return
     if not partially_mapped and not m.sysfs["shrink_underused"]:
         return
+    if folio.flags & PG_swapcache:
+        return  # reclaim is already handling it (it is being swapped out)
     await m.split_queue_lock.lock("deferred_split_folio")
     if partially_mapped and not folio.flags & PG_partially_mapped:
         folio.flags |= PG_partially_mapped

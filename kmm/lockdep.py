@@ -60,13 +60,18 @@ class Lockdep:
         if not self.enabled:
             return
         cls = lock.cls
-        for h in actor.held:
+        seen = set()  # the class checks once per held (class, subclass): a collapse
+        for h in actor.held:  # holds 512 folio locks
             hcls = h.lock.cls
             if h.lock is lock:
                 raise LockdepSplat(
                     "WARNING: possible recursive locking detected\n"
                     f"{actor.name} is trying to acquire {lock.name} at {site}\n"
                     f"but already holds it, taken at {h.site}")
+            key = (hcls, h.subclass)
+            if key in seen:
+                continue
+            seen.add(key)
             if hcls == cls:
                 if h.subclass == subclass:
                     raise LockdepSplat(

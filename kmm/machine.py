@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, page_alloc, swap, swapfile
+from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -92,7 +92,7 @@ class Machine:
         self._next_pid = 1
         self._next_mm = 1
         self._next_anon_vma = 1
-        self.khugepaged_mm_slots: list[MmStruct] = []
+        khugepaged.khugepaged_init(self)  # m.khugepaged_scan: the mm_slot list and cursor
         self.lruvec = swap.Lruvec(self.locks)
         self.swap_info = swapfile.swapon(self, config.swap)
         # registered shrinkers (shrinker_register): objects with count_objects(m) and

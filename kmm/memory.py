@@ -15,7 +15,7 @@ per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE table
 
 from __future__ import annotations
 
-from kmm import huge_memory, migrate, page_alloc, rmap, swap, tlb
+from kmm import huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_SHARED, VM_WRITE, MmStruct, VmArea
 from kmm.pgtable import (
@@ -24,6 +24,7 @@ from kmm.pgtable import (
     pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none, pte_pfn, pte_present, pte_special,
     pte_write, pud_index, pgd_index, table_pfn, is_pmd_migration_entry, is_swap_pmd,
     pmd_write, pte_mkold, pte_wrprotect, is_migration_entry,
+    swp_offset, _PAGE_SOFT_DIRTY, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY, _PAGE_SWP_UFFD_WP,
 )
 
 VM_FAULT_OOM = 0x1
@@ -578,27 +579,133 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
 # ---------------------------------------------------- non-present PTEs
 async def do_swap_page(m, vmf: Vmf) -> int:
     """do_swap_page: a migration entry waits for the split or move to finish (then the
-    CPU refaults); a swap entry is read back in."""
-    entry = vmf.orig_pte
-    if is_migration_entry(entry):
+    CPU refaults); a swap entry is read back in as an order-0 page (6.18 never swaps
+    in at PMD order). A synchronous device skips the swap cache when this PTE is the
+    slot's only reference; otherwise the folio comes through the swap cache, where the
+    slot's other page tables find it. The page is mapped writable when it is certainly
+    exclusive (a fresh page, or the swap PTE's exclusive bit) or only we hold it; a
+    write fault on a shared one goes on to do_wp_page.
+
+    Context: mmap_lock held for read; takes the folio lock, then the PTE lock.
+    """
+    orig = vmf.orig_pte
+    if is_migration_entry(orig):
         await migrate.migration_entry_wait(m, vmf)
         return 0
-    m.bug(f"do_swap_page: swap entry {entry:#x} without a swap device")
-    return 0
+    if m.swap_info is None or not swapfile.is_swap_entry(m, orig):
+        m.bug(f"do_swap_page: non-present PTE {orig:#x} is no swap entry")
+    vma = vmf.vma
+    mm = vma.mm
+    entry = swapfile.pte_to_swp_entry(orig)
+    folio = swapcache = await swap_state.swap_cache_get_folio(m, entry)
+    direct = False
+    if folio is None:
+        if (m.swap_info.flags & swapfile.SWP_SYNCHRONOUS_IO
+                and swapfile.__swap_count(m, entry) == 1):
+            res = await swap_state.swapin_direct(m, entry)  # skip the swap cache
+            if isinstance(res, int):  # another fault is swapping it in: relax, refault
+                await m.sched.sleep(swap_state.JIFFY_NS)
+                return 0
+            folio, direct = res, res is not None
+        else:
+            folio = swapcache = await swap_state.swapin_readahead(m, entry)
+        if folio is None:  # VM_FAULT_OOM unless someone else faulted it in meanwhile
+            res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+            if res is None:
+                return 0
+            tbl, ptl = res
+            same = await m.entry_read("pte", tbl, vmf.pte_idx) == orig
+            await ptl.unlock()
+            return VM_FAULT_OOM if same else 0
+        m.vmstat.count_vm_event("pgmajfault")  # had to read it: a major fault
+    lk = m.folio_lock_of(folio)
+    await lk.lock("do_swap_page")  # folio_lock_or_retry
+    res = None
+    if swapcache is None or swap_state.folio_matches_swap_entry(folio, entry):
+        res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+        if res is not None and await m.entry_read("pte", res[0], vmf.pte_idx) != orig:
+            await res[1].unlock()  # out_nomap: another fault mapped it first
+            res = None
+    if res is None:
+        await lk.unlock()
+        await m.folio_put(folio)
+        if direct:
+            await swapfile.swapcache_clear(m, entry)
+        return 0
+    tbl, ptl = res
+    # exclusive: certainly for a page the swap cache never saw; else the swap PTE's
+    # bit says so. Fork cannot clear the bit in the parent's PTE here (copy_pte_range
+    # does not pass it), so the bit is trusted only while nothing else can reach the
+    # data: no other swap PTE (count 1) and no mapping of the cached folio.
+    exclusive = bool(orig & _PAGE_SWP_EXCLUSIVE)
+    if folio is not swapcache:
+        exclusive = True
+    elif exclusive and (swapfile.__swap_count(m, entry) != 1 or rmap.folio_mapped(folio)):
+        exclusive = False
+    await swapfile.swap_free_nr(m, entry, 1)
+    if swap_state.should_try_to_free_swap(m, folio, vma, vmf.write):
+        await swapfile.folio_free_swap(m, folio)
+    mm.rss_anon += 1
+    mm.swapents -= 1
+    pfn = folio.pfn
+    if swapcache is not None and folio.order:
+        pfn += swp_offset(entry) - swp_offset(folio.swap)
+    pte = pfn_pte(pfn, vma.page_prot)
+    if orig & _PAGE_SWP_SOFT_DIRTY:
+        pte |= _PAGE_SOFT_DIRTY
+    write_done = False
+    if exclusive or folio.refcount == 1:  # our reference is the only one
+        if vma.flags & VM_WRITE:
+            pte = pte_mkwrite(pte)
+            if vmf.write:
+                pte = pte_mkdirty(pte)
+                write_done = True
+        exclusive = True
+    # the reference we hold becomes the mapping's
+    if folio.anon_vma is None:
+        await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+        if not exclusive:  # __folio_set_anon: a shared folio takes the oldest anon_vma
+            folio.anon_vma = vma.anon_vma.root
+            folio.flags &= ~PG_anon_exclusive
+    else:
+        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
+    await m.entry_set("pte", tbl, vmf.pte_idx, pte)
+    await lk.unlock()
+    ret = 0
+    if vmf.write and not write_done:
+        vmf.orig_pte, vmf.pte_tbl, vmf.ptl = pte, tbl, ptl
+        ret = await do_wp_page(m, vmf)  # drops the PTE lock
+    else:
+        await ptl.unlock()
+    if direct:  # the slot's claim goes only after the PTE lock (need_clear_cache)
+        await swapfile.swapcache_clear(m, entry)
+    return ret
 
 
 async def zap_nonpresent_ptes(m, mm: MmStruct, entry: int) -> None:
     """zap_nonpresent_ptes: a migration entry is simply dropped (it holds no reference
-    of its own; the rmap walk that made it keeps the page)."""
+    of its own; the rmap walk that made it keeps the page); a swap entry gives its
+    slot reference back (free_swap_and_cache: the slot is freed, and its swap cache
+    folio dropped, once nothing references it). Context: PTE lock held."""
     if is_migration_entry(entry):
         mm.rss_anon -= 1
         return
-    m.bug(f"zap of swap entry {entry:#x} without a swap device")
+    if not swapfile.is_swap_entry(m, entry):
+        m.bug(f"zap of unknown non-present PTE {entry:#x}")
+    mm.swapents -= 1
+    await swapfile.free_swap_and_cache(m, swapfile.pte_to_swp_entry(entry))
 
 
 async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int) -> int:
-    """copy_nonpresent_pte: the child gets the same migration entry."""
-    if not is_migration_entry(entry):
-        m.bug(f"fork of swap entry {entry:#x} without a swap device")
-    dst_mm.rss_anon += 1
-    return entry
+    """copy_nonpresent_pte: the child gets the same migration entry; a swap entry is
+    shared (swap_duplicate: one more reference on the slot), and the child's copy is no
+    longer exclusive. Context: both PTE locks held."""
+    if is_migration_entry(entry):
+        dst_mm.rss_anon += 1
+        return entry
+    if not swapfile.is_swap_entry(m, entry):
+        m.bug(f"fork of unknown non-present PTE {entry:#x}")
+    if await swapfile.swap_duplicate(m, swapfile.pte_to_swp_entry(entry)) < 0:
+        m.bug(f"fork: swap entry {entry:#x} has no slot")
+    dst_mm.swapents += 1
+    return entry & ~(_PAGE_SWP_EXCLUSIVE | _PAGE_SWP_UFFD_WP)

@@ -154,7 +154,7 @@ async def do_munmap(m, task, start: int, length: int) -> int | str:
 
 async def exit_mmap(m, mm: MmStruct) -> None:
     """exit_mmap: unmap everything, free every table, drop the huge zero reference."""
-    khugepaged.khugepaged_exit(m, mm)
+    await khugepaged.khugepaged_exit(m, mm)
     await mm.mmap_lock.down_write("exit_mmap")
     victims = list(mm.vmas)
     mm.vmas.clear()

@@ -1,44 +1,68 @@
-"""The buddy page allocator: one zone, orders 0..10, as an actor.
+"""The buddy page allocator: one zone, orders 0..10, as an actor; and the allocation
+slow path. mm/page_alloc.c (with the THP part of mm/mempolicy.c's alloc_pages_mpol);
+the gfp masks are in kmm/gfp.py.
 
-mm/page_alloc.c. The zone is owned by the ``page_alloc`` actor; callers send it
-``AllocPages``/``FreePages`` messages (runtime/msgs.py) and the handler runs under
-``zone.lock``. Free lists are LIFO (the kernel takes from and adds to the list head).
-Frames above ``untouched`` were never handed out and count as free order-10 blocks, so
-start-up costs nothing whatever the memory size.
+The zone is owned by the ``page_alloc`` actor; callers send it ``AllocPages``,
+``FreePages`` and ``IsolateFreePage`` messages (runtime/msgs.py) and the handler runs
+under ``zone.lock``. Free lists are LIFO (the kernel takes from and adds to the list
+head). Frames above ``untouched`` were never handed out and count as free order-10
+blocks, so start-up costs nothing whatever the memory size.
+
+``alloc_pages`` is the fast path: one message asking for a block above the low
+watermark. When that fails, ``__alloc_pages_slowpath`` runs in the *caller's* actor, as
+in the kernel (the zone actor never re-enters itself): wake kswapd, retry at the min
+watermark, then, as the gfp mask allows, direct compaction (kmm/compaction.py), direct
+reclaim (kmm/vmscan.py, when present) and compaction again, with the kernel's rules for
+``__GFP_NORETRY`` and costly orders. gfp masks are the kernel's bits (gfp_types.h); the
+kernel's composite names (``GFP_KERNEL``, ``GFP_TRANSHUGE``...) are accepted too.
 
 Watermarks follow ``__setup_per_zone_wmarks``: min from min_free_kbytes (raised by
 khugepaged's ``set_recommended_min_free_kbytes`` while THP is enabled), low and high
 ``watermark_scale_factor`` above it. What the model leaves out: per-CPU page lists,
-migrate types and pageblocks, zones other than Normal, memcg charging; reclaim and
-compaction arrive through ``Zone.reclaim_hooks`` (the reclaim issue fills them in).
+migrate types and pageblock stealing (so mobility grouping does not keep unmovable pages
+together), the highatomic and CMA reserves, zones other than Normal, memcg charging,
+cpusets, the OOM killer (an allocation that would invoke it fails), and compaction's
+capture of a freed page.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from math import isqrt
 
+from kmm.gfp import (
+    GFP, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM, __GFP_MEMALLOC,
+    __GFP_MOVABLE, __GFP_NOMEMALLOC, __GFP_NORETRY, __GFP_RETRY_MAYFAIL, __GFP_THISNODE,
+    format_gfp, gfp_compaction_allowed,
+)
 from kmm.mm_types import PG_head, PGTY_buddy
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SIZE
-from kmm.runtime.msgs import AllocPages, FreePages, PageReply
+from kmm.runtime.msgs import AllocPages, FreePages, IsolateFreePage, PageReply
 
 MAX_PAGE_ORDER = 10
 NR_ORDERS = MAX_PAGE_ORDER + 1
 MAX_BLOCK = 1 << MAX_PAGE_ORDER
-pageblock_nr_pages = 1 << HPAGE_PMD_ORDER
+pageblock_order = HPAGE_PMD_ORDER
+pageblock_nr_pages = 1 << pageblock_order
 MIGRATE_PCPTYPES = 3
 WATERMARK_SCALE_FACTOR = 10  # /proc/sys/vm/watermark_scale_factor default
+PAGE_ALLOC_COSTLY_ORDER = 3
+MAX_RECLAIM_RETRIES = 16
+MAX_COMPACT_RETRIES = 16
 
 COST_RMQUEUE = 100  # ns
+COST_WMARK_CHECK = 20  # ns: a failed get_page_from_freelist (watermark check only)
 
-# gfp masks by name, with the two properties the model uses
-GFP = {
-    # name: (may wake kswapd, may direct reclaim/compact)
-    "GFP_HIGHUSER_MOVABLE": (True, True),   # 4K anonymous pages
-    "GFP_PGTABLE_USER": (True, True),       # page-table pages (GFP_KERNEL_ACCOUNT|__GFP_ZERO)
-    "GFP_TRANSHUGE": (True, True),          # defrag stalls: direct reclaim + compaction
-    "GFP_TRANSHUGE_DEFER": (True, False),   # defrag=defer: wake kswapd/kcompactd, no stall
-    "GFP_TRANSHUGE_LIGHT": (False, False),  # no reclaim at all: fail fast
-}
+# alloc_flags (mm/internal.h)
+ALLOC_WMARK_MIN, ALLOC_WMARK_LOW, ALLOC_WMARK_HIGH = 0, 1, 2
+ALLOC_WMARK_MASK = 3
+ALLOC_NO_WATERMARKS = 0x04    # __GFP_MEMALLOC: the reserves too
+ALLOC_MIN_RESERVE = 0x08      # __GFP_HIGH: may dip into half the min reserve
+ALLOC_NON_BLOCK = 0x10        # cannot block: a quarter more
+ALLOC_CMA = 0x80
+ALLOC_KSWAPD = 0x800          # __GFP_KSWAPD_RECLAIM: the slow path wakes kswapd
+WMARK_NAMES = ("min", "low", "high")
 
 
 def min_free_kbytes(managed_pages: int, thp_enabled: bool) -> int:
@@ -55,12 +79,15 @@ def min_free_kbytes(managed_pages: int, thp_enabled: bool) -> int:
 
 
 class Zone:
-    """struct zone (ZONE_NORMAL) with its free_area[] and watermarks."""
+    """struct zone (ZONE_NORMAL) with its free_area[], watermarks and the compaction
+    state that mm/compaction.c keeps in it (deferral, cached scanner positions), plus
+    the node's kcompactd request (pgdat->kcompactd_max_order: one node, one zone)."""
 
     def __init__(self, machine, nr_pages: int) -> None:
         self.machine = machine
         self.physmem = machine.physmem
         self.nr_pages = nr_pages
+        self.zone_start_pfn = 0
         self.free_area: list[dict[int, None]] = [{} for _ in range(NR_ORDERS)]
         self.free_order: dict[int, int] = {}  # block head pfn -> order, for every free block
         self.untouched = 0
@@ -75,8 +102,26 @@ class Zone:
                 pfn += 1 << order
         self.lock = machine.locks.spinlock("zone_lock", "zone.Normal")
         self.actor = machine.sched.server("page_alloc", self.handle, kind="allocator")
-        self.reclaim_hooks = None  # (wakeup_kswapd, try_to_free_pages, try_to_compact)
+        # compaction (mm/compaction.c): deferral and where the scanners restart
+        self.compact_considered = 0
+        self.compact_defer_shift = 0
+        self.compact_order_failed = 0
+        self.compact_init_migrate_pfn = self.zone_start_pfn
+        self.compact_cached_migrate_pfn = [0, 0]  # [async, sync]
+        self.compact_cached_free_pfn = 0
+        self.kcompactd_max_order = 0
+        self.reset_cached_positions()
         self.set_watermarks(thp_enabled=True)
+
+    @property
+    def zone_end_pfn(self) -> int:
+        return self.zone_start_pfn + self.nr_pages
+
+    def reset_cached_positions(self) -> None:
+        """reset_cached_positions: the migrate scanner restarts at the zone's start,
+        the free scanner at its last pageblock."""
+        self.compact_cached_migrate_pfn = [self.zone_start_pfn, self.zone_start_pfn]
+        self.compact_cached_free_pfn = (self.zone_end_pfn - 1) & ~(pageblock_nr_pages - 1)
 
     # ----------------------------------------------------------- watermarks
     def set_watermarks(self, thp_enabled: bool) -> None:
@@ -86,12 +131,27 @@ class Zone:
         step = max(wmin // 4, self.managed * WATERMARK_SCALE_FACTOR // 10000)
         self.wmark = {"min": wmin, "low": wmin + step, "high": wmin + 2 * step}
 
-    def zone_watermark_ok(self, order: int, mark: int) -> bool:
+    def wmark_pages(self, alloc_flags: int) -> int:
+        """wmark_pages(zone, alloc_flags & ALLOC_WMARK_MASK)."""
+        return self.wmark[WMARK_NAMES[alloc_flags & ALLOC_WMARK_MASK]]
+
+    def zone_watermark_ok(self, order: int, mark: int, alloc_flags: int = 0,
+                          free_pages: int | None = None) -> bool:
         """__zone_watermark_ok: enough free pages above the mark, and a block of the order."""
-        if self.nr_free - (1 << order) + 1 <= mark:
+        free = self.nr_free if free_pages is None else free_pages
+        if alloc_flags & (ALLOC_MIN_RESERVE | ALLOC_NON_BLOCK):  # ALLOC_RESERVES
+            if alloc_flags & ALLOC_MIN_RESERVE:
+                mark -= mark // 2
+            if alloc_flags & ALLOC_NON_BLOCK:
+                mark -= mark // 4
+        if free - (1 << order) + 1 <= mark:
             return False
         if order == 0:
             return True
+        return self.has_free_block(order)
+
+    def has_free_block(self, order: int) -> bool:
+        """Some free block of at least ``order`` (free_area_empty over order..10)."""
         for o in range(order, NR_ORDERS):
             if self.free_area[o]:
                 return True
@@ -156,39 +216,35 @@ class Zone:
         if isinstance(msg, FreePages):
             await self._free(msg.pfn, msg.order)
             return PageReply(msg.pfn)
+        if isinstance(msg, IsolateFreePage):
+            return PageReply(await self._isolate_free_page(msg.pfn, msg.order))
         raise TypeError(f"page_alloc: unexpected message {msg!r}")
 
     async def _alloc(self, msg: AllocPages) -> int:
-        """__alloc_pages: fast path at the low mark; slow path per gfp; prep_new_page."""
+        """get_page_from_freelist for one zone, then prep_new_page."""
         order = msg.order
-        wake_kswapd, may_reclaim = GFP[msg.gfp]
-        pfn = await self._get_page_from_freelist(order, self.wmark["low"])
-        if pfn < 0:
-            hooks = self.reclaim_hooks
-            if wake_kswapd and hooks is not None:
-                await hooks.wakeup_kswapd(order)
-            pfn = await self._get_page_from_freelist(order, self.wmark["min"])
-            if pfn < 0 and may_reclaim and hooks is not None:
-                pfn = await hooks.direct_reclaim_compact(self, order, msg.gfp)
         sched = self.machine.sched
+        pfn = await self._get_page_from_freelist(order, msg.alloc_flags)
         if pfn < 0:
             if sched.fast:
-                sched.tick(1)
+                sched.tick(COST_WMARK_CHECK)
             else:
-                await sched.point("mm_page_alloc_fail", order=order, gfp=msg.gfp,
-                                  purpose=msg.purpose)
+                await sched.point("get_page_from_freelist", COST_WMARK_CHECK, order=order,
+                                  wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
+                                  gfp_flags=msg.gfp, pfn=-1)
             return -1
         self._prep_new_page(pfn, order)
         if sched.fast:
             sched.tick(1)
         else:
-            await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp=msg.gfp,
+            await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
                               purpose=msg.purpose)
         self.machine.vmstat.count_vm_event("pgalloc_normal", 1 << order)
         return pfn
 
-    async def _get_page_from_freelist(self, order: int, mark: int) -> int:
-        if not self.zone_watermark_ok(order, mark):
+    async def _get_page_from_freelist(self, order: int, alloc_flags: int) -> int:
+        if not alloc_flags & ALLOC_NO_WATERMARKS and not self.zone_watermark_ok(
+                order, self.wmark_pages(alloc_flags), alloc_flags):
             return -1
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
@@ -228,6 +284,29 @@ class Zone:
         await self.lock.unlock()
         self.machine.vmstat.count_vm_event("pgfree", 1 << order)
 
+    async def _isolate_free_page(self, pfn: int, order: int) -> int:
+        """__isolate_free_page under zone->lock, for compaction's free scanner: take a
+        free block off its list if it is still free at that order and the order-0
+        watermark (min + the block) holds. Returns the pfn; -1 if the block is no
+        longer free at that order, -2 if the watermark stops it."""
+        await self.lock.lock("isolate_freepages_block")
+        ret = pfn
+        if self.free_order.get(pfn) != order:
+            ret = -1
+        elif not self.zone_watermark_ok(0, self.wmark["min"] + (1 << order)):
+            ret = -2
+        else:
+            self._del(pfn, order)
+            self.nr_free -= 1 << order
+        sched = self.machine.sched
+        if sched.fast:
+            sched.tick(COST_RMQUEUE)
+        else:
+            await sched.point("isolate_free_page", COST_RMQUEUE, pfn=pfn, order=order,
+                              ret=ret)
+        await self.lock.unlock()
+        return ret
+
     # ------------------------------------------------------------ invariants
     def check(self) -> list[str]:
         """Free lists consistent: aligned, disjoint, counted, no in-use page inside."""
@@ -262,23 +341,263 @@ class Zone:
                     errs.append(f"page in a free block is in use: {pg!r}")
         return errs
 
-    def is_free(self, pfn: int) -> bool:
+    def free_block_at(self, pfn: int) -> tuple[int, int] | None:
+        """The free block holding pfn, as (head pfn, order), or None (PageBuddy and
+        buddy_order of the block's head)."""
         if self.untouched <= pfn < self.untouched_end:
-            return True
+            return pfn & ~(MAX_BLOCK - 1), MAX_PAGE_ORDER
+        fo = self.free_order
         for order in range(NR_ORDERS):
             head = pfn & ~((1 << order) - 1)
-            if self.free_order.get(head) == order:
-                return True
-        return False
+            if fo.get(head) == order:
+                return head, order
+        return None
+
+    def is_free(self, pfn: int) -> bool:
+        return self.free_block_at(pfn) is not None
 
 
-async def alloc_pages(m, order: int, gfp: str, purpose: str) -> int:
-    """alloc_pages: a message to the page_alloc actor. Returns the pfn, or -1."""
-    reply = await m.sched.call(m.zone.actor, AllocPages(order, gfp, purpose))
+# ------------------------------------------------------------------ allocation
+async def alloc_pages(m, order: int, gfp, purpose: str) -> int:
+    """alloc_pages / __alloc_pages: the fast path (get_page_from_freelist at the low
+    watermark, one message to the zone actor), then __alloc_pages_slowpath in the
+    caller's context. ``gfp`` is a mask or a composite name. Returns the pfn, or -1."""
+    if isinstance(gfp, str):
+        gfp = GFP[gfp]
+    reply = await m.sched.call(m.zone.actor, AllocPages(order, format_gfp(gfp), purpose,
+                                                        ALLOC_WMARK_LOW))
+    if reply.pfn >= 0:
+        return reply.pfn
+    return await __alloc_pages_slowpath(m, order, gfp, purpose)
+
+
+async def vma_alloc_folio(m, gfp: int, order: int, vma, addr: int) -> int:
+    """vma_alloc_folio -> alloc_pages_mpol (mm/mempolicy.c, the default local policy):
+    a PMD-order folio is first tried on the local node only with __GFP_NORETRY ("don't
+    reclaim unnecessarily, just compact"), and only a mask that allows direct reclaim
+    tries again the ordinary way. Returns the pfn, or -1."""
+    if order == HPAGE_PMD_ORDER:
+        pfn = await alloc_pages(m, order, gfp | __GFP_THISNODE | __GFP_NORETRY, "thp")
+        if pfn >= 0 or not gfp & __GFP_DIRECT_RECLAIM:
+            return pfn
+    return await alloc_pages(m, order, gfp, "thp" if order else "anon")
+
+
+async def get_page_from_freelist(m, order: int, gfp: int, alloc_flags: int,
+                                 purpose: str) -> int:
+    """get_page_from_freelist: one attempt at the watermark alloc_flags names."""
+    reply = await m.sched.call(m.zone.actor, AllocPages(order, format_gfp(gfp), purpose,
+                                                        alloc_flags))
     return reply.pfn
+
+
+def gfp_to_alloc_flags(gfp: int, order: int) -> int:
+    """gfp_to_alloc_flags: the slow path works at the min watermark; __GFP_HIGH and
+    non-blocking callers may dip below it; __GFP_KSWAPD_RECLAIM wakes kswapd."""
+    alloc_flags = ALLOC_WMARK_MIN
+    if gfp & __GFP_HIGH:
+        alloc_flags |= ALLOC_MIN_RESERVE
+    if gfp & __GFP_KSWAPD_RECLAIM:
+        alloc_flags |= ALLOC_KSWAPD
+    if not gfp & __GFP_DIRECT_RECLAIM and not gfp & __GFP_NOMEMALLOC:
+        alloc_flags |= ALLOC_NON_BLOCK
+    if gfp & __GFP_MOVABLE:
+        alloc_flags |= ALLOC_CMA  # gfp_to_alloc_flags_cma
+    return alloc_flags
+
+
+def _vmscan():
+    """kmm.vmscan (reclaim), when this tree has it."""
+    if importlib.util.find_spec("kmm.vmscan") is None:
+        return None
+    from kmm import vmscan
+    return vmscan
+
+
+async def wake_all_kswapds(m, order: int, gfp: int) -> None:
+    """wake_all_kswapds -> wakeup_kswapd (mm/vmscan.c), which hands a high-order
+    request that may not stall to kcompactd when kswapd cannot help (node balanced or
+    hopeless). Without a reclaim mechanism in the tree the node is as good as hopeless,
+    and the request goes to kcompactd here."""
+    from kmm import compaction
+    vmscan = _vmscan()
+    if vmscan is not None and hasattr(vmscan, "wakeup_kswapd"):
+        r = vmscan.wakeup_kswapd(m, order, gfp)
+        if inspect.isawaitable(r):
+            await r
+    elif not gfp & __GFP_DIRECT_RECLAIM:
+        compaction.wakeup_kcompactd(m, order)
+
+
+async def __perform_reclaim(m, order: int, gfp: int) -> int:
+    """__perform_reclaim: try_to_free_pages in the allocating task; pages reclaimed."""
+    vmscan = _vmscan()
+    if vmscan is None or not hasattr(vmscan, "try_to_free_pages"):
+        return 0
+    return await vmscan.try_to_free_pages(m, order, gfp)
+
+
+async def __alloc_pages_direct_reclaim(m, order: int, gfp: int, alloc_flags: int,
+                                       purpose: str) -> tuple[int, int]:
+    """__alloc_pages_direct_reclaim: reclaim, then one more attempt if it made progress
+    (no per-CPU lists to drain). Returns (pfn or -1, pages reclaimed)."""
+    progress = await __perform_reclaim(m, order, gfp)
+    if not progress:
+        return -1, 0
+    return await get_page_from_freelist(m, order, gfp, alloc_flags, purpose), progress
+
+
+async def __alloc_pages_direct_compact(m, order: int, gfp: int, alloc_flags: int,
+                                       purpose: str, prio):
+    """__alloc_pages_direct_compact: try_to_compact_pages, then an allocation attempt.
+    compact_stall counts every run that was not skipped (a deferred one too),
+    compact_success / compact_fail whether the allocation then succeeded.
+    Returns (pfn or -1, enum compact_result)."""
+    from kmm import compaction
+    if not order:
+        return -1, compaction.CompactResult.COMPACT_SKIPPED
+    result = await compaction.try_to_compact_pages(m, order, gfp, alloc_flags, prio)
+    if result == compaction.CompactResult.COMPACT_SKIPPED:
+        return -1, result
+    ev = m.vmstat
+    ev.count_vm_event("compact_stall")
+    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+    if pfn >= 0:
+        compaction.compaction_defer_reset(m.zone, order, True)
+        ev.count_vm_event("compact_success")
+    else:
+        ev.count_vm_event("compact_fail")
+    return pfn, result
+
+
+def zone_reclaimable_pages(m) -> int:
+    """zone_reclaimable_pages: file LRU pages, and anon ones while swap has room."""
+    vmscan = _vmscan()
+    if vmscan is not None and hasattr(vmscan, "zone_reclaimable_pages"):
+        return vmscan.zone_reclaimable_pages(m)
+    from kmm import swapfile
+    nr = m.lruvec.nr_pages
+    n = nr["inactive_file"] + nr["active_file"]
+    if swapfile.get_nr_swap_pages(m) > 0:  # can_reclaim_anon_pages
+        n += nr["inactive_anon"] + nr["active_anon"]
+    return n
+
+
+def should_reclaim_retry(m, order: int, alloc_flags: int, did_some_progress: bool,
+                         no_progress_loops: int) -> tuple[bool, int]:
+    """should_reclaim_retry: retry while reclaiming everything reclaimable could meet
+    the min watermark, at most MAX_RECLAIM_RETRIES rounds without progress (costly
+    orders count every round). Returns (retry, no_progress_loops)."""
+    if did_some_progress and order <= PAGE_ALLOC_COSTLY_ORDER:
+        no_progress_loops = 0
+    else:
+        no_progress_loops += 1
+    if no_progress_loops > MAX_RECLAIM_RETRIES:
+        return False, no_progress_loops
+    z = m.zone
+    available = zone_reclaimable_pages(m) + z.nr_free
+    return z.zone_watermark_ok(order, z.wmark["min"], alloc_flags, available), no_progress_loops
+
+
+def should_compact_retry(m, order: int, alloc_flags: int, compact_result, prio,
+                         retries: int):
+    """should_compact_retry: after a skipped run retry if compaction could now run;
+    after a success (lost to a race) retry a few times; after a failure raise the
+    priority down to MIN_COMPACT(_COSTLY)_PRIORITY. Returns (retry, prio, retries)."""
+    from kmm import compaction
+    CR = compaction.CompactResult
+    if not order:
+        return False, prio, retries
+    if compact_result == CR.COMPACT_SKIPPED:
+        z = m.zone
+        ok = compaction.compaction_suitable(z, order, z.wmark_pages(alloc_flags))
+        return ok, prio, retries
+    if compact_result == CR.COMPACT_SUCCESS:
+        max_retries = MAX_COMPACT_RETRIES
+        if order > PAGE_ALLOC_COSTLY_ORDER:
+            max_retries //= 4
+        retries += 1
+        if retries <= max_retries:
+            return True, prio, retries
+    min_priority = (compaction.MIN_COMPACT_COSTLY_PRIORITY if order > PAGE_ALLOC_COSTLY_ORDER
+                    else compaction.MIN_COMPACT_PRIORITY)
+    if prio > min_priority:
+        return True, prio - 1, 0
+    return False, prio, retries
+
+
+async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
+    """__alloc_pages_slowpath, in the allocating actor's context. Returns pfn or -1."""
+    from kmm import compaction
+    CR = compaction.CompactResult
+    can_direct_reclaim = bool(gfp & __GFP_DIRECT_RECLAIM)
+    can_compact = gfp_compaction_allowed(gfp)
+    costly_order = order > PAGE_ALLOC_COSTLY_ORDER
+    compact_result = CR.COMPACT_SKIPPED
+    compact_priority = compaction.DEF_COMPACT_PRIORITY
+    compaction_retries = 0
+    no_progress_loops = 0
+    alloc_flags = gfp_to_alloc_flags(gfp, order)
+    if alloc_flags & ALLOC_KSWAPD:
+        await wake_all_kswapds(m, order, gfp)
+    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+    if pfn >= 0:
+        return pfn
+    # Costly orders (and unmovable high orders) try compaction before reclaim: there
+    # are likely enough free base pages, just not together.
+    if can_direct_reclaim and can_compact and (
+            costly_order or (order > 0 and not gfp & __GFP_MOVABLE)):
+        pfn, compact_result = await __alloc_pages_direct_compact(
+            m, order, gfp, alloc_flags, purpose, compaction.INIT_COMPACT_PRIORITY)
+        if pfn >= 0:
+            return pfn
+        if costly_order and gfp & __GFP_NORETRY:
+            # THP faults: if compaction could not even run (too little free memory, or
+            # deferred after recent failures) reclaim is not worth it either
+            if compact_result in (CR.COMPACT_SKIPPED, CR.COMPACT_DEFERRED):
+                return -1
+            compact_priority = compaction.INIT_COMPACT_PRIORITY  # stay async
+    while True:  # retry:
+        if alloc_flags & ALLOC_KSWAPD:
+            await wake_all_kswapds(m, order, gfp)
+        if gfp & __GFP_MEMALLOC and not gfp & __GFP_NOMEMALLOC:  # __gfp_pfmemalloc_flags
+            alloc_flags = ALLOC_NO_WATERMARKS | alloc_flags & (ALLOC_KSWAPD | ALLOC_CMA)
+        pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+        if pfn >= 0:
+            return pfn
+        if not can_direct_reclaim:
+            return -1
+        pfn, progress = await __alloc_pages_direct_reclaim(m, order, gfp, alloc_flags,
+                                                           purpose)
+        if pfn >= 0:
+            return pfn
+        pfn, compact_result = await __alloc_pages_direct_compact(
+            m, order, gfp, alloc_flags, purpose, compact_priority)
+        if pfn >= 0:
+            return pfn
+        if gfp & __GFP_NORETRY:
+            return -1
+        if costly_order and (not can_compact or not gfp & __GFP_RETRY_MAYFAIL):
+            return -1
+        retry, no_progress_loops = should_reclaim_retry(m, order, alloc_flags,
+                                                        progress > 0, no_progress_loops)
+        if retry:
+            continue
+        if progress > 0 and can_compact:
+            retry, compact_priority, compaction_retries = should_compact_retry(
+                m, order, alloc_flags, compact_result, compact_priority, compaction_retries)
+            if retry:
+                continue
+        return -1  # __alloc_pages_may_oom: no OOM killer in the model
 
 
 async def free_pages(m, pfn: int, order: int) -> None:
     """__free_pages: the page's last reference is gone; return it to the buddy lists."""
     await m.sched.call(m.zone.actor, FreePages(pfn, order))
 
+
+async def isolate_free_page(m, pfn: int, order: int) -> int:
+    """__isolate_free_page, for compaction: a message to the zone actor. The pfn; -1
+    if the block was allocated or merged meanwhile, -2 below the watermark."""
+    reply = await m.sched.call(m.zone.actor, IsolateFreePage(pfn, order))
+    return reply.pfn

@@ -8,7 +8,7 @@ memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
 from __future__ import annotations
 
 from kmm import tlb
-from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid
+from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid, pmd_trans_huge
 
 
 def _assert_pmd_locked(m, pmd_tbl: int, what: str) -> None:
@@ -56,4 +56,19 @@ async def pmdp_huge_clear_flush(m, vma, haddr: int, pmd_tbl: int, idx: int) -> i
     """pmdp_huge_clear_flush: clear the PMD, then flush the 2 MiB range."""
     old = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
     await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
+    return old
+
+
+async def pmdp_collapse_flush(m, vma, address: int, pmd_tbl: int, idx: int) -> int:
+    """pmdp_collapse_flush: clear a PMD that points to a PTE table (the table is now
+    detached) and flush the 2 MiB range on every CPU: after this no CPU can reach the
+    old pages through a cached translation. Returns the old entry. Context: PMD lock
+    held (and the mmap write lock: a collapse)."""
+    if address & (HPAGE_PMD_SIZE - 1):
+        m.bug(f"pmdp_collapse_flush: {address:#x} is not PMD-aligned")
+    old = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+    if pmd_trans_huge(old):
+        m.bug(f"pmdp_collapse_flush: PMD {pmd_tbl:#x}[{idx}] is huge")
+    # collapse entails shooting down ptes, not the pmd
+    await tlb.flush_tlb_mm_range(m, vma.mm, address, address + HPAGE_PMD_SIZE)
     return old

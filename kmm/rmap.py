@@ -410,31 +410,47 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
             if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
                 pfn = pte_pfn(ent)
                 page = m.physmem.page(pfn)
-                old = await m.entry_get_and_clear("pte", tbl, i)
-                cleared = True
                 if lazyfree:
-                    if pte_dirty(old) or folio.flags & PG_dirty:
-                        # redirtied after MADV_FREE: keep it, as swap-backed again
-                        await m.entry_set("pte", tbl, i, old)
+                    # folio_unmap_pte_batch: a lazyfree folio's consecutive PTEs in this
+                    # table go together, so it is never left partially mapped
+                    nr = 1
+                    while (a + nr * PAGE_SIZE < nxt and pfn + nr < folio.pfn + folio.nr_pages
+                           and pte_pfn(m.physmem.tables[tbl][i + nr]) == pfn + nr
+                           and pte_present(m.physmem.tables[tbl][i + nr])):
+                        nr += 1
+                    olds = [await m.entry_get_and_clear("pte", tbl, i + j) for j in range(nr)]
+                    cleared = True
+                    if any(pte_dirty(o) for o in olds):
+                        folio.flags |= PG_dirty
+                    if folio.flags & PG_dirty:
+                        # written since MADV_FREE: it cannot be discarded; remap it and
+                        # make it swap-backed again
+                        for j, o in enumerate(olds):
+                            await m.entry_set("pte", tbl, i + j, o)
                         folio.flags |= PG_swapbacked
                         ok = False
                         break
-                    mm.rss_anon -= 1
-                else:
-                    if pte_dirty(old):
-                        folio.flags |= PG_dirty
-                    holder = page if folio.order else folio
-                    exclusive = bool(holder.flags & PG_anon_exclusive)
-                    holder.flags &= ~PG_anon_exclusive
-                    # folio->swap names the first page's slot (a PTE-format entry)
-                    entry = swp_entry(swp_type(folio.swap),
-                                      swp_offset(folio.swap) + pfn - folio.pfn)
-                    await swapfile.swap_duplicate(m, entry)
-                    if exclusive:
-                        entry |= _PAGE_SWP_EXCLUSIVE
-                    await m.entry_set("pte", tbl, i, entry)
-                    mm.rss_anon -= 1
-                    mm.swapents += 1
+                    mm.rss_anon -= nr
+                    await folio_remove_rmap_ptes(m, folio, pfn, nr)
+                    await m.folio_put(folio, nr)
+                    a += nr * PAGE_SIZE
+                    continue
+                old = await m.entry_get_and_clear("pte", tbl, i)
+                cleared = True
+                if pte_dirty(old):
+                    folio.flags |= PG_dirty
+                holder = page if folio.order else folio
+                exclusive = bool(holder.flags & PG_anon_exclusive)
+                holder.flags &= ~PG_anon_exclusive
+                # folio->swap names the first page's slot (a PTE-format entry)
+                entry = swp_entry(swp_type(folio.swap),
+                                  swp_offset(folio.swap) + pfn - folio.pfn)
+                await swapfile.swap_duplicate(m, entry)
+                if exclusive:
+                    entry |= _PAGE_SWP_EXCLUSIVE
+                await m.entry_set("pte", tbl, i, entry)
+                mm.rss_anon -= 1
+                mm.swapents += 1
                 await folio_remove_rmap_ptes(m, folio, pfn, 1)
                 await m.folio_put(folio)
             a += PAGE_SIZE

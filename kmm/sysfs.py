@@ -142,16 +142,33 @@ def sysfs_text(name: str, value: object) -> str:
 
 
 class Sysfs:
-    """The machine's knob values. Writes are validated; reads give the stored value."""
+    """The machine's knob values. Writes are validated; reads give the stored value.
+
+    Mechanism modules add what the kernel's attributes do besides storing: read-only
+    files (``readonly``: name -> show, e.g. khugepaged/full_scans) and side effects of a
+    store (``on_store``: e.g. a write to scan_sleep_millisecs wakes khugepaged)."""
 
     def __init__(self) -> None:
         self._values: dict[str, object] = {n: k.default for n, k in KNOBS.items()}
+        self.readonly: dict[str, Callable[[], object]] = {}
+        self._store_hooks: dict[str, list[Callable[[object], None]]] = {}
+
+    def on_store(self, name: str, hook: Callable[[object], None]) -> None:
+        """Call ``hook(value)`` after each accepted write to the knob ``name``."""
+        self._store_hooks.setdefault(name, []).append(hook)
 
     def __getitem__(self, name: str) -> object:
+        show = self.readonly.get(name)
+        if show is not None:
+            return show()
         return self._values[name]
 
     def write(self, name: str, value: object) -> None:
+        if name in self.readonly:
+            raise KnobError("read-only")
         self._values[name] = validate(name, value)
+        for hook in self._store_hooks.get(name, ()):
+            hook(self._values[name])
 
     def items(self):
         return self._values.items()

@@ -36,3 +36,18 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
             elif is_migration_entry(entry):
                 rss += PAGE_SIZE
     return rss // 1024, huge // 1024
+
+
+def smaps_swap_kb(m, mm, start: int, end: int) -> int:
+    """smaps "Swap": kB of swapped-out pages (swap PTEs, not migration entries) in the
+    VMAs of mm inside [start, end). A PMD never holds a swap entry."""
+    from kmm import swapfile
+    swapped = 0
+    for vma in mm.vmas:
+        s, e = max(start, vma.start), min(end, vma.end)
+        if s >= e:
+            continue
+        for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
+            if level == "pte" and swapfile.is_swap_entry(m, entry):
+                swapped += PAGE_SIZE
+    return swapped // 1024

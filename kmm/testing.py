@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kmm import pagewalk, swap
-from kmm.mm_types import PG_lru
+from kmm import pagewalk, swap, swapfile
+from kmm.mm_types import PG_isolated, PG_lru
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
     migration_entry_pfn, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
@@ -91,6 +91,8 @@ def invariant_errors(m, k=None) -> list[str]:
                     errs.append(f"{task.name}: special PTE at {addr:#x} is not the zero page")
             elif is_migration_entry(e):
                 rss += 1
+            elif swapfile.is_swap_entry(m, e):
+                pass  # MM_SWAPENTS and the slot's count: swapfile.check
             else:
                 errs.append(f"{task.name}: unknown non-present PTE {e:#x} at {addr:#x}")
         if rss != mm.rss_anon:
@@ -121,8 +123,11 @@ def invariant_errors(m, k=None) -> list[str]:
         total = folio.large_mapcount if folio.order else folio.mapcount
         if total != n:
             errs.append(f"folio {head:#x}: mapcount {total} != {n} mappings")
-        if folio.refcount != n:
-            errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings")
+        # an isolated folio (compaction, reclaim) holds the isolation reference too
+        isolated = 1 if folio.flags & PG_isolated else 0
+        if folio.refcount != n + isolated:
+            errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
+                        + (" + 1 isolation" if isolated else ""))
         if folio.order:
             mapped = sum(1 for p in range(head, head + folio.nr_pages)
                          if pm.pages.get(p) is not None and pm.pages[p].mapcount)
@@ -142,8 +147,9 @@ def invariant_errors(m, k=None) -> list[str]:
             errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
     errs.extend(zone.check())
     errs.extend(swap.lru_check(m))
+    errs.extend(swapfile.check(m))
     for head in folios:
-        if not pm.pages[head].flags & PG_lru:
+        if not pm.pages[head].flags & (PG_lru | PG_isolated):
             errs.append(f"folio {head:#x}: mapped but on no LRU list")
     if k is not None:
         errs.extend(_data_errors(m, k))
@@ -168,6 +174,8 @@ def read_mapped_byte(m, mm, addr: int) -> int | None:
         p = m.physmem.tables[table_pfn(e)][pte_index(addr)]
         if not p:
             return None
+        if swapfile.is_swap_entry(m, p):
+            return swapfile.read_swapped_byte(m, p, addr & 4095)
         pfn = migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
     return m.physmem.read(pfn, addr & 4095, 1)[0]
 

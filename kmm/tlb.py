@@ -66,3 +66,15 @@ async def flush_tlb_page(m, mm, addr: int) -> None:
 async def flush_tlb_mm(m, mm) -> None:
     """flush_tlb_mm: every translation of the mm, on every CPU."""
     await flush_tlb_mm_range(m, mm, 0, 1 << 47)
+
+
+async def tlb_remove_table_sync_one(m) -> None:
+    """tlb_remove_table_sync_one (mm/mmu_gather.c): an IPI to every other CPU, so a
+    GUP-fast walker (it runs with interrupts off) still reading a page table just
+    detached has finished before the table is reused. The emulated walker is already
+    atomic against IPIs; this is the cost the kernel pays."""
+    sched = m.sched
+    me = sched.current.cpu
+    for cpu in m.cpus:
+        if cpu.id != me:
+            await sched.point("ipi", COST_IPI, target=cpu.id, why="tlb_remove_table_sync_one")

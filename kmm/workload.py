@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, task_mmu
+from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, task_mmu
 from kmm.pgtable import PAGE_SIZE
 
 
@@ -74,6 +74,58 @@ class Kernel:
         return await sched.spawn_and_join(
             [(f"cpu{i % self.cpus}.{first + i}", thread(i, fn), i % self.cpus)
              for i, fn in enumerate(fns)])
+
+    def start_daemon(self, name: str) -> None:
+        """Start an installed daemon (entry-point group kmm.daemons, e.g. "khugepaged")
+        as an actor of this machine, unless it runs already; it runs in emulated time
+        until the program ends."""
+        from kmm import daemon
+        if any(a.name == name for a in self.machine.sched.actors):
+            return
+        (cls,) = daemon.load_daemons([name])
+        daemon.start_daemon(self.machine, cls())
+
+    async def sleep(self, ns: int) -> None:
+        """Let emulated time pass (the program's actor sleeps; daemons run meanwhile)."""
+        await self.machine.sched.sleep(ns)
+
+    @property
+    def now(self) -> int:
+        """Emulated time, in ns."""
+        return self.machine.sched.now
+
+    def set_knob(self, name: str, value) -> None:
+        """Write a /sys/kernel/mm/transparent_hugepage knob ("defrag",
+        "khugepaged/max_ptes_none", ...), validated as the kernel's store handler does."""
+        self.machine.sysfs.write(name, value)
+
+    def knob(self, name: str):
+        return self.machine.sysfs[name]
+
+    def vmstat(self) -> dict[str, int]:
+        """Every /proc/vmstat event the machine counts, by name."""
+        return dict(self.machine.vmstat.events)
+
+    def buddyinfo(self) -> list[int]:
+        """/proc/buddyinfo: free blocks per order, 0..10."""
+        return self.machine.zone.buddyinfo()
+
+    async def alloc_kernel_pages(self, order: int, reserves: bool = False) -> int:
+        """A kernel allocation of 2^order pages that stays put (unmovable: compaction
+        cannot move it): its pfn, or -1. GFP_KERNEL may reclaim; ``reserves``
+        (__GFP_MEMALLOC without reclaim) takes what is free, below the min watermark
+        too, so a program can hold every free block."""
+        from kmm import gfp, page_alloc
+        if reserves:
+            mask = getattr(gfp, "__GFP_MEMALLOC") | getattr(gfp, "__GFP_NOWARN")
+        else:
+            mask = getattr(gfp, "GFP_KERNEL") | getattr(gfp, "__GFP_NOWARN")
+        return await page_alloc.alloc_pages(self.machine, order, mask, "unmovable")
+
+    async def free_kernel_pages(self, pfn: int) -> None:
+        """Free an allocation alloc_kernel_pages made."""
+        m = self.machine
+        await m.folio_put(m.physmem.page(pfn))
 
     def _done(self) -> None:
         if self.after_op is not None:
@@ -137,6 +189,22 @@ class Proc:
             sh, lazy = self.k.shadow[self.name], self.k.lazy[self.name]
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
+        self.k._done()
+        return r
+
+    async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
+        """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
+        new address, or an errno name. The bytes written move with their pages."""
+        self._alive()
+        r = await mremap.do_mremap(self.m, self.task, addr, old_len, new_len, new_addr)
+        if r == new_addr:
+            keep = min(old_len, new_len)
+            for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
+                moved = {a - addr + new_addr: b for a, b in sh.items() if addr <= a < addr + keep}
+                for a in [a for a in sh if addr <= a < addr + old_len
+                          or new_addr <= a < new_addr + new_len]:
+                    del sh[a]
+                sh.update(moved)
         self.k._done()
         return r
 

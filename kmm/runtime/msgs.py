@@ -75,17 +75,29 @@ def decode(data: bytes):
 # --- the page allocator's messages (mm/page_alloc.c entry points) --------------------
 @message
 class AllocPages:
-    """__alloc_pages(gfp, order): reply PageReply(pfn) or pfn -1 on failure."""
+    """get_page_from_freelist(gfp, order, alloc_flags): reply PageReply(pfn), or pfn
+    -1 if no block of the order is free above the watermark alloc_flags names."""
     kind: ClassVar[str] = "alloc_pages"
     order: int
-    gfp: str          # a GFP_* name from page_alloc.GFP
+    gfp: str          # the mask as show_gfp_flags prints it: "GFP_TRANSHUGE|__GFP_NORETRY"
     purpose: str      # "anon", "thp", "pgtable", "zero": for the trace
+    alloc_flags: int  # ALLOC_WMARK_MIN 0, _LOW 1, _HIGH 2; ALLOC_MIN_RESERVE 0x8, ...
 
 
 @message
 class FreePages:
     """__free_pages(page, order)."""
     kind: ClassVar[str] = "free_pages"
+    pfn: int
+    order: int
+
+
+@message
+class IsolateFreePage:
+    """__isolate_free_page(page, order), for compaction's free scanner: take the free
+    block at pfn off the free lists if it is still free at that order. Reply
+    PageReply(pfn); pfn -1 if it is not, -2 if the min watermark stops it."""
+    kind: ClassVar[str] = "isolate_free_page"
     pfn: int
     order: int
 

@@ -51,6 +51,12 @@ def summary(report: dict, title: str) -> str:
         lru = report["lru"]
         out.append("LRU pages: " + ", ".join(f"{k} {v}" for k, v in lru.items())
                    + f"; deferred split queue {report.get('deferred_split_queue', 0)} folios")
+    kh = report.get("khugepaged")
+    if kh:
+        out.append(f"\nkhugepaged: full_scans {kh['full_scans']}, pages_collapsed "
+                   f"{kh['pages_collapsed']}; PMD scans ended with")
+        for who, results in kh["scan_results"].items():
+            out.append(f"  {who:<11} " + ", ".join(f"{r} {n}" for r, n in results.items()))
     if report.get("result") is not None:
         out.append(f"\nprogram result: {report['result']}")
     run = report.get("run")
@@ -68,9 +74,9 @@ def cmd_run(args) -> int:
     trace = open(args.trace, "w") if args.trace else None
     try:
         if args.file.endswith(".py"):
-            rep = runner.run_program(args.file, cpus=args.cpus or 2, seed=args.seed or 1,
+            rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
                                      mode=args.mode, trace_file=trace)
-            title = f"{args.file}: program on {args.cpus or 2} CPUs"
+            title = f"{args.file}: program on {len(rep['run']['tlb_misses'])} CPUs"
         else:
             sc = load_scenario(args.file)
             rep = runner.run_scenario(sc, seed=args.seed, mode=args.mode, trace_file=trace,

@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import fault, madvise, task_mmu
+from kmm import fault, khugepaged, madvise, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -69,6 +69,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    kh = khugepaged.khugepaged_report(m)
+    if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
+        rep["khugepaged"] = kh
     return rep
 
 
@@ -102,8 +105,11 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         await reclaim_step(m)
         return {**res, "ok": True}
     if step.op == "khugepaged":
-        raise NotSupported(scenario.path, step.index, "op",
-                           "khugepaged is not yet supported (comes with the khugepaged issue)")
+        if not khugepaged.hugepage_pmd_enabled(m):  # the host has no khugepaged thread then
+            raise ScenarioError(scenario.path, step.index, "op",
+                                "khugepaged does not run with [thp] enabled = \"never\"")
+        await khugepaged_step(m, step.full_scans or 1)
+        return {**res, "ok": True}
     addr, size = task.regions[step.region]
     lo, hi = step_range(step, size)
     start, length = addr + lo, hi - lo
@@ -132,6 +138,58 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     return {**res, "ok": True}
 
 
+# khugepaged, run as the oracle runs the host's (kmm.tools.oracle.run_oracle): a decoy mm
+# keeps the mm list non-empty, so no registration wakes the thread, and a long
+# scan_sleep_millisecs keeps it asleep between steps; a khugepaged step wakes it by
+# writing that knob again, once per pass, until full_scans has grown by the step's count.
+KHUGEPAGED_POLL_NS = 2_000_000  # the oracle polls the thread's state every 2 ms
+DECOY = "(decoy)"
+
+
+def khugepaged_asleep(m: Machine) -> bool:
+    """khugepaged waits on khugepaged_wait (between passes, or after an allocation
+    failure): what the oracle reads from the thread's state and wchan."""
+    return any(a.name == "khugepaged" for a in m.waitqueues.get(khugepaged.WAITQUEUE, ()))
+
+
+async def khugepaged_kick(m: Machine) -> None:
+    """Oracle ``Khugepaged.kick``: the knob write wakes khugepaged for one pass; wait
+    until it sleeps again."""
+    from kmm.tools.oracle import LONG_SLEEP_MS
+    m.sysfs.write("khugepaged/scan_sleep_millisecs", LONG_SLEEP_MS)
+    while not khugepaged_asleep(m):
+        await m.sched.sleep(KHUGEPAGED_POLL_NS)
+
+
+async def khugepaged_setup(k: Kernel) -> None:
+    """The oracle's set-up: under enabled=madvise, start khugepaged, register the decoy
+    (a MADV_HUGEPAGE VMA of 2 MiB + 4 KiB whose aligned block has no page table, its
+    tail page written), put khugepaged to its long sleep, then the scenario's mode."""
+    from kmm import daemon
+    from kmm.tools.oracle import DECOY_ADDR
+    m = k.machine
+    enabled = m.sysfs.enabled
+    m.sysfs.write("enabled", "madvise")
+    (cls,) = daemon.load_daemons(["khugepaged"])
+    daemon.start_daemon(m, cls())
+    while not khugepaged_asleep(m):  # the host's thread waits for work since boot
+        await m.sched.sleep(KHUGEPAGED_POLL_NS)
+    decoy = await k.process(DECOY)
+    size = (2 << 20) + 4096
+    await decoy.mmap(size, DECOY_ADDR)
+    await decoy.touch(DECOY_ADDR + (2 << 20), 4096)
+    await decoy.madvise(DECOY_ADDR, size, "hugepage")
+    await khugepaged_kick(m)
+    m.sysfs.write("enabled", enabled)
+
+
+async def khugepaged_step(m: Machine, rounds: int) -> None:
+    """The ``khugepaged`` step: passes until full_scans grew by ``rounds``."""
+    target = m.sysfs["khugepaged/full_scans"] + rounds
+    while m.sysfs["khugepaged/full_scans"] < target:
+        await khugepaged_kick(m)
+
+
 async def reclaim_step(m: Machine) -> None:
     """The ``reclaim`` step: memory-cgroup pressure on the scenario's processes, as the
     oracle applies it (vmscan.memcg_reclaim)."""
@@ -153,6 +211,8 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
 
     async def driver() -> None:
         await k.process("main")
+        if any(step.op == "khugepaged" for step in scenario.steps):
+            await khugepaged_setup(k)
         for step in scenario.steps:
             steps.append(await run_step(k, step, scenario))
             if check is not None:
@@ -176,13 +236,36 @@ def load_program(path: str):
     return mod
 
 
-def run_program(path: str, *, cpus: int = 2, seed: int = 1, mode: str = "free",
-                memory: int = 1 << 30, trace_file=None,
+def program_machine(mod, path: str) -> dict[str, int]:
+    """A program's machine: its module-level ``MACHINE`` dict (memory, swap, cpus; sizes
+    as in scenarios, e.g. {"memory": "64MiB", "swap": "32MiB"}), else the defaults."""
+    from kmm.tools.scenario import parse_size
+    spec = getattr(mod, "MACHINE", {})
+    if not isinstance(spec, dict) or set(spec) - {"memory", "swap", "cpus"}:
+        raise ScenarioError(path, None, "MACHINE",
+                            "must be a dict with keys memory, swap, cpus")
+    out = {}
+    for key in ("memory", "swap"):
+        if key in spec:
+            out[key] = parse_size(spec[key], file=path, step=None, key=f"MACHINE.{key}")
+    if "cpus" in spec:
+        out["cpus"] = spec["cpus"]
+    return out
+
+
+def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
+                memory: int | None = None, trace_file=None,
                 check: Callable | None = None) -> dict[str, Any]:
-    """Run a program; its processes' mappings are reported as regions named by address."""
+    """Run a program; its processes' mappings are reported as regions named by address.
+
+    The machine is the program's ``MACHINE`` (program_machine); ``cpus`` and ``memory``
+    given here override it."""
     mod = load_program(path)
-    m = build_machine(MachineConfig(memory=memory, cpus=cpus, seed=seed), seed=seed,
-                      mode=mode, trace_file=trace_file, cpus=cpus)
+    spec = program_machine(mod, path)
+    cpus = cpus or spec.get("cpus", 2)
+    cfg = MachineConfig(memory=memory or spec.get("memory", 1 << 30),
+                        swap=spec.get("swap", 0), cpus=cpus, seed=seed)
+    m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus)
     k = Kernel(m)
     if check is not None:
         k.after_op = lambda: check(m, k)

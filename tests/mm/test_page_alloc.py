@@ -184,9 +184,10 @@ def test_order0_allocation_stops_at_the_min_watermark():
 # -------------------------------------------------------- order-9 fallback
 def test_thp_fault_on_fragmented_memory_falls_back_to_4k_pages():
     """do_huge_pmd_anonymous_page on a zone with plenty of free memory but no free
-    order-9 block: vma_alloc_anon_folio_pmd fails (no compaction is modelled, and
-    __zone_watermark_ok needs a free block of the order), counts thp_fault_fallback and
-    returns VM_FAULT_FALLBACK; the fault continues in do_anonymous_page with 4 KiB pages."""
+    order-9 block: __zone_watermark_ok needs a free block of the order, and compaction
+    cannot make one (every 2 MiB block holds a kernel page, which it cannot move), so
+    vma_alloc_anon_folio_pmd fails, counts thp_fault_fallback and returns
+    VM_FAULT_FALLBACK; the fault continues in do_anonymous_page with 4 KiB pages."""
     async def fn(m, k):
         z = m.zone
         held = []
@@ -212,6 +213,7 @@ def test_thp_fault_on_fragmented_memory_falls_back_to_4k_pages():
         await p.touch(a, 2 * MiB, value=5)
         ev = m.vmstat.events
         assert ev["thp_fault_fallback"] == 1 and ev["thp_fault_alloc"] == 0
+        assert ev["compact_stall"] > 0 and ev["compact_success"] == 0
         t = memory.pmd_lookup(m, p.task.mm, a)
         assert not pmd_trans_huge(m.physmem.tables[t][pmd_index(a)])
         assert p.task.mm.rss_anon == HPAGE_PMD_NR and p.task.mm.nr_ptes == 1
@@ -264,3 +266,66 @@ def test_one_tib_machine_costs_the_host_what_a_one_gib_one_does():
     assert big.zone.nr_free - small.zone.nr_free == ((1 << 40) - GiB) // 4096
 
 
+
+
+# ------------------------------------------------------------------ gfp masks
+def test_gfp_masks_compose_as_in_gfp_types_h():
+    """The masks carry the kernel's bit values: GFP_HIGHUSER_MOVABLE is 0x100cca, as
+    the kernel's OOM reports print it ("gfp_mask=0x140cca(GFP_HIGHUSER_MOVABLE|
+    __GFP_COMP)"). GFP_TRANSHUGE_LIGHT adds __GFP_COMP | __GFP_NOMEMALLOC |
+    __GFP_NOWARN and drops both reclaim bits but keeps __GFP_IO (so it may compact once
+    a defrag mode adds __GFP_DIRECT_RECLAIM); GFP_TRANSHUGE adds direct reclaim only,
+    not kswapd."""
+    from kmm import gfp as pa
+    assert pa.GFP_HIGHUSER_MOVABLE == 0x100cca
+    assert pa.format_gfp(pa.GFP_HIGHUSER_MOVABLE | pa.__GFP_COMP) == \
+        "GFP_HIGHUSER_MOVABLE|__GFP_COMP"
+    assert pa.GFP_HIGHUSER_MOVABLE | pa.__GFP_COMP == 0x140cca
+    assert pa.GFP_TRANSHUGE_LIGHT == 0x1c20ca and pa.GFP_TRANSHUGE == 0x1c24ca
+    assert pa.gfp_compaction_allowed(pa.GFP_TRANSHUGE_LIGHT)
+    assert pa.format_gfp(pa.GFP_TRANSHUGE | pa.__GFP_THISNODE | pa.__GFP_NORETRY) == \
+        "GFP_TRANSHUGE|__GFP_NORETRY|__GFP_THISNODE"
+    assert pa.format_gfp(pa.GFP_PGTABLE_USER) == "GFP_PGTABLE_USER"
+    assert pa.gfp_mask("GFP_KERNEL") == pa.GFP_KERNEL == 0xcc0
+
+
+@pytest.mark.parametrize("defrag, madvised, mask", [
+    ("always", True, "GFP_TRANSHUGE"),
+    ("always", False, "GFP_TRANSHUGE|__GFP_NORETRY"),
+    ("defer", True, "GFP_TRANSHUGE_LIGHT|__GFP_KSWAPD_RECLAIM"),
+    ("defer", False, "GFP_TRANSHUGE_LIGHT|__GFP_KSWAPD_RECLAIM"),
+    ("defer+madvise", True, "GFP_TRANSHUGE"),
+    ("defer+madvise", False, "GFP_TRANSHUGE_LIGHT|__GFP_KSWAPD_RECLAIM"),
+    ("madvise", True, "GFP_TRANSHUGE"),
+    ("madvise", False, "GFP_TRANSHUGE_LIGHT"),
+    ("never", True, "GFP_TRANSHUGE_LIGHT"),
+    ("never", False, "GFP_TRANSHUGE_LIGHT"),
+])
+def test_vma_thp_gfp_mask_per_defrag_mode(defrag, madvised, mask):
+    """huge_memory.c vma_thp_gfp_mask: which reclaim a THP fault may do, per mode and
+    VM_HUGEPAGE, printed as show_gfp_flags prints masks."""
+    from kmm import gfp
+    from kmm.huge_memory import vma_thp_gfp_mask
+    from kmm.mm_types import VM_HUGEPAGE
+    m = Machine(MachineConfig(memory=16 * MiB, cpus=1))
+    m.sysfs.write("defrag", defrag)
+    vma = type("Vma", (), {"flags": VM_HUGEPAGE if madvised else 0})()
+    assert gfp.format_gfp(vma_thp_gfp_mask(m, vma)) == mask
+
+
+def test_memalloc_may_use_the_reserves():
+    """__GFP_MEMALLOC (__gfp_pfmemalloc_flags: ALLOC_NO_WATERMARKS) goes below the min
+    watermark, down to the last free page; an ordinary allocation stops at min."""
+    async def fn(m, k):
+        held = []
+        while (pfn := await alloc(m, 0)) >= 0:
+            held.append(pfn)
+        assert m.zone.nr_free == m.zone.wmark["min"]
+        from kmm import gfp
+        memalloc = gfp.__GFP_MEMALLOC
+        while (pfn := await page_alloc.alloc_pages(m, 0, memalloc, "t")) >= 0:
+            held.append(pfn)
+        assert m.zone.nr_free == 0
+        for pfn in held:
+            await free(m, pfn)
+    run(fn, memory=16 * MiB)

@@ -71,9 +71,10 @@ def test_every_message_round_trips(kind, i):
 
 def test_alloc_pages_wire_form():
     """The map a daemon written without kmm would send (docs/wire.md's contract)."""
-    msg = msgs.AllocPages(9, "GFP_TRANSHUGE", "thp")
+    msg = msgs.AllocPages(9, "GFP_TRANSHUGE", "thp", 1)
     assert msgpack.unpackb(encode(msg), raw=False) == {
-        "kind": "alloc_pages", "order": 9, "gfp": "GFP_TRANSHUGE", "purpose": "thp"}
+        "kind": "alloc_pages", "order": 9, "gfp": "GFP_TRANSHUGE", "purpose": "thp",
+        "alloc_flags": 1}
 
 
 # ----------------------------------------------------------------- bad frames

@@ -1,0 +1,871 @@
+"""Page reclaim: mm/vmscan.c, with do_shrink_slab/shrink_slab (mm/shrinker.c) and
+memory.force_empty (mm/memcontrol-v1.c).
+
+The mechanism only: ``shrink_folio_list`` (the fate of each isolated folio: keep,
+activate, swap out whole or split first, unmap, write, free, discard lazyfree),
+isolation and putback, ``shrink_inactive_list``/``shrink_active_list``/``shrink_lruvec``
+with the kernel's scan balance (``get_scan_count``), ``shrink_slab`` over
+``m.shrinkers``, ``shrink_node``, direct reclaim (``try_to_free_pages``), MADV_PAGEOUT's
+``reclaim_pages``, and the pieces of kswapd's ``balance_pgdat``; the kswapd loop itself
+is policy, in daemons/kswapd.py, woken through the ``kswapd_wait`` waitqueue.
+
+One node, one zone, one lruvec with the classic active/inactive lists (MGLRU, the
+lru_gen alternative, is not modelled). The anon LRU is only scanned while swap has room
+(``can_reclaim_anon_pages``); shrinkers run regardless. Left out: memcg hierarchies and
+protection (a ``target_mem_cgroup`` reclaim stands for the one group holding every
+process, with its own swappiness), file pages (the file lists hold only lazyfree
+anonymous folios), writeback throttling and congestion, demotion, workingset refault
+detection, watermark boosting, direct reclaim throttling on pfmemalloc reserves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+
+from kmm import huge_memory, page_io, rmap, swap, swapfile
+from kmm.mm_types import (
+    PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced, PG_swapbacked,
+    PG_swapcache, PG_unevictable, PG_writeback, Page,
+)
+from kmm.pgtable import HPAGE_PMD_ORDER, swp_offset
+
+SWAP_CLUSTER_MAX = 32
+DEF_PRIORITY = 12
+MAX_RECLAIM_RETRIES = 16
+PAGE_ALLOC_COSTLY_ORDER = 3
+MAX_SWAPPINESS = 200
+VM_SWAPPINESS = 60            # /proc/sys/vm/swappiness default
+SHRINK_BATCH = 128
+DEFAULT_SEEKS = 2
+DEACTIVATE_ANON, DEACTIVATE_FILE = 1, 2
+INACTIVE_ANON, ACTIVE_ANON, INACTIVE_FILE, ACTIVE_FILE = swap.LRU_LISTS
+
+# enum folio_references / pageout_t
+FOLIOREF_RECLAIM, FOLIOREF_RECLAIM_CLEAN, FOLIOREF_KEEP, FOLIOREF_ACTIVATE = range(4)
+PAGE_KEEP, PAGE_ACTIVATE, PAGE_SUCCESS, PAGE_CLEAN = range(4)
+
+__GFP_IO, __GFP_FS = 1 << 6, 1 << 7  # include/linux/gfp_types.h
+GFP_KERNEL = (1 << 10) | (1 << 11) | __GFP_IO | __GFP_FS
+
+
+@dataclass(slots=True)
+class ScanControl:
+    """struct scan_control: one reclaim invocation's goal, limits and progress."""
+
+    nr_to_reclaim: int = 0
+    gfp_mask: int = GFP_KERNEL
+    order: int = 0
+    priority: int = DEF_PRIORITY
+    may_writepage: bool = False
+    may_unmap: bool = False
+    may_swap: bool = False
+    may_deactivate: int = 0
+    force_deactivate: bool = False
+    skipped_deactivate: bool = False
+    cache_trim_mode: bool = False
+    cache_trim_mode_failed: bool = False
+    no_cache_trim_mode: bool = False
+    file_is_tiny: bool = False
+    compaction_ready: bool = False
+    memcg_full_walk: bool = False
+    target_mem_cgroup: bool = False  # cgroup reclaim (memory.force_empty)
+    swappiness: int = VM_SWAPPINESS  # the target memcg's, else vm.swappiness
+    is_kswapd: bool = False           # current_is_kswapd()
+    anon_cost: int = 0
+    file_cost: int = 0
+    nr_scanned: int = 0
+    nr_reclaimed: int = 0
+
+
+@dataclass(slots=True)
+class ReclaimStat:
+    """struct reclaim_stat: what shrink_folio_list did with the folios it saw."""
+
+    nr_pageout: int = 0
+    nr_activate: list = field(default_factory=lambda: [0, 0])
+    nr_ref_keep: int = 0
+    nr_unmap_fail: int = 0
+    nr_lazyfree_fail: int = 0
+
+
+class PgData:
+    """The node's reclaim state (pglist_data and its lruvec's cost counters)."""
+
+    __slots__ = ("kswapd_order", "kswapd_failures", "anon_cost", "file_cost",
+                 "nr_deferred")
+
+    def __init__(self) -> None:
+        self.kswapd_order = 0
+        self.kswapd_failures = 0
+        self.anon_cost = 0
+        self.file_cost = 0
+        self.nr_deferred: dict[tuple[int, bool], int] = {}  # shrinker -> deferred work
+
+
+def NODE_DATA(m) -> PgData:
+    """NODE_DATA(0): the machine's one node (created on first use)."""
+    pg = getattr(m, "pgdat", None)
+    if pg is None:
+        pg = m.pgdat = PgData()
+    return pg
+
+
+def _gfp(gfp) -> int:
+    """A gfp mask given as bits or as a GFP_* name (page_alloc.GFP)."""
+    if isinstance(gfp, str):
+        from kmm import page_alloc
+        gfp = page_alloc.GFP.get(gfp, GFP_KERNEL)
+    return gfp if isinstance(gfp, int) else GFP_KERNEL
+
+
+async def _tick(m, event: str, cost: int = 1, **fields) -> None:
+    if m.sched.fast:
+        m.sched.tick(cost)
+    else:
+        await m.sched.point(event, cost, **fields)
+
+
+# ----------------------------------------------------------- predicates
+def can_reclaim_anon_pages(m) -> bool:
+    """can_reclaim_anon_pages: is there room in swap (no demotion here)?"""
+    return swapfile.get_nr_swap_pages(m) > 0
+
+
+def can_age_anon_pages(m) -> bool:
+    """can_age_anon_pages: aging the anon LRU is worth it while swap exists."""
+    return swapfile.total_swap_pages(m) > 0
+
+
+def zone_reclaimable_pages(m) -> int:
+    """zone_reclaimable_pages: file LRU pages, plus anon ones while swap has room (or
+    the free pages, when nothing is reclaimable)."""
+    nr = m.lruvec.nr_pages
+    n = nr[INACTIVE_FILE] + nr[ACTIVE_FILE]
+    if can_reclaim_anon_pages(m):
+        n += nr[INACTIVE_ANON] + nr[ACTIVE_ANON]
+    return n or m.zone.nr_free
+
+
+def inactive_is_low(m, inactive: str) -> bool:
+    """inactive_is_low: the inactive list is smaller than 1/inactive_ratio of the active
+    one, the ratio being sqrt(10 * GiB of the two lists) (1 below 1 GiB)."""
+    nr = m.lruvec.nr_pages
+    active = ACTIVE_ANON if inactive == INACTIVE_ANON else ACTIVE_FILE
+    gb = (nr[inactive] + nr[active]) >> 18
+    ratio = int((10 * gb) ** 0.5) if gb else 1
+    return nr[inactive] * ratio < nr[active]
+
+
+def lru_note_cost(m, file: bool, nr_io: int, nr_rotated: int) -> None:
+    """lru_note_cost: IO and rotations make a list costlier to reclaim; the costs decay
+    by half whenever they exceed a quarter of the LRU."""
+    pg = NODE_DATA(m)
+    cost = nr_io * SWAP_CLUSTER_MAX + nr_rotated
+    if file:
+        pg.file_cost += cost
+    else:
+        pg.anon_cost += cost
+    if pg.file_cost + pg.anon_cost > sum(m.lruvec.nr_pages.values()) // 4:
+        pg.file_cost //= 2
+        pg.anon_cost //= 2
+
+
+# ------------------------------------------------------ isolate / putback
+async def isolate_lru_folios(m, nr_to_scan: int, sc: ScanControl, lru: str):
+    """isolate_lru_folios: take folios from the tail (oldest end) of a list until
+    ``nr_to_scan`` pages were looked at; each taken folio gets a reference and leaves
+    the LRU. Returns (folios, in processing order; pages taken; pages scanned).
+    Context: lru_lock held."""
+    src = m.lruvec.lists[lru]
+    taken: list[Page] = []
+    nr_taken = scanned = 0
+    rotate = []
+    pm = m.physmem
+    for pfn in list(islice(src, nr_to_scan)):  # each folio is at least one page
+        if scanned >= nr_to_scan:
+            break
+        folio = pm.pages[pfn]
+        scanned += folio.nr_pages
+        if (not sc.may_unmap and rmap.folio_mapped(folio)) or folio.refcount <= 0:
+            rotate.append(folio)
+            continue
+        folio.refcount += 1  # folio_try_get
+        swap.lruvec_del_folio(m, folio)  # folio_test_clear_lru
+        folio.flags |= PG_isolated
+        taken.append(folio)
+        nr_taken += folio.nr_pages
+    for folio in rotate:  # list_move back to the list's head
+        swap.lruvec_del_folio(m, folio)
+        swap.lruvec_add_folio(m, folio)
+    await _tick(m, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru, nr_taken=nr_taken)
+    return taken, nr_taken, scanned
+
+
+async def move_folios_to_lru(m, folios: list[Page]) -> int:
+    """move_folios_to_lru: back on the lists their flags name, dropping the isolation
+    reference; a folio whose last reference that was is freed instead. Returns the
+    pages moved. Context: takes the lru_lock."""
+    lk = m.lruvec.lru_lock
+    moved = 0
+    dead = []
+    await lk.lock("move_folios_to_lru")
+    for folio in folios:
+        folio.flags &= ~PG_isolated
+        await _tick(m, "page_ref_mod", pfn=folio.pfn, nr=-1)
+        folio.refcount -= 1  # folio_put_testzero
+        if folio.refcount == 0:
+            dead.append(folio)
+            continue
+        swap.lruvec_add_folio(m, folio)
+        moved += folio.nr_pages
+    await lk.unlock()
+    for folio in dead:
+        await m.free_folio(folio)
+    return moved
+
+
+# ------------------------------------------------------- shrink_folio_list
+async def folio_check_references(m, folio: Page, sc: ScanControl) -> int:
+    """folio_check_references: a folio referenced through its mappings since the last
+    look is kept for another trip (the first time) or activated (referenced twice, or
+    by several mappings); an unreferenced one is reclaimed."""
+    referenced_ptes = await rmap.folio_referenced(m, folio)
+    referenced_folio = bool(folio.flags & PG_referenced)
+    folio.flags &= ~PG_referenced
+    if referenced_ptes:
+        folio.flags |= PG_referenced
+        if referenced_folio or referenced_ptes > 1:
+            return FOLIOREF_ACTIVATE
+        return FOLIOREF_KEEP
+    if referenced_folio and not folio.flags & PG_swapbacked:  # folio_is_file_lru
+        return FOLIOREF_RECLAIM_CLEAN
+    return FOLIOREF_RECLAIM
+
+
+async def pageout(m, folio: Page) -> int:
+    """pageout -> writeout -> swap_writeout: write a dirty swap-cache folio out.
+    Context: folio locked; unlocked on PAGE_SUCCESS."""
+    if folio.refcount != 1 + folio.nr_pages:  # is_page_cache_freeable
+        return PAGE_KEEP
+    if not folio.flags & PG_swapcache:  # no mapping to write to
+        return PAGE_KEEP
+    if not folio.flags & PG_dirty:  # folio_clear_dirty_for_io
+        return PAGE_CLEAN
+    folio.flags &= ~PG_dirty
+    if await page_io.swap_writeout(m, folio) == page_io.AOP_WRITEPAGE_ACTIVATE:
+        return PAGE_ACTIVATE
+    return PAGE_SUCCESS
+
+
+async def __remove_mapping(m, folio: Page) -> bool:
+    """__remove_mapping for a swap-cache folio: if only the isolation and the cache hold
+    it and it is clean, freeze it and let its slots go (the PTEs keep their swap
+    entries). Context: folio locked."""
+    si = m.swap_info
+    await _tick(m, "__remove_mapping", pfn=folio.pfn)
+    if folio.refcount != 1 + folio.nr_pages or folio.flags & PG_dirty:
+        return False
+    folio.refcount = 0  # folio_ref_freeze(1 + nr): the cache's references go with it
+    from kmm import swap_state
+    entry = folio.swap
+    ci = si.clusters[swp_offset(entry) // swapfile.SWAPFILE_CLUSTER]
+    lk = si.cluster_lock(ci)
+    await lk.lock("__remove_mapping")
+    swap_state.__swap_cache_del_folio(m, si, folio)
+    await lk.unlock()
+    await swapfile.put_swap_folio(m, folio, entry)
+    folio.swap = 0
+    return True
+
+
+async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: ReclaimStat,
+                            ignore_references: bool) -> int:
+    """shrink_folio_list: try to free each isolated folio (the list's end is taken
+    first; split-off pages are appended and follow). An anonymous folio gets swap
+    slots (a PMD-size one a whole cluster, else it is split: thp_swpout_fallback), is
+    unmapped (a PMD mapping split for it), written and freed; a clean lazyfree one is
+    just dropped (pglazyfreed). What stays goes back to ``folio_list``, activated or
+    not. Returns the pages reclaimed. Context: folios isolated, no locks held."""
+    ret: list[Page] = []
+    nr_reclaimed = 0
+    pgactivate = 0
+    while folio_list:
+        folio = folio_list.pop()
+        lk = m.folio_lock_of(folio)
+        if not await lk.trylock("shrink_folio_list"):
+            ret.append(folio)
+            continue
+        nr_pages = folio.nr_pages
+        sc.nr_scanned += nr_pages
+        outcome = "keep_locked"
+        anon = folio.anon_vma is not None
+        while True:  # one pass; "break" with outcome set is the kernel's goto
+            if folio.flags & PG_unevictable:
+                outcome = "activate_locked"
+                break
+            if not sc.may_unmap and rmap.folio_mapped(folio):
+                break
+            if folio.flags & PG_writeback:  # case 2: mark for immediate reclaim
+                outcome = "activate_locked"
+                break
+            references = FOLIOREF_RECLAIM
+            if not ignore_references:
+                references = await folio_check_references(m, folio, sc)
+            if references == FOLIOREF_ACTIVATE:
+                outcome = "activate_locked"
+                break
+            if references == FOLIOREF_KEEP:
+                stat.nr_ref_keep += nr_pages
+                break
+            if anon and folio.flags & PG_swapbacked and not folio.flags & PG_swapcache:
+                if not sc.gfp_mask & __GFP_IO:
+                    break
+                if folio.order:
+                    if not huge_memory.can_split_folio(m, folio, 1):
+                        outcome = "activate_locked"
+                        break
+                    # split partially mapped folios right away: free the unmapped
+                    # pages without IO
+                    if (folio.on_deferred_list and folio.flags & PG_partially_mapped
+                            and await huge_memory.split_folio_to_list(m, folio, folio_list)):
+                        outcome = "activate_locked"
+                        break
+                if not await swapfile.folio_alloc_swap(m, folio):
+                    if not folio.order:
+                        outcome = "activate_locked_split"
+                        break
+                    order = folio.order
+                    if await huge_memory.split_folio_to_list(m, folio, folio_list):
+                        outcome = "activate_locked"
+                        break
+                    if order == HPAGE_PMD_ORDER:
+                        m.vmstat.count_vm_event("thp_swpout_fallback")
+                    if not await swapfile.folio_alloc_swap(m, folio):
+                        outcome = "activate_locked_split"
+                        break
+                # MADV_FREE'd ptes may be clean while the folio is swap-backed again:
+                # dirty it, or its data would not be written (folio_mark_dirty)
+                folio.flags |= PG_dirty
+            if nr_pages > 1 and not folio.order:  # split above: its pages come later
+                sc.nr_scanned -= nr_pages - 1
+                nr_pages = 1
+            if rmap.folio_mapped(folio):
+                was_swapbacked = bool(folio.flags & PG_swapbacked)
+                await rmap.try_to_unmap(m, folio, split_pmd=folio.order >= HPAGE_PMD_ORDER)
+                if rmap.folio_mapped(folio):
+                    stat.nr_unmap_fail += nr_pages
+                    if not was_swapbacked and folio.flags & PG_swapbacked:
+                        stat.nr_lazyfree_fail += nr_pages
+                    outcome = "activate_locked"
+                    break
+            if folio.flags & PG_dirty:
+                if not folio.flags & PG_swapbacked:
+                    # a dirty lazyfree folio is file-LRU to reclaim: direct reclaim
+                    # never writes those, it activates them (immediate reclaim)
+                    outcome = "activate_locked"
+                    break
+                if references == FOLIOREF_RECLAIM_CLEAN or not sc.may_writepage:
+                    break
+                res = await pageout(m, folio)
+                if res == PAGE_KEEP:
+                    break
+                if res == PAGE_ACTIVATE:
+                    outcome = "activate_locked"
+                    break
+                if res == PAGE_SUCCESS:
+                    stat.nr_pageout += nr_pages
+                    if folio.flags & (PG_writeback | PG_dirty):
+                        outcome = "keep"
+                        break
+                    if not await lk.trylock("shrink_folio_list"):  # a synchronous write
+                        outcome = "keep"
+                        break
+                    if folio.flags & (PG_writeback | PG_dirty):
+                        break
+            if anon and not folio.flags & PG_swapbacked:
+                await _tick(m, "page_ref_freeze", pfn=folio.pfn)
+                if folio.refcount != 1:  # folio_ref_freeze(folio, 1)
+                    break
+                folio.refcount = 0
+                m.vmstat.count_vm_event("pglazyfreed", nr_pages)
+            elif not folio.flags & PG_swapcache or not await __remove_mapping(m, folio):
+                break
+            outcome = "free"
+            break
+        if outcome == "free":
+            await lk.unlock()
+            nr_reclaimed += nr_pages
+            folio.flags &= ~PG_isolated
+            await m.free_folio(folio)  # folio_unqueue_deferred_split, free_unref_folios
+            continue
+        if outcome == "activate_locked_split" and nr_pages > 1:
+            sc.nr_scanned -= nr_pages - 1
+            nr_pages = 1
+        if outcome.startswith("activate_locked"):
+            if folio.flags & PG_swapcache and swapfile.vm_swap_full(m):
+                await swapfile.folio_free_swap(m, folio)
+            folio.flags |= PG_active
+            stat.nr_activate[0 if folio.flags & PG_swapbacked else 1] += nr_pages
+            pgactivate += nr_pages
+        if outcome != "keep":
+            await lk.unlock()
+        ret.append(folio)
+    folio_list[:] = ret
+    if pgactivate:
+        m.vmstat.count_vm_event("pgactivate", pgactivate)
+    return nr_reclaimed
+
+
+# --------------------------------------------------------- LRU scanning
+async def shrink_inactive_list(m, nr_to_scan: int, sc: ScanControl, lru: str) -> int:
+    """shrink_inactive_list: isolate a batch from the list's tail, shrink_folio_list it,
+    put back what stayed. Returns the pages reclaimed."""
+    file = lru == INACTIVE_FILE
+    lk = m.lruvec.lru_lock
+    await lk.lock("shrink_inactive_list")
+    folios, nr_taken, nr_scanned = await isolate_lru_folios(m, nr_to_scan, sc, lru)
+    ev = m.vmstat
+    if not sc.target_mem_cgroup:
+        ev.count_vm_event("pgscan_kswapd" if sc.is_kswapd else "pgscan_direct", nr_scanned)
+    ev.count_vm_event("pgscan_file" if file else "pgscan_anon", nr_scanned)
+    await lk.unlock()
+    if not nr_taken:
+        return 0
+    stat = ReclaimStat()
+    folios.reverse()  # list_move to dst's head: the first taken is processed first
+    nr_reclaimed = await shrink_folio_list(m, folios, sc, stat, False)
+    await move_folios_to_lru(m, folios)
+    if not sc.target_mem_cgroup:
+        ev.count_vm_event("pgsteal_kswapd" if sc.is_kswapd else "pgsteal_direct",
+                          nr_reclaimed)
+    ev.count_vm_event("pgsteal_file" if file else "pgsteal_anon", nr_reclaimed)
+    lru_note_cost(m, file, stat.nr_pageout, nr_scanned - nr_reclaimed)
+    return nr_reclaimed
+
+
+async def shrink_active_list(m, nr_to_scan: int, sc: ScanControl, lru: str) -> None:
+    """shrink_active_list: move a batch from the active list's tail to the inactive
+    list, clearing the young bits it finds on the way (anonymous folios are never
+    rotated back, even when referenced)."""
+    lk = m.lruvec.lru_lock
+    await lk.lock("shrink_active_list")
+    folios, nr_taken, nr_scanned = await isolate_lru_folios(m, nr_to_scan, sc, lru)
+    if not sc.target_mem_cgroup:
+        m.vmstat.count_vm_event("pgrefill", nr_scanned)
+    await lk.unlock()
+    for folio in folios:
+        await rmap.folio_referenced(m, folio)  # ages the mappings; anon is not rotated
+        folio.flags &= ~PG_active
+    nr_deactivate = await move_folios_to_lru(m, folios)
+    if nr_deactivate:
+        m.vmstat.count_vm_event("pgdeactivate", nr_deactivate)
+
+
+async def shrink_list(m, lru: str, nr_to_scan: int, sc: ScanControl) -> int:
+    if lru in (ACTIVE_ANON, ACTIVE_FILE):
+        if sc.may_deactivate & (DEACTIVATE_FILE if lru == ACTIVE_FILE else DEACTIVATE_ANON):
+            await shrink_active_list(m, nr_to_scan, sc, lru)
+        else:
+            sc.skipped_deactivate = True
+        return 0
+    return await shrink_inactive_list(m, nr_to_scan, sc, lru)
+
+
+def prepare_scan_control(m, sc: ScanControl) -> None:
+    """prepare_scan_control: the cost balance, whether each active list may be
+    deactivated (its inactive list is low), cache trim mode and a tiny file LRU."""
+    pg = NODE_DATA(m)
+    nr = m.lruvec.nr_pages
+    sc.anon_cost, sc.file_cost = pg.anon_cost, pg.file_cost
+    if sc.force_deactivate:
+        sc.may_deactivate = DEACTIVATE_ANON | DEACTIVATE_FILE
+    else:
+        sc.may_deactivate = ((DEACTIVATE_ANON if inactive_is_low(m, INACTIVE_ANON) else 0)
+                             | (DEACTIVATE_FILE if inactive_is_low(m, INACTIVE_FILE) else 0))
+    sc.cache_trim_mode = bool(nr[INACTIVE_FILE] >> sc.priority
+                              and not sc.may_deactivate & DEACTIVATE_FILE
+                              and not sc.no_cache_trim_mode)
+    if not sc.target_mem_cgroup:
+        file = nr[ACTIVE_FILE] + nr[INACTIVE_FILE]
+        sc.file_is_tiny = bool(file + m.zone.nr_free <= m.zone.wmark["high"]
+                               and not sc.may_deactivate & DEACTIVATE_ANON
+                               and nr[INACTIVE_ANON] >> sc.priority)
+
+
+def get_scan_count(m, sc: ScanControl) -> list[int]:
+    """get_scan_count: pages to scan on each list this round: (size >> priority), all
+    file without swap room (or for a swappiness-0 cgroup), both equally at priority 0,
+    else split by swappiness and the lists' recent reclaim cost."""
+    swappiness = sc.swappiness
+    balance = "fract"
+    if not sc.may_swap or not can_reclaim_anon_pages(m):
+        balance = "file"
+    elif sc.target_mem_cgroup and not swappiness:
+        balance = "file"
+    elif not sc.priority and swappiness:
+        balance = "equal"
+    elif sc.file_is_tiny:
+        balance = "anon"
+    elif sc.cache_trim_mode:
+        balance = "file"
+    fraction = [0, 0]
+    denominator = 1
+    if balance == "fract":
+        total = sc.anon_cost + sc.file_cost
+        anon_cost, file_cost = total + sc.anon_cost, total + sc.file_cost
+        total = anon_cost + file_cost
+        ap = swappiness * (total + 1) // (anon_cost + 1)
+        fp = (MAX_SWAPPINESS - swappiness) * (total + 1) // (file_cost + 1)
+        fraction, denominator = [ap, fp], ap + fp
+    out = []
+    for lru in swap.LRU_LISTS:
+        file = lru in (INACTIVE_FILE, ACTIVE_FILE)
+        scan = m.lruvec.nr_pages[lru] >> sc.priority
+        if balance == "fract":
+            scan = scan * fraction[file] // denominator if denominator else 0
+        elif balance in ("file", "anon") and (balance == "file") != file:
+            scan = 0
+        out.append(scan)
+    return out
+
+
+async def shrink_lruvec(m, sc: ScanControl) -> None:
+    """shrink_lruvec: scan the lists in SWAP_CLUSTER_MAX batches toward get_scan_count's
+    targets; once enough is reclaimed (kswapd, or below DEF_PRIORITY), scale the
+    remaining work to keep anon and file proportional. Then age the anon lists."""
+    nr = get_scan_count(m, sc)
+    targets = list(nr)
+    nr_reclaimed = 0
+    proportional = not sc.target_mem_cgroup and not sc.is_kswapd and sc.priority == DEF_PRIORITY
+    while nr[0] or nr[2] or nr[3]:
+        for i, lru in enumerate(swap.LRU_LISTS):
+            if nr[i]:
+                n = min(nr[i], SWAP_CLUSTER_MAX)
+                nr[i] -= n
+                nr_reclaimed += await shrink_list(m, lru, n, sc)
+        if nr_reclaimed < sc.nr_to_reclaim or proportional:
+            continue
+        nr_file, nr_anon = nr[2] + nr[3], nr[0] + nr[1]
+        if not nr_file or not nr_anon:
+            break
+        if nr_file > nr_anon:
+            percentage = nr_anon * 100 // (targets[0] + targets[1] + 1)
+            stop, other = 0, 2
+        else:
+            percentage = nr_file * 100 // (targets[2] + targets[3] + 1)
+            stop, other = 2, 0
+        nr[stop] = nr[stop + 1] = 0
+        for i in (other, other + 1):
+            scanned = targets[i] - nr[i]
+            nr[i] = targets[i] * (100 - percentage) // 100
+            nr[i] -= min(nr[i], scanned)
+    sc.nr_reclaimed += nr_reclaimed
+    if can_age_anon_pages(m) and inactive_is_low(m, INACTIVE_ANON):
+        await shrink_active_list(m, SWAP_CLUSTER_MAX, sc, ACTIVE_ANON)
+
+
+# ---------------------------------------------------------------- slab
+async def do_shrink_slab(m, shrinker, priority: int, memcg: bool) -> int:
+    """do_shrink_slab (mm/shrinker.c): scan (freeable >> priority) * 4 / seeks objects,
+    plus the work deferred by earlier calls, in batches of ``batch`` (128); below one
+    batch only when the scan covers every object. Returns the objects freed."""
+    freeable = shrinker.count_objects(m)
+    if freeable <= 0:
+        return 0
+    pg = NODE_DATA(m)
+    key = (id(shrinker), memcg)
+    nr = pg.nr_deferred.pop(key, 0)  # xchg_nr_deferred
+    seeks = getattr(shrinker, "seeks", DEFAULT_SEEKS)
+    batch = getattr(shrinker, "batch", 0) or SHRINK_BATCH
+    delta = (freeable >> priority) * 4 // seeks if seeks else freeable // 2
+    total_scan = min((nr >> priority) + delta, 2 * freeable)
+    freed = scanned = 0
+    while total_scan >= batch or total_scan >= freeable:
+        nr_to_scan = min(batch, total_scan)
+        ret = await shrinker.scan_objects(m, nr_to_scan)
+        if ret is None or ret < 0:  # SHRINK_STOP
+            break
+        freed += ret
+        m.vmstat.count_vm_event("slabs_scanned", nr_to_scan)
+        total_scan -= nr_to_scan
+        scanned += nr_to_scan
+    nxt = min(max(nr + delta - scanned, 0), 2 * freeable)
+    if nxt:
+        pg.nr_deferred[key] = pg.nr_deferred.get(key, 0) + nxt  # add_nr_deferred
+    return freed
+
+
+async def shrink_slab(m, gfp_mask: int, priority: int, memcg: bool = False) -> int:
+    """shrink_slab: every registered shrinker (memcg-aware ones only, for a cgroup's
+    reclaim). Returns the objects freed."""
+    freed = 0
+    for shrinker in list(m.shrinkers):
+        if memcg and not getattr(shrinker, "memcg_aware", True):
+            continue
+        freed += await do_shrink_slab(m, shrinker, priority, memcg)
+    return freed
+
+
+# ------------------------------------------------------------ shrink_node
+def compact_gap(order: int) -> int:
+    return 2 << order
+
+
+def _compaction_suitable(m, order: int) -> bool:
+    """compaction_suitable (mm/compaction.c): enough free order-0 pages above the
+    watermark for compaction to have room to work."""
+    z = m.zone
+    mark = z.wmark["low"] if order > PAGE_ALLOC_COSTLY_ORDER else z.wmark["min"]
+    return z.zone_watermark_ok(0, mark + compact_gap(order))
+
+
+def in_reclaim_compaction(sc: ScanControl) -> bool:
+    return bool(sc.order) and (sc.order > PAGE_ALLOC_COSTLY_ORDER
+                               or sc.priority < DEF_PRIORITY - 2)
+
+
+def should_continue_reclaim(m, nr_reclaimed: int, sc: ScanControl) -> bool:
+    """should_continue_reclaim: a high-order reclaim goes on until compaction could
+    proceed or the allocation succeed, as long as it makes progress."""
+    if not in_reclaim_compaction(sc) or not nr_reclaimed:
+        return False
+    z = m.zone
+    if z.zone_watermark_ok(sc.order, z.wmark["min"]) or _compaction_suitable(m, sc.order):
+        return False
+    inactive = m.lruvec.nr_pages[INACTIVE_FILE]
+    if can_reclaim_anon_pages(m):
+        inactive += m.lruvec.nr_pages[INACTIVE_ANON]
+    return inactive > compact_gap(sc.order)
+
+
+async def shrink_node(m, sc: ScanControl) -> None:
+    """shrink_node: one pass over the node's LRU lists and shrinkers at sc.priority
+    (again while a high-order reclaim should continue). Progress revives kswapd."""
+    pg = NODE_DATA(m)
+    while True:
+        nr_reclaimed = sc.nr_reclaimed
+        prepare_scan_control(m, sc)
+        await shrink_lruvec(m, sc)
+        await shrink_slab(m, sc.gfp_mask, sc.priority, sc.target_mem_cgroup)
+        nr_node_reclaimed = sc.nr_reclaimed - nr_reclaimed
+        if not should_continue_reclaim(m, nr_node_reclaimed, sc):
+            break
+    if nr_node_reclaimed:
+        pg.kswapd_failures = 0
+    elif sc.cache_trim_mode:
+        sc.cache_trim_mode_failed = True
+
+
+def compaction_ready(m, sc: ScanControl) -> bool:
+    """compaction_ready: a costly-order reclaim can stop once compaction may go ahead
+    (with a high-watermark buffer) or the allocation would succeed."""
+    z = m.zone
+    if z.zone_watermark_ok(sc.order, z.wmark["min"]):
+        return True
+    if not _compaction_suitable(m, sc.order):
+        return False
+    return z.zone_watermark_ok(0, z.wmark["high"] + compact_gap(sc.order))
+
+
+async def do_try_to_free_pages(m, sc: ScanControl) -> int:
+    """do_try_to_free_pages: shrink the node at falling priority until nr_to_reclaim
+    pages are back (or compaction can take over); retries once with a full memcg walk
+    and once with forced deactivation before reporting no progress."""
+    initial = sc.priority
+    while True:
+        if not sc.target_mem_cgroup:
+            m.vmstat.count_vm_event("allocstall_normal")
+        while True:
+            sc.nr_scanned = 0
+            if (not sc.target_mem_cgroup and sc.order > PAGE_ALLOC_COSTLY_ORDER
+                    and compaction_ready(m, sc)):
+                sc.compaction_ready = True
+            else:
+                await shrink_node(m, sc)
+            if sc.nr_reclaimed >= sc.nr_to_reclaim or sc.compaction_ready:
+                break
+            if sc.priority < DEF_PRIORITY - 2:
+                sc.may_writepage = True
+            sc.priority -= 1
+            if sc.priority < 0:
+                break
+        if sc.nr_reclaimed:
+            return sc.nr_reclaimed
+        if sc.compaction_ready:
+            return 1
+        if not sc.memcg_full_walk:
+            sc.priority, sc.memcg_full_walk = initial, True
+        elif sc.skipped_deactivate:
+            sc.priority, sc.force_deactivate, sc.skipped_deactivate = initial, True, False
+        else:
+            return 0
+
+
+def allow_direct_reclaim(m) -> bool:
+    """allow_direct_reclaim: free pages above half the min watermark (else kswapd is
+    woken: throttling the caller is not modelled)."""
+    pg = NODE_DATA(m)
+    if pg.kswapd_failures >= MAX_RECLAIM_RETRIES:
+        return True
+    ok = m.zone.nr_free > m.zone.wmark["min"] // 2
+    if not ok and m.waitqueues.get("kswapd_wait"):
+        from kmm.daemon import wake_up
+        wake_up(m, "kswapd_wait")
+    return ok
+
+
+async def try_to_free_pages(m, order: int, gfp) -> int:
+    """try_to_free_pages: direct reclaim for an allocation of ``order`` (gfp: the mask
+    bits or a GFP_* name). Returns the pages reclaimed (1 when compaction may proceed
+    instead). Context: the allocating task, no locks held."""
+    allow_direct_reclaim(m)
+    sc = ScanControl(nr_to_reclaim=SWAP_CLUSTER_MAX, gfp_mask=_gfp(gfp), order=order,
+                     priority=DEF_PRIORITY, may_writepage=True, may_unmap=True,
+                     may_swap=True)
+    await m.sched.point("mm_vmscan_direct_reclaim_begin", order=order)
+    nr = await do_try_to_free_pages(m, sc)
+    await m.sched.point("mm_vmscan_direct_reclaim_end", nr_reclaimed=nr)
+    return nr
+
+
+async def try_to_free_mem_cgroup_pages(m, nr_pages: int, swappiness: int) -> int:
+    """try_to_free_mem_cgroup_pages: reclaim for the cgroup holding every process (its
+    memory.swappiness given); memcg-aware shrinkers only."""
+    sc = ScanControl(nr_to_reclaim=max(nr_pages, SWAP_CLUSTER_MAX), gfp_mask=GFP_KERNEL,
+                     priority=DEF_PRIORITY, may_writepage=True, may_unmap=True,
+                     may_swap=True, target_mem_cgroup=True, swappiness=swappiness)
+    return await do_try_to_free_pages(m, sc)
+
+
+async def mem_cgroup_force_empty(m, swappiness: int = 0) -> None:
+    """mem_cgroup_force_empty (memory.force_empty of a cgroup-v1 group holding every
+    process, as the oracle's ``reclaim`` step writes it): reclaim until the group is
+    empty or MAX_RECLAIM_RETRIES rounds freed nothing. With swappiness 0 (the
+    oracle's group) anonymous memory stays; lazyfree folios and shrinkers go."""
+    retries = MAX_RECLAIM_RETRIES
+    while retries:
+        if not await try_to_free_mem_cgroup_pages(m, 1, swappiness):
+            retries -= 1
+
+
+# ------------------------------------------------------------ MADV_PAGEOUT
+async def reclaim_folio_list(m, folios: list[Page]) -> int:
+    """reclaim_folio_list: shrink_folio_list ignoring references, then put back."""
+    sc = ScanControl(gfp_mask=GFP_KERNEL, may_writepage=True, may_unmap=True,
+                     may_swap=True)
+    stat = ReclaimStat()
+    nr = await shrink_folio_list(m, folios, sc, stat, True)
+    for folio in folios:  # in the order they were processed
+        await swap.folio_putback_lru(m, folio)
+    folios.clear()
+    return nr
+
+
+async def reclaim_pages(m, folios: list[Page]) -> int:
+    """reclaim_pages (MADV_PAGEOUT): reclaim these isolated folios now, whatever their
+    age, in the order given. Returns the pages reclaimed."""
+    if not folios:
+        return 0
+    lst = []
+    for folio in folios:
+        folio.flags &= ~PG_active
+        lst.insert(0, folio)
+    return await reclaim_folio_list(m, lst)
+
+
+# ----------------------------------------------------------------- kswapd
+def pgdat_balanced(m, order: int) -> bool:
+    """pgdat_balanced: the zone meets the high watermark for ``order``."""
+    z = m.zone
+    return z.zone_watermark_ok(order, z.wmark["high"])
+
+
+def prepare_kswapd_sleep(m, order: int) -> bool:
+    """prepare_kswapd_sleep: may kswapd sleep? Yes on a hopeless node (left to direct
+    reclaim) or a balanced one."""
+    return NODE_DATA(m).kswapd_failures >= MAX_RECLAIM_RETRIES or pgdat_balanced(m, order)
+
+
+async def kswapd_age_node(m, sc: ScanControl) -> None:
+    """kswapd_age_node: deactivate some anon pages while the inactive list is low."""
+    if can_age_anon_pages(m) and inactive_is_low(m, INACTIVE_ANON):
+        await shrink_active_list(m, SWAP_CLUSTER_MAX, sc, ACTIVE_ANON)
+
+
+async def kswapd_shrink_node(m, sc: ScanControl) -> bool:
+    """kswapd_shrink_node: aim at the high watermark; True if enough was scanned
+    (no need to raise the priority)."""
+    before = sc.nr_reclaimed
+    sc.nr_to_reclaim = max(m.zone.wmark["high"], SWAP_CLUSTER_MAX)
+    await shrink_node(m, sc)
+    if sc.order and sc.nr_reclaimed >= compact_gap(sc.order):
+        sc.order = 0  # fragmentation: settle for order 0, compaction does the rest
+    return max(sc.nr_scanned, sc.nr_reclaimed - before) >= sc.nr_to_reclaim
+
+
+async def balance_pgdat(m, order: int) -> int:
+    """balance_pgdat: kswapd's reclaim: passes from DEF_PRIORITY down to 1 until the
+    zone meets its high watermark for ``order``, raising the priority when a pass
+    scanned too little or freed nothing. A run that freed nothing counts a kswapd
+    failure (16 make the node hopeless). Returns the order reclaim finished at.
+    Context: kswapd."""
+    pg = NODE_DATA(m)
+    m.vmstat.count_vm_event("pageoutrun")
+    sc = ScanControl(gfp_mask=GFP_KERNEL, order=order, may_unmap=True, is_kswapd=True)
+    while True:
+        sc.priority = DEF_PRIORITY
+        balanced = False
+        while sc.priority >= 1:
+            if pgdat_balanced(m, sc.order):
+                balanced = True
+                break
+            before = sc.nr_reclaimed
+            sc.may_writepage = sc.may_swap = True
+            await kswapd_age_node(m, sc)
+            sc.nr_scanned = 0
+            raise_priority = not await kswapd_shrink_node(m, sc)
+            if raise_priority or not sc.nr_reclaimed - before:
+                sc.priority -= 1
+        if balanced:
+            return sc.order
+        if (not sc.nr_reclaimed and not sc.no_cache_trim_mode
+                and sc.cache_trim_mode_failed):
+            sc.no_cache_trim_mode = True
+            continue
+        break
+    if not sc.nr_reclaimed:
+        pg.kswapd_failures += 1
+    return sc.order
+
+
+async def wakeup_kswapd(m, order: int, gfp=None) -> None:
+    """wakeup_kswapd: record the order kswapd should reclaim for, and wake it if it
+    sleeps on ``kswapd_wait`` and the zone is not balanced for that order. A hopeless
+    or balanced node is left alone (and, for a caller that may not direct reclaim,
+    kcompactd is woken instead, when the tree has it). Context: the allocator's slow
+    path."""
+    from kmm.daemon import wake_up
+    pg = NODE_DATA(m)
+    await _tick(m, "wakeup_kswapd", order=order)
+    if pg.kswapd_order < order:
+        pg.kswapd_order = order
+    if not m.waitqueues.get("kswapd_wait"):
+        return
+    if pg.kswapd_failures >= MAX_RECLAIM_RETRIES or pgdat_balanced(m, order):
+        if gfp is not None and not _gfp(gfp) & (1 << 10):  # !__GFP_DIRECT_RECLAIM
+            import importlib.util
+            if importlib.util.find_spec("kmm.compaction") is not None:
+                from kmm import compaction
+                r = compaction.wakeup_kcompactd(m, order)
+                if hasattr(r, "__await__"):
+                    await r
+        return
+    wake_up(m, "kswapd_wait")
+
+
+
+async def memcg_reclaim(m) -> None:
+    """The scenarios' ``reclaim`` step, as the oracle applies it: memory.force_empty of
+    the cgroup-v1 group holding the run's processes, whose swappiness is 0."""
+    await mem_cgroup_force_empty(m, swappiness=0)
