@@ -27,6 +27,8 @@ ORDER: tuple[str, ...] = (
     "page_table_lock",
     "ptlock_pmd",
     "ptlock_pte",
+    "swap_cluster_lock",
+    "swap_info_lock",
     "split_queue_lock",
     "lru_lock",
     "zone_lock",

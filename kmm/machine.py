@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile
+from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -95,6 +95,7 @@ class Machine:
         khugepaged.khugepaged_init(self)  # m.khugepaged_scan: the mm_slot list and cursor
         self.lruvec = swap.Lruvec(self.locks)
         self.swap_info = swapfile.swapon(self, config.swap)
+        self.pgdat = vmscan.PgData()  # NODE_DATA(0): kswapd and reclaim state
         # registered shrinkers (shrinker_register): objects with count_objects(m) and
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from kmm import huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
-from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_SHARED, VM_WRITE, MmStruct, VmArea
+from kmm.mm_types import (
+    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
+)
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
     pmd_none, pmd_present, pmd_trans_huge, pte_dirty, pte_index, pte_mkdirty,
@@ -382,7 +384,9 @@ class MmuGather:
         """tlb_finish_mmu: flush, then drop the references the mappings held."""
         if self.end > self.start:
             await tlb.flush_tlb_mm_range(m, self.mm, self.start, self.end)
-        for folio, n in self.folios:
+        for folio, n in self.folios:  # free_pages_and_swap_cache
+            if folio.flags & PG_swapcache:
+                await swap_state.free_swap_cache(m, folio)
             await m.folio_put(folio, n)
         for t in self.tables:
             await m.pte_free(self.mm, t)
@@ -553,7 +557,7 @@ async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_
             if pte_present(ent):
                 ent = await copy_present_pte(m, dst_mm, src_vma, stbl, i, ent)
             else:
-                ent = await copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent)
+                ent = await copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent, stbl, i)
             await m.entry_set("pte", dtbl, i, ent)
         a += PAGE_SIZE
     await sptl.unlock()
@@ -696,7 +700,8 @@ async def zap_nonpresent_ptes(m, mm: MmStruct, entry: int) -> None:
     await swapfile.free_swap_and_cache(m, swapfile.pte_to_swp_entry(entry))
 
 
-async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int) -> int:
+async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int,
+                              stbl: int, i: int) -> int:
     """copy_nonpresent_pte: the child gets the same migration entry; a swap entry is
     shared (swap_duplicate: one more reference on the slot), and the child's copy is no
     longer exclusive. Context: both PTE locks held."""
@@ -708,4 +713,6 @@ async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int)
     if await swapfile.swap_duplicate(m, swapfile.pte_to_swp_entry(entry)) < 0:
         m.bug(f"fork: swap entry {entry:#x} has no slot")
     dst_mm.swapents += 1
+    if entry & _PAGE_SWP_EXCLUSIVE:  # "mark the swap entry as shared" in the parent too
+        await m.entry_set("pte", stbl, i, entry & ~_PAGE_SWP_EXCLUSIVE)
     return entry & ~(_PAGE_SWP_EXCLUSIVE | _PAGE_SWP_UFFD_WP)

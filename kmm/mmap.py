@@ -123,9 +123,16 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     floor = prev[-1].end if prev else 0
     ceiling = nxt[0].start if nxt else TASK_SIZE
     await tlbg.finish(m)
-    await memory.free_pgtables(m, mm, start, end, floor, ceiling)
+    # free_pgtables: each VMA leaves its anon_vma chains (under the anon_vma lock, so
+    # an rmap walk in progress finishes first) before its page tables go
     for vma in victims:
+        roots = {id(av.root): av.root for av in vma.avc}
+        for root in roots.values():
+            await root.rwsem.down_write("unlink_anon_vmas")
         rmap.unlink_anon_vmas(vma)
+        for root in roots.values():
+            await root.rwsem.up_write()
+    await memory.free_pgtables(m, mm, start, end, floor, ceiling)
 
 
 async def do_munmap(m, task, start: int, length: int) -> int | str:

@@ -140,6 +140,7 @@ async def folio_mark_lazyfree(m, folio: Page) -> None:
         lruvec_del_folio(m, folio)
         folio.flags &= ~(PG_active | PG_referenced | PG_swapbacked)
         lruvec_add_folio(m, folio)
+        m.vmstat.count_vm_event("pglazyfree", folio.nr_pages)
     await lk.unlock()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kmm import pagewalk, swap, swapfile
-from kmm.mm_types import PG_isolated, PG_lru
+from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
     migration_entry_pfn, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
@@ -125,9 +125,11 @@ def invariant_errors(m, k=None) -> list[str]:
             errs.append(f"folio {head:#x}: mapcount {total} != {n} mappings")
         # an isolated folio (compaction, reclaim) holds the isolation reference too
         isolated = 1 if folio.flags & PG_isolated else 0
-        if folio.refcount != n + isolated:
+        cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
+        if folio.refcount != n + isolated + cache:
             errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
-                        + (" + 1 isolation" if isolated else ""))
+                        + (" + 1 isolation" if isolated else "")
+                        + (f" + {cache} swap cache" if cache else ""))
         if folio.order:
             mapped = sum(1 for p in range(head, head + folio.nr_pages)
                          if pm.pages.get(p) is not None and pm.pages[p].mapcount)
@@ -211,13 +213,15 @@ def check_between_ops(m, k) -> None:
 
 
 def run_machine(fn, *, memory: int = 1 << 30, cpus: int = 1, seed: int = 1,
-                mode: str = "free", knobs: dict | None = None, check=check_invariants):
+                mode: str = "free", knobs: dict | None = None, check=check_invariants,
+                swap: int = 0):
     """Run ``await fn(m, k)`` as the driver of a fresh machine, ``check(m, k)`` after
     every workload operation and at the end. Returns (machine, fn's value)."""
     from kmm.machine import Machine, MachineConfig
     from kmm.runtime.trace import Trace
     from kmm.workload import Kernel
-    m = Machine(MachineConfig(memory=memory, cpus=cpus, seed=seed), mode=mode, trace=Trace())
+    m = Machine(MachineConfig(memory=memory, swap=swap, cpus=cpus, seed=seed), mode=mode,
+                trace=Trace())
     for name, value in (knobs or {}).items():
         m.sysfs.write(name, value)
     k = Kernel(m)

@@ -104,11 +104,8 @@ class PgData:
 
 
 def NODE_DATA(m) -> PgData:
-    """NODE_DATA(0): the machine's one node (created on first use)."""
-    pg = getattr(m, "pgdat", None)
-    if pg is None:
-        pg = m.pgdat = PgData()
-    return pg
+    """NODE_DATA(0): the machine's one node."""
+    return m.pgdat
 
 
 def _gfp(gfp) -> int:

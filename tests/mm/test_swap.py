@@ -11,7 +11,6 @@ invariant checker (swap counts against swap PTEs included) runs after every oper
 
 from __future__ import annotations
 
-import re
 
 from kmm import swapfile, testing
 from kmm.mm_types import PG_swapcache
@@ -28,10 +27,7 @@ NR = HPAGE_PMD_NR
 
 def run(fn, *, swap=64 * MiB, memory=1 << 30, knobs=None, check=testing.check_invariants):
     """Run ``fn(m, k)`` on a fresh machine with a swap device of ``swap`` bytes."""
-    async def driver(m, k):
-        m.swap_info = swapfile.swapon(m, swap)
-        return await fn(m, k)
-    return testing.run_machine(driver, memory=memory, knobs=knobs, check=check)[1]
+    return testing.run_machine(fn, memory=memory, knobs=knobs, check=check, swap=swap)[1]
 
 
 def ev(m, name):
@@ -67,24 +63,6 @@ async def readback(p, a, npages):
     """Fault every page back in by reading it, then check every byte ever written."""
     assert await p.touch(a, npages * PAGE_SIZE, write=False, value=0x5A) == 0
     assert await p.verify() == []
-
-
-def swapcache_tolerant(m, k):
-    """check_invariants, allowing a mapped folio the references the swap cache holds
-    (kmm.testing counts only mappings; a folio read into the cache for a slot another
-    process still references stays cached while mapped)."""
-    errs = []
-    for e in testing.invariant_errors(m, k):
-        r = re.match(r"folio (0x[0-9a-f]+): refcount (\d+) != (\d+) mappings"
-                     r"( \+ 1 isolation)?", e)
-        if r:
-            f = m.physmem.pages[int(r[1], 16)]
-            if (f.flags & PG_swapcache
-                    and int(r[2]) == int(r[3]) + f.nr_pages + (1 if r[4] else 0)):
-                continue
-        errs.append(e)
-    if errs:
-        raise testing.InvariantError("\n".join(errs))
 
 
 # ------------------------------------------------------------- the device
@@ -258,7 +236,7 @@ def test_fork_shares_swap_entries_and_both_read_them_back():
         await p.store(a, b"\x77")  # COW
         assert (await c.load(a))[0] == 0x5A and (await p.load(a))[0] == 0x77
         assert await p.verify() == [] and await c.verify() == []
-    run(fn, check=swapcache_tolerant)
+    run(fn, check=testing.check_invariants)
 
 
 def test_zap_and_exit_free_the_swap_slots():
@@ -342,13 +320,8 @@ def test_pageout_fault_and_fork_race_and_every_byte_survives():
             # what stays is only swap cache no page table references (reclaimable)
             assert all(v in (0, swapfile.SWAP_HAS_CACHE) for v in m.swap_info.swap_map[1:])
         testing.run_machine(
-            lambda m, k: _with_swap(m, k, fn), cpus=3, seed=seed, mode="random",
-            check=lambda m, k: (swapcache_tolerant(m, k) if not any(
+            fn, swap=8 * MiB, cpus=3, seed=seed, mode="random",
+            check=lambda m, k: (testing.check_invariants(m, k) if not any(
                 a.held for a in m.sched.actors if a is not m.sched.current) else None))
     for seed in (8, 10):  # seeds whose interleaving let a wrongly exclusive swap-in
         once(seed)        # leak a parent's write into the child
-
-
-async def _with_swap(m, k, fn):
-    m.swap_info = swapfile.swapon(m, 8 * MiB)
-    return await fn(m, k)

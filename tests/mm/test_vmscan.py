@@ -24,10 +24,7 @@ NR = HPAGE_PMD_NR
 
 
 def run(fn, *, swap_size=64 * MiB, memory=1 << 30, knobs=None):
-    async def driver(m, k):
-        m.swap_info = swapfile.swapon(m, swap_size)
-        return await fn(m, k)
-    return testing.run_machine(driver, memory=memory, knobs=knobs)[1]
+    return testing.run_machine(fn, memory=memory, knobs=knobs, swap=swap_size)[1]
 
 
 def ev(m, name):
