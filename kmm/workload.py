@@ -106,6 +106,12 @@ class Kernel:
         """Every /proc/vmstat event the machine counts, by name."""
         return dict(self.machine.vmstat.events)
 
+    def zoneinfo(self) -> dict[str, int]:
+        """/proc/zoneinfo's figures for the one zone: free pages, watermarks, size."""
+        z = self.machine.zone
+        return {"nr_free": z.nr_free, "min": z.wmark["min"], "low": z.wmark["low"],
+                "high": z.wmark["high"], "managed": z.managed, "present": z.nr_pages}
+
     def buddyinfo(self) -> list[int]:
         """/proc/buddyinfo: free blocks per order, 0..10."""
         return self.machine.zone.buddyinfo()

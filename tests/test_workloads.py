@@ -18,7 +18,10 @@ PROGRAMS = [p for p in PROGRAMS if p.name != "__init__.py"]
 # programs with a test of their own, on the machine they need
 OWN_TEST = {"khugepaged_compound_extreme.py": "tests/selftests/test_khugepaged.py",
             "khugepaged_dontneed_refill.py": "tests/mm/test_khugepaged.py",
-            "khugepaged_collapse_cost.py": "tests/mm/test_khugepaged.py"}
+            "khugepaged_collapse_cost.py": "tests/mm/test_khugepaged.py",
+            "memory_pressure.py": "tests/mm/test_vmscan.py",
+            "redis_snapshot.py": "tests/test_workloads.py",
+            "split_race.py": "tests/mm/test_split.py"}
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -61,3 +64,21 @@ def test_every_program_with_its_own_test_has_one():
     root = WORKLOADS.parent
     for program, test in OWN_TEST.items():
         assert program in (root / test).read_text()
+
+
+def test_redis_snapshot_splits_only_the_writers_pmds():
+    """workloads/redis_snapshot.py (a BGSAVE): after fork, the parent's first write to
+    each shared THP splits the parent's PMD only and copies 4 KiB (thp_split_pmd, one per
+    THP; the child keeps every PMD: its AnonHugePages stay whole), the child reads the
+    pre-fork data; when the child exits, each folio is left partially mapped by the
+    parent's PTEs (thp_deferred_split_page, one per THP). The scenario
+    fork_snapshot_parent_writes.toml pins the same counters against the host kernel."""
+    rep = run_program(str(WORKLOADS / "redis_snapshot.py"), cpus=2, seed=3, mode="random",
+                      check=check_between_ops)
+    r = rep["result"]
+    thps = 8
+    assert r["snapshot_mismatches"] == 0 and r["lost_bytes"] == 0
+    assert r["thp_events_during_snapshot"] == {"thp_split_pmd": thps}
+    assert r["thp_events_at_child_exit"] == {"thp_deferred_split_page": thps}
+    assert r["rss_anon_huge_kb_during"]["bgsave"] == (thps * 2048, thps * 2048)
+    assert r["rss_anon_huge_kb_during"]["redis"] == (thps * 2048, 0)

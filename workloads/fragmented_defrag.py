@@ -27,9 +27,7 @@ the first faults fall back before kcompactd starts freeing blocks for the later 
     kmm run workloads/fragmented_defrag.py
 """
 
-import importlib
-
-import kmm
+MACHINE = {"memory": "128MiB"}  # a small machine: fragmenting it all is quick
 
 MiB = 1 << 20
 PAGE = 4096
@@ -43,58 +41,16 @@ EVENTS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall", "compact_suc
           "compact_fail")
 
 
-class KernelHelpers:
-    """What this program needs beyond the program API (kmm.workload), reached through
-    the machine until the API offers it: knobs, pinned kernel allocations (unmovable
-    memory) and their free, /proc/buddyinfo, emulated time and sleep, and starting the
-    daemons (kswapd, kcompactd) when the runner has not."""
-
-    def __init__(self, k) -> None:
-        self.k = k
-        self.m = k.machine
-        self.pa = importlib.import_module("kmm.page_alloc")
-        gfp = importlib.import_module("kmm.gfp")
-        # __GFP_MEMALLOC: may use the reserves too, so every free block can be held
-        # (getattr: a __name inside a class body would be mangled)
-        self.gfp_pin = getattr(gfp, "__GFP_MEMALLOC") | getattr(gfp, "__GFP_NOWARN")
-
-    def set_knob(self, name: str, value) -> None:
-        self.m.sysfs.write(name, value)
-
-    @property
-    def now(self) -> int:
-        return self.m.sched.now
-
-    async def sleep(self, ns: int) -> None:
-        await self.m.sched.sleep(ns)
-
-    async def alloc(self, order: int) -> int:
-        """A pinned kernel allocation: its pfn, or -1."""
-        return await self.pa.alloc_pages(self.m, order, self.gfp_pin, "unmovable")
-
-    async def free(self, pfn: int) -> None:
-        await self.m.folio_put(self.m.physmem.page(pfn))
-
-    def buddyinfo(self) -> list[int]:
-        return self.m.zone.buddyinfo()
-
-    def start_daemons(self, *names: str) -> None:
-        daemon = importlib.import_module("kmm.daemon")
-        running = {a.name for a in self.m.sched.actors}
-        for cls in daemon.load_daemons([n for n in names if n not in running]):
-            daemon.start_daemon(self.m, cls())
-
-
-def arena_blocks_needed(m, faults: int) -> int:
+def arena_blocks_needed(k, faults: int) -> int:
     """Pageblocks the arena needs so that, fragmented, its free memory stays above
     what compaction_suitable asks for (min + compact_gap + low - min) after the THPs
     that can succeed are allocated."""
-    w = m.zone.wmark
-    need = w["low"] + 2 * PAGEBLOCK + 2 * faults * PAGEBLOCK + 4 * PAGEBLOCK
-    return min(-(-need // PAGEBLOCK) + 1, m.zone.nr_pages // PAGEBLOCK - 2)
+    z = k.zoneinfo()
+    need = z["low"] + 2 * PAGEBLOCK + 2 * faults * PAGEBLOCK + 4 * PAGEBLOCK
+    return min(-(-need // PAGEBLOCK) + 1, z["present"] // PAGEBLOCK - 2)
 
 
-async def fragment(k, kh: KernelHelpers, proc, arena_blocks: int,
+async def fragment(k, proc, arena_blocks: int,
                    unmovable=lambda i: i % 2 == 0, spacing: int = SPACING) -> dict:
     """Fragment memory: ``arena_blocks`` pageblocks each end up with one movable page
     (of ``proc``) every ``spacing`` pages, and one unmovable page in the blocks
@@ -112,31 +68,31 @@ async def fragment(k, kh: KernelHelpers, proc, arena_blocks: int,
     # Drain the small free blocks, then pin every pageblock: lowest ones become the arena.
     drained = []
     while True:
-        small = [o for o, n in enumerate(kh.buddyinfo()[:PAGEBLOCK_ORDER]) if n]
+        small = [o for o, n in enumerate(k.buddyinfo()[:PAGEBLOCK_ORDER]) if n]
         if not small:
             break
-        drained.append(await kh.alloc(small[0]))
+        drained.append(await k.alloc_kernel_pages(small[0], reserves=True))
     blocks = []
-    while (pfn := await kh.alloc(PAGEBLOCK_ORDER)) >= 0:
+    while (pfn := await k.alloc_kernel_pages(PAGEBLOCK_ORDER, reserves=True)) >= 0:
         blocks.append(pfn)
     blocks.sort()
     arena, held = blocks[:arena_blocks], blocks[arena_blocks:]
     # A cushion of free pageblocks above the high watermark keeps the carving below on
     # the allocator's fast path; it is pinned again afterwards.
-    cushion = min(-(-(kh.m.zone.wmark["high"] + 2 * PAGEBLOCK) // PAGEBLOCK), len(held))
+    cushion = min(-(-(k.zoneinfo()["high"] + 2 * PAGEBLOCK) // PAGEBLOCK), len(held))
     for b in held[len(held) - cushion:]:
-        await kh.free(b)
+        await k.free_kernel_pages(b)
     # Carve each arena block: freed, it is the only free block of its size, so the
     # buddy allocator splits it from its start: per group of ``spacing`` pages a guard,
     # its buddy (the future movable page), then blocks of order 1, 2, ...
     slots, guards, pieces = [], [], []
     for b in arena:
-        await kh.free(b)
+        await k.free_kernel_pages(b)
         for q in range(b, b + PAGEBLOCK, spacing):
-            got = [await kh.alloc(0), await kh.alloc(0)]
+            got = [await k.alloc_kernel_pages(0, reserves=True), await k.alloc_kernel_pages(0, reserves=True)]
             order = 1
             while 1 << order < spacing:
-                got.append(await kh.alloc(order))
+                got.append(await k.alloc_kernel_pages(order, reserves=True))
                 order += 1
             want = [q, q + 1] + [q + (1 << o) for o in range(1, order)]
             if got != want:
@@ -145,18 +101,18 @@ async def fragment(k, kh: KernelHelpers, proc, arena_blocks: int,
             slots.append(q + 1)
             pieces += got[2:]
     for i in range(len(held) - cushion, len(held)):  # the only free pageblocks left
-        held[i] = await kh.alloc(PAGEBLOCK_ORDER)
+        held[i] = await k.alloc_kernel_pages(PAGEBLOCK_ORDER, reserves=True)
     for p in pieces:       # no merging: each buddy holds a slot or a guard
-        await kh.free(p)
+        await k.free_kernel_pages(p)
     for q in sorted(slots, reverse=True):  # LIFO: the faults take them lowest first
-        await kh.free(q)
+        await k.free_kernel_pages(q)
     await proc.touch(a, length * PAGE, value=0x22)
     unmov = [b for i, b in enumerate(arena) if unmovable(i)]  # a guard stays
     for g in guards:
         if g not in unmov:
-            await kh.free(g)
+            await k.free_kernel_pages(g)
     for p in drained:
-        await kh.free(p)
+        await k.free_kernel_pages(p)
     return {"pinned": held + unmov, "arena": arena, "unmovable": unmov, "addr": a,
             "size": size, "pages": length, "slots": slots}
 
@@ -167,11 +123,10 @@ def _stats(ns: list[int]) -> dict:
     return {"min": s[0], "median": rank(50), "p90": rank(90), "max": s[-1]}
 
 
-async def run_mode(k, kh: KernelHelpers, mode: str) -> dict:
-    m = kh.m
+async def run_mode(k, mode: str) -> dict:
     frag = await k.process(f"frag-{mode}")
-    state = await fragment(k, kh, frag, arena_blocks_needed(m, FAULTS))
-    kh.set_knob("defrag", mode)
+    state = await fragment(k, frag, arena_blocks_needed(k, FAULTS))
+    k.set_knob("defrag", mode)
     thp = await k.process(f"thp-{mode}")
     regions = {}
     for kind in ("madvised", "not_madvised"):
@@ -180,17 +135,18 @@ async def run_mode(k, kh: KernelHelpers, mode: str) -> dict:
             await thp.madvise(r, FAULTS * 2 * MiB, "hugepage")
         regions[kind] = r
     out = {kind: {"events": dict.fromkeys(EVENTS, 0), "latency_ns": []} for kind in regions}
-    ev = m.vmstat.events
-    start = dict(ev)
+    start = k.vmstat()
     for i in range(FAULTS):
         for kind, r in regions.items():
-            before = {e: ev[e] for e in EVENTS}
-            t0 = kh.now
+            before = k.vmstat()
+            t0 = k.now
             await thp.touch(r + i * 2 * MiB, 1, value=0x33)
-            out[kind]["latency_ns"].append(kh.now - t0)
+            out[kind]["latency_ns"].append(k.now - t0)
+            after = k.vmstat()
             for e in EVENTS:
-                out[kind]["events"][e] += ev[e] - before[e]
-            await kh.sleep(THINK_NS)  # kcompactd, if woken, runs meanwhile
+                out[kind]["events"][e] += after[e] - before[e]
+            await k.sleep(THINK_NS)  # kcompactd, if woken, runs meanwhile
+    ev = k.vmstat()
     out["kcompactd"] = {e: ev[e] - start[e] for e in (
         "compact_daemon_wake", "compact_daemon_migrate_scanned", "compact_daemon_free_scanned")}
     out["pgmigrate_success"] = ev["pgmigrate_success"] - start["pgmigrate_success"]
@@ -198,15 +154,13 @@ async def run_mode(k, kh: KernelHelpers, mode: str) -> dict:
     await thp.exit()
     await frag.exit()
     for p in state["pinned"]:
-        await kh.free(p)
+        await k.free_kernel_pages(p)
     for kind in regions:
         out[kind]["latency_ns"] = _stats(out[kind]["latency_ns"])
     out["lost_bytes"] = len(bad)
     return out
 
 
-async def main(k: "kmm.Kernel"):
-    kh = KernelHelpers(k)
-    kh.set_knob("enabled", "always")
-    kh.start_daemons("kswapd", "kcompactd")  # unless the runner started them
-    return {mode: await run_mode(k, kh, mode) for mode in MODES}
+async def main(k):
+    k.set_knob("enabled", "always")
+    return {mode: await run_mode(k, mode) for mode in MODES}

@@ -1,10 +1,10 @@
 """A Redis-like BGSAVE: fork a snapshot child while the parent keeps writing.
 
-The parent holds a 32 MiB dataset in THPs. It forks; the child walks the whole dataset
+The parent holds a 16 MiB dataset in THPs. It forks; the child walks the whole dataset
 (serialising the snapshot) on CPU 1 while the parent, on CPU 0, updates one 64-byte
-value in every 256 KiB. Each update hits a THP now shared with the child: the PMD is
+value in every 512 KiB. Each update hits a THP now shared with the child: the PMD is
 read-only, so do_huge_pmd_wp_page cannot reuse the folio and splits the PMD
-(thp_split_pmd) to copy 4 KiB (the 5.8+ COW), so the dataset that was 16 THPs in the
+(thp_split_pmd) to copy 4 KiB (the 5.8+ COW), so the dataset that was 8 THPs in the
 parent comes out PTE-mapped where it was written. The child exits; the parent's memory
 stays PTE-mapped until khugepaged collapses it. The result shows the cost of the
 snapshot in the counters and in Rss/AnonHugePages before, during and after:
@@ -13,8 +13,8 @@ snapshot in the counters and in Rss/AnonHugePages before, during and after:
 """
 
 MiB = 1 << 20
-DATASET = 32 * MiB
-UPDATE_EVERY = 256 << 10
+DATASET = 16 * MiB
+UPDATE_EVERY = 512 << 10
 
 
 async def main(k):

@@ -197,6 +197,18 @@ async def reclaim_step(m: Machine) -> None:
     await vmscan.memcg_reclaim(m)
 
 
+# The reclaim daemons run on every machine, as on the kernel: they sleep until the page
+# allocator wakes them at the low watermark, so a run that never gets there is
+# unchanged. khugepaged starts with a scenario's khugepaged step (as the oracle runs it)
+# or when a program asks for it (k.start_daemon("khugepaged")).
+DEFAULT_DAEMONS = ("kswapd", "kcompactd")
+
+
+def start_daemons(k: Kernel) -> None:
+    for name in DEFAULT_DAEMONS:
+        k.start_daemon(name)
+
+
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
                  cpus: int | None = None) -> dict[str, Any]:
@@ -210,6 +222,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
     steps: list[dict] = []
 
     async def driver() -> None:
+        start_daemons(k)
         await k.process("main")
         if any(step.op == "khugepaged" for step in scenario.steps):
             await khugepaged_setup(k)
@@ -272,6 +285,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     result: dict[str, Any] = {}
 
     async def driver() -> None:
+        start_daemons(k)
         result["value"] = await mod.main(k)
 
     m.run(driver)

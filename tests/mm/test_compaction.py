@@ -55,7 +55,7 @@ async def fragment(m, k, unmovable):
     """Fragment the arena; ``unmovable`` selects arena blocks (0-based) that also get an
     unmovable page. Returns the frag process and fragment()'s record."""
     p = await k.process("frag")
-    st = await fd.fragment(k, fd.KernelHelpers(k), p, ARENA, unmovable=unmovable)
+    st = await fd.fragment(k, p, ARENA, unmovable=unmovable)
     assert st["arena"] == [b * 512 for b in range(1, ARENA + 1)]
     assert m.zone.buddyinfo()[9:] == [0, 0]
     testing.check_invariants(m, k)

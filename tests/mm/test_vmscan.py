@@ -275,3 +275,26 @@ def test_do_shrink_slab_scans_in_batches_and_defers_the_rest():
         assert small.calls == [10]
         assert ev(m, "slabs_scanned") == 15 * 128 + 10
     run(fn)
+
+
+def test_memory_pressure_program_swaps_thps_whole_and_keeps_every_byte():
+    """workloads/memory_pressure.py: 40 MiB written on a 32 MiB machine with swap. The
+    allocator wakes kswapd at the low watermark and kswapd reclaims (pgsteal_kswapd);
+    each THP it takes goes out whole to a free cluster, its PMD split for the unmap
+    (thp_swpout == thp_split_pmd, 512 pswpout each, as the host's pageout_thp
+    recording shows); reading back brings every swapped page in by its own major fault
+    (pgmajfault == pswpin), and no byte is lost."""
+    import pathlib
+    from kmm.tools.runner import run_program
+    prog = pathlib.Path(__file__).resolve().parents[2] / "workloads" / "memory_pressure.py"
+    rep = run_program(str(prog), check=testing.check_between_ops)
+    r = rep["result"]
+    w, back = r["writing"], r["reading_back"]
+    assert r["mismatches"] == 0 and r["lost_bytes"] == 0
+    assert w["pgsteal_kswapd"] > 0 and w["pageoutrun"] > 0
+    assert w["thp_swpout"] > 0 and w["thp_swpout_fallback"] == 0
+    assert w["thp_split_pmd"] == w["thp_swpout"] and w["thp_split_page"] == 0
+    assert w["pswpout"] == 512 * w["thp_swpout"]
+    assert back["pswpin"] == back["pgmajfault"] > 0
+    rss, huge = r["rss_anon_huge_kb_after_write"]
+    assert rss == huge  # what stayed resident is still PMD-mapped
