@@ -352,7 +352,7 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
 
     Context: both mmap_locks held; dst PMD lock, then src PMD lock nested.
     """
-    dst_mm, src_mm = dst_vma.mm, src_vma.mm
+    dst_mm = dst_vma.mm
     pgtable = await m.pte_alloc_one(dst_mm, "pte")
     if pgtable < 0:
         return -1

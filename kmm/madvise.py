@@ -184,6 +184,24 @@ async def _split_folio_unlocked(m, folio) -> int:
     return err
 
 
+async def _split_partly_covered(m, folio, tbl: int, ptl, pmd_tbl: int, idx: int,
+                                site: str):
+    """A large folio the range covers only in part is split (if only this mm maps it
+    and it can be locked at once), dropping the PTE lock meanwhile; the walk then looks
+    at the same address again. Returns (table, ptl, split?) with the PTE lock held
+    again, or None when the PTE table went away."""
+    split = False
+    lk = m.folio_lock_of(folio)
+    if not rmap.folio_maybe_mapped_shared(m, folio) and await lk.trylock(site):
+        await ptl.unlock()
+        split = not await _split_folio_unlocked(m, folio)
+        res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+        if res is None:
+            return None
+        tbl, ptl = res
+    return tbl, ptl, split
+
+
 async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end: int,
                                             pageout: bool) -> None:
     """madvise_cold_or_pageout_pte_range: deactivate (COLD: also clearing the young
@@ -252,18 +270,13 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
             if any_young:
                 ptent |= _PAGE_ACCESSED
             if nr < folio.nr_pages:  # not covered whole: split it, then look again
-                lk = m.folio_lock_of(folio)
-                if (not rmap.folio_maybe_mapped_shared(m, folio)
-                        and await lk.trylock("madvise_cold_or_pageout_pte_range")):
-                    await ptl.unlock()
-                    err = await _split_folio_unlocked(m, folio)
-                    res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
-                    if res is None:
-                        break
-                    tbl, ptl = res
-                    if not err:
-                        nr = 0
-                a += nr * PAGE_SIZE
+                res = await _split_partly_covered(m, folio, tbl, ptl, pmd_tbl, idx,
+                                                  "madvise_cold_or_pageout_pte_range")
+                if res is None:  # the PTE table went away meanwhile: done
+                    ptl = None
+                    break
+                tbl, ptl, split = res
+                a += 0 if split else nr * PAGE_SIZE
                 continue
         # a large folio here is mapped whole by this range: mapcount == nr_pages
         # means nobody else maps any of it
@@ -285,7 +298,8 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
         a += nr * PAGE_SIZE
     if flushed_from is not None:  # tlb_remove_tlb_entries, flushed before the unlock
         await tlb.flush_tlb_mm_range(m, mm, flushed_from, end)
-    await ptl.unlock()
+    if ptl is not None:
+        await ptl.unlock()
     if pageout:
         await vmscan.reclaim_pages(m, folios)
 
@@ -363,18 +377,13 @@ async def madvise_free_pte_range(m, vma, pmd_tbl: int, addr: int, end: int) -> N
             nr, any_young, any_dirty = await madvise_folio_pte_batch(m, tbl, a, end, folio,
                                                                      ptent)
             if nr < folio.nr_pages:
-                lk = m.folio_lock_of(folio)
-                if (not rmap.folio_maybe_mapped_shared(m, folio)
-                        and await lk.trylock("madvise_free_pte_range")):
-                    await ptl.unlock()
-                    err = await _split_folio_unlocked(m, folio)
-                    res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
-                    if res is None:
-                        break
-                    tbl, ptl = res
-                    if not err:
-                        nr = 0
-                a += nr * PAGE_SIZE
+                res = await _split_partly_covered(m, folio, tbl, ptl, pmd_tbl, idx,
+                                                  "madvise_free_pte_range")
+                if res is None:  # the PTE table went away meanwhile: done
+                    ptl = None
+                    break
+                tbl, ptl, split = res
+                a += 0 if split else nr * PAGE_SIZE
                 continue
             if any_young:
                 ptent |= _PAGE_ACCESSED
@@ -405,4 +414,5 @@ async def madvise_free_pte_range(m, vma, pmd_tbl: int, addr: int, end: int) -> N
     if cleared_from is not None:
         # no CPU may keep writing through a dirty translation once the PTE is clean
         await tlb.flush_tlb_mm_range(m, mm, cleared_from, end)
-    await ptl.unlock()
+    if ptl is not None:
+        await ptl.unlock()

@@ -292,6 +292,18 @@ async def _pmd_steps(m, vma: VmArea, lo: int, hi: int):
         addr = nxt
 
 
+async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr: int,
+                                    pmdval: int, freeze: bool, site: str) -> None:
+    """TTU_SPLIT_HUGE_PMD in an rmap walk: split_huge_pmd_locked under the PMD lock, if
+    the PMD is still the one the walk saw."""
+    ptl = m.table_lock(pmd_tbl)
+    await ptl.lock(site)
+    if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+        await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx, addr & HPAGE_PMD_MASK,
+                                           freeze=freeze)
+    await ptl.unlock()
+
+
 def _maps(folio: Page, pfn: int) -> bool:
     return folio.pfn <= pfn < folio.pfn + folio.nr_pages
 
@@ -316,18 +328,14 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
     entries (young, dirty, write and exclusive kept in the entry), dropping one
     reference and one mapcount per mapping; MM_ANONPAGES still counts them. False ends
     the rmap walk."""
-    from kmm import huge_memory, memory
+    from kmm import memory
     mm = vma.mm
     async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
         if pmd_trans_huge(pmdval) and pmd_present(pmdval):
             if pmd_pfn(pmdval) != folio.pfn or not split_pmd:
                 continue
-            ptl = m.table_lock(pmd_tbl)
-            await ptl.lock("try_to_migrate_one")
-            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
-                await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx,
-                                                   addr & HPAGE_PMD_MASK, freeze=True)
-            await ptl.unlock()
+            await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval, True,
+                                            "try_to_migrate_one")
             if "split_pmd_ends_walk" in m.quirks:
                 return False
             continue
@@ -382,7 +390,7 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                            split_pmd: bool) -> bool:
     """try_to_unmap_one: unmap the folio from one VMA. False ends the walk (a dirty
     lazyfree folio must stay)."""
-    from kmm import huge_memory, memory, swapfile
+    from kmm import memory, swapfile
     mm = vma.mm
     lazyfree = not folio.flags & PG_swapbacked
     async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
@@ -391,12 +399,8 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                 continue
             if not split_pmd:
                 return False
-            ptl = m.table_lock(pmd_tbl)
-            await ptl.lock("try_to_unmap_one")
-            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
-                await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx,
-                                                   addr & HPAGE_PMD_MASK, freeze=False)
-            await ptl.unlock()
+            await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval, False,
+                                            "try_to_unmap_one")
         res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
         if res is None:
             continue
