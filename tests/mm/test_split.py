@@ -54,6 +54,32 @@ def test_split_pmd_mapped_thp_gives_512_order0_folios():
     run(fn)
 
 
+def test_split_pte_mapped_thp():
+    """__folio_split of a PTE-mapped THP (the PMD was split by a partial mprotect):
+    try_to_migrate turns its PTEs into migration entries one by one, which leaves the
+    folio partially mapped on the way (thp_deferred_split_page, as the host counts for
+    split_folio of a PTE-mapped THP in cold_pte_mapped_partial), no further
+    thp_split_pmd; 512 order-0 folios come back mapped, every byte intact."""
+    async def fn(m, k):
+        p, a = await thp_region(k, value=4)
+        mm = p.task.mm
+        head = pmd_pfn(pmd_at(m, mm, a)[1])
+        assert await p.mprotect(a, PAGE_SIZE, "r") == 0
+        assert ev(m, "thp_split_pmd") == 1 and m.physmem.pages[head].order == 9
+        assert await p.split_huge_page(a) == 1
+        assert (ev(m, "thp_split_page"), ev(m, "thp_split_pmd"),
+                ev(m, "thp_deferred_split_page")) == (1, 1, 1)
+        assert not m.deferred_split_queue  # the split took it off the queue
+        table = ptes(m, mm, a)
+        for i in range(NR):
+            pg = m.physmem.pages[head + i]
+            assert (pg.order, pg.refcount, pg.mapcount) == (0, 1, 1)
+            assert pte_pfn(table[i]) == head + i
+        assert smaps_range(m, mm, a, a + 2 * MiB) == (2048, 0)
+        assert await p.verify() == []
+    run(fn)
+
+
 def test_split_zero_subpages_go_to_the_shared_zero_page():
     """RMP_USE_SHARED_ZEROPAGE (5.2 step 9, selftest split_pmd_zero_pages): after a
     successful anonymous split, subpages holding only zeros are remapped to the shared
