@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 __all__ = ["Daemon", "DaemonContext", "DaemonLoadError", "ZoneState", "load_daemons",
-           "start_daemon", "wake_up"]
+           "load_daemon_spec", "describe_daemons", "start_daemon", "wake_up"]
 
 
 class Daemon(Protocol):
@@ -190,10 +190,19 @@ class DaemonLoadError(Exception):
     """A daemon plug-in that cannot be used; the message names it and its source."""
 
 
+def _validated(cls, label: str):
+    """The checks every plug-in passes on load, whichever door it came through."""
+    if not isinstance(getattr(cls, "name", None), str) or not callable(getattr(cls, "run", None)):
+        raise DaemonLoadError(f"daemon {label}: needs a str `name` and an "
+                              "`async def run(self, ctx)`")
+    return cls
+
+
 def load_daemons(names=None) -> list:
     """The daemon classes installed under the ``kmm.daemons`` entry-point group (the
-    built-in kswapd, kcompactd and khugepaged come through the same door as third-party
-    plug-ins), validated on load. ``names`` selects some; unknown names are an error."""
+    built-in kswapd, kcompactd and khugepaged come through the same door as
+    third-party plug-ins), validated on load. ``names`` selects some; unknown names are
+    an error."""
     from importlib.metadata import entry_points
     found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     wanted = sorted(found) if names is None else list(names)
@@ -203,14 +212,44 @@ def load_daemons(names=None) -> list:
         if ep is None:
             raise DaemonLoadError(f"no daemon named {name!r} in entry-point group "
                                   f"{ENTRY_POINT_GROUP!r} (installed: {', '.join(sorted(found))})")
-        dist = getattr(ep.dist, "name", "?")
+        label = f"{name!r} ({ep.value}, from {getattr(ep.dist, 'name', '?')})"
         try:
             cls = ep.load()
         except Exception as e:  # a broken plug-in is reported, not raised through
-            raise DaemonLoadError(f"daemon {name!r} ({ep.value}, from {dist}): "
-                                  f"cannot load: {e}") from None
-        if not isinstance(getattr(cls, "name", None), str) or not callable(getattr(cls, "run", None)):
-            raise DaemonLoadError(f"daemon {name!r} ({ep.value}, from {dist}): needs a "
-                                  "str `name` and an `async def run(self, ctx)`")
-        out.append(cls)
+            raise DaemonLoadError(f"daemon {label}: cannot load: {e}") from None
+        out.append(_validated(cls, label))
     return out
+
+
+def load_daemon_spec(spec: str):
+    """A daemon class named ``module:Class`` (``kmm run --daemon``), validated as an
+    entry-point plug-in is."""
+    import importlib
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise DaemonLoadError(f"daemon {spec!r}: expected module:Class")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except Exception as e:
+        raise DaemonLoadError(f"daemon {spec!r}: cannot load: {e}") from None
+    return _validated(cls, repr(spec))
+
+
+def describe_daemons() -> list[dict]:
+    """What ``kmm daemons`` lists: each installed daemon's name, where it comes from
+    and its knobs with their defaults."""
+    from dataclasses import fields, is_dataclass
+    from importlib.metadata import entry_points
+    rows = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        row = {"name": ep.name, "class": ep.value,
+               "distribution": getattr(ep.dist, "name", "?"), "knobs": {}}
+        try:
+            cls = _validated(ep.load(), repr(ep.name))
+            knobs = getattr(cls, "Knobs", None)
+            if knobs is not None and is_dataclass(knobs):
+                row["knobs"] = {f.name: f.default for f in fields(knobs)}
+        except Exception as e:
+            row["error"] = str(e)
+        rows.append(row)
+    return rows

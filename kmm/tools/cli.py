@@ -71,16 +71,22 @@ def cmd_run(args) -> int:
     from kmm.machine import KernelBug
     from kmm.tools import runner
     from kmm.tools.scenario import load_scenario
+    from kmm import daemon
+    try:
+        plugins = [daemon.load_daemon_spec(spec) for spec in args.daemon or ()]
+    except daemon.DaemonLoadError as e:
+        print(f"kmm: {e}", file=sys.stderr)
+        return 2
     trace = open(args.trace, "w") if args.trace else None
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
-                                     mode=args.mode, trace_file=trace)
+                                     mode=args.mode, trace_file=trace, daemons=plugins)
             title = f"{args.file}: program on {len(rep['run']['tlb_misses'])} CPUs"
         else:
             sc = load_scenario(args.file)
             rep = runner.run_scenario(sc, seed=args.seed, mode=args.mode, trace_file=trace,
-                                      cpus=args.cpus)
+                                      cpus=args.cpus, daemons=plugins)
             title = f"{args.file}: {sc.description}"
     except KernelBug as e:
         print(f"kmm: kernel BUG: {e}", file=sys.stderr)
@@ -111,6 +117,22 @@ def cmd_oracle(args) -> int:
     return 0
 
 
+def cmd_daemons(args) -> int:
+    """kmm daemons: the installed daemons (entry-point group kmm.daemons) and knobs."""
+    from kmm import daemon
+    rows = daemon.describe_daemons()
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<12} {r['class']:<40} from {r['distribution']}")
+        if "error" in r:
+            print(f"  cannot load: {r['error']}")
+        for k, v in r["knobs"].items():
+            print(f"  {k} = {v}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from kmm.tools import bench
     if min(args.pages, args.thps, args.repeat) < 1:
@@ -132,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--mode", default="free", choices=("free", "random"),
                    help="scheduler: free (run each actor until it blocks) or random")
     r.add_argument("--cpus", type=int, help="emulated CPUs")
+    r.add_argument("--daemon", action="append", metavar="MODULE:CLASS",
+                   help="also run this plug-in daemon (repeatable)")
     r.set_defaults(fn=cmd_run)
+    d = sub.add_parser("daemons", help="list the installed daemons and their knobs")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_daemons)
     o = sub.add_parser("oracle", help="run a scenario on the host kernel")
     o.add_argument("file")
     o.add_argument("--json", action="store_true")

@@ -204,14 +204,18 @@ async def reclaim_step(m: Machine) -> None:
 DEFAULT_DAEMONS = ("kswapd", "kcompactd")
 
 
-def start_daemons(k: Kernel) -> None:
+def start_daemons(k: Kernel, extra: list | None = None) -> None:
+    """The default daemons, then any plug-in classes given (``kmm run --daemon``)."""
+    from kmm import daemon
     for name in DEFAULT_DAEMONS:
         k.start_daemon(name)
+    for cls in extra or ():
+        daemon.start_daemon(k.machine, cls())
 
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
-                 cpus: int | None = None) -> dict[str, Any]:
+                 cpus: int | None = None, daemons: list | None = None) -> dict[str, Any]:
     """Run every step of a scenario on a fresh machine and return the report.
 
     ``check(machine, kernel)`` (the invariant checker in tests) runs after every step.
@@ -222,7 +226,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
     steps: list[dict] = []
 
     async def driver() -> None:
-        start_daemons(k)
+        start_daemons(k, daemons)
         await k.process("main")
         if any(step.op == "khugepaged" for step in scenario.steps):
             await khugepaged_setup(k)
@@ -268,7 +272,7 @@ def program_machine(mod, path: str) -> dict[str, int]:
 
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
                 memory: int | None = None, trace_file=None,
-                check: Callable | None = None) -> dict[str, Any]:
+                check: Callable | None = None, daemons: list | None = None) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address.
 
     The machine is the program's ``MACHINE`` (program_machine); ``cpus`` and ``memory``
@@ -285,7 +289,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     result: dict[str, Any] = {}
 
     async def driver() -> None:
-        start_daemons(k)
+        start_daemons(k, daemons)
         result["value"] = await mod.main(k)
 
     m.run(driver)
