@@ -434,21 +434,7 @@ async def put_swap_folio(m, folio: Page, entry: int) -> None:
     """put_swap_folio: the swap cache lets go of the folio's slots (SWAP_HAS_CACHE
     cleared); slots no page table references are freed. Context: takes the cluster
     lock."""
-    si = _si(m, entry)
-    off = swp_offset(entry)
-    ci = si.clusters[off // SWAPFILE_CLUSTER]
-    lk = si.cluster_lock(ci)
-    await lk.lock("put_swap_folio")
-    changed = False
-    for o in range(off, off + folio.nr_pages):
-        v = si.swap_map[o] & ~SWAP_HAS_CACHE
-        if v:
-            si.swap_map[o] = v
-        else:
-            changed |= swap_entries_free(m, si, ci, o, 1)
-    if changed:
-        await _cluster_changed(m, si, ci)
-    await lk.unlock()
+    await _drop_cache_flag(m, entry, folio.nr_pages, "put_swap_folio")
 
 
 async def swapcache_prepare(m, entry: int, nr: int = 1) -> int:
@@ -474,11 +460,17 @@ async def swapcache_prepare(m, entry: int, nr: int = 1) -> int:
 async def swapcache_clear(m, entry: int, nr: int = 1) -> None:
     """swapcache_clear: drop the claim of swapcache_prepare (the direct swap-in of a
     synchronous device is done); a slot no one references is freed."""
+    await _drop_cache_flag(m, entry, nr, "swapcache_clear")
+
+
+async def _drop_cache_flag(m, entry: int, nr: int, site: str) -> None:
+    """Clear SWAP_HAS_CACHE on nr slots from entry (one cluster); free the slots no
+    page table references any more. Context: takes the cluster lock."""
     si = _si(m, entry)
     off = swp_offset(entry)
     ci = si.clusters[off // SWAPFILE_CLUSTER]
     lk = si.cluster_lock(ci)
-    await lk.lock("swapcache_clear")
+    await lk.lock(site)
     changed = False
     for o in range(off, off + nr):
         v = si.swap_map[o] & ~SWAP_HAS_CACHE

@@ -99,11 +99,15 @@ def collapse_compound_extreme(context: str) -> dict:
             assert anon_huge_kb(p, HPAGE) == 0
             if context == "khugepaged":  # wait_for_scan
                 madvise(p, HPAGE, MADV_HUGEPAGE)
+                # wait_for_scan: two full scans, driven pass by pass the way the
+                # oracle drives a khugepaged step (kmm.tools.oracle.Khugepaged.kick)
+                kh = oracle.Khugepaged()
                 target = oracle.full_scans() + 2
-                for _ in range(6):
-                    if anon_huge_kb(p, HPAGE) == 2048 or oracle.full_scans() >= target:
-                        break
-                    time.sleep(0.5)
+                deadline = time.monotonic() + oracle.KHUGEPAGED_TIMEOUT
+                while anon_huge_kb(p, HPAGE) != 2048 and oracle.full_scans() < target:
+                    if time.monotonic() > deadline:
+                        raise oracle.OracleError("khugepaged did not scan within the timeout")
+                    kh.kick(deadline)
                 madvise(p, HPAGE, MADV_NOHUGEPAGE)
                 collapsed = anon_huge_kb(p, HPAGE) == 2048
             else:  # __madvise_collapse
