@@ -100,9 +100,12 @@ class Machine:
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
         huge_memory.thp_shrinker_init(self)
-        self.waitqueues: dict[str, list] = {}
+        self.waitqueues: dict[str, list] = {}  # wait_queue_head_t by name (kmm.daemon)
         # behaviours that differ between 6.18 point releases, chosen per run
-        self.quirks: set[str] = set()  # wait_queue_head_t by name (kmm.daemon)
+        self.quirks: set[str] = set()
+        # safeguards removed on purpose for the race laboratory (kmm.bugs): empty unless
+        # a run injects a bug
+        self.bugs: frozenset[str] = frozenset()
 
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an

@@ -31,10 +31,12 @@ class NotSupported(ScenarioError):
 
 
 def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
-                  knobs: dict | None = None, cpus: int | None = None) -> Machine:
+                  knobs: dict | None = None, cpus: int | None = None,
+                  inject=()) -> Machine:
     cfg = MachineConfig(memory=config.memory, swap=config.swap,
                         cpus=cpus or config.cpus, seed=config.seed)
     m = Machine(cfg, mode=mode, seed=seed, trace=Trace(trace_file))
+    m.bugs = frozenset(inject)
     for name, value in (knobs or {}).items():
         m.sysfs.write(name, value)
     return m
@@ -215,13 +217,14 @@ def start_daemons(k: Kernel, extra: list | None = None) -> None:
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
-                 cpus: int | None = None, daemons: list | None = None) -> dict[str, Any]:
+                 cpus: int | None = None, daemons: list | None = None,
+                 inject=()) -> dict[str, Any]:
     """Run every step of a scenario on a fresh machine and return the report.
 
     ``check(machine, kernel)`` (the invariant checker in tests) runs after every step.
     """
     m = build_machine(scenario.machine, seed=seed, mode=mode, trace_file=trace_file,
-                      knobs=scenario.knobs, cpus=cpus)
+                      knobs=scenario.knobs, cpus=cpus, inject=inject)
     k = Kernel(m)
     steps: list[dict] = []
 
@@ -272,7 +275,8 @@ def program_machine(mod, path: str) -> dict[str, int]:
 
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
                 memory: int | None = None, trace_file=None,
-                check: Callable | None = None, daemons: list | None = None) -> dict[str, Any]:
+                check: Callable | None = None, daemons: list | None = None,
+                inject=()) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address.
 
     The machine is the program's ``MACHINE`` (program_machine); ``cpus`` and ``memory``
@@ -282,7 +286,8 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     cpus = cpus or spec.get("cpus", 2)
     cfg = MachineConfig(memory=memory or spec.get("memory", 1 << 30),
                         swap=spec.get("swap", 0), cpus=cpus, seed=seed)
-    m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus)
+    m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
+                      inject=inject)
     k = Kernel(m)
     if check is not None:
         k.after_op = lambda: check(m, k)
