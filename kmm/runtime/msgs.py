@@ -51,7 +51,7 @@ def from_dict(d: dict[str, Any]):
             raise WireError(f"{cls.kind}.{name}: unknown field")
     for name, tp in cls._types.items():
         v = fields[name]
-        ok = isinstance(v, tp) if isinstance(tp, type) else True
+        ok = isinstance(v, tp) if isinstance(tp, type) and tp is not Any else True
         if tp is int and isinstance(v, bool):
             ok = False
         if not ok:

@@ -8,15 +8,18 @@ unpickles, and the first bad frame raises instead of being swallowed.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import msgpack
 import pytest
 
-from kmm.runtime import msgs
+from kmm.runtime import msgs, wire  # noqa: F401  (wire's records join the registry)
 from kmm.runtime.msgs import REGISTRY, WireError, decode, encode, from_dict, to_dict
 
 SAMPLES = {int: [0, 1, -1, 9, (1 << 63) - 1, -(1 << 63)], str: ["", "thp", "é\u2603"],
-           bool: [True, False], bytes: [b"", b"\x00\xff"], float: [0.0, 1.5]}
+           bool: [True, False], bytes: [b"", b"\x00\xff"], float: [0.0, 1.5],
+           list: [[], [1, "x", b"\x01"]], dict: [{}, {"addr": 4096}],
+           Any: [None, 7, "thp", [1, {"a": b""}]]}
 
 
 def sample(cls, i: int):
