@@ -9,6 +9,14 @@ kernel's kthreads do. Daemons import only this module and the standard library.
 
 Waitqueues: mechanism code calls ``wake_up(m, name)`` (e.g. the page allocator's
 ``wakeup_kswapd``); a daemon waits with ``ctx.wait(name, timeout_ns)``.
+
+The wire contract: every public DaemonContext method takes and returns msgpack-able
+plain data only (None, bool, int, float, str, bytes, lists, dicts with str keys, or a
+frozen dataclass of such fields, sent as a dict), so a daemon may run in a child
+process. Processes are named by pid, VMAs and PMDs by address, pages by pfn; no kmm
+object ever reaches a daemon. Calls that are coroutines are preemption points (or
+contain some); plain calls are snapshots taken between two points. docs/daemon-api.md
+lists every call with its kernel counterpart.
 """
 
 from __future__ import annotations
@@ -16,8 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-__all__ = ["Daemon", "DaemonContext", "DaemonLoadError", "ZoneState", "load_daemons",
-           "load_daemon_spec", "describe_daemons", "start_daemon", "wake_up"]
+__all__ = ["Daemon", "DaemonContext", "DaemonLoadError", "FolioView", "PmdView", "ZoneState",
+           "VM_HUGEPAGE", "VM_NOHUGEPAGE", "HPAGE_PMD_SIZE", "HPAGE_PMD_NR",
+           "load_daemons", "load_daemon_spec", "describe_daemons", "start_daemon", "wake_up"]
+
+# The constants a daemon needs to read the views (include/linux/mm.h, pgtable); a daemon
+# without kmm copies them from docs/daemon-api.md.
+VM_HUGEPAGE = 1 << 29
+VM_NOHUGEPAGE = 1 << 30
+HPAGE_PMD_SIZE = 2 << 20
+HPAGE_PMD_NR = 512
 
 
 class Daemon(Protocol):
@@ -35,6 +51,59 @@ class ZoneState:
     low: int
     high: int
     managed: int
+
+
+@dataclass(frozen=True, slots=True)
+class PmdView:
+    """One 2 MiB block of an address space as the page tables map it.
+
+    ``kind`` is "none" (no PMD, or an empty one), "huge" (a PMD-mapped THP: ``pfn`` is
+    its head, ``young``/``dirty``/``writable`` the PMD's bits), "table" (a PTE table:
+    ``pfn`` is the table page; the counts sum its 512 entries) or "nonpresent" (a PMD
+    migration entry). ``ptes``, when asked for, has one ``[present, young, dirty, pfn]``
+    per PTE (pfn -1 when not present)."""
+
+    addr: int
+    kind: str
+    pfn: int = -1
+    young: bool = False
+    dirty: bool = False
+    writable: bool = False
+    present: int = 0      # present PTEs (the huge zero page's and the 4K zero page's too)
+    young_ptes: int = 0
+    dirty_ptes: int = 0
+    none_ptes: int = 0
+    swap_ptes: int = 0    # swap and migration entries
+    zero_ptes: int = 0    # present PTEs of the shared zero page
+    ptes: list | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FolioView:
+    """struct page and its folio, by pfn: ``head``/``order`` of the folio holding the
+    page, the folio's refcount and mapcount (folio_ref_count, folio_mapcount), its PMD
+    mappings (entire_mapcount), this page's own PTE mappings (page_mapcount), the page
+    flags by name (PG_ without the prefix, from the head), its LRU list ("" when off the
+    LRU), the page type ("buddy", "table", "zero" or "") and whether it waits on the
+    deferred split queue."""
+
+    pfn: int
+    head: int
+    order: int
+    refcount: int
+    mapcount: int
+    entire_mapcount: int
+    page_mapcount: int
+    flags: list
+    lru: str
+    anon: bool
+    page_type: str
+    deferred_split: bool
+
+
+_PAGE_FLAGS = ("head", "lru", "dirty", "referenced", "swapbacked", "anon_exclusive",
+               "reserved", "partially_mapped", "uptodate", "active", "swapcache",
+               "writeback", "isolated", "unevictable")
 
 
 def wake_up(m, queue: str) -> bool:
@@ -155,7 +224,7 @@ class DaemonContext:
         over the list is complete (khugepaged_do_scan counts these)."""
         return self._m.khugepaged_scan.mm_slot is None
 
-    async def khugepaged_scan_mm_slot(self, pages: int) -> tuple[int, str]:
+    async def khugepaged_scan_mm_slot(self, pages: int) -> list:
         """khugepaged_scan_mm_slot: scan the cursor's mm for up to ``pages`` of
         progress (each PMD is HPAGE_PMD_NR, each passed-over VMA 1), collapsing what
         may collapse with khugepaged's limits. Returns (progress, the last SCAN_*
@@ -163,7 +232,7 @@ class DaemonContext:
         from kmm import khugepaged
         cc = khugepaged.CollapseControl(is_khugepaged=True)
         progress, result = await khugepaged.khugepaged_scan_mm_slot(self._m, pages, cc)
-        return progress, result.name
+        return [progress, result.name]  # a list: what arrives over the wire
 
     @property
     def khugepaged_sleep_expire(self) -> int:
@@ -176,10 +245,270 @@ class DaemonContext:
         self._m.khugepaged_scan.sleep_expire = ns
 
 
+    # -- observe: counters, processes, page tables, struct pages, TLBs
+    def vmstat(self) -> dict:
+        """/proc/vmstat: every event the machine counts and the node stats
+        (nr_anon_pages, nr_anon_transparent_hugepages, ...), by name."""
+        v = self._m.vmstat
+        return {**v.node, **v.events}
+
+    def mm_list(self) -> list:
+        """The live processes, by pid: ``{"pid", "name", "mm_id", "khugepaged" (the mm
+        is on khugepaged's mm_slot list), "vmas": [{"start", "end", "flags" (vm_flags:
+        VM_HUGEPAGE, VM_NOHUGEPAGE, ...), "thp" (thp_vma_allowable_order for
+        khugepaged: the sysfs mode lets this VMA collapse)}]}``."""
+        from kmm import huge_memory
+        m = self._m
+        out = []
+        for t in sorted(m.tasks.values(), key=lambda t: t.pid):
+            if not t.alive:
+                continue
+            out.append({"pid": t.pid, "name": t.name, "mm_id": t.mm.id,
+                        "khugepaged": t.mm.khugepaged_slot is not None,
+                        "vmas": [{"start": v.start, "end": v.end, "flags": v.flags,
+                                  "thp": huge_memory.thp_vma_allowable_order(m, v, "khugepaged")}
+                                 for v in t.mm.vmas]})
+        return out
+
+    def _mm(self, pid: int):
+        for t in self._m.tasks.values():
+            if t.pid == pid and t.alive:
+                return t.mm
+        return None
+
+    def page_table(self, pid: int, start: int, end: int, ptes: bool = False) -> list[PmdView]:
+        """walk_page_range's view of [start, end) in pid's address space: one PmdView
+        per 2 MiB block the range touches (``ptes``: with every PTE). A snapshot taken
+        between two points, as a lockless walk (pmdp_get_lockless, ptep_get_lockless)
+        reads it; [] for a pid that has exited."""
+        from kmm import memory
+        from kmm.pgtable import (
+            HPAGE_PMD_MASK, PAGE_SIZE, is_swap_pte, pmd_dirty, pmd_index, pmd_none,
+            pmd_pfn, pmd_present, pmd_trans_huge, pmd_write, pmd_young, pte_dirty,
+            pte_none, pte_pfn, pte_present, pte_young, table_pfn,
+        )
+        m = self._m
+        mm = self._mm(pid)
+        if mm is None:
+            return []
+        out = []
+        tables = m.physmem.tables
+        addr = start & HPAGE_PMD_MASK
+        while addr < end:
+            pmd_tbl = memory.pmd_lookup(m, mm, addr)
+            e = tables[pmd_tbl][pmd_index(addr)] if pmd_tbl >= 0 else 0
+            if pmd_none(e):
+                out.append(PmdView(addr, "none"))
+            elif not pmd_present(e):
+                out.append(PmdView(addr, "nonpresent"))
+            elif pmd_trans_huge(e):
+                out.append(PmdView(addr, "huge", pmd_pfn(e), pmd_young(e), pmd_dirty(e),
+                                   pmd_write(e), present=HPAGE_PMD_NR,
+                                   young_ptes=HPAGE_PMD_NR if pmd_young(e) else 0,
+                                   dirty_ptes=HPAGE_PMD_NR if pmd_dirty(e) else 0,
+                                   zero_ptes=HPAGE_PMD_NR if m.is_huge_zero_pfn(pmd_pfn(e)) else 0))
+            else:
+                tbl = table_pfn(e)
+                present = young = dirty = none = swap = zero = 0
+                rows = [] if ptes else None
+                for pte in tables[tbl]:
+                    if pte_present(pte):
+                        present += 1
+                        young += pte_young(pte)
+                        dirty += pte_dirty(pte)
+                        zero += m.is_zero_pfn(pte_pfn(pte))
+                        if rows is not None:
+                            rows.append([True, pte_young(pte), pte_dirty(pte), pte_pfn(pte)])
+                        continue
+                    if pte_none(pte):
+                        none += 1
+                    elif is_swap_pte(pte):
+                        swap += 1
+                    if rows is not None:
+                        rows.append([False, False, False, -1])
+                out.append(PmdView(addr, "table", tbl, present=present, young_ptes=young,
+                                   dirty_ptes=dirty, none_ptes=none, swap_ptes=swap,
+                                   zero_ptes=zero, ptes=rows))
+            addr += HPAGE_PMD_NR * PAGE_SIZE
+        return out
+
+    def folio(self, pfn: int) -> FolioView | None:
+        """struct page / folio of ``pfn`` (page_folio): None outside memory."""
+        from kmm import mm_types, rmap, swap
+        m = self._m
+        if not 0 <= pfn < m.physmem.nr_pages:
+            return None
+        page = m.physmem.page(pfn)
+        f = m.physmem.folio(pfn)
+        flags = [n for n in _PAGE_FLAGS if f.flags & getattr(mm_types, "PG_" + n)]
+        return FolioView(pfn, f.pfn, f.order, f.refcount, rmap.folio_mapcount(f),
+                         f.entire_mapcount, page.mapcount, flags,
+                         swap.folio_lru_list(f) if f.flags & mm_types.PG_lru else "",
+                         f.anon_vma is not None, f.page_type, f.on_deferred_list)
+
+    def tlb_misses(self) -> list:
+        """dTLB misses (hardware page walks) per CPU since boot."""
+        return list(self._m.tlb_stats)
+
+    async def clear_young(self, pid: int, start: int, end: int, flush: bool = False) -> list:
+        """Test and clear the accessed bits of [start, end) in pid's address space, as
+        the page-idle and reclaim walkers do: ptep_test_and_clear_young on each PTE (on
+        x86 ptep_clear_flush_young does not flush either), pmdp_clear_flush_young on each
+        huge PMD (which flushes the 2 MiB range when it was young). A CPU holding the
+        translation in its TLB keeps using it without setting the bit again, so a hot
+        page can read as idle until the entry is evicted or flushed; ``flush`` pays for
+        a flush_tlb_mm_range of the range at the end (every CPU walks again on its next
+        access). Returns ``[addr, young]`` per 2 MiB block that has a table or a huge
+        PMD: PTEs found young, or 512 for a young huge PMD.
+
+        Context: takes the mmap lock for read, then each PMD or PTE lock; every entry
+        read and every clear is a preemption point."""
+        from kmm import memory, tlb
+        from kmm.pgtable import (
+            HPAGE_PMD_MASK, HPAGE_PMD_SIZE as SIZE, pmd_index, pmd_mkold, pmd_present,
+            pmd_trans_huge, pmd_young, pte_index, pte_mkold, pte_present, pte_young,
+        )
+        m = self._m
+        mm = self._mm(pid)
+        if mm is None:
+            return []
+        out = []
+        await mm.mmap_lock.down_read("clear_young")
+        try:
+            addr = start & HPAGE_PMD_MASK
+            while addr < end:
+                vma = mm.find_vma(addr)
+                if vma is None or vma.start >= end:
+                    break
+                if vma.start >= addr + SIZE:
+                    addr = vma.start & HPAGE_PMD_MASK
+                    continue
+                pmd_tbl = memory.pmd_lookup(m, mm, addr)
+                if pmd_tbl >= 0:
+                    idx = pmd_index(addr)
+                    e = await m.entry_read("pmd", pmd_tbl, idx)
+                    if pmd_trans_huge(e) and pmd_present(e):
+                        ptl = m.table_lock(pmd_tbl)
+                        await ptl.lock("pmdp_clear_flush_young")
+                        young = await self._test_and_clear(m, "pmd", pmd_tbl, idx,
+                                                           pmd_young, pmd_mkold)
+                        await ptl.unlock()
+                        if young:
+                            await tlb.flush_tlb_mm_range(m, mm, addr, addr + SIZE)
+                        out.append([addr, HPAGE_PMD_NR if young else 0])
+                    elif e and pmd_present(e):
+                        res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+                        if res is not None:
+                            tbl, ptl = res
+                            lo = pte_index(max(addr, start))
+                            hi = pte_index(min(addr + SIZE, end) - 1) + 1
+                            young = 0
+                            for i in range(lo, hi):
+                                young += await self._test_and_clear(
+                                    m, "pte", tbl, i, lambda p: pte_present(p) and pte_young(p),
+                                    pte_mkold)
+                            await ptl.unlock()
+                            out.append([addr, young])
+                addr += SIZE
+        finally:
+            await mm.mmap_lock.up_read()
+        if flush:
+            await tlb.flush_tlb_mm_range(m, mm, start, end)
+        return out
+
+    @staticmethod
+    async def _test_and_clear(m, level: str, tbl: int, idx: int, young, mkold) -> bool:
+        """test_and_clear_bit(_PAGE_BIT_ACCESSED): atomic against the hardware walker,
+        which sets the bit with a locked cmpxchg of its own."""
+        while True:
+            e = await m.entry_read(level, tbl, idx)
+            if not young(e):
+                return False
+            if await m.entry_cmpxchg(level, tbl, idx, e, mkold(e)):
+                return True
+
+    # -- act: collapse, split, reclaim
+    async def collapse(self, pid: int, addr: int, mode: str = "khugepaged") -> str:
+        """Collapse the 2 MiB block holding ``addr`` into a THP: hugepage_vma_revalidate,
+        hpage_collapse_scan_pmd and collapse_huge_page, with collapse_control as
+        khugepaged sets it (``mode="khugepaged"``: the max_ptes_* limits and the young
+        rule apply, the sysfs mode must allow the VMA) or as MADV_COLLAPSE does
+        (``"madvise"``: none of them). Returns the SCAN_* name (SCAN_SUCCEED, or
+        SCAN_PMD_MAPPED when it is a THP already; SCAN_ANY_PROCESS for a pid that has
+        exited). Context: takes the mmap lock for read (the collapse retakes it for
+        write), the PTE lock, the folio locks; allocates the huge page."""
+        from kmm import khugepaged
+        from kmm.pgtable import HPAGE_PMD_MASK
+        if mode not in ("khugepaged", "madvise"):
+            raise ValueError(f"collapse mode must be khugepaged or madvise, not {mode!r}")
+        mm = self._mm(pid)
+        if mm is None:
+            return "SCAN_ANY_PROCESS"
+        cc = khugepaged.CollapseControl(is_khugepaged=mode == "khugepaged")
+        haddr = addr & HPAGE_PMD_MASK
+        await mm.mmap_lock.down_read("collapse")
+        locked = True
+        try:
+            result, vma = khugepaged.hugepage_vma_revalidate(self._m, mm, haddr, False, cc)
+            if result == khugepaged.ScanResult.SCAN_SUCCEED:
+                result, locked = await khugepaged.hpage_collapse_scan_pmd(
+                    self._m, mm, vma, haddr, cc)
+        finally:
+            if locked:
+                await mm.mmap_lock.up_read()
+        return result.name
+
+    async def split_huge_pmd(self, pid: int, addr: int) -> bool:
+        """split_huge_pmd: map the THP at ``addr`` with a PTE table instead of its huge
+        PMD (the folio stays whole; thp_split_pmd counts). True if a huge PMD was there.
+        Context: takes the mmap lock for read, then the PMD lock."""
+        from kmm import huge_memory, memory
+        from kmm.pgtable import is_pmd_migration_entry, pmd_index, pmd_trans_huge
+        m = self._m
+        mm = self._mm(pid)
+        if mm is None:
+            return False
+        await mm.mmap_lock.down_read("split_huge_pmd")
+        try:
+            vma = mm.vma_lookup(addr)
+            pmd_tbl = memory.pmd_lookup(m, mm, addr) if vma is not None else -1
+            if pmd_tbl < 0:
+                return False
+            pmd = await m.entry_read("pmd", pmd_tbl, pmd_index(addr))
+            if not (pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd)):
+                return False
+            await huge_memory.split_huge_pmd_address(m, vma, addr, False)
+            return True
+        finally:
+            await mm.mmap_lock.up_read()
+
+    async def split_huge_page(self, pid: int, addr: int) -> int:
+        """split_huge_page on the THP mapped in the 2 MiB block of ``addr``, as the
+        debugfs split_huge_pages file does (its PMD is split first; thp_split_page
+        counts). Returns how many folios were split (0: none there, or it was pinned or
+        locked). Context: the mmap lock for read, the folio lock, the anon_vma lock."""
+        from kmm import huge_memory
+        from kmm.pgtable import HPAGE_PMD_MASK, HPAGE_PMD_SIZE as SIZE
+        m = self._m
+        task = next((t for t in m.tasks.values() if t.pid == pid and t.alive), None)
+        if task is None:
+            return 0
+        haddr = addr & HPAGE_PMD_MASK
+        return await huge_memory.split_huge_pages_pid(m, task, haddr, haddr + SIZE)
+
+    async def try_to_free_pages(self, order: int = 0) -> int:
+        """try_to_free_pages: one round of direct reclaim (GFP_KERNEL) for an allocation
+        of ``order``; returns the pages reclaimed."""
+        from kmm import vmscan
+        return await vmscan.try_to_free_pages(self._m, order, "GFP_KERNEL")
+
+
 def start_daemon(m, daemon: Daemon) -> None:
     """Run a daemon as a daemon actor of the machine (the run ends without it)."""
+    from kmm.runtime import remote  # kmm run --spawn: its code runs in a child process
     ctx = DaemonContext(m, daemon.name)
-    m.sched.spawn(m.sched.nursery, daemon.name, daemon.run, ctx, kind="daemon",
+    run = remote.daemon_runner(m, daemon) or daemon.run
+    m.sched.spawn(m.sched.nursery, daemon.name, run, ctx, kind="daemon",
                   daemon=True)
 
 

@@ -18,6 +18,9 @@ from kmm.pgtable import (
 )
 
 COST_ACCESS = 1
+# faults for one access before the soft-lockup watchdog fires: a fault that returns
+# without progress is retried, as the hardware would, forever
+FAULT_RETRY_LIMIT = 1000
 
 
 class Segv(Exception):
@@ -102,6 +105,7 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
     mm = task.mm
     sched = m.sched
     stats = m.tlb_stats
+    faults = 0
     while True:
         e = _tlb_lookup(cpu, mm.id, addr)
         if e is not None and (not write or (e[1] and e[2])):
@@ -126,6 +130,12 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
         stats[cpu_id] += 1
         if await _walk(m, cpu, mm, addr, write) is not False:
             continue
+        faults += 1
+        if faults > FAULT_RETRY_LIMIT:
+            # the soft-lockup watchdog: the fault keeps returning without making the
+            # access possible (a page-table entry no fault handler can resolve)
+            m.bug(f"watchdog: BUG: soft lockup - CPU#{cpu_id} stuck: {faults} faults "
+                  f"at {addr:#x} ({'write' if write else 'read'}) without progress")
         await do_user_addr_fault(m, task, addr, write)
 
 

@@ -211,21 +211,27 @@ async def __do_huge_pmd_anonymous_page(m, vmf, haddr: int) -> int:
     if pfn < 0:
         return memory.VM_FAULT_FALLBACK
     folio = m.physmem.page(pfn)
-    pgtable = await m.pte_alloc_one(mm, "pte")
+    bugs = m.bugs
+    deposit = not bugs or "huge_fault_no_deposit" not in bugs  # kmm.bugs
+    pgtable = await m.pte_alloc_one(mm, "pte") if deposit else 0
     if pgtable < 0:
         await m.folio_put(folio)
         return memory.VM_FAULT_OOM
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("__do_huge_pmd_anonymous_page")
-    if not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+    if (not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx))
+            and (not bugs or "huge_fault_no_pmd_none_recheck" not in bugs)):
         # a racing fault installed a PTE table or a THP first: refault onto it
         await ptl.unlock()
-        await m.pte_free(mm, pgtable)
+        if deposit:
+            await m.pte_free(mm, pgtable)
         await m.folio_put(folio)
         return 0
-    await pgg.pgtable_trans_huge_deposit(m, mm, vmf.pmd_tbl, pgtable)
+    if deposit:
+        await pgg.pgtable_trans_huge_deposit(m, mm, vmf.pmd_tbl, pgtable)
     await map_anon_folio_pmd(m, pfn, vmf.pmd_tbl, vmf.pmd_idx, vma, haddr)
-    mm.nr_ptes += 1
+    if deposit:
+        mm.nr_ptes += 1
     await ptl.unlock()
     return 0
 
@@ -284,7 +290,8 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
         return memory.VM_FAULT_FALLBACK
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("do_huge_pmd_wp_page")
-    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig:
+    recheck = not m.bugs or "huge_wp_no_pmd_same_recheck" not in m.bugs  # kmm.bugs
+    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
         await ptl.unlock()
         return 0
     folio = m.physmem.page(pmd_pfn(orig))
@@ -296,7 +303,7 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
             await ptl.unlock()
             await lk.lock("do_huge_pmd_wp_page")
             await ptl.lock("do_huge_pmd_wp_page")
-            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig:
+            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
                 await ptl.unlock()
                 await lk.unlock()
                 await m.folio_put(folio)
@@ -406,14 +413,17 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("zap_huge_pmd")  # __pmd_trans_huge_lock
     cur = await m.entry_read("pmd", pmd_tbl, idx)
-    if not (is_swap_pmd(cur) or pmd_trans_huge(cur)):
+    if not (is_swap_pmd(cur) or pmd_trans_huge(cur)) and (
+            not m.bugs or "zap_huge_pmd_no_recheck" not in m.bugs):  # kmm.bugs
         await ptl.unlock()
         return False
     orig = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
     tlbg.track(addr, addr + HPAGE_PMD_SIZE)
-    table = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)  # zap_deposited_table
-    mm.nr_ptes -= 1
-    tlbg.tables.append(table)
+    if (not m.bugs or "huge_fault_no_deposit" not in m.bugs
+            or m.physmem.pages[pmd_tbl].pt_deposit):
+        table = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)  # zap_deposited_table
+        mm.nr_ptes -= 1
+        tlbg.tables.append(table)
     if not is_huge_zero_pmd(m, orig):
         if pmd_present(orig):
             folio = m.physmem.page(pmd_pfn(orig))
@@ -479,7 +489,13 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         if not freeze:
             await m.folio_ref_add(folio, HPAGE_PMD_NR - 1)
             await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, HPAGE_PMD_NR, exclusive)
-    pgtable = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)
+    if (m.bugs and "huge_fault_no_deposit" in m.bugs
+            and not m.physmem.pages[pmd_tbl].pt_deposit):
+        # kmm.bugs: nothing was deposited, so the split must allocate, under the PMD lock
+        pgtable = await m.pte_alloc_one(mm, "pte")
+        mm.nr_ptes += 1
+    else:
+        pgtable = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)
     table = m.physmem.tables[pgtable]
     if any(table):
         m.bug(f"split: withdrawn table {pgtable:#x} is not empty")
@@ -663,6 +679,8 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     extra = folio.nr_pages if folio.flags & PG_swapcache else 0
     await m.split_queue_lock.lock("__folio_split")
     frozen = folio.refcount == 1 + extra and not rmap.folio_mapped(folio)
+    if m.bugs and "split_no_ref_freeze" in m.bugs:  # kmm.bugs: extra references ignored
+        frozen = not rmap.folio_mapped(folio)
     if frozen:  # folio_ref_freeze
         folio.refcount = 0
         if folio.on_deferred_list:
@@ -776,6 +794,8 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
         if folio.refcount > 0:  # folio_try_get
             folio.refcount += 1
             batch.append(folio)
+            # the invariant checker counts this reference until the folio_put below
+            m.split_scan_pins[pfn] = m.split_scan_pins.get(pfn, 0) + 1
         else:
             folio.flags &= ~PG_partially_mapped
         del m.deferred_split_queue[pfn]
@@ -791,6 +811,7 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
         if not folio.flags & PG_partially_mapped:
             underused = thp_underused(m, folio)
             if not underused:
+                _unpin(m, folio)
                 await m.folio_put(folio)
                 continue
         lk = m.folio_lock_of(folio)
@@ -810,8 +831,15 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
                 folio.on_deferred_list = True
                 m.deferred_split_queue[folio.pfn] = None
             await m.split_queue_lock.unlock()
+        _unpin(m, folio)
         await m.folio_put(folio)
     return split
+
+
+def _unpin(m, folio) -> None:
+    n = m.split_scan_pins.pop(folio.pfn) - 1
+    if n:
+        m.split_scan_pins[folio.pfn] = n
 
 
 class DeferredSplitShrinker:

@@ -75,6 +75,12 @@ async def _collapse(m, mm, address: int, folio, referenced: int, unmapped: int, 
         if result != R.SCAN_SUCCEED:
             return result  # the swap-in released the mmap lock
     await mm.mmap_lock.up_read()
+    if m.bugs and "collapse_mmap_read_lock" in m.bugs:  # kmm.bugs: faults not excluded
+        await mm.mmap_lock.down_read("collapse_huge_page")
+        # no finally: a KernelBug leaves the read lock to madvise's own release
+        result = await _collapse_write_locked(m, mm, address, folio, pmd_tbl, cc)
+        await mm.mmap_lock.up_read()
+        return result
     # stops every fault (and UFFDIO_MOVE): from here the VMA and the page tables are ours
     await mm.mmap_lock.down_write("collapse_huge_page")
     try:

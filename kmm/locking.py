@@ -8,6 +8,23 @@ One lock class per kernel lock, with the kernel's name (``lockdep.ORDER``):
 Acquire and release are preemption points. A contended lock puts the actor on the lock's
 FIFO queue and blocks it; release hands the lock to the first waiter (qspinlock and rwsem
 hand-off). Statistics per class use the fields of /proc/lock_stat, in emulated time.
+
+What the trace carries (``kmm locks`` rebuilds lock_stat, the order graph and the
+waits from it alone). Every point writes its line *before* the operation takes effect
+(the scheduler may run others in between), so an acquisition's outcome is written on
+the line of the release that ends it:
+
+- ``lock`` / ``trylock``: ``lock`` (instance), ``class`` (lockdep class), ``site``,
+  ``mode`` (read/write, rwsems only);
+- ``unlock``: ``lock``, ``class``, ``mode``, ``site`` (where the hold began), ``hold``
+  (ns); if the acquisition waited: ``contended``, ``owners`` (the actors holding the
+  lock when it was found taken), ``wait`` (ns); ``acq_bounce`` / ``con_bounce`` when
+  the acquisition or contention moved the lock to another CPU; ``trylock`` (the seq of
+  the trylock line) when a trylock took it.
+
+A hold ends at its ``unlock`` line's time, and lock_stat counts an acquisition (its
+contention, wait and hold) then, from the figures that line carries: a lock still held
+or waited for when a run stops (a daemon cancelled at the end) is in neither.
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ class ClassStats:
     holds: int = 0
 
     def waited(self, ns: int) -> None:
+        """After ``contentions`` counted this wait's contention."""
         self.wait_min = ns if self.contentions == 1 else min(self.wait_min, ns)
         self.wait_max = max(self.wait_max, ns)
         self.wait_total += ns
@@ -82,8 +100,8 @@ class Locks:
         return RwSem(self, cls, name)
 
     def lock_stat(self) -> list[dict]:
-        """/proc/lock_stat: one row per lock class that was ever taken."""
-        return [st.row(cls) for cls, st in sorted(self.stats.items())]
+        """/proc/lock_stat: one row per lock class with a finished acquisition."""
+        return [st.row(cls) for cls, st in sorted(self.stats.items()) if st.acquisitions]
 
 
 def _drop_held(actor, lock) -> int:
@@ -104,28 +122,84 @@ class _Lock:
         self.name = name
         self.stats = world.stats_for(cls)
         self.waiters: deque = deque()
+        # actor -> its hold: (t acquired, site, acq bounce, trylock seq, wait record)
         self.t_acq: dict = {}
         self.last_cpu: int | None = None
 
-    def _acquired(self, actor, site: str, subclass: int, read: bool, now: int) -> None:
+    def _fields(self, site: str | None, mode: str | None) -> dict:
+        f = {"lock": self.name, "class": self.cls}
+        if site is not None:
+            f["site"] = site
+        if mode is not None:
+            f["mode"] = mode
+        return f
+
+    def _acquired(self, actor, site: str, subclass: int, read: bool, now: int,
+                  waited: tuple | None = None, try_seq: int = 0) -> None:
         actor.held.append(HeldLock(self, site, subclass, read))
+        bounce = self.last_cpu is not None and self.last_cpu != actor.cpu
+        self.last_cpu = actor.cpu
+        self.t_acq[actor] = (now, site, bounce, try_seq, waited)
+
+    def _contended(self, actor) -> tuple[int, list[str], bool]:
+        """lock_contended: the wait starts now; who holds the lock; did it bounce."""
+        bounce = self.last_cpu is not None and self.last_cpu != actor.cpu
+        return self.world.sched.now, self.owner_names(), bounce
+
+    def _waited(self, t0: int, owners: list[str], bounce: bool) -> tuple:
+        """lock_acquired after a wait: the wait record the hold carries to its unlock."""
+        return (self.world.sched.now - t0, owners, bounce)
+
+    def _end_hold(self, actor, t: int) -> tuple | None:
+        """Account the hold that ends at ``t`` (the unlock line's time) in lock_stat.
+
+        The whole acquisition (bounces, contention, wait, hold) is counted here, when
+        its unlock line is written with the same figures: a run stopped while actors
+        hold locks (daemons cancelled at the end) then gives the same table from the
+        machine as from its trace."""
+        rec = self.t_acq.get(actor)
+        if rec is None:
+            return None  # not held: the caller reports the bug after its point
+        t_acq, _, bounce, _, waited = rec
         st = self.stats
         st.acquisitions += 1
-        if self.last_cpu is not None and self.last_cpu != actor.cpu:
+        if bounce:
             st.acq_bounces += 1
-        self.last_cpu = actor.cpu
-        self.t_acq[actor] = now
+        if waited is not None:
+            st.contentions += 1
+            if waited[2]:
+                st.con_bounces += 1
+            st.waited(waited[0])
+        st.held(t - t_acq)
+        return rec
 
-    def _contended(self, actor) -> int:
-        st = self.stats
-        st.contentions += 1
-        if self.last_cpu is not None and self.last_cpu != actor.cpu:
-            st.con_bounces += 1
-        return self.world.sched.now
+    def _release_fields(self, rec: tuple | None, t: int, mode: str | None = None) -> dict:
+        """The ``unlock`` line: the hold it ends (from its acquisition to ``t``)."""
+        f = self._fields(None, mode)
+        if rec is None:
+            return f
+        t_acq, site, bounce, try_seq, waited = rec
+        f["site"] = site
+        f["hold"] = t - t_acq
+        if bounce:
+            f["acq_bounce"] = 1
+        if try_seq:
+            f["trylock"] = try_seq
+        if waited is not None:
+            wait, owners, con_bounce = waited
+            f["contended"] = True
+            f["wait"] = wait
+            f["owners"] = owners
+            if con_bounce:
+                f["con_bounce"] = 1
+        return f
 
     def _released(self, actor) -> None:
         _drop_held(actor, self)
-        self.stats.held(self.world.sched.now - self.t_acq.pop(actor))
+        del self.t_acq[actor]
+
+    def owner_names(self) -> list[str]:
+        raise NotImplementedError
 
 
 class SpinLock(_Lock):
@@ -147,38 +221,42 @@ class SpinLock(_Lock):
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("lock", COST_LOCK, lock=self.name, site=site)
+            await sched.point("lock", COST_LOCK, **self._fields(site, None))
         self.world.lockdep.check_acquire(actor, self, site, subclass)
+        waited = None
         if self.owner is not None:
-            t0 = self._contended(actor)
+            contended = self._contended(actor)
             self.waiters.append(actor)
             await sched.block(self)  # unlock hands us the lock
-            self.stats.waited(sched.now - t0)
+            waited = self._waited(*contended)
         else:
             self.owner = actor
-        self._acquired(actor, site, subclass, False, sched.now)
+        self._acquired(actor, site, subclass, False, sched.now, waited)
 
     async def trylock(self, site: str) -> bool:
         """spin_trylock: never waits, so it adds no lock-order dependency."""
         sched = self.world.sched
         actor = sched.current
+        seq = sched.seq + 1
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("trylock", COST_LOCK, lock=self.name, site=site)
+            await sched.point("trylock", COST_LOCK, **self._fields(site, None))
         if self.owner is not None:
             return False
         self.owner = actor
-        self._acquired(actor, site, 0, False, sched.now)
+        self._acquired(actor, site, 0, False, sched.now, try_seq=seq)
         return True
 
     async def unlock(self) -> None:
         sched = self.world.sched
         actor = sched.current
+        t = sched.now + COST_LOCK  # the unlock line's time: the hold ends there
+        rec = self._end_hold(actor, t)
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("unlock", COST_LOCK, lock=self.name)
+            await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t))
         if self.owner is not actor:
             raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
                                f"{self.owner.name if self.owner else 'no one'}")
@@ -214,21 +292,22 @@ class RwSem(_Lock):
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("lock", COST_LOCK, lock=self.name, site=site,
-                              mode="write" if write else "read")
+            await sched.point("lock", COST_LOCK,
+                              **self._fields(site, "write" if write else "read"))
         self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
         free = self.writer is None and (not self.readers if write else not self.waiters)
+        waited = None
         if free:
             if write:
                 self.writer = actor
             else:
                 self.readers.append(actor)
         else:
-            t0 = self._contended(actor)
+            contended = self._contended(actor)
             self.waiters.append((actor, write))
             await sched.block(self)  # the releaser granted it to us
-            self.stats.waited(sched.now - t0)
-        self._acquired(actor, site, subclass, not write, sched.now)
+            waited = self._waited(*contended)
+        self._acquired(actor, site, subclass, not write, sched.now, waited)
 
     async def down_read(self, site: str) -> None:
         await self._down(site, False, 0)
@@ -239,36 +318,40 @@ class RwSem(_Lock):
     async def down_read_trylock(self, site: str) -> bool:
         sched = self.world.sched
         actor = sched.current
+        seq = sched.seq + 1
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="read")
+            await sched.point("trylock", COST_LOCK, **self._fields(site, "read"))
         if self.writer is not None or self.waiters:
             return False
         self.readers.append(actor)
-        self._acquired(actor, site, 0, True, sched.now)
+        self._acquired(actor, site, 0, True, sched.now, try_seq=seq)
         return True
 
     async def down_write_trylock(self, site: str) -> bool:
         sched = self.world.sched
         actor = sched.current
+        seq = sched.seq + 1
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("trylock", COST_LOCK, lock=self.name, site=site, mode="write")
+            await sched.point("trylock", COST_LOCK, **self._fields(site, "write"))
         if self.writer is not None or self.readers:
             return False
         self.writer = actor
-        self._acquired(actor, site, 0, False, sched.now)
+        self._acquired(actor, site, 0, False, sched.now, try_seq=seq)
         return True
 
     async def up_read(self) -> None:
         sched = self.world.sched
         actor = sched.current
+        t = sched.now + COST_LOCK
+        rec = self._end_hold(actor, t)
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("unlock", COST_LOCK, lock=self.name, mode="read")
+            await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "read"))
         self.readers.remove(actor)
         self._released(actor)
         self._grant()
@@ -276,10 +359,12 @@ class RwSem(_Lock):
     async def up_write(self) -> None:
         sched = self.world.sched
         actor = sched.current
+        t = sched.now + COST_LOCK
+        rec = self._end_hold(actor, t)
         if sched.fast:
             sched.tick(COST_LOCK)
         else:
-            await sched.point("unlock", COST_LOCK, lock=self.name, mode="write")
+            await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "write"))
         if self.writer is not actor:
             raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")
         self.writer = None

@@ -105,7 +105,11 @@ async def madvise_dontneed_single_vma(m, vma, start: int, end: int) -> None:
 
 async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
     """try_to_free_pte (mm/pt_reclaim.c): a PTE table the zap covered wholly and left
-    empty is detached from its PMD and freed."""
+    empty is detached from its PMD and freed. The emptiness check and the PMD clear
+    happen under the PMD lock *and* the table's PTE lock (pte_offset_map_rw_nolock,
+    spin_lock_nested): a fault that refilled the table after the zap holds that PTE
+    lock while it installs, so it either finishes first (the table is kept) or finds
+    the PMD gone when it rechecks pmd_same, and retries."""
     mm = vma.mm
     addr = (start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
     while addr + PMD_SIZE <= end:
@@ -118,11 +122,14 @@ async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
                 await ptl.lock("try_get_and_clear_pmd")
                 pte_tbl = table_pfn(pmd)
                 cleared = False
-                if (await m.entry_read("pmd", pmd_tbl, idx) == pmd
-                        and not any(m.physmem.tables[pte_tbl])):
-                    await m.entry_get_and_clear("pmd", pmd_tbl, idx)
-                    mm.nr_ptes -= 1
-                    cleared = True
+                if await m.entry_read("pmd", pmd_tbl, idx) == pmd:
+                    pte_ptl = m.table_lock(pte_tbl)
+                    await pte_ptl.lock("try_to_free_pte", subclass=1)
+                    if not any(m.physmem.tables[pte_tbl]):
+                        await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+                        mm.nr_ptes -= 1
+                        cleared = True
+                    await pte_ptl.unlock()
                 await ptl.unlock()
                 if cleared:
                     await m.pte_free(mm, pte_tbl)

@@ -358,12 +358,28 @@ class Zone:
 
 
 # ------------------------------------------------------------------ allocation
+def might_sleep(m, where: str) -> None:
+    """might_sleep (CONFIG_DEBUG_ATOMIC_SLEEP): a caller that may sleep (an allocation
+    that may enter direct reclaim) holds no spinlock; else the kernel's splat, as a
+    KernelBug naming the spinlocks held."""
+    from kmm.locking import FolioLock, SpinLock
+    held = [h for h in m.sched.current.held
+            if isinstance(h.lock, SpinLock) and not isinstance(h.lock, FolioLock)]
+    if held:
+        actor = m.sched.current
+        m.bug(f"BUG: sleeping function called from invalid context at {where}: "
+              f"in_atomic(): 1, name: {actor.name}; holding "
+              + ", ".join(f"{h.lock.name} (taken at {h.site})" for h in held))
+
+
 async def alloc_pages(m, order: int, gfp, purpose: str) -> int:
     """alloc_pages / __alloc_pages: the fast path (get_page_from_freelist at the low
     watermark, one message to the zone actor), then __alloc_pages_slowpath in the
     caller's context. ``gfp`` is a mask or a composite name. Returns the pfn, or -1."""
     if isinstance(gfp, str):
         gfp = GFP[gfp]
+    if gfp & __GFP_DIRECT_RECLAIM:
+        might_sleep(m, "__alloc_pages")
     reply = await m.sched.call(m.zone.actor, AllocPages(order, format_gfp(gfp), purpose,
                                                         ALLOC_WMARK_LOW))
     if reply.pfn >= 0:

@@ -16,35 +16,46 @@ from kmm.pgtable import (
 
 def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
     """(address, "pmd" | "pte", entry) for every non-empty leaf entry in [start, end):
-    huge PMDs (present or not, migration entries included) and non-empty PTEs."""
+    huge PMDs (present or not, migration entries included) and non-empty PTEs.
+
+    Empty entries are skipped a table at a time (the invariant checker walks the whole
+    address space after every operation), not stepped over one PMD at a time."""
+    if start >= end:
+        return
     tables = m.physmem.tables
+    last = end - 1
     pgd = tables[mm.pgd]
-    addr = start
-    while addr < end:
-        e = pgd[pgd_index(addr)]
+    for i in range(pgd_index(start), pgd_index(last) + 1):
+        e = pgd[i]
         if not e:
-            addr = (addr + PGDIR_SIZE) & ~(PGDIR_SIZE - 1)
             continue
-        e = tables[table_pfn(e)][pud_index(addr)]
-        if not e:
-            addr = (addr + PUD_SIZE) & ~(PUD_SIZE - 1)
-            continue
-        pmd_t = tables[table_pfn(e)]
-        nxt = (addr + PMD_SIZE) & ~(PMD_SIZE - 1)
-        pmd = pmd_t[pmd_index(addr)]
-        if pmd:
-            if pmd_trans_huge(pmd) or not pmd_present(pmd):
-                yield addr & ~(PMD_SIZE - 1), "pmd", pmd
-            else:
+        base_g = i * PGDIR_SIZE
+        lo_u = pud_index(start) if base_g <= start else 0
+        hi_u = pud_index(last) if last < base_g + PGDIR_SIZE else 511
+        pud_t = tables[table_pfn(e)]
+        for j in range(lo_u, hi_u + 1):
+            e = pud_t[j]
+            if not e:
+                continue
+            base_u = base_g + j * PUD_SIZE
+            lo_m = pmd_index(start) if base_u <= start else 0
+            hi_m = pmd_index(last) if last < base_u + PUD_SIZE else 511
+            pmd_t = tables[table_pfn(e)]
+            for k in range(lo_m, hi_m + 1):
+                pmd = pmd_t[k]
+                if not pmd:
+                    continue
+                base_m = base_u + k * PMD_SIZE
+                if pmd_trans_huge(pmd) or not pmd_present(pmd):
+                    yield base_m, "pmd", pmd
+                    continue
+                lo_p = pte_index(start) if base_m <= start else 0
+                hi_p = pte_index(last) if last < base_m + PMD_SIZE else 511
                 pte_t = tables[table_pfn(pmd)]
-                a = addr
-                stop = min(nxt, end)
-                while a < stop:
-                    pte = pte_t[pte_index(a)]
+                for n in range(lo_p, hi_p + 1):
+                    pte = pte_t[n]
                     if pte:
-                        yield a, "pte", pte
-                    a += PAGE_SIZE
-        addr = nxt
+                        yield base_m + n * PAGE_SIZE, "pte", pte
 
 
 def page_tables(m, mm) -> Iterator[tuple[str, int, int]]:

@@ -48,7 +48,8 @@ async def pmdp_invalidate(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
     value. Context: PMD lock held."""
     old = await m.entry_read("pmd", pmd_tbl, idx)
     await m.entry_set("pmd", pmd_tbl, idx, pmd_mkinvalid(old))
-    await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
+    if not m.bugs or "split_pmd_no_tlb_flush" not in m.bugs:  # kmm.bugs
+        await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
     return old
 
 
@@ -70,5 +71,6 @@ async def pmdp_collapse_flush(m, vma, address: int, pmd_tbl: int, idx: int) -> i
     if pmd_trans_huge(old):
         m.bug(f"pmdp_collapse_flush: PMD {pmd_tbl:#x}[{idx}] is huge")
     # collapse entails shooting down ptes, not the pmd
-    await tlb.flush_tlb_mm_range(m, vma.mm, address, address + HPAGE_PMD_SIZE)
+    if not m.bugs or "collapse_no_tlb_flush" not in m.bugs:  # kmm.bugs
+        await tlb.flush_tlb_mm_range(m, vma.mm, address, address + HPAGE_PMD_SIZE)
     return old

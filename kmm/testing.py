@@ -126,6 +126,8 @@ def invariant_errors(m, k=None) -> list[str]:
         # an isolated folio (compaction, reclaim) holds the isolation reference too
         isolated = 1 if folio.flags & PG_isolated else 0
         cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
+        # a deferred split scan in progress holds a reference on each folio of its batch
+        isolated += m.split_scan_pins.get(head, 0)
         if folio.refcount != n + isolated + cache:
             errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
                         + (" + 1 isolation" if isolated else "")

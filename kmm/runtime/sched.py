@@ -24,8 +24,32 @@ event                  operation
 
 Modes: ``free`` runs the current actor until it blocks (the fast path: a point is a
 counter bump), ``random`` picks uniformly among runnable actors at every point, ``replay``
-follows a recorded decision list. Every choice among two or more runnable actors is
-appended to ``decisions``, so a random run replays exactly.
+follows a recorded decision list, and two systematic-testing modes:
+
+- ``pct`` (probabilistic concurrency testing, Burckhardt et al., ASPLOS 2010): every
+  actor gets a random priority above ``depth`` when it is created; ``depth - 1`` change
+  points are drawn uniformly from [1, n], n being the expected number of points of the
+  run (the explorer measures it with a first run); at every point the highest-priority
+  runnable actor runs, and at the i-th change point the running actor's priority drops
+  to i. Guarantee: for a program with k actors and n points, a bug of depth d (one that
+  needs d ordering constraints between points to show) is hit with probability at least
+  1/(n * k^(d-1)) per run, so depth 1 is a strict-priority schedule and each extra
+  change point buys one more forced ordering.
+- ``preempt`` (CHESS-style preemption bounding, Musuvathi and Qadeer, PLDI 2007):
+  non-preemptive by default (the current actor runs on while it is runnable; when it
+  blocks, the lowest-id runnable actor runs), with either an explicit ``preemptions``
+  map (choice position -> actor name) or a seeded plan of at most ``bound`` preemptions
+  drawn among the first ``n`` opportunities. A preemption is a switch away from an actor
+  that could have continued; the explorer runs bound 0, then 1, 2, ..., so the schedules
+  with the fewest preempting switches come first.
+
+Every choice among two or more runnable actors is appended to ``decisions``, so any run
+replays exactly in ``replay`` mode; ``overrides`` keeps the choices that differ from the
+non-preemptive default, keyed by their position in the current actor's own execution
+(``"name:steps:stops"``: its points passed and times it stopped running, as CHESS keys a
+preemption by thread and step, so removing one choice does not move the others), which
+replayed in ``preempt`` mode give the same run again; ``preemptions`` counts the
+preempting switches taken.
 """
 
 from __future__ import annotations
@@ -38,8 +62,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-FREE, RANDOM, REPLAY = "free", "random", "replay"
-MODES = (FREE, RANDOM, REPLAY)
+FREE, RANDOM, PCT, PREEMPT, REPLAY = "free", "random", "pct", "preempt", "replay"
+MODES = (FREE, RANDOM, PCT, PREEMPT, REPLAY)
 
 RUNNABLE, BLOCKED, SLEEPING, IDLE, DONE = "runnable", "blocked", "sleeping", "idle", "done"
 
@@ -62,7 +86,7 @@ class Actor:
 
     __slots__ = (
         "name", "id", "kind", "state", "task", "go", "blocked_on", "daemon", "cpu",
-        "held", "busy", "queue", "handle", "last_op",
+        "held", "busy", "queue", "handle", "last_op", "prio", "steps", "stops",
     )
 
     def __init__(self, name: str, id: int, kind: str, daemon: bool = False,
@@ -81,12 +105,19 @@ class Actor:
         self.queue: deque[Actor] = deque()
         self.handle: Callable[[Any], Awaitable[Any]] | None = None
         self.last_op = ""
+        self.prio = 0  # pct: the actor's priority (higher runs first)
+        self.steps = 0  # points passed (modes that may switch): a choice's position
+        self.stops = 0  # times it stopped running (blocked, slept, finished)
 
     def __lt__(self, other: "Actor") -> bool:  # runnable list order
         return self.id < other.id
 
     def __repr__(self) -> str:
         return f"<actor {self.name} {self.state}>"
+
+
+def _by_priority(a: Actor) -> tuple[int, int]:
+    return (a.prio, -a.id)
 
 
 def _abort(_raise_cancel):  # parked actors may be cancelled when a run stops
@@ -97,26 +128,67 @@ class Scheduler:
     """Owns order and time for one machine."""
 
     def __init__(self, mode: str = FREE, seed: int = 0,
-                 replay: list[str] | None = None, trace=None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
-        self.mode = FREE if mode == FREE else mode
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.replay = list(replay or ())
-        self._replay_pos = 0
+                 replay: list[str] | None = None, trace=None, **params: Any) -> None:
         self.trace = trace
         self.actors: list[Actor] = []
         self.current: Actor | None = None
         self.now = 0  # emulated nanoseconds
         self.seq = 0
         self.switches = 0
-        self.decisions: list[str] = []
         self._runnable: list[Actor] = []
         self._sleepers: list[tuple[int, int, Actor]] = []
         self._finished: trio.Event | None = None
         self._on_point: Callable[[], None] | None = None
+        self.configure(mode, seed, replay, **params)
+
+    def configure(self, mode: str, seed: int = 0, replay: list[str] | None = None, *,
+                  depth: int = 1, n: int = 0, preemptions: dict[str, str] | None = None,
+                  bound: int = 0, plan: set[int] | None = None) -> None:
+        """Choose the mode and its parameters before the run starts.
+
+        ``depth`` and ``n`` are PCT's bug depth and expected number of points;
+        ``preemptions`` (choice position -> actor name), ``plan`` (the opportunity
+        ordinals at which to preempt to a seeded-random other actor) or ``bound`` (that
+        many ordinals drawn from the first ``n`` opportunities) drive ``preempt``."""
+        if mode not in MODES:
+            raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
+        if depth < 1 or n < 0 or bound < 0:
+            raise ValueError("depth must be at least 1, n and bound at least 0")
+        self.mode = FREE if mode == FREE else mode
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.replay = list(replay or ())
+        self._replay_pos = 0
+        self.decisions: list[str] = []
+        self.overrides: dict[str, str] = {}
+        self.preemptions = 0
+        self.points = 0          # points seen in a mode that may switch (pct's clock)
+        self.opportunities = 0   # choices at which the current actor could have run on
+        self.depth = depth
+        self.n = n
+        self.change_points: dict[int, int] | None = None
+        self._forced: dict[str, str] = {}
+        self._plan: set[int] = set()
+        if self.mode == PCT:
+            for a in self.actors:
+                a.prio = self._new_priority()
+            if depth > 1 and n > 0:
+                # change point i (1-based) at a point drawn uniformly from [1, n]; two
+                # drawn at the same point keep the later (lower) one
+                self.change_points = {}
+                for i in range(1, depth):
+                    self.change_points[self.rng.randint(1, n)] = i
+        elif self.mode == PREEMPT:
+            self._forced = dict(preemptions or {})
+            if plan is not None:
+                self._plan = set(plan)
+            elif not preemptions and bound and n:
+                self._plan = set(self.rng.sample(range(n), min(bound, n)))
         self._set_fast()
+
+    def _new_priority(self) -> int:
+        # above every change-point value (1 .. depth-1); ties broken by actor id
+        return self.depth + 1 + self.rng.randrange(1 << 30)
 
     # A point at which nothing can switch and nothing is traced (free mode, no trace,
     # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine.
@@ -151,9 +223,15 @@ class Scheduler:
             self.trace.emit(self.seq, self.now, cur.name, event, fields)
         if self._sleepers and self._sleepers[0][0] <= self.now:
             self._wake_sleepers()
-        if self.on_point is not None:
-            self.on_point()
-        if self.mode is FREE or len(self._runnable) < 2:
+        if self._on_point is not None:
+            self._on_point()
+        if self.mode is FREE:
+            return
+        self.points += 1
+        cur.steps += 1
+        if self.change_points and self.points in self.change_points:
+            cur.prio = self.change_points[self.points]
+        if len(self._runnable) < 2:
             return
         nxt = self._choose()
         if nxt is not cur:
@@ -161,9 +239,31 @@ class Scheduler:
 
     def _choose(self) -> Actor:
         run = self._runnable
-        if self.mode == RANDOM:
+        cur = self.current
+        # where the choice is, in the current actor's own execution (CHESS's (thread,
+        # step)): stable when other actors' schedules change, which ddmin relies on
+        idx = f"{cur.name}:{cur.steps}:{cur.stops}"
+        can_run_on = cur.state == RUNNABLE
+        default = cur if can_run_on else run[0]
+        mode = self.mode
+        if can_run_on:
+            self.opportunities += 1
+        if mode == PREEMPT:
+            nxt = default
+            want = self._forced.get(idx)
+            if want is not None:
+                for a in run:
+                    if a.name == want:
+                        nxt = a
+                        break
+            elif can_run_on and self.opportunities - 1 in self._plan:
+                others = [a for a in run if a is not cur]
+                nxt = others[self.rng.randrange(len(others))]
+        elif mode == RANDOM:
             nxt = run[self.rng.randrange(len(run))]
-        elif self.mode == REPLAY:
+        elif mode == PCT:
+            nxt = max(run, key=_by_priority)
+        elif mode == REPLAY:
             if self._replay_pos >= len(self.replay):
                 nxt = run[0] if self.current not in run else self.current
             else:
@@ -178,6 +278,10 @@ class Scheduler:
                         f"runnable (runnable: {', '.join(a.name for a in run)})")
         else:
             nxt = run[0]
+        if nxt is not default:
+            self.overrides[idx] = nxt.name
+            if can_run_on:
+                self.preemptions += 1
         self.decisions.append(nxt.name)
         return nxt
 
@@ -219,6 +323,7 @@ class Scheduler:
         insort(self._runnable, actor)
 
     def _stop_running(self, actor: Actor, state: str, on: object = None) -> None:
+        actor.stops += 1
         actor.state = state
         actor.blocked_on = on
         self._runnable.remove(actor)
@@ -288,6 +393,8 @@ class Scheduler:
                kind: str = "server") -> Actor:
         """An actor that handles one message at a time (the page allocator)."""
         actor = Actor(name, len(self.actors), kind, daemon=True)
+        if self.mode == PCT:
+            actor.prio = self._new_priority()
         actor.state = IDLE
         actor.handle = handle
         self.actors.append(actor)
@@ -325,6 +432,8 @@ class Scheduler:
               daemon: bool = False, cpu: int | None = None) -> Actor:
         """Create an actor running ``fn(*args)``; it runs when the scheduler picks it."""
         actor = Actor(name, len(self.actors), kind, daemon=daemon, cpu=cpu)
+        if self.mode == PCT:
+            actor.prio = self._new_priority()
         self.actors.append(actor)
         self._make_runnable(actor)
         nursery.start_soon(self._actor_main, actor, fn, args, name=name)

@@ -359,5 +359,74 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# --- CPU actors in child processes (design.md section 6: at most 3x slower) -------------
+TARGET_SPAWN = 3.0
+SPAWN_PROGRAM = "redis_snapshot.py"  # fork + two CPUs writing and reading 16 MiB of THPs
+
+
+def _workload_path(name: str) -> str:
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("kmm.workloads")  # found, not imported (layering)
+    return os.path.join(list(spec.submodule_search_locations)[0], name)
+
+
+def _timed_program(path: str, spawn: frozenset, cpus: int) -> tuple[float, dict]:
+    from kmm.tools.runner import run_program
+    gc.collect()
+    t0 = time.perf_counter()
+    rep = run_program(path, cpus=cpus, seed=1, spawn=spawn)
+    return time.perf_counter() - t0, rep
+
+
+def spawn_bench(program: str | None = None, repeat: int = 3, cpus: int = 2) -> dict[str, Any]:
+    """A program run with its CPU actors in-process, then spawned (``--spawn cpus``):
+    wall time of the whole run (child start-up included) and preemption points per
+    second, best of ``repeat``; ``ratio`` = spawned time / in-process time. Both runs
+    must give the same trace digest, or the figure is void."""
+    path = program or _workload_path(SPAWN_PROGRAM)
+    runs: dict[str, list[float]] = {"local": [], "spawned": []}
+    digests = set()
+    events = 0
+    for _ in range(repeat):
+        for label, spawn in (("local", frozenset()), ("spawned", frozenset({"cpus"}))):
+            t, rep = _timed_program(path, spawn, cpus)
+            runs[label].append(t)
+            digests.add(rep["run"]["trace_sha256"])
+            events = rep["run"]["events"]
+    # the fixed cost of a spawned program: a child that makes no call
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        empty = os.path.join(d, "empty.py")
+        with open(empty, "w") as f:
+            f.write("async def main(k):\n    return None\n")
+        start = min(_timed_program(empty, frozenset({"cpus"}), cpus)[0]
+                    - _timed_program(empty, frozenset(), cpus)[0] for _ in range(repeat))
+    local, spawned = min(runs["local"]), min(runs["spawned"])
+    ratio = spawned / local
+    steady = (spawned - start) / local
+    return {"program": path, "cpus": cpus, "repeat": repeat, "events": events,
+            "local_seconds": local, "spawned_seconds": spawned,
+            "local_events_per_s": events / local, "spawned_events_per_s": events / spawned,
+            "child_startup_seconds": start, "ratio": ratio,
+            "ratio_without_startup": steady, "target": TARGET_SPAWN,
+            "met": ratio <= TARGET_SPAWN, "same_trace": len(digests) == 1}
+
+
+def format_spawn(r: dict[str, Any]) -> str:
+    return "\n".join([
+        f"kmm bench --spawn: {r['program']} on {r['cpus']} CPUs, best of {r['repeat']}, "
+        f"{r['events']:,} preemption points",
+        f"{'':<22}{'seconds':>10}{'points/s':>12}",
+        f"{'CPUs in-process':<22}{r['local_seconds']:>10.3f}{_rate(r['local_events_per_s']):>12}",
+        f"{'CPUs spawned':<22}{r['spawned_seconds']:>10.3f}"
+        f"{_rate(r['spawned_events_per_s']):>12}",
+        f"ratio spawned/in-process: {r['ratio']:.2f}x (target <= {r['target']:g}x: "
+        f"{'met' if r['met'] else 'NOT MET'}); without the child's start-up "
+        f"({r['child_startup_seconds']:.3f} s): {r['ratio_without_startup']:.2f}x",
+        f"same trace digest in both: {'yes' if r['same_trace'] else 'NO'}"])
+
+
 __all__ = ["emulated_faults", "host_faults", "startup", "fault_bench", "run_bench",
-           "format_table", "smaps_range"]
+           "format_table", "smaps_range", "spawn_bench", "format_spawn"]

@@ -72,25 +72,48 @@ def cmd_run(args) -> int:
     from kmm.tools import runner
     from kmm.tools.scenario import load_scenario
     from kmm import daemon
+    from kmm.runtime import remote
     try:
-        plugins = [daemon.load_daemon_spec(spec) for spec in args.daemon or ()]
+        plugins = [spec if spec.startswith("exec:") else daemon.load_daemon_spec(spec)
+                   for spec in args.daemon or ()]
     except daemon.DaemonLoadError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
+    try:
+        spawn = (remote.parse_spawn(args.spawn, daemon_names(plugins))
+                 if args.spawn is not None else frozenset())
+    except remote.SpawnError as e:
+        print(f"kmm: {e}", file=sys.stderr)
+        return 2
+    if args.child_timeout is not None and not args.child_timeout > 0:
+        print("kmm: --child-timeout must be a positive number of seconds", file=sys.stderr)
+        return 2
+    spawned = dict(spawn=spawn, child_timeout=args.child_timeout)
     trace = open(args.trace, "w") if args.trace else None
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
-                                     mode=args.mode, trace_file=trace, daemons=plugins)
+                                     mode=args.mode, trace_file=trace, daemons=plugins,
+                                     **spawned)
             title = f"{args.file}: program on {len(rep['run']['tlb_misses'])} CPUs"
         else:
             sc = load_scenario(args.file)
             rep = runner.run_scenario(sc, seed=args.seed, mode=args.mode, trace_file=trace,
-                                      cpus=args.cpus, daemons=plugins)
+                                      cpus=args.cpus, daemons=plugins, **spawned)
             title = f"{args.file}: {sc.description}"
     except KernelBug as e:
         print(f"kmm: kernel BUG: {e}", file=sys.stderr)
         return 3
+    except remote.ChildDied as e:  # an oops: the report, and the trace so far is kept
+        kept = f" (trace kept in {args.trace})" if args.trace else ""
+        print(f"kmm: {e}{kept}", file=sys.stderr)
+        return 3
+    except remote.SpawnError as e:
+        print(f"kmm: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the child processes were killed on the way out
+        print("kmm: interrupted", file=sys.stderr)
+        return 130
     finally:
         if trace:
             trace.close()
@@ -99,6 +122,14 @@ def cmd_run(args) -> int:
     else:
         print(summary(rep, title))
     return 0
+
+
+def daemon_names(plugins) -> list[str]:
+    """What --spawn may name: the installed daemons and the plug-ins given."""
+    from importlib.metadata import entry_points
+    from kmm.daemon import ENTRY_POINT_GROUP
+    names = [ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    return names + [p.name for p in plugins if not isinstance(p, str)]
 
 
 def cmd_oracle(args) -> int:
@@ -138,8 +169,127 @@ def cmd_bench(args) -> int:
     if min(args.pages, args.thps, args.repeat) < 1:
         print("kmm bench: --pages, --thps and --repeat must be at least 1", file=sys.stderr)
         return 2
+    if args.spawn:  # CPU actors in-process vs spawned (bench.spawn_bench)
+        rep = bench.spawn_bench(args.program, repeat=args.repeat)
+        print(json.dumps(rep, indent=1) if args.json else bench.format_spawn(rep))
+        return 0
     rep = bench.run_bench(pages=args.pages, thps=args.thps, repeat=args.repeat)
     print(json.dumps(rep, indent=1) if args.json else bench.format_table(rep))
+    return 0
+
+
+def cmd_explore(args) -> int:
+    """kmm explore: many schedules of a program, checked; a failure file on violation."""
+    return _explore_cli(args)
+
+
+def cmd_replay(args) -> int:
+    """kmm replay: re-run a failure file's minimized interleaving exactly."""
+    return _replay_cli(args)
+
+
+def _explore_cli(args) -> int:
+    import os
+    from kmm.tools import explore as ex
+    if not args.program.endswith(".py") or not os.path.isfile(args.program):
+        print(f"kmm explore: {args.program}: not a program file (.py)", file=sys.stderr)
+        return 2
+    if args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1):
+        print("kmm explore: --schedules, --jobs and --depth must be at least 1",
+              file=sys.stderr)
+        return 2
+    try:
+        from kmm.bugs import BUGS as known
+    except ImportError:  # the injected-bug switches may not exist in this build
+        known = None
+    for name in args.inject or ():
+        if known is not None and name not in known:
+            print(f"kmm explore: --inject {name}: unknown bug (known: "
+                  f"{', '.join(sorted(known))})", file=sys.stderr)
+            return 2
+    cfg = ex.Config(program=args.program, mode=args.mode, seed=args.seed,
+                    depth=args.depth or ex.DEFAULT_DEPTH[args.mode], cpus=args.cpus,
+                    inject=list(args.inject or ()), check=args.check)
+    ex.runner.load_program(args.program)  # a broken program is one error line, early
+    prog = ex.Progress(args.schedules, enabled=not args.quiet)
+    summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
+                      determinism=args.check_determinism, progress=prog)
+    rate = summ.schedules / max(summ.seconds, 1e-9)
+    print(f"{args.program}: {summ.schedules} schedules ({args.mode}, seeds {args.seed}.."
+          f"{args.seed + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
+          f"job{'s' if args.jobs > 1 else ''}")
+    if summ.first is None:
+        print("no violation")
+        return 0
+    print("violations: " + ", ".join(f"{k} {v}" for k, v in sorted(summ.violations.items())))
+    v = summ.first_violation
+    print(f"first failing schedule: {summ.first} (seed {args.seed + summ.first}), "
+          f"{v['kind']} at event {v['seq']}")
+    print("  " + v["message"].replace("\n", "\n  "))
+    mode, seed, params = ex.schedule_params(cfg, summ.first)
+    fail = ex.run_schedule(cfg, mode, seed, params)
+    if v["kind"] == "nondeterminism":
+        ex.write_failure(args.out, cfg, summ.first, ex.Outcome(
+            kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None)
+    else:
+        sched, mini = ex.minimize(cfg, seed, fail, budget=args.minimize_budget)
+        ex.write_failure(args.out, cfg, summ.first, fail, sched, mini)
+        print(f"minimized: {fail.preemptions} preemptions -> {mini.preemptions} "
+              f"({len(sched)} forced choices), {mini.kind} at event {mini.seq}")
+    print(f"failure file: {args.out}   (kmm replay {args.out})")
+    return 1
+
+
+def _replay_cli(args) -> int:
+    from kmm.tools import explore as ex
+    sink = open(args.trace, "w") if args.trace else None
+    try:
+        ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
+    except ex.ExploreError as e:
+        print(f"kmm replay: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if sink:
+            sink.close()
+    mini = head["minimized"] or {}
+    print(f"{head['program']}: schedule {head['schedule']} of {head['mode']} seed "
+          f"{head['base_seed']}, {mini.get('count', '?')} preemptions, inject "
+          f"{', '.join(head.get('inject') or ()) or 'none'}")
+    print(f"last {min(args.last, len(out.events))} events:")
+    print(f"{'seq':>8} {'time':>14}  {'actor':<14} {'event':<26} touched")
+    for ev in out.events[-args.last:] if args.last else ():
+        print(ex.format_event(ev))
+    if out.kind:
+        print(f"violation: {out.kind} at event {out.seq}")
+        msg = out.message.splitlines()
+        print("\n".join("  " + ln for ln in msg[:12])
+              + (f"\n  ... ({len(msg) - 12} more lines)" if len(msg) > 12 else ""))
+    else:
+        print("no violation this time")
+    print(f"trace sha256 {out.digest[:16]}: {why}")
+    return 0 if ok else 1
+
+
+def cmd_locks(args) -> int:
+    """kmm locks: lock_stat, the lock-order graph and the waits of a run, from its trace."""
+    from kmm.tools import locks
+    try:
+        st = locks.study_file(args.file)
+    except locks.TraceError as e:
+        print(f"kmm locks: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(st.to_json(), indent=1) if args.json
+          else locks.format_study(st, args.file))
+    return 0
+
+
+def cmd_bugs(args) -> int:
+    """kmm bugs: the injectable bugs (kmm.bugs), each with the safeguard it removes."""
+    import textwrap
+    from kmm import bugs
+    for name in bugs.BUGS:
+        print(textwrap.fill(bugs.describe(name), width=96, subsequent_indent="    "))
+        print()
     return 0
 
 
@@ -155,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="scheduler: free (run each actor until it blocks) or random")
     r.add_argument("--cpus", type=int, help="emulated CPUs")
     r.add_argument("--daemon", action="append", metavar="MODULE:CLASS",
-                   help="also run this plug-in daemon (repeatable)")
+                   help="also run this plug-in daemon (repeatable); exec:COMMAND runs a "
+                        "daemon speaking docs/wire.md on its stdin/stdout")
+    r.add_argument("--spawn", metavar="LIST",
+                   help="run these actors in child processes: comma-separated cpus, "
+                        "daemons, or daemon names (khugepaged, kswapd, kcompactd, ...)")
+    r.add_argument("--child-timeout", type=float, metavar="SECONDS",
+                   help="a spawned actor silent this long (wall time) is reported as "
+                        f"hung (default {60:g})")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("daemons", help="list the installed daemons and their knobs")
     d.add_argument("--json", action="store_true")
@@ -164,11 +321,49 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("file")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_oracle)
+    e = sub.add_parser("explore", help="run a program under many schedules, checked; "
+                       "write a failure file on the first violation")
+    e.add_argument("program", help="a program (.py with async def main(k))")
+    e.add_argument("--schedules", type=int, default=1000, help="schedules to run (1000)")
+    e.add_argument("--mode", default="random", choices=("random", "pct", "preempt"),
+                   help="random (seeded), pct (with --depth) or preempt (bounded)")
+    e.add_argument("--depth", type=int, help="pct bug depth (3) / preempt bound (2)")
+    e.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
+    e.add_argument("--seed", type=int, default=1, help="schedule i uses seed SEED+i")
+    e.add_argument("--inject", action="append", metavar="BUG",
+                   help="turn on an injected bug (repeatable)")
+    e.add_argument("--all", action="store_true", help="run every schedule and count")
+    e.add_argument("--out", default="FAILURE.jsonl", help="failure file (FAILURE.jsonl)")
+    e.add_argument("--check-determinism", action="store_true",
+                   help="run every seed twice; a trace difference is a violation")
+    e.add_argument("--check", default="op", choices=("point", "op", "end"),
+                   help="when the full invariant checker runs (op)")
+    e.add_argument("--cpus", type=int, help="emulated CPUs")
+    e.add_argument("--minimize-budget", type=int, default=300,
+                   help="most runs the minimizer may make (300)")
+    e.add_argument("--quiet", action="store_true", help="no progress line")
+    e.set_defaults(fn=cmd_explore)
+    rp = sub.add_parser("replay", help="re-run a failure file's interleaving exactly")
+    rp.add_argument("file", help="a failure file written by kmm explore")
+    rp.add_argument("--trace", help="write the replayed run's trace (JSON lines) here")
+    rp.add_argument("--last", type=int, default=30, help="events to print (30)")
+    rp.set_defaults(fn=cmd_replay)
+    lk = sub.add_parser("locks", help="lock_stat, lock-order graph and waits of a traced run")
+    lk.add_argument("file", help="a trace written by kmm run --trace (JSON lines)")
+    lk.add_argument("--json", action="store_true", help="print the study as JSON")
+    lk.set_defaults(fn=cmd_locks)
+    bg = sub.add_parser("bugs", help="the injectable bugs for explore --inject, with the "
+                        "kernel safeguard each removes")
+    bg.set_defaults(fn=cmd_bugs)
     b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
+    b.add_argument("--spawn", action="store_true",
+                   help="a program's throughput with CPUs in-process vs spawned, as a ratio")
+    b.add_argument("--program", help="with --spawn: the program (default "
+                   "workloads/redis_snapshot.py)")
     b.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     try:

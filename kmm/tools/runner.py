@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import fault, khugepaged, madvise, task_mmu
+from kmm import bugs, fault, khugepaged, madvise, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -36,7 +36,7 @@ def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
     cfg = MachineConfig(memory=config.memory, swap=config.swap,
                         cpus=cpus or config.cpus, seed=config.seed)
     m = Machine(cfg, mode=mode, seed=seed, trace=Trace(trace_file))
-    m.bugs = frozenset(inject)
+    m.bugs = bugs.validate(inject)
     for name, value in (knobs or {}).items():
         m.sysfs.write(name, value)
     return m
@@ -206,30 +206,39 @@ async def reclaim_step(m: Machine) -> None:
 DEFAULT_DAEMONS = ("kswapd", "kcompactd")
 
 
-def start_daemons(k: Kernel, extra: list | None = None) -> None:
-    """The default daemons, then any plug-in classes given (``kmm run --daemon``)."""
+async def start_daemons(k: Kernel, extra: list | None = None) -> None:
+    """The default daemons, then any plug-in classes given (``kmm run --daemon``); an
+    ``"exec:COMMAND"`` entry is a daemon written without kmm (docs/wire.md), started
+    and named by its Hello here."""
     from kmm import daemon
+    from kmm.runtime import remote
     for name in DEFAULT_DAEMONS:
         k.start_daemon(name)
     for cls in extra or ():
-        daemon.start_daemon(k.machine, cls())
+        if isinstance(cls, str) and cls.startswith("exec:"):
+            d = await remote.start_exec_daemon(k.machine, cls[5:], daemon.DaemonContext)
+            daemon.start_daemon(k.machine, d)
+        else:
+            daemon.start_daemon(k.machine, cls())
 
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
                  cpus: int | None = None, daemons: list | None = None,
-                 inject=()) -> dict[str, Any]:
+                 inject=(), spawn=frozenset(), child_timeout: float | None = None
+                 ) -> dict[str, Any]:
     """Run every step of a scenario on a fresh machine and return the report.
 
     ``check(machine, kernel)`` (the invariant checker in tests) runs after every step.
     """
     m = build_machine(scenario.machine, seed=seed, mode=mode, trace_file=trace_file,
                       knobs=scenario.knobs, cpus=cpus, inject=inject)
+    m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
     k = Kernel(m)
     steps: list[dict] = []
 
     async def driver() -> None:
-        start_daemons(k, daemons)
+        await start_daemons(k, daemons)
         await k.process("main")
         if any(step.op == "khugepaged" for step in scenario.steps):
             await khugepaged_setup(k)
@@ -238,8 +247,17 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
             if check is not None:
                 check(m, k)
 
-    m.run(driver)
+    run_machine(m, driver)
     return report(m, k, steps)
+
+
+def run_machine(m: Machine, driver) -> None:
+    """m.run, and no child process of a spawned actor outlives it, however it ends."""
+    from kmm.runtime import remote
+    try:
+        m.run(driver)
+    finally:
+        remote.reap_all()
 
 
 def load_program(path: str):
@@ -276,7 +294,8 @@ def program_machine(mod, path: str) -> dict[str, int]:
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
                 memory: int | None = None, trace_file=None,
                 check: Callable | None = None, daemons: list | None = None,
-                inject=()) -> dict[str, Any]:
+                inject=(), spawn=frozenset(), child_timeout: float | None = None
+                ) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address.
 
     The machine is the program's ``MACHINE`` (program_machine); ``cpus`` and ``memory``
@@ -288,16 +307,22 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
                         swap=spec.get("swap", 0), cpus=cpus, seed=seed)
     m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
                       inject=inject)
+    m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
     k = Kernel(m)
     if check is not None:
         k.after_op = lambda: check(m, k)
     result: dict[str, Any] = {}
 
     async def driver() -> None:
-        start_daemons(k, daemons)
-        result["value"] = await mod.main(k)
+        await start_daemons(k, daemons)
+        if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
+            from kmm.runtime import remote_cpu
+            result["value"] = await remote_cpu.run_main(
+                k, path, Proc, (fault.Segv, fault.OutOfMemory))
+        else:
+            result["value"] = await mod.main(k)
 
-    m.run(driver)
+    run_machine(m, driver)
     for task in m.tasks.values():
         if task.alive and not task.regions:
             task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}

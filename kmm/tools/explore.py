@@ -1,0 +1,610 @@
+"""The race laboratory's explorer: many schedules of one program, checked; exact replay.
+
+``explore`` runs a program (``async def main(k)``) under schedule after schedule
+(schedule i uses seed S+i) in one of the scheduler's systematic modes (``random``,
+``pct``, ``preempt``: kmm.runtime.sched), checks every run, stops at the first violation
+(or runs them all with ``all_``), minimizes the failing schedule and writes a failure
+file that ``replay`` re-runs byte for byte.
+
+Violations have a kind:
+
+=================  ==========================================================
+``invariant``      kmm.testing's invariant checker (refcounts, mapcounts, page
+                   tables, deposits, free lists, LRU, swap, written bytes)
+``lockdep``        kmm.lockdep.LockdepSplat, raised when a lock is taken
+``deadlock``       sched.Deadlock: no actor can run; the wait-for cycle
+``data``           a written byte that does not read back: the checker's shadow
+                   check, or a program result whose ``lost_bytes`` / ``*_lost``
+                   value is nonzero
+``assertion``      an AssertionError raised by the program itself
+``kernel-bug``     KernelBug or any other exception out of the mechanism
+``nondeterminism`` two runs of the same seed gave different trace digests
+=================  ==========================================================
+
+When the full invariant checker runs (``check``): lockdep, deadlock detection and the
+program's own assertions are checked at every point by construction (they raise where
+they happen). The full checker is a scan of every page table and struct page (5-12 ms
+on the race programs' 1 GiB machines), and it only holds *between* critical sections:
+halfway through another CPU's fault, a PTE is set before the mapcount moves. Three
+granularities:
+
+- ``point``: at every point at which no actor holds a lock and no server actor (the page
+  allocator) is busy: the finest that holds, since every multi-step update of shared
+  state in kmm is made under a lock (PTL, mmap_lock, folio lock, zone lock), so with no
+  lock held every update is complete or not begun. It gives no false positive on the
+  unmodified race programs, but runs the scan thousands of times per run.
+- ``op`` (the default): after every program operation (mmap, store, touch, madvise,
+  fork, ...) that ends while no other actor holds a lock (kmm.testing.check_between_ops),
+  and once at the end: tens of scans per run, so exploration keeps its speed; a broken
+  invariant a later operation would repair between two checks can be missed.
+- ``end``: once, after the run; the fastest.
+
+The trace of an explored run is never rendered: ``DigestTrace`` hashes a canonical
+``repr`` of each event's (seq, t, actor, event, fields), which holds only ints, strings
+and booleans, so the digest is the same in every process.
+
+Failure file (JSON lines, ``format`` = ``kmm-failure/1``): the first line is the header::
+
+    {"format": "kmm-failure/1", "program": PATH, "program_sha256": HEX,
+     "mode": "random|pct|preempt", "base_seed": S, "schedule": i, "seed": S+i,
+     "depth": D, "n": N, "bound": B, "cpus": C, "inject": [...], "check": "op",
+     "violation": {"kind": K, "message": M, "seq": SEQ},
+     "decisions": [actor name per choice], "preemptions_before": P0,
+     "minimized": {"preemptions": [["actor:steps:stops", actor], ...], "count": P1,
+                   "violation": {...}, "digest": HEX, "events": E}}
+
+``minimized.preemptions`` is the schedule ``replay`` runs: the scheduler in ``preempt``
+mode, non-preemptive except at those choices, each keyed by its position in the running
+actor's own execution (kmm.runtime.sched; ``count`` of them switch away from an actor
+that could have run on). The header is followed by the last ``TAIL`` trace events
+of the minimized run, one JSON object per line (seq, t, actor, event and its fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kmm import testing
+from kmm.lockdep import LockdepSplat
+from kmm.runtime.sched import Deadlock, SchedError
+from kmm.runtime.trace import Trace
+from kmm.tools import runner
+from kmm.workload import Kernel
+
+FORMAT = "kmm-failure/1"
+TAIL = 400                 # trace events kept in the failure file
+MODES = ("random", "pct", "preempt")
+CHECKS = ("point", "op", "end")
+DEFAULT_DEPTH = {"random": 1, "pct": 3, "preempt": 2}
+KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "kernel-bug",
+         "nondeterminism")
+
+
+class ExploreError(Exception):
+    """Bad input (a failure file, a stale program): one line for the user."""
+
+
+class Violation(Exception):
+    """A check failed inside a run (raised at the point where it fired)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# ------------------------------------------------------------------------- trace
+class DigestTrace:
+    """A trace sink for exploration: a cheap digest, the last ``keep`` events, and
+    (optionally) the JSON lines of kmm.runtime.trace.Trace for a file."""
+
+    BATCH = 256
+
+    def __init__(self, keep: int = 0, sink=None) -> None:
+        self._h = hashlib.sha256()
+        self._buf: list = []
+        self.count = 0
+        self.last: deque | None = deque(maxlen=keep) if keep else None
+        self.json = Trace(sink) if sink is not None else None
+
+    def emit(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
+        ev = (seq, t, actor, event, fields)
+        self._buf.append(ev)
+        self.count += 1
+        if len(self._buf) >= self.BATCH:
+            self._flush()
+        if self.last is not None:
+            self.last.append(ev)
+        if self.json is not None:
+            self.json.emit(seq, t, actor, event, fields)
+
+    def _flush(self) -> None:
+        self._h.update(repr(self._buf).encode())
+        self._buf = []
+
+    def digest(self) -> str:
+        self._flush()
+        return self._h.hexdigest()
+
+    def tail(self) -> list[dict[str, Any]]:
+        return [{"seq": s, "t": t, "actor": a, "event": e, **f}
+                for s, t, a, e, f in (self.last or ())]
+
+
+# ------------------------------------------------------------------------ config
+@dataclass
+class Config:
+    program: str
+    mode: str = "random"
+    seed: int = 1
+    depth: int = 1
+    cpus: int | None = None
+    inject: list[str] = field(default_factory=list)
+    check: str = "op"
+    n: int = 0        # pct: expected points; preempt: preemption opportunities
+
+
+@dataclass
+class Outcome:
+    """One run: its violation (kind None if clean), the schedule taken and its digest."""
+
+    kind: str | None = None
+    message: str = ""
+    seq: int = 0
+    digest: str = ""
+    decisions: list[str] = field(default_factory=list)
+    overrides: dict[str, str] = field(default_factory=dict)
+    preemptions: int = 0
+    points: int = 0
+    opportunities: int = 0
+    events: list[dict] = field(default_factory=list)
+    result: Any = None
+
+    def violation(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "seq": self.seq}
+
+
+def schedule_params(cfg: Config, i: int) -> tuple[str, int, dict[str, Any]]:
+    """(mode, seed, scheduler parameters) of schedule i. preempt: schedule 0 has no
+    preemption, the next ``n`` each preempt once at opportunity i-1 (every single
+    preemption, in order), then seeded plans of 2 .. depth preemptions."""
+    seed = cfg.seed + i
+    if cfg.mode == "pct":
+        return "pct", seed, {"depth": cfg.depth, "n": cfg.n}
+    if cfg.mode == "preempt":
+        if i == 0:
+            return "preempt", seed, {"plan": set()}
+        n = max(cfg.n, 1)
+        if i <= n:
+            return "preempt", seed, {"plan": {i - 1}}
+        bound = min(cfg.depth, 2 + (i - n - 1) // n)
+        return "preempt", seed, {"bound": max(bound, 1), "n": n}
+    return "random", seed, {}
+
+
+# ---------------------------------------------------------------------- checking
+class Checker:
+    """The full invariant checker at the chosen granularity (module docstring)."""
+
+    def __init__(self, m, k: Kernel, every: str) -> None:
+        self.m, self.k, self.every = m, k, every
+        self.actors = m.sched.actors
+
+    def full(self) -> None:
+        errs = testing.invariant_errors(self.m, self.k)
+        if errs:
+            data = [e for e in errs if "written" in e or "MADV_FREE'd" in e]
+            kind = "data" if len(data) == len(errs) else "invariant"
+            raise Violation(kind, "\n".join(errs[:40]))
+
+    def at_point(self) -> None:
+        for a in self.actors:
+            if a.held or a.busy:
+                return
+        self.full()
+
+    def after_op(self) -> None:
+        cur = self.m.sched.current
+        for a in self.actors:
+            if a is not cur and (a.held or a.busy):
+                return
+        self.full()
+
+
+def _program_frame(e: BaseException, path: str) -> bool:
+    tb = traceback.extract_tb(e.__traceback__)
+    return bool(tb) and os.path.abspath(tb[-1].filename) == os.path.abspath(path)
+
+
+def classify(e: BaseException, path: str) -> tuple[str, str]:
+    """The violation kind and message of an exception out of a run."""
+    if isinstance(e, Violation):
+        return e.kind, e.message
+    if isinstance(e, testing.InvariantError):
+        return "invariant", str(e)
+    if isinstance(e, LockdepSplat):
+        return "lockdep", str(e)
+    if isinstance(e, Deadlock):
+        return "deadlock", str(e)
+    if isinstance(e, AssertionError) and _program_frame(e, path):
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        return "assertion", (f"{tb.filename}:{tb.lineno}: {tb.line}"
+                             + (f" ({e})" if str(e) else ""))
+    if isinstance(e, SchedError):
+        return "kernel-bug", f"scheduler: {e}"
+    return "kernel-bug", f"{type(e).__name__}: {e}"
+
+
+def lost_data(result: Any) -> str | None:
+    """A program result dict whose lost_bytes or *_lost values are nonzero."""
+    if not isinstance(result, dict):
+        return None
+    bad = {k: v for k, v in result.items()
+           if (k == "lost_bytes" or k.endswith("_lost")) and v}
+    return f"program result reports lost data: {bad}" if bad else None
+
+
+_DAEMONS: list = []
+
+
+def _default_daemons() -> list:
+    """The daemon classes every machine runs (runner.DEFAULT_DAEMONS), loaded once per
+    process: reading the entry points costs more than a short run."""
+    if not _DAEMONS:
+        from kmm import daemon
+        _DAEMONS.extend(daemon.load_daemons(list(runner.DEFAULT_DAEMONS)))
+    return _DAEMONS
+
+
+def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
+                 keep: int = 0, sink=None) -> Outcome:
+    """Run the program once under the given schedule, with every check; never raises
+    for a violation (it is in the Outcome)."""
+    mod = runner.load_program(cfg.program)
+    spec = runner.program_machine(mod, cfg.program)
+    cpus = cfg.cpus or spec.get("cpus", 2)
+    mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
+                                swap=spec.get("swap", 0), cpus=cpus, seed=seed)
+    m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
+    trace = DigestTrace(keep, sink)
+    m.sched.trace = trace
+    m.sched.configure(mode, seed, **params)
+    k = Kernel(m)
+    chk = Checker(m, k, cfg.check)
+    if cfg.check == "point":
+        m.sched.on_point = chk.at_point
+    elif cfg.check == "op":
+        k.after_op = chk.after_op
+    out = Outcome()
+    box: dict[str, Any] = {}
+
+    async def driver() -> None:
+        from kmm import daemon
+        for cls in _default_daemons():  # runner.start_daemons, without an entry-point
+            daemon.start_daemon(m, cls())  # scan per run
+        box["value"] = await mod.main(k)
+
+    try:
+        getattr(runner, "run_machine", lambda m, d: m.run(d))(m, driver)
+        out.result = box.get("value")
+        chk.full()  # every granularity checks the final state
+        lost = lost_data(out.result)
+        if lost:
+            raise Violation("data", lost)
+    except Exception as e:  # noqa: BLE001 - every exception is a finding
+        out.kind, out.message = classify(e, cfg.program)
+        out.seq = m.sched.seq
+    s = m.sched
+    out.digest = trace.digest()
+    out.decisions = list(s.decisions)
+    out.overrides = dict(s.overrides)
+    out.preemptions = s.preemptions
+    out.points = s.points
+    out.opportunities = s.opportunities
+    if keep:
+        out.events = trace.tail()
+    return out
+
+
+def measure(cfg: Config) -> int:
+    """The ``n`` a mode needs, from a first run: pct the number of points of a random
+    run of seed S; preempt the preemption opportunities of the non-preemptive run."""
+    if cfg.mode == "pct":
+        return run_schedule(cfg, "random", cfg.seed, {}).points
+    if cfg.mode == "preempt":
+        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()}).opportunities
+    return 0
+
+
+def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
+    """Schedule i, summarised for the explorer: (i, kind, message, seq)."""
+    mode, seed, params = schedule_params(cfg, i)
+    out = run_schedule(cfg, mode, seed, params)
+    if determinism:
+        again = run_schedule(cfg, mode, seed, params)
+        if again.digest != out.digest or again.kind != out.kind:
+            return (i, "nondeterminism",
+                    f"seed {seed}: trace digest {out.digest[:16]} then {again.digest[:16]}"
+                    f" ({out.seq or 'clean'} / {again.seq or 'clean'})", 0)
+    return (i, out.kind, out.message, out.seq)
+
+
+def run_chunk(cfg: Config, lo: int, hi: int, determinism: bool, stop: bool) -> list[tuple]:
+    """Schedules [lo, hi) in a worker; stops after the first violation if ``stop``."""
+    res = []
+    for i in range(lo, hi):
+        r = run_one(cfg, i, determinism)
+        res.append(r)
+        if stop and r[1] is not None:
+            break
+    return res
+
+
+# ----------------------------------------------------------------------- explore
+@dataclass
+class Summary:
+    schedules: int = 0
+    seconds: float = 0.0
+    violations: dict[str, int] = field(default_factory=dict)
+    first: int | None = None
+    first_violation: dict[str, Any] | None = None
+    n: int = 0
+
+
+class Progress:
+    """schedules run, schedules/s and violations on stderr: in place on a TTY, else a
+    plain line at every tenth of the budget."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.next_mark = max(total // 10, 1)
+
+    def update(self, done: int, found: int, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = done / max(now - self.t0, 1e-9)
+        line = (f"explore: {done}/{self.total} schedules, {rate:.1f} schedules/s, "
+                f"{found} violation{'s' if found != 1 else ''}")
+        if self.tty:
+            if final or now - self.last > 0.2:
+                self.stream.write("\r" + line + ("\n" if final else ""))
+                self.stream.flush()
+                self.last = now
+        elif final or done >= self.next_mark:
+            while self.next_mark <= done:
+                self.next_mark += max(self.total // 10, 1)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
+            determinism: bool = False, progress: Progress | None = None) -> Summary:
+    """Run schedules 0 .. schedules-1; the result does not depend on ``jobs``: the first
+    violation is the lowest failing index, and without ``all_`` only the schedules up to
+    it are counted."""
+    t0 = time.perf_counter()
+    summ = Summary()
+    if cfg.mode in ("pct", "preempt") and not cfg.n:
+        cfg.n = measure(cfg)
+    summ.n = cfg.n
+    results: dict[int, tuple] = {}
+    prog = progress or Progress(schedules, enabled=False)
+
+    def found() -> int:
+        return sum(1 for r in results.values() if r[1] is not None)
+
+    def first_fail() -> int | None:
+        fails = [i for i, r in results.items() if r[1] is not None]
+        return min(fails) if fails else None
+
+    if jobs <= 1:
+        for i in range(schedules):
+            r = run_one(cfg, i, determinism)
+            results[i] = r
+            prog.update(len(results), found())
+            if r[1] is not None and not all_:
+                break
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        chunk = max(1, min(16, schedules // (jobs * 8) or 1))
+        starts = list(range(0, schedules, chunk))
+        ctx = mp.get_context("fork")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            pending: dict = {}
+            nxt = 0
+            while nxt < len(starts) or pending:
+                best = None if all_ else first_fail()
+                while (nxt < len(starts) and len(pending) < jobs * 2
+                       and (best is None or starts[nxt] < best)):
+                    lo = starts[nxt]
+                    fut = pool.submit(run_chunk, cfg, lo, min(lo + chunk, schedules),
+                                      determinism, not all_)
+                    pending[fut] = lo
+                    nxt += 1
+                if not pending:
+                    break
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    pending.pop(fut)
+                    for r in fut.result():
+                        results[r[0]] = r
+                prog.update(len(results), found())
+    first = first_fail()
+    if first is not None and not all_:
+        results = {i: r for i, r in results.items() if i <= first}
+    summ.schedules = len(results)
+    summ.violations = dict(Counter(r[1] for r in results.values() if r[1] is not None))
+    summ.first = first
+    if first is not None:
+        r = results[first]
+        summ.first_violation = {"kind": r[1], "message": r[2], "seq": r[3]}
+    summ.seconds = time.perf_counter() - t0
+    prog.update(summ.schedules, sum(summ.violations.values()), final=True)
+    return summ
+
+
+# --------------------------------------------------------------------- minimizer
+def ddmin(items: list, test: Callable[[list], bool], budget: int) -> list:
+    """Zeller's delta debugging: a 1-minimal sublist of ``items`` (as far as the run
+    budget allows) for which ``test`` still holds."""
+    runs = [0]
+
+    def t(sub: list) -> bool:
+        if runs[0] >= budget:
+            return False
+        runs[0] += 1
+        return test(sub)
+
+    n = 2
+    while len(items) >= 2 and runs[0] < budget:
+        size = -(-len(items) // n)
+        parts = [items[i:i + size] for i in range(0, len(items), size)]
+        for p in parts:
+            if t(p):
+                items, n = p, 2
+                break
+        else:
+            for j in range(len(parts)):
+                comp = [x for q, p in enumerate(parts) if q != j for x in p]
+                if t(comp):
+                    items, n = comp, max(n - 1, 2)
+                    break
+            else:
+                if n >= len(items):
+                    break
+                n = min(len(items), 2 * n)
+    return items
+
+
+def minimize(cfg: Config, seed: int, fail: Outcome, budget: int = 300
+             ) -> tuple[list[tuple[str, str]], Outcome]:
+    """Fewer preemptions, same kind of violation: ddmin over the failing run's choices
+    that differ from the non-preemptive default, replayed in preempt mode."""
+    items = list(fail.overrides.items())  # in the order the run made them
+
+    def run(sub: list) -> Outcome:
+        return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)})
+
+    def test(sub: list) -> bool:
+        return run(sub).kind == fail.kind
+
+    if test([]):
+        items = []
+    elif test(items):
+        items = ddmin(items, test, budget)
+    else:  # cannot happen for a deterministic program: keep the full schedule
+        pass
+    return items, run_schedule(cfg, "preempt", seed, {"preemptions": dict(items)},
+                               keep=TAIL)
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
+                  sched: list[tuple[str, str]] | None, mini: Outcome | None) -> dict:
+    """The failure file (module docstring); returns its header."""
+    mode, seed, params = schedule_params(cfg, i)
+    head: dict[str, Any] = {
+        "format": FORMAT, "program": os.path.abspath(cfg.program),
+        "program_sha256": sha256_file(cfg.program), "mode": cfg.mode,
+        "base_seed": cfg.seed, "schedule": i, "seed": seed, "depth": cfg.depth,
+        "n": cfg.n, "bound": params.get("bound", len(params.get("plan", ()))),
+        "cpus": cfg.cpus, "inject": list(cfg.inject), "check": cfg.check,
+        "violation": fail.violation(), "decisions": fail.decisions,
+        "preemptions_before": fail.preemptions, "minimized": None,
+    }
+    if mini is not None:
+        head["minimized"] = {"preemptions": [list(p) for p in sched or ()],
+                             "count": mini.preemptions, "violation": mini.violation(),
+                             "digest": mini.digest, "events": mini.seq}
+    with open(path, "w") as f:
+        f.write(json.dumps(head, sort_keys=True) + "\n")
+        for ev in (mini.events if mini is not None else ()):
+            f.write(json.dumps(ev, sort_keys=True) + "\n")
+    return head
+
+
+# ------------------------------------------------------------------------ replay
+def read_failure(path: str) -> tuple[dict, list[dict]]:
+    try:
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+    except FileNotFoundError:
+        raise ExploreError(f"{path}: no such file") from None
+    try:
+        head = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError as e:
+        raise ExploreError(f"{path}: line 1 is not JSON ({e.msg})") from None
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise ExploreError(f"{path}: not a kmm failure file (format must be {FORMAT!r})")
+    for key in ("program", "program_sha256", "seed", "violation", "minimized"):
+        if key not in head:
+            raise ExploreError(f"{path}: header lacks the field {key!r}")
+    return head, [json.loads(ln) for ln in lines[1:]]
+
+
+def replay(path: str, *, trace_sink=None, last: int = 30) -> tuple[bool, dict, Outcome, str]:
+    """Re-run a failure file's minimized schedule. Returns (reproduced, header, outcome,
+    why): reproduced means the same kind of violation and the same trace digest."""
+    head, _ = read_failure(path)
+    prog = head["program"]
+    if not os.path.exists(prog):
+        raise ExploreError(f"{path}: program {prog} no longer exists")
+    if sha256_file(prog) != head["program_sha256"]:
+        raise ExploreError(f"{path}: program {prog} changed since the failure was recorded "
+                           f"(sha256 differs); re-run kmm explore")
+    cfg = Config(program=prog, mode=head.get("mode", "random"), seed=head["seed"],
+                 depth=head.get("depth", 1), cpus=head.get("cpus"),
+                 inject=list(head.get("inject", ())), check=head.get("check", "op"),
+                 n=head.get("n", 0))
+    mini = head["minimized"]
+    keep = max(last, 1)
+    if mini is None:  # nondeterminism: the best there is, the recorded decisions
+        out = run_schedule(cfg, "replay", head["seed"],
+                           {"replay": head.get("decisions") or []}, keep=keep, sink=trace_sink)
+        return False, head, out, "a nondeterministic run cannot be replayed exactly"
+    out = run_schedule(cfg, "preempt", head["seed"],
+                       {"preemptions": {i: a for i, a in mini["preemptions"]}},
+                       keep=keep, sink=trace_sink)
+    want = mini["violation"]["kind"]
+    if out.digest != mini["digest"]:
+        return False, head, out, (f"trace digest {out.digest[:16]} differs from the file's "
+                                  f"{mini['digest'][:16]}")
+    if out.kind != want:
+        return False, head, out, f"violation {out.kind} instead of {want}"
+    return True, head, out, "reproduced"
+
+
+HEX_FIELDS = ("pt", "val", "pfn", "addr", "start", "end", "dst", "src", "table", "entry")
+
+
+def format_event(ev: dict) -> str:
+    """One line of replay's listing: seq, emulated time, actor, event, and what it
+    touched (lock and site, page-table page/index/value, pfn)."""
+    rest = []
+    for key, v in ev.items():
+        if key in ("seq", "t", "actor", "event"):
+            continue
+        if key in HEX_FIELDS and isinstance(v, int) and not isinstance(v, bool):
+            v = hex(v)
+        rest.append(f"{key}={v}")
+    return (f"{ev['seq']:>8} {ev['t']:>12}ns  {ev['actor']:<14} {ev['event']:<26} "
+            + " ".join(rest)).rstrip()

@@ -1,0 +1,78 @@
+"""Each injected bug (kmm.bugs) breaks its race program on a recorded random seed, and
+the same schedule without it runs clean; unknown names are refused."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from kmm import bugs
+from kmm.machine import KernelBug, Machine, MachineConfig
+from kmm.testing import InvariantError, check_between_ops
+from kmm.tools.runner import run_program
+
+WORKLOADS = pathlib.Path(__file__).resolve().parents[2] / "workloads"
+
+# bug -> (program, seed, the violation's type, a fragment of its message)
+CASES = {
+    "huge_fault_no_pmd_none_recheck": ("race_fault_fault.py", 1, InvariantError,
+                                       "1 huge PMDs but 2 deposited tables"),
+    "huge_wp_no_pmd_same_recheck": ("race_cow_split.py", 1, InvariantError,
+                                    "1 huge PMDs but 0 deposited tables"),
+    "collapse_no_tlb_flush": ("race_fault_collapse.py", 1, InvariantError, "was written"),
+    "collapse_mmap_read_lock": ("race_fault_collapse.py", 1, KernelBug,
+                                "refilled while cleared"),
+    "huge_fault_no_deposit": ("race_fault_split.py", 1, InvariantError,
+                              "1 huge PMDs but 0 deposited tables"),
+    "zap_huge_pmd_no_recheck": ("race_dontneed_fault.py", 1, KernelBug,
+                                "nothing deposited"),
+    "split_pmd_no_tlb_flush": ("race_reclaim_split.py", 1, InvariantError,
+                               "reads 0, was written"),
+    "split_no_ref_freeze": ("race_cow_split.py", 3, KernelBug, "freeing in-use page"),
+}
+
+
+def run(program: str, seed: int, inject=(), check=check_between_ops):
+    return run_program(str(WORKLOADS / program), mode="random", seed=seed, check=check,
+                       inject=inject)
+
+
+def test_every_bug_has_a_case_and_a_program():
+    assert set(CASES) == set(bugs.BUGS)
+    for name, bug in bugs.BUGS.items():
+        assert (WORKLOADS / bug.program).exists(), name
+        assert CASES[name][0] == bug.program
+        assert name in (WORKLOADS / CASES[name][0]).read_text(), name
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bug_breaks_its_race_and_the_same_schedule_runs_clean_without_it(name):
+    program, seed, exc, fragment = CASES[name]
+    with pytest.raises(exc) as e:
+        run(program, seed, inject=[name])
+    assert fragment in str(e.value)
+    rep = run(program, seed)
+    assert rep["result"]["lost_bytes"] == 0
+
+
+def test_missing_deposit_makes_the_split_allocate_under_the_pmd_lock():
+    """Without the checker, the split of a THP faulted with no deposited table must
+    allocate one holding the PMD spinlock: the might_sleep splat."""
+    with pytest.raises(KernelBug, match="sleeping function called from invalid context"
+                       ".*ptl_pmd"):
+        run("race_fault_split.py", 1, inject=["huge_fault_no_deposit"], check=None)
+
+
+def test_unknown_bug_is_refused_by_name():
+    with pytest.raises(bugs.UnknownBug) as e:
+        run("race_fault_fault.py", 1, inject=["no_such_bug"])
+    msg = str(e.value)
+    assert "'no_such_bug'" in msg and "huge_fault_no_pmd_none_recheck" in msg
+    assert "\n" not in msg
+
+
+def test_default_machine_has_no_bug_on():
+    m = Machine(MachineConfig(memory=1 << 26, swap=0, cpus=1, seed=1), mode="free")
+    assert m.bugs == frozenset()
+    assert bugs.validate([]) == frozenset()
