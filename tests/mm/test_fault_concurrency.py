@@ -264,3 +264,34 @@ def test_stores_through_a_stale_tlb_entry_do_not_leak_into_the_child(tmp_path):
         # the fork overtook the stores: the parent's next one faulted and COWed
         cow += rep["vmstat"]["thp_split_pmd"] == 1
     assert 0 < cow < len(SEEDS)
+
+
+DONTNEED_WHOLE_TABLE = """
+async def main(k):
+    p = await k.process("main")
+    a = await p.mmap(4 << 20)
+    a = (a + (2 << 20) - 1) & ~((2 << 20) - 1)
+    await p.touch(a, 64 << 10)                   # 16 small pages in one PTE table
+    return await p.madvise(a, 2 << 20, "dontneed")  # empties it: pt_reclaim frees it
+"""
+
+
+def test_pt_reclaim_checks_and_clears_under_the_pte_lock(tmp_path):
+    """try_to_free_pte (mm/pt_reclaim.c, 6.18) takes the PMD lock, then the PTE table's
+    own lock nested (spin_lock_nested), and only under both checks that the table is
+    empty and clears the PMD: a fault refilling the table holds that PTE lock while it
+    installs. The explorer found the window when only the PMD lock was taken
+    (race_dontneed_fault.py, a fault's new PTE freed with its table)."""
+    prog = tmp_path / "prog.py"
+    prog.write_text(DONTNEED_WHOLE_TABLE)
+    sink = io.StringIO()
+    rep = run_program(str(prog), cpus=1, trace_file=sink, check=check_invariants)
+    assert rep["result"] == 0
+    events = [json.loads(line) for line in sink.getvalue().splitlines()]
+    sites = [(e["event"], e.get("site")) for e in events if e["event"] in ("lock", "unlock")
+             or e["event"] == "pmdp_get_and_clear"]
+    i = sites.index(("lock", "try_get_and_clear_pmd"))
+    assert sites[i + 1] == ("lock", "try_to_free_pte")
+    assert sites[i + 2][0] == "pmdp_get_and_clear"  # the clear, with both locks held
+    assert [s[0] for s in sites[i + 3:i + 5]] == ["unlock", "unlock"]
+
