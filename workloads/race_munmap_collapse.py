@@ -1,9 +1,12 @@
 """munmap vs collapse: MADV_COLLAPSE of a 2 MiB block while another CPU unmaps its
-second half.
+second half, in three rounds that place the munmap early, mid-way and late.
 
-One page in sixteen of the block is faulted. CPU 0 collapses it; CPU 1 reads a little,
-then unmaps [1 MiB, 2 MiB) of it (the VMA splits inside the block). munmap takes the
-mmap lock for write; the collapse revalidates the VMA under its own write lock
+One page in sixteen of each block is faulted. CPU 0 collapses it; CPU 1 unmaps
+[1 MiB, 2 MiB) of it (the VMA splits inside the block): at once (round 0, the munmap
+usually lands before or during the scan), after reading a little (round 1, usually
+while the collapse has dropped the mmap lock to allocate), or once the collapse has
+allocated its THP (round 2, usually after it installed the PMD). munmap takes the mmap
+lock for write; the collapse revalidates the VMA under its own write lock
 (hugepage_vma_revalidate): a block no longer wholly inside one VMA is left alone
 (SCAN_ADDRESS_RANGE: EINVAL), one collapsed first is split again by the munmap
 (vma_adjust_trans_huge) and its second half unmapped. No table or page leaks, and the
@@ -15,22 +18,34 @@ bytes still mapped read back:
 
 MiB = 1 << 20
 SIZE = 2 * MiB
+ROUNDS = 3
 
 
 async def main(k):
     p = await k.process("main")
-    a = await p.mmap(SIZE)
-    await p.touch(a, SIZE, value=7, stride=64 << 10)
+    blocks = []
+    for _ in range(ROUNDS):
+        a = await p.mmap(SIZE)
+        await p.touch(a, SIZE, value=7, stride=64 << 10)
+        blocks.append(a)
 
-    async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+    results = []
+    for rnd, a in enumerate(blocks):
+        async def collapser(cpu, a=a):
+            return await p.on(cpu).madvise(a, SIZE, "collapse")
 
-    async def unmapper(cpu):
-        q = p.on(cpu)
-        for _ in range(24):  # the collapse scans and allocates meanwhile
-            await q.touch(a, MiB, write=False, value=7, stride=64 << 10)
-        return await q.munmap(a + MiB, MiB)
+        async def unmapper(cpu, a=a, rnd=rnd):
+            q = p.on(cpu)
+            if rnd == 1:
+                for _ in range(24):  # the collapse scans and allocates meanwhile
+                    await q.touch(a, MiB, write=False, value=7, stride=64 << 10)
+            elif rnd == 2:
+                allocated = k.vmstat()["thp_collapse_alloc"] + 1
+                while k.vmstat()["thp_collapse_alloc"] < allocated:
+                    await q.load(a)
+            return await q.munmap(a + MiB, MiB)
 
-    collapsed, unmapped = await k.parallel(collapser, unmapper)
-    assert unmapped == 0, f"munmap returned {unmapped}"
-    return {"madvise": collapsed, "munmap": unmapped, "lost_bytes": len(await p.verify())}
+        collapsed, unmapped = await k.parallel(collapser, unmapper)
+        assert unmapped == 0, f"round {rnd}: munmap returned {unmapped}"
+        results.append(collapsed)
+    return {"madvise": results, "lost_bytes": len(await p.verify())}
