@@ -131,8 +131,8 @@ def drive(coro) -> Any:
         while True:
             coro.send(None)
             coro.close()
-            raise RuntimeError("the actor's code awaited something other than the "
-                               "machine (an event loop's primitive): not possible in a "
+            raise RuntimeError("the actor's code awaited something other than a kmm "
+                               "operation (an event loop's primitive): not possible in a "
                                "spawned actor")
     except StopIteration as stop:
         return stop.value

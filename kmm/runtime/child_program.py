@@ -34,6 +34,7 @@ from typing import Any
 
 import msgpack
 
+from kmm.runtime.child import drive  # the same driver as a spawned daemon's
 from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, Hello, Reply, SyncFrames
 
 # extension type codes of the values in Call args, Reply values and Bye values
@@ -331,18 +332,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def drive(coro) -> Any:
-    """Run a coroutine whose awaits all complete at once (the proxies' round trips)."""
-    try:
-        while True:
-            coro.send(None)
-            coro.close()
-            raise RuntimeError("a spawned program awaited something other than a kmm "
-                               "operation (an event loop's primitive)")
-    except StopIteration as stop:
-        return stop.value
 
 
 # --- the proxies --------------------------------------------------------------------------
