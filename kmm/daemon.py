@@ -21,6 +21,8 @@ lists every call with its kernel counterpart.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -532,8 +534,7 @@ def load_daemons(names=None) -> list:
     built-in kswapd, kcompactd and khugepaged come through the same door as
     third-party plug-ins), validated on load. ``names`` selects some; unknown names are
     an error."""
-    from importlib.metadata import entry_points
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found = _installed()
     wanted = sorted(found) if names is None else list(names)
     out = []
     for name in wanted:
@@ -548,6 +549,15 @@ def load_daemons(names=None) -> list:
             raise DaemonLoadError(f"daemon {label}: cannot load: {e}") from None
         out.append(_validated(cls, label))
     return out
+
+
+@functools.cache
+def _installed() -> dict:
+    """The group's entry points by name, read once per process: every run starts the
+    default daemons, and reading the installed distributions costs more than a short
+    run (the explorer runs thousands)."""
+    from importlib.metadata import entry_points
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def load_daemon_spec(spec: str):

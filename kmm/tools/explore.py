@@ -252,18 +252,6 @@ def lost_data(result: Any) -> str | None:
     return f"program result reports lost data: {bad}" if bad else None
 
 
-_DAEMONS: list = []
-
-
-def _default_daemons() -> list:
-    """The daemon classes every machine runs (runner.DEFAULT_DAEMONS), loaded once per
-    process: reading the entry points costs more than a short run."""
-    if not _DAEMONS:
-        from kmm import daemon
-        _DAEMONS.extend(daemon.load_daemons(list(runner.DEFAULT_DAEMONS)))
-    return _DAEMONS
-
-
 def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
                  keep: int = 0, sink=None) -> Outcome:
     """Run the program once under the given schedule, with every check; never raises
@@ -287,13 +275,11 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
     box: dict[str, Any] = {}
 
     async def driver() -> None:
-        from kmm import daemon
-        for cls in _default_daemons():  # runner.start_daemons, without an entry-point
-            daemon.start_daemon(m, cls())  # scan per run
+        await runner.start_daemons(k)
         box["value"] = await mod.main(k)
 
     try:
-        getattr(runner, "run_machine", lambda m, d: m.run(d))(m, driver)
+        runner.run_machine(m, driver)
         out.result = box.get("value")
         chk.full()  # every granularity checks the final state
         lost = lost_data(out.result)
