@@ -811,8 +811,7 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
         if not folio.flags & PG_partially_mapped:
             underused = thp_underused(m, folio)
             if not underused:
-                _unpin(m, folio)
-                await m.folio_put(folio)
+                await m.folio_put(folio, dropped=lambda f=folio: _unpin(m, f))
                 continue
         lk = m.folio_lock_of(folio)
         if not await lk.trylock("deferred_split_scan"):
@@ -831,8 +830,7 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
                 folio.on_deferred_list = True
                 m.deferred_split_queue[folio.pfn] = None
             await m.split_queue_lock.unlock()
-        _unpin(m, folio)
-        await m.folio_put(folio)
+        await m.folio_put(folio, dropped=lambda f=folio: _unpin(m, f))
     return split
 
 

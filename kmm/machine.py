@@ -207,10 +207,14 @@ class Machine:
         await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
         folio.refcount += n
 
-    async def folio_put(self, folio: Page, n: int = 1) -> None:
-        """folio_put / folio_put_refs: the last reference frees the folio."""
+    async def folio_put(self, folio: Page, n: int = 1, dropped=None) -> None:
+        """folio_put / folio_put_refs: the last reference frees the folio. ``dropped()``
+        runs with the decrement, before any free: bookkeeping of who held the reference
+        (the invariant checker's) must change at that instant, not at the point before."""
         await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
         folio.refcount -= n
+        if dropped is not None:
+            dropped()
         if folio.refcount < 0:
             self.bug(f"folio_put: refcount underflow {folio!r}")
         if folio.refcount == 0:

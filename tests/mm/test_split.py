@@ -240,3 +240,34 @@ def test_split_races_with_writes_on_another_cpu(seed):
                       check=testing.check_between_ops)
     assert rep["result"] == {"split": 2, "lost_bytes": 0}
     assert rep["vmstat"]["thp_split_page"] == 2
+
+
+UNDERUSED_RECLAIM = """
+from kmm import vmscan
+
+
+async def main(k):
+    k.set_knob("khugepaged/max_ptes_none", 409)
+    p = await k.process("main")
+    a = await p.mmap(4 << 20)
+    await p.madvise(a, 4 << 20, "hugepage")
+    await p.store(a, b"\\x01")                  # underused: split
+    await p.touch(a + (2 << 20), 2 << 20)        # fully used: dropped from the queue
+    await vmscan.memcg_reclaim(k.machine)
+    return k.vmstat()["thp_underused_split_page"]
+"""
+
+
+def test_deferred_split_scan_reference_is_counted_until_the_put(tmp_path):
+    """deferred_split_scan holds a folio_try_get reference on each folio of its batch
+    until its folio_put; the invariant checker, run at every point where no lock is
+    held, must see that reference exactly while it exists, including at folio_put's
+    own point, before the decrement (the explorer's race_reclaim_split found a check
+    landing there)."""
+    from kmm.tools import explore
+    prog = tmp_path / "prog.py"
+    prog.write_text(UNDERUSED_RECLAIM)
+    out = explore.run_schedule(explore.Config(program=str(prog), check="point"),
+                               "random", 1, {})
+    assert out.kind is None, out.message
+    assert out.result == 1
