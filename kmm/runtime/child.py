@@ -24,8 +24,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from kmm.runtime.remote import plain
-from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, Hello, Reply, SyncFrames
+from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, Hello, Reply, SyncFrames, plain
 
 
 class OwnerGone(Exception):

@@ -36,7 +36,7 @@ import trio
 
 from kmm.runtime.msgs import WireError
 from kmm.runtime.sched import SchedError
-from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, FrameStream, Hello, Reply
+from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, FrameStream, Hello, Reply, plain
 
 __all__ = ["ChildDied", "SpawnError", "Child", "SPAWNABLE", "parse_spawn", "spawned", "open_child",
            "serve", "object_dispatch", "interface", "plain", "daemon_runner",
@@ -97,21 +97,6 @@ def spawned(m, name: str, kind: str = "daemon") -> bool:
 
 
 # --- plain data -------------------------------------------------------------------------
-def plain(value: Any, where: str = "value") -> Any:
-    """``value`` as msgpack data: a dataclass becomes a map of its fields, a tuple a list;
-    anything else that msgpack cannot carry is a TypeError naming ``where``."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [plain(v, where) for v in value]
-    if isinstance(value, dict):
-        return {k: plain(v, where) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name), where)
-                for f in dataclasses.fields(value)}
-    raise TypeError(f"{where}: {type(value).__name__} is not plain data")
-
-
 def _shape(tp: Any) -> Any:
     """How a child rebuilds a return value of type ``tp`` from plain data: None (as is),
     "tuple", {"record": "module:qualname"} or ["list", shape]."""

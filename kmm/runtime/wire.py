@@ -13,12 +13,15 @@ actor's code synchronously and needs no event loop).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
-import trio
+
+if TYPE_CHECKING:  # the child's end needs no trio: it starts faster without it
+    import trio
 
 from kmm.runtime.msgs import WireError, from_dict, message, to_dict
 
@@ -74,6 +77,21 @@ class Bye:
     kind: ClassVar[str] = "bye"
     actor: str
     value: Any
+
+
+def plain(value: Any, where: str = "value") -> Any:
+    """``value`` as msgpack data: a dataclass becomes a map of its fields, a tuple a list;
+    anything else that msgpack cannot carry is a TypeError naming ``where``."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v, where) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name), where)
+                for f in dataclasses.fields(value)}
+    raise TypeError(f"{where}: {type(value).__name__} is not plain data")
 
 
 def pack(msg) -> bytes:
