@@ -14,6 +14,12 @@ from kmm.pgtable import (
 )
 
 
+def _slots(base: int, span: int, index, start: int, last: int) -> range:
+    """The slots of the table covering [base, base + span) that overlap [start, last]."""
+    return range(index(start) if base <= start else 0,
+                 (index(last) if last < base + span else 511) + 1)
+
+
 def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
     """(address, "pmd" | "pte", entry) for every non-empty leaf entry in [start, end):
     huge PMDs (present or not, migration entries included) and non-empty PTEs.
@@ -30,18 +36,14 @@ def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
         if not e:
             continue
         base_g = i * PGDIR_SIZE
-        lo_u = pud_index(start) if base_g <= start else 0
-        hi_u = pud_index(last) if last < base_g + PGDIR_SIZE else 511
         pud_t = tables[table_pfn(e)]
-        for j in range(lo_u, hi_u + 1):
+        for j in _slots(base_g, PGDIR_SIZE, pud_index, start, last):
             e = pud_t[j]
             if not e:
                 continue
             base_u = base_g + j * PUD_SIZE
-            lo_m = pmd_index(start) if base_u <= start else 0
-            hi_m = pmd_index(last) if last < base_u + PUD_SIZE else 511
             pmd_t = tables[table_pfn(e)]
-            for k in range(lo_m, hi_m + 1):
+            for k in _slots(base_u, PUD_SIZE, pmd_index, start, last):
                 pmd = pmd_t[k]
                 if not pmd:
                     continue
@@ -49,10 +51,8 @@ def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
                 if pmd_trans_huge(pmd) or not pmd_present(pmd):
                     yield base_m, "pmd", pmd
                     continue
-                lo_p = pte_index(start) if base_m <= start else 0
-                hi_p = pte_index(last) if last < base_m + PMD_SIZE else 511
                 pte_t = tables[table_pfn(pmd)]
-                for n in range(lo_p, hi_p + 1):
+                for n in _slots(base_m, PMD_SIZE, pte_index, start, last):
                     pte = pte_t[n]
                     if pte:
                         yield base_m + n * PAGE_SIZE, "pte", pte
