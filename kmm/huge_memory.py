@@ -14,7 +14,7 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
-from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import huge_memory_mthp, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
@@ -40,23 +40,10 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     """thp_vma_allowable_order(vma, vm_flags, tva, PMD_ORDER) for an anonymous VMA.
 
     tva is "smaps", "pagefault", "khugepaged" or "forced_collapse" (enum tva_type).
-    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides.
+    The PMD size's own knob (hugepages-2048kB/enabled, "inherit" by default: then the
+    global ``enabled`` decides) says whether PMD THPs may be made.
     """
-    flags = vma.flags
-    if tva != "forced_collapse":
-        enabled = m.sysfs.enabled
-        if not (enabled == "always" or (flags & VM_HUGEPAGE and enabled != "never")):
-            return False
-    if flags & VM_NOHUGEPAGE:
-        return False
-    if tva != "pagefault":
-        # outside faults the VMA must hold a whole aligned 2 MiB block
-        haddr = (vma.end - HPAGE_PMD_SIZE) & HPAGE_PMD_MASK
-        if haddr < vma.start:
-            return False
-        if tva != "smaps" and vma.anon_vma is None:
-            return False
-    return True
+    return bool(huge_memory_mthp.thp_vma_allowable_orders(m, vma, tva, 1 << HPAGE_PMD_ORDER))
 
 
 def thp_vma_suitable_order(vma, addr: int) -> bool:
@@ -175,6 +162,7 @@ async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
                                            vma, haddr)
     if pfn < 0:
         m.vmstat.count_vm_event("thp_fault_fallback")
+        huge_memory_mthp.count_mthp_stat(m, HPAGE_PMD_ORDER, "anon_fault_fallback")
         return -1
     await m.sched.point("folio_zero_user", COST_CLEAR_HUGE, pfn=pfn)
     return pfn
@@ -201,6 +189,7 @@ async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: in
     await map_anon_folio_pmd_nopf(m, pfn, pmd_tbl, idx, vma, haddr)
     vma.mm.rss_anon += HPAGE_PMD_NR
     m.vmstat.count_vm_event("thp_fault_alloc")
+    huge_memory_mthp.count_mthp_stat(m, HPAGE_PMD_ORDER, "anon_fault_alloc")
 
 
 async def __do_huge_pmd_anonymous_page(m, vmf, haddr: int) -> int:
@@ -594,6 +583,8 @@ async def deferred_split_folio(m, folio, partially_mapped: bool) -> None:
         folio.flags |= PG_partially_mapped
         if folio.order == HPAGE_PMD_ORDER:
             m.vmstat.count_vm_event("thp_deferred_split_page")
+        huge_memory_mthp.count_mthp_stat(m, folio.order, "split_deferred")
+        huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon_partially_mapped", 1)
     if not folio.on_deferred_list:
         folio.on_deferred_list = True
         m.deferred_split_queue[folio.pfn] = None
@@ -654,7 +645,8 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
         return -EBUSY
-    pmd_order = folio.order == HPAGE_PMD_ORDER
+    order = folio.order
+    pmd_order = order == HPAGE_PMD_ORDER
     anon_vma = folio.anon_vma
     if anon_vma is None:  # folio_get_anon_vma failed
         ret = -EBUSY
@@ -665,6 +657,7 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
         await rwsem.up_write()
     if pmd_order:
         m.vmstat.count_vm_event("thp_split_page" if ret == 0 else "thp_split_page_failed")
+    huge_memory_mthp.count_mthp_stat(m, order, "split" if ret == 0 else "split_failed")
     await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=ret)
     return ret
 
@@ -686,11 +679,13 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
         if folio.on_deferred_list:
             m.deferred_split_queue.pop(folio.pfn, None)
             folio.on_deferred_list = False
-        folio.flags &= ~PG_partially_mapped
+        huge_memory_mthp.folio_clear_partially_mapped(m, folio)
     await m.split_queue_lock.unlock()
     if not frozen:
         await migrate.remove_migration_ptes(m, folio, folio)
         return -EAGAIN
+    # __split_unmapped_folio: one anon folio of the old order less (order 0 uncounted)
+    huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", -1)
     head = folio.pfn
     nr = folio.nr_pages
     pm = m.physmem
@@ -796,8 +791,8 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
             batch.append(folio)
             # the invariant checker counts this reference until the folio_put below
             m.split_scan_pins[pfn] = m.split_scan_pins.get(pfn, 0) + 1
-        else:
-            folio.flags &= ~PG_partially_mapped
+        else:  # lost the race with folio_put
+            huge_memory_mthp.folio_clear_partially_mapped(m, folio)
         del m.deferred_split_queue[pfn]
         folio.on_deferred_list = False
         nr_to_scan -= 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm import huge_memory, huge_memory_mthp, khugepaged, page_alloc, swap, swapfile, vmscan
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -234,7 +234,10 @@ class Machine:
             await self.split_queue_lock.lock("__folio_unqueue_deferred_split")
             self.deferred_split_queue.pop(folio.pfn, None)
             folio.on_deferred_list = False
+            huge_memory_mthp.folio_clear_partially_mapped(self, folio)
             await self.split_queue_lock.unlock()
+        if folio.order and folio.anon_vma is not None:  # free_pages_prepare: PageAnon
+            huge_memory_mthp.mod_mthp_stat(self, folio.order, "nr_anon", -1)
         await page_alloc.free_pages(self, folio.pfn, folio.order)
 
     def folio_lock_of(self, folio: Page) -> FolioLock:

@@ -9,13 +9,17 @@ another actor may have changed it, and backs out (returns 0, the CPU refaults) i
 
 ``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
 splitting a huge PMD where the range covers only part of it. Left out: file and shared
-mappings, userfaultfd, NUMA hinting, mTHP orders below PMD (disabled by default), KSM,
+mappings, userfaultfd, NUMA hinting, KSM,
 per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE tables.
+mTHP orders below PMD are chosen in memory_anon.alloc_anon_folio.
 """
 
 from __future__ import annotations
 
-from kmm import huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
+from kmm import (
+    huge_memory, huge_memory_mthp, memory_anon, migrate, page_alloc, rmap, swap, swap_state,
+    swapfile, tlb,
+)
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
@@ -237,12 +241,15 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         return 0
     if not await rmap.anon_vma_prepare(m, vma):
         return VM_FAULT_OOM
-    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
-    if pfn < 0:
+    folio = await memory_anon.alloc_anon_folio(m, vmf)  # an mTHP or one page, zeroed
+    if folio is memory_anon.EAGAIN:
+        return 0
+    if folio is None:
         return VM_FAULT_OOM
-    await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=pfn)
-    folio = m.physmem.page(pfn)
-    entry = pfn_pte(pfn, vma.page_prot)
+    nr = folio.nr_pages
+    addr = vmf.address & ~(nr * PAGE_SIZE - 1)
+    idx = pte_index(addr)
+    entry = pfn_pte(folio.pfn, vma.page_prot)
     if vma.flags & VM_WRITE:
         entry = pte_mkwrite(pte_mkdirty(entry))
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -250,14 +257,26 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         await m.folio_put(folio)
         return 0
     tbl, ptl = res
-    if not pte_none(await m.entry_read("pte", tbl, idx)):
+    if nr == 1:
+        changed = not pte_none(await m.entry_read("pte", tbl, idx))
+    elif m.bugs and "mthp_no_pte_range_recheck" in m.bugs:  # kmm.bugs
+        changed = False
+    else:
+        changed = not await memory_anon.pte_range_none(m, tbl, idx, nr)
+    if changed:
         await ptl.unlock()
-        await m.folio_put(folio)  # a racing fault mapped it first
+        await m.folio_put(folio)  # a racing fault mapped (part of) the range first
         return 0
-    mm.rss_anon += 1
-    await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+    if nr > 1:
+        await m.folio_ref_add(folio, nr - 1)  # one reference per PTE mapping
+    mm.rss_anon += nr
+    huge_memory_mthp.count_mthp_stat(m, folio.order, "anon_fault_alloc")
+    await rmap.folio_add_new_anon_rmap(m, folio, vma, addr, pmd=False)
     await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
-    await m.entry_set("pte", tbl, idx, entry)
+    if nr == 1:
+        await m.entry_set("pte", tbl, idx, entry)
+    else:
+        await memory_anon.set_ptes(m, tbl, idx, entry, nr)
     await ptl.unlock()
     return 0
 

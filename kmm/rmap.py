@@ -10,7 +10,7 @@ Each mapcount change is a preemption point.
 
 from __future__ import annotations
 
-from kmm import huge_memory, tlb
+from kmm import huge_memory, huge_memory_mthp, tlb
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,
@@ -95,9 +95,21 @@ async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
         folio.large_mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
         m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
+    elif folio.order:
+        # an mTHP mapped whole by nr PTEs: every page mapped once and exclusive
+        nr = folio.nr_pages
+        pm = m.physmem
+        for p in range(folio.pfn, folio.pfn + nr):
+            page = pm.page(p)
+            page.mapcount = 1
+            page.flags |= PG_anon_exclusive
+        folio.large_mapcount = nr
+        folio.nr_pages_mapped = nr
+        m.vmstat.mod_node_page_state("nr_anon_pages", nr)
     else:
         folio.mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_pages", 1)
+    huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", 1)
 
 
 async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,

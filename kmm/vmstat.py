@@ -87,7 +87,7 @@ OTHER_EVENTS: tuple[str, ...] = (
 class VmStat:
     """The machine's event counters (vm_event_states) and node stats (vm_node_stat)."""
 
-    __slots__ = ("events", "node")
+    __slots__ = ("events", "node", "mthp")
 
     def __init__(self) -> None:
         self.events: dict[str, int] = dict.fromkeys(THP_EVENTS + OTHER_EVENTS, 0)
@@ -96,6 +96,8 @@ class VmStat:
             "nr_anon_transparent_hugepages": 0,
             "nr_page_table_pages": 0,
         }
+        # mthp_stats: order -> the files of hugepages-<size>kB/stats/ (huge_memory_mthp)
+        self.mthp: dict[int, dict[str, int]] = {}
 
     def count_vm_event(self, item: str, delta: int = 1) -> None:
         """count_vm_event / count_vm_events: bump one named event."""

@@ -23,6 +23,7 @@ def summary(report: dict, title: str) -> str:
     out.extend(f"  {k:<28} {v}" for k, v in moved.items())
     if not moved:
         out.append("  (no thp_* counter moved)")
+    out.extend(_mthp_table(report.get("mthp") or {}))
     other = {k: v for k, v in (report.get("vm_events") or {}).items() if v}
     if other:
         out.append("\nother vm events (swap, reclaim, compaction, faults)")
@@ -33,6 +34,9 @@ def summary(report: dict, title: str) -> str:
     for name, r in report["regions"].items():
         out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB"
                    + (f" {r.get('swap_kb', 0):>8} kB" if swap else ""))
+        if r.get("mthp_kb"):
+            out.append(f"  {'':<28} mTHP-mapped: " + ", ".join(
+                f"{size} {kb} kB" for size, kb in r["mthp_kb"].items()))
     if not report["regions"]:
         out.append("  (no live process has a region)")
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
@@ -65,6 +69,25 @@ def summary(report: dict, title: str) -> str:
                    f"{run['emulated_ns'] / 1e6:.3f} ms emulated, trace sha256 "
                    f"{run['trace_sha256'][:16]}")
     return "\n".join(out)
+
+
+def _mthp_table(mthp: dict) -> list[str]:
+    """The report's ``mthp`` as a table: one row per size, one column per stat file
+    that moved for some size."""
+    if not mthp:
+        return []
+    cols: list[str] = []
+    for stats in mthp.values():
+        cols += [n for n in stats if n not in cols]
+    width = {c: max(len(c), 6) for c in cols}
+    out = ["\nmTHP (hugepages-<size>kB/stats/, change over the run)",
+           "  " + f"{'size':<10}" + " ".join(f"{c:>{width[c]}}" for c in cols)]
+    order = sorted(mthp, key=lambda f: int(f[len("hugepages-"):-2]))
+    for folder in order:
+        stats = mthp[folder]
+        out.append("  " + f"{folder[len('hugepages-'):]:<10}"
+                   + " ".join(f"{stats.get(c, 0):>{width[c]}}" for c in cols))
+    return out
 
 
 def cmd_run(args) -> int:

@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, khugepaged, madvise, task_mmu
+from kmm import bugs, fault, huge_memory_mthp, khugepaged, madvise, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -52,6 +52,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             fig = regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
             if m.swap_info is not None:  # extension: scenarios with a swap device
                 fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
+            folios = huge_memory_mthp.region_folio_kb(m, task.mm, addr, addr + size)
+            if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+                fig["mthp_kb"] = folios
     rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
         "regions": regions,
@@ -71,6 +74,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    mthp = huge_memory_mthp.mthp_report({}, huge_memory_mthp.mthp_stats(m))
+    if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+        rep["mthp"] = mthp
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
         rep["khugepaged"] = kh

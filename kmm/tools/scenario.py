@@ -274,6 +274,9 @@ def _knobs(doc: dict, file: str) -> dict[str, object]:
             if n.startswith(prefix) and "/" not in n[len(prefix):]
         ]
         for key, v in t.items():
+            if table == "thp" and key.startswith("hugepages-"):
+                knobs.update(_size_knobs(key, v, file))
+                continue
             if key not in allowed:
                 raise ScenarioError(
                     file, None, key, f"unknown knob (allowed: {', '.join(allowed)})", table=table
@@ -285,6 +288,29 @@ def _knobs(doc: dict, file: str) -> dict[str, object]:
             except sysfs.KnobError as e:
                 raise ScenarioError(file, None, key, str(e), table=table) from None
     return knobs
+
+
+def _size_knobs(folder: str, t: object, file: str) -> dict[str, object]:
+    """[thp.hugepages-<size>kB]: the per-size knobs of one sysfs folder (issue 11)."""
+    table = f"thp.{folder}"
+    if folder not in sysfs.SIZE_DIRS:
+        key = next(iter(t)) if isinstance(t, dict) and t else None
+        raise ScenarioError(file, None, key, f"unknown size folder {folder} (the kernel has "
+                            f"{', '.join(sysfs.SIZE_DIRS)})", table=table)
+    if not isinstance(t, dict):
+        raise ScenarioError(file, None, folder, f"must be a table, not {_show(t)}", table="thp")
+    allowed = [n[len(folder) + 1:] for n in sysfs.KNOBS if n.startswith(folder + "/")]
+    out: dict[str, object] = {}
+    for key, v in t.items():
+        if key not in allowed:
+            raise ScenarioError(file, None, key, f"unknown knob (allowed: {', '.join(allowed)})",
+                                table=table)
+        name = f"{folder}/{key}"
+        try:
+            out[name] = sysfs.validate(name, v)
+        except sysfs.KnobError as e:
+            raise ScenarioError(file, None, key, str(e), table=table) from None
+    return out
 
 
 class _Namespace:
