@@ -17,8 +17,8 @@ mTHP orders below PMD are chosen in memory_anon.alloc_anon_folio.
 from __future__ import annotations
 
 from kmm import (
-    huge_memory, huge_memory_mthp, memory_anon, migrate, page_alloc, rmap, swap, swap_state,
-    swapfile, tlb,
+    huge_memory, huge_memory_mthp, madvise, memory_anon, migrate, page_alloc, rmap, swap,
+    swap_state, swapfile, tlb,
 )
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
@@ -458,20 +458,32 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
     while a < end:
         i = pte_index(a)
         ent = await m.entry_read("pte", tbl, i)
+        nr = 1
         if ent:
-            await m.entry_get_and_clear("pte", tbl, i)
             if pte_present(ent):
                 pfn = pte_pfn(ent)
                 if not pte_special(ent):
                     folio = m.physmem.folio(pfn)
-                    if pte_dirty(ent):
+                    dirty = pte_dirty(ent)
+                    if folio.order:
+                        # zap_present_ptes: a batch of PTEs mapping consecutive pages
+                        # of one large folio leaves the rmap at once, so a folio
+                        # unmapped whole is never seen partially mapped
+                        nr, _young, dirty = await madvise.madvise_folio_pte_batch(
+                            m, tbl, a, end, folio, ent)
+                    for j in range(nr):
+                        await m.entry_get_and_clear("pte", tbl, i + j)
+                    if dirty:
                         folio.flags |= PG_dirty  # folio_mark_dirty
-                    mm.rss_anon -= 1
-                    await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
-                    tlbg.folios.append((folio, 1))
+                    mm.rss_anon -= nr
+                    await rmap.folio_remove_rmap_ptes(m, folio, pfn, nr)
+                    tlbg.folios.append((folio, nr))
+                else:
+                    await m.entry_get_and_clear("pte", tbl, i)
             else:
+                await m.entry_get_and_clear("pte", tbl, i)
                 await zap_nonpresent_ptes(m, mm, ent)
-        a += PAGE_SIZE
+        a += nr * PAGE_SIZE
     await ptl.unlock()
 
 

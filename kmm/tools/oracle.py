@@ -62,7 +62,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from kmm import sysfs, vmstat
+from kmm import huge_memory_mthp, sysfs, vmstat
+from kmm.tools import oracle_mthp
 from kmm.tools.conformance import compare
 from kmm.tools.scenario import (
     PAGE_SIZE,
@@ -879,7 +880,10 @@ class _Run:
                 continue
             vmas = read_smaps(w.pid)
             for name, (addr, size) in w.regions.items():
-                out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
+                fig = out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
+                folios = oracle_mthp.region_folio_kb(w.pid, addr, size)
+                if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+                    fig["mthp_kb"] = folios
             # Self-check: a worker must never fault huge pages of its own (its interpreter
             # heap under enabled=always), or the counters would not be the scenario's.
             own = sum(h for start, stop, _, h, _ in vmas if not any(
@@ -939,9 +943,11 @@ def run_oracle(scenario: Scenario) -> dict:
             with _thp_disabled_here():
                 before = read_thp_vmstat()
                 events0 = read_vmstat(SWAP_EVENTS)
+                mthp0 = oracle_mthp.read_mthp_stats()
                 results = [run.step(step) for step in scenario.steps]
                 after = read_thp_vmstat()
                 events1 = read_vmstat(SWAP_EVENTS)
+                mthp1 = oracle_mthp.read_mthp_stats()
             report = {
                 "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
                 "regions": run.regions(),
@@ -949,6 +955,9 @@ def run_oracle(scenario: Scenario) -> dict:
             }
             if run.swap:  # extension: swap traffic of a run with swap
                 report["events"] = {n: events1[n] - events0[n] for n in SWAP_EVENTS}
+            mthp = huge_memory_mthp.mthp_report(mthp0, mthp1)
+            if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+                report["mthp"] = mthp
         finally:
             with _no_interrupts():
                 try:
