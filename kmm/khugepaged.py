@@ -145,6 +145,7 @@ def khugepaged_init(m) -> None:
     m.sysfs.on_store("khugepaged/scan_sleep_millisecs", sleep_store)
     m.sysfs.on_store("khugepaged/alloc_sleep_millisecs", sleep_store)
     m.sysfs.on_store("enabled", enabled_store)
+    m.sysfs.on_store("hugepages-2048kB/enabled", enabled_store)  # start_stop_khugepaged
     m.sysfs.readonly["khugepaged/full_scans"] = lambda: scan.full_scans
     m.sysfs.readonly["khugepaged/pages_collapsed"] = lambda: scan.pages_collapsed
 
@@ -175,9 +176,13 @@ async def trace_event(m, name: str, **fields) -> None:
 
 # ------------------------------------------------------------ registration
 def hugepage_pmd_enabled(m) -> bool:
-    """hugepage_pmd_enabled: PMD-size anon THPs may be made (hugepages-2048kB is
-    "inherit", so the global ``enabled``); the khugepaged thread runs iff this holds."""
-    return m.sysfs.enabled != "never"
+    """hugepage_pmd_enabled: PMD-size anon THPs may be made: hugepages-2048kB/enabled
+    is always or madvise, or inherit with the global ``enabled`` not never; the
+    khugepaged thread runs iff this holds."""
+    s = m.sysfs
+    bit = 1 << 9
+    return bool(s.anon_orders_always & bit or s.anon_orders_madvise & bit
+                or (s.anon_orders_inherit & bit and s.enabled != "never"))
 
 
 def khugepaged_enter_vma(m, vma) -> None:

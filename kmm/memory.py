@@ -17,8 +17,8 @@ mTHP orders below PMD are chosen in memory_anon.alloc_anon_folio.
 from __future__ import annotations
 
 from kmm import (
-    huge_memory, huge_memory_mthp, madvise, memory_anon, migrate, page_alloc, rmap, swap,
-    swap_state, swapfile, tlb,
+    huge_memory, huge_memory_mthp, madvise, memory_anon, memory_swapin, migrate, page_alloc,
+    rmap, swap, swap_state, swapfile, tlb,
 )
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
@@ -637,7 +637,8 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     if folio is None:
         if (m.swap_info.flags & swapfile.SWP_SYNCHRONOUS_IO
                 and swapfile.__swap_count(m, entry) == 1):
-            res = await swap_state.swapin_direct(m, entry)  # skip the swap cache
+            # skip the swap cache; an mTHP when its block was swapped out whole
+            res, entry = await memory_swapin.swapin_direct(m, vmf, entry)
             if isinstance(res, int):  # another fault is swapping it in: relax, refault
                 await m.sched.sleep(swap_state.JIFFY_NS)
                 return 0
@@ -656,16 +657,24 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     lk = m.folio_lock_of(folio)
     await lk.lock("do_swap_page")  # folio_lock_or_retry
     res = None
+    nr = folio.nr_pages if direct else 1  # a large folio read in directly maps whole
+    pte_idx = vmf.pte_idx - (pte_index(vmf.address) & (nr - 1))
     if swapcache is None or swap_state.folio_matches_swap_entry(folio, entry):
         res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
-        if res is not None and await m.entry_read("pte", res[0], vmf.pte_idx) != orig:
-            await res[1].unlock()  # out_nomap: another fault mapped it first
-            res = None
+        if res is not None:
+            if nr == 1:
+                same = await m.entry_read("pte", res[0], vmf.pte_idx) == orig
+            else:  # the block must still be the swap PTEs it was read for
+                first = memory_swapin.pte_move_swp_offset(orig, pte_idx - vmf.pte_idx)
+                same = await memory_swapin.swap_pte_batch(m, res[0], pte_idx, nr, first) == nr
+            if not same:
+                await res[1].unlock()  # out_nomap: another fault mapped it first
+                res = None
     if res is None:
         await lk.unlock()
         await m.folio_put(folio)
         if direct:
-            await swapfile.swapcache_clear(m, entry)
+            await swapfile.swapcache_clear(m, entry, nr)
         return 0
     tbl, ptl = res
     # exclusive: certainly for a page the swap cache never saw; else the swap PTE's
@@ -677,11 +686,11 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         exclusive = True
     elif exclusive and (swapfile.__swap_count(m, entry) != 1 or rmap.folio_mapped(folio)):
         exclusive = False
-    await swapfile.swap_free_nr(m, entry, 1)
+    await swapfile.swap_free_nr(m, entry, nr)
     if swap_state.should_try_to_free_swap(m, folio, vma, vmf.write):
         await swapfile.folio_free_swap(m, folio)
-    mm.rss_anon += 1
-    mm.swapents -= 1
+    mm.rss_anon += nr
+    mm.swapents -= nr
     pfn = folio.pfn
     if swapcache is not None and folio.order:
         pfn += swp_offset(entry) - swp_offset(folio.swap)
@@ -696,15 +705,21 @@ async def do_swap_page(m, vmf: Vmf) -> int:
                 pte = pte_mkdirty(pte)
                 write_done = True
         exclusive = True
-    # the reference we hold becomes the mapping's
+    # the reference we hold becomes the mapping's (one per PTE for a large folio)
+    if nr > 1:
+        await m.folio_ref_add(folio, nr - 1)
     if folio.anon_vma is None:
-        await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+        address = vmf.address & ~(nr * PAGE_SIZE - 1)
+        await rmap.folio_add_new_anon_rmap(m, folio, vma, address, pmd=False)
         if not exclusive:  # __folio_set_anon: a shared folio takes the oldest anon_vma
             folio.anon_vma = vma.anon_vma.root
             folio.flags &= ~PG_anon_exclusive
     else:
         await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
-    await m.entry_set("pte", tbl, vmf.pte_idx, pte)
+    if nr == 1:
+        await m.entry_set("pte", tbl, vmf.pte_idx, pte)
+    else:
+        await memory_anon.set_ptes(m, tbl, pte_idx, pte, nr)
     await lk.unlock()
     ret = 0
     if vmf.write and not write_done:
@@ -713,7 +728,7 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     else:
         await ptl.unlock()
     if direct:  # the slot's claim goes only after the PTE lock (need_clear_cache)
-        await swapfile.swapcache_clear(m, entry)
+        await swapfile.swapcache_clear(m, entry, nr)
     return ret
 
 

@@ -115,7 +115,9 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "khugepaged":
         if not khugepaged.hugepage_pmd_enabled(m):  # the host has no khugepaged thread then
             raise ScenarioError(scenario.path, step.index, "op",
-                                "khugepaged does not run with [thp] enabled = \"never\"")
+                                "khugepaged does not run when PMD-size THPs are off ([thp] "
+                                "enabled = \"never\" with hugepages-2048kB inherit, or "
+                                "hugepages-2048kB never)")
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
     addr, size = task.regions[step.region]
