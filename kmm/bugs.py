@@ -123,6 +123,19 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "and is freed while still mapped",
         "race_cow_split.py",
         "InvariantError: refcount below the mappings, or a mapped page on a free list"),
+    Bug("mthp_no_pte_range_recheck",
+        "do_anonymous_page (pte_range_none under the PTE lock)",
+        "after allocating an mTHP for a block found all none without the lock, take the "
+        "PTE lock and map it only if every PTE of the block is still none (else free it "
+        "and refault)",
+        "alloc_anon_folio reads the block's PTEs locklessly; a fault on another CPU may "
+        "map a page inside the block (the zero page, then a COW copy) before the PTE "
+        "lock is taken. Without the recheck set_ptes overwrites that PTE: the other "
+        "page stays counted as mapped with no PTE, and the byte written to it is lost "
+        "(the same allocate-outside, install-into-still-empty pattern as 7.3.1, over "
+        "a range)",
+        "race_mthp_fault.py",
+        "InvariantError: a page with a mapcount but not mapped; lost_bytes > 0"),
 )}
 
 

@@ -680,12 +680,13 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
             m.deferred_split_queue.pop(folio.pfn, None)
             folio.on_deferred_list = False
         huge_memory_mthp.folio_clear_partially_mapped(m, folio)
+        # __split_unmapped_folio: one anon folio of the old order less (order 0 is not
+        # counted); counted at the freeze, the point after which the split cannot fail
+        huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", -1)
     await m.split_queue_lock.unlock()
     if not frozen:
         await migrate.remove_migration_ptes(m, folio, folio)
         return -EAGAIN
-    # __split_unmapped_folio: one anon folio of the old order less (order 0 uncounted)
-    huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", -1)
     head = folio.pfn
     nr = folio.nr_pages
     pm = m.physmem
@@ -857,7 +858,7 @@ def thp_shrinker_init(m) -> None:
 # ------------------------------------------------------------ debugfs
 async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
     """split_huge_pages_pid (/sys/kernel/debug/split_huge_pages "pid,start,end"):
-    split every anonymous PMD-size THP mapped in [start, end), page by page; a folio
+    split every anonymous THP or mTHP mapped in [start, end), page by page; a folio
     that cannot be locked or has extra references is skipped. Returns the number
     split. Context: takes the mmap lock for read, then folio locks."""
     from kmm import pagewalk
@@ -880,7 +881,8 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
             if not m.is_huge_zero_pfn(pfn & ~(HPAGE_PMD_NR - 1)):
                 folio = m.physmem.folio(pfn)
         await m.sched.point("folio_walk_start", addr=addr)
-        if (folio is not None and folio.order == HPAGE_PMD_ORDER
+        # is_transparent_hugepage: any large rmappable folio, mTHPs included
+        if (folio is not None and folio.order >= 2 and folio.anon_vma is not None
                 and can_split_folio(m, folio, 0)):
             lk = m.folio_lock_of(folio)
             if await lk.trylock("split_huge_pages_pid"):

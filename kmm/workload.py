@@ -96,7 +96,8 @@ class Kernel:
 
     def set_knob(self, name: str, value) -> None:
         """Write a /sys/kernel/mm/transparent_hugepage knob ("defrag",
-        "khugepaged/max_ptes_none", ...), validated as the kernel's store handler does."""
+        "khugepaged/max_ptes_none", "hugepages-64kB/enabled", ...), validated as the
+        kernel's store handler does."""
         self.machine.sysfs.write(name, value)
 
     def knob(self, name: str):
