@@ -61,8 +61,12 @@ def summary(report: dict, title: str) -> str:
                    f"{kh['pages_collapsed']}; PMD scans ended with")
         for who, results in kh["scan_results"].items():
             out.append(f"  {who:<11} " + ", ".join(f"{r} {n}" for r, n in results.items()))
-    if report.get("result") is not None:
-        out.append(f"\nprogram result: {report['result']}")
+    result = report.get("result")
+    if isinstance(result, dict) and isinstance(result.get("table"), list):
+        out.append("\nprogram result:")  # a program's own table, one line per row
+        out.extend(f"  {line}" for line in result["table"])
+    elif result is not None:
+        out.append(f"\nprogram result: {result}")
     run = report.get("run")
     if run:
         out.append(f"\nrun: seed {run['seed']}, {run['mode']} scheduler, {run['events']} events, "
