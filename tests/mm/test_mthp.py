@@ -235,3 +235,19 @@ def test_dropped_pte_range_recheck_is_found_and_replayed(tmp_path):
     clean = ex.explore(ex.Config(program=cfg.program, mode="pct", seed=1,
                                  depth=ex.DEFAULT_DEPTH["pct"]), summ.first + 1)
     assert clean.first is None
+
+
+def test_tradeoff_workload_table():
+    """workloads/mthp_tradeoff.py: the larger the folio, the fewer the faults and the
+    more the bloat; on x86-64 only the PMD mapping extends TLB reach (an mTHP is cached
+    as 4 KiB entries), so after a warm-up pass only 2 MiB has no dTLB misses."""
+    rep = run_program(str(WORKLOADS / "mthp_tradeoff.py"), seed=1, mode="free")
+    rows = rep["result"]["rows"]
+    faults = [rows[s]["faults"] for s in ("4kB", "16kB", "64kB", "2048kB")]
+    rss = [rows[s]["rss_kb"] for s in ("4kB", "16kB", "64kB", "2048kB")]
+    assert faults == sorted(faults, reverse=True) and len(set(faults)) == 4
+    assert rss == sorted(rss) and rows["4kB"]["bloat"] == 1.0
+    assert rows["2048kB"]["tlb_misses"] == 0
+    assert rows["4kB"]["tlb_misses"] == rows["16kB"]["tlb_misses"] == rows["64kB"]["tlb_misses"] > 0
+    assert rows["64kB"]["faults"] == 1000  # one fault per object: each sits in one block
+    assert len(rep["result"]["table"]) == 5
