@@ -251,3 +251,38 @@ def test_tradeoff_workload_table():
     assert rows["4kB"]["tlb_misses"] == rows["16kB"]["tlb_misses"] == rows["64kB"]["tlb_misses"] > 0
     assert rows["64kB"]["faults"] == 1000  # one fault per object: each sits in one block
     assert len(rep["result"]["table"]) == 5
+
+
+def test_split_of_an_mthp_counts_split_or_split_failed_for_its_size_only():
+    """__folio_split: mTHP split / split_failed for the folio's order, never
+    thp_split_page(_failed) (those are PMD-order only); a successful split drops
+    nr_anon of the size, the pages stay mapped as order-0 folios."""
+    from kmm import huge_memory
+
+    async def drive(m, k):
+        k.set_knob("hugepages-64kB/enabled", "madvise")
+        p = await k.process("main")
+        a = await p.mmap(64 * KiB)
+        await p.madvise(a, 64 * KiB, "hugepage")
+        await p.store(a + 8 * KiB, b"\x05")
+        folio = next(f for f in m.physmem.pages.values() if f.order == 4)
+        lk = m.folio_lock_of(folio)
+        await m.folio_ref_add(folio, 1)   # a pin
+        await lk.lock("test")
+        await m.folio_ref_add(folio, 1)   # the caller's reference
+        assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
+        await m.folio_put(folio)          # the pin goes
+        assert await huge_memory.split_folio_to_list(m, folio) == 0
+        await lk.unlock()
+        await m.folio_put(folio)
+        # split_deferred: the unmap into migration entries goes PTE by PTE, so the folio
+        # is seen partially mapped on the way (the host counts it too: the recordings
+        # of mthp_pageout_partial, mthp_cold_partial, mthp_free_partial)
+        assert mthp.mthp_report({}, mthp.mthp_stats(m)) == {
+            "hugepages-64kB": {"anon_fault_alloc": 1, "split": 1, "split_failed": 1,
+                               "split_deferred": 1}}
+        assert m.vmstat.events["thp_split_page"] == m.vmstat.events["thp_split_page_failed"] == 0
+        assert mthp.region_folio_kb(m, p.task.mm, a, a + 64 * KiB) == {}
+        assert await p.load(a + 8 * KiB) == b"\x05"
+
+    run_machine(drive, memory=64 << 20)
