@@ -713,6 +713,8 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
         if keep & PG_swapcache:
             page.swap = swp_entry(swp_type(folio.swap), swp_offset(folio.swap) + p - head)
         page.refcount = 1 + (1 if keep & PG_swapcache else 0)
+        if p != head:
+            _new_folio_locked(m, page)
         new.append(page)
     if on_lru:  # lru_add_split_folio: the tails follow the head on its list
         name = swap.folio_lru_list(new[0])
@@ -739,12 +741,37 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
     await migrate.remove_migration_ptes(m, _Span(head, nr, folio.anon_vma, folio.index),
                                         folio, use_zero_page=True)
+    for page in new[1:]:  # the new folios are unlocked once remapped (the head: caller's)
+        _new_folio_unlock(m, page)
     for page in new[1:]:  # free_folio_and_swap_cache: unused tails go now
         if page.flags & PG_swapcache and not page.mapcount:
             from kmm import swap_state
             await swap_state.free_swap_cache(m, page)
         await m.folio_put(page)
     return 0
+
+
+def _new_folio_locked(m, page) -> None:
+    """__split_folio_to_order: a new folio inherits PG_locked from the folio being
+    split, so a fault that meets one of its migration entries sleeps until the remap is
+    done (it would otherwise spin, refaulting on an entry no one is about to remove).
+    No point: no actor reaches a tail page's lock before the split makes it a folio."""
+    lk = m.folio_lock_of(page)
+    if lk.owner is None:
+        lk.owner = m.sched.current  # shared-state op: the inherited PG_locked bit
+
+
+def _new_folio_unlock(m, page) -> None:
+    """folio_unlock of a new folio after remap_page: hand the lock to a waiter (a fault
+    that met a migration entry), else clear it. Context: the splitter owns it."""
+    lk = m.folio_lock_of(page)
+    if lk.owner is not m.sched.current:
+        return
+    if lk.waiters:  # shared-state op: the PG_locked bit handed over or cleared
+        lk.owner = lk.waiters.popleft()
+        m.sched.wake(lk.owner)
+    else:
+        lk.owner = None
 
 
 class _Span:

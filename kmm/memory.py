@@ -657,16 +657,20 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     lk = m.folio_lock_of(folio)
     await lk.lock("do_swap_page")  # folio_lock_or_retry
     res = None
-    nr = folio.nr_pages if direct else 1  # a large folio read in directly maps whole
-    pte_idx = vmf.pte_idx - (pte_index(vmf.address) & (nr - 1))
+    # how many PTEs the folio maps at once: a large folio read in directly, or a large
+    # swap-cache folio whose PTEs are all still its swap entries (memory_swapin)
+    nr, pte_idx = memory_swapin.folio_span(vmf, folio, entry, direct)
     if swapcache is None or swap_state.folio_matches_swap_entry(folio, entry):
         res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
         if res is not None:
-            if nr == 1:
-                same = await m.entry_read("pte", res[0], vmf.pte_idx) == orig
-            else:  # the block must still be the swap PTEs it was read for
+            same = await m.entry_read("pte", res[0], vmf.pte_idx) == orig
+            if same and nr > 1:
                 first = memory_swapin.pte_move_swp_offset(orig, pte_idx - vmf.pte_idx)
-                same = await memory_swapin.swap_pte_batch(m, res[0], pte_idx, nr, first) == nr
+                if await memory_swapin.swap_pte_batch(m, res[0], pte_idx, nr, first) != nr:
+                    if direct:
+                        same = False  # the block changed since it was read: refault
+                    else:
+                        nr, pte_idx = 1, vmf.pte_idx  # check_folio: this page alone
             if not same:
                 await res[1].unlock()  # out_nomap: another fault mapped it first
                 res = None
@@ -674,7 +678,7 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         await lk.unlock()
         await m.folio_put(folio)
         if direct:
-            await swapfile.swapcache_clear(m, entry, nr)
+            await swapfile.swapcache_clear(m, entry, folio.nr_pages)
         return 0
     tbl, ptl = res
     # exclusive: certainly for a page the swap cache never saw; else the swap PTE's
@@ -686,14 +690,17 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         exclusive = True
     elif exclusive and (swapfile.__swap_count(m, entry) != 1 or rmap.folio_mapped(folio)):
         exclusive = False
-    await swapfile.swap_free_nr(m, entry, nr)
+    # the page (or the folio's first) and its slot, before the swap cache may let go
+    pfn, slot = folio.pfn, entry
+    if nr > 1 and swapcache is not None:
+        slot = folio.swap
+    elif nr == 1 and swapcache is not None and folio.order:
+        pfn += swp_offset(entry) - swp_offset(folio.swap)
+    await swapfile.swap_free_nr(m, slot, nr)
     if swap_state.should_try_to_free_swap(m, folio, vma, vmf.write):
         await swapfile.folio_free_swap(m, folio)
     mm.rss_anon += nr
     mm.swapents -= nr
-    pfn = folio.pfn
-    if swapcache is not None and folio.order:
-        pfn += swp_offset(entry) - swp_offset(folio.swap)
     pte = pfn_pte(pfn, vma.page_prot)
     if orig & _PAGE_SWP_SOFT_DIRTY:
         pte |= _PAGE_SOFT_DIRTY
@@ -715,7 +722,7 @@ async def do_swap_page(m, vmf: Vmf) -> int:
             folio.anon_vma = vma.anon_vma.root
             folio.flags &= ~PG_anon_exclusive
     else:
-        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
+        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, nr, exclusive)
     if nr == 1:
         await m.entry_set("pte", tbl, vmf.pte_idx, pte)
     else:
@@ -727,8 +734,8 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         ret = await do_wp_page(m, vmf)  # drops the PTE lock
     else:
         await ptl.unlock()
-    if direct:  # the slot's claim goes only after the PTE lock (need_clear_cache)
-        await swapfile.swapcache_clear(m, entry, nr)
+    if direct:  # the slots' claim goes only after the PTE lock (need_clear_cache)
+        await swapfile.swapcache_clear(m, entry, folio.nr_pages)
     return ret
 
 

@@ -16,9 +16,9 @@ memcg charging (swpin_fallback_charge never moves).
 from __future__ import annotations
 
 from kmm import huge_memory, huge_memory_mthp as mthp, page_alloc, page_io, swap, swapfile
-from kmm.mm_types import PG_swapbacked, Page
+from kmm.mm_types import PG_swapbacked, PG_swapcache, Page
 from kmm.pgtable import (
-    HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, pmd_none, pmd_present, pmd_trans_huge,
+    HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pmd_none, pmd_present, pmd_trans_huge,
     pte_index, swp_entry, swp_offset, swp_type, table_pfn,
     _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY, _PAGE_SWP_UFFD_WP,
 )
@@ -141,3 +141,25 @@ async def swapin_direct(m, vmf, entry: int):
     await page_io.swap_read_folio(m, folio)
     folio.swap = 0
     return folio, entry
+
+
+def folio_span(vmf, folio, entry: int, direct: bool) -> tuple[int, int]:
+    """do_swap_page: how many PTEs, from which slot of the PTE table, the folio is to
+    map at once: all of a large folio read in directly; all of a large swap-cache folio
+    when its block lies within the VMA and the PMD (the caller then checks, under the
+    PTE lock, that the PTEs are still its swap entries); else the faulting PTE alone."""
+    nr = folio.nr_pages
+    if nr == 1:
+        return 1, vmf.pte_idx
+    if direct:
+        return nr, vmf.pte_idx - (pte_index(vmf.address) & (nr - 1))
+    if not folio.flags & PG_swapcache:
+        return 1, vmf.pte_idx
+    idx = swp_offset(entry) - swp_offset(folio.swap)
+    start = vmf.address - idx * PAGE_SIZE
+    pmd_start = vmf.address & ~(PMD_SIZE - 1)
+    vma = vmf.vma
+    if start < max(pmd_start, vma.start) or start + nr * PAGE_SIZE > min(pmd_start + PMD_SIZE,
+                                                                       vma.end):
+        return 1, vmf.pte_idx
+    return nr, vmf.pte_idx - idx
