@@ -183,7 +183,8 @@ def region_folio_kb(m, mm, start: int, end: int) -> dict[str, int]:
 def folio_clear_partially_mapped(m, folio) -> None:
     """folio_clear_partially_mapped, with the nr_anon_partially_mapped gauge.
     Context: split_queue_lock held (or the folio frozen)."""
+    from kmm import atomic
     from kmm.mm_types import PG_partially_mapped
     if folio.flags & PG_partially_mapped:
-        folio.flags &= ~PG_partially_mapped  # shared-state op (under split_queue_lock)
+        atomic.folio_clear_flags_locked(folio, PG_partially_mapped)
         mod_mthp_stat(m, folio.order, "nr_anon_partially_mapped", -1)

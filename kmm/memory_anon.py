@@ -17,10 +17,12 @@ Left out: userfaultfd, memcg charging (so anon_fault_fallback_charge never moves
 
 from __future__ import annotations
 
-from kmm import huge_memory, huge_memory_mthp as mthp, page_alloc
-from kmm.machine import COST_CLEAR_PAGE
+from kmm import atomic, huge_memory, huge_memory_mthp as mthp, page_alloc
+from kmm.cost import COST_CLEAR_PAGE
 from kmm.pgtable import (
-    HPAGE_PMD_ORDER, PAGE_SIZE, pmd_none, pmd_present, pmd_trans_huge, pte_index, table_pfn,
+    HPAGE_PMD_ORDER, PAGE_SIZE, pmd_none, pmd_present, pmd_trans_huge, pte_dirty,
+    pte_index, pte_pfn, pte_present, table_pfn, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
 )
 
 EAGAIN = "EAGAIN"  # ERR_PTR(-EAGAIN): the PTE table went away, refault
@@ -39,14 +41,29 @@ async def pte_range_none(m, tbl: int, idx: int, nr: int) -> bool:
     return True
 
 
-async def set_ptes(m, tbl: int, idx: int, entry: int, nr: int) -> None:
-    """set_ptes: nr consecutive PTEs mapping consecutive pfns from ``entry``.
-    Context: PTE lock held."""
-    # shared-state op: a write of nr consecutive PTEs under the PTE lock
-    await m.sched.point("set_ptes", pt=tbl, i=idx, nr=nr)
+# folio_pte_batch's FPB flags for zap: dirty and soft-dirty (and here write and young,
+# which zap does not look at) may differ along the batch
+_ZAP_IGNORED = _PAGE_DIRTY | _PAGE_SOFT_DIRTY | _PAGE_RW | _PAGE_ACCESSED
+
+
+async def folio_pte_batch(m, tbl: int, idx: int, max_nr: int, folio, pte: int):
+    """folio_pte_batch (mm/internal.h), as zap_present_ptes uses it: how many PTEs from
+    idx map consecutive pages of the folio, alike but for the dirty/young/write bits;
+    and whether any is dirty. One shared-state read of the run. Context: PTE lock."""
+    # shared-state op: a read of up to max_nr consecutive PTEs
+    await m.sched.point("folio_pte_batch", pt=tbl, i=idx, nr=max_nr)
     t = m.physmem.tables[tbl]
-    for i in range(nr):
-        t[idx + i] = entry + (i << 12)
+    max_nr = min(max_nr, folio.pfn + folio.nr_pages - pte_pfn(pte))
+    want = pte & ~_ZAP_IGNORED
+    dirty = pte_dirty(pte)
+    nr = 1
+    while nr < max_nr:
+        e = t[idx + nr]
+        if not pte_present(e) or e & ~_ZAP_IGNORED != want + (nr << 12):
+            break
+        dirty |= pte_dirty(e)
+        nr += 1
+    return nr, dirty
 
 
 async def alloc_anon_folio(m, vmf):
@@ -60,7 +77,7 @@ async def alloc_anon_folio(m, vmf):
     orders = mthp.thp_vma_allowable_orders(m, vma, "pagefault", (1 << HPAGE_PMD_ORDER) - 1)
     orders = mthp.thp_vma_suitable_orders(vma, vmf.address, orders)
     if orders:
-        pmdval = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+        pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
             return EAGAIN  # pte_offset_map failed
         tbl = table_pfn(pmdval)

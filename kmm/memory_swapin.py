@@ -15,7 +15,9 @@ memcg charging (swpin_fallback_charge never moves).
 
 from __future__ import annotations
 
-from kmm import huge_memory, huge_memory_mthp as mthp, page_alloc, page_io, swap, swapfile
+from kmm import (
+    atomic, huge_memory, huge_memory_mthp as mthp, page_alloc, page_io, swap, swapfile,
+)
 from kmm.mm_types import PG_swapbacked, PG_swapcache, Page
 from kmm.pgtable import (
     HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, pmd_none, pmd_present, pmd_trans_huge,
@@ -90,7 +92,7 @@ async def alloc_swap_folio(m, vmf, entry: int) -> Page | None:
     orders = mthp.thp_vma_suitable_orders(vma, vmf.address, orders)
     orders = thp_swap_suitable_orders(swp_offset(entry), vmf.address, orders)
     if orders:
-        pmdval = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+        pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
             orders = 0
         else:
@@ -131,15 +133,15 @@ async def swapin_direct(m, vmf, entry: int):
         entry = swp_entry(swp_type(entry), swp_offset(entry) & ~(nr - 1))
     lk = m.folio_lock_of(folio)
     await lk.lock("do_swap_page")  # __folio_set_locked: a new folio, uncontended
-    folio.flags |= PG_swapbacked  # shared-state op: a new folio nobody else sees yet
+    atomic.folio_set_flags_locked(folio, PG_swapbacked)  # a new folio nobody else sees
     if await swapfile.swapcache_prepare(m, entry, nr) < 0:
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return -EEXIST, entry
     await swap.folio_add_lru(m, folio)
-    folio.swap = entry  # to give swap_read_folio its slots
+    atomic.folio_set_field_locked(folio, "swap", entry)  # to give swap_read_folio its slots
     await page_io.swap_read_folio(m, folio)
-    folio.swap = 0
+    atomic.folio_set_field_locked(folio, "swap", 0)
     return folio, entry
 
 
