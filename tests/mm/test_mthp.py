@@ -221,11 +221,11 @@ def test_dropped_pte_range_recheck_is_found_and_replayed(tmp_path):
     PTE (its page still counted as mapped, its byte lost); the failure file replays it."""
     cfg = ex.Config(program=str(WORKLOADS / "race_mthp_fault.py"), mode="pct", seed=1,
                     depth=ex.DEFAULT_DEPTH["pct"], inject=["mthp_no_pte_range_recheck"])
-    summ = ex.explore(cfg, 150)
+    summ = ex.explore(cfg, 400)
     assert summ.first is not None
     assert "mapcount 1 but not mapped" in summ.first_violation["message"]
     out = tmp_path / "f.jsonl"
-    assert cli.main(["explore", cfg.program, "--mode", "pct", "--schedules", "150",
+    assert cli.main(["explore", cfg.program, "--mode", "pct", "--schedules", "400",
                      "--inject", "mthp_no_pte_range_recheck", "--quiet",
                      "--out", str(out)]) == 1
     ok, _, again, _ = ex.replay(str(out))
