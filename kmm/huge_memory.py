@@ -18,7 +18,7 @@ from kmm import atomic, huge_memory_mthp, page_alloc, pgtable_generic as pgg, rm
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
-    VM_NOHUGEPAGE, VM_WRITE,
+    VM_WRITE,
 )
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,

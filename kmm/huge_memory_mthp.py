@@ -39,6 +39,7 @@ FILE_ONLY_STATS: tuple[str, ...] = (
     "zswpout",
 )
 GAUGES = frozenset({"nr_anon", "nr_anon_partially_mapped"})
+THP_ORDERS_ALL_ANON = sum(1 << o for o in ANON_ORDERS)  # orders 2..PMD_ORDER
 
 
 def stat_names(order: int) -> tuple[str, ...]:
@@ -122,10 +123,7 @@ def __thp_vma_allowable_orders(m, vma, tva: str, orders: int) -> int:
     """__thp_vma_allowable_orders: anonymous orders only (THP_ORDERS_ALL_ANON);
     VM_NOHUGEPAGE refuses all; outside faults the VMA must hold a whole block of some
     order ending at vm_end, and (except smaps) have an anon_vma."""
-    supported = 0
-    for o in ANON_ORDERS:
-        supported |= 1 << o
-    orders &= supported
+    orders &= THP_ORDERS_ALL_ANON
     if not orders or vma.flags & VM_NOHUGEPAGE:
         return 0
     if tva != "pagefault":
