@@ -286,3 +286,54 @@ def test_split_of_an_mthp_counts_split_or_split_failed_for_its_size_only():
         assert await p.load(a + 8 * KiB) == b"\x05"
 
     run_machine(drive, memory=64 << 20)
+
+
+def test_compaction_moves_mthps_whole():
+    """isolate_migratepages_block isolates an mTHP below the target order
+    (skip_isolation_on_order) and migrate_pages moves it whole to a free block of its
+    order: a THP fault on a machine fragmented by scattered 64 KiB folios compacts
+    (pgmigrate_success counts pages), and every folio is still 64 KiB afterwards. The
+    unmap into migration entries sees each source partially mapped (split_deferred),
+    and the destination is requeued as the source was (migrate_folio_move)."""
+    from kmm.machine import Machine, MachineConfig
+    from kmm.workload import Kernel
+    MiB = 1 << 20
+    m = Machine(MachineConfig(memory=16 * MiB, cpus=1, seed=1), mode="free")
+    for n, v in {"defrag": "always", "hugepages-64kB/enabled": "madvise",
+                 "hugepages-2048kB/enabled": "never"}.items():
+        m.sysfs.write(n, v)
+    k = Kernel(m)
+    out = {}
+
+    async def driver():
+        p = await k.process("p")
+        a = await p.mmap(15 * MiB)
+        await p.madvise(a, 15 * MiB, "hugepage")
+        for off in range(0, 15 * MiB, 64 * KiB):
+            await p.store(a + off + 4096, bytes([1 + (off >> 16) % 250]))
+        for i in range(15 * MiB // (64 * KiB)):
+            if i % 8:
+                await p.madvise(a + i * 64 * KiB, 64 * KiB, "dontneed")
+        assert m.zone.buddyinfo()[9:] == [0, 0]  # no free 2 MiB block left
+        m.sysfs.write("hugepages-2048kB/enabled", "madvise")
+        q = await k.process("q")
+        b = await q.mmap(2 * MiB)
+        await q.madvise(b, 2 * MiB, "hugepage")
+        await q.store(b, b"\x09")
+        check_invariants(m, k)
+        out["ev"] = {n: m.vmstat.events[n] for n in (
+            "thp_fault_alloc", "compact_stall", "compact_success", "pgmigrate_success")}
+        out["folios"] = mthp.region_folio_kb(m, p.task.mm, a, a + 15 * MiB)
+        out["stats"] = mthp.mthp_report({}, mthp.mthp_stats(m))["hugepages-64kB"]
+        out["lost"] = await p.verify() + await q.verify()
+
+    m.run(driver)
+    ev = out["ev"]
+    assert ev["thp_fault_alloc"] == ev["compact_stall"] == ev["compact_success"] == 1
+    assert ev["pgmigrate_success"] > 0 and ev["pgmigrate_success"] % 16 == 0
+    moved = ev["pgmigrate_success"] // 16
+    assert out["folios"] == {"64kB": 30 * 64}
+    assert out["stats"]["nr_anon"] == 30
+    assert out["stats"]["split_deferred"] == 2 * moved  # source at unmap, destination
+    assert out["stats"]["nr_anon_partially_mapped"] == moved
+    assert out["lost"] == []
