@@ -27,7 +27,10 @@ entry_read                     READ_ONCE(*ptep) / pmdp_get         ``<level>_rea
 entry_set                      WRITE_ONCE / set_pte_at / set_pmd   ``set_<level>``
 entry_get_and_clear            xchg: ptep/pmdp_get_and_clear       ``<level>p_get_and_clear``
 entry_cmpxchg                  cmpxchg on an entry                 ``<level>_cmpxchg``
-set_ptes_table                 set_ptes into a withdrawn table     ``set_ptes``
+set_ptes_table                 set_ptes into a withdrawn table     step ``set_ptes``
+entry_set_unwalked             set_pte_at, table no walker reaches  -
+step / step_owned / step_locked  a tracepoint, an owned page, a    step (no choice)
+                               zone-lock op before its unlock
 folio_ref_add                  folio_ref_add / folio_get           ``page_ref_mod``
 folio_put_testzero             folio_put_testzero / _refs (the     ``page_ref_mod``
                                decrement of swap.folio_put)
@@ -69,11 +72,13 @@ import sys
 from kmm.cost import COST_ENTRY
 from kmm.mm_types import PG_anon_exclusive, PG_head, PG_lru, Page
 from kmm.mmdebug import KernelBug, StrictError
+from kmm.pgtable import _PAGE_PSE, table_pfn
 from kmm.runtime.sched import Scheduler
 
 __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes_table",
+    "entry_set_unwalked", "step", "step_owned", "step_locked",
     "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze_locked",
     "folio_ref_sub_locked",
     "mapcount_new_anon", "mapcount_add_ptes", "mapcount_remove_ptes", "mapcount_add_pmd",
@@ -101,6 +106,63 @@ async def point(sched, event: str, cost: int = 1, **fields) -> None:
     allocator reply, a scanner step, a user access): the same fast path."""
     if not ticked(sched, cost):
         await sched.point(event, cost, **fields)
+
+
+# ------------------------------------------- points no one can tell (docs/points.md)
+# A recorded step without a scheduling choice: same sequence number, clock, trace line
+# and checker hook as a point, so traces and emulated time are unchanged; only the
+# interleavings that no actor could tell apart are gone. Each kind carries the
+# assumption that makes it unobservable, checked in strict mode.
+def step(sched, event: str, cost: int = 1, **fields) -> None:
+    """A pure tracepoint, or an operation whose next step up to the actor's next point
+    touches only what it owns (docs/points.md, class 1)."""
+    if not ticked(sched, cost):
+        sched.step(event, cost, **fields)
+
+
+def step_owned(m, event: str, cost: int, pfn: int, **fields) -> None:
+    """An operation on a page the actor alone holds (clear_page of a page fresh from
+    the allocator, before any mapping): class 2. Strict: the page's folio has one
+    reference, no mapping, and is on no list."""
+    sched = m.sched
+    if not ticked(sched, cost):
+        sched.step(event, cost, pfn=pfn, **fields)
+    if m.strict:
+        f = m.physmem.folio(pfn)
+        if (f.refcount != 1 or f.mapcount or f.large_mapcount or f.entire_mapcount
+                or f.flags & PG_lru or f.on_deferred_list):
+            raise StrictError(f"strict: {event} without a point assumed page {pfn:#x} "
+                              f"owned, but its folio is reachable: {f!r} ({_caller()})")
+
+
+def step_locked(m, lock, event: str, cost: int = 1, **fields) -> None:
+    """An operation under a lock, followed by nothing but that lock's release (the
+    unlock is a point of its own): class 3. Strict: the actor holds the lock."""
+    sched = m.sched
+    if not ticked(sched, cost):
+        sched.step(event, cost, **fields)
+    if m.strict and lock.owner is not sched.current:
+        raise StrictError(f"strict: {event} without a point assumed {lock.name} held by "
+                          f"{sched.current.name} ({_caller()})")
+
+
+def entry_set_unwalked(m, level: str, table: int, idx: int, val: int) -> None:
+    """set_pte_at into a table no lockless walker reaches (a child's tables during
+    fork: its mm never ran on a CPU, and every other reader takes the table lock,
+    which the actor holds): class 4, a recorded step, no choice. Strict: both
+    assumptions hold."""
+    sched = m.sched
+    if not ticked(sched, COST_ENTRY):
+        sched.step("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
+    m.physmem.tables[table][idx] = val
+    if m.strict:
+        pg = m.physmem.pages[table]
+        owner = pg.ptl.owner if pg.ptl is not None else None
+        if owner is not m.sched.current or (pg.mm is not None and pg.mm.cpumask):
+            raise StrictError(f"strict: unpointed write to {level} {table:#x}[{idx}]: "
+                              f"its lock is not held by {m.sched.current.name} or its mm "
+                              f"runs on CPUs {sorted(pg.mm.cpumask) if pg.mm else []} "
+                              f"({_caller()})")
 
 
 # ------------------------------------------------------------- page-table slots
@@ -139,13 +201,25 @@ async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int)
     return True
 
 
-async def set_ptes_table(m, table: int, entries) -> None:
+def set_ptes_table(m, table: int, entries, pmd_tbl: int) -> None:
     """set_ptes over a whole table withdrawn from behind a PMD (the split): no walker
-    reaches it until pmd_populate, so the fill is one point."""
+    reaches it until pmd_populate links it, so the fill is a recorded step, not a
+    point (docs/points.md, class 4). Strict: the actor holds the PMD lock and no entry
+    of the PMD table points to the table yet."""
     t = m.physmem.tables[table]
     for i, e in enumerate(entries):
         t[i] = e
-    await m.sched.point("set_ptes", pt=table, nr=len(t))
+    sched = m.sched
+    if not ticked(sched, 1):
+        sched.step("set_ptes", 1, pt=table, nr=len(t))
+    if m.strict:
+        pg = m.physmem.pages[pmd_tbl]
+        linked = any(e and table_pfn(e) == table and not e & _PAGE_PSE
+                     for e in m.physmem.tables[pmd_tbl])
+        if pg.ptl.owner is not sched.current or linked:
+            raise StrictError(f"strict: set_ptes into table {table:#x} without a point "
+                              f"assumed it unreachable under PMD table {pmd_tbl:#x}'s "
+                              f"lock ({_caller()})")
 
 
 # ------------------------------------------------------------------ refcounts

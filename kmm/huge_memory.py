@@ -176,7 +176,7 @@ async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
     if pfn < 0:
         m.vmstat.count_vm_event("thp_fault_fallback")
         return -1
-    await m.sched.point("folio_zero_user", COST_CLEAR_HUGE, pfn=pfn)
+    atomic.step_owned(m, "folio_zero_user", COST_CLEAR_HUGE, pfn)
     return pfn
 
 
@@ -511,7 +511,7 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         if dirty:
             entry = pte_mkdirty(entry)
         entries = [entry + (i << 12) for i in range(HPAGE_PMD_NR)]  # consecutive pfns
-    await atomic.set_ptes_table(m, pgtable, entries)
+    atomic.set_ptes_table(m, pgtable, entries, pmd_tbl)
     if not migration:
         await rmap.folio_remove_rmap_pmd(m, folio)
     if freeze:
@@ -524,7 +524,7 @@ async def __split_huge_zero_page_pmd(m, vma, haddr: int, pmd_tbl: int, idx: int)
     await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
     pgtable = await pgg.pgtable_trans_huge_withdraw(m, vma.mm, pmd_tbl)
     entry = pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot))
-    await atomic.set_ptes_table(m, pgtable, [entry] * HPAGE_PMD_NR)
+    atomic.set_ptes_table(m, pgtable, [entry] * HPAGE_PMD_NR, pmd_tbl)
     await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pgtable))
 
 

@@ -276,7 +276,7 @@ async def __collapse_huge_page_copy(m, tbl: int, folio, pmd_tbl: int, idx: int, 
         dst = folio.pfn + i
         if pte_none(pte) or m.is_zero_pfn(pte_pfn(pte)):
             pm.clear(dst)
-            await m.sched.point("clear_user_highpage", COST_CLEAR_PAGE, pfn=dst)
+            atomic.step_owned(m, "clear_user_highpage", COST_CLEAR_PAGE, dst)
         else:
             pm.copy(dst, pte_pfn(pte))
             await m.sched.point("copy_mc_user_highpage", COST_COPY_PAGE, dst=dst,

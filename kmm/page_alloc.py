@@ -245,8 +245,8 @@ class Zone:
             return -1
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
-        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
-            await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
+        atomic.step_locked(self.machine, self.lock, "rmqueue", COST_RMQUEUE, order=order,
+                           pfn=pfn)
         await self.lock.unlock()
         return pfn
 
@@ -269,8 +269,8 @@ class Zone:
         self.physmem.clear(pfn, 1 << order)
         await self.lock.lock("free_one_page")
         self._free_one_page(pfn, order)
-        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
-            await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
+        atomic.step_locked(self.machine, self.lock, "mm_page_free", COST_RMQUEUE, pfn=pfn,
+                           order=order)
         await self.lock.unlock()
         self.machine.vmstat.count_vm_event("pgfree", 1 << order)
 
@@ -288,10 +288,8 @@ class Zone:
         else:
             self._del(pfn, order)
             self.nr_free -= 1 << order
-        sched = self.machine.sched
-        if not atomic.ticked(sched, COST_RMQUEUE):
-            await sched.point("isolate_free_page", COST_RMQUEUE, pfn=pfn, order=order,
-                              ret=ret)
+        atomic.step_locked(self.machine, self.lock, "isolate_free_page", COST_RMQUEUE,
+                           pfn=pfn, order=order, ret=ret)
         await self.lock.unlock()
         return ret
 
