@@ -35,7 +35,9 @@ folio_ref_add                  folio_ref_add / folio_get           ``page_ref_mo
 folio_put_testzero             folio_put_testzero / _refs (the     ``page_ref_mod``
                                decrement of swap.folio_put)
 folio_ref_add_locked           folio_try_get inside a locked step  -
-folio_ref_freeze_locked        folio_ref_freeze (cmpxchg to 0)     -
+folio_ref_freeze               folio_ref_freeze (cmpxchg to 0)     ``page_ref_freeze``
+folio_ref_freeze_locked        folio_ref_freeze, count checked     -
+                               in the caller's locked step
 folio_ref_sub_locked           folio_put_testzero, not last ref    -
 mapcount_new_anon              __folio_add_new_anon_rmap           ``mapcount``
 mapcount_add_ptes              __folio_add_rmap (PTEs)             ``mapcount``
@@ -79,7 +81,8 @@ __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes_table",
     "entry_set_unwalked", "step", "step_owned", "step_locked",
-    "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze_locked",
+    "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
+    "folio_ref_freeze_locked",
     "folio_ref_sub_locked",
     "mapcount_new_anon", "mapcount_add_ptes", "mapcount_remove_ptes", "mapcount_add_pmd",
     "mapcount_remove_pmd", "mapcount_dup_ptes", "mapcount_dup_pmd",
@@ -256,6 +259,16 @@ def folio_ref_sub_locked(folio: Page, n: int = 1) -> None:
     folio.refcount -= n
     if folio.refcount <= 0:
         raise KernelBug(f"folio_ref_sub_locked: dropped the last reference {folio!r}")
+
+
+async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
+    """folio_ref_freeze: atomic_cmpxchg(refcount, count, 0); True if it held exactly
+    ``count`` and is now frozen (the caller owns the folio)."""
+    await m.sched.point("page_ref_freeze", pfn=folio.pfn)
+    if folio.refcount != count:
+        return False
+    folio.refcount = 0
+    return True
 
 
 def folio_ref_freeze_locked(folio: Page) -> None:

@@ -30,13 +30,12 @@ from collections import deque
 from enum import IntEnum
 
 from kmm import atomic, migrate, page_alloc, swap, wait
-from kmm.gfp import GFP_KERNEL, gfp_compaction_allowed
+from kmm.cost import COST_SCAN_PFN
+from kmm.gfp import GFP_KERNEL, PAGE_ALLOC_COSTLY_ORDER, gfp_compaction_allowed
 from kmm.mm_types import PG_head, PG_lru, PG_swapcache, PG_dirty, PG_writeback
 from kmm.page_alloc import (
-    ALLOC_CMA, ALLOC_WMARK_MIN, NR_ORDERS, PAGE_ALLOC_COSTLY_ORDER, pageblock_nr_pages,
-    pageblock_order,
+    ALLOC_CMA, ALLOC_WMARK_MIN, NR_ORDERS, pageblock_nr_pages, pageblock_order,
 )
-from kmm.cost import COST_SCAN_PFN
 
 COMPACT_CLUSTER_MAX = 32       # SWAP_CLUSTER_MAX
 COMPACT_MAX_DEFER_SHIFT = 6

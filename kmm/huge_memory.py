@@ -14,6 +14,8 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
+from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbers
+
 from kmm import atomic, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
@@ -450,10 +452,10 @@ async def split_huge_pmd_locked(m, vma, haddr: int, pmd_tbl: int, idx: int,
                                 freeze: bool) -> None:
     pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd):
-        await split_pmd_locked(m, vma, pmd_tbl, idx, haddr, freeze)
+        await __split_huge_pmd_locked(m, vma, pmd_tbl, idx, haddr, freeze)
 
 
-async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
+async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
                            freeze: bool) -> None:
     """__split_huge_pmd_locked: one huge PMD becomes 512 PTEs mapping the same pages
     (or 512 migration entries with ``freeze``). Context: PMD lock held throughout.
@@ -605,7 +607,6 @@ def mapped_addresses(m, mm, folio, lo: int, hi: int):
 
 
 # -------------------------------------------------------- folio split
-EAGAIN, EBUSY, EINVAL = 11, 16, 22
 
 
 def can_split_folio(m, folio, caller_pins: int) -> bool:

@@ -320,18 +320,6 @@ class RwSem(_Lock):
         self._acquired(actor, site, 0, True, sched.now, try_seq=seq)
         return True
 
-    async def down_write_trylock(self, site: str) -> bool:
-        sched = self.world.sched
-        actor = sched.current
-        seq = sched.seq + 1
-        if not atomic.ticked(sched, COST_LOCK):
-            await sched.point("trylock", COST_LOCK, **self._fields(site, "write"))
-        if self.writer is not None or self.readers:
-            return False
-        self.writer = actor
-        self._acquired(actor, site, 0, False, sched.now, try_seq=seq)
-        return True
-
     async def up_read(self) -> None:
         sched = self.world.sched
         actor = sched.current
@@ -375,9 +363,6 @@ class RwSem(_Lock):
 
     def is_locked(self) -> bool:
         return self.writer is not None or bool(self.readers)
-
-    def is_write_locked(self) -> bool:
-        return self.writer is not None
 
 
 class FolioLock(SpinLock):

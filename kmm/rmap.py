@@ -115,11 +115,6 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
         await huge_memory.deferred_split_folio(m, folio, True)
 
 
-async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
-    """folio_add_anon_rmap_pmd: one more PMD mapping of the whole folio."""
-    await atomic.mapcount_add_pmd(m, folio, exclusive)
-
-
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
     if await atomic.mapcount_remove_pmd(m, folio) == 0:
@@ -207,13 +202,13 @@ async def _pmd_steps(m, vma: VmArea, lo: int, hi: int):
 
 async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr: int,
                                     pmdval: int, freeze: bool, site: str) -> None:
-    """TTU_SPLIT_HUGE_PMD in an rmap walk: split_huge_pmd_locked under the PMD lock, if
+    """TTU_SPLIT_HUGE_PMD in an rmap walk: __split_huge_pmd_locked under the PMD lock, if
     the PMD is still the one the walk saw."""
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock(site)
     if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
-        await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx, addr & HPAGE_PMD_MASK,
-                                           freeze=freeze)
+        await huge_memory.__split_huge_pmd_locked(m, vma, pmd_tbl, idx,
+                                                  addr & HPAGE_PMD_MASK, freeze=freeze)
     await ptl.unlock()
 
 

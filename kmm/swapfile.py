@@ -20,6 +20,8 @@ swap table of 6.18's swap cache (the cache is a dict of slots here), swapoff.
 
 from __future__ import annotations
 
+from errno import EEXIST, ENOENT  # the host is Linux: the kernel's numbers
+
 from kmm import atomic, swap
 from kmm.mm_types import PG_dirty, PG_swapcache, PG_writeback, Page
 from kmm.pgtable import (
@@ -47,7 +49,6 @@ CLUSTER_FLAG_USABLE = CLUSTER_FLAG_FRAG
 # __try_to_reclaim_swap flags
 TTRS_ANYWAY, TTRS_UNMAPPED, TTRS_FULL = 0x1, 0x2, 0x4
 
-ENOENT, ENOMEM, EEXIST = 2, 12, 17
 
 
 class SwapCluster:
