@@ -45,6 +45,8 @@ mapcount_remove_ptes           __folio_remove_rmap (PTEs)          ``mapcount``
 mapcount_add_pmd               __folio_add_rmap (PMD)              ``mapcount``
 mapcount_remove_pmd            __folio_remove_rmap (PMD)           ``mapcount``
 mapcount_dup_ptes / _pmd       __folio_try_dup_anon_rmap           ``mapcount``
+folio_set_flags / _clear_ / _test_set_  set_bit / clear_bit /   ``set_bit`` ``clear_bit``
+                               test_and_set_bit, racing actors     ``test_and_set_bit``
 folio_set_flags_locked         __folio_set_* / set_bit in a step   -
 folio_clear_flags_locked       __folio_clear_* / clear_bit         -
 folio_test_set_flags_locked    folio_test_set_* in a step          -
@@ -86,6 +88,7 @@ __all__ = [
     "folio_ref_sub_locked",
     "mapcount_new_anon", "mapcount_add_ptes", "mapcount_remove_ptes", "mapcount_add_pmd",
     "mapcount_remove_pmd", "mapcount_dup_ptes", "mapcount_dup_pmd",
+    "folio_set_flags", "folio_clear_flags", "folio_test_set_flags",
     "folio_set_flags_locked", "folio_clear_flags_locked", "folio_test_set_flags_locked",
     "pages_clear_flags_locked",
     "ds_queue_add_locked", "ds_queue_del_locked", "lru_add_locked", "lru_del_locked",
@@ -403,6 +406,32 @@ async def mapcount_dup_pmd(m, folio: Page) -> None:
 
 
 # ---------------------------------------------------------------------- flags
+async def folio_set_flags(m, folio: Page, bits: int) -> None:
+    """set_bit on folio->flags (folio_set_*), where another actor may race: one point."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("set_bit", pfn=folio.pfn, bits=bits)
+    folio.flags |= bits
+
+
+async def folio_clear_flags(m, folio: Page, bits: int) -> None:
+    """clear_bit on folio->flags (folio_clear_*): one point."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("clear_bit", pfn=folio.pfn, bits=bits)
+    folio.flags &= ~bits
+
+
+async def folio_test_set_flags(m, folio: Page, bits: int) -> bool:
+    """test_and_set_bit (folio_test_set_*): True if every bit was set already."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("test_and_set_bit", pfn=folio.pfn, bits=bits)
+    old = folio.flags
+    folio.flags = old | bits
+    return old & bits == bits
+
+
 def folio_set_flags_locked(folio: Page, bits: int) -> None:
     """__folio_set_* / set_bit inside the caller's step (lock held or folio owned)."""
     folio.flags |= bits
@@ -481,23 +510,26 @@ def lru_splice_locked(lst: dict, order: list) -> None:
     lst.update(dict.fromkeys(order))
 
 
+# a wait queue is a tuple of actors (immutable: only these three replace it)
 def waitqueue_add(m, queue: str, actor) -> None:
     """add_wait_queue: the actor waits on the named wait_queue_head."""
-    m.waitqueues.setdefault(queue, []).append(actor)
+    wq = m.waitqueues
+    wq[queue] = wq.get(queue, ()) + (actor,)
 
 
 def waitqueue_remove(m, queue: str, actor) -> bool:
     """remove_wait_queue: False if a waker had already taken the actor off."""
-    waiters = m.waitqueues.get(queue)
-    if waiters and actor in waiters:
-        waiters.remove(actor)
-        return True
-    return False
+    wq = m.waitqueues
+    waiters = wq.get(queue, ())
+    if actor not in waiters:
+        return False
+    wq[queue] = tuple(a for a in waiters if a is not actor)
+    return True
 
 
-def waitqueue_pop(m, queue: str) -> list:
+def waitqueue_pop(m, queue: str) -> tuple:
     """__wake_up's walk: take every waiter off the named queue."""
-    return m.waitqueues.pop(queue, [])
+    return m.waitqueues.pop(queue, ())
 
 
 def pt_deposit_locked(page: Page, pgtable: int) -> None:
@@ -611,6 +643,7 @@ def make_strict(m) -> None:
     for pfn, t in list(pm.tables.items()):
         pm.tables[pfn] = StrictTable(t)
     m.deferred_split_queue = StrictQueue("deferred_split_queue", m.deferred_split_queue)
+    m.waitqueues = StrictQueue("waitqueues", m.waitqueues)
     lists = m.lruvec.lists
     for name in list(lists):
         lists[name] = StrictQueue("lru:" + name, lists[name])

@@ -51,6 +51,8 @@ def test_strict_rejects_an_entry_store_and_a_queue_change_outside_the_layer():
             m.deferred_split_queue[1] = None
         with pytest.raises(StrictError, match="lru:inactive_anon"):
             m.lruvec.lists["inactive_anon"].clear()
+        with pytest.raises(StrictError, match="waitqueues"):
+            m.waitqueues["kswapd_wait"] = ()
     run(fn)
 
 
