@@ -177,7 +177,7 @@ async def entry_read(m, level: str, table: int, idx: int) -> int:
     sched = m.sched
     if not ticked(sched, COST_ENTRY):
         await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
-    return m.physmem.tables[table][idx]
+    return m.tables[table][idx]
 
 
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
@@ -185,13 +185,13 @@ async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     sched = m.sched
     if not ticked(sched, COST_ENTRY):
         await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
-    m.physmem.tables[table][idx] = val
+    m.tables[table][idx] = val
 
 
 async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
     """xchg(entry, 0): ptep_get_and_clear / pmdp_huge_get_and_clear."""
     await m.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
-    t = m.physmem.tables[table]
+    t = m.tables[table]
     old = t[idx]
     t[idx] = 0
     return old
@@ -200,7 +200,7 @@ async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
 async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
     """cmpxchg on an entry (ptep_set_access_flags' try_cmpxchg, the hardware A/D update)."""
     await m.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
-    t = m.physmem.tables[table]
+    t = m.tables[table]
     if t[idx] != old:
         return False
     t[idx] = new
@@ -282,7 +282,8 @@ def folio_ref_freeze_locked(folio: Page) -> None:
 
 # ------------------------------------------------------------------ mapcounts
 async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> None:
-    """__folio_add_new_anon_rmap: first mapping of a folio no one else can see."""
+    """__folio_add_new_anon_rmap: first mapping of a folio no one else can see, with
+    its NR_ANON_MAPPED / NR_ANON_THPS accounting (__lruvec_stat_mod_folio)."""
     sched = m.sched
     if not ticked(sched, 1):
         await sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
@@ -292,8 +293,11 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
     if pmd:
         folio.entire_mapcount = 1
         folio.large_mapcount = 1
+        m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
+        m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
     else:
         folio.mapcount = 1
+        m.vmstat.mod_node_page_state("nr_anon_pages", 1)
 
 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:
@@ -483,10 +487,10 @@ def ds_queue_del_locked(m, folio: Page) -> None:
     folio.on_deferred_list = False
 
 
-def lru_add_locked(m, lst: dict, folio: Page, tail: bool) -> None:
-    """list_add (or list_add_tail) of the folio on an LRU list, and PG_lru; lru_lock
-    held."""
-    folio.flags |= PG_lru
+def lru_add_locked(m, lst: dict, folio: Page, tail: bool, bits: int = 0) -> None:
+    """list_add (or list_add_tail) of the folio on an LRU list, and PG_lru (with
+    ``bits``, other flags the caller sets in the same step); lru_lock held."""
+    folio.flags |= PG_lru | bits
     if tail:  # rebuild with the folio first (rare: rotations)
         items = list(lst)
         lst.clear()

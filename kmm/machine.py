@@ -82,6 +82,7 @@ class Machine:
         self.vmstat = VmStat()
         self.sysfs = Sysfs()
         self.physmem = PhysMem(config.memory >> PAGE_SHIFT)
+        self.tables = self.physmem.tables  # the page-table frames (hot: kmm.atomic)
         self.zone = page_alloc.Zone(self, self.physmem.nr_pages)
         self.cpus = [Cpu(i) for i in range(config.cpus)]
         self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU

@@ -28,6 +28,7 @@ capture of a freed page.
 from __future__ import annotations
 
 from kmm import atomic
+from kmm.atomic import ticked
 from math import isqrt
 
 from kmm.gfp import (
@@ -223,13 +224,13 @@ class Zone:
         sched = self.machine.sched
         pfn = await self._get_page_from_freelist(order, msg.alloc_flags)
         if pfn < 0:
-            if not atomic.ticked(sched, COST_WMARK_CHECK):
+            if not ticked(sched, COST_WMARK_CHECK):
                 await sched.point("get_page_from_freelist", COST_WMARK_CHECK, order=order,
                                   wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
                                   gfp_flags=msg.gfp, pfn=-1)
             return -1
         self._prep_new_page(pfn, order)
-        if not atomic.ticked(sched, 1):
+        if not ticked(sched, 1):
             await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
                               purpose=msg.purpose)
         self.machine.vmstat.count_vm_event("pgalloc_normal", 1 << order)

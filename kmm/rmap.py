@@ -80,15 +80,12 @@ def page_anon_exclusive(page: Page) -> bool:
     return bool(page.flags & PG_anon_exclusive)
 
 
-async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
-                                  pmd: bool) -> None:
-    """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio."""
-    await atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr), pmd)
-    if pmd:
-        m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
-        m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
-    else:
-        m.vmstat.mod_node_page_state("nr_anon_pages", 1)
+def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int, pmd: bool):
+    """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio.
+    Awaitable: it is the layer's one-point operation itself (the fault's hot path
+    creates one coroutine, not two)."""
+    return atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr),
+                                    pmd)
 
 
 async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
