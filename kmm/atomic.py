@@ -18,48 +18,45 @@ exclusive ownership (a frozen refcount, a page fresh from the allocator) makes
 unobservable in between. ``init_page`` is the allocator's and the splitter's door: it
 writes struct-page fields of a page no other actor can reach yet.
 
-Operations (name; kernel primitive; point event, "-" for none):
+Operations (name; kernel primitive; point event, "-" for none, "step": a recorded
+step without a scheduling choice, docs/points.md):
 
-=============================  ==================================  =====================
-name                           kernel primitive                    point event
-=============================  ==================================  =====================
-entry_read                     READ_ONCE(*ptep) / pmdp_get         ``<level>_read``
-entry_set                      WRITE_ONCE / set_pte_at / set_pmd   ``set_<level>``
-entry_get_and_clear            xchg: ptep/pmdp_get_and_clear       ``<level>p_get_and_clear``
-entry_cmpxchg                  cmpxchg on an entry                 ``<level>_cmpxchg``
-set_ptes_table                 set_ptes into a withdrawn table     step ``set_ptes``
-entry_set_unwalked             set_pte_at, table no walker reaches  -
-step / step_owned / step_locked  a tracepoint, an owned page, a    step (no choice)
-                               zone-lock op before its unlock
-folio_ref_add                  folio_ref_add / folio_get           ``page_ref_mod``
-folio_put_testzero             folio_put_testzero / _refs (the     ``page_ref_mod``
-                               decrement of swap.folio_put)
-folio_ref_add_locked           folio_try_get inside a locked step  -
-folio_ref_freeze               folio_ref_freeze (cmpxchg to 0)     ``page_ref_freeze``
-folio_ref_freeze_locked        folio_ref_freeze, count checked     -
-                               in the caller's locked step
-folio_ref_sub_locked           folio_put_testzero, not last ref    -
-mapcount_new_anon              __folio_add_new_anon_rmap           ``mapcount``
-mapcount_add_ptes              __folio_add_rmap (PTEs)             ``mapcount``
-mapcount_remove_ptes           __folio_remove_rmap (PTEs)          ``mapcount``
-mapcount_add_pmd               __folio_add_rmap (PMD)              ``mapcount``
-mapcount_remove_pmd            __folio_remove_rmap (PMD)           ``mapcount``
-mapcount_dup_ptes / _pmd       __folio_try_dup_anon_rmap           ``mapcount``
-folio_set_flags / _clear_ / _test_set_  set_bit / clear_bit /   ``set_bit`` ``clear_bit``
-                               test_and_set_bit, racing actors     ``test_and_set_bit``
-folio_set_flags_locked         __folio_set_* / set_bit in a step   -
-folio_clear_flags_locked       __folio_clear_* / clear_bit         -
-folio_test_set_flags_locked    folio_test_set_* in a step          -
-pages_clear_flags_locked       clear_bit on each page of a folio   -
-ds_queue_add_locked            list_add_tail(&ds_queue), lock held -
-ds_queue_del_locked            list_del_init(_deferred_list)       -
-lru_add_locked / lru_del_locked  lruvec_add/del_folio, lru_lock    -
-lru_splice_locked              lru_add_split_folio                 -
-waitqueue_add / _remove / _pop  add_wait_queue / remove / wake_up  -
-pt_deposit_locked / withdraw   pgtable_trans_huge_deposit list ops  -
-prep_new_page                  prep_new_page, prep_compound_page   -
-init_page                      __split_folio_to_order, page-table ctor, migration  -
-=============================  ==================================  =====================
+=============================  ========================================  ======================
+name                           kernel primitive                          point event
+=============================  ========================================  ======================
+entry_read                     READ_ONCE(*ptep), pmdp_get                <level>_read
+entry_set                      WRITE_ONCE, set_pte_at, set_pmd_at        set_<level>
+entry_get_and_clear            xchg: ptep/pmdp_get_and_clear             <level>p_get_and_clear
+entry_cmpxchg                  cmpxchg on an entry                       <level>_cmpxchg
+set_ptes_table                 set_ptes into a withdrawn table           step set_ptes
+entry_set_unwalked             set_pte_at, a table no walker reaches     step set_<level>
+step, step_owned, step_locked  tracepoint; owned page; op before unlock  step <event>
+folio_ref_add                  folio_ref_add, folio_get                  page_ref_mod
+folio_try_get                  folio_try_get (add unless zero)           page_ref_mod
+folio_put_testzero             folio_put_testzero (swap.folio_put's)     page_ref_mod
+folio_ref_freeze               folio_ref_freeze (cmpxchg to 0)           page_ref_freeze
+folio_ref_unfreeze             folio_ref_unfreeze (atomic_set)           page_ref_unfreeze
+folio_ref_add_locked           folio_get/try_get in a locked step        -
+folio_ref_sub_locked           folio_put_testzero, not the last          -
+folio_ref_freeze_locked        folio_ref_freeze, count checked           -
+mapcount_new_anon              __folio_add_new_anon_rmap                 mapcount
+mapcount_add_ptes, _add_pmd    __folio_add_rmap                          mapcount
+mapcount_remove_ptes, _pmd     __folio_remove_rmap                       mapcount
+mapcount_dup_ptes, _dup_pmd    __folio_try_dup_anon_rmap                 mapcount
+folio_set_flags                set_bit (folio_set_*)                     set_bit
+folio_clear_flags              clear_bit (folio_clear_*)                 clear_bit
+folio_test_set_flags           test_and_set_bit                          test_and_set_bit
+folio_set/clear_flags_locked   __set_bit, __folio_set_* in a step        -
+folio_test_set_flags_locked    folio_test_set_* in a locked step         -
+pages_clear_flags_locked       clear_bit on each page of a folio         -
+folio_set_field_locked         folio->swap, ->mapping under a lock       -
+ds_queue_add/del_locked        list_add_tail/list_del_init, ds lock      -
+lru_add/del/splice_locked      lruvec_add/del_folio under lru_lock       -
+waitqueue_add/remove/pop       add/remove_wait_queue, __wake_up          -
+pt_deposit/withdraw_locked     pmd_huge_pte list, PMD lock held          -
+prep_new_page                  prep_new_page, prep_compound_page         -
+init_page                      __split_folio_to_order, ctor, migration   -
+=============================  ========================================  ======================
 
 Strict mode (``Machine(strict=True)``, ``KMM_STRICT=1``, on in the tests): struct pages
 are of the guarded class ``StrictPage``, page-table frames ``StrictTable`` and the queues
@@ -84,6 +81,7 @@ __all__ = [
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes_table",
     "entry_set_unwalked", "step", "step_owned", "step_locked",
     "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
+    "folio_try_get", "folio_ref_unfreeze",
     "folio_ref_freeze_locked",
     "folio_ref_sub_locked",
     "mapcount_new_anon", "mapcount_add_ptes", "mapcount_remove_ptes", "mapcount_add_pmd",
@@ -272,6 +270,24 @@ async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
         return False
     folio.refcount = 0
     return True
+
+
+async def folio_try_get(m, folio: Page) -> bool:
+    """folio_try_get: atomic_add_unless(refcount, 1, 0); False for a folio being freed
+    or frozen."""
+    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
+    if folio.refcount <= 0:
+        return False
+    folio.refcount += 1
+    return True
+
+
+async def folio_ref_unfreeze(m, folio: Page, count: int) -> None:
+    """folio_ref_unfreeze: atomic_set(refcount, count) on a frozen folio."""
+    await m.sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    if folio.refcount:
+        raise KernelBug(f"folio_ref_unfreeze of a folio not frozen: {folio!r}")
+    folio.refcount = count
 
 
 def folio_ref_freeze_locked(folio: Page) -> None:

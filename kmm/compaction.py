@@ -606,7 +606,8 @@ async def try_to_compact_pages(m, order: int, gfp_mask: int, alloc_flags: int,
         return CR.COMPACT_SKIPPED
     zone = m.zone
     rc = CR.COMPACT_SKIPPED
-    await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order, prio=prio.name)
+    await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order,
+                       prio=prio.name)
     if prio > MIN_COMPACT_PRIORITY and compaction_deferred(zone, order):
         return max(CR.COMPACT_DEFERRED, rc)
     status = await compact_zone_order(m, order, gfp_mask, prio, alloc_flags)

@@ -324,7 +324,8 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
         if vma.flags & VM_WRITE:
             entry = pmd_mkwrite(entry)
         if entry != orig:
-            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)  # pmdp_set_access_flags
+            # pmdp_set_access_flags
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
         await ptl.unlock()
         return 0
     await ptl.unlock()
@@ -487,7 +488,8 @@ async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         write, young = pmd_write(old), pmd_young(old)
         exclusive = bool(folio.flags & PG_anon_exclusive)
         if freeze and exclusive:
-            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)  # folio_try_share_anon_rmap_pmd (no pins)
+            # folio_try_share_anon_rmap_pmd (no pins)
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
         if not freeze:
             await atomic.folio_ref_add(m, folio, HPAGE_PMD_NR - 1)
             await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, HPAGE_PMD_NR, exclusive)

@@ -32,7 +32,8 @@ from kmm.atomic import ticked
 from math import isqrt
 
 from kmm.gfp import (
-    GFP, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM, __GFP_MEMALLOC,
+    GFP, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM,
+    __GFP_MEMALLOC,
     __GFP_MOVABLE, __GFP_NOMEMALLOC, __GFP_NORETRY, __GFP_RETRY_MAYFAIL, __GFP_THISNODE,
     format_gfp, gfp_compaction_allowed,
 )

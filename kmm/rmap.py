@@ -262,7 +262,8 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                     atomic.folio_set_flags_locked(folio, PG_dirty)
                 holder = page if folio.order else folio
                 exclusive = bool(holder.flags & PG_anon_exclusive)
-                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)  # folio_try_share_anon_rmap_pte
+                # folio_try_share_anon_rmap_pte
+                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)
                 await atomic.entry_set(m, "pte", tbl, i, make_migration_entry(
                     pfn, pte_write(old), exclusive, pte_young(old), pte_dirty(old)))
                 await folio_remove_rmap_ptes(m, folio, pfn, 1)
@@ -327,7 +328,8 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                            and pte_pfn(m.physmem.tables[tbl][i + nr]) == pfn + nr
                            and pte_present(m.physmem.tables[tbl][i + nr])):
                         nr += 1
-                    olds = [await atomic.entry_get_and_clear(m, "pte", tbl, i + j) for j in range(nr)]
+                    olds = [await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
+                            for j in range(nr)]
                     cleared = True
                     if any(pte_dirty(o) for o in olds):
                         atomic.folio_set_flags_locked(folio, PG_dirty)
@@ -386,7 +388,8 @@ async def folio_referenced(m, folio: Page) -> int:
         async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
             if pmd_trans_huge(pmdval) and pmd_present(pmdval):
                 if pmd_pfn(pmdval) == folio.pfn and pmd_young(pmdval):
-                    if await atomic.entry_cmpxchg(m, "pmd", pmd_tbl, idx, pmdval, pmd_mkold(pmdval)):
+                    if await atomic.entry_cmpxchg(m, "pmd", pmd_tbl, idx, pmdval,
+                                                  pmd_mkold(pmdval)):
                         young += 1
                 continue
             if not pmd_present(pmdval):

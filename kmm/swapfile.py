@@ -497,7 +497,8 @@ async def folio_free_swap(m, folio: Page) -> bool:
     if not folio_swapcache_freeable(folio) or folio_swapped(m, folio):
         return False
     await swap_state.swap_cache_del_folio(m, folio)
-    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_set_dirty: the data now lives only in memory
+    # folio_set_dirty: the data now lives only in memory
+    atomic.folio_set_flags_locked(folio, PG_dirty)
     return True
 
 

@@ -197,7 +197,8 @@ async def isolate_lru_folios(m, nr_to_scan: int, sc: ScanControl, lru: str):
     for folio in rotate:  # list_move back to the list's head
         swap.lruvec_del_folio(m, folio)
         swap.lruvec_add_folio(m, folio)
-    await atomic.point(m.sched, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru, nr_taken=nr_taken)
+    await atomic.point(m.sched, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru,
+                       nr_taken=nr_taken)
     return taken, nr_taken, scanned
 
 
