@@ -140,7 +140,7 @@ def compact_gap(order: int) -> int:
 async def _point(m, event: str, cost: int, **fields) -> None:
     sched = m.sched
     if sched.fast:
-        sched.tick(cost)
+        sched.tick(cost, event, **fields)
     else:
         await sched.point(event, cost, **fields)
 

@@ -113,15 +113,16 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             off = addr & 4095
             if write:
                 if sched.fast:
-                    sched.tick(COST_ACCESS)
+                    sched.tick(COST_ACCESS, "store", addr=addr, pfn=pfn, nr=len(data))
                 else:
-                    await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
+                    await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn,
+                                      nr=len(data))
                     if _tlb_lookup(cpu, mm.id, addr) != e:
                         continue  # shot down before the store: translate again
                 m.physmem.write(pfn, off, data)
                 return b""
             if sched.fast:
-                sched.tick(COST_ACCESS)
+                sched.tick(COST_ACCESS, "load", addr=addr, pfn=pfn, nr=n)
             else:
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
                 if _tlb_lookup(cpu, mm.id, addr) != e:

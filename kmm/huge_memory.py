@@ -597,10 +597,17 @@ async def deferred_split_folio(m, folio, partially_mapped: bool) -> None:
     if not folio.on_deferred_list:
         folio.on_deferred_list = True
         m.deferred_split_queue[folio.pfn] = None
-        if not m.sched.fast:  # what a tracer would see of the queue (no kernel tracepoint)
-            await m.sched.point("deferred_split_folio", pfn=folio.pfn,
-                                partially_mapped=partially_mapped,
-                                queue_len=len(m.deferred_split_queue))
+        # the queue as a tracer sees it (no kernel tracepoint): a point whether or not
+        # a trace is written, so the clock and the digest do not depend on one
+        sched = m.sched
+        if sched.fast:
+            sched.tick(1, "deferred_split_folio", pfn=folio.pfn,
+                       partially_mapped=partially_mapped,
+                       queue_len=len(m.deferred_split_queue))
+        else:
+            await sched.point("deferred_split_folio", pfn=folio.pfn,
+                              partially_mapped=partially_mapped,
+                              queue_len=len(m.deferred_split_queue))
     await m.split_queue_lock.unlock()
 
 

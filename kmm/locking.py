@@ -219,7 +219,7 @@ class SpinLock(_Lock):
         sched = self.world.sched
         actor = sched.current
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "lock", **self._fields(site, None))
         else:
             await sched.point("lock", COST_LOCK, **self._fields(site, None))
         self.world.lockdep.check_acquire(actor, self, site, subclass)
@@ -239,7 +239,7 @@ class SpinLock(_Lock):
         actor = sched.current
         seq = sched.seq + 1
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "trylock", **self._fields(site, None))
         else:
             await sched.point("trylock", COST_LOCK, **self._fields(site, None))
         if self.owner is not None:
@@ -254,7 +254,7 @@ class SpinLock(_Lock):
         t = sched.now + COST_LOCK  # the unlock line's time: the hold ends there
         rec = self._end_hold(actor, t)
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "unlock", **self._release_fields(rec, t))
         else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t))
         if self.owner is not actor:
@@ -290,7 +290,7 @@ class RwSem(_Lock):
         sched = self.world.sched
         actor = sched.current
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "lock", **self._fields(site, "write" if write else "read"))
         else:
             await sched.point("lock", COST_LOCK,
                               **self._fields(site, "write" if write else "read"))
@@ -320,7 +320,7 @@ class RwSem(_Lock):
         actor = sched.current
         seq = sched.seq + 1
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "trylock", **self._fields(site, "read"))
         else:
             await sched.point("trylock", COST_LOCK, **self._fields(site, "read"))
         if self.writer is not None or self.waiters:
@@ -334,7 +334,7 @@ class RwSem(_Lock):
         actor = sched.current
         seq = sched.seq + 1
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "trylock", **self._fields(site, "write"))
         else:
             await sched.point("trylock", COST_LOCK, **self._fields(site, "write"))
         if self.writer is not None or self.readers:
@@ -349,7 +349,7 @@ class RwSem(_Lock):
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "unlock", **self._release_fields(rec, t, "read"))
         else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "read"))
         self.readers.remove(actor)
@@ -362,7 +362,7 @@ class RwSem(_Lock):
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
         if sched.fast:
-            sched.tick(COST_LOCK)
+            sched.tick(COST_LOCK, "unlock", **self._release_fields(rec, t, "write"))
         else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "write"))
         if self.writer is not actor:

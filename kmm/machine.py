@@ -174,7 +174,7 @@ class Machine:
     async def entry_read(self, level: str, table: int, idx: int) -> int:
         sched = self.sched
         if sched.fast:
-            sched.tick(COST_ENTRY)
+            sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
         else:
             await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
         return self.physmem.tables[table][idx]
@@ -182,7 +182,7 @@ class Machine:
     async def entry_set(self, level: str, table: int, idx: int, val: int) -> None:
         sched = self.sched
         if sched.fast:
-            sched.tick(COST_ENTRY)
+            sched.tick(COST_ENTRY, "set_" + level, pt=table, i=idx, val=val)
         else:
             await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
         self.physmem.tables[table][idx] = val

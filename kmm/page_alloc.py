@@ -227,7 +227,9 @@ class Zone:
         pfn = await self._get_page_from_freelist(order, msg.alloc_flags)
         if pfn < 0:
             if sched.fast:
-                sched.tick(COST_WMARK_CHECK)
+                sched.tick(COST_WMARK_CHECK, "get_page_from_freelist", order=order,
+                           wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
+                           gfp_flags=msg.gfp, pfn=-1)
             else:
                 await sched.point("get_page_from_freelist", COST_WMARK_CHECK, order=order,
                                   wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
@@ -235,7 +237,8 @@ class Zone:
             return -1
         self._prep_new_page(pfn, order)
         if sched.fast:
-            sched.tick(1)
+            sched.tick(1, "mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
+                       purpose=msg.purpose)
         else:
             await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
                               purpose=msg.purpose)
@@ -249,7 +252,7 @@ class Zone:
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
         if self.machine.sched.fast:
-            self.machine.sched.tick(COST_RMQUEUE)
+            self.machine.sched.tick(COST_RMQUEUE, "rmqueue", order=order, pfn=pfn)
         else:
             await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
         await self.lock.unlock()
@@ -278,7 +281,7 @@ class Zone:
         await self.lock.lock("free_one_page")
         self._free_one_page(pfn, order)
         if self.machine.sched.fast:
-            self.machine.sched.tick(COST_RMQUEUE)
+            self.machine.sched.tick(COST_RMQUEUE, "mm_page_free", pfn=pfn, order=order)
         else:
             await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
         await self.lock.unlock()
@@ -300,7 +303,7 @@ class Zone:
             self.nr_free -= 1 << order
         sched = self.machine.sched
         if sched.fast:
-            sched.tick(COST_RMQUEUE)
+            sched.tick(COST_RMQUEUE, "isolate_free_page", pfn=pfn, order=order, ret=ret)
         else:
             await sched.point("isolate_free_page", COST_RMQUEUE, pfn=pfn, order=order,
                               ret=ret)

@@ -84,7 +84,8 @@ async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
                                   pmd: bool) -> None:
     """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=folio.pfn,
+                     how="new_anon_pmd" if pmd else "new_anon")
     else:
         await m.sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
     folio.anon_vma = vma.anon_vma
@@ -104,7 +105,7 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
                                    exclusive: bool) -> None:
     """folio_add_anon_rmap_ptes: nr PTE mappings of pages pfn.. of an existing folio."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="add_ptes")
     else:
         await m.sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
     pm = m.physmem
@@ -132,7 +133,7 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_remove_rmap_ptes: nr PTE mappings gone; queue a partially mapped THP."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
     else:
         await m.sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
     pm = m.physmem
@@ -165,7 +166,7 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 
 async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=folio.pfn, how="add_pmd")
     else:
         await m.sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
     folio.entire_mapcount += 1
@@ -177,7 +178,7 @@ async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=folio.pfn, how="remove_pmd")
     else:
         await m.sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
     folio.entire_mapcount -= 1
@@ -200,7 +201,7 @@ async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> Non
     """folio_try_dup_anon_rmap_ptes (fork): the pages become shared; never fails here
     (no pins are modelled), so exclusivity is simply cleared."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="dup_ptes")
     else:
         await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
     pm = m.physmem
@@ -218,7 +219,7 @@ async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> Non
 async def folio_try_dup_anon_rmap_pmd(m, folio: Page) -> None:
     """folio_try_dup_anon_rmap_pmd (fork of a PMD-mapped THP)."""
     if m.sched.fast:
-        m.sched.tick(1)
+        m.sched.tick(1, "mapcount", pfn=folio.pfn, how="dup_pmd")
     else:
         await m.sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
     folio.entire_mapcount += 1

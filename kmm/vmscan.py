@@ -118,7 +118,7 @@ def _gfp(gfp) -> int:
 
 async def _tick(m, event: str, cost: int = 1, **fields) -> None:
     if m.sched.fast:
-        m.sched.tick(cost)
+        m.sched.tick(cost, event, **fields)
     else:
         await m.sched.point(event, cost, **fields)
 

@@ -190,10 +190,24 @@ class Scheduler:
         # above every change-point value (1 .. depth-1); ties broken by actor id
         return self.depth + 1 + self.rng.randrange(1 << 30)
 
-    # A point at which nothing can switch and nothing is traced (free mode, no trace,
-    # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine.
+    # A point at which nothing can switch and nothing is rendered (free mode, no trace
+    # file, no hook) is a clock tick and the digest's fold: ``fast`` lets hot paths skip
+    # the coroutine.
     def _set_fast(self) -> None:
-        self.fast = self.mode is FREE and self.trace is None and self._on_point is None
+        tr = self.trace
+        self.fast = (self.mode is FREE and self._on_point is None
+                     and (tr is None or tr.cheap))
+
+    @property
+    def trace(self):
+        """The event trace (kmm.runtime.trace.Trace), or None: no digest at all."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        self._trace = trace
+        if hasattr(self, "mode"):
+            self._set_fast()
 
     @property
     def on_point(self) -> Callable[[], None] | None:
@@ -205,11 +219,15 @@ class Scheduler:
         self._on_point = hook
         self._set_fast()
 
-    def tick(self, cost: int) -> None:
-        """The whole of a point when ``fast``: same sequence and time as ``point``."""
-        self.seq += 1
-        self.now += cost
-        if self._sleepers and self._sleepers[0][0] <= self.now:
+    def tick(self, cost: int, event: str, **fields: Any) -> None:
+        """The whole of a point when ``fast``: the same sequence, time and digest as
+        ``await point(event, cost, **fields)``."""
+        self.seq = seq = self.seq + 1
+        self.now = now = self.now + cost
+        tr = self._trace
+        if tr is not None:
+            tr.fold(seq, now, self.current.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= now:
             self._wake_sleepers()
 
     # ------------------------------------------------------------------ points
@@ -219,8 +237,8 @@ class Scheduler:
         self.now += cost
         cur = self.current
         cur.last_op = event
-        if self.trace is not None:
-            self.trace.emit(self.seq, self.now, cur.name, event, fields)
+        if self._trace is not None:
+            self._trace.emit(self.seq, self.now, cur.name, event, fields)
         if self._sleepers and self._sleepers[0][0] <= self.now:
             self._wake_sleepers()
         if self._on_point is not None:

@@ -1,41 +1,90 @@
-"""The event trace: one canonical JSON line per preemption point.
+"""The event trace: a cheap digest of every preemption point, JSON lines on demand.
 
-Lines are rendered by structlog's JSONRenderer with sorted keys; they hold the sequence
-number, the emulated time, the actor and the kernel-style event name with its fields,
-and nothing from the host (no wall time, no pids, no object ids), so the same seed and
-inputs give a byte-identical trace.
+Every point is one event: the sequence number, the emulated time, the actor and the
+kernel-style event name with its fields, and nothing from the host (no wall time, no
+pids, no object ids), so the same seed and inputs give the same events.
+
+The digest (``Trace.digest``) is what proves it, and it costs no rendering: each event
+is folded as a compact record of integers, ``(seq, t, actor id, signature id, values)``,
+into a running 64-bit hash (Python's tuple hash over ints, which is not randomized per
+process). Strings and other non-int values (lock names, sites, None) are interned into
+small ids in order of first appearance, as are the actor names and the event signatures
+(event name and field names); the final digest is sha256 over the running hash, the
+event count and the interned table, so two traces with equal digests have the same
+events in the same order, whichever process computed them.
+
+Lines are rendered (structlog's JSONRenderer, sorted keys) only when there is a sink
+(``kmm run --trace FILE``): the digest is the same with or without one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from typing import IO, Any, Iterator
 
 import structlog
 
 
-class Trace:
-    """Writes events to a text stream (or only hashes them when ``sink`` is None)."""
+class _Ids(dict):
+    """Interned values: each new key gets the next small id (a lookup of a known key
+    stays in C)."""
 
-    def __init__(self, sink: IO[str] | None = None) -> None:
+    def __missing__(self, key: Any) -> int:
+        if key.__class__ is list:  # a value that crossed the wire as a JSON array
+            return self[tuple(key)]
+        i = self[key] = len(self)
+        return i
+
+
+class Trace:
+    """Folds events into the digest; writes JSON lines to ``sink`` if there is one, and
+    keeps the last ``keep`` events (for a failure file) if asked."""
+
+    def __init__(self, sink: IO[str] | None = None, keep: int = 0) -> None:
         self.sink = sink
         self.count = 0
-        self._hash = hashlib.sha256()
+        self._h = 0
+        self._ids = _Ids()
+        self.last: deque | None = deque(maxlen=keep) if keep else None
         self._render = structlog.processors.JSONRenderer(sort_keys=True)
+        # nothing but the digest: the scheduler may take its fast path (sched.tick)
+        self.cheap = sink is None and not keep
+
+    def fold(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
+        """The digest's part of an event: one tuple hash over its compact record."""
+        ids = self._ids
+        try:
+            self._h = hash((self._h, seq, t, ids[actor], ids[(event, *fields)],
+                            *[v if v.__class__ is int else ids[v] for v in fields.values()]))
+        except TypeError:  # an unhashable value (a list): interned as a tuple
+            self._h = hash((self._h, seq, t, ids[actor], ids[(event, *fields)],
+                            *[v if v.__class__ is int else ids.__missing__(v)
+                              if v.__class__ is list else ids[v] for v in fields.values()]))
+        self.count += 1
 
     def emit(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
-        line = self._render(None, "msg", {"seq": seq, "t": t, "actor": actor,
-                                          "event": event, **fields})
-        self.count += 1
-        self._hash.update(line.encode())
+        self.fold(seq, t, actor, event, fields)
+        if self.last is not None:
+            self.last.append((seq, t, actor, event, fields))
         if self.sink is not None:
+            line = self._render(None, "msg", {"seq": seq, "t": t, "actor": actor,
+                                              "event": event, **fields})
             self.sink.write(line)
             self.sink.write("\n")
 
     def digest(self) -> str:
-        """sha256 of every line so far: equal digests mean byte-identical traces."""
-        return self._hash.hexdigest()
+        """Hex digest of every event so far: equal digests mean identical traces (and
+        byte-identical trace files)."""
+        h = hashlib.sha256(f"kmm-trace/2 {self.count} {self._h}\n".encode())
+        h.update(repr(list(self._ids)).encode())
+        return h.hexdigest()
+
+    def tail(self) -> list[dict[str, Any]]:
+        """The last ``keep`` events, as the trace file would hold them."""
+        return [{"seq": s, "t": t, "actor": a, "event": e, **f}
+                for s, t, a, e, f in (self.last or ())]
 
 
 def read_trace(path: str) -> Iterator[dict[str, Any]]:

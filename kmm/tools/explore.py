@@ -39,9 +39,9 @@ granularities:
   invariant a later operation would repair between two checks can be missed.
 - ``end``: once, after the run; the fastest.
 
-The trace of an explored run is never rendered: ``DigestTrace`` hashes a canonical
-``repr`` of each event's (seq, t, actor, event, fields), which holds only ints, strings
-and booleans, so the digest is the same in every process.
+The trace of an explored run is never rendered: kmm.runtime.trace.Trace folds each
+event into its digest as a compact record of integers (interned names), the digest
+``kmm run`` reports too, the same in every process and with or without a trace file.
 
 Failure file (JSON lines, ``format`` = ``kmm-failure/1``): the first line is the header::
 
@@ -68,7 +68,7 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -99,44 +99,6 @@ class Violation(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-# ------------------------------------------------------------------------- trace
-class DigestTrace:
-    """A trace sink for exploration: a cheap digest, the last ``keep`` events, and
-    (optionally) the JSON lines of kmm.runtime.trace.Trace for a file."""
-
-    BATCH = 256
-
-    def __init__(self, keep: int = 0, sink=None) -> None:
-        self._h = hashlib.sha256()
-        self._buf: list = []
-        self.count = 0
-        self.last: deque | None = deque(maxlen=keep) if keep else None
-        self.json = Trace(sink) if sink is not None else None
-
-    def emit(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
-        ev = (seq, t, actor, event, fields)
-        self._buf.append(ev)
-        self.count += 1
-        if len(self._buf) >= self.BATCH:
-            self._flush()
-        if self.last is not None:
-            self.last.append(ev)
-        if self.json is not None:
-            self.json.emit(seq, t, actor, event, fields)
-
-    def _flush(self) -> None:
-        self._h.update(repr(self._buf).encode())
-        self._buf = []
-
-    def digest(self) -> str:
-        self._flush()
-        return self._h.hexdigest()
-
-    def tail(self) -> list[dict[str, Any]]:
-        return [{"seq": s, "t": t, "actor": a, "event": e, **f}
-                for s, t, a, e, f in (self.last or ())]
 
 
 # ------------------------------------------------------------------------ config
@@ -262,7 +224,7 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
                                 swap=spec.get("swap", 0), cpus=cpus, seed=seed)
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
-    trace = DigestTrace(keep, sink)
+    trace = Trace(sink, keep)
     m.sched.trace = trace
     m.sched.configure(mode, seed, **params)
     k = Kernel(m)
