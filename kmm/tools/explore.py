@@ -214,12 +214,25 @@ def lost_data(result: Any) -> str | None:
     return f"program result reports lost data: {bad}" if bad else None
 
 
+_programs: dict[str, tuple] = {}
+
+
+def _program(path: str) -> tuple[Any, dict]:
+    """The program module and its machine, loaded once per process and file content
+    (the explorer runs it thousands of times; a changed file is loaded again)."""
+    key = sha256_file(path)
+    got = _programs.get(path)
+    if got is None or got[0] != key:
+        mod = runner.load_program(path)
+        got = _programs[path] = (key, mod, runner.program_machine(mod, path))
+    return got[1], got[2]
+
+
 def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
                  keep: int = 0, sink=None) -> Outcome:
     """Run the program once under the given schedule, with every check; never raises
     for a violation (it is in the Outcome)."""
-    mod = runner.load_program(cfg.program)
-    spec = runner.program_machine(mod, cfg.program)
+    mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
                                 swap=spec.get("swap", 0), cpus=cpus, seed=seed)
