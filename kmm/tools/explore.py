@@ -154,14 +154,17 @@ def schedule_params(cfg: Config, i: int) -> tuple[str, int, dict[str, Any]]:
 
 # ---------------------------------------------------------------------- checking
 class Checker:
-    """The full invariant checker at the chosen granularity (module docstring)."""
+    """The invariant checker at the chosen granularity (module docstring)."""
 
     def __init__(self, m, k: Kernel, every: str) -> None:
         self.m, self.k, self.every = m, k, every
         self.actors = m.sched.actors
+        # one incremental checker for the run: the full checker's verdicts, re-checking
+        # only the tables and struct pages that changed since the last check
+        self.checker = testing.incremental_checker(m, k)
 
     def full(self) -> None:
-        errs = testing.invariant_errors(self.m, self.k)
+        errs = self.checker.errors()
         if errs:
             data = [e for e in errs if "written" in e or "MADV_FREE'd" in e]
             kind = "data" if len(data) == len(errs) else "invariant"
