@@ -5,13 +5,13 @@ kernel-style event name with its fields, and nothing from the host (no wall time
 pids, no object ids), so the same seed and inputs give the same events.
 
 The digest (``Trace.digest``) is what proves it, and it costs no rendering: each event
-is folded as a compact record of integers, ``(seq, t, actor id, signature id, values)``,
-into a running 64-bit hash (Python's tuple hash over ints, which is not randomized per
-process). Strings and other non-int values (lock names, sites, None) are interned into
-small ids in order of first appearance, as are the actor names and the event signatures
-(event name and field names); the final digest is sha256 over the running hash, the
-event count and the interned table, so two traces with equal digests have the same
-events in the same order, whichever process computed them.
+is folded as a compact record of integers, ``(seq, t, actor, event, field names...,
+values...)`` with every name and value replaced by its id, into a running 64-bit hash
+(Python's tuple hash over ints, which is not randomized per process). Ids are given in
+order of first appearance (an interning table compared by equality, never by a str's
+per-process hash); the final digest is sha256 over the running hash, the event count and
+the interning table, so two traces with equal digests have the same events in the same
+order, whichever process computed them.
 
 Lines are rendered (structlog's JSONRenderer, sorted keys) only when there is a sink
 (``kmm run --trace FILE``): the digest is the same with or without one.
@@ -29,11 +29,10 @@ import structlog
 
 class _Ids(dict):
     """Interned values: each new key gets the next small id (a lookup of a known key
-    stays in C)."""
+    stays in C). Keys compare by equality, so an id never depends on a str's
+    per-process hash; 1 and True (equal in Python) share one."""
 
     def __missing__(self, key: Any) -> int:
-        if key.__class__ is list:  # a value that crossed the wire as a JSON array
-            return self[tuple(key)]
         i = self[key] = len(self)
         return i
 
@@ -47,21 +46,23 @@ class Trace:
         self.count = 0
         self._h = 0
         self._ids = _Ids()
+        self._get = self._ids.__getitem__
         self.last: deque | None = deque(maxlen=keep) if keep else None
         self._render = structlog.processors.JSONRenderer(sort_keys=True)
         # nothing but the digest: the scheduler may take its fast path (sched.tick)
         self.cheap = sink is None and not keep
 
     def fold(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
-        """The digest's part of an event: one tuple hash over its compact record."""
-        ids = self._ids
+        """The digest's part of an event: one tuple hash over its compact record (the
+        ids of the actor, the event, each field name and each value)."""
+        g = self._get
         try:
-            self._h = hash((self._h, seq, t, ids[actor], ids[(event, *fields)],
-                            *[v if v.__class__ is int else ids[v] for v in fields.values()]))
-        except TypeError:  # an unhashable value (a list): interned as a tuple
-            self._h = hash((self._h, seq, t, ids[actor], ids[(event, *fields)],
-                            *[v if v.__class__ is int else ids.__missing__(v)
-                              if v.__class__ is list else ids[v] for v in fields.values()]))
+            self._h = hash((self._h, seq, t, g(actor), g(event), *map(g, fields),
+                            *map(g, fields.values())))
+        except TypeError:  # an unhashable value (a list that crossed the wire)
+            vals = [tuple(v) if v.__class__ is list else v for v in fields.values()]
+            self._h = hash((self._h, seq, t, g(actor), g(event), *map(g, fields),
+                            *map(g, vals)))
         self.count += 1
 
     def emit(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:

@@ -42,6 +42,8 @@ granularities:
 The trace of an explored run is never rendered: kmm.runtime.trace.Trace folds each
 event into its digest as a compact record of integers (interned names), the digest
 ``kmm run`` reports too, the same in every process and with or without a trace file.
+A schedule is run without any trace unless its digest is used (``--check-determinism``,
+the minimized run of a failure, replay): the schedule and its checks are the same.
 
 Failure file (JSON lines, ``format`` = ``kmm-failure/1``): the first line is the header::
 
@@ -232,15 +234,16 @@ def _program(path: str) -> tuple[Any, dict]:
 
 
 def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
-                 keep: int = 0, sink=None) -> Outcome:
+                 keep: int = 0, sink=None, digest: bool = True) -> Outcome:
     """Run the program once under the given schedule, with every check; never raises
-    for a violation (it is in the Outcome)."""
+    for a violation (it is in the Outcome). ``digest=False``: no trace at all (the
+    schedule, the checks and the outcome are the same; ``Outcome.digest`` is empty)."""
     mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
                                 swap=spec.get("swap", 0), cpus=cpus, seed=seed)
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
-    trace = Trace(sink, keep)
+    trace = Trace(sink, keep) if digest or keep or sink is not None else None
     m.sched.trace = trace
     m.sched.configure(mode, seed, **params)
     k = Kernel(m)
@@ -267,7 +270,7 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         out.kind, out.message = classify(e, cfg.program)
         out.seq = m.sched.seq
     s = m.sched
-    out.digest = trace.digest()
+    out.digest = trace.digest() if trace is not None else ""
     out.decisions = list(s.decisions)
     out.overrides = dict(s.overrides)
     out.preemptions = s.preemptions
@@ -282,16 +285,19 @@ def measure(cfg: Config) -> int:
     """The ``n`` a mode needs, from a first run: pct the number of points of a random
     run of seed S; preempt the preemption opportunities of the non-preemptive run."""
     if cfg.mode == "pct":
-        return run_schedule(cfg, "random", cfg.seed, {}).points
+        return run_schedule(cfg, "random", cfg.seed, {}, digest=False).points
     if cfg.mode == "preempt":
-        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()}).opportunities
+        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()},
+                            digest=False).opportunities
     return 0
 
 
 def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
     """Schedule i, summarised for the explorer: (i, kind, message, seq)."""
     mode, seed, params = schedule_params(cfg, i)
-    out = run_schedule(cfg, mode, seed, params)
+    # the digest only serves the determinism check here (a failure is re-run, with
+    # its digest, when minimized)
+    out = run_schedule(cfg, mode, seed, params, digest=determinism)
     if determinism:
         again = run_schedule(cfg, mode, seed, params)
         if again.digest != out.digest or again.kind != out.kind:
@@ -462,7 +468,8 @@ def minimize(cfg: Config, seed: int, fail: Outcome, budget: int = 300
     items = list(fail.overrides.items())  # in the order the run made them
 
     def run(sub: list) -> Outcome:
-        return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)})
+        return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)},
+                            digest=False)
 
     def test(sub: list) -> bool:
         return run(sub).kind == fail.kind
