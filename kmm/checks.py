@@ -183,13 +183,16 @@ def _leaf_tables(m, task) -> tuple[list[tuple[str, int]], list[tuple[int, int]],
     return every, pmds, ptes
 
 
-def _pte_summary(m, name: str, t: int, base: int) -> tuple[Counter, int, list[str]]:
-    """A PTE table's leaves: PTE mappings per pfn, Rss pages, errors."""
+def _pte_summary(m, name: str, t: int, base: int
+                 ) -> tuple[Counter, int, list[str], list[tuple[int, int]]]:
+    """A PTE table's leaves: PTE mappings per pfn, Rss pages, errors, and its swap
+    PTEs as (address, entry)."""
     from kmm import swapfile
     tbl = m.physmem.tables[t]
     maps: Counter = Counter()
     rss = 0
     errs = []
+    swaps = []
     for n in compress(range(len(tbl)), tbl):
         e = tbl[n]
         if pte_present(e):
@@ -202,28 +205,32 @@ def _pte_summary(m, name: str, t: int, base: int) -> tuple[Counter, int, list[st
         elif is_migration_entry(e):
             rss += 1
         elif swapfile.is_swap_entry(m, e):
-            pass  # MM_SWAPENTS and the slot's count: swapfile.check
+            swaps.append((base + n * PAGE_SIZE, e))  # MM_SWAPENTS, slots: swap_errors
         else:
             errs.append(f"{name}: unknown non-present PTE {e:#x} at "
                         f"{base + n * PAGE_SIZE:#x}")
-    return maps, rss, errs
+    return maps, rss, errs, swaps
 
 
-def _pmd_summary(m, t: int) -> tuple[Counter, int]:
-    """A PMD table's huge leaves: PMD mappings per head pfn, Rss pages."""
+def _pmd_summary(m, t: int, base: int) -> tuple[Counter, int, list[tuple[int, int]]]:
+    """A PMD table's huge leaves: PMD mappings per head pfn, Rss pages, and its
+    non-present PMDs that are not migration entries, as (address, entry)."""
     tbl = m.physmem.tables[t]
     maps: Counter = Counter()
     rss = 0
+    bad = []
     for n in compress(range(len(tbl)), tbl):
         e = tbl[n]
         if pmd_trans_huge(e) or not pmd_present(e):
+            if not pmd_present(e) and not is_pmd_migration_entry(e):
+                bad.append((base + n * PMD_SIZE, e))
             if pmd_present(e):
                 pfn = pmd_pfn(e)
                 if m.is_huge_zero_pfn(pfn):
                     continue
                 maps[pfn] += 1
             rss += HPAGE_PMD_NR
-    return maps, rss
+    return maps, rss, bad
 
 
 def _head_of(pm, pfn: int) -> int:
@@ -241,7 +248,8 @@ def _head_of(pm, pfn: int) -> int:
 
 class _MapState:
     def __init__(self) -> None:
-        self.sums: dict[int, tuple] = {}      # leaf table -> (key, maps, rss, errs)
+        self.sums: dict[int, tuple] = {}  # leaf table -> (key, maps, rss, errs, extra)
+        self.leaves: dict[str, tuple] = {}  # live task -> (PMD tables, PTE tables)
         self.pte_maps: Counter = Counter()   # pfn -> PTE mappings
         self.pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
         self.folios: Counter = Counter()     # head pfn -> all mappings
@@ -262,7 +270,7 @@ def _apply(st: _MapState, t: int, new: tuple | None, touched_pte: set, touched_p
     for s, sign in ((old, -1), (new, 1)):
         if s is None:
             continue
-        key, maps, _, _ = s
+        key, maps = s[0], s[1]
         agg, touched = (st.pmd_maps, touched_pmd) if key[0] == "pmd" else (st.pte_maps,
                                                                             touched_pte)
         for pfn, n in maps.items():
@@ -282,6 +290,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
     pm, zone = m.physmem, m.zone
     st: _MapState = ctx.state.get("mappings") or ctx.state.setdefault("mappings",
                                                                        _MapState())
+    st.leaves = {}
     dt = ctx.dirty_tables
     errs: list[str] = []
     touched_pte: set[int] = set()
@@ -293,6 +302,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
             continue
         name = task.name
         every, pmds, ptes = _leaf_tables(m, task)
+        st.leaves[name] = (pmds, ptes)
         deposited = 0
         nr_pte_tables = 0
         for lvl, t in every:
@@ -328,8 +338,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 s = st.sums.get(t)
                 if s is None or s[0] != key or t in dt:
                     if lvl == "pmd":
-                        maps, r = _pmd_summary(m, t)
-                        s = (key, maps, r, [])
+                        maps, r, bad = _pmd_summary(m, t, base)
+                        s = (key, maps, r, [], bad)
                     else:
                         s = (key, *_pte_summary(m, name, t, base))
                     _apply(st, t, s, touched_pte, touched_pmd)
@@ -499,8 +509,29 @@ def lru_errors(ctx: Checker) -> list[str]:
 
 @check("swap", "always")
 def swap_errors(ctx: Checker) -> list[str]:
+    """swapfile.check; without a swap device, its walk's part from the mapping
+    check's leaf summaries (no swap PTE may exist then, and no non-present PMD but a
+    migration entry), in the walk's address order."""
     from kmm import swapfile
-    return swapfile.check(ctx.m)
+    m = ctx.m
+    st = ctx.state.get("mappings")
+    if m.swap_info is not None or st is None:
+        return swapfile.check(m)
+    errs = []
+    for task in m.tasks.values():
+        if task.name not in st.leaves or not task.alive or task.mm.pgd < 0:
+            continue
+        pmds, ptes = st.leaves[task.name]
+        found = [(a, 0, e) for t, _ in pmds for a, e in st.sums[t][4]]
+        swaps = [(a, 1, e) for t, _ in ptes for a, e in st.sums[t][4]]
+        for a, kind, e in sorted(found + swaps):
+            errs.append(f"{task.name}: non-present PMD {e:#x} at {a:#x} is not a "
+                        "migration entry (swap is never mapped at PMD level)" if kind == 0
+                        else f"{task.name}: swap PTE {e:#x} at {a:#x} names no slot")
+        if len(swaps) != task.mm.swapents:
+            errs.append(f"{task.name}: MM_SWAPENTS {task.mm.swapents} != {len(swaps)} "
+                        "swap PTEs")
+    return errs
 
 
 @check("data", "always")

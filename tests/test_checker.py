@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from kmm import checks, testing
+from kmm import checks, swapfile, testing
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
 
@@ -34,6 +34,8 @@ class Twin:
         full = testing.invariant_errors(self.m, self.k)
         inc = self.inc.errors()
         assert inc == full, f"check {self.checks}: incremental {inc} != full {full}"
+        # the swap check's walk, taken from the mapping check's leaf summaries
+        assert self.inc._errs["swap"] == swapfile.check(self.m)
         self.checks += 1
         self.failing += bool(full)
 
