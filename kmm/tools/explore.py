@@ -64,6 +64,7 @@ of the minimized run, one JSON object per line (seq, t, actor, event and its fie
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,8 +75,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import trio
+
 from kmm import testing
 from kmm.lockdep import LockdepSplat
+from kmm.runtime import remote
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace
 from kmm.tools import runner
@@ -238,6 +242,14 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
     """Run the program once under the given schedule, with every check; never raises
     for a violation (it is in the Outcome). ``digest=False``: no trace at all (the
     schedule, the checks and the outcome are the same; ``Outcome.digest`` is empty)."""
+    return trio.run(functools.partial(run_schedule_async, cfg, mode, seed, params,
+                                      keep=keep, sink=sink, digest=digest))
+
+
+async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
+                             keep: int = 0, sink=None, digest: bool = True) -> Outcome:
+    """run_schedule inside a trio run already going (the explorer's loops run many
+    schedules in one: starting a trio run costs more than a short schedule)."""
     mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
@@ -260,7 +272,10 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         box["value"] = await mod.main(k)
 
     try:
-        runner.run_machine(m, driver)
+        try:
+            await m.run_async(driver)
+        finally:
+            remote.reap_all()  # no child of a spawned actor outlives the run
         out.result = box.get("value")
         chk.full()  # every granularity checks the final state
         lost = lost_data(out.result)
@@ -294,12 +309,16 @@ def measure(cfg: Config) -> int:
 
 def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
     """Schedule i, summarised for the explorer: (i, kind, message, seq)."""
+    return trio.run(run_one_async, cfg, i, determinism)
+
+
+async def run_one_async(cfg: Config, i: int, determinism: bool) -> tuple:
     mode, seed, params = schedule_params(cfg, i)
     # the digest only serves the determinism check here (a failure is re-run, with
     # its digest, when minimized)
-    out = run_schedule(cfg, mode, seed, params, digest=determinism)
+    out = await run_schedule_async(cfg, mode, seed, params, digest=determinism)
     if determinism:
-        again = run_schedule(cfg, mode, seed, params)
+        again = await run_schedule_async(cfg, mode, seed, params)
         if again.digest != out.digest or again.kind != out.kind:
             return (i, "nondeterminism",
                     f"seed {seed}: trace digest {out.digest[:16]} then {again.digest[:16]}"
@@ -309,13 +328,15 @@ def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
 
 def run_chunk(cfg: Config, lo: int, hi: int, determinism: bool, stop: bool) -> list[tuple]:
     """Schedules [lo, hi) in a worker; stops after the first violation if ``stop``."""
-    res = []
-    for i in range(lo, hi):
-        r = run_one(cfg, i, determinism)
-        res.append(r)
-        if stop and r[1] is not None:
-            break
-    return res
+    async def loop() -> list[tuple]:
+        res = []
+        for i in range(lo, hi):
+            r = await run_one_async(cfg, i, determinism)
+            res.append(r)
+            if stop and r[1] is not None:
+                break
+        return res
+    return trio.run(loop)
 
 
 # ----------------------------------------------------------------------- explore
@@ -382,12 +403,14 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         return min(fails) if fails else None
 
     if jobs <= 1:
-        for i in range(schedules):
-            r = run_one(cfg, i, determinism)
-            results[i] = r
-            prog.update(len(results), found())
-            if r[1] is not None and not all_:
-                break
+        async def loop() -> None:
+            for i in range(schedules):
+                r = await run_one_async(cfg, i, determinism)
+                results[i] = r
+                prog.update(len(results), found())
+                if r[1] is not None and not all_:
+                    break
+        trio.run(loop)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
