@@ -227,9 +227,10 @@ _programs: dict[str, tuple] = {}
 
 
 def _program(path: str) -> tuple[Any, dict]:
-    """The program module and its machine, loaded once per process and file content
+    """The program module and its machine, loaded once per process and file version
     (the explorer runs it thousands of times; a changed file is loaded again)."""
-    key = sha256_file(path)
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size, st.st_ino)
     got = _programs.get(path)
     if got is None or got[0] != key:
         mod = runner.load_program(path)
