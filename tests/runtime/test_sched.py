@@ -12,6 +12,7 @@ from __future__ import annotations
 import pathlib
 
 from kmm import testing
+from conftest import run as crun
 
 import hashlib
 import json
@@ -41,15 +42,8 @@ quiet_check = testing.check_between_ops
 
 
 def run(m, k, fn, check=True):
-    if check:
-        k.after_op = lambda: quiet_check(m, k)
-    box = {}
-
-    async def driver():
-        box["value"] = await fn(m, k)
-
-    m.run(driver)
-    return box.get("value")
+    """fn on the given machine, the quiet check after every operation."""
+    return crun(fn, m=m, k=k, check=quiet_check if check else None, final=False)
 
 
 def run_race(**kw):
