@@ -154,7 +154,7 @@ class Scheduler:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
         if depth < 1 or n < 0 or bound < 0:
             raise ValueError("depth must be at least 1, n and bound at least 0")
-        self.mode = FREE if mode == FREE else mode
+        self.mode = MODES[MODES.index(mode)]  # the constant itself: compared with `is`
         self.seed = seed
         self.rng = random.Random(seed)
         self.replay = list(replay or ())
@@ -258,14 +258,28 @@ class Scheduler:
     def _choose(self) -> Actor:
         run = self._runnable
         cur = self.current
-        # where the choice is, in the current actor's own execution (CHESS's (thread,
-        # step)): stable when other actors' schedules change, which ddmin relies on
-        idx = f"{cur.name}:{cur.steps}:{cur.stops}"
         can_run_on = cur.state == RUNNABLE
         default = cur if can_run_on else run[0]
         mode = self.mode
         if can_run_on:
             self.opportunities += 1
+        if mode is RANDOM:
+            # random.Random.randrange(n)'s own draw (_randbelow_with_getrandbits),
+            # inline: the same stream of choices, two calls cheaper
+            n = len(run)
+            getrandbits = self.rng.getrandbits
+            k = n.bit_length()
+            r = getrandbits(k)
+            while r >= n:
+                r = getrandbits(k)
+            nxt = run[r]
+            if nxt is not default:
+                self._override(cur, nxt, can_run_on)
+            self.decisions.append(nxt.name)
+            return nxt
+        # where the choice is, in the current actor's own execution (CHESS's (thread,
+        # step)): stable when other actors' schedules change, which ddmin relies on
+        idx = f"{cur.name}:{cur.steps}:{cur.stops}"
         if mode == PREEMPT:
             nxt = default
             want = self._forced.get(idx)
@@ -277,8 +291,6 @@ class Scheduler:
             elif can_run_on and self.opportunities - 1 in self._plan:
                 others = [a for a in run if a is not cur]
                 nxt = others[self.rng.randrange(len(others))]
-        elif mode == RANDOM:
-            nxt = run[self.rng.randrange(len(run))]
         elif mode == PCT:
             nxt = max(run, key=_by_priority)
         elif mode == REPLAY:
@@ -297,11 +309,16 @@ class Scheduler:
         else:
             nxt = run[0]
         if nxt is not default:
-            self.overrides[idx] = nxt.name
-            if can_run_on:
-                self.preemptions += 1
+            self._override(cur, nxt, can_run_on, idx)
         self.decisions.append(nxt.name)
         return nxt
+
+    def _override(self, cur: Actor, nxt: Actor, can_run_on: bool, idx: str = "") -> None:
+        """A choice that differs from the non-preemptive default, kept by its
+        position in the current actor's own execution."""
+        self.overrides[idx or f"{cur.name}:{cur.steps}:{cur.stops}"] = nxt.name
+        if can_run_on:
+            self.preemptions += 1
 
     # --------------------------------------------------------------- switching
     async def _switch(self, cur: Actor, nxt: Actor) -> None:
