@@ -131,11 +131,13 @@ class Checker:
             dp = set()
         self.dirty_tables, self.dirty_pages = dt, dp
 
-    def _fingerprint(self, dep: str) -> Any:
-        if dep in self._gen:
-            return self._gen[dep]
-        fp = FINGERPRINTS.get(dep)
-        return object() if fp is None else fp(self.m, self.k)  # unknown: always changed
+    def _fingerprint(self, dep: str, fps: dict) -> Any:
+        got = fps.get(dep)
+        if got is None:
+            fp = FINGERPRINTS.get(dep)
+            # an unknown dep (or "always"): a new object, never equal to the last one
+            got = fps[dep] = object() if fp is None else fp(self.m, self.k)
+        return got
 
     def errors(self) -> list[str]:
         """Every breached invariant, check by check (registration order)."""
@@ -143,8 +145,10 @@ class Checker:
             self.__init__(self.m, self.k, incremental=False)
         self._diff()
         out: list[str] = []
+        fps: dict[str, Any] = dict(self._gen)  # each dep's fingerprint, once per call
+        fingerprint = self._fingerprint
         for c in CHECKS:
-            seen = tuple(self._fingerprint(d) for d in c.deps)
+            seen = [fingerprint(d, fps) for d in c.deps]
             if self.first or self._seen.get(c.name) != seen or c.name not in self._errs:
                 self._errs[c.name] = c.fn(self)
                 self._seen[c.name] = seen
@@ -250,6 +254,7 @@ class _MapState:
     def __init__(self) -> None:
         self.sums: dict[int, tuple] = {}  # leaf table -> (key, maps, rss, errs, extra)
         self.leaves: dict[str, tuple] = {}  # live task -> (PMD tables, PTE tables)
+        self.walks: dict[str, tuple] = {}   # task -> (pgd, _leaf_tables), last walked
         self.pte_maps: Counter = Counter()   # pfn -> PTE mappings
         self.pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
         self.folios: Counter = Counter()     # head pfn -> all mappings
@@ -301,7 +306,11 @@ def mapping_errors(ctx: Checker) -> list[str]:
         if not task.alive or mm.pgd < 0:
             continue
         name = task.name
-        every, pmds, ptes = _leaf_tables(m, task)
+        walked = st.walks.get(name)
+        if (walked is None or walked[0] != mm.pgd
+                or any(t in dt for lvl, t in walked[1] if lvl != "pte")):
+            walked = st.walks[name] = (mm.pgd, *_leaf_tables(m, task))
+        _, every, pmds, ptes = walked
         st.leaves[name] = (pmds, ptes)
         deposited = 0
         nr_pte_tables = 0
@@ -534,10 +543,85 @@ def swap_errors(ctx: Checker) -> list[str]:
     return errs
 
 
+def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
+    """Where kmm.testing.read_mapped_byte reads addr: (the tables on the path, the pfn),
+    the pfn -1 when unmapped and -2 when a swap entry (read through the swap device,
+    never cached)."""
+    from kmm import swapfile
+    from kmm.pgtable import (
+        is_migration_entry as mig, migration_entry_pfn, pgd_index, pmd_index, pte_index,
+        pud_index,
+    )
+    tables = m.physmem.tables
+    pgd = mm.pgd
+    e = tables[pgd][pgd_index(addr)]
+    if not e:
+        return (pgd,), -1
+    pud = table_pfn(e)
+    e = tables[pud][pud_index(addr)]
+    if not e:
+        return (pgd, pud), -1
+    pmd = table_pfn(e)
+    e = tables[pmd][pmd_index(addr)]
+    if not e:
+        return (pgd, pud, pmd), -1
+    sub = (addr >> 12) & 511
+    if pmd_trans_huge(e):
+        return (pgd, pud, pmd), pmd_pfn(e) + sub
+    if is_pmd_migration_entry(e):
+        return (pgd, pud, pmd), migration_entry_pfn(e) + sub
+    pte = table_pfn(e)
+    p = tables[pte][pte_index(addr)]
+    path = (pgd, pud, pmd, pte)
+    if not p:
+        return path, -1
+    if swapfile.is_swap_entry(m, p):
+        return path, -2
+    return path, migration_entry_pfn(p) if mig(p) else pte_pfn(p)
+
+
 @check("data", "always")
 def data_errors(ctx: Checker) -> list[str]:
-    """Every byte a workload wrote reads back (with a Kernel only)."""
-    if ctx.k is None:
-        return []
+    """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
+    _data_errors, with each address's place in the page tables kept until a table on
+    its path changes (the byte itself is read again every time)."""
     from kmm import testing
-    return testing._data_errors(ctx.m, ctx.k)
+    m, k = ctx.m, ctx.k
+    if k is None:
+        return []
+    where: dict = ctx.state.setdefault("data", {})
+    dt = ctx.dirty_tables
+    data = m.physmem.data
+    errs = []
+
+    def read(task, addr: int) -> int | None:
+        key = (task.name, task.mm.pgd, addr)
+        got = where.get(key)
+        if got is None or any(t in dt for t in got[0]):
+            got = where[key] = _resolve(m, task.mm, addr)
+        pfn = got[1]
+        if pfn == -1:
+            return None
+        if pfn == -2:
+            return testing.read_mapped_byte(m, task.mm, addr)
+        frame = data.get(pfn)
+        return 0 if frame is None else frame[addr & 4095]
+
+    for name, shadow in k.shadow.items():
+        task = m.tasks.get(name)
+        if task is None or not task.alive:
+            continue
+        for addr, want in shadow.items():
+            got = read(task, addr)
+            if got is not None and got != want:
+                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
+            if got is None and want != 0:
+                vma = task.mm.vma_lookup(addr)
+                if vma is not None:
+                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
+        for addr, want in k.lazy.get(name, {}).items():
+            got = read(task, addr)
+            if got not in (None, 0, want):
+                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
+                            f"was written {want}")
+    return errs

@@ -36,6 +36,8 @@ class Twin:
         assert inc == full, f"check {self.checks}: incremental {inc} != full {full}"
         # the swap check's walk, taken from the mapping check's leaf summaries
         assert self.inc._errs["swap"] == swapfile.check(self.m)
+        # the data check, its places kept: testing's reading through the tables
+        assert self.inc._errs["data"] == testing._data_errors(self.m, self.k)
         self.checks += 1
         self.failing += bool(full)
 
