@@ -255,6 +255,7 @@ class _MapState:
         self.sums: dict[int, tuple] = {}  # leaf table -> (key, maps, rss, errs, extra)
         self.leaves: dict[str, tuple] = {}  # live task -> (PMD tables, PTE tables)
         self.walks: dict[str, tuple] = {}   # task -> (pgd, _leaf_tables), last walked
+        self.tabchk: dict[int, tuple] = {}  # table -> ((level, task), its own errors)
         self.pte_maps: Counter = Counter()   # pfn -> PTE mappings
         self.pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
         self.folios: Counter = Counter()     # head pfn -> all mappings
@@ -301,6 +302,20 @@ def mapping_errors(ctx: Checker) -> list[str]:
     touched_pte: set[int] = set()
     touched_pmd: set[int] = set()
     live: set[int] = set()
+    # "mapped but free" may change for the mapped pfns of a block that became free or
+    # stopped being free (the buddy's free blocks, and its untouched tail)
+    free = zone.free_order
+    ranges = [(p, p + (1 << o)) for p, o in free.items() ^ st.free.items()]
+    if st.zone is None:
+        ranges.append((0, pm.nr_pages))
+    elif st.zone != (zone.untouched, zone.untouched_end):
+        for a, b in zip(st.zone, (zone.untouched, zone.untouched_end)):
+            ranges.append((min(a, b), max(a, b)))
+    if ranges:
+        st.free = dict(free)
+        st.zone = (zone.untouched, zone.untouched_end)
+    dp = ctx.dirty_pages
+    tabchk = st.tabchk
     for task in m.tasks.values():
         mm = task.mm
         if not task.alive or mm.pgd < 0:
@@ -316,11 +331,19 @@ def mapping_errors(ctx: Checker) -> list[str]:
         nr_pte_tables = 0
         for lvl, t in every:
             nr_pte_tables += lvl == "pte"
-            if zone.is_free(t):
-                errs.append(f"{name}: {lvl} table {t:#x} is on a free list")
             pg = pm.pages.get(t)
-            if pg is None or pg.page_type != "table":
-                errs.append(f"{name}: {lvl} table {t:#x} is not a page-table page")
+            # a table page's own checks, kept while its struct page and the free
+            # blocks around it stay as they were
+            got = tabchk.get(t)
+            if (got is None or got[0] != (lvl, name) or t in dp
+                    or any(lo <= t < hi for lo, hi in ranges)):
+                e = []
+                if zone.is_free(t):
+                    e.append(f"{name}: {lvl} table {t:#x} is on a free list")
+                if pg is None or pg.page_type != "table":
+                    e.append(f"{name}: {lvl} table {t:#x} is not a page-table page")
+                got = tabchk[t] = ((lvl, name), e)
+            errs.extend(got[1])
             if lvl == "pmd":
                 tbl = pm.tables[t]
                 huge = sum(1 for e in compress(tbl, tbl)
@@ -365,19 +388,6 @@ def mapping_errors(ctx: Checker) -> list[str]:
         _apply(st, t, None, touched_pte, touched_pmd)
 
     # which pfns and folios to look at again
-    dp = ctx.dirty_pages
-    # "mapped but free" may change for the mapped pfns of a block that became free or
-    # stopped being free (the buddy's free blocks, and its untouched tail)
-    free = zone.free_order
-    ranges = [(p, p + (1 << o)) for p, o in free.items() ^ st.free.items()]
-    if st.zone is None:
-        ranges.append((0, pm.nr_pages))
-    elif st.zone != (zone.untouched, zone.untouched_end):
-        for a, b in zip(st.zone, (zone.untouched, zone.untouched_end)):
-            ranges.append((min(a, b), max(a, b)))
-    if ranges:
-        st.free = dict(free)
-        st.zone = (zone.untouched, zone.untouched_end)
     for lo, hi in ranges:
         for maps, touched in ((st.pte_maps, touched_pte), (st.pmd_maps, touched_pmd)):
             if hi - lo < len(maps):
