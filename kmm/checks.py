@@ -29,6 +29,7 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable
 
+from kmm import checks_data
 from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
@@ -553,85 +554,5 @@ def swap_errors(ctx: Checker) -> list[str]:
     return errs
 
 
-def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
-    """Where kmm.testing.read_mapped_byte reads addr: (the tables on the path, the pfn),
-    the pfn -1 when unmapped and -2 when a swap entry (read through the swap device,
-    never cached)."""
-    from kmm import swapfile
-    from kmm.pgtable import (
-        is_migration_entry as mig, migration_entry_pfn, pgd_index, pmd_index, pte_index,
-        pud_index,
-    )
-    tables = m.physmem.tables
-    pgd = mm.pgd
-    e = tables[pgd][pgd_index(addr)]
-    if not e:
-        return (pgd,), -1
-    pud = table_pfn(e)
-    e = tables[pud][pud_index(addr)]
-    if not e:
-        return (pgd, pud), -1
-    pmd = table_pfn(e)
-    e = tables[pmd][pmd_index(addr)]
-    if not e:
-        return (pgd, pud, pmd), -1
-    sub = (addr >> 12) & 511
-    if pmd_trans_huge(e):
-        return (pgd, pud, pmd), pmd_pfn(e) + sub
-    if is_pmd_migration_entry(e):
-        return (pgd, pud, pmd), migration_entry_pfn(e) + sub
-    pte = table_pfn(e)
-    p = tables[pte][pte_index(addr)]
-    path = (pgd, pud, pmd, pte)
-    if not p:
-        return path, -1
-    if swapfile.is_swap_entry(m, p):
-        return path, -2
-    return path, migration_entry_pfn(p) if mig(p) else pte_pfn(p)
-
-
-@check("data", "always")
-def data_errors(ctx: Checker) -> list[str]:
-    """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
-    _data_errors, with each address's place in the page tables kept until a table on
-    its path changes (the byte itself is read again every time)."""
-    from kmm import testing
-    m, k = ctx.m, ctx.k
-    if k is None:
-        return []
-    where: dict = ctx.state.setdefault("data", {})
-    dt = ctx.dirty_tables
-    data = m.physmem.data
-    errs = []
-
-    def read(task, addr: int) -> int | None:
-        key = (task.name, task.mm.pgd, addr)
-        got = where.get(key)
-        if got is None or any(t in dt for t in got[0]):
-            got = where[key] = _resolve(m, task.mm, addr)
-        pfn = got[1]
-        if pfn == -1:
-            return None
-        if pfn == -2:
-            return testing.read_mapped_byte(m, task.mm, addr)
-        frame = data.get(pfn)
-        return 0 if frame is None else frame[addr & 4095]
-
-    for name, shadow in k.shadow.items():
-        task = m.tasks.get(name)
-        if task is None or not task.alive:
-            continue
-        for addr, want in shadow.items():
-            got = read(task, addr)
-            if got is not None and got != want:
-                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
-            if got is None and want != 0:
-                vma = task.mm.vma_lookup(addr)
-                if vma is not None:
-                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
-        for addr, want in k.lazy.get(name, {}).items():
-            got = read(task, addr)
-            if got not in (None, 0, want):
-                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
-                            f"was written {want}")
-    return errs
+# the data check (and kmm.testing's read_mapped_byte) live in kmm/checks_data.py
+check("data", "always")(checks_data.data_errors)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, task_mmu
+from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, swap, task_mmu
 from kmm.pgtable import PAGE_SIZE
 
 
@@ -131,7 +131,7 @@ class Kernel:
     async def free_kernel_pages(self, pfn: int) -> None:
         """Free an allocation alloc_kernel_pages made."""
         m = self.machine
-        await m.folio_put(m.physmem.page(pfn))
+        await swap.folio_put(m, m.physmem.page(pfn))
 
     def _done(self) -> None:
         if self.after_op is not None:
@@ -299,7 +299,7 @@ class Proc:
         m, task, cpu = self.m, self.task, self.cpu
         end = addr + length
         try:
-            if write and m.sched.fast:
+            if write and m.sched.quiet:
                 # the stores that hit the TLB need no coroutine each (fault.store_run);
                 # a miss takes the whole access path
                 a = addr

@@ -1,15 +1,21 @@
-"""What the tests share: one way to run a driver on a fresh machine.
+"""What the tests share: strict mode, and one way to run a driver on a fresh machine.
 
-Test files import it (``from conftest import run``; pyproject puts tests/ on the path)
-and bind their own defaults with functools.partial where they need other ones.
+Every Machine built by a test runs in strict mode (kmm.atomic): shared state changed
+outside the shared-state layer raises StrictError. Test files import ``run``
+(``from conftest import run``; pyproject puts tests/ on the path) and bind their own
+defaults with functools.partial where they need other ones.
 """
 
 from __future__ import annotations
 
-from kmm import testing
-from kmm.machine import Machine, MachineConfig
-from kmm.runtime.trace import Trace
-from kmm.workload import Kernel
+import os
+
+os.environ.setdefault("KMM_STRICT", "1")
+
+from kmm import testing  # noqa: E402 - after the strict-mode switch
+from kmm.machine import Machine, MachineConfig  # noqa: E402
+from kmm.runtime.trace import Trace  # noqa: E402
+from kmm.workload import Kernel  # noqa: E402
 
 
 def run(fn, *, m=None, k=None, memory: int = 1 << 30, cpus: int = 1, seed: int = 1,

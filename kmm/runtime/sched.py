@@ -190,13 +190,16 @@ class Scheduler:
         # above every change-point value (1 .. depth-1); ties broken by actor id
         return self.depth + 1 + self.rng.randrange(1 << 30)
 
-    # A point at which nothing can switch and nothing is rendered (free mode, no trace
-    # file, no hook) is a clock tick and the digest's fold: ``fast`` lets hot paths skip
-    # the coroutine.
+    # A point at which nothing can switch and nothing is traced (free mode, no trace,
+    # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine
+    # (kmm.atomic.ticked). ``quiet``: nothing can switch and nothing is rendered (free
+    # mode, no hook, at most the digest): a point is a tick and the digest's fold,
+    # which ``tick(cost, event, **fields)`` makes without a coroutine either.
     def _set_fast(self) -> None:
-        tr = self.trace
-        self.fast = (self.mode is FREE and self._on_point is None
-                     and (tr is None or tr.cheap))
+        tr = self._trace
+        self.quiet = self.mode is FREE and self._on_point is None and (
+            tr is None or tr.cheap)
+        self.fast = self.quiet and tr is None
 
     @property
     def trace(self):
@@ -220,7 +223,7 @@ class Scheduler:
         self._set_fast()
 
     def tick(self, cost: int, event: str, **fields: Any) -> None:
-        """The whole of a point when ``fast``: the same sequence, time and digest as
+        """The whole of a point when ``quiet``: the same sequence, time and digest as
         ``await point(event, cost, **fields)``."""
         self.seq = seq = self.seq + 1
         self.now = now = self.now + cost
@@ -229,6 +232,18 @@ class Scheduler:
             tr.fold(seq, now, self.current.name, event, fields)
         if self._sleepers and self._sleepers[0][0] <= now:
             self._wake_sleepers()
+
+    def ticked(self, cost: int) -> bool:
+        """The fast path of a point, decided once for every caller (kmm.atomic.ticked):
+        when ``fast``, the point is the clock tick, done here without a further call,
+        and True is returned; otherwise False and the caller awaits ``point``."""
+        if self.fast:
+            self.seq += 1
+            self.now += cost
+            if self._sleepers and self._sleepers[0][0] <= self.now:
+                self._wake_sleepers()
+            return True
+        return False
 
     # ------------------------------------------------------------------ points
     async def point(self, event: str, cost: int = 1, **fields: Any) -> None:

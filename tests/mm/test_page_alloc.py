@@ -13,6 +13,7 @@ import functools
 
 from conftest import run as crun
 
+from kmm import swap
 
 from math import isqrt
 
@@ -37,7 +38,7 @@ async def alloc(m, order=0):
 
 async def free(m, pfn):
     """The last reference goes: folio_put -> __free_pages."""
-    await m.folio_put(m.physmem.page(pfn))
+    await swap.folio_put(m, m.physmem.page(pfn))
 
 
 # ------------------------------------------------------------ split, merge
