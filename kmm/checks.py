@@ -29,7 +29,7 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable
 
-from kmm import checks_data
+from kmm import checks_data, swap, swapfile
 from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
@@ -192,7 +192,6 @@ def _pte_summary(m, name: str, t: int, base: int
                  ) -> tuple[Counter, int, list[str], list[tuple[int, int]]]:
     """A PTE table's leaves: PTE mappings per pfn, Rss pages, errors, and its swap
     PTEs as (address, entry)."""
-    from kmm import swapfile
     tbl = m.physmem.tables[t]
     maps: Counter = Counter()
     rss = 0
@@ -494,8 +493,12 @@ def _folio_errors(m, head: int, n: int) -> list[str]:
                     + (f" + {cache} swap cache" if cache else ""))
     if folio.order:
         pages = pm.pages
-        mapped = sum(1 for p in range(head, head + folio.nr_pages)
-                     if pages.get(p) is not None and pages[p].mapcount)
+        end = head + folio.nr_pages
+        if len(pages) < folio.nr_pages:  # fewer struct pages than subpages: scan those
+            mapped = sum(1 for p, pg in pages.items() if head <= p < end and pg.mapcount)
+        else:
+            mapped = sum(1 for p in range(head, end)
+                         if pages.get(p) is not None and pages[p].mapcount)
         if mapped != folio.nr_pages_mapped:
             errs.append(f"folio {head:#x}: nr_pages_mapped {folio.nr_pages_mapped} "
                         f"!= {mapped}")
@@ -523,7 +526,6 @@ def buddy_errors(ctx: Checker) -> list[str]:
 
 @check("lru", "lru", "pages")
 def lru_errors(ctx: Checker) -> list[str]:
-    from kmm import swap
     return swap.lru_check(ctx.m)
 
 
@@ -532,7 +534,6 @@ def swap_errors(ctx: Checker) -> list[str]:
     """swapfile.check; without a swap device, its walk's part from the mapping
     check's leaf summaries (no swap PTE may exist then, and no non-present PMD but a
     migration entry), in the walk's address order."""
-    from kmm import swapfile
     m = ctx.m
     st = ctx.state.get("mappings")
     if m.swap_info is not None or st is None:

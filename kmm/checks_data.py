@@ -9,8 +9,11 @@ changes (the byte itself is read again at every check).
 
 from __future__ import annotations
 
+from kmm import swapfile
+from kmm.memory import pmd_lookup
 from kmm.pgtable import (
-    is_migration_entry, is_pmd_migration_entry, pmd_pfn, pmd_trans_huge, pte_pfn, table_pfn,
+    is_migration_entry, is_pmd_migration_entry, migration_entry_pfn, pgd_index, pmd_index,
+    pmd_pfn, pmd_trans_huge, pte_index, pte_pfn, pud_index, table_pfn,
 )
 
 
@@ -18,11 +21,6 @@ def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
     """Where kmm.testing.read_mapped_byte reads addr: (the tables on the path, the pfn),
     the pfn -1 when unmapped and -2 when a swap entry (read through the swap device,
     never cached)."""
-    from kmm import swapfile
-    from kmm.pgtable import (
-        is_migration_entry as mig, migration_entry_pfn, pgd_index, pmd_index, pte_index,
-        pud_index,
-    )
     tables = m.physmem.tables
     pgd = mm.pgd
     e = tables[pgd][pgd_index(addr)]
@@ -48,7 +46,7 @@ def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
         return path, -1
     if swapfile.is_swap_entry(m, p):
         return path, -2
-    return path, migration_entry_pfn(p) if mig(p) else pte_pfn(p)
+    return path, migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
 
 
 def data_errors(ctx) -> list[str]:
@@ -98,9 +96,6 @@ def data_errors(ctx) -> list[str]:
 
 def read_mapped_byte(m, mm, addr: int) -> int | None:
     """The byte at addr through mm's page tables, without faulting (None if unmapped)."""
-    from kmm import swapfile
-    from kmm.memory import pmd_lookup
-    from kmm.pgtable import migration_entry_pfn, pmd_index, pte_index
     t = pmd_lookup(m, mm, addr)
     if t < 0:
         return None
