@@ -121,8 +121,13 @@ class Machine:
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an
         actor's exception comes out as itself, not wrapped in an exception group."""
+        trio.run(self.run_async, driver)
+
+    async def run_async(self, driver) -> None:
+        """``run`` inside a trio run already going: the explorer runs many machines, one
+        after the other, in one trio run (starting one costs more than a short run)."""
         try:
-            trio.run(self.sched.run, driver)
+            await self.sched.run(driver)
         except BaseExceptionGroup as eg:
             e: BaseException = eg
             while isinstance(e, BaseExceptionGroup):
