@@ -20,24 +20,13 @@ from __future__ import annotations
 
 from kmm.mm_types import VM_HUGEPAGE, VM_NOHUGEPAGE
 from kmm.sysfs import ANON_ORDERS, HPAGE_PMD_ORDER, size_dir
+from kmm.vmstat import MTHP_ANON_STATS, MTHP_FILE_STATS
 
 PAGE_SIZE = 4096
 
-# hugepages-<size>kB/stats/ of an anonymous-capable size, as the host lists them
-# (anon_fault_declined is a file of the host's kernel that no path of kmm counts).
-ANON_STATS: tuple[str, ...] = (
-    "anon_fault_alloc", "anon_fault_declined", "anon_fault_fallback",
-    "anon_fault_fallback_charge", "nr_anon", "nr_anon_partially_mapped", "shmem_alloc",
-    "shmem_fallback", "shmem_fallback_charge", "split", "split_deferred", "split_failed",
-    "swpin", "swpin_fallback", "swpin_fallback_charge", "swpout", "swpout_fallback",
-    "zswpout",
-)
-# hugepages-8kB/stats/ (order 1: file and shmem only)
-FILE_ONLY_STATS: tuple[str, ...] = (
-    "shmem_alloc", "shmem_fallback", "shmem_fallback_charge", "split", "split_failed",
-    "swpin", "swpin_fallback", "swpin_fallback_charge", "swpout", "swpout_fallback",
-    "zswpout",
-)
+# hugepages-<size>kB/stats/ (kept on m.vmstat, whose mod_mthp_stat counts them)
+ANON_STATS = MTHP_ANON_STATS
+FILE_ONLY_STATS = MTHP_FILE_STATS
 GAUGES = frozenset({"nr_anon", "nr_anon_partially_mapped"})
 THP_ORDERS_ALL_ANON = sum(1 << o for o in ANON_ORDERS)  # orders 2..PMD_ORDER
 
@@ -47,13 +36,8 @@ def stat_names(order: int) -> tuple[str, ...]:
 
 
 def mod_mthp_stat(m, order: int, item: str, delta: int) -> None:
-    """mod_mthp_stat / count_mthp_stat: orders 0 and above PMD order have no folder."""
-    if order <= 0 or order > HPAGE_PMD_ORDER:
-        return
-    stats = m.vmstat.mthp.get(order)
-    if stats is None:
-        stats = m.vmstat.mthp[order] = dict.fromkeys(stat_names(order), 0)
-    stats[item] += delta
+    """mod_mthp_stat: orders 0 and above PMD order have no folder."""
+    m.vmstat.mod_mthp_stat(order, item, delta)
 
 
 def count_mthp_stat(m, order: int, item: str) -> None:

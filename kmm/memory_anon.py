@@ -92,9 +92,8 @@ async def alloc_anon_folio(m, vmf):
             while orders:
                 addr = vmf.address & ~((PAGE_SIZE << order) - 1)
                 pfn = await page_alloc.vma_alloc_folio(m, gfp, order, vma, addr)
-                if pfn >= 0:
-                    # folio_zero_user
-                    await m.sched.point("folio_zero_user", COST_CLEAR_PAGE << order, pfn=pfn)
+                if pfn >= 0:  # folio_zero_user: the folio is ours alone until mapped
+                    atomic.step_owned(m, "folio_zero_user", COST_CLEAR_PAGE << order, pfn)
                     return m.physmem.page(pfn)
                 mthp.count_mthp_stat(m, order, "anon_fault_fallback")
                 orders, order = mthp.next_order(orders, order)
@@ -102,5 +101,5 @@ async def alloc_anon_folio(m, vmf):
     pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     if pfn < 0:
         return None
-    await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=pfn)
+    atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, pfn)
     return m.physmem.page(pfn)

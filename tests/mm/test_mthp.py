@@ -38,12 +38,12 @@ def test_size_folders_are_the_hosts():
     assert sysfs.KNOBS["hugepages-64kB/enabled"].default == "never"
 
 
-def test_knob_validation_and_show_text():
+def test_knob_validation_and_words():
     s = sysfs.Sysfs()
     s.write("hugepages-64kB/enabled", "always\n")  # sysfs_streq: one newline ignored
     assert s["hugepages-64kB/enabled"] == "always"
-    assert sysfs.sysfs_text("hugepages-64kB/enabled", "always") == \
-        "[always] inherit madvise never"
+    assert sysfs.KNOBS["hugepages-64kB/enabled"].words == ("always", "inherit", "madvise",
+                                                           "never")
     with pytest.raises(sysfs.KnobError):
         s.write("hugepages-64kB/enabled", "within_size")  # a shmem word only
     s.write("hugepages-64kB/shmem_enabled", "within_size")
