@@ -10,6 +10,7 @@ the access is retried. An access outside any VMA, or not allowed by it, is SIGSE
 from __future__ import annotations
 
 from kmm import atomic, memory, tlb
+from kmm.atomic import ticked
 from kmm.mm_types import VM_EXEC, VM_READ, VM_WRITE
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER,
@@ -112,13 +113,13 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             pfn = e[0]
             off = addr & 4095
             if write:
-                if not atomic.ticked(sched, COST_ACCESS):
+                if not ticked(sched, COST_ACCESS):
                     await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
                     if _tlb_lookup(cpu, mm.id, addr) != e:
                         continue  # shot down before the store: translate again
                 m.physmem.write(pfn, off, data)
                 return b""
-            if not atomic.ticked(sched, COST_ACCESS):
+            if not ticked(sched, COST_ACCESS):
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
                 if _tlb_lookup(cpu, mm.id, addr) != e:
                     continue  # shot down before the load: translate again

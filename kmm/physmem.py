@@ -91,7 +91,11 @@ class PhysMem:
 
     # ------------------------------------------------------- page-table frames
     def new_table(self, pfn: int) -> list[int]:
-        t = self.tables[pfn] = self.table_cls([0] * PTRS_PER_TABLE)
+        cls = self.table_cls
+        t = [0] * PTRS_PER_TABLE
+        if cls is not list:
+            t = cls(t)
+        self.tables[pfn] = t
         return t
 
     def drop_table(self, pfn: int) -> None:

@@ -245,6 +245,21 @@ class Scheduler:
             return True
         return False
 
+    def step(self, event: str, cost: int = 1, **fields: Any) -> None:
+        """A recorded, non-preemptive point: the same sequence number, clock, trace
+        line and hook as ``point``, but no scheduling choice (for operations no other
+        actor can tell the order of: kmm.atomic.step, docs/points.md)."""
+        self.seq += 1
+        self.now += cost
+        cur = self.current
+        cur.last_op = event
+        if self.trace is not None:
+            self.trace.emit(self.seq, self.now, cur.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= self.now:
+            self._wake_sleepers()
+        if self._on_point is not None:
+            self._on_point()
+
     # ------------------------------------------------------------------ points
     async def point(self, event: str, cost: int = 1, **fields: Any) -> None:
         """One preemption point: record the event, then let the scheduler choose."""

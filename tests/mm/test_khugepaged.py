@@ -17,7 +17,9 @@ import pathlib
 
 import pytest
 
-from kmm import atomic, daemon, khugepaged, khugepaged_collapse, page_alloc, rmap, swap, sysfs, testing
+from kmm import (
+    atomic, daemon, khugepaged, khugepaged_collapse, page_alloc, rmap, swap, sysfs, testing,
+)
 from kmm.khugepaged import ScanResult as R
 from kmm.mm_types import PG_anon_exclusive, PG_lru
 from kmm.pgtable import (
