@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm import huge_memory, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -119,6 +119,8 @@ class Machine:
         # references deferred_split_scan holds on its batch (head pfn -> count), so the
         # invariant checker can tell them from a leaked reference
         self.split_scan_pins: dict[int, int] = {}
+        # read-side nesting per actor and callbacks waiting for a grace period
+        self.rcu = rcupdate.RcuState()
 
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an
@@ -264,8 +266,10 @@ class Machine:
         self.vmstat.mod_node_page_state("nr_page_table_pages", 1)
         return pfn
 
-    async def pte_free(self, mm: MmStruct, pfn: int) -> None:
-        """pte_free / pmd_free: the table page goes back to the buddy allocator."""
+    async def pte_free(self, mm: MmStruct | None, pfn: int) -> None:
+        """pte_free / pmd_free: the table page goes back to the buddy allocator. ``mm``
+        None: the table was already taken off its mm's pgtables_bytes (an RCU-deferred
+        free, kmm.pgtable_generic.pte_free_defer, runs after the mm may be gone)."""
         pg = self.physmem.page(pfn)
         if pg.pt_deposit:
             self.bug(f"freeing PMD table {pfn:#x} with deposited tables")
@@ -276,7 +280,8 @@ class Machine:
         pg.ptl = None
         pg.mm = None
         pg.pt_deposit = None
-        mm.pgtables_bytes -= PAGE_SIZE
+        if mm is not None:
+            mm.pgtables_bytes -= PAGE_SIZE
         self.vmstat.mod_node_page_state("nr_page_table_pages", -1)
         await self.folio_put(pg)
 

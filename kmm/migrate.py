@@ -27,10 +27,13 @@ async def migration_entry_wait(m, vmf) -> None:
 
     Context: mmap_lock held for read; takes and drops the PTE lock.
     """
-    from kmm import huge_memory
-    ptl = m.table_lock(vmf.pte_tbl)
-    await ptl.lock("migration_entry_wait")
-    cur = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    from kmm import huge_memory, memory
+    # pte_offset_map_lock: the table read locklessly may have been detached since
+    res = await memory.pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        return
+    tbl, ptl = res
+    cur = await m.entry_read("pte", tbl, vmf.pte_idx)
     await ptl.unlock()
     if cur == vmf.orig_pte and is_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))

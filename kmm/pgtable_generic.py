@@ -7,8 +7,8 @@ memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
 
 from __future__ import annotations
 
-from kmm import tlb
-from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid, pmd_trans_huge
+from kmm import rcupdate, tlb
+from kmm.pgtable import HPAGE_PMD_SIZE, PAGE_SIZE, pmd_mkinvalid, pmd_trans_huge
 
 
 def _assert_pmd_locked(m, pmd_tbl: int, what: str) -> None:
@@ -74,3 +74,18 @@ async def pmdp_collapse_flush(m, vma, address: int, pmd_tbl: int, idx: int) -> i
     if not m.bugs or "collapse_no_tlb_flush" not in m.bugs:  # kmm.bugs
         await tlb.flush_tlb_mm_range(m, vma.mm, address, address + HPAGE_PMD_SIZE)
     return old
+
+
+async def pte_free_defer(m, mm, pgtable: int) -> None:
+    """pte_free_defer: free a PTE table already detached from its PMD once every
+    lockless walker that may still be reading it (under rcu_read_lock, as
+    __pte_offset_map walks) has left its read-side section; until then the table and
+    its lock stay valid, and the walker's pmd_same recheck under that lock fails.
+    The table leaves the mm's page-table accounting now (the mm may be gone by then).
+    Context: any; the PMD entry is already cleared."""
+    mm.pgtables_bytes -= PAGE_SIZE
+
+    async def pte_free_now() -> None:
+        await m.pte_free(None, pgtable)
+
+    await rcupdate.call_rcu(m, pte_free_now)

@@ -78,3 +78,12 @@ async def tlb_remove_table_sync_one(m) -> None:
     for cpu in m.cpus:
         if cpu.id != me:
             await sched.point("ipi", COST_IPI, target=cpu.id, why="tlb_remove_table_sync_one")
+
+
+async def tlb_remove_table(m, mm, table: int) -> None:
+    """tlb_remove_table (mm/mmu_gather.c, x86 with MMU_GATHER_RCU_TABLE_FREE): a page
+    table detached under an mmu_gather is freed by RCU (tlb_remove_table_rcu), so a
+    lockless walker inside rcu_read_lock never reads a freed table. The batching is
+    left out: each table gets its own callback (kmm.pgtable_generic.pte_free_defer)."""
+    from kmm import pgtable_generic
+    await pgtable_generic.pte_free_defer(m, mm, table)
