@@ -705,8 +705,13 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_swapcache | PG_uptodate | PG_isolated)
     new = []
+    me = m.sched.current
     for p in range(head, head + nr):  # __split_folio_to_order
         page = pm.page(p)
+        if p != head:
+            # the new folios keep PG_locked until remap_page is done: a fault that finds
+            # one of their migration entries sleeps on it (migration_entry_wait)
+            m.folio_lock_of(page).set_locked_by(me)
         page.head = p
         page.order = 0
         page.flags = keep  # PG_anon_exclusive lives in the migration entries
@@ -743,12 +748,21 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
     await migrate.remove_migration_ptes(m, _Span(head, nr, folio.anon_vma, folio.index),
                                         folio, use_zero_page=True)
+    await _unlock_split_tails(m, new[1:])
     for page in new[1:]:  # free_folio_and_swap_cache: unused tails go now
         if page.flags & PG_swapcache and not page.mapcount:
             from kmm import swap_state
             await swap_state.free_swap_cache(m, page)
         await m.folio_put(page)
     return 0
+
+
+async def _unlock_split_tails(m, tails) -> None:
+    """__folio_split's last loop: every after-split folio but the one the caller locked
+    (the head) is unlocked once remap_page is done. One point for the batch."""
+    await m.sched.point("folio_unlock", pfn=tails[0].pfn if tails else -1, nr=len(tails))
+    for page in tails:
+        page.lock.release_set_locked()
 
 
 class _Span:

@@ -206,11 +206,24 @@ def _data_errors(m, k) -> list[str]:
     return errs
 
 
+def inside_update(m, actor) -> bool:
+    """The actor is halfway through an update of shared state: it holds a lock (every
+    multi-step update but one is made under a lock), a server actor is handling a
+    request, or it is inside __folio_put (refcount 0, the folio not yet off the LRU
+    and back in the buddy: Machine.free_folio)."""
+    return bool(actor.held or actor.busy or actor in m.freeing)
+
+
+def quiescent(m, but=None) -> bool:
+    """No actor (other than ``but``) is inside an update: the invariants must hold."""
+    return not any(inside_update(m, a) for a in m.sched.actors if a is not but)
+
+
 def check_between_ops(m, k) -> None:
-    """check_invariants, unless another actor is inside an operation (holds a lock):
-    the invariants hold between operations, not halfway through another CPU's fault."""
-    cur = m.sched.current
-    if not any(a.held for a in m.sched.actors if a is not cur):
+    """check_invariants, unless another actor is inside an operation (holds a lock,
+    or is freeing a folio): the invariants hold between operations, not halfway
+    through another CPU's fault."""
+    if quiescent(m, but=m.sched.current):
         check_invariants(m, k)
 
 

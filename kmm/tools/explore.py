@@ -206,17 +206,12 @@ class Checker:
             raise Violation(kind, "\n".join(errs[:40]))
 
     def at_point(self) -> None:
-        for a in self.actors:
-            if a.held or a.busy:
-                return
-        self.full()
+        if testing.quiescent(self.m):
+            self.full()
 
     def after_op(self) -> None:
-        cur = self.m.sched.current
-        for a in self.actors:
-            if a is not cur and (a.held or a.busy):
-                return
-        self.full()
+        if testing.quiescent(self.m, but=self.m.sched.current):
+            self.full()
 
 
 def _program_frame(e: BaseException, path: str) -> bool:
