@@ -14,7 +14,7 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
-from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import debug, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
@@ -163,6 +163,7 @@ async def set_huge_zero_folio(m, pgtable: int, mm, vma, haddr: int, pmd_tbl: int
                               idx: int, zero_pfn: int) -> None:
     """set_huge_zero_folio: a read-only special PMD of the huge zero folio, with a
     deposited table. Context: PMD lock held."""
+    debug.lockdep_assert_held(m, debug.pmd_lockptr(m, pmd_tbl), "set_huge_zero_folio")
     entry = pfn_pmd(zero_pfn, vma.page_prot) | _PAGE_SPECIAL
     await pgg.pgtable_trans_huge_deposit(m, mm, pmd_tbl, pgtable)
     await m.entry_set("pmd", pmd_tbl, idx, entry)
@@ -185,6 +186,7 @@ async def map_anon_folio_pmd_nopf(m, pfn: int, pmd_tbl: int, idx: int, vma,
     """map_anon_folio_pmd_nopf: install the PMD (dirty, writable if VM_WRITE), add the
     rmap and the LRU, queue the folio for the underused shrinker; no fault counters
     (collapse uses it). Context: PMD lock held."""
+    debug.lockdep_assert_held(m, debug.pmd_lockptr(m, pmd_tbl), "map_anon_folio_pmd_nopf")
     folio = m.physmem.page(pfn)
     entry = pmd_mkdirty(pfn_pmd(pfn, vma.page_prot))
     if vma.flags & VM_WRITE:
@@ -461,6 +463,7 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     (Named without the leading underscores: Python would mangle them in callers.)
     """
     mm = vma.mm
+    debug.lockdep_assert_held(m, debug.pmd_lockptr(m, pmd_tbl), "__split_huge_pmd_locked")
     m.vmstat.count_vm_event("thp_split_pmd")
     pmd = await m.entry_read("pmd", pmd_tbl, idx)
     if is_huge_zero_pmd(m, pmd):
@@ -650,6 +653,8 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
     a reference, instead of on the LRU. Context: caller holds the folio lock and a
     reference; takes the anon_vma rwsem (write), split_queue_lock and the lru lock.
     """
+    debug.VM_BUG_ON_FOLIO(m, not debug.folio_test_locked(folio), folio,
+                          "__folio_split: !folio_test_locked(folio)")
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:

@@ -17,7 +17,7 @@ in madvise.py; the tables it detaches are freed after an RCU grace period (rcupd
 from __future__ import annotations
 
 from kmm import (
-    huge_memory, migrate, page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
+    debug, huge_memory, migrate, page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
 )
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
@@ -157,7 +157,9 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
 
 # ------------------------------------------------------------ fault entry
 async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
-    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
+    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read: the
+    VMA was found under it, lock_mm_and_find_vma; per-VMA locks are not modelled)."""
+    debug.mmap_assert_locked(m, vma.mm, "handle_mm_fault")
     m.vmstat.count_vm_event("pgfault")
     await m.sched.point("handle_mm_fault", addr=addr, write=write)
     return await __handle_mm_fault(m, vma, addr, write)
@@ -422,6 +424,7 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
     mm = vma.mm
+    debug.mmap_assert_locked(m, mm, "unmap_page_range")
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)

@@ -7,14 +7,8 @@ memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
 
 from __future__ import annotations
 
-from kmm import rcupdate, tlb
+from kmm import debug, rcupdate, tlb
 from kmm.pgtable import HPAGE_PMD_SIZE, PAGE_SIZE, pmd_mkinvalid, pmd_trans_huge
-
-
-def _assert_pmd_locked(m, pmd_tbl: int, what: str) -> None:
-    ptl = m.table_lock(pmd_tbl)
-    if ptl.owner is not m.sched.current:
-        m.bug(f"{what}: PMD lock of table {pmd_tbl:#x} not held by {m.sched.current.name}")
 
 
 async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
@@ -22,7 +16,8 @@ async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
 
     Context: pmd_lockptr(mm, pmd) held.
     """
-    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_deposit")
+    # assert_spin_locked(pmd_lockptr(mm, pmdp)); lockdep: by this actor
+    debug.lockdep_assert_held(m, debug.pmd_lockptr(m, pmd_tbl), "pgtable_trans_huge_deposit")
     await m.sched.point("pgtable_trans_huge_deposit", pt=pmd_tbl, table=pgtable)
     page = m.physmem.pages[pmd_tbl]
     if page.pt_deposit is None:
@@ -33,7 +28,7 @@ async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
 async def pgtable_trans_huge_withdraw(m, mm, pmd_tbl: int) -> int:
     """pgtable_trans_huge_withdraw: take back a deposited table (any one: they are
     interchangeable). Context: pmd_lockptr(mm, pmd) held."""
-    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_withdraw")
+    debug.lockdep_assert_held(m, debug.pmd_lockptr(m, pmd_tbl), "pgtable_trans_huge_withdraw")
     page = m.physmem.pages[pmd_tbl]
     if not page.pt_deposit:
         m.bug(f"pgtable_trans_huge_withdraw: nothing deposited under {pmd_tbl:#x}")
