@@ -12,7 +12,11 @@ emulated CPU (a separate actor), so two CPUs can fault the same range at once::
                          lambda cpu: p.on(cpu).touch(a, 2 << 20, value=2))
 
 Every write is remembered in a shadow copy per process (forked with the process), so
-``Proc.verify`` and the invariant checker can prove that no byte was lost.
+``Proc.verify`` and the invariant checker can prove that no byte was lost, and that no
+process reads a byte it did not write itself (another's write after a fork never
+shows through). A byte the parent writes on another CPU while a fork is under way may
+or may not reach the child (whether its page was copied before or after the write):
+the child's value there is unknown until the child writes it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ class Kernel:
         # bytes under MADV_FREE: until rewritten they read back as written or as zero
         # (reclaim may have discarded the lazyfree page)
         self.lazy: dict[str, dict[int, int]] = {}
+        # bytes whose value in this process is not known: written by the parent on
+        # another CPU while the fork that made this process was under way
+        self.unknown: dict[str, set[int]] = {}
+        # process name -> one set per fork of it under way: the addresses its other
+        # CPUs write meanwhile
+        self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
 
     @property
@@ -224,6 +234,9 @@ class Proc:
 
     def _forget(self, addr: int, length: int) -> None:
         end = addr + length
+        unknown = self.k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update([a for a in unknown if addr <= a < end])
         for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
             if len(sh) < length:
                 for a in [a for a in sh if addr <= a < end]:
@@ -232,21 +245,44 @@ class Proc:
                 for a in range(addr, end):
                     sh.pop(a, None)
 
+    def _wrote(self, addr: int, n: int) -> None:
+        """Bookkeeping of a write of n bytes at addr beyond the shadow: forks of this
+        process under way learn of it; a byte of unknown value is known again."""
+        k = self.k
+        for racing in k.forking.get(self.name, ()):
+            racing.update(range(addr, addr + n))
+        unknown = k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update(range(addr, addr + n))
+
     async def fork(self, child: str) -> "Proc":
         self._alive()
-        t = await fork.copy_process(self.m, self.task, child)
+        k = self.k
+        racing: set[int] = set()
+        k.forking.setdefault(self.name, []).append(racing)
+        try:
+            t = await fork.copy_process(self.m, self.task, child)
+        finally:
+            forks = k.forking[self.name]
+            forks.remove(racing)
+            if not forks:
+                del k.forking[self.name]
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        self.k.shadow[child] = dict(self.k.shadow[self.name])
-        self.k.lazy[child] = dict(self.k.lazy[self.name])
-        self.k._done()
-        return Proc(self.k, t, self.cpu)
+        k.shadow[child] = dict(k.shadow[self.name])
+        k.lazy[child] = dict(k.lazy[self.name])
+        unknown = racing | k.unknown.get(self.name, set())
+        if unknown:
+            k.unknown[child] = unknown
+        k._done()
+        return Proc(k, t, self.cpu)
 
     async def exit(self) -> None:
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
         self.k.lazy.pop(self.name, None)
+        self.k.unknown.pop(self.name, None)
         self.k._done()
 
     async def _kill(self, sig: str) -> None:
@@ -267,6 +303,7 @@ class Proc:
                 for j, b in enumerate(chunk):
                     sh[a + j] = b
                     lazy.pop(a + j, None)
+                self._wrote(a, len(chunk))
                 i += len(chunk)
         except fault.Segv:
             await self._kill("SIGSEGV")
@@ -297,6 +334,8 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
+        # may start on another CPU halfway through
         try:
             for a in range(addr, addr + length, stride):
                 if write:
@@ -304,6 +343,8 @@ class Proc:
                     sh[a] = value
                     if lazy:
                         lazy.pop(a, None)
+                    if forking or unknown:
+                        self._wrote(a, 1)
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
@@ -318,7 +359,10 @@ class Proc:
         bad = []
         hook, self.k.after_op = self.k.after_op, None  # reads change nothing to check
         try:
+            unknown = self.k.unknown.get(self.name, ())
             for a, b in sorted(self.k.shadow[self.name].items()):
+                if a in unknown:
+                    continue
                 if (await self.load(a))[0] != b:
                     bad.append(a)
             for a, b in sorted(self.k.lazy[self.name].items()):
