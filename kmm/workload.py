@@ -27,6 +27,11 @@ from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, task_
 from kmm.pgtable import PAGE_SIZE
 
 
+class UnexpectedResult(AssertionError):
+    """A call under test returned what the program does not accept (Kernel.expect):
+    the program's own assertion, wherever it is raised."""
+
+
 class Kernel:
     """A program's handle on the machine: processes, CPUs, concurrency."""
 
@@ -43,6 +48,9 @@ class Kernel:
         # CPUs write meanwhile
         self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+        # syscalls that failed (returned an errno name) and that the program has not
+        # examined with ``expect`` yet: the race laboratory reports any left at the end
+        self.failed: list[tuple[str, str, str]] = []  # (process, call, errno)
 
     @property
     def cpus(self) -> int:
@@ -147,6 +155,36 @@ class Kernel:
         if self.after_op is not None:
             self.after_op()
 
+    def _returned(self, proc: str, call: str, result):
+        """A syscall's result: an errno name is remembered until ``expect`` sees it."""
+        if isinstance(result, str):
+            self.failed.append((proc, call, result))
+        return result
+
+    def expect(self, result, *allowed: str, what: str = "call"):
+        """Examine the result of a call under test: it must succeed (0, an address or
+        a count) or fail with one of the ``allowed`` errno names; anything else is the
+        program's assertion. Returns the result. A failure the program never passes
+        here is reported by ``kmm explore`` at the end of the run (``unexamined``):
+        a race program cannot ignore what the racing call returned::
+
+            r = k.expect(await p.madvise(a, SIZE, "collapse"), "EAGAIN", what="collapse")
+        """
+        if isinstance(result, str):
+            for i in range(len(self.failed) - 1, -1, -1):
+                if self.failed[i][2] == result:
+                    del self.failed[i]
+                    break
+            if result not in allowed:
+                raise UnexpectedResult(f"{what} failed with {result}")
+        elif not isinstance(result, int) or result < 0:
+            raise UnexpectedResult(f"{what} returned {result!r}")
+        return result
+
+    def unexamined(self) -> list[str]:
+        """The failed calls no ``expect`` examined, as "process: call -> errno"."""
+        return [f"{proc}: {call} -> {errno}" for proc, call, errno in self.failed]
+
 
 class Proc:
     """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
@@ -175,7 +213,7 @@ class Proc:
             addr = self._free_area(size)
         r = await mmap.do_mmap(self.m, self.task, addr, size)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "mmap", r)
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
@@ -188,13 +226,13 @@ class Proc:
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "munmap", r)
 
     async def mprotect(self, addr: int, length: int, prot: str):
         self._alive()
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"mprotect({prot})", r)
 
     async def madvise(self, addr: int, length: int, advice: str):
         self._alive()
@@ -206,7 +244,7 @@ class Proc:
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"madvise({advice})", r)
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
@@ -222,7 +260,7 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "mremap", r)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing

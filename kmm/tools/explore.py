@@ -16,7 +16,9 @@ Violations have a kind:
 ``data``           a written byte that does not read back: the checker's shadow
                    check, or a program result whose ``lost_bytes`` / ``*_lost``
                    value is nonzero
-``assertion``      an AssertionError raised by the program itself
+``assertion``      an AssertionError raised by the program itself, or a call
+                   that failed (an errno) which the program never examined
+                   with ``k.expect`` (kmm.workload.Kernel.expect)
 ``kernel-bug``     KernelBug or any other exception out of the mechanism
 ``nondeterminism`` two runs of the same seed gave different trace digests
 =================  ==========================================================
@@ -77,7 +79,7 @@ from kmm.lockdep import LockdepSplat
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace
 from kmm.tools import runner
-from kmm.workload import Kernel
+from kmm.workload import Kernel, UnexpectedResult
 
 FORMAT = "kmm-failure/1"
 TAIL = 400                 # trace events kept in the failure file
@@ -229,6 +231,8 @@ def classify(e: BaseException, path: str) -> tuple[str, str]:
         return "lockdep", str(e)
     if isinstance(e, Deadlock):
         return "deadlock", str(e)
+    if isinstance(e, UnexpectedResult):
+        return "assertion", str(e)
     if isinstance(e, AssertionError) and _program_frame(e, path):
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return "assertion", (f"{tb.filename}:{tb.lineno}: {tb.line}"
@@ -280,6 +284,10 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         lost = lost_data(out.result)
         if lost:
             raise Violation("data", lost)
+        ignored = k.unexamined()
+        if ignored:  # a failed call the program never examined (Kernel.expect)
+            raise Violation("assertion", "the program ignored failed calls: "
+                            + "; ".join(ignored[:8]))
     except Exception as e:  # noqa: BLE001 - every exception is a finding
         out.kind, out.message = classify(e, cfg.program)
         out.seq = m.sched.seq
