@@ -21,7 +21,7 @@ import enum
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from kmm import debug, huge_memory
+from kmm import atomic, huge_memory, mmdebug, wait
 from kmm.mm_types import PG_lru, PG_referenced
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_SIZE, PMD_SHIFT, is_swap_pte,
@@ -150,8 +150,7 @@ def khugepaged_init(m) -> None:
 
 
 def _wake_up(m) -> None:
-    from kmm import daemon  # wake_up_interruptible(&khugepaged_wait)
-    daemon.wake_up(m, WAITQUEUE)
+    wait.wake_up(m, WAITQUEUE)  # wake_up_interruptible(&khugepaged_wait)
 
 
 def khugepaged_report(m) -> dict | None:
@@ -365,7 +364,7 @@ def hugepage_vma_revalidate(m, mm, address: int, expect_anon: bool, cc):
     """hugepage_vma_revalidate: after the mmap lock was dropped, is the 2 MiB block at
     address still in a VMA that may collapse? Returns (result, vma). Context: mmap
     lock held (the VMA lookup needs it)."""
-    debug.mmap_assert_locked(m, mm, "hugepage_vma_revalidate")
+    mmdebug.mmap_assert_locked(m, mm, "hugepage_vma_revalidate")
     if hpage_collapse_test_exit(mm):
         return R.SCAN_ANY_PROCESS, None
     vma = mm.find_vma(address)
@@ -443,7 +442,7 @@ async def hpage_collapse_scan_pmd(m, mm, vma, address: int,
             cache: dict = {}
             result = R.SCAN_SUCCEED
             for i in range(HPAGE_PMD_NR):
-                pte = await m.entry_read("pte", tbl, i)
+                pte = await atomic.entry_read(m, "pte", tbl, i)
                 if is_swap_pte(pte):
                     unmapped += 1
                     if not khugepaged or unmapped <= max_swap:
@@ -527,7 +526,7 @@ async def madvise_collapse(m, vma, start: int, end: int) -> tuple[int | str, boo
     Context: mmap lock held for read on entry and on return (dropped meanwhile).
     """
     mm = vma.mm
-    debug.mmap_assert_locked(m, mm, "madvise_collapse")
+    mmdebug.mmap_assert_locked(m, mm, "madvise_collapse")
     if not huge_memory.thp_vma_allowable_order(m, vma, "forced_collapse"):
         return "EINVAL", False
     cc = CollapseControl(is_khugepaged=False)

@@ -9,12 +9,12 @@ remote one costs an IPI round trip in emulated time.
 
 from __future__ import annotations
 
-from kmm.pgtable import PAGE_SHIFT, PMD_SHIFT
+from kmm import rcupdate
+from kmm.cost import COST_IPI, COST_LOCAL_FLUSH
+from kmm.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
 
 TLB_4K_ENTRIES = 1536
 TLB_2M_ENTRIES = 1024
-COST_LOCAL_FLUSH = 100
-COST_IPI = 2000
 
 
 def tlb_fill(cpu, mm, addr: int, pfn: int, writable: bool, dirty: bool, huge: bool) -> None:
@@ -84,6 +84,11 @@ async def tlb_remove_table(m, mm, table: int) -> None:
     """tlb_remove_table (mm/mmu_gather.c, x86 with MMU_GATHER_RCU_TABLE_FREE): a page
     table detached under an mmu_gather is freed by RCU (tlb_remove_table_rcu), so a
     lockless walker inside rcu_read_lock never reads a freed table. The batching is
-    left out: each table gets its own callback (kmm.pgtable_generic.pte_free_defer)."""
-    from kmm import pgtable_generic
-    await pgtable_generic.pte_free_defer(m, mm, table)
+    left out: each table gets its own callback. The table leaves the mm's page-table
+    accounting now (the mm may be gone when the callback runs)."""
+    mm.pgtables_bytes -= PAGE_SIZE
+
+    async def tlb_remove_table_rcu() -> None:
+        await m.pte_free(None, table)
+
+    await rcupdate.call_rcu(m, tlb_remove_table_rcu)

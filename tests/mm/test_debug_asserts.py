@@ -1,4 +1,4 @@
-"""The kernel's lock-held assertions (kmm/debug.py) at the sites 6.18 has them: each
+"""The kernel's lock-held assertions (kmm/mmdebug.py) at the sites 6.18 has them: each
 function, called without the lock its caller must hold, raises KernelBug (as
 VM_BUG_ON_FOLIO / lockdep_assert_held / mmap_assert_*locked report with
 CONFIG_DEBUG_VM and CONFIG_LOCKDEP), naming the function and the lock; with the lock

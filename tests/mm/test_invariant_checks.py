@@ -5,7 +5,8 @@ and to stay silent on the correct kernel.
 
 from __future__ import annotations
 
-from kmm import fork, memory, rcupdate, rmap, testing
+from kmm import atomic, fork, memory, rcupdate, rmap, swap, testing
+from kmm.mm_types import PG_anon_exclusive
 from kmm.machine import Machine, MachineConfig
 from kmm.pgtable import pmd_index, pte_index, pte_pfn, table_pfn
 from kmm.runtime.trace import Trace
@@ -40,10 +41,10 @@ def test_checker_never_runs_inside_a_half_finished_free():
         await p.madvise(a, 2 * MiB, "nohugepage")
         await p.touch(a, 4096)
         folio = _pte_folio(m, p.task.mm, a)
-        await m.folio_ref_add(folio, 1)  # a reference that outlives the mapping
+        await atomic.folio_ref_add(m, folio, 1)  # a reference that outlives the mapping
         await p.munmap(a, 2 * MiB)
         m.sched.on_point = chk.at_point
-        await m.folio_put(folio)  # the last one: the free runs here
+        await swap.folio_put(m, folio)  # the last one: the free runs here
         assert m.zone.is_free(folio.pfn) and not m.freeing
 
     m.run(driver)
@@ -111,9 +112,13 @@ def test_anon_exclusive_check_finds_a_page_fork_left_exclusive(monkeypatch):
     (folio_try_dup_anon_rmap_ptes); without that, both processes map pages marked
     exclusive. Nothing is written after the fork, so no byte differs yet: only the
     ownership check sees it (the next write would reuse the page in place)."""
+    real_dup = rmap.folio_try_dup_anon_rmap_ptes
+
     async def dup_keeps_exclusive(m, folio, pfn, nr):
-        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
-        folio.mapcount += 1
+        was = folio.flags & PG_anon_exclusive
+        await real_dup(m, folio, pfn, nr)
+        if was:
+            atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
 
     async def body(m, k):
         await _fork_after_write(m, k)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
-from kmm import memory, rcupdate
+from kmm import atomic, memory, rcupdate
 from kmm.pgtable import pmd_index, table_pfn
 from kmm.testing import run_machine, together
 from kmm.tools import explore as ex
@@ -40,7 +40,7 @@ def test_pt_reclaim_frees_the_table_only_after_the_readers_grace_period():
         mm = p.task.mm
         pmd_tbl = memory.pmd_lookup(m, mm, a)
         rcupdate.rcu_read_lock(m)
-        pte_tbl = table_pfn(await m.entry_read("pmd", pmd_tbl, pmd_index(a)))
+        pte_tbl = table_pfn(await atomic.entry_read(m, "pmd", pmd_tbl, pmd_index(a)))
         pages_before = m.vmstat.node["nr_page_table_pages"]
 
         async def dropper():

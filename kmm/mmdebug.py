@@ -1,28 +1,37 @@
-"""The kernel's debug assertions: include/linux/mmdebug.h, lockdep.h, mmap_lock.h.
+"""VM_BUG_ON and the strict-mode error: what kmm raises when a rule is broken.
 
-A ``VM_BUG_ON_FOLIO`` or a lock-held assertion states what a function requires of its
-caller; the emulator keeps them where 6.18 has them (CONFIG_DEBUG_VM and
-CONFIG_LOCKDEP on), so a path that reaches a function without the lock it needs is
-reported there, as a ``KernelBug`` naming the function, the lock and the actor, even
-when no interleaving happens to break anything in that run. They are plain functions:
-checking is not an operation on shared state, so none is a preemption point.
+include/linux/mmdebug.h. ``KernelBug`` is the emulated kernel reaching a state the real
+one never may; ``StrictError`` (strict mode, kmm.atomic) is emulator code changing
+shared state outside the shared-state layer.
+
+The kernel's debug assertions (mmdebug.h, lockdep.h, mmap_lock.h) live here too. A
+``VM_BUG_ON_FOLIO`` or a lock-held assertion states what a function requires of its
+caller; the emulator keeps them where 6.18 has them (CONFIG_DEBUG_VM and CONFIG_LOCKDEP
+on), so a path that reaches a function without the lock it needs is reported there, as
+a ``KernelBug`` naming the function, the lock and the actor, even when no interleaving
+happens to break anything in that run. They are plain functions: checking is not an
+operation on shared state, so none is a preemption point.
 
 - ``VM_BUG_ON_FOLIO(m, cond, folio, what)``: raise if ``cond``, with the folio's dump;
 - ``folio_test_locked(folio)``: PG_locked is set (by any actor);
 - ``lockdep_assert_held(m, lock, what)``: the current actor holds ``lock`` (a spinlock
   or folio lock as owner; an rwsem for read or write);
-- ``assert_spin_locked(m, lock, what)``: someone holds the spinlock (the kernel's
-  weaker check, used by pgtable_trans_huge_deposit/withdraw);
+- ``assert_spin_locked(m, lock, what)``: someone holds the spinlock;
 - ``pmd_lockptr(m, pmd_tbl)``: the split PMD lock of a PMD table;
 - ``mmap_assert_locked(m, mm, what)`` / ``mmap_assert_write_locked(m, mm, what)``: the
   current actor holds mm's mmap_lock (for read or write / for write).
 """
 
-from __future__ import annotations
+
+class KernelBug(Exception):
+    """VM_BUG_ON: the emulated kernel reached a state the real one never may."""
+
+
+class StrictError(KernelBug):
+    """Strict mode: shared state changed outside kmm.atomic (names the field and caller)."""
 
 
 def _bug(m, msg: str) -> None:
-    from kmm.machine import KernelBug
     raise KernelBug(msg)
 
 
