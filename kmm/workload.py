@@ -374,8 +374,29 @@ class Proc:
         m, task, cpu = self.m, self.task, self.cpu
         forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
         # may start on another CPU halfway through
+        end = addr + length
         try:
-            for a in range(addr, addr + length, stride):
+            if write and m.sched.quiet:
+                # the stores that hit the TLB need no coroutine each (fault.store_run);
+                # a miss takes the whole access path
+                a = addr
+                while a < end:
+                    a0 = a
+                    a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                    if forking or unknown:
+                        for x in range(a0, a, stride):
+                            self._wrote(x, 1)
+                    if a < end:
+                        await fault.user_access(m, task, cpu, a, True, data)
+                        sh[a] = value
+                        if lazy:
+                            lazy.pop(a, None)
+                        if forking or unknown:
+                            self._wrote(a, 1)
+                        a += stride
+                self.k._done()
+                return 0
+            for a in range(addr, end, stride):
                 if write:
                     await fault.user_access(m, task, cpu, a, True, data)
                     sh[a] = value

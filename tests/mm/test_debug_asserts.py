@@ -49,8 +49,8 @@ def test_split_huge_pmd_locked_asserts_the_pmd_lock():
     async def split(m, k, p, a):
         vma = p.task.mm.vma_lookup(a)
         t = pmd_at(m, p.task.mm, a)[0]
-        await huge_memory.split_pmd_locked(m, vma, t, pmd_index(a), a & HPAGE_PMD_MASK,
-                                           freeze=False)
+        await huge_memory.__split_huge_pmd_locked(m, vma, t, pmd_index(a),
+                                                  a & HPAGE_PMD_MASK, freeze=False)
 
     _raises(split, r"__split_huge_pmd_locked: lockdep_assert_held\(ptl_pmd")
 

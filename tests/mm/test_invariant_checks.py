@@ -1,11 +1,11 @@
-"""The invariant checker's checks (kmm/testing.py) and where it may run: each check is
+"""The invariant checker's checks (kmm/checks_cross.py) and where it may run: each check is
 shown to catch the breach it exists for (a state built by hand, or a safeguard removed),
 and to stay silent on the correct kernel.
 """
 
 from __future__ import annotations
 
-from kmm import atomic, fork, memory, rcupdate, rmap, swap, testing
+from kmm import atomic, checks_cross, fork, memory, rcupdate, rmap, swap, testing
 from kmm.mm_types import PG_anon_exclusive
 from kmm.machine import Machine, MachineConfig
 from kmm.pgtable import pmd_index, pte_index, pte_pfn, table_pfn
@@ -14,6 +14,9 @@ from kmm.tools import explore as ex
 from kmm.workload import Kernel
 
 MiB = 1 << 20
+# the checks of kmm/checks_cross.py, each (m, k) -> errors
+MINE = (checks_cross.vma_errors, checks_cross.anon_exclusive_errors, checks_cross.rcu_errors,
+        checks_cross.cross_process_errors)
 
 
 def _machine(cpus=2):
@@ -62,7 +65,7 @@ def _errors_after(body, monkeypatch=None, patches=()):
 
     async def driver():
         await body(m, k)
-        for check in testing.CHECKS:
+        for check in MINE:
             out[check.__name__] = check(m, k)
         old = [e for e in testing.invariant_errors(m, k)
                if not any(e in v for v in out.values())]
@@ -90,7 +93,7 @@ def test_vma_check_finds_a_mapping_munmap_left_behind(monkeypatch):
         await real(m, tlbg, vma, start, end - 4096)
 
     clean = _errors_after(_unmap_one_page)
-    assert clean == {c.__name__: [] for c in testing.CHECKS} | {"others": []}
+    assert clean == {c.__name__: [] for c in MINE} | {"others": []}
     bad = _errors_after(_unmap_one_page, monkeypatch,
                         [(memory, "unmap_page_range", short_zap)])
     assert len(bad["vma_errors"]) == 1
@@ -186,7 +189,7 @@ def test_a_byte_written_while_a_fork_runs_is_unknown_to_the_child(monkeypatch):
     a = box["a"]
     assert box["unknown"] == [a + 4096 + 5] and box["child_reads"] == 1
     assert box["verify"] == [] and box["after"] == set()
-    assert errs == {c.__name__: [] for c in testing.CHECKS} | {"others": []}
+    assert errs == {c.__name__: [] for c in MINE} | {"others": []}
 
 
 def test_rcu_check_finds_a_callback_past_its_grace_period():
@@ -197,9 +200,9 @@ def test_rcu_check_finds_a_callback_past_its_grace_period():
             pass
         rcupdate.rcu_read_lock(m)
         await rcupdate.call_rcu(m, cb)
-        assert testing.rcu_errors(m, k) == []  # the reader is still inside
+        assert checks_cross.rcu_errors(m, k) == []  # the reader is still inside
         m.rcu.nesting.clear()  # the reader left without rcu_read_unlock's report
-        assert testing.rcu_errors(m, k) == [
+        assert checks_cross.rcu_errors(m, k) == [
             "RCU callback test_rcu_check_finds_a_callback_past_its_grace_period."
             "<locals>.driver.<locals>.cb pending after its grace period"]
         m.rcu.pending.clear()

@@ -109,7 +109,9 @@ def test_nested_read_sections_end_the_grace_period_at_the_outermost_unlock():
 
 def test_race_dontneed_fault_pct_schedule_that_read_a_freed_table():
     """The PCT schedule (seed 203, depth 3) in which handle_pte_fault read the PTE
-    table MADV_DONTNEED's pt_reclaim had freed (KeyError) now runs clean."""
+    table MADV_DONTNEED's pt_reclaim had freed (KeyError) now runs clean. (It also
+    caught the incremental data check reading a byte through a freed table's stale
+    place: kmm/checks_data.py forgets every place whose path changed.)"""
     cfg = ex.Config(program=str(ROOT / "workloads" / "race_dontneed_fault.py"), mode="pct",
                     depth=3)
     cfg.n = ex.measure(cfg)
