@@ -70,7 +70,10 @@ class PhysMem:
         data = self.data
         if nr == 1:
             data.pop(pfn, None)
-        elif data:
+        elif len(data) < nr:  # fewer frames held than cleared: look only at those
+            for p in [p for p in data if pfn <= p < pfn + nr]:
+                del data[p]
+        else:
             for p in range(pfn, pfn + nr):
                 data.pop(p, None)
 

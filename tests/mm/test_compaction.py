@@ -17,6 +17,7 @@ sync-light without); only sync runs that fail defer the next ones.
 from __future__ import annotations
 
 import pytest
+from conftest import run as crun
 
 from kmm import compaction, gfp, page_alloc, swap, testing, vmscan
 from kmm.compaction import CompactResult
@@ -25,7 +26,6 @@ from kmm.daemons.kcompactd import Kcompactd
 from kmm.machine import Machine, MachineConfig
 from kmm.mm_types import PG_lru
 from kmm.pgtable import HPAGE_PMD_NR, pmd_index, pmd_pfn, pmd_trans_huge
-from kmm.workload import Kernel
 from kmm.workloads import fragmented_defrag as fd
 
 MiB = 1 << 20
@@ -33,20 +33,10 @@ ARENA = 6  # pageblocks 1..6
 
 
 def run(fn, *, knobs=None, mode="free", seed=1):
-    """A 16 MiB, 2-CPU machine without a trace (the fast scheduler path); ``fn(m, k)``
-    is the driver; the invariants are checked at the end."""
-    m = Machine(MachineConfig(memory=16 * MiB, cpus=2, seed=seed), mode=mode)
-    for name, value in {"enabled": "always", **(knobs or {})}.items():
-        m.sysfs.write(name, value)
-    k = Kernel(m)
-    box = {}
-
-    async def driver():
-        box["v"] = await fn(m, k)
-        testing.check_invariants(m, k)
-
-    m.run(driver)
-    return m, box.get("v")
+    """A 16 MiB, 2-CPU machine (enabled=always); ``fn(m, k)`` is the driver; the
+    invariants are checked at the end."""
+    return crun(fn, memory=16 * MiB, cpus=2, seed=seed, mode=mode, check=None,
+                knobs={"enabled": "always", **(knobs or {})}, machine=True)
 
 
 async def fragment(m, k, unmovable):
