@@ -316,6 +316,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
         st.zone = (zone.untouched, zone.untouched_end)
     dp = ctx.dirty_pages
     tabchk = st.tabchk
+    visited: set[int] = set()
     for task in m.tasks.values():
         mm = task.mm
         if not task.alive or mm.pgd < 0:
@@ -331,6 +332,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
         nr_pte_tables = 0
         for lvl, t in every:
             nr_pte_tables += lvl == "pte"
+            visited.add(t)
             pg = pm.pages.get(t)
             # a table page's own checks, kept while its struct page and the free
             # blocks around it stay as they were
@@ -386,6 +388,11 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 errs.append(f"{name}: bad VMA {vma!r}")
     for t in [t for t in st.sums if t not in live]:
         _apply(st, t, None, touched_pte, touched_pmd)
+    # what was not looked at now missed this check's changes: forget it
+    for name in [n for n in st.walks if n not in st.leaves]:
+        del st.walks[name]
+    for t in [t for t in tabchk if t not in visited]:
+        del tabchk[t]
 
     # which pfns and folios to look at again
     for lo, hi in ranges:
