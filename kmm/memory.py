@@ -139,6 +139,7 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
         if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
             return pte_tbl, ptl
         await ptl.unlock()
+        m.sched.yield_spin("pte_offset_map_lock")  # the PMD changed under us: retry
 
 
 # ------------------------------------------------------------ fault entry
