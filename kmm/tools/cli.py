@@ -328,6 +328,12 @@ def cmd_bugs(args) -> int:
     return 0
 
 
+def cmd_mutate(args) -> int:
+    """kmm mutate: the kill table of the source-level mutants (kmm.tools.mutate)."""
+    from kmm.tools import mutate
+    return mutate.cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -399,6 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     bg = sub.add_parser("bugs", help="the injectable bugs for explore --inject, with the "
                         "kernel safeguard each removes")
     bg.set_defaults(fn=cmd_bugs)
+    mu = sub.add_parser("mutate", help="remove THP safeguards from a copy of the source "
+                        "(kmm.tools.mutate_catalogue); explore and test each mutant")
+    mu.add_argument("names", nargs="*", help="mutants to run (kmm mutate --list)")
+    mu.add_argument("--list", action="store_true", help="the catalogue, checked to apply")
+    mu.add_argument("--all", action="store_true", help="every mutant of the catalogue")
+    mu.add_argument("--budget", type=int, default=200,
+                    help="schedules per program and mode (200)")
+    mu.add_argument("--jobs", type=int, default=1, help="mutants at once (1)")
+    mu.add_argument("--mode", action="append", choices=("random", "pct", "preempt"),
+                    help="explore modes (random and pct)")
+    mu.add_argument("--wide", action="store_true",
+                    help="after the mutant's own programs, every race program")
+    mu.add_argument("--no-tests", action="store_true", help="explore only")
+    mu.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds one exploration may take before it counts as a hang")
+    mu.add_argument("--json", metavar="FILE", help="write the kills as JSON")
+    mu.add_argument("--quiet", action="store_true", help="no line per mutant on stderr")
+    mu.set_defaults(fn=cmd_mutate)
     b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
