@@ -27,7 +27,6 @@ import ast
 import json
 import os
 import pathlib
-import py_compile
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,7 @@ class Kill:
     explored: int = 0        # schedules run in all
     seconds: float = 0.0
     runs: list[dict[str, Any]] = field(default_factory=list)
+    tested: bool = False
 
     @property
     def killed(self) -> bool:
@@ -75,7 +75,8 @@ class Kill:
             return f"test {self.violation}"
         if self.by == "error":
             return f"error: {self.message}"
-        return f"survived ({self.explored} schedules, tests passed)"
+        return (f"survived ({self.explored} schedules"
+                + (", tests passed)" if self.tested else ", no tests run)"))
 
 
 # ------------------------------------------------------------------ applying
@@ -130,11 +131,12 @@ def apply(mu: Mutant, dst: pathlib.Path) -> None:
     if dst.resolve() == ROOT.resolve():
         raise MutateError("refusing to mutate the working tree")
     path = dst / mu.file
-    path.write_text(mutate_source(path.read_text(), mu))
+    text = mutate_source(path.read_text(), mu)
     try:
-        py_compile.compile(str(path), doraise=True, cfile=os.devnull)
-    except py_compile.PyCompileError as e:
-        raise MutateError(f"{mu.name}: the mutated {mu.file} does not compile: {e.msg}")
+        compile(text, str(path), "exec")
+    except SyntaxError as e:
+        raise MutateError(f"{mu.name}: the mutated {mu.file} does not compile: {e}")
+    path.write_text(text)
 
 
 def check_catalogue(root: pathlib.Path = ROOT) -> list[str]:
@@ -247,6 +249,7 @@ def run_mutant(mu: Mutant, budget: int, *, wide: bool = False, tests: bool = Tru
                     return kill
         if tests:
             failed = _run_tests(copy, mu.tests, test_timeout)
+            kill.tested = True
             if failed:
                 kill.by, kill.violation = "test", failed
     kill.seconds = time.perf_counter() - t0
