@@ -16,6 +16,7 @@ MADV_COLLAPSE of a 2 MiB block (one page in sixteen faulted) races, on the other
 MADV_COLLAPSE returns 0 or one of the errnos the kernel gives for a transient state
 (EAGAIN) or a block it will not collapse (EINVAL: a swap PTE it does not read in,
 EBUSY, ENOMEM); every byte reads back as written (swapped pages are read in).
+Round 2 races three faults (two reads, a write) on one swapped-out 4 KiB page.
 
     kmm run workloads/race_collapse_rmap.py --cpus 2 --mode random --seed 1
     kmm explore workloads/race_collapse_rmap.py --schedules 10000 --mode pct
@@ -88,5 +89,23 @@ async def main(k):
 
     collapsed2, _ = await k.parallel(collapser2, reclaimer)
     assert collapsed2 in COLLAPSE_OK, f"MADV_COLLAPSE returned {collapsed2!r}"
+
+    # round 2: swap-in vs swap-in of one page (two reads and a write fault on a swap
+    # PTE): do_swap_page's pte_same under the PTE lock lets one map it
+    c = await p.mmap(64 << 10)
+    assert await p.madvise(c, 64 << 10, "nohugepage") == 0
+    await p.touch(c, 64 << 10, value=0x33)
+    out = k.vmstat().get("pswpout", 0)
+    assert await p.madvise(c, 64 << 10, "pageout") == 0
+    assert k.vmstat().get("pswpout", 0) > out, "MADV_PAGEOUT wrote nothing to swap"
+
+    async def reader(cpu):
+        return await p.on(cpu).load(c + 4096)
+
+    async def writer(cpu):
+        await p.on(cpu).store(c + 4096 + 1, b"\x44")
+
+    got1, _, got2 = await k.parallel(reader, writer, reader)
+    assert got1 == got2 == b"\x33", f"swap-in read {got1!r}, {got2!r}"
     return {"madvise": [collapsed, collapsed2], "moved": moved,
             "lost_bytes": len(await p.verify())}

@@ -6,7 +6,9 @@ The parent faults a THP and a VM_NOHUGEPAGE 4 KiB region, writes a pattern, fork
   same addresses, in the THP (the first write splits the writer's PMD and copies
   4 KiB: do_huge_pmd_wp_page, do_wp_page) and in a 4 KiB page; each then reads back
   its own byte, and the pre-fork pattern everywhere else. A COW that reused a page
-  still mapped by the other process, or copied from the wrong side, shows here.
+  still mapped by the other process, or copied from the wrong side, shows here. Then
+  the parent's CPU 1 reads a shared page, CPU 0 writes it (a COW copy): CPU 1 must read
+  the new byte (its cached translation of the old page was flushed).
 - round 1, exit vs write: a second child exits (CPU 1) while the parent writes into
   pages they shared (CPU 0): the parent's fault copies while the child still maps the
   page, or reuses it once the child's exit dropped its mapping (wp_can_reuse_anon_folio,
@@ -47,6 +49,14 @@ async def main(k):
     mine, theirs = await k.parallel(parent, kid)
     assert mine == [0x50] * len(addrs), f"parent reads {mine}"
     assert theirs == [0x60] * len(addrs), f"child reads {theirs}"
+
+    # the parent's other CPU: a translation it cached before the parent's COW write
+    # must be gone once that write returned (ptep_clear_flush / the PMD split's flush)
+    for x in (small + 3 * 4096, a + 5 * 4096):
+        await p.on(1).load(x)  # CPU 1 caches the translation of the shared page
+        await p.on(0).store(x, b"\x77")
+        got = await p.on(1).load(x)
+        assert got == b"\x77", f"CPU 1 reads {got!r} at {x:#x} after CPU 0's COW write"
 
     second = await p.fork("second")
 

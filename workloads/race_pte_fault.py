@@ -13,6 +13,9 @@ pte_none again under the lock, else release the new page; do_wp_page: pte_same):
   madvise returns 0, each byte reads back as written or as zero (if the zap came after
   it), never as anything else, and the same from both CPUs.
 
+- write faults vs MADV_DONTNEED of a whole 2 MiB: the emptied PTE table is freed
+  (try_to_free_pte) while the faults lock it (pte_offset_map_lock rechecks the PMD).
+
 Each round is run at three offsets of the second CPU (0, 3 and 9 loads of another page
 first), so the race lands before, during and after the first fault.
 
@@ -92,6 +95,30 @@ async def main(k):
             got = await p.on(0).load(z + 64 * i)
             assert got == await p.on(1).load(z + 64 * i), f"CPUs disagree on byte {i}"
             assert got in (b"\x00", bytes([0x31 + i])), f"byte {i} reads {got!r}"
+
+    # write faults vs MADV_DONTNEED of the whole 2 MiB: the zap leaves the PTE table
+    # empty and frees it (try_to_free_pte) while the faults walk into it
+    for delay in DELAYS:
+        t = await p.mmap(2 * MiB)
+        assert await p.madvise(t, 2 * MiB, "nohugepage") == 0
+        await p.store(t, b"\x51")
+
+        async def wt(cpu, t=t):
+            q = p.on(cpu)
+            for i in range(1, 5):
+                await q.store(t + i * 3 * PAGE, bytes([0x51 + i]))
+
+        async def dt(cpu, t=t, delay=delay):
+            q = p.on(cpu)
+            await later(q, delay)
+            return await q.madvise(t, 2 * MiB, "dontneed")
+
+        _, dropped = await k.parallel(wt, dt)
+        assert dropped == 0, f"MADV_DONTNEED returned {dropped}"
+        for i in range(1, 5):
+            got = await p.on(0).load(t + i * 3 * PAGE)
+            assert got == await p.on(1).load(t + i * 3 * PAGE), f"CPUs disagree ({i})"
+            assert got in (b"\x00", bytes([0x51 + i])), f"byte {i} reads {got!r}"
 
     rss, huge = k.smaps(p, a, 2 * MiB)
     assert huge == 0, f"{huge} kB of THP in a VM_NOHUGEPAGE region"

@@ -174,7 +174,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '    result, vma = R.SCAN_SUCCEED, mm.find_vma(address)'),),
            "hugepage_vma_revalidate after re-taking the mmap lock for write: the VMA "
            "was unmapped, split or changed while the lock was dropped to allocate",
-           ("race_munmap_collapse.py",), ("tests/mm/test_khugepaged.py",)),
+           ("race_munmap_collapse.py", "race_collapse_range_munmap.py"),
+           ("tests/mm/test_khugepaged.py",)),
     Mutant("collapse_no_pmd_still_valid", "revalidate", "kmm/khugepaged_collapse.py",
            "_collapse_write_locked",
            (('        result = check_pmd_still_valid(m, mm, address, pmd_tbl)',
@@ -189,7 +190,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '            result, v = R.SCAN_SUCCEED, mm.find_vma(addr)'),),
            "madvise_collapse's revalidation of the VMA when it re-takes the mmap lock "
            "for the next block",
-           ("race_munmap_collapse.py",), ("tests/mm/test_khugepaged.py",)),
+           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           ("tests/mm/test_khugepaged.py",)),
     Mutant("collapse_ptl_before_anon_vma", "lock-order", "kmm/khugepaged_collapse.py",
            "_collapse_write_locked",
            (('    await anon_rwsem.down_write("collapse_huge_page")  # stops rmap walkers\n'

@@ -1,0 +1,44 @@
+"""MADV_COLLAPSE of a 4 MiB range (two blocks) vs munmap of part of the second block.
+
+madvise_collapse drops the mmap lock while it collapses the first block (to allocate
+the THP, then collapse_huge_page takes it for write); before the second block it takes
+the lock again and revalidates the VMA (hugepage_vma_revalidate): the range may have
+been unmapped or split meanwhile. CPU 1 unmaps the last 1 MiB of the range after
+reading a little (0, 6 or 20 loads), so the munmap lands before, during or after the
+first block's collapse. madvise returns 0 (both collapsed, or the second block was
+split by the munmap afterwards), or EINVAL/ENOMEM for a block no longer wholly mapped;
+no mapping may lie outside a VMA, and every byte still mapped reads back.
+
+    kmm run workloads/race_collapse_range_munmap.py --cpus 2 --mode random --seed 1
+    kmm explore workloads/race_collapse_range_munmap.py --schedules 10000 --mode pct
+"""
+
+MACHINE = {"memory": "256MiB"}
+MiB = 1 << 20
+SIZE = 4 * MiB
+LOADS = (0, 6, 20)
+COLLAPSE_OK = (0, "EINVAL", "ENOMEM", "EAGAIN")
+
+
+async def main(k):
+    p = await k.process("main")
+    results = []
+    for loads in LOADS:
+        a = await p.mmap(SIZE)
+        await p.touch(a, SIZE, value=4, stride=128 << 10)
+
+        async def collapser(cpu, a=a):
+            return await p.on(cpu).madvise(a, SIZE, "collapse")
+
+        async def unmapper(cpu, a=a, loads=loads):
+            q = p.on(cpu)
+            for _ in range(loads):
+                await q.load(a + MiB)
+            return await q.munmap(a + 3 * MiB, MiB)
+
+        collapsed, unmapped = await k.parallel(collapser, unmapper)
+        assert unmapped == 0, f"munmap returned {unmapped}"
+        assert collapsed in COLLAPSE_OK, f"MADV_COLLAPSE returned {collapsed!r}"
+        assert k.smaps(p, a + 3 * MiB, MiB) == (0, 0), "the unmapped 1 MiB is mapped"
+        results.append(collapsed)
+    return {"madvise": results, "lost_bytes": len(await p.verify())}
