@@ -413,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     mu.add_argument("--budget", type=int, default=200,
                     help="schedules per program and mode (200)")
     mu.add_argument("--jobs", type=int, default=1, help="mutants at once (1)")
-    mu.add_argument("--mode", action="append", choices=("random", "pct", "preempt"),
-                    help="explore modes (random and pct)")
+    mu.add_argument("--mode", action="append",
+                    choices=("random", "pct", "pct-focus", "preempt"),
+                    help="explore modes (random, pct, and pct-focus: pct aimed at the "
+                         "mutated function)")
     mu.add_argument("--wide", action="store_true",
                     help="after the mutant's own programs, every race program")
     mu.add_argument("--no-tests", action="store_true", help="explore only")

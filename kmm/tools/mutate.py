@@ -6,8 +6,8 @@ workloads/, tests/) into a temporary directory, apply the mutant's edits there (
 still compile), then
 
 1. explore it: for each race program (the mutant's own first, then with ``wide`` every
-   other ``workloads/race_*.py``), in ``random`` then ``pct`` mode, ``budget``
-   schedules, in a child process whose ``import kmm`` is the copy; the first
+   other ``workloads/race_*.py``), in ``random``, ``pct`` and ``pct-focus`` mode (pct
+   with ``--focus fn:FUNCTION``, the mutated function), ``budget`` schedules each, in a child process whose ``import kmm`` is the copy; the first
    violation kills the mutant (a child that runs past ``timeout`` seconds is a hang,
    which kills it too);
 2. if it survived, run its test files with pytest in the copy; a failing test kills it.
@@ -39,7 +39,8 @@ from kmm.tools.mutate_catalogue import BY_NAME, MUTANTS, Mutant
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COPIED = ("kmm", "daemons", "workloads", "tests", "pyproject.toml")
-MODES = ("random", "pct")
+# "pct-focus": pct with its change points aimed at the mutated function (--focus fn:F)
+MODES = ("random", "pct", "pct-focus")
 
 
 class MutateError(Exception):
@@ -160,14 +161,16 @@ def _child_env(copy: pathlib.Path) -> dict[str, str]:
 
 
 def _explore_child(copy: pathlib.Path, program: str, mode: str, budget: int,
-                   timeout: float) -> dict[str, Any]:
+                   timeout: float, function: str = "") -> dict[str, Any]:
     """Explore one program of the copy in a child process: {first, kind, message,
-    schedules} or {hang: True}."""
+    schedules} or {hang: True}. Mode ``pct-focus``: pct aimed at ``function``."""
+    focus = [f"fn:{function}"] if mode == "pct-focus" else []
+    mode = "pct" if mode == "pct-focus" else mode
     code = ("import json, sys, kmm\n"
             "from kmm.tools import explore as ex\n"
             f"assert kmm.__file__.startswith({str(copy)!r}), kmm.__file__\n"
             f"cfg = ex.Config(program={program!r}, mode={mode!r}, seed=1,\n"
-            f"                depth=ex.DEFAULT_DEPTH[{mode!r}])\n"
+            f"                depth=ex.DEFAULT_DEPTH[{mode!r}], focus={focus!r})\n"
             f"s = ex.explore(cfg, {budget})\n"
             "v = s.first_violation or {}\n"
             "print(json.dumps({'first': s.first, 'kind': v.get('kind'),\n"
@@ -233,7 +236,8 @@ def run_mutant(mu: Mutant, budget: int, *, wide: bool = False, tests: bool = Tru
             if not os.path.exists(path):
                 continue
             for mode in modes:
-                res = _explore_child(copy, path, mode, budget, timeout)
+                res = _explore_child(copy, path, mode, budget, timeout,
+                                     mu.function.split(".")[-1])
                 kill.runs.append({"program": prog, "mode": mode, **res})
                 if res.get("hang"):
                     kill.by, kill.program, kill.mode = "hang", prog, mode
