@@ -27,6 +27,7 @@ import ast
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -110,11 +111,32 @@ def mutate_source(text: str, mu: Mutant) -> str:
     body = "".join(lines[start - 1:end])
     for old, new in mu.edits:
         n = body.count(old)
-        if n != 1:
+        if n == 1:
+            body = body.replace(old, new)
+            continue
+        # tolerant of line breaks and of the shared-state door's spelling of a call
+        # (m.entry_read(...) or atomic.entry_read(m, ...))
+        found = list(re.finditer(_loose(old.strip()), body))
+        if len(found) != 1:
             raise MutateError(f"{mu.name}: {mu.file}:{mu.function}: the text to edit "
-                              f"occurs {n} times (want 1): {old.strip()[:60]!r}")
-        body = body.replace(old, new)
+                              f"occurs {len(found)} times (want 1): {old.strip()[:60]!r}")
+        a, b = found[0].span()
+        body = body[:a] + new.strip() + body[b:]
     return "".join(lines[:start - 1]) + body + "".join(lines[end:])
+
+
+_DOOR_CALLS = ("entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg",
+               "folio_ref_add", "folio_put")
+
+
+def _loose(text: str) -> str:
+    """A regex for ``text`` with any whitespace run matching any other, and
+    ``m.CALL(`` matching ``MODULE.CALL(m, `` for the shared-state calls."""
+    pat = r"\s+".join(re.escape(w) for w in text.split())
+    for call in _DOOR_CALLS:
+        pat = pat.replace(re.escape(f"m.{call}("),
+                          rf"(?:m\.{call}\(|\w+\.{call}\(m,\s*)")
+    return pat
 
 
 def copy_tree(dst: pathlib.Path, root: pathlib.Path = ROOT) -> None:

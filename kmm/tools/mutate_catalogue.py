@@ -61,8 +61,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("huge_wp_no_pmd_same_after_sleep", "recheck", "kmm/huge_memory.py",
            "do_huge_pmd_wp_page",
            (('            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig '
-             'and recheck:',
-             '            if False:'),),
+             'and recheck:\n                await ptl.unlock()\n                await lk.unlock()',
+             '            if False:\n                await ptl.unlock()\n'
+             '                await lk.unlock()'),),
            "do_huge_pmd_wp_page's pmd_same after sleeping on the folio lock with the PMD "
            "lock dropped: the split that held the folio lock replaced the PMD meanwhile",
            ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
