@@ -16,7 +16,8 @@ MADV_COLLAPSE of a 2 MiB block (one page in sixteen faulted) races, on the other
 MADV_COLLAPSE returns 0 or one of the errnos the kernel gives for a transient state
 (EAGAIN) or a block it will not collapse (EINVAL: a swap PTE it does not read in,
 EBUSY, ENOMEM); every byte reads back as written (swapped pages are read in).
-Round 2 races three faults (two reads, a write) on one swapped-out 4 KiB page.
+Round 2 races three faults (two reads, a write) on one swapped-out 4 KiB page; round 3
+a migration against MADV_DONTNEED of the page it moves.
 
     kmm run workloads/race_collapse_rmap.py --cpus 2 --mode random --seed 1
     kmm explore workloads/race_collapse_rmap.py --schedules 10000 --mode pct
@@ -107,5 +108,24 @@ async def main(k):
 
     got1, _, got2 = await k.parallel(reader, writer, reader)
     assert got1 == got2 == b"\x33", f"swap-in read {got1!r}, {got2!r}"
-    return {"madvise": [collapsed, collapsed2], "moved": moved,
+    # round 3: migration vs MADV_DONTNEED of the page it moves: the zap drops the
+    # mapping (its reference held until the TLB flush) while migrate_pages unmaps and
+    # freezes; a page with references besides the isolation's is not moved
+    d = await p.mmap(64 << 10)
+    assert await p.madvise(d, 64 << 10, "nohugepage") == 0
+    await p.touch(d, 64 << 10, value=0x55)
+
+    async def mover2(cpu):
+        return await move_page(k, p.on(cpu), d + 2 * 4096)
+
+    async def dropper(cpu):
+        q = p.on(cpu)
+        await q.load(d + 4096)
+        return await q.madvise(d + 2 * 4096, 4096, "dontneed")
+
+    moved2, dropped = await k.parallel(mover2, dropper)
+    assert dropped == 0, f"MADV_DONTNEED returned {dropped}"
+    assert moved2 in ("moved", "busy", "absent"), moved2
+    assert await p.load(d + 2 * 4096) == b"\x00", "a dropped page reads non-zero"
+    return {"madvise": [collapsed, collapsed2], "moved": moved + [moved2],
             "lost_bytes": len(await p.verify())}
