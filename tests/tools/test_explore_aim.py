@@ -200,3 +200,11 @@ def test_keep_going_groups_violations_by_kind_and_site(tmp_path, capsys):
     assert set(kinds) == {"assertion", "kernel-bug"}
     assert sum(d["count"] for d in summ.distinct) == 16
     assert min(d["first"] for d in summ.distinct) == 0
+
+
+def test_race_munmap_collapse_finishes_every_pct_schedule():
+    """The program's busy-wait (round 2) hung most PCT schedules before spinning lowered
+    the waiter's priority (issue 18): each of these ends, clean, within its bound."""
+    prog = str(ROOT / "workloads" / "race_munmap_collapse.py")
+    summ = ex.explore(ex.Config(program=prog, mode="pct", depth=3), 8, keep_going=True)
+    assert summ.schedules == 8 and summ.distinct == []
