@@ -69,8 +69,8 @@ class Kill:
 
     def describe(self) -> str:
         if self.by == "explore":
-            return (f"explore {self.program} {self.mode}, schedule {self.schedules}: "
-                    f"{self.violation}")
+            return (f"explore {self.program} {self.mode}, schedule {self.schedules} "
+                    f"({self.explored} run in all): {self.violation}")
         if self.by == "hang":
             return f"hang: explore {self.program} {self.mode} ran past its timeout"
         if self.by == "test":

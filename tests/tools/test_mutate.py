@@ -63,5 +63,7 @@ def test_a_survivor_is_reported_as_such():
     kill = mt.Kill("m", "lock", explored=10)
     assert not kill.killed and kill.describe().startswith("survived (10 schedules")
     table = mt.format_table([kill, mt.Kill("n", "recheck", by="explore", program="p.py",
-                                           mode="pct", schedules=3, violation="data")])
-    assert "killed 1/2 (50%)" in table and "explore p.py pct, schedule 3: data" in table
+                                           mode="pct", schedules=3, violation="data",
+                                           explored=23)])
+    assert "killed 1/2 (50%)" in table
+    assert "explore p.py pct, schedule 3 (23 run in all): data" in table
