@@ -111,7 +111,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "exit): a CPU writes through a stale entry into a freed page",
            ("race_pte_fault.py", "race_dontneed_fault.py", "race_munmap_collapse.py"),
            ("tests/mm/test_huge_memory.py",)),
-    Mutant("split_pmd_no_invalidate", "tlb-flush", "kmm/huge_memory.py", "split_pmd_locked",
+    Mutant("split_pmd_no_invalidate", "tlb-flush", "kmm/huge_memory.py",
+           "__split_huge_pmd_locked",
            (('        old = await pgg.pmdp_invalidate(m, vma, haddr, pmd_tbl, idx)',
              '        old = await m.entry_read("pmd", pmd_tbl, idx)'),),
            "pmdp_invalidate in __split_huge_pmd_locked: the huge PMD stays present and "
