@@ -6,9 +6,10 @@ the lock again and revalidates the VMA (hugepage_vma_revalidate): the range may 
 been unmapped or split meanwhile. CPU 1 unmaps the last 1 MiB of the range after
 reading a little (0, 6 or 20 loads), so the munmap lands before, during or after the
 first block's collapse. Then a 2 MiB block alone in its 1 GiB is unmapped and mapped
-again while it collapses (its page tables freed and reallocated). madvise returns 0 (both collapsed, or the second block was
-split by the munmap afterwards), or EINVAL/ENOMEM for a block no longer wholly mapped;
-no mapping may lie outside a VMA, and every byte still mapped reads back.
+again while it collapses (its page tables freed and reallocated). madvise returns 0
+(both collapsed, or the second block was split by the munmap afterwards), or
+EINVAL/ENOMEM/EAGAIN for a block no longer wholly mapped or busy; no mapping may lie
+outside a VMA, and every byte still mapped reads back.
 
     kmm run workloads/race_collapse_range_munmap.py --cpus 2 --mode random --seed 1
     kmm explore workloads/race_collapse_range_munmap.py --schedules 10000 --mode pct

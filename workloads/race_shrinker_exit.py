@@ -13,7 +13,8 @@ lock. CPU 0 meanwhile:
   while the shrinker scans.
 
 No folio is left on the queue or the LRU once freed, none is freed twice, nothing
-stays mapped, and memory faulted afterwards reads back (the invariant checker's queue, LRU and free-list checks).
+stays mapped, and memory faulted afterwards reads back (the invariant checker's queue,
+LRU and free-list checks).
 
     kmm run workloads/race_shrinker_exit.py --cpus 2 --mode random --seed 1
     kmm explore workloads/race_shrinker_exit.py --schedules 10000 --mode pct

@@ -7,7 +7,8 @@ still compile), then
 
 1. explore it: for each race program (the mutant's own first, then with ``wide`` every
    other ``workloads/race_*.py``), in ``random``, ``pct`` and ``pct-focus`` mode (pct
-   with ``--focus fn:FUNCTION``, the mutated function), ``budget`` schedules each, in a child process whose ``import kmm`` is the copy; the first
+   with ``--focus fn:FUNCTION``, the mutated function), ``budget`` schedules each,
+   in a child process whose ``import kmm`` is the copy; the first
    violation kills the mutant (a child that runs past ``timeout`` seconds is a hang,
    which kills it too);
 2. if it survived, run its test files with pytest in the copy; a failing test kills it.
