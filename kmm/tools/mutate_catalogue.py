@@ -85,8 +85,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/mm/test_split.py",)),
     Mutant("pte_offset_map_lock_no_pmd_recheck", "recheck", "kmm/memory.py",
            "pte_offset_map_lock",
-           (('        if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:',
-             '        if True:'),),
+           (('        same = await m.entry_read("pmd", pmd_tbl, idx) == pmdval',
+             '        same = True'),),
            "pte_offset_map_lock's pmd_same after taking the PTE lock: the table may have "
            "been detached by a collapse or freed by a zap meanwhile",
            ("race_fault_collapse.py", "race_munmap_collapse.py", "race_pte_fault.py"),
