@@ -128,6 +128,8 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
         if await _walk(m, cpu, mm, addr, write) is not False:
             continue
         faults += 1
+        if faults > 1:  # the last fault did not make the access possible: a retry loop
+            sched.yield_spin("user_access")
         if faults > FAULT_RETRY_LIMIT:
             # the soft-lockup watchdog: the fault keeps returning without making the
             # access possible (a page-table entry no fault handler can resolve)

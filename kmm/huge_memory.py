@@ -271,6 +271,8 @@ async def migration_entry_wait_on_locked(m, folio) -> None:
     if lk.owner is not None:
         await lk.lock("migration_entry_wait_on_locked")
         await lk.unlock()
+    else:  # nothing to sleep on: the fault returns and refaults at once (a spin)
+        m.sched.yield_spin("migration_entry_wait")
 
 
 # --------------------------------------------------------------------- COW

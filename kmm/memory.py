@@ -154,6 +154,7 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
         await rcupdate.rcu_read_unlock(m)
         if same:
             return pte_tbl, ptl
+        m.sched.yield_spin("pte_offset_map_lock")  # the PMD changed under us: retry
 
 
 # ------------------------------------------------------------ fault entry

@@ -103,6 +103,13 @@ class Kernel:
         (cls,) = daemon.load_daemons([name])
         daemon.start_daemon(self.machine, cls())
 
+    def cpu_relax(self) -> None:
+        """The pause of a busy-wait loop (the kernel's cpu_relax): call it once per
+        iteration of a loop that waits for another CPU. The scheduler's systematic modes
+        then let the awaited CPU run (pct drops this CPU's priority: kmm.runtime.sched
+        yield_spin); a wait that never ends is reported as a livelock by explore."""
+        self.machine.sched.yield_spin("cpu_relax")
+
     async def sleep(self, ns: int) -> None:
         """Let emulated time pass (the program's actor sleeps; daemons run meanwhile)."""
         await self.machine.sched.sleep(ns)
