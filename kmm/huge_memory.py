@@ -40,8 +40,12 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     """thp_vma_allowable_order(vma, vm_flags, tva, PMD_ORDER) for an anonymous VMA.
 
     tva is "smaps", "pagefault", "khugepaged" or "forced_collapse" (enum tva_type).
-    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides.
+    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides. A shmem
+    VMA follows shmem's policy (shmem.shmem_thp_vma_allowable).
     """
+    if vma.vm_file is not None:
+        from kmm import shmem
+        return shmem.shmem_thp_vma_allowable(m, vma, tva)
     flags = vma.flags
     if tva != "forced_collapse":
         enabled = m.sysfs.enabled
@@ -271,7 +275,13 @@ async def migration_entry_wait_on_locked(m, folio) -> None:
 
 # --------------------------------------------------------------------- COW
 async def wp_huge_pmd(m, vmf) -> int:
-    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page."""
+    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page; a file PMD (COW or a
+    write-protected shared one) is split, i.e. zapped, and handled at the PTE level."""
+    if vmf.vma.vm_file is not None:
+        from kmm import memory
+        await __split_huge_pmd(m, vmf.vma, vmf.pmd_tbl, vmf.pmd_idx, vmf.address,
+                               freeze=False)
+        return memory.VM_FAULT_FALLBACK
     return await do_huge_pmd_wp_page(m, vmf)
 
 
@@ -359,6 +369,8 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
 
     Context: both mmap_locks held; dst PMD lock, then src PMD lock nested.
     """
+    if dst_vma.vm_file is not None:
+        return 0  # a file PMD is not copied: the child refaults it
     dst_mm = dst_vma.mm
     pgtable = await m.pte_alloc_one(dst_mm, "pte")
     if pgtable < 0:
@@ -419,6 +431,16 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
         return False
     orig = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
     tlbg.track(addr, addr + HPAGE_PMD_SIZE)
+    if vma.vm_file is not None and not is_swap_pmd(orig):
+        # a file PMD: nothing deposited (x86), MM_SHMEMPAGES
+        folio = m.physmem.page(pmd_pfn(orig))
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        if pmd_dirty(orig):
+            folio.flags |= PG_dirty
+        vma.mm.rss_shmem -= HPAGE_PMD_NR
+        tlbg.folios.append((folio, 1))
+        await ptl.unlock()
+        return True
     if (not m.bugs or "huge_fault_no_deposit" not in m.bugs
             or m.physmem.pages[pmd_tbl].pt_deposit):
         table = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)  # zap_deposited_table
@@ -463,6 +485,18 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     mm = vma.mm
     m.vmstat.count_vm_event("thp_split_pmd")
     pmd = await m.entry_read("pmd", pmd_tbl, idx)
+    if vma.vm_file is not None and pmd_trans_huge(pmd):
+        # a file PMD is not split into PTEs: it is zapped, and faults map it again
+        old = await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
+        folio = m.physmem.page(pmd_pfn(old))
+        if pmd_dirty(old):
+            folio.flags |= PG_dirty
+        if pmd_young(old):
+            folio.flags |= PG_referenced
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        await m.folio_put(folio)
+        mm.rss_shmem -= HPAGE_PMD_NR
+        return
     if is_huge_zero_pmd(m, pmd):
         await __split_huge_zero_page_pmd(m, vma, haddr, pmd_tbl, idx)
         return
@@ -650,6 +684,9 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
     a reference, instead of on the LRU. Context: caller holds the folio lock and a
     reference; takes the anon_vma rwsem (write), split_queue_lock and the lru lock.
     """
+    if folio.mapping is not None:  # a page-cache folio (truncate.py)
+        from kmm import truncate
+        return await truncate.split_file_folio(m, folio, new_order)
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:

@@ -182,13 +182,13 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
     """handle_pte_fault: missing, swapped, write-protected, or just old/clean."""
     pmdval = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval):
-        return await do_anonymous_page(m, vmf)
+        return await do_pte_missing(m, vmf)
     if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
         return 0  # pte_offset_map failed: the PMD changed under us, refault
     vmf.pte_tbl, vmf.pte_idx = table_pfn(pmdval), pte_index(vmf.address)
     orig = vmf.orig_pte = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
     if pte_none(orig):
-        return await do_anonymous_page(m, vmf)
+        return await do_pte_missing(m, vmf)
     if not pte_present(orig):
         return await do_swap_page(m, vmf)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -208,6 +208,14 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         await m.entry_set("pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
     await vmf.ptl.unlock()
     return 0
+
+
+async def do_pte_missing(m, vmf: Vmf) -> int:
+    """do_pte_missing: an anonymous VMA's fault, or a file VMA's (memory_file.do_fault)."""
+    if vmf.vma.vm_file is None:
+        return await do_anonymous_page(m, vmf)
+    from kmm import memory_file
+    return await memory_file.do_fault(m, vmf)
 
 
 async def do_anonymous_page(m, vmf: Vmf) -> int:
@@ -272,6 +280,8 @@ async def do_wp_page(m, vmf: Vmf) -> int:
     vma = vmf.vma
     orig = vmf.orig_pte
     pfn = pte_pfn(orig)
+    if vma.flags & VM_SHARED:  # wp_page_shared: no COW in a shared mapping
+        return await wp_page_reuse(m, vmf)
     if not pte_special(orig):
         page = m.physmem.page(pfn)
         folio = m.physmem.folio(pfn)
@@ -344,6 +354,9 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
         if await m.entry_read("pte", tbl, vmf.pte_idx) == vmf.orig_pte:
             if old_folio is None:
                 mm.rss_anon += 1
+            elif old_folio.mapping is not None:  # a page-cache page's COW: file -> anon
+                mm.rss_shmem -= 1
+                mm.rss_anon += 1
             entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
             # ptep_clear_flush: no CPU may keep writing through the old translation
             await m.entry_get_and_clear("pte", tbl, vmf.pte_idx)
@@ -367,10 +380,11 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
 class MmuGather:
     """struct mmu_gather: pages are freed only after the TLB flush of the range."""
 
-    __slots__ = ("mm", "start", "end", "folios", "tables")
+    __slots__ = ("mm", "start", "end", "folios", "tables", "even_cows")
 
-    def __init__(self, mm: MmStruct) -> None:
+    def __init__(self, mm: MmStruct, even_cows: bool = True) -> None:
         self.mm = mm
+        self.even_cows = even_cows  # zap_details: False keeps a private file COW's pages
         self.start = 1 << 63
         self.end = 0
         self.folios: list = []
@@ -439,6 +453,10 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
     while a < end:
         i = pte_index(a)
         ent = await m.entry_read("pte", tbl, i)
+        if ent and not tlbg.even_cows and (
+                not pte_present(ent) or pte_special(ent)
+                or m.physmem.folio(pte_pfn(ent)).mapping is None):
+            ent = 0  # should_zap_folio / should_zap_cows: a private COW's page stays
         if ent:
             await m.entry_get_and_clear("pte", tbl, i)
             if pte_present(ent):
@@ -447,7 +465,10 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
                     folio = m.physmem.folio(pfn)
                     if pte_dirty(ent):
                         folio.flags |= PG_dirty  # folio_mark_dirty
-                    mm.rss_anon -= 1
+                    if folio.mapping is not None:
+                        mm.rss_shmem -= 1
+                    else:
+                        mm.rss_anon -= 1
                     await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
                     tlbg.folios.append((folio, 1))
             else:
@@ -572,8 +593,12 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
     if not pte_special(ent):
         folio = m.physmem.folio(pfn)
         await m.folio_ref_add(folio, 1)
-        await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
-        dst_mm.rss_anon += 1
+        if folio.mapping is not None:  # a private file mapping's page-cache page
+            await rmap.folio_dup_file_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_shmem += 1
+        else:
+            await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_anon += 1
     if pte_write(ent):  # is_cow_mapping: both sides must fault to write
         ent = pte_wrprotect(ent)
         await m.entry_set("pte", stbl, i, ent)

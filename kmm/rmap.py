@@ -131,6 +131,8 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
 
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_remove_rmap_ptes: nr PTE mappings gone; queue a partially mapped THP."""
+    if folio.mapping is not None:
+        return await folio_remove_file_rmap_ptes(m, folio, pfn, nr)
     if m.sched.fast:
         m.sched.tick(1)
     else:
@@ -176,6 +178,8 @@ async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
+    if folio.mapping is not None:
+        return await folio_remove_file_rmap_pmd(m, folio)
     if m.sched.fast:
         m.sched.tick(1)
     else:
@@ -261,16 +265,22 @@ def folio_maybe_mapped_shared(m, folio: Page) -> bool:
 # ------------------------------------------------------------ rmap walks
 def rmap_walk_vmas(folio: Page) -> list[tuple[VmArea, int, int]]:
     """rmap_walk_anon's interval-tree lookup: every VMA on the folio's anon_vma whose
-    range covers some page of the folio, with the covered [lo, hi) addresses.
+    range covers some page of the folio, with the covered [lo, hi) addresses; for a
+    page-cache folio, rmap_walk_file's lookup in the mapping's i_mmap.
 
-    Context: the caller holds the anon_vma rwsem (read for a walk, write for a split).
+    Context: the caller holds the anon_vma rwsem (read for a walk, write for a split),
+    or the i_mmap_rwsem for a page-cache folio.
     """
     av = folio.anon_vma
-    if av is None:
+    if folio.mapping is not None:
+        vmas = folio.mapping.i_mmap
+    elif av is None:
         return []
+    else:
+        vmas = av.vmas
     first, last = folio.index, folio.index + folio.nr_pages
     out = []
-    for vma in av.vmas:
+    for vma in vmas:
         lo = max(vma.start, vma.address_of(first))
         hi = min(vma.end, vma.address_of(last))
         if lo < hi:
@@ -502,3 +512,101 @@ async def folio_referenced(m, folio: Page) -> int:
             await ptl.unlock()
     await av.root.rwsem.up_read()
     return young
+
+
+# ------------------------------------------------------- page-cache folios
+# __folio_add_file_rmap / __folio_remove_rmap for a folio with a mapping: the same
+# mapcounts as anonymous folios, with the file counters (NR_FILE_MAPPED, and
+# NR_SHMEM_PMDMAPPED for a PMD mapping: meminfo ShmemPmdMapped). A partially mapped
+# page-cache folio is never queued for deferred split (6.18 queues anonymous ones only).
+async def folio_add_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    """folio_add_file_rmap_ptes: nr PTE mappings of pages pfn.. of the folio."""
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="add_file_ptes")
+    pm = m.physmem
+    if not folio.order:
+        folio.mapcount += 1
+        if folio.mapcount == 1:
+            m.vmstat.mod_node_page_state("nr_file_mapped", 1)
+        return
+    newly = 0
+    for p in range(pfn, pfn + nr):
+        page = pm.page(p)
+        page.mapcount += 1
+        newly += page.mapcount == 1
+    folio.large_mapcount += nr
+    folio.nr_pages_mapped += newly
+    if newly and not folio.entire_mapcount:
+        m.vmstat.mod_node_page_state("nr_file_mapped", newly)
+
+
+async def folio_add_file_rmap_pmd(m, folio: Page) -> None:
+    """folio_add_file_rmap_pmd: one PMD mapping of the whole folio."""
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="add_file_pmd")
+    folio.entire_mapcount += 1
+    folio.large_mapcount += 1
+    if folio.entire_mapcount == 1:
+        m.vmstat.mod_node_page_state("nr_shmem_pmdmapped", folio.nr_pages)
+        m.vmstat.mod_node_page_state("nr_file_mapped",
+                                     folio.nr_pages - folio.nr_pages_mapped)
+
+
+async def folio_remove_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_file_ptes")
+    pm = m.physmem
+    if not folio.order:
+        folio.mapcount -= 1
+        if folio.mapcount < 0:
+            m.bug(f"mapcount underflow {folio!r}")
+        if folio.mapcount == 0:
+            m.vmstat.mod_node_page_state("nr_file_mapped", -1)
+        return
+    unmapped = 0
+    for p in range(pfn, pfn + nr):
+        page = pm.page(p)
+        page.mapcount -= 1
+        if page.mapcount < 0:
+            m.bug(f"mapcount underflow {page!r}")
+        unmapped += page.mapcount == 0
+    folio.large_mapcount -= nr
+    folio.nr_pages_mapped -= unmapped
+    if unmapped and not folio.entire_mapcount:
+        m.vmstat.mod_node_page_state("nr_file_mapped", -unmapped)
+
+
+async def folio_remove_file_rmap_pmd(m, folio: Page) -> None:
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=folio.pfn, how="remove_file_pmd")
+    folio.entire_mapcount -= 1
+    folio.large_mapcount -= 1
+    if folio.entire_mapcount < 0:
+        m.bug(f"entire mapcount underflow {folio!r}")
+    if folio.entire_mapcount == 0:
+        m.vmstat.mod_node_page_state("nr_shmem_pmdmapped", -folio.nr_pages)
+        m.vmstat.mod_node_page_state("nr_file_mapped",
+                                     folio.nr_pages_mapped - folio.nr_pages)
+
+
+async def folio_dup_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    """folio_dup_file_rmap_ptes (fork of a private file mapping's PTEs)."""
+    if m.sched.fast:
+        m.sched.tick(1)
+    else:
+        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_file_ptes")
+    pm = m.physmem
+    if not folio.order:
+        folio.mapcount += 1
+        return
+    for p in range(pfn, pfn + nr):
+        pm.page(p).mapcount += 1
+    folio.large_mapcount += nr

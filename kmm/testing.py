@@ -50,6 +50,7 @@ def invariant_errors(m, k=None) -> list[str]:
         nr_pte_tables = sum(1 for lvl, _, _ in tables if lvl == "pte")
         deposited = 0
         rss = 0
+        rss_shmem = 0  # MM_SHMEMPAGES: pages of page-cache folios
         for lvl, t, _ in tables:
             if zone.is_free(t):
                 errs.append(f"{task.name}: {lvl} table {t:#x} is on a free list")
@@ -57,8 +58,11 @@ def invariant_errors(m, k=None) -> list[str]:
             if pg is None or pg.page_type != "table":
                 errs.append(f"{task.name}: {lvl} table {t:#x} is not a page-table page")
             if lvl == "pmd":
+                # a file (page-cache) PMD has no deposited table on x86
                 huge = sum(1 for e in pm.tables[t]
-                           if e and (pmd_trans_huge(e) or is_pmd_migration_entry(e)))
+                           if e and (is_pmd_migration_entry(e) or pmd_trans_huge(e) and (
+                               m.is_huge_zero_pfn(pmd_pfn(e))
+                               or pm.page(pmd_pfn(e)).mapping is None)))
                 dep = len(pg.pt_deposit or ()) if pg else 0
                 deposited += dep
                 if dep != huge:
@@ -80,13 +84,19 @@ def invariant_errors(m, k=None) -> list[str]:
                     if m.is_huge_zero_pfn(pfn):
                         continue
                     pmd_maps[pfn] += 1
-                    rss += HPAGE_PMD_NR
+                    if pm.page(pfn).mapping is not None:
+                        rss_shmem += HPAGE_PMD_NR
+                    else:
+                        rss += HPAGE_PMD_NR
                 else:
                     rss += HPAGE_PMD_NR
             elif pte_present(e):
                 if not pte_special(e):
                     pte_maps[pte_pfn(e)] += 1
-                    rss += 1
+                    if pm.folio(pte_pfn(e)).mapping is not None:
+                        rss_shmem += 1
+                    else:
+                        rss += 1
                 elif pte_pfn(e) != m.zero_pfn:
                     errs.append(f"{task.name}: special PTE at {addr:#x} is not the zero page")
             elif is_migration_entry(e):
@@ -97,6 +107,9 @@ def invariant_errors(m, k=None) -> list[str]:
                 errs.append(f"{task.name}: unknown non-present PTE {e:#x} at {addr:#x}")
         if rss != mm.rss_anon:
             errs.append(f"{task.name}: MM_ANONPAGES {mm.rss_anon} != {rss} mapped pages")
+        if rss_shmem != mm.rss_shmem:
+            errs.append(f"{task.name}: MM_SHMEMPAGES {mm.rss_shmem} != {rss_shmem} mapped "
+                        "page-cache pages")
         for vma in mm.vmas:
             if vma.start >= vma.end or vma.start & (PAGE_SIZE - 1):
                 errs.append(f"{task.name}: bad VMA {vma!r}")
@@ -126,6 +139,8 @@ def invariant_errors(m, k=None) -> list[str]:
         # an isolated folio (compaction, reclaim) holds the isolation reference too
         isolated = 1 if folio.flags & PG_isolated else 0
         cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
+        if folio.mapping is not None:  # the page cache holds one reference per page
+            cache += folio.nr_pages
         # a deferred split scan in progress holds a reference on each folio of its batch
         isolated += m.split_scan_pins.get(head, 0)
         if folio.refcount != n + isolated + cache:
@@ -149,6 +164,7 @@ def invariant_errors(m, k=None) -> list[str]:
         f = pm.pages.get(pfn)
         if f is None or not f.on_deferred_list or not f.order or zone.is_free(pfn):
             errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
+    errs.extend(_page_cache_errors(m, folios))
     errs.extend(zone.check())
     errs.extend(swap.lru_check(m))
     errs.extend(swapfile.check(m))
@@ -158,6 +174,53 @@ def invariant_errors(m, k=None) -> list[str]:
     if k is not None:
         errs.extend(_data_errors(m, k))
     return errs
+
+
+def _page_cache_errors(m, mapped) -> list[str]:
+    """Every shmem inode's page cache: each index names a live folio of that mapping
+    covering it; an unmapped page-cache folio holds exactly the cache's references."""
+    from kmm import shmem
+    errs = []
+    st = m.__dict__.get("shmem")
+    if st is None:
+        return errs
+    pm, zone = m.physmem, m.zone
+    for inode in st.inodes.values():
+        mapping = inode.mapping
+        seen = set()
+        for index, pfn in mapping.i_pages.items():
+            folio = pm.pages.get(pfn)
+            if folio is None or zone.is_free(pfn) or folio.mapping is not mapping \
+                    or not folio.index <= index < folio.index + folio.nr_pages:
+                errs.append(f"shmem inode {inode.id}: index {index} -> {pfn:#x}, not a "
+                            "page-cache folio of it")
+                continue
+            seen.add(pfn)
+        if sum(pm.pages[p].nr_pages for p in seen) != mapping.nrpages:
+            errs.append(f"shmem inode {inode.id}: nrpages {mapping.nrpages} != "
+                        f"{sum(pm.pages[p].nr_pages for p in seen)} cached pages")
+        for pfn in seen:
+            folio = pm.pages[pfn]
+            if pfn in mapped:
+                continue
+            extra = 1 if folio.flags & PG_isolated else 0
+            if folio.refcount != folio.nr_pages + extra:
+                errs.append(f"shmem folio {pfn:#x} (inode {inode.id} index "
+                            f"{folio.index}): refcount {folio.refcount} != "
+                            f"{folio.nr_pages} page-cache refs")
+            if not folio.flags & (PG_lru | PG_isolated):
+                errs.append(f"shmem folio {pfn:#x}: in the page cache but on no LRU list")
+    del shmem
+    return errs
+
+
+def read_file_byte(m, inode, off: int) -> int | None:
+    """The byte at file offset off through the page cache (None: a hole)."""
+    folio = m.physmem.pages.get(inode.mapping.i_pages.get(off >> 12, -1))
+    if folio is None:
+        return None
+    pfn = folio.pfn + (off >> 12) - folio.index
+    return m.physmem.read(pfn, off & 4095, 1)[0]
 
 
 def read_mapped_byte(m, mm, addr: int) -> int | None:
@@ -196,6 +259,9 @@ def _data_errors(m, k) -> list[str]:
                 errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
             if got is None and want != 0:
                 vma = task.mm.vma_lookup(addr)
+                if vma is not None and vma.vm_file is not None:
+                    # a private file mapping's COW page was zapped: the file shows
+                    continue
                 if vma is not None:
                     errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
         for addr, want in k.lazy.get(name, {}).items():
@@ -203,6 +269,15 @@ def _data_errors(m, k) -> list[str]:
             if got not in (None, 0, want):
                 errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
                             f"was written {want}")
+    st = m.__dict__.get("shmem")
+    for (ino, off), want in getattr(k, "file_shadow", {}).items():
+        inode = st.inodes.get(ino) if st is not None else None
+        if inode is None:
+            continue  # evicted: nothing maps or holds the file any more
+        got = read_file_byte(m, inode, off)
+        if (got or 0) != want:
+            errs.append(f"shmem inode {ino}: byte at offset {off:#x} reads {got}, was "
+                        f"written {want}")
     return errs
 
 

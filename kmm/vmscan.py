@@ -297,7 +297,8 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
         sc.nr_scanned += nr_pages
         outcome = "keep_locked"
         anon = folio.anon_vma is not None
-        while True:  # one pass; "break" with outcome set is the kernel's goto
+        while folio.mapping is None:  # one pass; "break" with outcome set is the kernel's goto
+            # (shmem folios are kept: shmem_writeout is not modelled yet)
             if folio.flags & PG_unevictable:
                 outcome = "activate_locked"
                 break

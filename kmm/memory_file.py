@@ -1,0 +1,222 @@
+"""Faults on file (shmem) VMAs: mm/memory.c's do_fault family.
+
+``do_fault`` picks by access and mapping: a read maps the page-cache page
+(``do_read_fault``), a write to a private mapping copies it into a new anonymous page
+(``do_cow_fault``), a write to a shared mapping maps the page-cache page writable and
+dirty (``do_shared_fault``). The folio comes from the filesystem's fault handler
+(``shmem.shmem_fault``) locked and with a reference; ``finish_fault`` maps it under
+the folio lock, so truncation (which takes the folio lock) never races a mapping in:
+
+- on a none PMD, a PMD-size folio is mapped whole by ``do_set_pmd`` (``thp_file_mapped``;
+  x86 deposits no page table for a file PMD);
+- otherwise PTEs: a shmem VMA maps the whole large folio at once when it lies inside the
+  VMA and the PTE table and every PTE is none, else the one page.
+
+Left out: fault-around (``filemap_map_pages``: a read fault maps the neighbouring
+page-cache pages that are already there; none of the recorded scenarios tells),
+page_mkwrite and write-notify (shmem has none), userfaultfd.
+"""
+
+from __future__ import annotations
+
+from kmm import memory, page_alloc, rmap, shmem, swap
+from kmm.machine import COST_COPY_PAGE
+from kmm.mm_types import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, Page
+from kmm.pgtable import (
+    HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
+    pfn_pmd, pfn_pte, pmd_mkdirty, pmd_mkwrite, pmd_none, pte_index, pte_mkdirty,
+    pte_mkwrite, pte_none,
+)
+
+VM_FAULT_SIGBUS = 0x10
+
+
+def _fault_errno(err: str) -> int:
+    return memory.VM_FAULT_OOM if err == "ENOMEM" else VM_FAULT_SIGBUS
+
+
+async def do_fault(m, vmf) -> int:
+    """do_fault: a missing PTE in a file VMA. Context: mmap_lock held for read."""
+    if not vmf.write:
+        return await do_read_fault(m, vmf)
+    if not vmf.vma.flags & VM_SHARED:
+        return await do_cow_fault(m, vmf)
+    return await do_shared_fault(m, vmf)
+
+
+async def __do_fault(m, vmf) -> Page | int:
+    """__do_fault: the folio from ->fault, locked with a reference, or VM_FAULT_*."""
+    folio = await shmem.shmem_fault(m, vmf)
+    if isinstance(folio, str):
+        return _fault_errno(folio)
+    return folio
+
+
+async def do_read_fault(m, vmf) -> int:
+    folio = await __do_fault(m, vmf)
+    if isinstance(folio, int):
+        return folio
+    ret = await finish_fault(m, vmf, folio, None)
+    await m.folio_lock_of(folio).unlock()
+    if ret:
+        await m.folio_put(folio)  # not mapped: the fault's reference goes
+    return ret
+
+
+async def do_shared_fault(m, vmf) -> int:
+    """do_shared_fault: map the page-cache page writable; the folio is dirtied
+    (fault_dirty_shared_page)."""
+    folio = await __do_fault(m, vmf)
+    if isinstance(folio, int):
+        return folio
+    ret = await finish_fault(m, vmf, folio, None)
+    if not ret:
+        from kmm.mm_types import PG_dirty
+        folio.flags |= PG_dirty  # folio_mark_dirty
+    await m.folio_lock_of(folio).unlock()
+    if ret:
+        await m.folio_put(folio)
+    return ret
+
+
+async def do_cow_fault(m, vmf) -> int:
+    """do_cow_fault: copy the page-cache page into a new anonymous page and map that
+    (a private mapping's write never reaches the file)."""
+    from kmm.machine import COST_CLEAR_PAGE  # noqa: F401  (the copy costs COST_COPY_PAGE)
+    vma = vmf.vma
+    if not await rmap.anon_vma_prepare(m, vma):
+        return memory.VM_FAULT_OOM
+    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    if pfn < 0:
+        return memory.VM_FAULT_OOM
+    cow = m.physmem.page(pfn)
+    folio = await __do_fault(m, vmf)
+    if isinstance(folio, int):
+        await m.folio_put(cow)
+        return folio
+    src = folio.pfn + vma.linear_page_index(vmf.address) - folio.index
+    await m.sched.point("copy_page", COST_COPY_PAGE, dst=pfn, src=src)
+    m.physmem.copy(pfn, src)
+    ret = await finish_fault(m, vmf, folio, cow)
+    await m.folio_lock_of(folio).unlock()
+    await m.folio_put(folio)  # the page-cache folio was only read
+    if ret:
+        await m.folio_put(cow)
+    return ret
+
+
+async def finish_fault(m, vmf, folio: Page, cow: Page | None) -> int:
+    """finish_fault: map the folio (or the COW copy) at the fault. Returns 0 when
+    mapped (the fault's reference became the mapping's), else VM_FAULT_* (nothing
+    mapped; the caller drops its reference). Context: folio locked."""
+    vma = vmf.vma
+    mm = vma.mm
+    if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+        if cow is None and folio.order == HPAGE_PMD_ORDER:
+            ret = await do_set_pmd(m, vmf, folio)
+            if ret != memory.VM_FAULT_FALLBACK:
+                return ret
+        if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+            if not await memory.__pte_alloc(m, mm, vmf.pmd_tbl, vmf.pmd_idx):
+                return memory.VM_FAULT_OOM
+    index = vma.linear_page_index(vmf.address)
+    addr = vmf.address
+    nr = 1
+    first = folio.pfn + index - folio.index
+    if cow is None and folio.order and shmem.vma_is_shmem(vma):
+        idx = index - folio.index                        # the page within the folio
+        vma_off = index - vma.pgoff                      # the page within the VMA
+        pte_off = pte_index(vmf.address)
+        vma_pages = (vma.end - vma.start) >> PAGE_SHIFT
+        if not (vma_off < idx or vma_off + folio.nr_pages - idx > vma_pages
+                or pte_off < idx or pte_off + folio.nr_pages - idx > 512):
+            nr = folio.nr_pages
+            addr = vmf.address - idx * PAGE_SIZE
+            first = folio.pfn
+    res = await memory.pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        return memory.VM_FAULT_NOPAGE
+    tbl, ptl = res
+    i0 = pte_index(addr)
+    busy = [i for i in range(i0, i0 + nr)
+            if not pte_none(await m.entry_read("pte", tbl, i))]
+    if busy and nr > 1:  # some PTE in the range is set: map just the faulting page
+        nr, addr, first, i0 = 1, vmf.address, folio.pfn + index - folio.index, pte_index(vmf.address)
+        busy = [] if pte_none(await m.entry_read("pte", tbl, i0)) else [i0]
+    if busy:
+        await ptl.unlock()
+        return memory.VM_FAULT_NOPAGE  # another fault mapped it first
+    await set_pte_range(m, vmf, folio, cow, first, nr, tbl, i0)
+    await ptl.unlock()
+    return 0
+
+
+async def set_pte_range(m, vmf, folio: Page, cow: Page | None, first: int, nr: int,
+                        tbl: int, i0: int) -> None:
+    """set_pte_range: nr PTEs from pfn ``first`` (young; a write makes them dirty and
+    writable where the VMA allows), with their rmap and Rss counter. Context: PTE lock
+    held; the fault's reference becomes the first PTE's, the rest are added here."""
+    vma = vmf.vma
+    mm = vma.mm
+    target = cow if cow is not None else folio
+    if cow is not None:
+        first = cow.pfn
+    if nr > 1:
+        await m.folio_ref_add(target, nr - 1)
+    if cow is not None:
+        await rmap.folio_add_new_anon_rmap(m, cow, vma, vmf.address, pmd=False)
+        await swap.folio_add_lru(m, cow)  # folio_add_lru_vma
+        mm.rss_anon += 1
+    else:
+        await rmap.folio_add_file_rmap_ptes(m, folio, first, nr)
+        mm.rss_shmem += nr
+    for j in range(nr):
+        entry = pfn_pte(first + j, vma.page_prot)
+        if vmf.write:
+            entry = pte_mkdirty(entry)
+            if vma.flags & VM_WRITE:
+                entry = pte_mkwrite(entry)
+        await m.entry_set("pte", tbl, i0 + j, entry)
+
+
+async def do_set_pmd(m, vmf, folio: Page) -> int:
+    """do_set_pmd: map a PMD-size page-cache folio by one PMD (no deposit: x86 needs
+    none for a file PMD); VM_FAULT_FALLBACK when the VMA cannot hold it or THPs are
+    off for it. Context: folio locked; takes the PMD lock."""
+    vma = vmf.vma
+    haddr = vmf.address & HPAGE_PMD_MASK
+    # vma_thp_disabled(..., forced_collapse=true): only MADV_NOHUGEPAGE refuses
+    if vma.flags & VM_NOHUGEPAGE and not vma.flags & VM_HUGEPAGE:
+        return memory.VM_FAULT_FALLBACK
+    if not shmem.thp_vma_suitable_order(vma, haddr, HPAGE_PMD_ORDER):
+        return memory.VM_FAULT_FALLBACK
+    if folio.order != HPAGE_PMD_ORDER:
+        return memory.VM_FAULT_FALLBACK
+    ptl = m.table_lock(vmf.pmd_tbl)
+    await ptl.lock("do_set_pmd")
+    if not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+        await ptl.unlock()
+        return memory.VM_FAULT_NOPAGE
+    entry = pfn_pmd(folio.pfn, vma.page_prot)
+    if vmf.write:
+        entry = pmd_mkdirty(entry)
+        if vma.flags & VM_WRITE:
+            entry = pmd_mkwrite(entry)
+    vma.mm.rss_shmem += HPAGE_PMD_NR
+    await rmap.folio_add_file_rmap_pmd(m, folio)
+    await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+    m.vmstat.count_vm_event("thp_file_mapped")
+    await ptl.unlock()
+    return 0
+
+
+def file_rss_dec(mm, folio: Page, nr: int) -> None:
+    """add_mm_counter(mm, mm_counter(folio), -nr): MM_SHMEMPAGES for a page-cache
+    folio, MM_ANONPAGES otherwise."""
+    if folio.mapping is not None:
+        mm.rss_shmem -= nr
+    else:
+        mm.rss_anon -= nr
+
+
+assert HPAGE_PMD_SIZE == HPAGE_PMD_NR * PAGE_SIZE
