@@ -792,10 +792,11 @@ class _Span:
     """What an rmap walk needs of a folio that no longer exists as one (remap_page
     walks the range the large folio covered)."""
 
-    __slots__ = ("pfn", "nr_pages", "anon_vma", "index")
+    __slots__ = ("pfn", "nr_pages", "anon_vma", "index", "mapping")
 
     def __init__(self, pfn: int, nr: int, anon_vma, index: int) -> None:
         self.pfn, self.nr_pages, self.anon_vma, self.index = pfn, nr, anon_vma, index
+        self.mapping = None  # anonymous: remap_page is for anonymous folios only
 
 
 # ------------------------------------------------- deferred split shrinker
