@@ -147,13 +147,10 @@ async def collapse_file(m, mm, addr: int, inode, start: int, cc) -> R:
         await nlk.unlock()
         await m.folio_put(new)
         return result
-    if m.bugs and "collapse_file_early_unlock" in m.bugs:
-        await nlk.unlock()  # kmm.bugs: faults may map the new folio into old tables
     await retract_page_tables(m, mapping, start)
     if not cc.is_khugepaged:
         result = R.SCAN_PTE_MAPPED_HUGEPAGE  # MADV_COLLAPSE maps the PMD itself
-    if not m.bugs or "collapse_file_early_unlock" not in m.bugs:
-        await nlk.unlock()
+    await nlk.unlock()  # only now may a fault map the new folio (into a PMD)
     for folio in pagelist:  # the old folios go: ours, the isolation's, the cache's refs
         folio.flags &= ~PG_isolated
         await m.folio_lock_of(folio).unlock()

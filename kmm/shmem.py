@@ -289,7 +289,8 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
             await m.folio_ref_add(folio, 1)  # filemap_get_entry's folio_try_get
             lk = m.folio_lock_of(folio)
             await lk.lock("shmem_get_folio_gfp")
-            if folio.mapping is not inode.mapping or not _covers(folio, index):
+            if (folio.mapping is not inode.mapping or not _covers(folio, index)) and (
+                    not m.bugs or "shmem_fault_no_truncate_recheck" not in m.bugs):
                 await lk.unlock()   # truncated or split meanwhile: look again
                 await m.folio_put(folio)
                 continue

@@ -139,14 +139,15 @@ def invariant_errors(m, k=None) -> list[str]:
         # an isolated folio (compaction, reclaim) holds the isolation reference too
         isolated = 1 if folio.flags & PG_isolated else 0
         cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
-        if folio.mapping is not None:  # the page cache holds one reference per page
-            cache += folio.nr_pages
+        # the page cache holds one reference per page of a page-cache folio
+        pcache = folio.nr_pages if folio.mapping is not None else 0
         # a deferred split scan in progress holds a reference on each folio of its batch
         isolated += m.split_scan_pins.get(head, 0)
-        if folio.refcount != n + isolated + cache:
+        if folio.refcount != n + isolated + cache + pcache:
             errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
                         + (" + 1 isolation" if isolated else "")
-                        + (f" + {cache} swap cache" if cache else ""))
+                        + (f" + {cache} swap cache" if cache else "")
+                        + (f" + {pcache} page cache" if pcache else ""))
         if folio.order:
             mapped = sum(1 for p in range(head, head + folio.nr_pages)
                          if pm.pages.get(p) is not None and pm.pages[p].mapcount)
