@@ -15,6 +15,7 @@ xa_lock), so a lookup never sees half a folio.
 
 from __future__ import annotations
 
+from kmm import atomic, swap
 from kmm.mm_types import PG_dirty, PG_lru, PG_swapbacked, PG_uptodate, Page
 
 
@@ -76,10 +77,10 @@ async def filemap_add_folio(m, mapping: AddressSpace, folio: Page, index: int) -
     if range_has_entry(mapping, index, index + nr):
         await mapping.i_pages_lock.unlock()
         return False
-    await m.folio_ref_add(folio, nr)
-    folio.mapping = mapping
-    folio.index = index
-    folio.flags |= PG_swapbacked
+    await atomic.folio_ref_add(m, folio, nr)
+    atomic.folio_set_field_locked(folio, "mapping", mapping)  # i_pages lock held
+    atomic.folio_set_field_locked(folio, "index", index)
+    atomic.folio_set_flags_locked(folio, PG_swapbacked)
     for i in range(index, index + nr):
         mapping.i_pages[i] = folio.pfn
     mapping.nrpages += nr
@@ -103,7 +104,7 @@ async def filemap_remove_folio(m, folio: Page) -> None:
     await mapping.i_pages_lock.lock("__filemap_remove_folio")
     __filemap_remove_folio(m, folio)
     await mapping.i_pages_lock.unlock()
-    await m.folio_put(folio, folio.nr_pages)  # filemap_free_folio: the cache's refs
+    await swap.folio_put(m, folio, folio.nr_pages)  # filemap_free_folio: the cache's refs
 
 
 def __filemap_remove_folio(m, folio: Page) -> None:
@@ -114,8 +115,8 @@ def __filemap_remove_folio(m, folio: Page) -> None:
             del mapping.i_pages[i]
     mapping.nrpages -= folio.nr_pages
     shmem_stat(m, folio, -1)
-    folio.mapping = None
-    folio.flags &= ~(PG_dirty | PG_uptodate)
+    atomic.folio_set_field_locked(folio, "mapping", None)
+    atomic.folio_clear_flags_locked(folio, PG_dirty | PG_uptodate)
 
 
 def folio_on_lru(folio: Page) -> bool:

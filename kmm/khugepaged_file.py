@@ -20,9 +20,9 @@ userfaultfd, non-shmem files (CONFIG_READ_ONLY_THP_FOR_FS).
 
 from __future__ import annotations
 
-from kmm import filemap, khugepaged, memory, pgtable_generic as pgg, swap, truncate
+from kmm import atomic, filemap, khugepaged, memory, pgtable_generic as pgg, swap, truncate
 from kmm.khugepaged import ScanResult as R
-from kmm.machine import COST_COPY_PAGE
+from kmm.cost import COST_COPY_PAGE
 from kmm.mm_types import PG_dirty, PG_isolated, PG_lru, PG_swapbacked, PG_uptodate, Page
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, pmd_index,
@@ -83,7 +83,7 @@ async def _isolate_range(m, mapping, start: int, end: int, pagelist: list) -> tu
         if not await flk.trylock("collapse_file"):
             await lk.unlock()
             return R.SCAN_PAGE_LOCK, 0
-        await m.folio_ref_add(folio, 1)
+        await atomic.folio_ref_add(m, folio, 1)
         await lk.unlock()
         result = R.SCAN_SUCCEED
         if not folio.flags & PG_uptodate:
@@ -96,7 +96,7 @@ async def _isolate_range(m, mapping, start: int, end: int, pagelist: list) -> tu
             result = R.SCAN_DEL_PAGE_LRU
         if result != R.SCAN_SUCCEED:
             await flk.unlock()
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
             return result, 0
         from kmm import rmap
         if rmap.folio_mapped(folio):  # try_to_unmap
@@ -108,7 +108,7 @@ async def _isolate_range(m, mapping, start: int, end: int, pagelist: list) -> tu
             await lk.unlock()
             await swap.folio_putback_lru(m, folio)
             await flk.unlock()
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
             return R.SCAN_PAGE_COUNT, 0
         pagelist.append(folio)
         index += folio.nr_pages
@@ -127,7 +127,7 @@ async def collapse_file(m, mm, addr: int, inode, start: int, cc) -> R:
         return result
     nlk = m.folio_lock_of(new)
     await nlk.lock("collapse_file")  # __folio_set_locked: nobody can see it yet
-    new.flags |= PG_swapbacked
+    atomic.folio_set_flags_locked(new, PG_swapbacked)  # __folio_set_swapbacked: ours
     pagelist: list[Page] = []
     result, nr_none = await _isolate_range(m, mapping, start, end, pagelist)
     if result == R.SCAN_SUCCEED:
@@ -143,18 +143,18 @@ async def collapse_file(m, mm, addr: int, inode, start: int, cc) -> R:
         for folio in pagelist:
             await swap.folio_putback_lru(m, folio)
             await m.folio_lock_of(folio).unlock()
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
         await nlk.unlock()
-        await m.folio_put(new)
+        await swap.folio_put(m, new)
         return result
     await retract_page_tables(m, mapping, start)
     if not cc.is_khugepaged:
         result = R.SCAN_PTE_MAPPED_HUGEPAGE  # MADV_COLLAPSE maps the PMD itself
     await nlk.unlock()  # only now may a fault map the new folio (into a PMD)
     for folio in pagelist:  # the old folios go: ours, the isolation's, the cache's refs
-        folio.flags &= ~PG_isolated
+        atomic.folio_clear_flags_locked(folio, PG_isolated)  # folio locked, off the LRU
         await m.folio_lock_of(folio).unlock()
-        await m.folio_put(folio, 2 + folio.nr_pages)
+        await swap.folio_put(m, folio, 2 + folio.nr_pages)
     return result
 
 
@@ -173,10 +173,10 @@ async def _replace_in_page_cache(m, mapping, new: Page, start: int, pagelist: li
         return R.SCAN_PAGE_FILLED
     for folio in pagelist:
         filemap.__filemap_remove_folio(m, folio)
-    new.mapping = mapping
-    new.index = start
-    new.flags |= PG_uptodate | PG_dirty
-    new.refcount += HPAGE_PMD_NR - 1  # folio_ref_add: our reference becomes the cache's
+    atomic.folio_set_field_locked(new, "mapping", mapping)  # i_pages lock held
+    atomic.folio_set_field_locked(new, "index", start)
+    atomic.folio_set_flags_locked(new, PG_uptodate | PG_dirty)
+    atomic.folio_ref_add_locked(new, HPAGE_PMD_NR - 1)  # our reference becomes the cache's
     for i in range(start, start + HPAGE_PMD_NR):
         mapping.i_pages[i] = new.pfn
     mapping.nrpages += HPAGE_PMD_NR
@@ -206,7 +206,7 @@ async def retract_page_tables(m, mapping, pgoff: int) -> None:
         idx = pmd_index(addr)
         pml = m.table_lock(pmd_tbl)
         await pml.lock("retract_page_tables")
-        pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+        pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         table = -1
         if pmdval and pmd_present(pmdval) and not pmd_trans_huge(pmdval):
             ptl = m.table_lock(table_pfn(pmdval))
@@ -258,9 +258,9 @@ async def collapse_pte_mapped_thp(m, mm, addr: int, install_pmd: bool) -> R:
             return R.SCAN_FAIL
         vmf = memory.Vmf(vma, haddr, False)
         vmf.pmd_tbl, vmf.pmd_idx = pmd_tbl, pmd_index(haddr)
-        await m.folio_ref_add(folio, 1)  # the PMD mapping's reference (folio_get)
+        await atomic.folio_ref_add(m, folio, 1)  # the PMD mapping's reference (folio_get)
         if await memory_file.do_set_pmd(m, vmf, folio):
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
             return R.SCAN_FAIL
         return R.SCAN_SUCCEED
     finally:
@@ -275,7 +275,7 @@ async def _clear_pte_table(m, vma, folio: Page, pmd_tbl: int, haddr: int) -> boo
     idx = pmd_index(haddr)
     pml = m.table_lock(pmd_tbl)
     await pml.lock("collapse_pte_mapped_thp")
-    pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+    pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
         await pml.unlock()
         return not pmd_trans_huge(pmdval)
@@ -293,10 +293,10 @@ async def _clear_pte_table(m, vma, folio: Page, pmd_tbl: int, haddr: int) -> boo
     nr = 0
     if ok:
         for i in range(HPAGE_PMD_NR):
-            e = await m.entry_read("pte", tbl, i)
+            e = await atomic.entry_read(m, "pte", tbl, i)
             if pte_none(e):
                 continue
-            await m.entry_get_and_clear("pte", tbl, i)
+            await atomic.entry_get_and_clear(m, "pte", tbl, i)
             await rmap.folio_remove_rmap_ptes(m, folio, folio.pfn + i, 1)
             nr += 1
         await pgg.pmdp_collapse_flush(m, vma, haddr, pmd_tbl, idx)
@@ -304,7 +304,7 @@ async def _clear_pte_table(m, vma, folio: Page, pmd_tbl: int, haddr: int) -> boo
     await pml.unlock()
     if ok:
         if nr:
-            await m.folio_put(folio, nr)
+            await swap.folio_put(m, folio, nr)
             mm.rss_shmem -= nr
         mm.nr_ptes -= 1
         await m.pte_free(mm, tbl)

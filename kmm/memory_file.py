@@ -19,8 +19,8 @@ page_mkwrite and write-notify (shmem has none), userfaultfd.
 
 from __future__ import annotations
 
-from kmm import memory, page_alloc, rmap, shmem, swap
-from kmm.machine import COST_COPY_PAGE
+from kmm import atomic, memory, page_alloc, rmap, shmem, swap
+from kmm.cost import COST_COPY_PAGE
 from kmm.mm_types import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, Page
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
@@ -59,7 +59,7 @@ async def do_read_fault(m, vmf) -> int:
     ret = await finish_fault(m, vmf, folio, None)
     await m.folio_lock_of(folio).unlock()
     if ret:
-        await m.folio_put(folio)  # not mapped: the fault's reference goes
+        await swap.folio_put(m, folio)  # not mapped: the fault's reference goes
     return ret
 
 
@@ -72,17 +72,16 @@ async def do_shared_fault(m, vmf) -> int:
     ret = await finish_fault(m, vmf, folio, None)
     if not ret:
         from kmm.mm_types import PG_dirty
-        folio.flags |= PG_dirty  # folio_mark_dirty
+        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
     await m.folio_lock_of(folio).unlock()
     if ret:
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
     return ret
 
 
 async def do_cow_fault(m, vmf) -> int:
     """do_cow_fault: copy the page-cache page into a new anonymous page and map that
     (a private mapping's write never reaches the file)."""
-    from kmm.machine import COST_CLEAR_PAGE  # noqa: F401  (the copy costs COST_COPY_PAGE)
     vma = vmf.vma
     if not await rmap.anon_vma_prepare(m, vma):
         return memory.VM_FAULT_OOM
@@ -92,16 +91,16 @@ async def do_cow_fault(m, vmf) -> int:
     cow = m.physmem.page(pfn)
     folio = await __do_fault(m, vmf)
     if isinstance(folio, int):
-        await m.folio_put(cow)
+        await swap.folio_put(m, cow)
         return folio
     src = folio.pfn + vma.linear_page_index(vmf.address) - folio.index
     await m.sched.point("copy_page", COST_COPY_PAGE, dst=pfn, src=src)
     m.physmem.copy(pfn, src)
     ret = await finish_fault(m, vmf, folio, cow)
     await m.folio_lock_of(folio).unlock()
-    await m.folio_put(folio)  # the page-cache folio was only read
+    await swap.folio_put(m, folio)  # the page-cache folio was only read
     if ret:
-        await m.folio_put(cow)
+        await swap.folio_put(m, cow)
     return ret
 
 
@@ -111,12 +110,12 @@ async def finish_fault(m, vmf, folio: Page, cow: Page | None) -> int:
     mapped; the caller drops its reference). Context: folio locked."""
     vma = vmf.vma
     mm = vma.mm
-    if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+    if pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
         if cow is None and folio.order == HPAGE_PMD_ORDER:
             ret = await do_set_pmd(m, vmf, folio)
             if ret != memory.VM_FAULT_FALLBACK:
                 return ret
-        if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+        if pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
             if not await memory.__pte_alloc(m, mm, vmf.pmd_tbl, vmf.pmd_idx):
                 return memory.VM_FAULT_OOM
     index = vma.linear_page_index(vmf.address)
@@ -139,10 +138,10 @@ async def finish_fault(m, vmf, folio: Page, cow: Page | None) -> int:
     tbl, ptl = res
     i0 = pte_index(addr)
     busy = [i for i in range(i0, i0 + nr)
-            if not pte_none(await m.entry_read("pte", tbl, i))]
+            if not pte_none(await atomic.entry_read(m, "pte", tbl, i))]
     if busy and nr > 1:  # some PTE in the range is set: map just the faulting page
         nr, addr, first, i0 = 1, vmf.address, folio.pfn + index - folio.index, pte_index(vmf.address)
-        busy = [] if pte_none(await m.entry_read("pte", tbl, i0)) else [i0]
+        busy = [] if pte_none(await atomic.entry_read(m, "pte", tbl, i0)) else [i0]
     if busy:
         await ptl.unlock()
         return memory.VM_FAULT_NOPAGE  # another fault mapped it first
@@ -162,7 +161,7 @@ async def set_pte_range(m, vmf, folio: Page, cow: Page | None, first: int, nr: i
     if cow is not None:
         first = cow.pfn
     if nr > 1:
-        await m.folio_ref_add(target, nr - 1)
+        await atomic.folio_ref_add(m, target, nr - 1)
     if cow is not None:
         await rmap.folio_add_new_anon_rmap(m, cow, vma, vmf.address, pmd=False)
         await swap.folio_add_lru(m, cow)  # folio_add_lru_vma
@@ -176,7 +175,7 @@ async def set_pte_range(m, vmf, folio: Page, cow: Page | None, first: int, nr: i
             entry = pte_mkdirty(entry)
             if vma.flags & VM_WRITE:
                 entry = pte_mkwrite(entry)
-        await m.entry_set("pte", tbl, i0 + j, entry)
+        await atomic.entry_set(m, "pte", tbl, i0 + j, entry)
 
 
 async def do_set_pmd(m, vmf, folio: Page) -> int:
@@ -194,7 +193,7 @@ async def do_set_pmd(m, vmf, folio: Page) -> int:
         return memory.VM_FAULT_FALLBACK
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("do_set_pmd")
-    if not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+    if not pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
         await ptl.unlock()
         return memory.VM_FAULT_NOPAGE
     entry = pfn_pmd(folio.pfn, vma.page_prot)
@@ -204,7 +203,7 @@ async def do_set_pmd(m, vmf, folio: Page) -> int:
             entry = pmd_mkwrite(entry)
     vma.mm.rss_shmem += HPAGE_PMD_NR
     await rmap.folio_add_file_rmap_pmd(m, folio)
-    await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+    await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
     m.vmstat.count_vm_event("thp_file_mapped")
     await ptl.unlock()
     return 0

@@ -24,7 +24,7 @@ mounts and their huge= options, quotas, userfaultfd, fallocate preallocation,
 
 from __future__ import annotations
 
-from kmm import filemap, gfp as gfpmod, huge_memory, page_alloc, swap
+from kmm import atomic, filemap, gfp as gfpmod, huge_memory, page_alloc, swap
 from kmm.mm_types import PG_uptodate, VM_HUGEPAGE, VM_NOHUGEPAGE, Page
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 
@@ -269,7 +269,7 @@ async def shmem_alloc_and_add_folio(m, vma, addr: int, gfp: int, inode: ShmemIno
     await lk.lock("shmem_alloc_and_add_folio")  # __folio_set_locked: nobody sees it yet
     if not await filemap.filemap_add_folio(m, inode.mapping, folio, index):
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return EEXIST
     await swap.folio_add_lru(m, folio)
     return folio
@@ -286,13 +286,13 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
             return EINVAL
         folio = filemap.filemap_get_entry(m, inode.mapping, index)
         if folio is not None:
-            await m.folio_ref_add(folio, 1)  # filemap_get_entry's folio_try_get
+            await atomic.folio_ref_add(m, folio, 1)  # filemap_get_entry's folio_try_get
             lk = m.folio_lock_of(folio)
             await lk.lock("shmem_get_folio_gfp")
             if (folio.mapping is not inode.mapping or not _covers(folio, index)) and (
                     not m.bugs or "shmem_fault_no_truncate_recheck" not in m.bugs):
                 await lk.unlock()   # truncated or split meanwhile: look again
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
                 continue
             break
         if sgp == SGP_READ or sgp == SGP_NOALLOC:
@@ -320,11 +320,11 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
         # clear: a new folio is zeroed and marked uptodate before anyone maps it
         await m.sched.point("clear_highpage", COST_CLEAR_PAGE * folio.nr_pages, pfn=folio.pfn)
         m.physmem.clear(folio.pfn, folio.nr_pages)
-        folio.flags |= PG_uptodate
+        atomic.folio_set_flags_locked(folio, PG_uptodate)  # folio locked, unmapped
         if sgp <= SGP_CACHE and index << PAGE_SHIFT >= inode.i_size:
             # truncated since the check: the folio stays for truncation to remove
             await m.folio_lock_of(folio).unlock()
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
             return EINVAL
         break
     return folio

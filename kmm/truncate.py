@@ -19,7 +19,7 @@ the recorded scenarios, which touch every page they read back.
 
 from __future__ import annotations
 
-from kmm import filemap, memory, swap
+from kmm import atomic, filemap, memory, swap
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_uptodate,
     Page,
@@ -72,7 +72,7 @@ async def truncate_inode_folio(m, mapping, folio: Page) -> None:
     from kmm import rmap
     if rmap.folio_mapped(folio):  # truncate_cleanup_folio
         await unmap_mapping_folio(m, folio)
-    folio.flags &= ~PG_dirty
+    atomic.folio_clear_flags_locked(folio, PG_dirty)  # folio locked
     await filemap.filemap_remove_folio(m, folio)
 
 
@@ -121,18 +121,18 @@ async def _lock_get(m, mapping, index: int) -> Page | None:
         folio = filemap.filemap_get_entry(m, mapping, index)
         if folio is None:
             return None
-        await m.folio_ref_add(folio, 1)
+        await atomic.folio_ref_add(m, folio, 1)
         lk = m.folio_lock_of(folio)
         await lk.lock("shmem_undo_range")
         if folio.mapping is mapping and folio.index <= index < folio.index + folio.nr_pages:
             return folio
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
 
 
 async def _unlock_put(m, folio: Page) -> None:
     await m.folio_lock_of(folio).unlock()
-    await m.folio_put(folio)
+    await swap.folio_put(m, folio)
 
 
 async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
@@ -158,7 +158,7 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
     folio = await _lock_get(m, mapping, lstart >> PAGE_SHIFT)
     if folio is not None:
         same_folio = lend < ((folio.index + folio.nr_pages) << PAGE_SHIFT)
-        folio.flags |= PG_dirty
+        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
         if not await truncate_inode_partial_folio(m, folio, lstart, lend):
             start = folio.index + folio.nr_pages
             if same_folio:
@@ -167,7 +167,7 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
     if not same_folio and lend < (1 << 62) - 1:
         folio = await _lock_get(m, mapping, lend >> PAGE_SHIFT)
         if folio is not None:
-            folio.flags |= PG_dirty
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
             if not await truncate_inode_partial_folio(m, folio, lstart, lend):
                 end = folio.index
             await _unlock_put(m, folio)
@@ -281,19 +281,13 @@ async def _split_locked(m, folio: Page) -> None:
                           | PG_uptodate | PG_isolated)
     pm = m.physmem
     pages = []
-    for p in range(head, head + nr):  # __split_folio_to_order
-        page = pm.page(p)
-        page.head = p
-        page.order = 0
-        page.flags = keep
-        page.mapping = mapping
-        page.index = index + p - head
-        page.entire_mapcount = page.large_mapcount = page.nr_pages_mapped = 0
-        page.on_deferred_list = False
-        page.refcount = 1  # the page cache's
+    for p in range(head, head + nr):  # __split_folio_to_order, on the frozen folio
+        page = atomic.init_page(
+            pm.page(p), head=p, order=0, flags=keep, mapping=mapping, index=index + p - head,
+            entire_mapcount=0, large_mapcount=0, nr_pages_mapped=0, on_deferred_list=False,
+            refcount=1 + (p == head))  # the page cache's; the head keeps the caller's
         mapping.i_pages[page.index] = p
         pages.append(page)
-    pages[0].refcount += 1  # the caller's
     for page in pages:
         filemap.shmem_stat(m, page, +1)
     if on_lru:  # lru_add_split_folio: the tails follow the head
@@ -301,14 +295,13 @@ async def _split_locked(m, folio: Page) -> None:
         lst = m.lruvec.lists[name]
         at = order.index(head)
         new_order = order[:at + 1] + list(range(head + 1, head + nr)) + order[at + 1:]
-        lst.clear()
-        lst.update(dict.fromkeys(new_order))
+        atomic.lru_splice_locked(lst, new_order)
         for page in pages:
-            page.flags |= PG_lru
+            atomic.folio_set_flags_locked(page, PG_lru)
         m.lruvec.nr_pages[name] += nr
     elif keep & PG_isolated:
         for page in pages[1:]:
-            page.flags &= ~PG_isolated
+            atomic.folio_clear_flags_locked(page, PG_isolated)
             swap.lruvec_add_folio(m, page)
     await lk.unlock()
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
