@@ -134,8 +134,8 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "page truncated away); mapping it puts a page outside the page cache, or the "
         "wrong page, into the process, with the reference counted on another folio",
         "race_shmem_punch_fault.py",
-        "InvariantError: a folio's refcount differs from its mappings plus its "
-        "page-cache references"),
+        "InvariantError: a page outside the page cache mapped in a shmem VMA (the Rss "
+        "counters disagree with the mappings)"),
 )}
 
 

@@ -46,6 +46,33 @@ def filemap_get_entry(m, mapping: AddressSpace, index: int) -> Page | None:
     return None if pfn is None else m.physmem.page(pfn)
 
 
+async def folio_try_get(m, folio: Page) -> bool:
+    """folio_try_get: take a reference unless the count is frozen at zero (a split or
+    a free in progress). One point: the test and the increment are one atomic op.
+    # shared-state op"""
+    await atomic.point(m.sched, "page_ref_try_get", pfn=folio.pfn)
+    if folio.refcount == 0:
+        return False
+    atomic.folio_ref_add_locked(folio, 1)
+    return True
+
+
+async def filemap_get_folio(m, mapping: AddressSpace, index: int) -> Page | None:
+    """filemap_get_entry: the folio at index with a reference, or None. Lockless: a
+    frozen folio (being split) is looked up again, and so is one that left the index
+    between the lookup and the reference (xas_reload)."""
+    while True:
+        pfn = mapping.i_pages.get(index)
+        if pfn is None:
+            return None
+        folio = m.physmem.page(pfn)
+        if not await folio_try_get(m, folio):
+            continue
+        if mapping.i_pages.get(index) == folio.pfn:
+            return folio
+        await swap.folio_put(m, folio)
+
+
 def range_has_entry(mapping: AddressSpace, start: int, end: int) -> bool:
     """xa_find(i_pages, start..end-1, XA_PRESENT): anything in [start, end)?"""
     pages = mapping.i_pages

@@ -284,9 +284,8 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
     while True:
         if sgp <= SGP_CACHE and index << PAGE_SHIFT >= inode.i_size:
             return EINVAL
-        folio = filemap.filemap_get_entry(m, inode.mapping, index)
+        folio = await filemap.filemap_get_folio(m, inode.mapping, index)
         if folio is not None:
-            await atomic.folio_ref_add(m, folio, 1)  # filemap_get_entry's folio_try_get
             lk = m.folio_lock_of(folio)
             await lk.lock("shmem_get_folio_gfp")
             if (folio.mapping is not inode.mapping or not _covers(folio, index)) and (

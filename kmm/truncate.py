@@ -118,10 +118,9 @@ async def _lock_get(m, mapping, index: int) -> Page | None:
     """shmem_get_partial_folio / find_lock_entries for one index: the folio there,
     locked and with a reference, still in the mapping; else None."""
     while True:
-        folio = filemap.filemap_get_entry(m, mapping, index)
+        folio = await filemap.filemap_get_folio(m, mapping, index)
         if folio is None:
             return None
-        await atomic.folio_ref_add(m, folio, 1)
         lk = m.folio_lock_of(folio)
         await lk.lock("shmem_undo_range")
         if folio.mapping is mapping and folio.index <= index < folio.index + folio.nr_pages:
@@ -252,8 +251,9 @@ async def split_file_folio(m, folio: Page, new_order: int) -> int:
     await mapping.i_pages_lock.lock("__folio_split")
     isolated = 1 if folio.flags & PG_isolated else 0
     ok = (not rmap.folio_mapped(folio)
-          and folio.refcount == folio.nr_pages + 1 + isolated)  # folio_ref_freeze
+          and folio.refcount == folio.nr_pages + 1 + isolated)
     if ok:
+        atomic.folio_ref_freeze_locked(folio)  # folio_ref_freeze: lookups now retry
         await _split_locked(m, folio)
     await mapping.i_pages_lock.unlock()
     await mapping.i_mmap_rwsem.up_read()

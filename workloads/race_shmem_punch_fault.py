@@ -4,9 +4,10 @@ PMD-mapped memfd THP on one CPU while another CPU writes across the same 2 MiB.
 The punch unmaps the range from every mapper (the PMD is zapped whole), then splits
 the page-cache folio under its lock and drops the pages of the hole; the writer's
 faults either map the folio before the truncation takes its lock (and are unmapped by
-it) or wait and map the small folios after. Bytes outside the hole keep their value;
+it) or wait and map the small folios after; its reads of the hole either see the old
+page (zeroed) or fault in a new zero page once the old one left the page cache. Bytes outside the hole keep their value;
 bytes in the hole read zero unless rewritten after the punch. Exposes the injected
-bug ``shmem_fault_no_truncate_recheck`` (kmm/bugs.py; found with --seed 17):
+bug ``shmem_fault_no_truncate_recheck`` (kmm/bugs.py; found with --seed 55):
 
     kmm explore workloads/race_shmem_punch_fault.py --schedules 200 --jobs 1
 """
@@ -29,6 +30,9 @@ async def main(k):
         q = p.on(cpu)
         for off in range(HOLE, SIZE, 256 << 10):
             await q.store(a + off + 4096, bytes([2]))
+        for rnd in range(3):  # and reads of the hole: they race its truncation
+            for off in range(0, HOLE, 16 << 10):
+                await q.load(a + off)
 
     punched, _ = await k.parallel(puncher, writer)
     hole = await p.load(a, 1)
