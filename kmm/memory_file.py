@@ -28,11 +28,8 @@ from kmm.pgtable import (
     pte_mkwrite, pte_none,
 )
 
-VM_FAULT_SIGBUS = 0x10
-
-
 def _fault_errno(err: str) -> int:
-    return memory.VM_FAULT_OOM if err == "ENOMEM" else VM_FAULT_SIGBUS
+    return memory.VM_FAULT_OOM if err == "ENOMEM" else memory.VM_FAULT_SIGBUS
 
 
 async def do_fault(m, vmf) -> int:

@@ -70,7 +70,7 @@ class Kernel:
             async def run():
                 try:
                     return await fn(i % self.cpus)
-                except (fault.Segv, fault.OutOfMemory) as e:
+                except (fault.Segv, fault.Sigbus, fault.OutOfMemory) as e:
                     return e
             return run
 
@@ -317,8 +317,8 @@ class Proc:
                     sh[a + j] = b
                     lazy.pop(a + j, None)
                 i += len(chunk)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
 
@@ -330,8 +330,8 @@ class Proc:
                 a = addr + len(out)
                 k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
                 out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return bytes(out)
@@ -362,8 +362,8 @@ class Proc:
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return mismatches

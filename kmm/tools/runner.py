@@ -145,8 +145,8 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     try:
         n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
                           value=step.value, stride=step.stride)
-    except fault.Segv:
-        return {**res, "ok": False, "signal": "SIGSEGV"}
+    except (fault.Segv, fault.Sigbus) as e:
+        return {**res, "ok": False, "signal": e.signal}
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
@@ -330,7 +330,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
             from kmm.runtime import remote_cpu
             result["value"] = await remote_cpu.run_main(
-                k, path, Proc, (fault.Segv, fault.OutOfMemory))
+                k, path, Proc, (fault.Segv, fault.Sigbus, fault.OutOfMemory))
         else:
             result["value"] = await mod.main(k)
 
