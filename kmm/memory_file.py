@@ -12,19 +12,24 @@ the folio lock, so truncation (which takes the folio lock) never races a mapping
 - otherwise PTEs: a shmem VMA maps the whole large folio at once when it lies inside the
   VMA and the PTE table and every PTE is none, else the one page.
 
-Left out: fault-around (``filemap_map_pages``: a read fault maps the neighbouring
-page-cache pages that are already there; none of the recorded scenarios tells),
-page_mkwrite and write-notify (shmem has none), userfaultfd.
+A read fault first maps the page-cache pages already there in the 64 KiB window around
+the address, clamped to the VMA and the PTE table (``do_fault_around`` ->
+``filemap_map_pages``; a PMD-size folio is mapped by PMD there), and calls ->fault only
+when the faulting page was not among them (recorded: shmem_read_fault_around).
+
+Left out: page_mkwrite and write-notify (shmem has none), userfaultfd, the mmap_miss
+readahead heuristics.
 """
 
 from __future__ import annotations
 
 from kmm import atomic, memory, page_alloc, rmap, shmem, swap
 from kmm.cost import COST_COPY_PAGE
-from kmm.mm_types import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, Page
+from kmm.mm_types import PG_uptodate, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE, Page
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
-    pfn_pmd, pfn_pte, pmd_mkdirty, pmd_mkwrite, pmd_none, pte_index, pte_mkdirty,
+    pfn_pmd, pfn_pte, pmd_mkdirty, pmd_mkwrite, pmd_none, pmd_trans_huge, pte_index,
+    pte_mkdirty,
     pte_mkwrite, pte_none,
 )
 
@@ -49,7 +54,15 @@ async def __do_fault(m, vmf) -> Page | int:
     return folio
 
 
+FAULT_AROUND_PAGES = 16  # fault_around_bytes (64 KiB) >> PAGE_SHIFT
+
+
 async def do_read_fault(m, vmf) -> int:
+    """do_read_fault: map what the page cache already holds around the address
+    (do_fault_around); only if that did not map the faulting page, ->fault."""
+    ret = await do_fault_around(m, vmf)
+    if ret:
+        return ret
     folio = await __do_fault(m, vmf)
     if isinstance(folio, int):
         return folio
@@ -98,6 +111,84 @@ async def do_cow_fault(m, vmf) -> int:
     await swap.folio_put(m, folio)  # the page-cache folio was only read
     if ret:
         await swap.folio_put(m, cow)
+    return ret
+
+
+async def do_fault_around(m, vmf) -> int:
+    """do_fault_around: the window of FAULT_AROUND_PAGES PTEs holding the address,
+    clamped to the VMA, handed to filemap_map_pages. 0: go on to ->fault."""
+    vma = vmf.vma
+    pte_off = pte_index(vmf.address)
+    vma_off = vma.linear_page_index(vmf.address) - vma.pgoff
+    vma_pages = (vma.end - vma.start) >> PAGE_SHIFT
+    from_pte = max(pte_off // FAULT_AROUND_PAGES * FAULT_AROUND_PAGES,
+                   pte_off - min(pte_off, vma_off))
+    to_pte = min(from_pte + FAULT_AROUND_PAGES, 512, pte_off + vma_pages - vma_off) - 1
+    pgoff = vma.linear_page_index(vmf.address)
+    return await filemap_map_pages(m, vmf, pgoff + from_pte - pte_off, pgoff + to_pte - pte_off)
+
+
+async def filemap_map_pages(m, vmf, start: int, end: int) -> int:
+    """filemap_map_pages: map the uptodate, unlocked page-cache folios of file pages
+    [start, end] whose PTEs are none (a PMD-size folio by PMD when the PMD is none).
+    VM_FAULT_NOPAGE when the faulting page got mapped. Context: mmap_lock read."""
+    from kmm import filemap
+    vma = vmf.vma
+    inode = vma.vm_file
+    mapping = inode.mapping
+    end = min(end, (inode.i_size + PAGE_SIZE - 1 >> PAGE_SHIFT) - 1)
+    target = vma.linear_page_index(vmf.address)
+    ret = 0
+    tbl = ptl = None
+    for folio in filemap.folios_in_range(m, mapping, start, end + 1):
+        if not await filemap.folio_try_get(m, folio):  # next_uptodate_folio
+            continue
+        lk = m.folio_lock_of(folio)
+        if not await lk.trylock("filemap_map_pages"):
+            await swap.folio_put(m, folio)
+            continue
+        if folio.mapping is not mapping or not folio.flags & PG_uptodate:
+            await lk.unlock()  # truncated before we locked it (the recheck under the lock)
+            await swap.folio_put(m, folio)
+            continue
+        if tbl is None:
+            pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
+            if pmd_trans_huge(pmdval):  # filemap_map_pmd: mapped by a PMD already
+                await lk.unlock()
+                await swap.folio_put(m, folio)
+                return memory.VM_FAULT_NOPAGE
+            if pmd_none(pmdval) and folio.order == HPAGE_PMD_ORDER:
+                if not await do_set_pmd(m, vmf, folio):
+                    await lk.unlock()  # the reference became the PMD mapping's
+                    return memory.VM_FAULT_NOPAGE
+            if pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+                if not await memory.__pte_alloc(m, vma.mm, vmf.pmd_tbl, vmf.pmd_idx):
+                    await lk.unlock()
+                    await swap.folio_put(m, folio)
+                    return memory.VM_FAULT_OOM
+            res = await memory.pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+            if res is None:
+                await lk.unlock()
+                await swap.folio_put(m, folio)
+                return 0
+            tbl, ptl = res
+        lo = max(start, folio.index)
+        hi = min(end, folio.index + folio.nr_pages - 1)
+        for idx in range(lo, hi + 1):  # filemap_map_folio_range / _order0_folio
+            i = pte_index(vma.address_of(idx))
+            if not pte_none(await atomic.entry_read(m, "pte", tbl, i)):
+                continue
+            pfn = folio.pfn + idx - folio.index
+            atomic.folio_ref_add_locked(folio, 1)  # folio_ref_inc: the PTE's reference
+            await rmap.folio_add_file_rmap_ptes(m, folio, pfn, 1)
+            await atomic.entry_set(m, "pte", tbl, i, pfn_pte(pfn, vma.page_prot))
+            vma.mm.rss_shmem += 1
+            if idx == target:
+                ret = memory.VM_FAULT_NOPAGE
+        await lk.unlock()
+        await swap.folio_put(m, folio)
+    if ptl is not None:
+        await ptl.unlock()
     return ret
 
 
