@@ -133,7 +133,7 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "holds a folio that is no longer the one at its index (a head split off, or a "
         "page truncated away); mapping it puts a page outside the page cache, or the "
         "wrong page, into the process, with the reference counted on another folio",
-        "race_shmem_punch_fault.py",
+        "race_shmem_punch_read.py",
         "InvariantError: a page outside the page cache mapped in a shmem VMA (the Rss "
         "counters disagree with the mappings)"),
 )}

@@ -6,8 +6,8 @@ the page-cache folio under its lock and drops the pages of the hole; the writer'
 faults either map the folio before the truncation takes its lock (and are unmapped by
 it) or wait and map the small folios after; its reads of the hole either see the old
 page (zeroed) or fault in a new zero page once the old one left the page cache. Bytes outside the hole keep their value;
-bytes in the hole read zero unless rewritten after the punch. Exposes the injected
-bug ``shmem_fault_no_truncate_recheck`` (kmm/bugs.py; found with --seed 55):
+bytes in the hole read zero unless rewritten after the punch. (The injected bug
+``shmem_fault_no_truncate_recheck`` is exposed by race_shmem_punch_read.py.)
 
     kmm explore workloads/race_shmem_punch_fault.py --schedules 200 --jobs 1
 """

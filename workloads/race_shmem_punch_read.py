@@ -7,7 +7,8 @@ truncation then unmaps it) or finds it locked, waits, and must notice after lock
 that the page left the page cache, look again and fault in a new zero page. Exposes the
 injected bug ``shmem_fault_no_truncate_recheck`` (kmm/bugs.py):
 
-    kmm explore workloads/race_shmem_punch_read.py --inject shmem_fault_no_truncate_recheck
+    kmm explore workloads/race_shmem_punch_read.py --mode pct --schedules 300 \
+        --inject shmem_fault_no_truncate_recheck      # found at schedule 198 (seed 199)
 """
 
 KiB = 1 << 10
