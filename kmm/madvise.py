@@ -150,6 +150,8 @@ async def madvise_lru_advice(m, vma, start: int, end: int, advice: str) -> str |
     madvise_dontneed_free_valid_vma). Context: mmap_lock held for read."""
     if vma.flags & VM_LOCKED:
         return "EINVAL"
+    if advice == "free" and vma.vm_file is not None:
+        return "EINVAL"  # madvise_dontneed_free_valid_vma: MADV_FREE is for anonymous VMAs
     addr = start
     while addr < end:
         nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, end)  # pmd_addr_end

@@ -299,6 +299,8 @@ async def try_to_unmap(m, folio: Page, split_pmd: bool) -> None:
     swap-backed and keeps its mappings (the caller sees it still mapped).
     Context: folio locked; takes the anon_vma rwsem for read.
     """
+    if folio.mapping is not None:
+        return await try_to_unmap_file(m, folio, split_pmd)
     av = folio.anon_vma
     if av is None:
         return
@@ -387,6 +389,45 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
         if not ok:
             return False
     return True
+
+
+async def try_to_unmap_file(m, folio: Page, split_pmd: bool) -> None:
+    """try_to_unmap of a page-cache folio: every mapping found through i_mmap goes (a
+    PMD mapping is split, and a file PMD's split zaps it); PTEs are cleared, their
+    dirty bit passed to the folio, MM_SHMEMPAGES dropped. No swap entry is left: the
+    page cache keeps the folio. Context: folio locked; takes i_mmap_rwsem for read."""
+    from kmm import memory
+    mapping = folio.mapping
+    await mapping.i_mmap_rwsem.down_read("try_to_unmap")
+    for vma, lo, hi in rmap_walk_vmas(folio):
+        async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
+            if pmd_trans_huge(pmdval) and pmd_present(pmdval):
+                if pmd_pfn(pmdval) == folio.pfn and split_pmd:
+                    await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval,
+                                                    False, "try_to_unmap_one")
+                continue
+            res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+            if res is None:
+                continue
+            tbl, ptl = res
+            cleared = False
+            a = addr
+            while a < nxt:
+                i = pte_index(a)
+                ent = await atomic.entry_read(m, "pte", tbl, i)
+                if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
+                    old = await atomic.entry_get_and_clear(m, "pte", tbl, i)
+                    cleared = True
+                    if pte_dirty(old):
+                        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio locked
+                    vma.mm.rss_shmem -= 1
+                    await folio_remove_rmap_ptes(m, folio, pte_pfn(old), 1)
+                    await swap.folio_put(m, folio)
+                a += PAGE_SIZE
+            if cleared:
+                await tlb.flush_tlb_mm_range(m, vma.mm, addr, nxt)
+            await ptl.unlock()
+    await mapping.i_mmap_rwsem.up_read()
 
 
 async def folio_referenced(m, folio: Page) -> int:

@@ -288,8 +288,7 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
         sc.nr_scanned += nr_pages
         outcome = "keep_locked"
         anon = folio.anon_vma is not None
-        while folio.mapping is None:  # one pass; "break" with outcome set is the kernel's goto
-            # (shmem folios are kept: shmem_writeout is not modelled yet)
+        while True:  # one pass; "break" with outcome set is the kernel's goto
             if folio.flags & PG_unevictable:
                 outcome = "activate_locked"
                 break
@@ -306,6 +305,14 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                 break
             if references == FOLIOREF_KEEP:
                 stat.nr_ref_keep += nr_pages
+                break
+            if folio.mapping is not None:
+                # shmem: unmapped first (a PMD split, which zaps a file PMD), then
+                # pageout -> shmem_writeout; swap-out is not modelled, so the folio is
+                # redirtied and activated as it is without swap (AOP_WRITEPAGE_ACTIVATE)
+                if rmap.folio_mapped(folio):
+                    await rmap.try_to_unmap(m, folio, split_pmd=folio.order >= HPAGE_PMD_ORDER)
+                outcome = "activate_locked"
                 break
             if anon and folio.flags & PG_swapbacked and not folio.flags & PG_swapcache:
                 if not sc.gfp_mask & __GFP_IO:
