@@ -71,7 +71,14 @@ async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
     huge = bool(e & _PAGE_PSE)
     if not huge:
         tbl, idx = table_pfn(e), pte_index(addr)
-        e = await atomic.entry_read(m, "pte", tbl, idx)
+        try:
+            e = await atomic.entry_read(m, "pte", tbl, idx)
+        except KeyError:
+            # the PTE table was detached and freed during the walk (retract_page_tables,
+            # PT_RECLAIM): the hardware walk is one instruction, so the flush's IPI came
+            # before it; walk again (the kernel frees such tables after an RCU grace
+            # period: pte_free_defer)
+            return None
         if not _usable(e, write):
             return False
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
