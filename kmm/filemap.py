@@ -23,13 +23,16 @@ class AddressSpace:
     """struct address_space of one inode."""
 
     __slots__ = ("id", "host", "i_pages", "nrpages", "i_mmap", "i_mmap_rwsem",
-                 "invalidate_lock", "i_pages_lock")
+                 "invalidate_lock", "i_pages_lock", "swapped")
 
     def __init__(self, m, id: int, host) -> None:
         self.id = id
         self.host = host                      # the inode (shmem.ShmemInode)
         self.i_pages: dict[int, int] = {}     # page index -> head pfn of the folio there
         self.nrpages = 0
+        # shmem swap entries (xa_is_value in i_pages): index -> (first slot's entry,
+        # order written at, first index); kept apart from the folios for clarity
+        self.swapped: dict[int, tuple[int, int, int]] = {}
         self.i_mmap: list = []                # VMAs mapping this file (interval tree)
         self.i_mmap_rwsem = m.locks.rwsem("i_mmap_rwsem", f"i_mmap_rwsem:{id}")
         self.invalidate_lock = m.locks.rwsem("invalidate_lock", f"invalidate_lock:{id}")
@@ -74,7 +77,10 @@ async def filemap_get_folio(m, mapping: AddressSpace, index: int) -> Page | None
 
 
 def range_has_entry(mapping: AddressSpace, start: int, end: int) -> bool:
-    """xa_find(i_pages, start..end-1, XA_PRESENT): anything in [start, end)?"""
+    """xa_find(i_pages, start..end-1, XA_PRESENT): anything (a folio or a swap entry)
+    in [start, end)?"""
+    if mapping.swapped and any(start <= i < end for i in mapping.swapped):
+        return True
     pages = mapping.i_pages
     if end - start > len(pages):
         return any(start <= i < end for i in pages)

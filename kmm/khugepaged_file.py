@@ -38,7 +38,12 @@ async def hpage_collapse_scan_file(m, mm, addr: int, inode, start: int, cc) -> R
     present = 0
     result = R.SCAN_SUCCEED
     await m.sched.point("xas_for_each", pt=mapping.id, index=start)
-    for folio in filemap.folios_in_range(m, mapping, start, start + HPAGE_PMD_NR):
+    if any(start <= i < start + HPAGE_PMD_NR for i in mapping.swapped):
+        # swapped-out pages: collapse_file would swap them in; kmm refuses instead
+        result = R.SCAN_EXCEED_SWAP_PTE
+    folios = (filemap.folios_in_range(m, mapping, start, start + HPAGE_PMD_NR)
+              if result == R.SCAN_SUCCEED else [])
+    for folio in folios:
         if folio.order == HPAGE_PMD_ORDER and folio.index == start:
             result = R.SCAN_PTE_MAPPED_HUGEPAGE  # maybe PMD-mapped
             break

@@ -25,7 +25,7 @@ mounts and their huge= options, quotas, userfaultfd, fallocate preallocation,
 from __future__ import annotations
 
 from kmm import atomic, filemap, gfp as gfpmod, huge_memory, page_alloc, swap
-from kmm.mm_types import PG_uptodate, VM_HUGEPAGE, VM_NOHUGEPAGE, Page
+from kmm.mm_types import PG_dirty, PG_uptodate, VM_HUGEPAGE, VM_NOHUGEPAGE, Page
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 
 COST_CLEAR_PAGE = 250
@@ -294,6 +294,13 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
                 await swap.folio_put(m, folio)
                 continue
             break
+        if index in inode.mapping.swapped:  # a swap entry: read it back
+            if sgp == SGP_NOALLOC:
+                return None
+            folio = await shmem_swapin_folio(m, inode, index, vma, addr)
+            if folio is None:
+                continue
+            break
         if sgp == SGP_READ or sgp == SGP_NOALLOC:
             return None
         orders = shmem_allowable_huge_orders(m, inode, vma, index, write_end, False)
@@ -432,3 +439,87 @@ def vma_unlink_merged(vma) -> None:
     if vma in inode.mapping.i_mmap:
         inode.mapping.i_mmap.remove(vma)
     inode.i_count -= 1
+
+
+# ------------------------------------------------------------------- swap
+async def shmem_writeout(m, folio: Page) -> bool:
+    """shmem_writeout: a clean-for-io, unmapped shmem folio goes to swap whole (a PMD-size
+    one gets a whole cluster: thp_swpout): slots allocated (the folio joins the swap
+    cache), one slot reference per page for the page cache's swap entries
+    (swap_shmem_alloc), the folio leaves the page cache for those entries, and it is
+    written (swap_writeout unlocks it). False (redirty; the caller activates it) without
+    swap or without room. Context: folio locked and isolated, not mapped."""
+    from kmm import page_io, swapfile
+    from kmm.pgtable import swp_entry, swp_offset, swp_type
+    if m.swap_info is None or not swapfile.total_swap_pages(m):
+        return False
+    if folio.order not in (0, HPAGE_PMD_ORDER):  # (kmm's swap holds 4K and PMD folios)
+        return False
+    if not await swapfile.folio_alloc_swap(m, folio):
+        return False
+    entry = folio.swap
+    nr = folio.nr_pages
+    for i in range(nr):  # swap_shmem_alloc
+        await swapfile.swap_duplicate(m, swp_entry(swp_type(entry), swp_offset(entry) + i))
+    mapping = folio.mapping
+    index = folio.index
+    await mapping.i_pages_lock.lock("shmem_delete_from_page_cache")
+    filemap.__filemap_remove_folio(m, folio)
+    for i in range(nr):
+        mapping.swapped[index + i] = (entry, folio.order, index)
+    await mapping.i_pages_lock.unlock()
+    await swap.folio_put(m, folio, nr)  # the page cache's references
+    await page_io.swap_writeout(m, folio)
+    return True
+
+
+async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -> Page | None:
+    """shmem_swapin_folio (synchronous device, skipping the swap cache): a folio of the
+    order the entry was written at is read back whole (pswpin per page), replaces the
+    swap entries in the page cache, and the slots are freed. Returns it locked with a
+    reference, or None to look again (a racing swap-in claimed the slots first).
+    Context: no locks held."""
+    from kmm import page_io, swapfile
+    mapping = inode.mapping
+    entry, order, base = mapping.swapped[index]
+    nr = 1 << order
+    gfp = huge_memory.vma_thp_gfp_mask(m, vma) if order else gfpmod.GFP_HIGHUSER_MOVABLE
+    folio = await shmem_alloc_folio(m, gfp, order, vma, addr & ~((nr << PAGE_SHIFT) - 1))
+    if folio is None:
+        return None
+    if await swapfile.swapcache_prepare(m, entry, nr):
+        await swap.folio_put(m, folio)
+        await m.sched.sleep(1000)  # another fault is reading it in: relax, look again
+        return None
+    lk = m.folio_lock_of(folio)
+    await lk.lock("shmem_swapin_folio")
+    atomic.folio_set_field_locked(folio, "swap", entry)
+    await page_io.swap_read_folio(m, folio)  # unlocks it
+    await lk.lock("shmem_swapin_folio")
+    atomic.folio_set_field_locked(folio, "swap", 0)
+    m.vmstat.count_vm_event("pgmajfault")
+    await mapping.i_pages_lock.lock("shmem_add_to_page_cache")
+    for i in range(base, base + nr):
+        mapping.swapped.pop(i, None)
+    await mapping.i_pages_lock.unlock()
+    if not await filemap.filemap_add_folio(m, mapping, folio, base):
+        m.bug(f"shmem_swapin_folio: index {base} filled while its swap entry was claimed")
+    atomic.folio_set_flags_locked(folio, PG_uptodate | PG_dirty)
+    await swap.folio_add_lru(m, folio)
+    await swapfile.swap_free_nr(m, entry, nr)
+    await swapfile.swapcache_clear(m, entry, 1)  # the claim swapcache_prepare made
+    return folio
+
+
+async def shmem_free_swap(m, mapping, index: int) -> None:
+    """shmem_free_swap: truncation drops a page-cache swap entry (and its slot ref)."""
+    from kmm import swapfile
+    from kmm.pgtable import swp_entry, swp_offset, swp_type
+    entry, order, base = mapping.swapped.pop(index)
+    slot = swp_entry(swp_type(entry), swp_offset(entry) + index - base)
+    await swapfile.free_swap_and_cache(m, slot)
+
+
+def shmem_swapped_in(mapping, start: int, end: int) -> int:
+    """shmem_partial_swap_usage: swapped-out pages of the file in [start, end)."""
+    return sum(1 for i in mapping.swapped if start <= i < end)

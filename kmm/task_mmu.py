@@ -51,6 +51,11 @@ def smaps_swap_kb(m, mm, start: int, end: int) -> int:
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pte" and swapfile.is_swap_entry(m, entry):
                 swapped += PAGE_SIZE
+        if vma.vm_file is not None:  # shmem_swap_usage: the file's swapped pages
+            from kmm import shmem
+            first = vma.linear_page_index(s)
+            swapped += shmem.shmem_swapped_in(vma.vm_file.mapping, first,
+                                              first + ((e - s) >> 12)) * PAGE_SIZE
     return swapped // 1024
 
 

@@ -216,7 +216,14 @@ def _page_cache_errors(m, mapped) -> list[str]:
 
 
 def read_file_byte(m, inode, off: int) -> int | None:
-    """The byte at file offset off through the page cache (None: a hole)."""
+    """The byte at file offset off through the page cache or its swap entry (None: a
+    hole)."""
+    sw = inode.mapping.swapped.get(off >> 12)
+    if sw is not None:
+        from kmm.pgtable import swp_entry, swp_offset, swp_type
+        entry, _order, base = sw
+        slot = swp_entry(swp_type(entry), swp_offset(entry) + (off >> 12) - base)
+        return swapfile.read_swapped_byte(m, slot, off & 4095)
     folio = m.physmem.pages.get(inode.mapping.i_pages.get(off >> 12, -1))
     if folio is None:
         return None

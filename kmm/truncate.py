@@ -142,6 +142,9 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
         lend = (1 << 62) - 1
     start = (lstart + PAGE_SIZE - 1) >> PAGE_SHIFT
     end = (lend + 1) >> PAGE_SHIFT
+    from kmm import shmem
+    for index in sorted(i for i in mapping.swapped if start <= i < end):
+        await shmem.shmem_free_swap(m, mapping, index)  # swapped-out pages of the range
     # whole folios inside [start, end)
     for folio in filemap.folios_in_range(m, mapping, start, end):
         if folio.index < start or folio.index + folio.nr_pages > end:

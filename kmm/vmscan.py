@@ -308,11 +308,23 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                 break
             if folio.mapping is not None:
                 # shmem: unmapped first (a PMD split, which zaps a file PMD), then
-                # pageout -> shmem_writeout; swap-out is not modelled, so the folio is
-                # redirtied and activated as it is without swap (AOP_WRITEPAGE_ACTIVATE)
+                # pageout -> shmem_writeout; without swap (or room) it is redirtied and
+                # activated (AOP_WRITEPAGE_ACTIVATE)
                 if rmap.folio_mapped(folio):
                     await rmap.try_to_unmap(m, folio, split_pmd=folio.order >= HPAGE_PMD_ORDER)
-                outcome = "activate_locked"
+                from kmm import shmem
+                if (rmap.folio_mapped(folio) or not sc.may_writepage
+                        or folio.refcount != 1 + folio.nr_pages  # is_page_cache_freeable
+                        or not await shmem.shmem_writeout(m, folio)):
+                    outcome = "activate_locked"
+                    break
+                stat.nr_pageout += nr_pages
+                if not await lk.trylock("shrink_folio_list"):  # written and unlocked
+                    outcome = "keep"
+                    break
+                if folio.flags & (PG_writeback | PG_dirty) or not await __remove_mapping(m, folio):
+                    break
+                outcome = "free"
                 break
             if anon and folio.flags & PG_swapbacked and not folio.flags & PG_swapcache:
                 if not sc.gfp_mask & __GFP_IO:
