@@ -147,3 +147,24 @@ def test_order_policy_matches_the_kernel_table():
     assert r["within_size"][0] == pmd and r["within_size"][1] == pmd
     assert r["within_size"][3] & (1 << 8) and not r["within_size"][3] & pmd
     assert within
+
+
+def test_pageout_swaps_shmem_out_and_a_fault_reads_it_back_whole():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        await p.touch(a, 2 * MiB, value=9, stride=64 << 10)
+        await p.madvise(a, 2 * MiB, "pageout")
+        mp = p.task.files[a].mapping
+        out = (len(mp.swapped), mp.nrpages, m.vmstat.events["thp_swpout"],
+               m.vmstat.events["pswpout"], m.swap_info.inuse_pages)
+        back = (await p.load(a + (64 << 10)))[0]
+        folio = filemap.filemap_get_entry(m, mp, 0)
+        after = (len(mp.swapped), folio.order, m.vmstat.events["pswpin"],
+                 m.swap_info.inuse_pages)
+        await p.madvise(a, 2 * MiB, "pageout")
+        await p.fallocate_punch_hole(a, 0, 2 * MiB)  # truncation frees the slots
+        return out, back, after, (len(mp.swapped), m.swap_info.inuse_pages)
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"}, swap=64 * MiB)
+    assert r == ((HPAGE_PMD_NR, 0, 1, HPAGE_PMD_NR, HPAGE_PMD_NR), 9,
+                 (0, 9, HPAGE_PMD_NR, 0), (0, 0))
