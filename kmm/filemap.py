@@ -50,14 +50,8 @@ def filemap_get_entry(m, mapping: AddressSpace, index: int) -> Page | None:
 
 
 async def folio_try_get(m, folio: Page) -> bool:
-    """folio_try_get: take a reference unless the count is frozen at zero (a split or
-    a free in progress). One point: the test and the increment are one atomic op.
-    # shared-state op"""
-    await atomic.point(m.sched, "page_ref_try_get", pfn=folio.pfn)
-    if folio.refcount == 0:
-        return False
-    atomic.folio_ref_add_locked(folio, 1)
-    return True
+    """folio_try_get (kmm.atomic): a reference unless the count is frozen at zero."""
+    return await atomic.folio_try_get(m, folio)
 
 
 async def filemap_get_folio(m, mapping: AddressSpace, index: int) -> Page | None:
