@@ -8,7 +8,7 @@ that the page left the page cache, look again and fault in a new zero page. Expo
 injected bug ``shmem_fault_no_truncate_recheck`` (kmm/bugs.py):
 
     kmm explore workloads/race_shmem_punch_read.py --mode pct --schedules 300 \
-        --inject shmem_fault_no_truncate_recheck      # found at schedule 198 (seed 199)
+        --inject shmem_fault_no_truncate_recheck      # found at schedule 73 (seed 74)
 """
 
 KiB = 1 << 10

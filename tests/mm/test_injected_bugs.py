@@ -36,7 +36,7 @@ CASES = {
 # a fragment of the violation). The schedule is explore's (kmm explore --mode pct
 # --depth 3 --seed 1: schedule i runs seed 1+i), replayed through explore.run_schedule.
 PCT_CASES = {
-    "shmem_fault_no_truncate_recheck": ("race_shmem_punch_read.py", 198, 7804,
+    "shmem_fault_no_truncate_recheck": ("race_shmem_punch_read.py", 73, 7646,
                                         "MM_SHMEMPAGES 33 != 32 mapped page-cache pages"),
 }
 
