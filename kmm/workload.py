@@ -207,8 +207,9 @@ class Proc:
 
     def _shared_offset(self, a: int):
         """(inode id, file offset) when a lies in a shared file mapping, else None."""
+        from kmm import shmem
         vma = self.task.mm.vma_lookup(a)
-        if vma is None or vma.vm_file is None or not vma.flags & VM_SHARED:
+        if vma is None or not shmem.vma_is_shmem(vma) or not vma.flags & VM_SHARED:
             return None
         return vma.vm_file.id, ((a - vma.start) + (vma.pgoff << 12))
 
