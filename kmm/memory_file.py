@@ -228,7 +228,8 @@ async def finish_fault(m, vmf, folio: Page, cow: Page | None) -> int:
     busy = [i for i in range(i0, i0 + nr)
             if not pte_none(await atomic.entry_read(m, "pte", tbl, i))]
     if busy and nr > 1:  # some PTE in the range is set: map just the faulting page
-        nr, addr, first, i0 = 1, vmf.address, folio.pfn + index - folio.index, pte_index(vmf.address)
+        nr, addr, first = 1, vmf.address, folio.pfn + index - folio.index
+        i0 = pte_index(vmf.address)
         busy = [] if pte_none(await atomic.entry_read(m, "pte", tbl, i0)) else [i0]
     if busy:
         await ptl.unlock()
