@@ -20,7 +20,9 @@ userfaultfd, non-shmem files (CONFIG_READ_ONLY_THP_FOR_FS).
 
 from __future__ import annotations
 
-from kmm import atomic, filemap, khugepaged, memory, pgtable_generic as pgg, swap, truncate
+from kmm import (
+    atomic, filemap, khugepaged, memory, pgtable_generic as pgg, swap, tlb, truncate,
+)
 from kmm.khugepaged import ScanResult as R
 from kmm.cost import COST_COPY_PAGE
 from kmm.mm_types import PG_dirty, PG_isolated, PG_lru, PG_swapbacked, PG_uptodate, Page
@@ -223,7 +225,7 @@ async def retract_page_tables(m, mapping, pgoff: int) -> None:
         await pml.unlock()
         if table >= 0:
             mm.nr_ptes -= 1
-            await m.pte_free(mm, table)  # pte_free_defer
+            await tlb.tlb_remove_table(m, mm, table)  # pte_free_defer: after RCU
     await lk.up_read()
 
 
@@ -312,7 +314,7 @@ async def _clear_pte_table(m, vma, folio: Page, pmd_tbl: int, haddr: int) -> boo
             await swap.folio_put(m, folio, nr)
             mm.rss_shmem -= nr
         mm.nr_ptes -= 1
-        await m.pte_free(mm, tbl)
+        await tlb.tlb_remove_table(m, mm, tbl)  # pte_free_defer
     return ok
 
 

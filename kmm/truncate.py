@@ -52,6 +52,7 @@ async def unmap_mapping_pages(m, mapping, first: int, last: int, even_cows: bool
             continue
         start, end = vma.address_of(lo), vma.address_of(hi)
         tlbg = memory.MmuGather(vma.mm, even_cows)  # zap_page_range_single
+        tlbg.i_mmap_locked = True  # the VMA is kept alive by i_mmap_rwsem
         await memory.unmap_page_range(m, tlbg, vma, start, end)
         await tlbg.finish(m)
     await lk.up_read()
