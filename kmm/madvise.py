@@ -89,9 +89,13 @@ async def hugepage_madvise(m, vma, start: int, end: int, advice: str) -> None:
         flags = (flags & ~VM_NOHUGEPAGE) | VM_HUGEPAGE
     else:
         flags = (flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE
+    if advice == "hugepage" and vma.vm_file is not None:
+        # 6.18: shmem's order check reads vma->vm_flags, which lack VM_HUGEPAGE until
+        # the update below, so under shmem_enabled=advise this registers nothing
+        khugepaged.khugepaged_enter_vma(m, vma)
     if flags != vma.flags:
         vma = await mmap.vma_modify_flags(m, vma, start, end, flags)
-    if advice == "hugepage":
+    if advice == "hugepage" and vma.vm_file is None:
         khugepaged.khugepaged_enter_vma(m, vma)
 
 
@@ -146,6 +150,8 @@ async def madvise_lru_advice(m, vma, start: int, end: int, advice: str) -> str |
     madvise_dontneed_free_valid_vma). Context: mmap_lock held for read."""
     if vma.flags & VM_LOCKED:
         return "EINVAL"
+    if advice == "free" and vma.vm_file is not None:
+        return "EINVAL"  # madvise_dontneed_free_valid_vma: MADV_FREE is for anonymous VMAs
     addr = start
     while addr < end:
         nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, end)  # pmd_addr_end

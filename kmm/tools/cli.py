@@ -28,13 +28,18 @@ def summary(report: dict, title: str) -> str:
         out.append("\nother vm events (swap, reclaim, compaction, faults)")
         out.extend(f"  {k:<28} {v}" for k, v in other.items())
     swap = any("swap_kb" in r for r in report["regions"].values())
+    shpmd = any("shmem_pmd_mapped_kb" in r for r in report["regions"].values())
     out.append("\nregions                           Rss      AnonHugePages"
-               + ("      Swap" if swap else ""))
+               + ("      Swap" if swap else "") + ("  ShmemPmdMapped" if shpmd else ""))
     for name, r in report["regions"].items():
         out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB"
-                   + (f" {r.get('swap_kb', 0):>8} kB" if swap else ""))
+                   + (f" {r.get('swap_kb', 0):>8} kB" if swap else "")
+                   + (f" {r.get('shmem_pmd_mapped_kb', 0):>8} kB" if shpmd else ""))
     if not report["regions"]:
         out.append("  (no live process has a region)")
+    if report.get("meminfo"):
+        out.append("\nmeminfo (change over the run)")
+        out.extend(f"  {k:<28} {v}" for k, v in report["meminfo"].items())
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
     if locks:
         out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
