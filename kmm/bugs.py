@@ -75,9 +75,9 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "on the block sees pmd_none and installs a new PTE table, which the collapse then "
         "overwrites: the kernel's BUG_ON(!pmd_none(*pmd)) before it installs the THP "
         "(a fault installing into a table being removed is 7.4 item 8's race on the "
-        "file side)",
+        "file side); vma_start_write's mmap_assert_write_locked reports it at once",
         "race_fault_collapse.py",
-        "KernelBug: collapse_huge_page: PMD refilled while cleared"),
+        "KernelBug: collapse_huge_page (vma_start_write): mmap_assert_write_locked"),
     Bug("huge_fault_no_deposit",
         "__do_huge_pmd_anonymous_page (pgtable_trans_huge_deposit)",
         "pre-allocate a PTE table and deposit it behind the new huge PMD",
@@ -136,6 +136,19 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "a range)",
         "race_mthp_fault.py",
         "InvariantError: a page with a mapcount but not mapped; lost_bytes > 0"),
+    Bug("shmem_fault_no_truncate_recheck",
+        "shmem_get_folio_gfp",
+        "after folio_lock, check that the folio is still in this mapping and still "
+        "covers the index (\"Has the folio been truncated or swapped out?\"), else "
+        "unlock, put and look it up again",
+        "the lookup takes no lock: a hole punch or truncate may hold the folio lock "
+        "meanwhile, split the folio and drop pages from the page cache. The fault then "
+        "holds a folio that is no longer the one at its index (a head split off, or a "
+        "page truncated away); mapping it puts a page outside the page cache, or the "
+        "wrong page, into the process, with the reference counted on another folio",
+        "race_shmem_punch_read.py",
+        "InvariantError: a page outside the page cache mapped in a shmem VMA (the Rss "
+        "counters disagree with the mappings)"),
 )}
 
 

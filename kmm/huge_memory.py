@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbers
 
-from kmm import atomic, huge_memory_mthp, page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import atomic, huge_memory_mthp, mmdebug, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
@@ -43,8 +43,12 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
 
     tva is "smaps", "pagefault", "khugepaged" or "forced_collapse" (enum tva_type).
     The PMD size's own knob (hugepages-2048kB/enabled, "inherit" by default: then the
-    global ``enabled`` decides) says whether PMD THPs may be made.
+    global ``enabled`` decides) says whether PMD THPs may be made. A shmem VMA follows
+    shmem's policy (shmem.shmem_thp_vma_allowable).
     """
+    if vma.vm_file is not None:
+        from kmm import shmem
+        return shmem.shmem_thp_vma_allowable(m, vma, tva)
     return bool(huge_memory_mthp.thp_vma_allowable_orders(m, vma, tva, 1 << HPAGE_PMD_ORDER))
 
 
@@ -152,6 +156,7 @@ async def set_huge_zero_folio(m, pgtable: int, mm, vma, haddr: int, pmd_tbl: int
                               idx: int, zero_pfn: int) -> None:
     """set_huge_zero_folio: a read-only special PMD of the huge zero folio, with a
     deposited table. Context: PMD lock held."""
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "set_huge_zero_folio")
     entry = pfn_pmd(zero_pfn, vma.page_prot) | _PAGE_SPECIAL
     await pgg.pgtable_trans_huge_deposit(m, mm, pmd_tbl, pgtable)
     await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
@@ -175,6 +180,7 @@ async def map_anon_folio_pmd_nopf(m, pfn: int, pmd_tbl: int, idx: int, vma,
     """map_anon_folio_pmd_nopf: install the PMD (dirty, writable if VM_WRITE), add the
     rmap and the LRU, queue the folio for the underused shrinker; no fault counters
     (collapse uses it). Context: PMD lock held."""
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "map_anon_folio_pmd_nopf")
     folio = m.physmem.page(pfn)
     entry = pmd_mkdirty(pfn_pmd(pfn, vma.page_prot))
     if vma.flags & VM_WRITE:
@@ -258,11 +264,19 @@ async def migration_entry_wait_on_locked(m, folio) -> None:
     if lk.owner is not None:
         await lk.lock("migration_entry_wait_on_locked")
         await lk.unlock()
+    else:  # nothing to sleep on: the fault returns and refaults at once (a spin)
+        m.sched.yield_spin("migration_entry_wait")
 
 
 # --------------------------------------------------------------------- COW
 async def wp_huge_pmd(m, vmf) -> int:
-    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page."""
+    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page; a file PMD (COW or a
+    write-protected shared one) is split, i.e. zapped, and handled at the PTE level."""
+    if vmf.vma.vm_file is not None:
+        from kmm import memory
+        await __split_huge_pmd(m, vmf.vma, vmf.pmd_tbl, vmf.pmd_idx, vmf.address,
+                               freeze=False)
+        return memory.VM_FAULT_FALLBACK
     return await do_huge_pmd_wp_page(m, vmf)
 
 
@@ -351,6 +365,8 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
 
     Context: both mmap_locks held; dst PMD lock, then src PMD lock nested.
     """
+    if dst_vma.vm_file is not None:
+        return 0  # a file PMD is not copied: the child refaults it
     dst_mm = dst_vma.mm
     pgtable = await m.pte_alloc_one(dst_mm, "pte")
     if pgtable < 0:
@@ -411,6 +427,16 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
         return False
     orig = await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
     tlbg.track(addr, addr + HPAGE_PMD_SIZE)
+    if vma.vm_file is not None and not is_swap_pmd(orig):
+        # a file PMD: nothing deposited (x86), MM_SHMEMPAGES
+        folio = m.physmem.page(pmd_pfn(orig))
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        if pmd_dirty(orig):
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # PMD lock held
+        vma.mm.rss_shmem -= HPAGE_PMD_NR
+        tlbg.folios.append((folio, 1))
+        await ptl.unlock()
+        return True
     if (not m.bugs or "huge_fault_no_deposit" not in m.bugs
             or m.physmem.pages[pmd_tbl].pt_deposit):
         table = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)  # zap_deposited_table
@@ -453,8 +479,21 @@ async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     (Named without the leading underscores: Python would mangle them in callers.)
     """
     mm = vma.mm
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "__split_huge_pmd_locked")
     m.vmstat.count_vm_event("thp_split_pmd")
     pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
+    if vma.vm_file is not None and pmd_trans_huge(pmd):
+        # a file PMD is not split into PTEs: it is zapped, and faults map it again
+        old = await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
+        folio = m.physmem.page(pmd_pfn(old))
+        if pmd_dirty(old):
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # PMD lock held
+        if pmd_young(old):
+            atomic.folio_set_flags_locked(folio, PG_referenced)
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        await swap.folio_put(m, folio)
+        mm.rss_shmem -= HPAGE_PMD_NR
+        return
     if is_huge_zero_pmd(m, pmd):
         await __split_huge_zero_page_pmd(m, vma, haddr, pmd_tbl, idx)
         return
@@ -632,6 +671,11 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
     a reference, instead of on the LRU. Context: caller holds the folio lock and a
     reference; takes the anon_vma rwsem (write), split_queue_lock and the lru lock.
     """
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(folio), folio,
+                          "__folio_split: !folio_test_locked(folio)")
+    if folio.mapping is not None:  # a page-cache folio (truncate.py)
+        from kmm import truncate
+        return await truncate.split_file_folio(m, folio, new_order)
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
@@ -691,7 +735,12 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_swapcache | PG_uptodate | PG_isolated)
     new = []
+    me = m.sched.current
     for p in range(head, head + nr):  # __split_folio_to_order
+        if p != head:
+            # the new folios keep PG_locked until remap_page is done: a fault that finds
+            # one of their migration entries sleeps on it (migration_entry_wait)
+            m.folio_lock_of(pm.page(p)).set_locked_by(me)
         # the folio is frozen (refcount 0) and unmapped: the splitter owns every page
         page = atomic.init_page(
             pm.page(p), head=p, order=0,
@@ -702,8 +751,6 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
         if keep & PG_swapcache:
             atomic.init_page(page, swap=swp_entry(swp_type(folio.swap),
                                                   swp_offset(folio.swap) + p - head))
-        if p != head:
-            _new_folio_locked(m, page)
         new.append(page)
     if on_lru:  # lru_add_split_folio: the tails follow the head on its list
         name = swap.folio_lru_list(new[0])
@@ -729,8 +776,7 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
     await migrate.remove_migration_ptes(m, _Span(head, nr, folio.anon_vma, folio.index),
                                         folio, use_zero_page=True)
-    for page in new[1:]:  # the new folios are unlocked once remapped (the head: caller's)
-        _new_folio_unlock(m, page)
+    await _unlock_split_tails(m, new[1:])
     for page in new[1:]:  # free_folio_and_swap_cache: unused tails go now
         if page.flags & PG_swapcache and not page.mapcount:
             from kmm import swap_state
@@ -739,37 +785,23 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     return 0
 
 
-def _new_folio_locked(m, page) -> None:
-    """__split_folio_to_order: a new folio inherits PG_locked from the folio being
-    split, so a fault that meets one of its migration entries sleeps until the remap is
-    done (it would otherwise spin, refaulting on an entry no one is about to remove).
-    No point: no actor reaches a tail page's lock before the split makes it a folio."""
-    lk = m.folio_lock_of(page)
-    if lk.owner is None:
-        lk.owner = m.sched.current  # shared-state op: the inherited PG_locked bit
-
-
-def _new_folio_unlock(m, page) -> None:
-    """folio_unlock of a new folio after remap_page: hand the lock to a waiter (a fault
-    that met a migration entry), else clear it. Context: the splitter owns it."""
-    lk = m.folio_lock_of(page)
-    if lk.owner is not m.sched.current:
-        return
-    if lk.waiters:  # shared-state op: the PG_locked bit handed over or cleared
-        lk.owner = lk.waiters.popleft()
-        m.sched.wake(lk.owner)
-    else:
-        lk.owner = None
+async def _unlock_split_tails(m, tails) -> None:
+    """__folio_split's last loop: every after-split folio but the one the caller locked
+    (the head) is unlocked once remap_page is done. One point for the batch."""
+    await m.sched.point("folio_unlock", pfn=tails[0].pfn if tails else -1, nr=len(tails))
+    for page in tails:
+        page.lock.release_set_locked()
 
 
 class _Span:
     """What an rmap walk needs of a folio that no longer exists as one (remap_page
     walks the range the large folio covered)."""
 
-    __slots__ = ("pfn", "nr_pages", "anon_vma", "index")
+    __slots__ = ("pfn", "nr_pages", "anon_vma", "index", "mapping")
 
     def __init__(self, pfn: int, nr: int, anon_vma, index: int) -> None:
         self.pfn, self.nr_pages, self.anon_vma, self.index = pfn, nr, anon_vma, index
+        self.mapping = None  # anonymous: remap_page is for anonymous folios only
 
 
 # ------------------------------------------------- deferred split shrinker

@@ -21,7 +21,7 @@ import enum
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from kmm import atomic, huge_memory, wait
+from kmm import atomic, huge_memory, mmdebug, wait
 from kmm.mm_types import PG_lru, PG_referenced
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_SIZE, PMD_SHIFT, is_swap_pte,
@@ -175,13 +175,16 @@ async def trace_event(m, name: str, **fields) -> None:
 
 # ------------------------------------------------------------ registration
 def hugepage_pmd_enabled(m) -> bool:
-    """hugepage_pmd_enabled: PMD-size anon THPs may be made: hugepages-2048kB/enabled
-    is always or madvise, or inherit with the global ``enabled`` not never; the
-    khugepaged thread runs iff this holds."""
+    """hugepage_pmd_enabled: PMD-size anon THPs may be made (hugepages-2048kB/enabled
+    always or madvise, or inherit with the global ``enabled`` not never), or PMD-size
+    shmem THPs may; the khugepaged thread runs iff this holds."""
     s = m.sysfs
     bit = 1 << 9
-    return bool(s.anon_orders_always & bit or s.anon_orders_madvise & bit
-                or (s.anon_orders_inherit & bit and s.enabled != "never"))
+    if (s.anon_orders_always & bit or s.anon_orders_madvise & bit
+            or (s.anon_orders_inherit & bit and s.enabled != "never")):
+        return True
+    from kmm import shmem
+    return shmem.shmem_hpage_pmd_enabled(m)
 
 
 def khugepaged_enter_vma(m, vma) -> None:
@@ -328,7 +331,14 @@ async def _scan_vmas(m, mm, pages: int, progress: int, cc):
         if scan.address < hstart:
             scan.address = hstart
         while scan.address < hend:
-            result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, scan.address, cc)
+            if vma.vm_file is not None:  # the page cache's block (khugepaged_file.py)
+                from kmm import khugepaged_file
+                result = await khugepaged_file.khugepaged_scan_file(m, mm, vma,
+                                                                     scan.address, cc)
+                mmap_locked = False
+            else:
+                result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma,
+                                                                    scan.address, cc)
             if result == R.SCAN_SUCCEED:
                 scan.pages_collapsed += 1
             scan.address += HPAGE_PMD_SIZE
@@ -367,7 +377,9 @@ def find_pmd_or_thp_or_none(m, mm, address: int) -> tuple[ScanResult, int]:
 
 def hugepage_vma_revalidate(m, mm, address: int, expect_anon: bool, cc):
     """hugepage_vma_revalidate: after the mmap lock was dropped, is the 2 MiB block at
-    address still in a VMA that may collapse? Returns (result, vma)."""
+    address still in a VMA that may collapse? Returns (result, vma). Context: mmap
+    lock held (the VMA lookup needs it)."""
+    mmdebug.mmap_assert_locked(m, mm, "hugepage_vma_revalidate")
     if hpage_collapse_test_exit(mm):
         return R.SCAN_ANY_PROCESS, None
     vma = mm.find_vma(address)
@@ -529,6 +541,7 @@ async def madvise_collapse(m, vma, start: int, end: int) -> tuple[int | str, boo
     Context: mmap lock held for read on entry and on return (dropped meanwhile).
     """
     mm = vma.mm
+    mmdebug.mmap_assert_locked(m, mm, "madvise_collapse")
     if not huge_memory.thp_vma_allowable_order(m, vma, "forced_collapse"):
         return "EINVAL", False
     cc = CollapseControl(is_khugepaged=False)
@@ -549,7 +562,12 @@ async def madvise_collapse(m, vma, start: int, end: int) -> tuple[int | str, boo
                 break
             vma = v
             hend = min(hend, vma.end & HPAGE_PMD_MASK)
-        result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, addr, cc)
+        if vma.vm_file is not None:  # the page cache's block (khugepaged_file.py)
+            from kmm import khugepaged_file
+            result = await khugepaged_file.madvise_collapse_file(m, mm, vma, addr, cc)
+            mmap_locked = False
+        else:
+            result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, addr, cc)
         if not mmap_locked:
             dropped = True
         addr += HPAGE_PMD_SIZE

@@ -89,9 +89,13 @@ async def hugepage_madvise(m, vma, start: int, end: int, advice: str) -> None:
         flags = (flags & ~VM_NOHUGEPAGE) | VM_HUGEPAGE
     else:
         flags = (flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE
+    if advice == "hugepage" and vma.vm_file is not None:
+        # 6.18: shmem's order check reads vma->vm_flags, which lack VM_HUGEPAGE until
+        # the update below, so under shmem_enabled=advise this registers nothing
+        khugepaged.khugepaged_enter_vma(m, vma)
     if flags != vma.flags:
         vma = await mmap.vma_modify_flags(m, vma, start, end, flags)
-    if advice == "hugepage":
+    if advice == "hugepage" and vma.vm_file is None:
         khugepaged.khugepaged_enter_vma(m, vma)
 
 
@@ -131,8 +135,8 @@ async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
                         cleared = True
                     await pte_ptl.unlock()
                 await ptl.unlock()
-                if cleared:
-                    await m.pte_free(mm, pte_tbl)
+                if cleared:  # free_pte: pte_free_tlb, freed after an RCU grace period
+                    await tlb.tlb_remove_table(m, mm, pte_tbl)
         addr += PMD_SIZE
 
 
@@ -146,6 +150,8 @@ async def madvise_lru_advice(m, vma, start: int, end: int, advice: str) -> str |
     madvise_dontneed_free_valid_vma). Context: mmap_lock held for read."""
     if vma.flags & VM_LOCKED:
         return "EINVAL"
+    if advice == "free" and vma.vm_file is not None:
+        return "EINVAL"  # madvise_dontneed_free_valid_vma: MADV_FREE is for anonymous VMAs
     addr = start
     while addr < end:
         nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, end)  # pmd_addr_end

@@ -9,16 +9,17 @@ another actor may have changed it, and backs out (returns 0, the CPU refaults) i
 
 ``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
 splitting a huge PMD where the range covers only part of it. Left out: file and shared
-mappings, userfaultfd, NUMA hinting, KSM,
-per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE tables.
-mTHP orders below PMD are chosen in memory_anon.alloc_anon_folio.
+mappings, userfaultfd, NUMA hinting, KSM, per-VMA locks (faults take mmap_lock for
+read). PT_RECLAIM of empty PTE tables is in madvise.py; the tables it detaches are freed
+after an RCU grace period (rcupdate.py). mTHP orders below PMD are chosen in
+memory_anon.alloc_anon_folio; large-folio swap-in is memory_swapin.py.
 """
 
 from __future__ import annotations
 
 from kmm import (
-    atomic, huge_memory, huge_memory_mthp, memory_anon, memory_swapin, migrate, page_alloc,
-    rmap, swap, swap_state, swapfile, tlb,
+    atomic, huge_memory, huge_memory_mthp, memory_anon, memory_swapin, migrate, mmdebug,
+    page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
@@ -37,6 +38,7 @@ VM_FAULT_OOM = 0x1
 VM_FAULT_SIGSEGV = 0x2
 VM_FAULT_FALLBACK = 0x4
 VM_FAULT_NOPAGE = 0x8
+VM_FAULT_SIGBUS = 0x10
 
 FAULT_FLAG_WRITE = 0x1
 FAULT_FLAG_UNSHARE = 0x2
@@ -132,22 +134,36 @@ async def __pte_alloc(m, mm: MmStruct, pmd_tbl: int, idx: int) -> bool:
 async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
     """pte_offset_map_lock: lock the PTE table the PMD points to, re-checking the PMD
     under the lock. Returns (table, ptl), or None if the PMD is none, huge or a
-    migration entry now (the caller backs out)."""
+    migration entry now (the caller backs out).
+
+    The PMD is read without a lock, so the table may be detached and handed to RCU
+    (pt_reclaim) before its lock is taken: __pte_offset_map reads it under
+    rcu_read_lock, which keeps the table and its lock allocated until the recheck.
+    Once the lock is held and the PMD still points to the table, the lock pins it
+    (every detacher clears the PMD under it), so the read-side section ends there."""
     while True:
+        rcupdate.rcu_read_lock(m)
         pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+            await rcupdate.rcu_read_unlock(m)
             return None
         pte_tbl = table_pfn(pmdval)
         ptl = m.table_lock(pte_tbl)
         await ptl.lock("pte_offset_map_lock", subclass)
-        if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
+        same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+        if not same:
+            await ptl.unlock()
+        await rcupdate.rcu_read_unlock(m)
+        if same:
             return pte_tbl, ptl
-        await ptl.unlock()
+        m.sched.yield_spin("pte_offset_map_lock")  # the PMD changed under us: retry
 
 
 # ------------------------------------------------------------ fault entry
 async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
-    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
+    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read: the
+    VMA was found under it, lock_mm_and_find_vma; per-VMA locks are not modelled)."""
+    mmdebug.mmap_assert_locked(m, vma.mm, "handle_mm_fault")
     m.vmstat.count_vm_event("pgfault")
     atomic.step(m.sched, "handle_mm_fault", 1, addr=addr, write=write)  # a tracepoint
     return await __handle_mm_fault(m, vma, addr, write)
@@ -183,16 +199,24 @@ async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
 
 
 async def handle_pte_fault(m, vmf: Vmf) -> int:
-    """handle_pte_fault: missing, swapped, write-protected, or just old/clean."""
+    """handle_pte_fault: missing, swapped, write-protected, or just old/clean.
+
+    The PTE is first read locklessly (pte_offset_map_rw_nolock + ptep_get_lockless)
+    under rcu_read_lock: MADV_DONTNEED's pt_reclaim may detach the table meanwhile,
+    and RCU keeps it readable until the section ends."""
+    rcupdate.rcu_read_lock(m)  # __pte_offset_map
     pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval):
-        return await do_anonymous_page(m, vmf)
+        await rcupdate.rcu_read_unlock(m)
+        return await do_pte_missing(m, vmf)
     if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+        await rcupdate.rcu_read_unlock(m)
         return 0  # pte_offset_map failed: the PMD changed under us, refault
     vmf.pte_tbl, vmf.pte_idx = table_pfn(pmdval), pte_index(vmf.address)
     orig = vmf.orig_pte = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
+    await rcupdate.rcu_read_unlock(m)  # pte_unmap: every later step rechecks the PMD
     if pte_none(orig):
-        return await do_anonymous_page(m, vmf)
+        return await do_pte_missing(m, vmf)
     if not pte_present(orig):
         return await do_swap_page(m, vmf)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -212,6 +236,14 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         await atomic.entry_set(m, "pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
     await vmf.ptl.unlock()
     return 0
+
+
+async def do_pte_missing(m, vmf: Vmf) -> int:
+    """do_pte_missing: an anonymous VMA's fault, or a file VMA's (memory_file.do_fault)."""
+    if vmf.vma.vm_file is None:
+        return await do_anonymous_page(m, vmf)
+    from kmm import memory_file
+    return await memory_file.do_fault(m, vmf)
 
 
 async def do_anonymous_page(m, vmf: Vmf) -> int:
@@ -291,6 +323,8 @@ async def do_wp_page(m, vmf: Vmf) -> int:
     vma = vmf.vma
     orig = vmf.orig_pte
     pfn = pte_pfn(orig)
+    if vma.flags & VM_SHARED:  # wp_page_shared: no COW in a shared mapping
+        return await wp_page_reuse(m, vmf)
     if not pte_special(orig):
         page = m.physmem.page(pfn)
         folio = m.physmem.folio(pfn)
@@ -363,6 +397,9 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
         if await atomic.entry_read(m, "pte", tbl, vmf.pte_idx) == vmf.orig_pte:
             if old_folio is None:
                 mm.rss_anon += 1
+            elif old_folio.mapping is not None:  # a page-cache page's COW: file -> anon
+                mm.rss_shmem -= 1
+                mm.rss_anon += 1
             entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
             # ptep_clear_flush: no CPU may keep writing through the old translation
             await atomic.entry_get_and_clear(m, "pte", tbl, vmf.pte_idx)
@@ -386,10 +423,13 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
 class MmuGather:
     """struct mmu_gather: pages are freed only after the TLB flush of the range."""
 
-    __slots__ = ("mm", "start", "end", "folios", "tables")
+    __slots__ = ("mm", "start", "end", "folios", "tables", "even_cows", "i_mmap_locked")
 
-    def __init__(self, mm: MmStruct) -> None:
+    def __init__(self, mm: MmStruct, even_cows: bool = True) -> None:
         self.mm = mm
+        self.even_cows = even_cows  # zap_details: False keeps a private file COW's pages
+        # unmap_mapping_range zaps under the file's i_mmap_rwsem, not the mmap_lock
+        self.i_mmap_locked = False
         self.start = 1 << 63
         self.end = 0
         self.folios: list = []
@@ -419,6 +459,8 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
     mm = vma.mm
+    if not tlbg.i_mmap_locked:
+        mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
@@ -447,7 +489,8 @@ async def zap_pmd_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, addr: int
 async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int,
                         addr: int, end: int) -> None:
     """zap_pte_range: clear PTEs under the PTE lock; rmap removal now, the references
-    after the TLB flush (the mmu_gather)."""
+    after the TLB flush (the mmu_gather). The PTEs of one large folio go as a batch
+    (zap_present_ptes), so a folio unmapped whole is never seen partially mapped."""
     res = await pte_offset_map_lock(m, pmd_tbl, pidx)
     if res is None:
         return
@@ -459,30 +502,32 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
         i = pte_index(a)
         ent = await atomic.entry_read(m, "pte", tbl, i)
         nr = 1
+        if ent and not tlbg.even_cows and (
+                not pte_present(ent) or pte_special(ent)
+                or m.physmem.folio(pte_pfn(ent)).mapping is None):
+            ent = 0  # should_zap_folio / should_zap_cows: a private COW's page stays
         if ent:
-            if pte_present(ent):
+            if pte_present(ent) and not pte_special(ent):
                 pfn = pte_pfn(ent)
-                if not pte_special(ent):
-                    folio = m.physmem.folio(pfn)
-                    dirty = pte_dirty(ent)
-                    if folio.order:
-                        # zap_present_ptes: a batch of PTEs mapping consecutive pages
-                        # of one large folio leaves the rmap at once, so a folio
-                        # unmapped whole is never seen partially mapped
-                        nr, dirty = await memory_anon.folio_pte_batch(
-                            m, tbl, i, (end - a) // PAGE_SIZE, folio, ent)
-                    for j in range(nr):
-                        await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
-                    if dirty:
-                        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
-                    mm.rss_anon -= nr
-                    await rmap.folio_remove_rmap_ptes(m, folio, pfn, nr)
-                    tlbg.folios.append((folio, nr))
+                folio = m.physmem.folio(pfn)
+                dirty = pte_dirty(ent)
+                if folio.order and folio.mapping is None:
+                    nr, dirty = await memory_anon.folio_pte_batch(
+                        m, tbl, i, (end - a) // PAGE_SIZE, folio, ent)
+                for j in range(nr):
+                    await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
+                if dirty:
+                    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
+                if folio.mapping is not None:
+                    mm.rss_shmem -= nr
                 else:
-                    await atomic.entry_get_and_clear(m, "pte", tbl, i)
+                    mm.rss_anon -= nr
+                await rmap.folio_remove_rmap_ptes(m, folio, pfn, nr)
+                tlbg.folios.append((folio, nr))
             else:
                 await atomic.entry_get_and_clear(m, "pte", tbl, i)
-                await zap_nonpresent_ptes(m, mm, ent)
+                if not pte_present(ent):
+                    await zap_nonpresent_ptes(m, mm, ent)
         a += nr * PAGE_SIZE
     await ptl.unlock()
 
@@ -604,8 +649,12 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
     if not pte_special(ent):
         folio = m.physmem.folio(pfn)
         await atomic.folio_ref_add(m, folio, 1)
-        await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
-        dst_mm.rss_anon += 1
+        if folio.mapping is not None:  # a private file mapping's page-cache page
+            await rmap.folio_dup_file_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_shmem += 1
+        else:
+            await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_anon += 1
     if pte_write(ent):  # is_cow_mapping: both sides must fault to write
         ent = pte_wrprotect(ent)
         await atomic.entry_set(m, "pte", stbl, i, ent)

@@ -11,7 +11,7 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 
 from __future__ import annotations
 
-from kmm import atomic, swap
+from kmm import atomic, mmdebug, swap
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_head, PG_isolated, PG_partially_mapped, PG_referenced,
     PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_LOCKED,
@@ -28,10 +28,13 @@ async def migration_entry_wait(m, vmf) -> None:
 
     Context: mmap_lock held for read; takes and drops the PTE lock.
     """
-    from kmm import huge_memory
-    ptl = m.table_lock(vmf.pte_tbl)
-    await ptl.lock("migration_entry_wait")
-    cur = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
+    from kmm import huge_memory, memory
+    # pte_offset_map_lock: the table read locklessly may have been detached since
+    res = await memory.pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        return
+    tbl, ptl = res
+    cur = await atomic.entry_read(m, "pte", tbl, vmf.pte_idx)
     await ptl.unlock()
     if cur == vmf.orig_pte and is_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))
@@ -127,6 +130,23 @@ async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[in
     return ok, failed
 
 
+def move_to_new_folio(m, dst, src) -> None:
+    """move_to_new_folio (anonymous: migrate_folio): contents and flags move to dst.
+    Context: both folios locked (VM_BUG_ON_FOLIO), src frozen and unmapped."""
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(src), src,
+                          "move_to_new_folio: !folio_test_locked(src)")
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(dst), dst,
+                          "move_to_new_folio: !folio_test_locked(dst)")
+    for i in range(src.nr_pages):  # folio_copy (an mTHP: every page)
+        m.physmem.copy(dst.pfn + i, src.pfn + i)
+    # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone;
+    # like the source it is off the LRU with our reference until it is put back (an
+    # isolated folio to the invariant checker, which may run once it is mapped)
+    atomic.init_page(dst, flags=(dst.flags & PG_head) | src.flags & (
+                         PG_dirty | PG_swapbacked | PG_active | PG_referenced | PG_uptodate)
+                     | PG_isolated, anon_vma=src.anon_vma, index=src.index)
+
+
 async def _migrate_one(m, folio, get_new_folio) -> bool:
     """migrate_folio_unmap + migrate_folio_move for one anonymous folio: order 0, or
     an mTHP (PTE-mapped; its new folio is prepared at the same order by
@@ -143,6 +163,14 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     if new_pfn < 0:
         await lk.unlock()
         return False
+    # the new folio is locked too (folio_trylock(dst): it is ours alone, so it never
+    # fails) until its mappings are in place: a walker that finds it through a new
+    # PTE cannot lock it before remove_migration_ptes has finished
+    new = m.physmem.page(new_pfn)
+    dst_lk = m.folio_lock_of(new)
+    if not await dst_lk.trylock("migrate_folio_unmap"):
+        m.bug(f"migrate_folio_unmap: new folio {new_pfn:#x} is locked by "
+              f"{dst_lk.owner_names()}")
     av = folio.anon_vma.root
     await av.rwsem.down_read("migrate_folio_unmap")
     if rmap.folio_mapped(folio):
@@ -150,14 +178,7 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     moved = not rmap.folio_mapped(folio) and folio.refcount == 1  # folio_ref_freeze
     requeue = None
     if moved:
-        new = m.physmem.page(new_pfn)
-        for i in range(folio.nr_pages):  # folio_copy
-            m.physmem.copy(new_pfn + i, folio.pfn + i)
-        # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone
-        atomic.init_page(new, flags=(new.flags & PG_head) | folio.flags & (
-                             PG_dirty | PG_swapbacked | PG_active | PG_referenced
-                             | PG_uptodate),
-                         anon_vma=folio.anon_vma, index=folio.index)
+        move_to_new_folio(m, new, folio)
         if folio.order:
             huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", 1)
             if folio.on_deferred_list:  # the source leaves the queue; the target joins
@@ -170,6 +191,7 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     else:
         await remove_migration_ptes(m, folio, folio)
     await av.rwsem.up_read()
+    await dst_lk.unlock()
     await lk.unlock()
     if not moved:
         if new_pfn >= 0:
@@ -177,8 +199,8 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
         return False
     atomic.folio_clear_flags_locked(folio, PG_isolated)
     await swap.folio_put(m, folio)  # the old frame goes back to the buddy
-    await swap.folio_add_lru(m, new)
     if requeue is not None:  # migrate_folio_move: requeue the destination
         await huge_memory.deferred_split_folio(m, new, requeue)
-    await swap.folio_put(m, new)    # the allocation's reference; the mappings keep theirs
+    # onto the LRU, dropping the allocation's reference; the mappings keep theirs
+    await swap.folio_putback_lru(m, new)
     return True

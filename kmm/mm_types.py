@@ -39,6 +39,7 @@ VM_SHARED = 1 << 3
 VM_MAYREAD = 1 << 4
 VM_MAYWRITE = 1 << 5
 VM_MAYEXEC = 1 << 6
+VM_MAYSHARE = 1 << 7
 VM_LOCKED = 1 << 13
 VM_HUGEPAGE = 1 << 29
 VM_NOHUGEPAGE = 1 << 30
@@ -51,6 +52,7 @@ class Page:
         "pfn", "flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
         "large_mapcount", "nr_pages_mapped", "anon_vma", "index", "lock", "ptl",
         "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
+        "mapping",
     )
 
     def __init__(self, pfn: int, head: int = -1) -> None:
@@ -74,6 +76,8 @@ class Page:
         self.pt_level = ""         # page-table pages: pgd, pud, pmd or pte
         self.swap = 0              # folio->swap: the first page's swap slot, as a PTE-format
                                    # swap entry (pgtable.swp_entry), for a swap-cache folio
+        self.mapping = None        # folio->mapping of a page-cache folio (filemap.AddressSpace);
+                                   # index is then its page offset in the file
 
     @property
     def nr_pages(self) -> int:
@@ -101,7 +105,8 @@ class AnonVma:
 class VmArea:
     """struct vm_area_struct for an anonymous private mapping."""
 
-    __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot")
+    __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot",
+                 "vm_file")
 
     def __init__(self, mm: "MmStruct", start: int, end: int, flags: int, pgoff: int) -> None:
         self.mm = mm
@@ -111,6 +116,7 @@ class VmArea:
         self.pgoff = pgoff          # vm_pgoff: start >> PAGE_SHIFT for a new anon VMA
         self.anon_vma: AnonVma | None = None
         self.avc: list[AnonVma] = []  # anon_vma_chain: every anon_vma linked to this VMA
+        self.vm_file = None          # shmem: the shmem.ShmemFile mapped (pgoff in file pages)
         from kmm.pgtable import vm_page_prot
         self.page_prot = vm_page_prot(flags)
 
@@ -130,7 +136,7 @@ class MmStruct:
     __slots__ = (
         "id", "owner", "pgd", "vmas", "mmap_lock", "page_table_lock", "rss_anon",
         "nr_ptes", "pgtables_bytes", "flags", "users", "cpumask", "huge_zero_ref",
-        "khugepaged_slot", "swapents",
+        "khugepaged_slot", "swapents", "rss_shmem",
     )
 
     def __init__(self, id: int, owner: str, pgd: int, mmap_lock, page_table_lock) -> None:
@@ -142,6 +148,7 @@ class MmStruct:
         self.page_table_lock = page_table_lock
         self.rss_anon = 0               # MM_ANONPAGES
         self.swapents = 0               # MM_SWAPENTS
+        self.rss_shmem = 0              # MM_SHMEMPAGES
         self.nr_ptes = 0                # PTE tables, deposited ones included
         self.pgtables_bytes = 0
         self.flags: set[str] = set()    # MMF_* names

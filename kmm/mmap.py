@@ -10,9 +10,10 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, khugepaged, memory, rmap
+from kmm import huge_memory, khugepaged, memory, mmdebug, rmap, shmem
 from kmm.mm_types import (
-    VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_READ, VM_WRITE, MmStruct, VmArea,
+    VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
+    MmStruct, VmArea,
 )
 from kmm.pgtable import PAGE_SIZE, TASK_SIZE, vm_page_prot
 
@@ -39,9 +40,12 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     A huge PMD straddling an unaligned addr is split first (vma_adjust_trans_huge).
     Context: mmap_lock held for write.
     """
+    mmdebug.mmap_assert_write_locked(m, vma.mm, "__split_vma (vma_start_write)")
     await huge_memory.vma_adjust_trans_huge(m, vma, addr, addr, None)
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
     rmap.anon_vma_clone(new, vma)
+    if vma.vm_file is not None:
+        await shmem.vma_link_file(m, new, vma.vm_file)
     vma.end = addr
     _insert(vma.mm, new)
     await m.sched.point("split_vma", mm=vma.mm.id, addr=addr)
@@ -51,6 +55,7 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
 def _mergeable(a: VmArea, b: VmArea) -> bool:
     return (a.end == b.start and a.flags == b.flags
             and b.pgoff == a.pgoff + ((b.start - a.start) >> 12)
+            and a.vm_file is b.vm_file
             and (a.anon_vma is None or b.anon_vma is None or a.anon_vma is b.anon_vma))
 
 
@@ -60,6 +65,7 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
     if i + 1 < len(mm.vmas) and _mergeable(vma, mm.vmas[i + 1]):
         nxt = mm.vmas.pop(i + 1)
         vma.end = nxt.end
+        shmem.vma_unlink_merged(nxt)
         if vma.anon_vma is None and nxt.anon_vma is not None:
             rmap.anon_vma_clone(vma, nxt)
         rmap.unlink_anon_vmas(nxt)
@@ -67,6 +73,7 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
         prev = mm.vmas[i - 1]
         mm.vmas.pop(i)
         prev.end = vma.end
+        shmem.vma_unlink_merged(vma)
         if prev.anon_vma is None and vma.anon_vma is not None:
             rmap.anon_vma_clone(prev, vma)
         rmap.unlink_anon_vmas(vma)
@@ -75,7 +82,9 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
 
 
 async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> VmArea:
-    """vma_modify_flags: give [start, end) of vma new flags, splitting and merging."""
+    """vma_modify_flags: give [start, end) of vma new flags, splitting and merging.
+    Context: mmap_lock held for write (vm_flags_reset -> vma_start_write)."""
+    mmdebug.mmap_assert_write_locked(m, vma.mm, "vma_modify_flags (vma_start_write)")
     if vma.start < start:
         vma = await split_vma(m, vma, start)
     if vma.end > end:
@@ -85,9 +94,11 @@ async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> 
     return vma_merge_around(vma.mm, vma)
 
 
-async def do_mmap(m, task, addr: int, length: int) -> int | str:
+async def do_mmap(m, task, addr: int, length: int, backing: str = "anon") -> int | str:
     """mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|
-    MAP_FIXED_NOREPLACE): the start address, or an errno name."""
+    MAP_FIXED_NOREPLACE): the start address, or an errno name. ``backing`` "shmem" is
+    MAP_SHARED|MAP_ANONYMOUS (shmem_zero_setup), "memfd" a new memfd of the length
+    mapped MAP_SHARED, "memfd_private" the same mapped MAP_PRIVATE."""
     if length <= 0 or addr & (PAGE_SIZE - 1):
         return "EINVAL"
     length = page_align(length)
@@ -99,7 +110,11 @@ async def do_mmap(m, task, addr: int, length: int) -> int | str:
         if vmas_in(mm, addr, addr + length):
             return "EEXIST"
         flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+        if backing in ("shmem", "memfd"):
+            flags |= VM_SHARED | VM_MAYSHARE
         vma = VmArea(mm, addr, addr + length, flags, addr >> 12)
+        if backing != "anon":
+            await shmem.shmem_mmap(m, task, vma, backing)
         _insert(mm, vma)
         vma = vma_merge_around(mm, vma)
         await m.sched.point("mmap_region", mm=mm.id, start=addr, end=addr + length)
@@ -126,6 +141,8 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     # free_pgtables: each VMA leaves its anon_vma chains (under the anon_vma lock, so
     # an rmap walk in progress finishes first) before its page tables go
     for vma in victims:
+        if vma.vm_file is not None:  # unlink_file_vma, then fput
+            await shmem.vma_unlink_file(m, vma)
         roots = {id(av.root): av.root for av in vma.avc}
         for root in roots.values():
             await root.rwsem.down_write("unlink_anon_vmas")

@@ -27,7 +27,8 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
                     if m.is_huge_zero_pfn(pmd_pfn(entry)):
                         continue
                     rss += HPAGE_PMD_SIZE
-                    huge += HPAGE_PMD_SIZE
+                    if m.physmem.page(pmd_pfn(entry)).mapping is None:  # not ShmemPmdMapped
+                        huge += HPAGE_PMD_SIZE
                 elif is_pmd_migration_entry(entry):
                     rss += HPAGE_PMD_SIZE
             elif pte_present(entry):
@@ -50,4 +51,24 @@ def smaps_swap_kb(m, mm, start: int, end: int) -> int:
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pte" and swapfile.is_swap_entry(m, entry):
                 swapped += PAGE_SIZE
+        if vma.vm_file is not None:  # shmem_swap_usage: the file's swapped pages
+            from kmm import shmem
+            first = vma.linear_page_index(s)
+            swapped += shmem.shmem_swapped_in(vma.vm_file.mapping, first,
+                                              first + ((e - s) >> 12)) * PAGE_SIZE
     return swapped // 1024
+
+
+def smaps_shmem_pmd_kb(m, mm, start: int, end: int) -> int:
+    """smaps "ShmemPmdMapped": kB of shmem THPs mapped by a PMD in the VMAs of mm inside
+    [start, end)."""
+    kb = 0
+    for vma in mm.vmas:
+        s, e = max(start, vma.start), min(end, vma.end)
+        if s >= e or vma.vm_file is None:
+            continue
+        for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
+            if level == "pmd" and pmd_present(entry) \
+                    and m.physmem.page(pmd_pfn(entry)).mapping is not None:
+                kb += HPAGE_PMD_SIZE // 1024
+    return kb

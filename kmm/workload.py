@@ -12,7 +12,11 @@ emulated CPU (a separate actor), so two CPUs can fault the same range at once::
                          lambda cpu: p.on(cpu).touch(a, 2 << 20, value=2))
 
 Every write is remembered in a shadow copy per process (forked with the process), so
-``Proc.verify`` and the invariant checker can prove that no byte was lost.
+``Proc.verify`` and the invariant checker can prove that no byte was lost, and that no
+process reads a byte it did not write itself (another's write after a fork never
+shows through). A byte the parent writes on another CPU while a fork is under way may
+or may not reach the child (whether its page was copied before or after the write):
+the child's value there is unknown until the child writes it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, swap, task_mmu
+from kmm.mm_types import VM_SHARED
 from kmm.pgtable import PAGE_SIZE
+
+
+class UnexpectedResult(AssertionError):
+    """A call under test returned what the program does not accept (Kernel.expect):
+    the program's own assertion, wherever it is raised."""
 
 
 class Kernel:
@@ -32,7 +42,19 @@ class Kernel:
         # bytes under MADV_FREE: until rewritten they read back as written or as zero
         # (reclaim may have discarded the lazyfree page)
         self.lazy: dict[str, dict[int, int]] = {}
+        # bytes whose value in this process is not known: written by the parent on
+        # another CPU while the fork that made this process was under way
+        self.unknown: dict[str, set[int]] = {}
+        # process name -> one set per fork of it under way: the addresses its other
+        # CPUs write meanwhile
+        self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+        # bytes written through shared file mappings: (inode id, file byte offset) ->
+        # byte; every mapper of the file sees them (kmm.testing checks the page cache)
+        self.file_shadow: dict[tuple[int, int], int] = {}
+        # syscalls that failed (returned an errno name) and that the program has not
+        # examined with ``expect`` yet: the race laboratory reports any left at the end
+        self.failed: list[tuple[str, str, str]] = []  # (process, call, errno)
 
     @property
     def cpus(self) -> int:
@@ -66,7 +88,7 @@ class Kernel:
             async def run():
                 try:
                     return await fn(i % self.cpus)
-                except (fault.Segv, fault.OutOfMemory) as e:
+                except (fault.Segv, fault.Sigbus, fault.OutOfMemory) as e:
                     return e
             return run
 
@@ -84,6 +106,13 @@ class Kernel:
             return
         (cls,) = daemon.load_daemons([name])
         daemon.start_daemon(self.machine, cls())
+
+    def cpu_relax(self) -> None:
+        """The pause of a busy-wait loop (the kernel's cpu_relax): call it once per
+        iteration of a loop that waits for another CPU. The scheduler's systematic modes
+        then let the awaited CPU run (pct drops this CPU's priority: kmm.runtime.sched
+        yield_spin); a wait that never ends is reported as a livelock by explore."""
+        self.machine.sched.yield_spin("cpu_relax")
 
     async def sleep(self, ns: int) -> None:
         """Let emulated time pass (the program's actor sleeps; daemons run meanwhile)."""
@@ -138,6 +167,36 @@ class Kernel:
         if self.after_op is not None:
             self.after_op()
 
+    def _returned(self, proc: str, call: str, result):
+        """A syscall's result: an errno name is remembered until ``expect`` sees it."""
+        if isinstance(result, str):
+            self.failed.append((proc, call, result))
+        return result
+
+    def expect(self, result, *allowed: str, what: str = "call"):
+        """Examine the result of a call under test: it must succeed (0, an address or
+        a count) or fail with one of the ``allowed`` errno names; anything else is the
+        program's assertion. Returns the result. A failure the program never passes
+        here is reported by ``kmm explore`` at the end of the run (``unexamined``):
+        a race program cannot ignore what the racing call returned::
+
+            r = k.expect(await p.madvise(a, SIZE, "collapse"), "EAGAIN", what="collapse")
+        """
+        if isinstance(result, str):
+            for i in range(len(self.failed) - 1, -1, -1):
+                if self.failed[i][2] == result:
+                    del self.failed[i]
+                    break
+            if result not in allowed:
+                raise UnexpectedResult(f"{what} failed with {result}")
+        elif not isinstance(result, int) or result < 0:
+            raise UnexpectedResult(f"{what} returned {result!r}")
+        return result
+
+    def unexamined(self) -> list[str]:
+        """The failed calls no ``expect`` examined, as "process: call -> errno"."""
+        return [f"{proc}: {call} -> {errno}" for proc, call, errno in self.failed]
+
 
 class Proc:
     """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
@@ -159,14 +218,56 @@ class Proc:
         if not self.task.alive:
             raise ProcessLookupError(f"process {self.name} has exited")
 
-    async def mmap(self, size: int, addr: int | None = None) -> int:
-        """An anonymous private read-write mapping; returns its address (or errno name)."""
+    async def mmap(self, size: int, addr: int | None = None, backing: str = "anon") -> int:
+        """A read-write mapping; returns its address (or errno name). ``backing``:
+        "anon" (MAP_PRIVATE|MAP_ANONYMOUS), "shmem" (MAP_SHARED|MAP_ANONYMOUS),
+        "memfd" (a new memfd of the size, MAP_SHARED), "memfd_private" (MAP_PRIVATE)."""
         self._alive()
         if addr is None:
             addr = self._free_area(size)
-        r = await mmap.do_mmap(self.m, self.task, addr, size)
+        r = await mmap.do_mmap(self.m, self.task, addr, size, backing)
+        self.k._done()
+        return self.k._returned(self.name, "mmap", r)
+
+    async def ftruncate(self, addr: int, size: int):
+        """ftruncate of the memfd mapped at ``addr`` (by its mmap): 0 or an errno name."""
+        from kmm import truncate
+        self._alive()
+        inode = self.task.files.get(addr)
+        if inode is None:
+            return "EBADF"
+        r = await truncate.shmem_setattr_size(self.m, inode, size)
+        if r == 0:
+            self._forget_file(inode, size, 1 << 62)
         self.k._done()
         return r
+
+    async def fallocate_punch_hole(self, addr: int, offset: int, length: int):
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of the memfd mapped at
+        ``addr``: 0 or an errno name. The hole reads back as zeros."""
+        from kmm import truncate
+        self._alive()
+        inode = self.task.files.get(addr)
+        if inode is None:
+            return "EBADF"
+        r = await truncate.shmem_fallocate_punch_hole(self.m, inode, offset, length)
+        if r == 0:
+            self._forget_file(inode, offset, offset + length)
+        self.k._done()
+        return r
+
+    def _forget_file(self, inode, start: int, end: int) -> None:
+        fs = self.k.file_shadow
+        for key in [key for key in fs if key[0] == inode.id and start <= key[1] < end]:
+            del fs[key]
+
+    def _shared_offset(self, a: int):
+        """(inode id, file offset) when a lies in a shared file mapping, else None."""
+        from kmm import shmem
+        vma = self.task.mm.vma_lookup(a)
+        if vma is None or not shmem.vma_is_shmem(vma) or not vma.flags & VM_SHARED:
+            return None
+        return vma.vm_file.id, ((a - vma.start) + (vma.pgoff << 12))
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
@@ -179,13 +280,13 @@ class Proc:
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "munmap", r)
 
     async def mprotect(self, addr: int, length: int, prot: str):
         self._alive()
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"mprotect({prot})", r)
 
     async def madvise(self, addr: int, length: int, advice: str):
         self._alive()
@@ -197,7 +298,7 @@ class Proc:
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"madvise({advice})", r)
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
@@ -213,7 +314,7 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "mremap", r)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
@@ -225,6 +326,9 @@ class Proc:
 
     def _forget(self, addr: int, length: int) -> None:
         end = addr + length
+        unknown = self.k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update([a for a in unknown if addr <= a < end])
         for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
             if len(sh) < length:
                 for a in [a for a in sh if addr <= a < end]:
@@ -233,21 +337,44 @@ class Proc:
                 for a in range(addr, end):
                     sh.pop(a, None)
 
+    def _wrote(self, addr: int, n: int) -> None:
+        """Bookkeeping of a write of n bytes at addr beyond the shadow: forks of this
+        process under way learn of it; a byte of unknown value is known again."""
+        k = self.k
+        for racing in k.forking.get(self.name, ()):
+            racing.update(range(addr, addr + n))
+        unknown = k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update(range(addr, addr + n))
+
     async def fork(self, child: str) -> "Proc":
         self._alive()
-        t = await fork.copy_process(self.m, self.task, child)
+        k = self.k
+        racing: set[int] = set()
+        k.forking.setdefault(self.name, []).append(racing)
+        try:
+            t = await fork.copy_process(self.m, self.task, child)
+        finally:
+            forks = k.forking[self.name]
+            forks.remove(racing)
+            if not forks:
+                del k.forking[self.name]
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        self.k.shadow[child] = dict(self.k.shadow[self.name])
-        self.k.lazy[child] = dict(self.k.lazy[self.name])
-        self.k._done()
-        return Proc(self.k, t, self.cpu)
+        k.shadow[child] = dict(k.shadow[self.name])
+        k.lazy[child] = dict(k.lazy[self.name])
+        unknown = racing | k.unknown.get(self.name, set())
+        if unknown:
+            k.unknown[child] = unknown
+        k._done()
+        return Proc(k, t, self.cpu)
 
     async def exit(self) -> None:
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
         self.k.lazy.pop(self.name, None)
+        self.k.unknown.pop(self.name, None)
         self.k._done()
 
     async def _kill(self, sig: str) -> None:
@@ -265,12 +392,17 @@ class Proc:
                 chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
                 await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
                 lazy = self.k.lazy[self.name]
+                shared = self._shared_offset(a) if self.m.__dict__.get("shmem") else None
                 for j, b in enumerate(chunk):
+                    if shared is not None:
+                        self.k.file_shadow[(shared[0], shared[1] + j)] = b
+                        continue
                     sh[a + j] = b
                     lazy.pop(a + j, None)
+                self._wrote(a, len(chunk))
                 i += len(chunk)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
 
@@ -282,8 +414,8 @@ class Proc:
                 a = addr + len(out)
                 k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
                 out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return bytes(out)
@@ -298,33 +430,50 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        files = bool(m.__dict__.get("shmem"))
+        forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
+        # may start on another CPU halfway through
         end = addr + length
         try:
-            if write and m.sched.quiet:
+            if write and m.sched.quiet and not files:  # (shared files: the slow path
+                # below keeps their bytes in file_shadow)
                 # the stores that hit the TLB need no coroutine each (fault.store_run);
                 # a miss takes the whole access path
                 a = addr
                 while a < end:
+                    a0 = a
                     a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                    if forking or unknown:
+                        for x in range(a0, a, stride):
+                            self._wrote(x, 1)
                     if a < end:
                         await fault.user_access(m, task, cpu, a, True, data)
                         sh[a] = value
                         if lazy:
                             lazy.pop(a, None)
+                        if forking or unknown:
+                            self._wrote(a, 1)
                         a += stride
                 self.k._done()
                 return 0
             for a in range(addr, end, stride):
                 if write:
                     await fault.user_access(m, task, cpu, a, True, data)
+                    if files:
+                        shared = self._shared_offset(a)
+                        if shared is not None:
+                            self.k.file_shadow[shared] = value
+                            continue
                     sh[a] = value
                     if lazy:
                         lazy.pop(a, None)
+                    if forking or unknown:
+                        self._wrote(a, 1)
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return mismatches
@@ -334,7 +483,10 @@ class Proc:
         bad = []
         hook, self.k.after_op = self.k.after_op, None  # reads change nothing to check
         try:
+            unknown = self.k.unknown.get(self.name, ())
             for a, b in sorted(self.k.shadow[self.name].items()):
+                if a in unknown:
+                    continue
                 if (await self.load(a))[0] != b:
                     bad.append(a)
             for a, b in sorted(self.k.lazy[self.name].items()):

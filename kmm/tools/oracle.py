@@ -83,6 +83,16 @@ STEP_TIMEOUT = 120.0  # seconds a worker may take over one step
 KHUGEPAGED_TIMEOUT = 30.0  # seconds a khugepaged step may wait for full_scans
 DECOY_ADDR = 0x1000_0000_0000
 
+# mmap flags of each scenario backing (the worker's default is the "anon" one); the
+# memfd backings map a fresh memfd_create file ftruncate'd to the region's size
+MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x01, 0x20, 0x100000
+MAP_BACKING = {"anon": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               "shmem": MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               "memfd": MAP_SHARED | MAP_FIXED_NOREPLACE,
+               "memfd_private": MAP_PRIVATE | MAP_FIXED_NOREPLACE}
+# /proc/meminfo lines of shared-memory and file THPs (kB), reported as their change
+SHMEM_MEMINFO_KEYS = ("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped")
+
 MADV = {"hugepage": 14, "nohugepage": 15, "dontneed": 4, "collapse": 25, "pageout": 21,
         "cold": 20, "free": 8}
 PROT = {"none": 0, "r": 1, "rw": 3}
@@ -99,6 +109,7 @@ RES = struct.Struct("<3q")
 OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXIT, OP_PING = (
     range(1, 10)
 )
+OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -149,6 +160,16 @@ def _mthp_knobs() -> list[str]:
             if n.startswith("hugepages-") and os.path.exists(_knob_path(f"{n}/enabled"))]
 
 
+def _mthp_shmem_knobs() -> list[str]:
+    """The per-size shmem knobs (hugepages-<size>kB/shmem_enabled)."""
+    try:
+        names = sorted(os.listdir(THP_DIR))
+    except OSError:
+        return []
+    return [f"{n}/shmem_enabled" for n in names if n.startswith("hugepages-")
+            and os.path.exists(_knob_path(f"{n}/shmem_enabled"))]
+
+
 def _pmd_mthp_knob() -> str:
     with open(_knob_path("hpage_pmd_size")) as f:
         kb = int(f.read()) // 1024
@@ -166,7 +187,8 @@ class HostKnobs:
     """
 
     def __init__(self) -> None:
-        self.names = list(sysfs.KNOBS) + _mthp_knobs()
+        self.names = list(dict.fromkeys(list(sysfs.KNOBS) + _mthp_knobs()
+                                        + _mthp_shmem_knobs()))
         self.saved: dict[str, str] = {}
         self.held: dict[str, object] = {}  # "memcg": path, "zram": device id, "debugfs": path
 
@@ -635,13 +657,16 @@ _VMA_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
 def read_smaps(pid: int) -> list[tuple[int, int, int, int, int]]:
-    """(start, end, Rss kB, AnonHugePages kB, Swap kB) for each VMA of the process."""
+    """(start, end, Rss kB, AnonHugePages kB, Swap kB, ShmemPmdMapped kB) for each VMA
+    of the process."""
     vmas: list[list[int]] = []
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             m = _VMA_RE.match(line)
             if m:
-                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0])
+                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0, 0])
+            elif line.startswith("ShmemPmdMapped:"):
+                vmas[-1][5] = int(line.split()[1])
             elif line.startswith("Rss:"):
                 vmas[-1][2] = int(line.split()[1])
             elif line.startswith("AnonHugePages:"):
@@ -654,16 +679,31 @@ def read_smaps(pid: int) -> list[tuple[int, int, int, int, int]]:
 def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[str, int]:
     """smaps sums over the region's VMAs; ``swap_kb`` only for a run with swap."""
     end = addr + round_up(size, PAGE_SIZE)
-    rss = huge = swapped = 0
-    for start, stop, r, h, sw in vmas:
+    rss = huge = swapped = shpmd = 0
+    for v in vmas:
+        start, stop = v[0], v[1]
         if start >= addr and stop <= end:
-            rss += r
-            huge += h
-            swapped += sw
+            rss += v[2]
+            huge += v[3]
+            swapped += v[4]
+            shpmd += v[5]
     figures = {"rss_kb": rss, "anon_huge_kb": huge}
     if swap:
         figures["swap_kb"] = swapped
+    if shpmd:  # extension (issue 12): shmem THPs mapped by PMD, only when nonzero
+        figures["shmem_pmd_mapped_kb"] = shpmd
     return figures
+
+
+def read_meminfo_keys(keys) -> dict[str, int]:
+    """The named /proc/meminfo lines (kB or counts)."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in keys:
+                out[name] = int(rest.split()[0])
+    return out
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")  # the report's "events" in a run with swap
@@ -828,7 +868,10 @@ class _Run:
             addr, size = step.addr, step.size
             assert addr is not None and size is not None
             w.regions[step.region] = (addr, size)  # type: ignore[index]
-            status, err, _ = call(w, OP_MMAP, addr, size)
+            if step.backing in ("memfd", "memfd_private"):
+                status, err, _ = call(w, OP_MMAP_MEMFD, addr, size, MAP_BACKING[step.backing])
+            else:
+                status, err, _ = call(w, OP_MMAP, addr, size, MAP_BACKING[step.backing])
         elif op == "fork":
             try:
                 self.workers.fork(w, step.child, self.slots[step.child])  # type: ignore[arg-type]
@@ -855,6 +898,10 @@ class _Run:
                 return {"op": op, "ok": True, "mismatches": bad}
             elif op == "split":
                 status, err = split_huge_pages(w.pid, a, b)
+            elif op == "punch_hole":  # file offsets: the region maps its memfd from 0
+                status, err, _ = call(w, OP_PUNCH_HOLE, addr, start, end - start)
+            elif op == "ftruncate":
+                status, err, _ = call(w, OP_FTRUNCATE, addr, step.size)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:
@@ -886,8 +933,8 @@ class _Run:
                     fig["mthp_kb"] = folios
             # Self-check: a worker must never fault huge pages of its own (its interpreter
             # heap under enabled=always), or the counters would not be the scenario's.
-            own = sum(h for start, stop, _, h, _ in vmas if not any(
-                start >= a and stop <= a + round_up(s, PAGE_SIZE) for a, s in w.regions.values()))
+            own = sum(v[3] for v in vmas if not any(
+                v[0] >= a and v[1] <= a + round_up(s, PAGE_SIZE) for a, s in w.regions.values()))
             if own:
                 raise OracleError(f"worker {w.name} has {own} kB of THPs outside its regions: "
                                   "the counters include the worker's own faults")
@@ -911,6 +958,12 @@ def run_oracle(scenario: Scenario) -> dict:
             for name in _mthp_knobs():
                 want = "inherit" if name == pmd_mthp else "never"
                 if read_knob(name) != want:
+                    write_knob(name, want)
+            # the same for the per-size shmem knobs (before the scenario's own values)
+            pmd_shmem = pmd_mthp.replace("/enabled", "/shmem_enabled")
+            for name in _mthp_shmem_knobs():
+                want = "inherit" if name == pmd_shmem else "never"
+                if name not in effective and read_knob(name) != want:
                     write_knob(name, want)
             write_knob("enabled", "madvise")
             _drop_caches()
@@ -944,10 +997,12 @@ def run_oracle(scenario: Scenario) -> dict:
                 before = read_thp_vmstat()
                 events0 = read_vmstat(SWAP_EVENTS)
                 mthp0 = oracle_mthp.read_mthp_stats()
+                shmem0 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 results = [run.step(step) for step in scenario.steps]
                 after = read_thp_vmstat()
                 events1 = read_vmstat(SWAP_EVENTS)
                 mthp1 = oracle_mthp.read_mthp_stats()
+                shmem1 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
             report = {
                 "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
                 "regions": run.regions(),
@@ -955,6 +1010,11 @@ def run_oracle(scenario: Scenario) -> dict:
             }
             if run.swap:  # extension: swap traffic of a run with swap
                 report["events"] = {n: events1[n] - events0[n] for n in SWAP_EVENTS}
+            # extension (issue 12): shared-memory/file THP meminfo lines that moved
+            moved = {k: shmem1[k] - shmem0[k] for k in SHMEM_MEMINFO_KEYS
+                     if shmem1.get(k, 0) != shmem0.get(k, 0)}
+            if moved:
+                report.setdefault("meminfo", {}).update(moved)
             mthp = huge_memory_mthp.mthp_report(mthp0, mthp1)
             if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
                 report["mthp"] = mthp

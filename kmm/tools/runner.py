@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, huge_memory_mthp, khugepaged, madvise, task_mmu
+from kmm import bugs, fault, huge_memory_mthp, khugepaged, madvise, shmem, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -52,6 +52,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             fig = regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
             if m.swap_info is not None:  # extension: scenarios with a swap device
                 fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
+            shpmd = task_mmu.smaps_shmem_pmd_kb(m, task.mm, addr, addr + size)
+            if shpmd:  # extension (issue 12): smaps ShmemPmdMapped, only when nonzero
+                fig["shmem_pmd_mapped_kb"] = shpmd
             folios = huge_memory_mthp.region_folio_kb(m, task.mm, addr, addr + size)
             if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
                 fig["mthp_kb"] = folios
@@ -74,6 +77,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    meminfo = shmem.shmem_meminfo(m)
+    if meminfo:  # extension (issue 12): meminfo lines of shmem/file THPs that moved
+        rep.setdefault("meminfo", {}).update(meminfo)
     mthp = huge_memory_mthp.mthp_report({}, huge_memory_mthp.mthp_stats(m))
     if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
         rep["mthp"] = mthp
@@ -94,7 +100,7 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": False, "error": "no such process"}
     p = Proc(k, task, 0)
     if step.op == "mmap":
-        r = await p.mmap(step.size, step.addr)
+        r = await p.mmap(step.size, step.addr, step.backing)
         # the region is reported even if the mmap failed (zeros), as the oracle does
         task.regions[step.region] = (step.addr, step.size)
         if isinstance(r, str):
@@ -121,11 +127,17 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
     addr, size = task.regions[step.region]
+    if step.op == "ftruncate":
+        r = await p.ftruncate(addr, step.size)
+        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
     lo, hi = step_range(step, size)
     start, length = addr + lo, hi - lo
     if step.op == "split":
         await p.split_huge_page(start, length)
         return {**res, "ok": True}
+    if step.op == "punch_hole":  # file offsets: the region maps its memfd from 0
+        r = await p.fallocate_punch_hole(addr, lo, length)
+        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
     if step.op in ("munmap", "mprotect", "madvise"):
         try:
             if step.op == "munmap":
@@ -141,8 +153,8 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     try:
         n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
                           value=step.value, stride=step.stride)
-    except fault.Segv:
-        return {**res, "ok": False, "signal": "SIGSEGV"}
+    except (fault.Segv, fault.Sigbus) as e:
+        return {**res, "ok": False, "signal": e.signal}
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
@@ -326,7 +338,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
             from kmm.runtime import remote_cpu
             result["value"] = await remote_cpu.run_main(
-                k, path, Proc, (fault.Segv, fault.OutOfMemory))
+                k, path, Proc, (fault.Segv, fault.Sigbus, fault.OutOfMemory))
         else:
             result["value"] = await mod.main(k)
 

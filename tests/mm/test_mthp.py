@@ -53,6 +53,7 @@ def test_knob_validation_and_words():
 class _Vma:
     def __init__(self, flags=0, start=0, end=4 << 20, anon_vma=object()):
         self.flags, self.start, self.end, self.anon_vma = flags, start, end, anon_vma
+        self.vm_file = None  # anonymous
 
 
 class _M:

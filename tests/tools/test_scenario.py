@@ -47,17 +47,24 @@ def test_corpus_file_has_a_recording(path):
     report = rec["report"]
     sc = load_scenario(path)
     swap = sc.machine.swap > 0
-    # A run with swap extends the report with events and each region with swap_kb; a
-    # run where some hugepages-*/stats file moved with mthp, a region mapped by mTHPs
-    # with mthp_kb (issue 11, docs/report-format.md).
-    mthp = ["mthp"] if "mthp" in report else []
-    assert list(report) == ["vmstat", "regions", "steps"] + (["events"] if swap else []) + mthp
-    assert all(stats and all(stats.values()) for stats in report.get("mthp", {}).values())
+    # A run with swap extends the report with events and each region with swap_kb.
+    # issue 12: "meminfo" (shmem/file THP lines that moved) and a region's
+    # shmem_pmd_mapped_kb appear only when nonzero; issue 11: "mthp" (hugepages-*/stats
+    # files that moved) and a region's mthp_kb (docs/report-format.md), likewise
+    extra = [k for k in ("mthp", "meminfo") if k in report]
+    assert sorted(report) == sorted(["vmstat", "regions", "steps"]
+                                    + (["events"] if swap else []) + extra)
+    assert list(report)[:3] == ["vmstat", "regions", "steps"]
     assert list(report["vmstat"]) == list(vmstat.THP_EVENTS)
     assert len(report["steps"]) == len(sc.steps)
     fields = ["rss_kb", "anon_huge_kb"] + (["swap_kb"] if swap else [])
-    assert all([f for f in r if f != "mthp_kb"] == fields and r.get("mthp_kb", True)
+    optional = ("shmem_pmd_mapped_kb", "mthp_kb")
+    assert all([f for f in r if f not in optional] == fields
                for r in report["regions"].values())
+    assert all(v for r in report["regions"].values() for f, v in r.items()
+               if f in optional)
+    assert all(report.get("meminfo", {}).values())
+    assert all(stats and all(stats.values()) for stats in report.get("mthp", {}).values())
     if swap:
         assert list(report["events"]) == ["pswpin", "pswpout"]
 
@@ -314,3 +321,51 @@ def test_missing_file(tmp_path):
     with pytest.raises(ScenarioError) as ei:
         load_scenario(tmp_path / "nope.toml")
     assert "nope.toml" in str(ei.value) and "\n" not in str(ei.value)
+
+
+SHMEM = """
+[thp]
+shmem_enabled = "within_size"
+[[steps]]
+op = "mmap"
+region = "m"
+size = "4MiB"
+backing = "memfd"
+[[steps]]
+op = "fork"
+child = "c"
+[[steps]]
+op = "punch_hole"
+proc = "c"
+region = "m"
+offset = "1MiB"
+length = "4KiB"
+[[steps]]
+op = "ftruncate"
+region = "m"
+size = "3MiB"
+"""
+
+
+def test_shmem_backing_punch_hole_and_ftruncate(tmp_path):
+    sc = load_scenario(write(tmp_path, SHMEM, "ok.toml"))
+    assert sc.knobs["shmem_enabled"] == "within_size"
+    mmap, _, punch, trunc = sc.steps
+    assert mmap.backing == "memfd"
+    assert (punch.proc, punch.offset, punch.length) == ("c", 1 << 20, 4096)
+    assert trunc.size == 3 << 20
+
+
+@pytest.mark.parametrize("text, key, word", [
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\nbacking = "tmpfs"\n', "backing",
+     "must be one of"),
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\n[[steps]]\nop = "punch_hole"\n'
+     'region = "a"\n', "region", "memfd region"),
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\nbacking = "shmem"\n[[steps]]\n'
+     'op = "ftruncate"\nregion = "a"\nsize = 0\n', "region", "memfd region"),
+    ('[thp]\nshmem_enabled = "sometimes"\n', "shmem_enabled", "must be one of"),
+])
+def test_shmem_bad_input(tmp_path, text, key, word):
+    with pytest.raises(ScenarioError) as e:
+        load_scenario(write(tmp_path, text))
+    assert e.value.key == key and word in str(e.value)
