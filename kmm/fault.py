@@ -26,10 +26,23 @@ FAULT_RETRY_LIMIT = 1000
 class Segv(Exception):
     """The access killed the process with SIGSEGV."""
 
+    signal = "SIGSEGV"
+
     def __init__(self, addr: int, code: str) -> None:
         super().__init__(f"SIGSEGV ({code}) at {addr:#x}")
         self.addr = addr
         self.code = code
+
+
+class Sigbus(Exception):
+    """The access killed the process with SIGBUS (VM_FAULT_SIGBUS: e.g. a hugetlb fault
+    with no huge page to be had)."""
+
+    signal = "SIGBUS"
+
+    def __init__(self, addr: int) -> None:
+        super().__init__(f"SIGBUS at {addr:#x}")
+        self.addr = addr
 
 
 class OutOfMemory(Exception):
@@ -157,3 +170,5 @@ async def do_user_addr_fault(m, task, addr: int, write: bool) -> None:
         raise OutOfMemory(f"out of memory faulting {addr:#x}")
     if fault & memory.VM_FAULT_SIGSEGV:
         raise Segv(addr, "SEGV_MAPERR")
+    if fault & memory.VM_FAULT_SIGBUS:
+        raise Sigbus(addr)

@@ -8,7 +8,7 @@ before its mmap_lock is released, as the kernel does.
 
 from __future__ import annotations
 
-from kmm import khugepaged, memory, mmap, rmap, tlb
+from kmm import hugetlb_resv, khugepaged, memory, mmap, rmap, tlb
 from kmm.mm_types import VmArea
 
 
@@ -20,6 +20,8 @@ async def dup_mmap(m, mm, oldmm) -> bool:
     try:
         for vma in oldmm.vmas:
             new = VmArea(mm, vma.start, vma.end, vma.flags, vma.pgoff)
+            if vma.vm_file is not None:
+                hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=True)
             mm.vmas.append(new)
             rmap.anon_vma_fork(m, new, vma)
             if vma.anon_vma is not None:

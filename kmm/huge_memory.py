@@ -18,7 +18,7 @@ from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
-    VM_NOHUGEPAGE, VM_WRITE,
+    VM_HUGETLB, VM_NOHUGEPAGE, VM_WRITE,
 )
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
@@ -43,6 +43,8 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides.
     """
     flags = vma.flags
+    if flags & VM_HUGETLB:  # hugetlb VMAs are never THP-eligible
+        return False
     if tva != "forced_collapse":
         enabled = m.sysfs.enabled
         if not (enabled == "always" or (flags & VM_HUGEPAGE and enabled != "never")):

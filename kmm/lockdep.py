@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 ORDER: tuple[str, ...] = (
     "khugepaged_mm_lock",
     "mmap_lock",
+    "hugetlb_fault_mutex",  # rmap.c: hugetlbfs PageHuge() take locks in this order
+    "hugetlb_vma_lock",
     "folio_lock",
     "anon_vma",
     "page_table_lock",
@@ -31,6 +33,7 @@ ORDER: tuple[str, ...] = (
     "swap_info_lock",
     "split_queue_lock",
     "lru_lock",
+    "hugetlb_lock",
     "zone_lock",
 )
 RANK = {name: i for i, name in enumerate(ORDER)}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm import huge_memory, hugetlb, khugepaged, page_alloc, swap, swapfile, vmscan
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.physmem import PhysMem
@@ -110,6 +110,7 @@ class Machine:
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
         huge_memory.thp_shrinker_init(self)
+        hugetlb.hugetlb_init(self)  # m.hugetlb: hstates, pools, hugetlb_lock
         self.waitqueues: dict[str, list] = {}  # wait_queue_head_t by name (kmm.daemon)
         # behaviours that differ between 6.18 point releases, chosen per run
         self.quirks: set[str] = set()
@@ -225,6 +226,8 @@ class Machine:
         the buddy."""
         if folio.pfn == self.huge_zero_pfn:
             self.bug("freeing the huge zero folio")
+        if hugetlb.folio_test_hugetlb(folio):
+            return await hugetlb.free_huge_folio(self, folio)
         if folio.flags & PG_lru:  # page_cache_release / __page_cache_release
             lk = self.lruvec.lru_lock
             await lk.lock("__page_cache_release")

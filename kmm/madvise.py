@@ -17,7 +17,7 @@ shared. COLLAPSE comes with the khugepaged issue.
 from __future__ import annotations
 
 from kmm import huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
-from kmm import swapfile, tlb, vmscan
+from kmm import hugetlb_fault, swapfile, tlb, vmscan
 from kmm.mm_types import (
     PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE,
 )
@@ -64,7 +64,11 @@ async def do_madvise(m, task, start: int, length: int, advice: str) -> int | str
             if vma.start > covered:
                 hole = True
             s, e = max(start, vma.start), min(end, vma.end)
-            if write:
+            if vma.vm_file is not None:  # a hugetlb VMA
+                err = await hugetlb_fault.madvise_hugetlb(m, vma, s, e, advice)
+                if err:
+                    return err
+            elif write:
                 await hugepage_madvise(m, vma, s, e, advice)
             elif advice == "dontneed":
                 await madvise_dontneed_single_vma(m, vma, s, e)

@@ -15,10 +15,13 @@ per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE table
 
 from __future__ import annotations
 
-from kmm import huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
+from kmm import (
+    huge_memory, hugetlb_fault, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb,
+)
 from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
-    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
+    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct,
+    VmArea,
 )
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
@@ -33,6 +36,7 @@ VM_FAULT_OOM = 0x1
 VM_FAULT_SIGSEGV = 0x2
 VM_FAULT_FALLBACK = 0x4
 VM_FAULT_NOPAGE = 0x8
+VM_FAULT_SIGBUS = 0x10
 
 FAULT_FLAG_WRITE = 0x1
 FAULT_FLAG_UNSHARE = 0x2
@@ -146,6 +150,8 @@ async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
     """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
     m.vmstat.count_vm_event("pgfault")
     await m.sched.point("handle_mm_fault", addr=addr, write=write)
+    if vma.flags & VM_HUGETLB:  # is_vm_hugetlb_page
+        return await hugetlb_fault.hugetlb_fault(m, vma, addr, write)
     return await __handle_mm_fault(m, vma, addr, write)
 
 
@@ -399,6 +405,8 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
 
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
+    if vma.flags & VM_HUGETLB:  # unmap_single_vma
+        return await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, start, end)
     mm = vma.mm
     addr = start
     while addr < end:
@@ -503,6 +511,8 @@ async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
 
     Context: both mmap_locks held for write.
     """
+    if src_vma.flags & VM_HUGETLB:
+        return await hugetlb_fault.copy_hugetlb_page_range(m, dst_vma, src_vma)
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     addr = src_vma.start
     while addr < src_vma.end:

@@ -19,7 +19,7 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
     rss = huge = 0
     for vma in mm.vmas:
         s, e = max(start, vma.start), min(end, vma.end)
-        if s >= e:
+        if s >= e or vma.vm_file is not None:  # hugetlb: smaps_hugetlb_range, not Rss
             continue
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pmd":
@@ -51,3 +51,16 @@ def smaps_swap_kb(m, mm, start: int, end: int) -> int:
             if level == "pte" and swapfile.is_swap_entry(m, entry):
                 swapped += PAGE_SIZE
     return swapped // 1024
+
+
+def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
+    """smaps "Private_Hugetlb" and "Shared_Hugetlb" (kB) over the hugetlb VMAs of mm
+    inside [start, end)."""
+    from kmm import hugetlb_fault
+    private = shared = 0
+    for vma in mm.vmas:
+        if vma.vm_file is not None and vma.start < end and vma.end > start:
+            p, s = hugetlb_fault.smaps_hugetlb_range(m, mm, vma, start, end)
+            private += p
+            shared += s
+    return private, shared

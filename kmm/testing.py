@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 from kmm import pagewalk, swap, swapfile
-from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
+from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache, PGTY_hugetlb, VM_SHARED
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
     migration_entry_pfn, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
@@ -42,6 +42,7 @@ def invariant_errors(m, k=None) -> list[str]:
     zone = m.zone
     pte_maps: Counter = Counter()   # pfn -> PTE mappings
     pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
+    htlb_maps: Counter = Counter()  # hugetlb folio -> PMD mappings (hugetlb_check)
     for task in m.tasks.values():
         mm = task.mm
         if not task.alive or mm.pgd < 0:
@@ -58,7 +59,8 @@ def invariant_errors(m, k=None) -> list[str]:
                 errs.append(f"{task.name}: {lvl} table {t:#x} is not a page-table page")
             if lvl == "pmd":
                 huge = sum(1 for e in pm.tables[t]
-                           if e and (pmd_trans_huge(e) or is_pmd_migration_entry(e)))
+                           if e and (pmd_trans_huge(e) or is_pmd_migration_entry(e))
+                           and not _is_hugetlb_pmd(m, e))
                 dep = len(pg.pt_deposit or ()) if pg else 0
                 deposited += dep
                 if dep != huge:
@@ -75,6 +77,13 @@ def invariant_errors(m, k=None) -> list[str]:
                         f"{len(tables) + deposited} table pages")
         for addr, level, e in pagewalk.walk_leaves(m, mm, 0, TASK_SIZE):
             if level == "pmd":
+                if _is_hugetlb_pmd(m, e):
+                    htlb_maps[pmd_pfn(e)] += 1  # counts in no RSS counter
+                    vma = mm.vma_lookup(addr)
+                    if vma is None or vma.vm_file is None:
+                        errs.append(f"{task.name}: hugetlb PMD at {addr:#x} outside a "
+                                    "hugetlb VMA")
+                    continue
                 if pmd_present(e):
                     pfn = pmd_pfn(e)
                     if m.is_huge_zero_pfn(pfn):
@@ -142,13 +151,14 @@ def invariant_errors(m, k=None) -> list[str]:
     for pfn, page in pm.pages.items():
         if page.mapcount and pfn not in pte_maps:
             errs.append(f"pfn {pfn:#x}: mapcount {page.mapcount} but not mapped")
-        if page.entire_mapcount and pfn not in pmd_maps:
+        if page.entire_mapcount and pfn not in pmd_maps and pfn not in htlb_maps:
             errs.append(f"folio {pfn:#x}: entire mapcount {page.entire_mapcount} but "
                         f"not PMD-mapped")
     for pfn in m.deferred_split_queue:
         f = pm.pages.get(pfn)
         if f is None or not f.on_deferred_list or not f.order or zone.is_free(pfn):
             errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
+    errs.extend(hugetlb_check(m, htlb_maps))
     errs.extend(zone.check())
     errs.extend(swap.lru_check(m))
     errs.extend(swapfile.check(m))
@@ -157,6 +167,67 @@ def invariant_errors(m, k=None) -> list[str]:
             errs.append(f"folio {head:#x}: mapped but on no LRU list")
     if k is not None:
         errs.extend(_data_errors(m, k))
+    return errs
+
+
+def _is_hugetlb_pmd(m, e: int) -> bool:
+    if not (e and pmd_trans_huge(e)):
+        return False
+    pg = m.physmem.pages.get(pmd_pfn(e))
+    return pg is not None and pg.page_type == PGTY_hugetlb
+
+
+def hugetlb_check(m, htlb_maps: Counter) -> list[str]:
+    """hugetlb folios: the pool counts add up (free = the free list, every free folio
+    unreferenced and unmapped, reservations within the free pages, surplus within the
+    pool), each in-use folio's entire mapcount equals its PMD mappings and its refcount
+    the mappings plus a page-cache reference, and none is on the LRU or the deferred
+    split queue."""
+    errs: list[str] = []
+    pm = m.physmem
+    cached: set[int] = set()
+    for task in m.tasks.values():
+        if not task.alive or task.mm.pgd < 0:
+            continue
+        for vma in task.mm.vmas:
+            if vma.vm_file is not None:
+                cached.update(vma.vm_file.cache.values())
+    hugetlb_folios = [p for p in pm.pages.values() if p.page_type == PGTY_hugetlb]
+    for h in m.hugetlb.hstates:
+        mine = [f for f in hugetlb_folios if f.order == h.order]
+        free = set(h.freelist)
+        if len(free) != len(h.freelist) or len(free) != h.free_huge_pages:
+            errs.append(f"{h.name}: free_huge_pages {h.free_huge_pages} != free list "
+                        f"{len(h.freelist)}")
+        if len(mine) != h.nr_huge_pages:
+            errs.append(f"{h.name}: nr_huge_pages {h.nr_huge_pages} != {len(mine)} "
+                        "hugetlb folios")
+        if not 0 <= h.resv_huge_pages <= h.free_huge_pages:
+            errs.append(f"{h.name}: resv_huge_pages {h.resv_huge_pages} outside "
+                        f"0..free {h.free_huge_pages}")
+        if not 0 <= h.surplus_huge_pages <= h.nr_huge_pages:
+            errs.append(f"{h.name}: surplus {h.surplus_huge_pages} outside the pool")
+        for f in mine:
+            if f.flags & (PG_lru | PG_isolated) or f.on_deferred_list:
+                errs.append(f"hugetlb folio {f.pfn:#x} on the LRU or deferred split queue")
+            if m.zone.is_free(f.pfn):
+                errs.append(f"hugetlb folio {f.pfn:#x} is on a buddy free list")
+            n = htlb_maps.get(f.pfn, 0)
+            if f.pfn in free:
+                if f.refcount or f.entire_mapcount or n:
+                    errs.append(f"free hugetlb folio {f.pfn:#x} in use: {f!r}")
+                continue
+            if f.entire_mapcount != n or f.large_mapcount != n:
+                errs.append(f"hugetlb folio {f.pfn:#x}: mapcount {f.entire_mapcount} != "
+                            f"{n} mappings")
+            want = n + (1 if f.pfn in cached else 0)
+            if f.refcount != want:
+                errs.append(f"hugetlb folio {f.pfn:#x}: refcount {f.refcount} != {n} "
+                            f"mappings + {want - n} page cache")
+    for pfn in htlb_maps:
+        pg = pm.pages.get(pfn)
+        if pg is None or pg.page_type != PGTY_hugetlb:
+            errs.append(f"pfn {pfn:#x} mapped as hugetlb but not a hugetlb folio")
     return errs
 
 
@@ -191,6 +262,9 @@ def _data_errors(m, k) -> list[str]:
         if task is None or not task.alive:
             continue
         for addr, want in shadow.items():
+            vma = task.mm.vma_lookup(addr)
+            if vma is not None and vma.flags & VM_SHARED:
+                continue  # another process may have written it since: no private shadow
             got = read_mapped_byte(m, task.mm, addr)
             if got is not None and got != want:
                 errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")

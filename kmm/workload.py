@@ -66,7 +66,7 @@ class Kernel:
             async def run():
                 try:
                     return await fn(i % self.cpus)
-                except (fault.Segv, fault.OutOfMemory) as e:
+                except (fault.Segv, fault.Sigbus, fault.OutOfMemory) as e:
                     return e
             return run
 
@@ -158,12 +158,15 @@ class Proc:
         if not self.task.alive:
             raise ProcessLookupError(f"process {self.name} has exited")
 
-    async def mmap(self, size: int, addr: int | None = None) -> int:
-        """An anonymous private read-write mapping; returns its address (or errno name)."""
+    async def mmap(self, size: int, addr: int | None = None, backing: str = "anon",
+                   noreserve: bool = False) -> int:
+        """An anonymous private read-write mapping; returns its address (or errno name).
+        ``backing`` "hugetlb" is MAP_HUGETLB, "hugetlb_shared" MAP_HUGETLB|MAP_SHARED;
+        ``noreserve`` adds MAP_NORESERVE."""
         self._alive()
         if addr is None:
             addr = self._free_area(size)
-        r = await mmap.do_mmap(self.m, self.task, addr, size)
+        r = await mmap.do_mmap(self.m, self.task, addr, size, backing, noreserve)
         self.k._done()
         return r
 
@@ -268,8 +271,8 @@ class Proc:
                     sh[a + j] = b
                     lazy.pop(a + j, None)
                 i += len(chunk)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
 
@@ -281,8 +284,8 @@ class Proc:
                 a = addr + len(out)
                 k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
                 out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return bytes(out)
@@ -307,8 +310,8 @@ class Proc:
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
-        except fault.Segv:
-            await self._kill("SIGSEGV")
+        except (fault.Segv, fault.Sigbus) as e:
+            await self._kill(e.signal)
             raise
         self.k._done()
         return mismatches

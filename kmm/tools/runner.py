@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, khugepaged, madvise, task_mmu
+from kmm import bugs, fault, hugetlb, khugepaged, madvise, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -52,6 +52,11 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             fig = regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
             if m.swap_info is not None:  # extension: scenarios with a swap device
                 fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
+            priv, shared = task_mmu.smaps_hugetlb_kb(m, task.mm, addr, addr + size)
+            if priv:  # extension: hugetlb mappings (smaps Private_/Shared_Hugetlb)
+                fig["private_hugetlb_kb"] = priv
+            if shared:
+                fig["shared_hugetlb_kb"] = shared
     rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
         "regions": regions,
@@ -71,6 +76,7 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    rep.update(hugetlb_report(m))
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
         rep["khugepaged"] = kh
@@ -78,6 +84,35 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")
+
+
+def hugetlb_report(m: Machine) -> dict[str, Any]:
+    """Extension: ``meminfo`` (the change over the run of HugePages_Total, _Free, _Rsvd,
+    _Surp) and ``hugetlb_events`` (htlb_buddy_alloc_success / _fail), each key only when
+    it moved, each section only when not empty."""
+    base = m.hugetlb.baseline
+    now = hugetlb.snapshot(m)
+    out: dict[str, Any] = {}
+    meminfo = {k: now[k] - base.get(k, 0) for k in hugetlb.MEMINFO_KEYS
+               if now[k] != base.get(k, 0)}
+    events = {k: now[k] - base.get(k, 0) for k in hugetlb.EVENTS if now[k] != base.get(k, 0)}
+    if meminfo:
+        out["meminfo"] = meminfo
+    if events:
+        out["hugetlb_events"] = events
+    return out
+
+
+async def hugetlb_setup(m: Machine, pool: dict[str, int] | None) -> None:
+    """The scenario's [hugetlb] pool, set before the steps as the oracle sets the
+    host's /proc/sys/vm knobs; the report's changes count from here."""
+    h = m.hugetlb.default
+    if pool:
+        if "nr_overcommit_hugepages" in pool:
+            await hugetlb.set_nr_overcommit_huge_pages(m, h, pool["nr_overcommit_hugepages"])
+        if "nr_hugepages" in pool:
+            await hugetlb.set_max_huge_pages(m, h, pool["nr_hugepages"])
+    m.hugetlb.baseline = hugetlb.snapshot(m)
 
 
 async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
@@ -88,7 +123,7 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": False, "error": "no such process"}
     p = Proc(k, task, 0)
     if step.op == "mmap":
-        r = await p.mmap(step.size, step.addr)
+        r = await p.mmap(step.size, step.addr, step.backing, step.noreserve)
         # the region is reported even if the mmap failed (zeros), as the oracle does
         task.regions[step.region] = (step.addr, step.size)
         if isinstance(r, str):
@@ -133,8 +168,8 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     try:
         n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
                           value=step.value, stride=step.stride)
-    except fault.Segv:
-        return {**res, "ok": False, "signal": "SIGSEGV"}
+    except (fault.Segv, fault.Sigbus) as e:
+        return {**res, "ok": False, "signal": e.signal}
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
@@ -242,6 +277,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
         await k.process("main")
         if any(step.op == "khugepaged" for step in scenario.steps):
             await khugepaged_setup(k)
+        await hugetlb_setup(m, scenario.hugetlb)
         for step in scenario.steps:
             steps.append(await run_step(k, step, scenario))
             if check is not None:
@@ -318,7 +354,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
             from kmm.runtime import remote_cpu
             result["value"] = await remote_cpu.run_main(
-                k, path, Proc, (fault.Segv, fault.OutOfMemory))
+                k, path, Proc, (fault.Segv, fault.Sigbus, fault.OutOfMemory))
         else:
             result["value"] = await mod.main(k)
 
