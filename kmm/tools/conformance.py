@@ -90,7 +90,7 @@ def _events(expected: dict, actual: dict) -> list[str]:
 
 
 CONTRACT = ("vmstat", "regions", "steps")
-EXTENSIONS = ("events",)  # compared when either report has them
+EXTENSIONS = ("events", "meminfo", "hugetlb_events")  # compared when either report has them
 
 
 def compare(expected: dict, actual: dict) -> list[str]:
@@ -109,7 +109,8 @@ def compare(expected: dict, actual: dict) -> list[str]:
             out += _regions(e, a)
         elif section == "steps" and isinstance(e, list) and isinstance(a, list):
             out += _steps(e, a)
-        elif section == "events" and isinstance(e, dict) and isinstance(a, dict):
+        elif section in ("events", "meminfo", "hugetlb_events") and isinstance(e, dict) \
+                and isinstance(a, dict):
             out += _events(e, a)
         elif e != a:
             out.append(f"{section}: expected {_show(e)}, got {_show(a)}")

@@ -61,7 +61,7 @@ while True:
         os._exit(0)  # the driver is gone
     op, a, b, c, d, e, f, g = CMD.unpack(buf)
     if op == 1:
-        r = libc.mmap(a, b, 3, MAP_FLAGS, -1, 0)
+        r = libc.mmap(a, b, 3, c or MAP_FLAGS, -1, 0)  # c: the driver's flags (hugetlb)
         if r == a:
             reply(0, 0, 0)
         elif r == MAP_FAILED or r is None:
