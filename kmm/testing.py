@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kmm import pagewalk, swap, swapfile
+from kmm import hugetlb_resv, pagewalk, swap, swapfile
 from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache, PGTY_hugetlb, VM_SHARED
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
@@ -265,6 +265,9 @@ def _data_errors(m, k) -> list[str]:
             vma = task.mm.vma_lookup(addr)
             if vma is not None and vma.flags & VM_SHARED:
                 continue  # another process may have written it since: no private shadow
+            if vma is not None and hugetlb_resv.is_vma_resv_set(
+                    vma, hugetlb_resv.HPAGE_RESV_UNMAPPED):
+                continue  # unmap_ref_private took it: the next access is SIGBUS
             got = read_mapped_byte(m, task.mm, addr)
             if got is not None and got != want:
                 errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
