@@ -876,6 +876,9 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
         vma = mm.vma_lookup(addr)
         if vma is None:
             break
+        if vma.flags & VM_HUGETLB:  # vma_not_suitable_for_thp_split
+            addr = vma.end
+            continue
         folio = None
         for _a, level, entry in pagewalk.walk_leaves(m, mm, addr, addr + PAGE_SIZE):
             if level == "pmd" and pmd_present(entry):

@@ -112,6 +112,24 @@ class Kernel:
         return {"nr_free": z.nr_free, "min": z.wmark["min"], "low": z.wmark["low"],
                 "high": z.wmark["high"], "managed": z.managed, "present": z.nr_pages}
 
+    async def set_hugetlb_pool(self, nr_hugepages: int | None = None,
+                               nr_overcommit_hugepages: int | None = None) -> None:
+        """Write /proc/sys/vm/nr_overcommit_hugepages and nr_hugepages (the 2 MiB
+        hstate): the pool grows from the buddy allocator as far as it can."""
+        from kmm import hugetlb
+        m = self.machine
+        h = m.hugetlb.default
+        if nr_overcommit_hugepages is not None:
+            await hugetlb.set_nr_overcommit_huge_pages(m, h, nr_overcommit_hugepages)
+        if nr_hugepages is not None:
+            await hugetlb.set_max_huge_pages(m, h, nr_hugepages)
+
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo's hugetlb lines: HugePages_Total, _Free, _Rsvd, _Surp,
+        Hugepagesize and Hugetlb (kB)."""
+        from kmm import hugetlb
+        return hugetlb.hugetlb_report_meminfo(self.machine)
+
     def buddyinfo(self) -> list[int]:
         """/proc/buddyinfo: free blocks per order, 0..10."""
         return self.machine.zone.buddyinfo()
