@@ -48,11 +48,18 @@ def test_corpus_file_has_a_recording(path):
     sc = load_scenario(path)
     swap = sc.machine.swap > 0
     # A run with swap extends the report with events and each region with swap_kb.
-    assert list(report) == ["vmstat", "regions", "steps"] + (["events"] if swap else [])
+    # hugetlb extends it (docs/report-format.md) with meminfo and hugetlb_events, and
+    # regions with private_/shared_hugetlb_kb, each only when nonzero
+    hugetlb = [k for k in ("meminfo", "hugetlb_events") if k in report]
+    assert list(report) == (["vmstat", "regions", "steps"] + (["events"] if swap else [])
+                            + hugetlb)
+    assert all(report[k] and all(report[k].values()) for k in hugetlb)
     assert list(report["vmstat"]) == list(vmstat.THP_EVENTS)
     assert len(report["steps"]) == len(sc.steps)
     fields = ["rss_kb", "anon_huge_kb"] + (["swap_kb"] if swap else [])
-    assert all(list(r) == fields for r in report["regions"].values())
+    extra = ("private_hugetlb_kb", "shared_hugetlb_kb")
+    assert all([f for f in r if f not in extra] == fields and all(r[f] for f in r if f in extra)
+               for r in report["regions"].values())
     if swap:
         assert list(report["events"]) == ["pswpin", "pswpout"]
 
