@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kmm.tools.scenario import ScenarioError
+from kmm.tools.scenario import ScenarioError, parse_size
 
 
 def summary(report: dict, title: str) -> str:
@@ -293,6 +293,11 @@ def cmd_bugs(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from kmm.tools import compare
+    return compare.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -365,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--program", help="with --spawn: the program (default "
                    "workloads/redis_snapshot.py)")
     b.set_defaults(fn=cmd_bench)
+    cp = sub.add_parser("compare", help="one access pattern under THP (never, madvise, "
+                        "always, mTHP) and hugetlb, side by side")
+    cp.add_argument("workload", help="a preset (buffer_pool, sequential) or a scenario "
+                    "file whose mmap/touch/check/munmap steps are the pattern")
+    cp.add_argument("--json", action="store_true", help="print the figures as JSON")
+    cp.add_argument("--memory", type=lambda v: parse_size(v, file="--memory", step=None,
+                                                          key="memory"),
+                    default=512 << 20, help="emulated RAM (512MiB)")
+    cp.set_defaults(fn=cmd_compare)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
