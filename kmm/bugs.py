@@ -123,6 +123,17 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "and is freed while still mapped",
         "race_cow_split.py",
         "InvariantError: refcount below the mappings, or a mapped page on a free list"),
+    Bug("hugetlb_fault_no_mutex",
+        "hugetlb_fault (hugetlb_fault_mutex_table)",
+        "take the fault mutex hashed from (mapping, index) before reading the entry, and "
+        "hold it until the page is mapped",
+        "two faults on one hugetlb page would both go to hugetlb_no_page: the first "
+        "consumes the page's reservation and takes the pool's only page; the second, "
+        "finding the reservation consumed and the pool empty, fails the allocation and, "
+        "the entry still being none, sends SIGBUS although the page is being mapped "
+        "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
+        "race_hugetlb_fault.py",
+        "AssertionError: a writer died: Sigbus"),
 )}
 
 

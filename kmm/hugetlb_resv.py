@@ -176,7 +176,7 @@ async def hugetlb_reserve_pages(m, file: HugetlbFile, frm: int, to: int, vma,
         resv = file.resv_map
         chg = sum(1 for i in range(frm, to) if i not in resv.regions)  # region_chg
     else:
-        resv = ResvMap(m, f"vma{id(vma):x}")
+        resv = ResvMap(m, f"mm{vma.mm.id}:{vma.start:#x}")
         chg = to - frm
         vma.vm_private_data = HugetlbVmaData(resv, HPAGE_RESV_OWNER)
     if not await hugetlb.hugetlb_acct_memory(m, h, chg):
@@ -211,7 +211,8 @@ def hugetlb_vm_op_open(m, vma) -> None:
     d = _data(vma)
     if vma.flags & VM_MAYSHARE:
         vma.vm_private_data = HugetlbVmaData(
-            None, 0, m.locks.rwsem("hugetlb_vma_lock", f"hugetlb_vma_lock:{id(vma):x}"))
+            None, 0, m.locks.rwsem("hugetlb_vma_lock",
+                                 f"hugetlb_vma_lock:mm{vma.mm.id}:{vma.start:#x}"))
     elif d is not None and d.flags & HPAGE_RESV_OWNER:
         vma.vm_private_data = HugetlbVmaData(d.resv, d.flags)
         d.resv.refs += 1

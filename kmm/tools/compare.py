@@ -235,6 +235,7 @@ ROWS = (
     ("Rss kB", lambda f: f["rss_kb"]),
     ("  of which AnonHugePages kB", lambda f: f["anon_huge_kb"]),
     ("hugetlb kB", lambda f: f["hugetlb_kb"]),
+    ("hugetlb pool held kB", lambda f: f["meminfo"]["HugePages_Total"] * 2048),
     ("bloat kB (resident - touched)", lambda f: f["bloat_kb"]),
     ("faults+accesses (emulated ms)", lambda f: f"{f['fault_access_ms']:.3f}"),
     ("khugepaged pass (emulated ms)", lambda f: f"{f['khugepaged_ms']:.3f}"),

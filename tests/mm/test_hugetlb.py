@@ -191,3 +191,25 @@ def test_shared_mapping_pages_live_in_the_page_cache_until_the_last_unmap():
     _, (kept, after) = run_machine(fn)
     assert kept == ((2, 1, 1, 0), 0)
     assert after == (2, 2, 0, 0)
+
+
+def test_explore_finds_the_missing_fault_mutex_and_replays_it(tmp_path, capsys):
+    # kmm.bugs hugetlb_fault_no_mutex: the explorer finds the spurious SIGBUS of two
+    # faults on one page, writes the failure file, and replay reproduces it exactly
+    import json
+    import pathlib
+    from kmm.tools import cli
+    from kmm.tools import explore as ex
+    prog = str(pathlib.Path(__file__).resolve().parents[2] / "workloads"
+               / "race_hugetlb_fault.py")
+    out = tmp_path / "f.jsonl"
+    rc = cli.main(["explore", prog, "--schedules", "40", "--seed", "1", "--quiet",
+                   "--inject", "hugetlb_fault_no_mutex", "--out", str(out),
+                   "--minimize-budget", "40"])
+    assert rc == 1
+    head = json.loads(out.read_text().splitlines()[0])
+    assert head["violation"]["kind"] == "assertion"
+    assert "Sigbus" in head["violation"]["message"]
+    capsys.readouterr()
+    ok, _, again, _ = ex.replay(str(out))
+    assert ok and again.kind == "assertion"

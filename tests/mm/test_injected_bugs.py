@@ -30,6 +30,8 @@ CASES = {
     "split_pmd_no_tlb_flush": ("race_reclaim_split.py", 1, InvariantError,
                                "reads 0, was written"),
     "split_no_ref_freeze": ("race_cow_split.py", 3, KernelBug, "freeing in-use page"),
+    "hugetlb_fault_no_mutex": ("race_hugetlb_fault.py", 3, AssertionError,
+                               "a writer died: ProcessLookupError, Sigbus"),
 }
 
 
