@@ -196,7 +196,8 @@ async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
             file.cache[vmf.pgoff] = folio.pfn
     ptl = vmf.ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("hugetlb_no_page")
-    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:  # backout: another fault mapped it
+    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:
+        # backout: another fault mapped it
         await ptl.unlock()
         if new_folio and shared:
             file.cache.pop(vmf.pgoff, None)

@@ -103,7 +103,8 @@ def test_hugetlb_folio_is_a_pmd_leaf_off_the_lru_and_never_split():
         await vmscan.memcg_reclaim(m)
         return (folio.page_type, folio.order, folio.entire_mapcount, bool(folio.flags & PG_lru),
                 m.physmem.tables[t][pmd_index(a)] != 0, split,
-                len(m.physmem.pages[t].pt_deposit or ()), await p.touch(a, 2 * MiB, write=False, value=3))
+                len(m.physmem.pages[t].pt_deposit or ()),
+                await p.touch(a, 2 * MiB, write=False, value=3))
     _, got = run_machine(fn)
     assert got == (PGTY_hugetlb, 9, 1, False, True, 0, 0, 0)
 
