@@ -13,8 +13,7 @@ Only the entire mapcount counts hugetlb mappings. Pages count in no RSS counter
 (smaps shows them as Private_Hugetlb / Shared_Hugetlb instead).
 
 Left out: the folio lock around hugetlb_wp (the fault mutex already serialises the
-faults the model has), userfaultfd, migration and hwpoison entries, PMD sharing,
-mprotect of hugetlb ranges (hugetlb_change_protection).
+faults the model has), userfaultfd, migration and hwpoison entries, PMD sharing.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from kmm.mm_types import (
 )
 from kmm.pgtable import (
     PAGE_SIZE, pfn_pmd, pmd_dirty, pmd_index, pmd_mkdirty, pmd_mkwrite, pmd_mkyoung,
-    pmd_none, pmd_pfn, pmd_write, pmd_wrprotect,
+    pmd_modify, pmd_none, pmd_pfn, pmd_write, pmd_wrprotect,
 )
 
 COST_COPY_HUGE = 512 * 500
@@ -403,6 +402,33 @@ async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
         if not cow:
             await hugetlb_resv.hugetlb_vma_unlock_read(src_vma)
     return True
+
+
+# ----------------------------------------------------------------- mprotect
+async def hugetlb_change_protection(m, vma, start: int, end: int, newprot: int) -> None:
+    """hugetlb_change_protection: each huge entry of [start, end) gets the new
+    protection under its PMD lock (never made writable here: a write faults), with the
+    hugetlb VMA lock held for write; then one TLB flush of the range."""
+    h = vma.vm_file.hstate
+    changed = False
+    await hugetlb_resv.hugetlb_vma_lock_write(vma)
+    addr = start & ~(h.size - 1)
+    while addr < end:
+        t = memory.pmd_lookup(m, vma.mm, addr)
+        if t >= 0:
+            ptl = m.table_lock(t)
+            await ptl.lock("hugetlb_change_protection")
+            old = await m.entry_read("pmd", t, pmd_index(addr))
+            if not pmd_none(old):
+                new = pmd_wrprotect(pmd_modify(old, newprot))  # huge_pte_modify
+                if new != old:
+                    await m.entry_set("pmd", t, pmd_index(addr), new)
+                    changed = True
+            await ptl.unlock()
+        addr += h.size
+    await hugetlb_resv.hugetlb_vma_unlock_write(vma)
+    if changed:
+        await tlb.flush_tlb_mm_range(m, vma.mm, start, end)
 
 
 # ------------------------------------------------------------------ madvise
