@@ -35,6 +35,16 @@ def summary(report: dict, title: str) -> str:
                    + (f" {r.get('swap_kb', 0):>8} kB" if swap else ""))
     if not report["regions"]:
         out.append("  (no live process has a region)")
+    htlb = {n: (r.get("private_hugetlb_kb", 0), r.get("shared_hugetlb_kb", 0))
+            for n, r in report["regions"].items()
+            if r.get("private_hugetlb_kb") or r.get("shared_hugetlb_kb")}
+    if htlb:
+        out.append("\nhugetlb regions                   Private_Hugetlb  Shared_Hugetlb")
+        out.extend(f"  {n:<28} {p:>12} kB {sh:>12} kB" for n, (p, sh) in htlb.items())
+    if report.get("meminfo") or report.get("hugetlb_events"):
+        out.append("\nhugetlb (change over the run): " + ", ".join(
+            f"{k} {v:+d}" for k, v in {**report.get("meminfo", {}),
+                                        **report.get("hugetlb_events", {})}.items()))
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
     if locks:
         out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
