@@ -214,3 +214,24 @@ def test_explore_finds_the_missing_fault_mutex_and_replays_it(tmp_path, capsys):
     capsys.readouterr()
     ok, _, again, _ = ex.replay(str(out))
     assert ok and again.kind == "assertion"
+
+
+def test_pool_growth_compacts_before_it_fails():
+    # alloc_buddy_hugetlb_folio's allocation is costly-order with __GFP_RETRY_MAYFAIL:
+    # with one movable page in every 2 MiB block it stalls in direct compaction
+    # (migrating pages, which keep their data) before the pool growth stops at the
+    # first failure
+    async def fn(m, k):
+        p = await k.process()
+        a = await p.mmap(24 * MiB)
+        await p.touch(a, 24 * MiB)
+        for off in range(0, 24 * MiB, 2 * MiB):  # keep one page per 2 MiB
+            await p.madvise(a + off + 4096, 2 * MiB - 4096, "dontneed")
+        ev0 = k.vmstat()
+        await k.set_hugetlb_pool(16)
+        ev = {n: v - ev0[n] for n, v in k.vmstat().items()}
+        return (ev["compact_stall"] > 0, ev["pgmigrate_success"] > 0,
+                ev["htlb_buddy_alloc_success"] == pool(k)[0], ev["htlb_buddy_alloc_fail"],
+                await p.touch(a, 24 * MiB, write=False, stride=2 * MiB))
+    _, got = run_machine(fn, memory=32 * MiB)
+    assert got == (True, True, True, 1, 0)
