@@ -59,7 +59,9 @@ def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
     from kmm import hugetlb_fault
     private = shared = 0
     for vma in mm.vmas:
-        if vma.vm_file is not None and vma.start < end and vma.end > start:
+        # as the oracle sums smaps: the VMAs wholly inside the range (a hugetlb VMA
+        # rounded up to 2 MiB past a region's size is not the region's)
+        if vma.vm_file is not None and vma.start >= start and vma.end <= end:
             p, s = hugetlb_fault.smaps_hugetlb_range(m, mm, vma, start, end)
             private += p
             shared += s
