@@ -22,7 +22,7 @@ alloc_contig_range, which the buddy model lacks, and is refused with EINVAL.
 from __future__ import annotations
 
 from kmm import gfp as gfpmod
-from kmm import page_alloc
+from kmm import atomic, page_alloc
 from kmm.mm_types import PGTY_hugetlb, VM_HUGETLB
 from kmm.pgtable import PAGE_SHIFT
 
@@ -116,22 +116,23 @@ def hstate_vma(m, vma) -> Hstate:
 
 # ----------------------------------------------------------- shared-state ops
 async def folio_set_hugetlb(m, folio, on: bool) -> None:
-    """__folio_set_hugetlb / __folio_clear_hugetlb: the folio's page type.
-    # shared-state op"""
-    await m.sched.point("folio_set_hugetlb", pfn=folio.pfn, on=on)
-    folio.page_type = PGTY_hugetlb if on else ""
+    """__folio_set_hugetlb / __folio_clear_hugetlb: the folio's page type, set by the
+    code that owns the folio (fresh from the buddy allocator, or leaving the pool)."""
+    await atomic.point(m.sched, "folio_set_hugetlb", pfn=folio.pfn, on=on)
+    atomic.init_page(folio, page_type=PGTY_hugetlb if on else "")
 
 
 async def folio_ref_freeze(m, folio) -> None:
     """folio_ref_freeze(folio, 1): a pool folio holds no reference."""
-    await m.folio_ref_add(folio, -1)
-    if folio.refcount:
+    if folio.refcount != 1:
         m.bug(f"hugetlb: freezing a referenced folio {folio!r}")
+    await atomic.point(m.sched, "folio_ref_freeze", pfn=folio.pfn)
+    atomic.folio_ref_freeze_locked(folio)
 
 
 async def folio_ref_unfreeze(m, folio) -> None:
     """folio_ref_unfreeze(folio, 1): the folio leaves the pool with one reference."""
-    await m.folio_ref_add(folio, 1)
+    await atomic.folio_ref_add(m, folio, 1)
 
 
 # ------------------------------------------------------------ buddy side
@@ -162,7 +163,7 @@ async def alloc_fresh_hugetlb_folio(m, h: Hstate, gfp: int):
         return None  # alloc_gigantic_folio needs alloc_contig_range: not modelled
     folio = await alloc_buddy_hugetlb_folio(m, h, gfp)
     if folio is not None:
-        await m.sched.point("folio_zero_user", pfn=folio.pfn)  # a fresh page is clean
+        await atomic.point(m.sched, "folio_zero_user", pfn=folio.pfn)  # a fresh page is clean
         m.physmem.clear(folio.pfn, h.nr_pages)
         await folio_set_hugetlb(m, folio, True)
     return folio

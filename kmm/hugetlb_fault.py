@@ -18,7 +18,7 @@ faults the model has), userfaultfd, migration and hwpoison entries, PMD sharing.
 
 from __future__ import annotations
 
-from kmm import hugetlb, hugetlb_resv, memory, rmap, tlb
+from kmm import atomic, hugetlb, hugetlb_resv, memory, rmap, swap, tlb
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, VM_MAYSHARE, VM_MAYWRITE, VM_SHARED, VM_WRITE,
 )
@@ -34,52 +34,37 @@ COST_CLEAR_HUGE = 512 * 250
 # ------------------------------------------------------------ rmap (shared-state ops)
 async def hugetlb_add_new_anon_rmap(m, folio, vma, addr: int) -> None:
     """hugetlb_add_new_anon_rmap: a new private page, mapped once, exclusive; it no
-    longer restores a reservation when freed. # shared-state op"""
-    await m.sched.point("hugetlb_add_new_anon_rmap", pfn=folio.pfn)
+    longer restores a reservation when freed."""
     m.hugetlb.restore_reserve.discard(folio.pfn)
-    folio.anon_vma = vma.anon_vma
-    folio.index = vma.linear_page_index(addr)
-    folio.entire_mapcount = 1
-    folio.large_mapcount = 1
-    folio.flags |= PG_anon_exclusive
+    await atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr),
+                                   pmd=True)
 
 
 async def hugetlb_add_file_rmap(m, folio) -> None:
-    """hugetlb_add_file_rmap: one more mapping of a page-cache page. # shared-state op"""
-    await m.sched.point("hugetlb_add_file_rmap", pfn=folio.pfn)
-    folio.entire_mapcount += 1
-    folio.large_mapcount += 1
+    """hugetlb_add_file_rmap: one more mapping of a page-cache page."""
+    await atomic.mapcount_add_pmd(m, folio, False)
 
 
 async def hugetlb_try_dup_anon_rmap(m, folio) -> None:
     """hugetlb_try_dup_anon_rmap (fork): the page is now shared with the child, so no
-    longer exclusive (no pins are modelled, so it never fails). # shared-state op"""
-    await m.sched.point("hugetlb_try_dup_anon_rmap", pfn=folio.pfn)
-    folio.flags &= ~PG_anon_exclusive
-    folio.entire_mapcount += 1
-    folio.large_mapcount += 1
+    longer exclusive (no pins are modelled, so it never fails)."""
+    await atomic.mapcount_dup_pmd(m, folio)
 
 
 async def hugetlb_remove_rmap(m, folio) -> None:
-    """hugetlb_remove_rmap. # shared-state op"""
-    await m.sched.point("hugetlb_remove_rmap", pfn=folio.pfn)
-    folio.entire_mapcount -= 1
-    folio.large_mapcount -= 1
-    if folio.entire_mapcount < 0:
-        m.bug(f"hugetlb_remove_rmap: mapcount underflow {folio!r}")
+    """hugetlb_remove_rmap."""
+    await atomic.mapcount_remove_pmd(m, folio)
 
 
-async def folio_mark_anon_exclusive(m, folio, vma) -> None:
-    """folio_move_anon_rmap + SetPageAnonExclusive on reuse. # shared-state op"""
-    await m.sched.point("folio_move_anon_rmap", pfn=folio.pfn)
-    folio.anon_vma = vma.anon_vma
-    folio.flags |= PG_anon_exclusive
+def folio_mark_anon_exclusive(m, folio, vma) -> None:
+    """folio_move_anon_rmap + SetPageAnonExclusive on reuse. Context: PMD lock held."""
+    atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma)
+    atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
 
 
-async def folio_mark_dirty(m, folio) -> None:
-    """folio_mark_dirty. # shared-state op"""
-    await m.sched.point("folio_mark_dirty", pfn=folio.pfn)
-    folio.flags |= PG_dirty
+def folio_mark_dirty(m, folio) -> None:
+    """folio_mark_dirty. Context: PMD lock held."""
+    atomic.folio_set_flags_locked(folio, PG_dirty)
 
 
 # ------------------------------------------------------------------ helpers
@@ -131,25 +116,25 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
         vmf.pmd_tbl = await memory.pmd_alloc(m, vma.mm, vmf.address)  # huge_pte_alloc
         if vmf.pmd_tbl < 0:
             return memory.VM_FAULT_OOM
-        vmf.orig_pte = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+        vmf.orig_pte = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
         if pmd_none(vmf.orig_pte):
             return await hugetlb_no_page(m, vmf)
         ptl = vmf.ptl = m.table_lock(vmf.pmd_tbl)  # huge_pte_lock
         await ptl.lock("hugetlb_fault")
         ret = 0
-        if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) == vmf.orig_pte:
+        if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) == vmf.orig_pte:
             entry = vmf.orig_pte
             if write and not pmd_write(entry):
                 folio = m.physmem.folio(pmd_pfn(entry))
-                await m.folio_ref_add(folio, 1)  # folio_get across hugetlb_wp
+                await atomic.folio_ref_add(m, folio, 1)  # folio_get across hugetlb_wp
                 ret = await hugetlb_wp(m, vmf)
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
             else:
                 if write:
                     entry = pmd_mkdirty(entry)
                 entry = pmd_mkyoung(entry)
                 if entry != vmf.orig_pte:  # huge_ptep_set_access_flags
-                    await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+                    await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
         await ptl.unlock()
         return ret
     finally:
@@ -174,7 +159,7 @@ async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
     pfn = file.cache.get(vmf.pgoff) if shared else None
     if pfn is not None:  # filemap_lock_hugetlb_folio found it
         folio = m.physmem.page(pfn)
-        await m.folio_ref_add(folio, 1)
+        await atomic.folio_ref_add(m, folio, 1)
     else:
         if vmf.pgoff >= file.size >> (h.order + 12):
             return memory.VM_FAULT_SIGBUS  # beyond i_size
@@ -183,32 +168,32 @@ async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
         folio = await hugetlb.alloc_hugetlb_folio(m, vma, vmf.address, False)
         if isinstance(folio, str):
             # hugetlb_pte_stable: a racing fault that mapped it meanwhile is no failure
-            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:
+            if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:
                 return 0
             return memory.VM_FAULT_OOM if folio == "ENOMEM" else memory.VM_FAULT_SIGBUS
-        await m.sched.point("folio_zero_user", COST_CLEAR_HUGE, pfn=folio.pfn)
+        await atomic.point(m.sched, "folio_zero_user", COST_CLEAR_HUGE, pfn=folio.pfn)
         m.physmem.clear(folio.pfn, h.nr_pages)
         new_folio = True
         if shared:  # hugetlb_add_to_page_cache: the cache's own reference
-            await m.folio_ref_add(folio, 1)
+            await atomic.folio_ref_add(m, folio, 1)
             m.hugetlb.restore_reserve.discard(folio.pfn)
             file.cache[vmf.pgoff] = folio.pfn
     ptl = vmf.ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("hugetlb_no_page")
-    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:
+    if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pte:
         # backout: another fault mapped it
         await ptl.unlock()
         if new_folio and shared:
             file.cache.pop(vmf.pgoff, None)
-            await m.folio_put(folio)
-        await m.folio_put(folio)
+            await swap.folio_put(m, folio)
+        await swap.folio_put(m, folio)
         return 0
     if shared:
         await hugetlb_add_file_rmap(m, folio)
     else:
         await hugetlb_add_new_anon_rmap(m, folio, vma, vmf.address)
     entry = make_huge_pte(vma, folio.pfn, bool(vma.flags & VM_SHARED))
-    await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+    await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
     ret = 0
     if vmf.write and not vma.flags & VM_SHARED:
         vmf.orig_pte = entry
@@ -230,23 +215,23 @@ async def hugetlb_wp(m, vmf: HugetlbVmf) -> int:
     while True:  # retry_avoidcopy
         pte = vmf.orig_pte
         if vma.flags & VM_MAYSHARE:
-            await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx,
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx,
                               pmd_mkwrite(pmd_mkdirty(pmd_mkyoung(pte))))
             return 0
         old = m.physmem.folio(pmd_pfn(pte))
         if old.entire_mapcount == 1 and old.anon_vma is not None:
             if not old.flags & PG_anon_exclusive:
-                await folio_mark_anon_exclusive(m, old, vma)
+                folio_mark_anon_exclusive(m, old, vma)
             if vma.flags & VM_WRITE:
-                await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx,
+                await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx,
                                   pmd_mkwrite(pmd_mkdirty(pmd_mkyoung(pte))))
             return 0
         cow_from_owner = hugetlb_resv.is_vma_resv_set(vma, hugetlb_resv.HPAGE_RESV_OWNER)
-        await m.folio_ref_add(old, 1)
+        await atomic.folio_ref_add(m, old, 1)
         await ptl.unlock()
         new = await hugetlb.alloc_hugetlb_folio(m, vma, vmf.address, cow_from_owner)
         if isinstance(new, str):
-            await m.folio_put(old)
+            await swap.folio_put(m, old)
             if not cow_from_owner:
                 await ptl.lock("hugetlb_wp")
                 return memory.VM_FAULT_SIGBUS if new != "ENOMEM" else memory.VM_FAULT_OOM
@@ -255,28 +240,28 @@ async def hugetlb_wp(m, vmf: HugetlbVmf) -> int:
             # so the model keeps them across the unmap
             await unmap_ref_private(m, vma, old, vmf.address)
             await ptl.lock("hugetlb_wp")
-            cur = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+            cur = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
             if cur == pte:
                 continue  # retry_avoidcopy: now mapped only here
             return 0
-        await m.sched.point("copy_user_large_folio", COST_COPY_HUGE, dst=new.pfn,
+        await atomic.point(m.sched, "copy_user_large_folio", COST_COPY_HUGE, dst=new.pfn,
                             src=old.pfn)
         for i in range(old.nr_pages):
             m.physmem.copy(new.pfn + i, old.pfn + i)
         await ptl.lock("hugetlb_wp")
-        if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) == pte:
+        if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) == pte:
             # huge_ptep_clear_flush, then the new page
-            await m.entry_get_and_clear("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+            await atomic.entry_get_and_clear(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
             await tlb.flush_tlb_mm_range(m, vma.mm, vmf.address,
                                          vmf.address + vma.vm_file.hstate.size)
             await hugetlb_remove_rmap(m, old)
             await hugetlb_add_new_anon_rmap(m, new, vma, vmf.address)
-            await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx,
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx,
                               make_huge_pte(vma, new.pfn, True))
             new = old  # the old page loses the mapping's reference below
         await ptl.unlock()
-        await m.folio_put(new)
-        await m.folio_put(old)
+        await swap.folio_put(m, new)
+        await swap.folio_put(m, old)
         await ptl.lock("hugetlb_wp")
         return 0
 
@@ -329,7 +314,7 @@ async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) 
         idx = pmd_index(addr)
         ptl = m.table_lock(pmd_tbl)
         await ptl.lock("__unmap_hugepage_range")
-        pte = await m.entry_read("pmd", pmd_tbl, idx)
+        pte = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_none(pte):
             await ptl.unlock()
             addr += h.size
@@ -342,10 +327,10 @@ async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) 
                 continue
             vma.vm_private_data = vma.vm_private_data or hugetlb_resv.HugetlbVmaData(None, 0)
             vma.vm_private_data.flags |= hugetlb_resv.HPAGE_RESV_UNMAPPED
-        await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+        await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
         tlbg.track(addr, addr + h.size)
         if pmd_dirty(pte):
-            await folio_mark_dirty(m, folio)
+            folio_mark_dirty(m, folio)
         await hugetlb_remove_rmap(m, folio)
         adjust = (not h.surplus_huge_pages and hugetlb_resv.hugetlb_vma_lock(vma) is not None
                   and not vma.flags & VM_MAYSHARE and folio.anon_vma is not None)
@@ -383,18 +368,18 @@ async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
             src_ptl = m.table_lock(src_pmd)
             await dst_ptl.lock("copy_hugetlb_page_range")
             await src_ptl.lock("copy_hugetlb_page_range", 1)  # SINGLE_DEPTH_NESTING
-            entry = await m.entry_read("pmd", src_pmd, idx)
+            entry = await atomic.entry_read(m, "pmd", src_pmd, idx)
             if not pmd_none(entry):
                 folio = m.physmem.folio(pmd_pfn(entry))
-                await m.folio_ref_add(folio, 1)
+                await atomic.folio_ref_add(m, folio, 1)
                 if folio.anon_vma is None:
                     await hugetlb_add_file_rmap(m, folio)
                 else:
                     await hugetlb_try_dup_anon_rmap(m, folio)
                 if cow:
                     entry = pmd_wrprotect(entry)
-                    await m.entry_set("pmd", src_pmd, idx, entry)  # huge_ptep_set_wrprotect
-                await m.entry_set("pmd", dst_pmd, idx, entry)
+                    await atomic.entry_set(m, "pmd", src_pmd, idx, entry)  # huge_ptep_set_wrprotect
+                await atomic.entry_set(m, "pmd", dst_pmd, idx, entry)
             await src_ptl.unlock()
             await dst_ptl.unlock()
             addr += h.size
@@ -418,11 +403,11 @@ async def hugetlb_change_protection(m, vma, start: int, end: int, newprot: int) 
         if t >= 0:
             ptl = m.table_lock(t)
             await ptl.lock("hugetlb_change_protection")
-            old = await m.entry_read("pmd", t, pmd_index(addr))
+            old = await atomic.entry_read(m, "pmd", t, pmd_index(addr))
             if not pmd_none(old):
                 new = pmd_wrprotect(pmd_modify(old, newprot))  # huge_pte_modify
                 if new != old:
-                    await m.entry_set("pmd", t, pmd_index(addr), new)
+                    await atomic.entry_set(m, "pmd", t, pmd_index(addr), new)
                     changed = True
             await ptl.unlock()
         addr += h.size

@@ -21,7 +21,7 @@ limits (no mount options on the internal mount), hugetlb cgroup charges, PMD sha
 
 from __future__ import annotations
 
-from kmm import hugetlb
+from kmm import atomic, hugetlb, swap
 from kmm.mm_types import (
     VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_NORESERVE, VM_READ,
     VM_SHARED, VM_WRITE, VmArea,
@@ -272,19 +272,19 @@ async def fput(m, vma) -> None:
     for idx in sorted(file.cache):  # remove_inode_hugepages
         folio = m.physmem.page(file.cache.pop(idx))
         freed += 1
-        await m.folio_put(folio)  # the page cache's reference
+        await swap.folio_put(m, folio)  # the page cache's reference
     await hugetlb_unreserve_pages(m, file, freed)
 
 
 # --------------------------------------------------------------------- mmap
 async def hugetlb_mmap(m, mm, addr: int, length: int, shared: bool,
-                       noreserve: bool) -> int | str:
+                       noreserve: bool) -> VmArea | str:
     """mmap(MAP_ANONYMOUS | MAP_HUGETLB [| MAP_SHARED] [| MAP_NORESERVE]) at a fixed,
     free address: the length is rounded up to the huge page size (ksys_mmap_pgoff),
     the address must be aligned (hugetlb_get_unmapped_area), the reservation is made
-    at mmap (hugetlbfs_file_mmap) or the call fails with ENOMEM.
+    at mmap (hugetlbfs_file_mmap) or the call fails with ENOMEM. Returns the new VMA
+    for the caller (do_mmap) to insert, or an errno name.
     Context: mmap_lock held for write; the range is free."""
-    from kmm import mmap as mmapmod
     h = m.hugetlb.default
     if addr & (h.size - 1):
         return "EINVAL"
@@ -306,9 +306,7 @@ async def hugetlb_mmap(m, mm, addr: int, length: int, shared: bool,
         vma.vm_private_data = None
         await fput(m, vma)
         return "ENOMEM"
-    mmapmod._insert(mm, vma)
-    await m.sched.point("mmap_region", mm=mm.id, start=addr, end=addr + length)
-    return addr
+    return vma
 
 
 __all__ = ["hugetlb_mmap", "hugetlb_reserve_pages", "vma_needs_reservation",

@@ -104,8 +104,13 @@ async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
         if vmas_in(mm, addr, addr + length):
             return "EEXIST"
         if backing != "anon":
-            return await hugetlb_resv.hugetlb_mmap(m, mm, addr, length,
-                                                   backing == "hugetlb_shared", noreserve)
+            vma = await hugetlb_resv.hugetlb_mmap(m, mm, addr, length,
+                                                  backing == "hugetlb_shared", noreserve)
+            if isinstance(vma, str):
+                return vma
+            _insert(mm, vma)
+            await m.sched.point("mmap_region", mm=mm.id, start=addr, end=vma.end)
+            return addr
         flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
         vma = VmArea(mm, addr, addr + length, flags, addr >> 12)
         _insert(mm, vma)
