@@ -29,7 +29,6 @@ from kmm.pgtable import PAGE_SHIFT
 HUGETLB_PAGE_ORDER = 9          # the default hstate: 2 MiB (HPAGE_SHIFT 21)
 GIGANTIC_ORDER = 18             # 1 GiB (PUD_SHIFT)
 MAX_PAGE_ORDER = 10             # above this the buddy allocator cannot serve an hstate
-COST_HUGETLB_LOCK = 20
 
 
 class Hstate:
@@ -163,7 +162,8 @@ async def alloc_fresh_hugetlb_folio(m, h: Hstate, gfp: int):
         return None  # alloc_gigantic_folio needs alloc_contig_range: not modelled
     folio = await alloc_buddy_hugetlb_folio(m, h, gfp)
     if folio is not None:
-        await atomic.point(m.sched, "folio_zero_user", pfn=folio.pfn)  # a fresh page is clean
+        # the pool's pages are handed out zeroed by the fault (folio_zero_user), not here
+        await atomic.point(m.sched, "prep_new_hugetlb_folio", pfn=folio.pfn)
         m.physmem.clear(folio.pfn, h.nr_pages)
         await folio_set_hugetlb(m, folio, True)
     return folio

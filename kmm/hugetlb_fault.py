@@ -19,6 +19,7 @@ faults the model has), userfaultfd, migration and hwpoison entries, PMD sharing.
 from __future__ import annotations
 
 from kmm import atomic, hugetlb, hugetlb_resv, memory, rmap, swap, tlb
+from kmm.cost import COST_CLEAR_HUGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, VM_MAYSHARE, VM_MAYWRITE, VM_SHARED, VM_WRITE,
 )
@@ -27,8 +28,7 @@ from kmm.pgtable import (
     pmd_modify, pmd_none, pmd_pfn, pmd_write, pmd_wrprotect,
 )
 
-COST_COPY_HUGE = 512 * 500
-COST_CLEAR_HUGE = 512 * 250
+COST_COPY_HUGE = 512 * COST_COPY_PAGE  # copy_user_large_folio, 2 MiB
 
 
 # ------------------------------------------------------------ rmap (shared-state ops)
