@@ -121,9 +121,11 @@ def touched_bytes(steps: list[Step]) -> int:
 
 
 def run_config(steps: list[Step], config: str, *, memory: int, pool: int | None = None,
-               noreserve: bool = False, pressure: bool = True) -> dict[str, Any]:
+               noreserve: bool = False, pressure: bool = True,
+               fragmented: bool = False) -> dict[str, Any]:
     """Run the pattern under one configuration on a fresh machine with swap; return
-    the measured figures."""
+    the measured figures. ``fragmented``: before anything (the hugetlb pool too), one
+    unmovable page is pinned in every 2 MiB block, so no 2 MiB page can be had."""
     from kmm import vmscan
     from kmm.machine import MachineConfig
     from kmm.tools import runner
@@ -147,6 +149,8 @@ def run_config(steps: list[Step], config: str, *, memory: int, pool: int | None 
 
     async def driver() -> None:
         await runner.start_daemons(k)
+        if fragmented:
+            await fragment(k)
         await k.process("main")
         thp_on = knobs["enabled"] != "never"
         if thp_on:
@@ -193,6 +197,40 @@ def run_config(steps: list[Step], config: str, *, memory: int, pool: int | None 
     return fig
 
 
+async def fragment(k) -> None:
+    """Pin one unmovable page in every 2 MiB block (compaction cannot move it)."""
+    pinned = []
+    while True:
+        pfn = await k.alloc_kernel_pages(0, reserves=True)
+        if pfn < 0:
+            break
+        pinned.append(pfn)
+    for pfn in pinned:
+        if pfn % 512 != 511:
+            await k.free_kernel_pages(pfn)
+
+
+def _fragmented(steps: list[Step], configs) -> dict[str, str]:
+    """Each configuration on a machine with no free 2 MiB block left: THP falls back to
+    4 KiB pages, a hugetlb pool cannot be allocated at run time."""
+    size = sum(s.size for s in steps if s.op == "mmap")
+    memory = round_up(size + size // 2, PMD_SIZE) + 16 * MiB
+    out = {}
+    for c in configs:
+        if c == "thp_never":
+            continue
+        fig = run_config(steps, c, memory=memory, pressure=False, fragmented=True)
+        bad = [r for r in fig["results"] if not r["ok"]]
+        if bad:
+            what = f"{bad[0]['op']}: {bad[0].get('errno') or bad[0].get('signal')}"
+        else:
+            what = "ran"
+        mi = fig["meminfo"]
+        out[c] = (f"{what}; {fig['thp_fault_alloc']} THPs, {fig['thp_fault_fallback']} "
+                  f"fallbacks to 4 KiB, hugetlb pool {mi['HugePages_Total']} pages")
+    return out
+
+
 def _failure(steps: list[Step], memory: int) -> dict[str, str]:
     """hugetlb with a pool of half the working set: with reservations (mmap ENOMEM)
     and with MAP_NORESERVE (SIGBUS at the first fault the pool cannot serve)."""
@@ -208,9 +246,11 @@ def _failure(steps: list[Step], memory: int) -> dict[str, str]:
     return out
 
 
-def compare(workload: str, *, memory: int = 512 * MiB) -> dict[str, Any]:
+def compare(workload: str, *, memory: int = 512 * MiB,
+            fragmented: bool = True) -> dict[str, Any]:
     """The comparison as a dict: description, configurations run (and skipped), and
-    per configuration the figures of run_config; plus hugetlb's failure modes."""
+    per configuration the figures of run_config; plus hugetlb's failure modes with a
+    short pool and (``fragmented``) every configuration on a fragmented machine."""
     desc, steps, configs = load_pattern(workload)
     skipped = {}
     run = []
@@ -225,6 +265,8 @@ def compare(workload: str, *, memory: int = 512 * MiB) -> dict[str, Any]:
                            "configs": table, "skipped": skipped}
     if "hugetlb" in table:
         out["hugetlb_pool_short"] = _failure(steps, memory)
+    if fragmented:
+        out["fragmented"] = _fragmented(steps, run)
     return out
 
 
@@ -263,8 +305,10 @@ def format_table(res: dict[str, Any]) -> str:
         lines += ["", "hugetlb with a pool of half the working set: "
                   f"reserved mapping -> {short['reserved']}; "
                   f"MAP_NORESERVE -> {short['noreserve']}",
-                  "THP never fails a fault: without a free 2 MiB block it falls back "
-                  "to 4 KiB pages (thp_fault_fallback)"]
+                  ]
+    if res.get("fragmented"):
+        lines += ["", "on a fragmented machine (one pinned page in every 2 MiB block):"]
+        lines += [f"  {c:<12} {what}" for c, what in res["fragmented"].items()]
     for c, why in res["skipped"].items():
         lines.append(f"{c}: skipped ({why})")
     return "\n".join(lines)
