@@ -156,6 +156,21 @@ class Kernel:
             self.after_op()
 
 
+def _inherited(m, task, shadow: dict[int, int]) -> dict[int, int]:
+    """The bytes a forked child inherits: all the parent wrote, except in hugetlb pages
+    a parent's COW took from it (unmap_ref_private): those are gone from the parent,
+    and the child (its VMA no longer marked) will fault fresh zeroed pages there."""
+    from kmm import hugetlb_resv
+    from kmm.testing import read_mapped_byte
+    gone = [v for v in task.mm.vmas if v.vm_file is not None and
+            hugetlb_resv.is_vma_resv_set(v, hugetlb_resv.HPAGE_RESV_UNMAPPED)]
+    if not gone:
+        return dict(shadow)
+    return {a: b for a, b in shadow.items()
+            if not any(v.start <= a < v.end for v in gone)
+            or read_mapped_byte(m, task.mm, a) is not None}
+
+
 class Proc:
     """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
 
@@ -258,7 +273,7 @@ class Proc:
         t = await fork.copy_process(self.m, self.task, child)
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        self.k.shadow[child] = dict(self.k.shadow[self.name])
+        self.k.shadow[child] = _inherited(self.m, self.task, self.k.shadow[self.name])
         self.k.lazy[child] = dict(self.k.lazy[self.name])
         self.k._done()
         return Proc(self.k, t, self.cpu)

@@ -5,6 +5,8 @@ behind it: counts, events, locks and the states the host does not show."""
 
 from __future__ import annotations
 
+import pytest
+
 from kmm import hugetlb
 from kmm.fault import Sigbus
 from kmm.mm_types import PG_lru, PGTY_hugetlb
@@ -239,3 +241,64 @@ def test_pool_growth_compacts_before_it_fails():
                 await p.touch(a, 10 * MiB, write=False, stride=2 * MiB))
     _, got = run_machine(fn, memory=16 * MiB, check=NO_CHECK)
     assert got == (True, True, True, 1, 0)
+
+
+@pytest.mark.parametrize("seed", [13, 50, 77])  # 50: a grandchild of unmap_ref_private
+def test_random_hugetlb_operations_keep_every_invariant(seed):
+    # A seeded fuzz over the hugetlb paths: private, shared and MAP_NORESERVE mappings,
+    # writes and reads, DONTNEED, munmap and mprotect (aligned or not), fork and exit,
+    # a small pool with overcommit; SIGBUS and SIGSEGV kill only their process. The
+    # invariant checker (pool counts, mapcounts, refcounts, data) runs after every op.
+    import random
+    from kmm.fault import Segv
+
+    async def fn(m, k):
+        rng = random.Random(seed)
+        await k.set_hugetlb_pool(3, 2)
+        procs = [await k.process("p0")]
+        regions: dict[str, list[tuple[int, int]]] = {"p0": []}
+        n = 0
+        for _ in range(120):
+            live = [p for p in procs if p.task.alive]
+            if not live:
+                break
+            p = rng.choice(live)
+            mine = regions[p.name]
+            op = rng.choice(["mmap", "touch", "touch", "read", "dontneed", "munmap",
+                             "mprotect", "fork", "exit"] if mine else ["mmap"])
+            try:
+                if op == "mmap":
+                    size = rng.choice([2, 4, 6]) * MiB
+                    a = await p.mmap(size, backing=rng.choice(["hugetlb", "hugetlb_shared"]),
+                                     noreserve=rng.random() < 0.3)
+                    if not isinstance(a, str):
+                        mine.append((a, size))
+                    continue
+                a, size = rng.choice(mine)
+                off = rng.choice([0, 2 * MiB, 4 * MiB, 1 * MiB]) % size
+                length = min(rng.choice([2 * MiB, 4096, 3 * MiB]), size - off)
+                if op in ("touch", "read"):
+                    await p.touch(a + off, length, write=op == "touch",
+                                  value=rng.randrange(1, 255), stride=1 << 20)
+                elif op == "dontneed":
+                    await p.madvise(a + off, length, "dontneed")
+                elif op == "munmap":
+                    if await p.munmap(a + off, length) == 0 and (off, length) == (0, size):
+                        mine.remove((a, size))
+                elif op == "mprotect":
+                    await p.mprotect(a + off, length, rng.choice(["r", "rw"]))
+                elif op == "fork":
+                    n += 1
+                    c = await p.fork(f"c{n}")
+                    procs.append(c)
+                    regions[c.name] = list(mine)
+                elif op == "exit" and p.name != "p0":
+                    await p.exit()
+            except (Sigbus, Segv):
+                pass
+        for p in procs:
+            if p.task.alive:
+                await p.exit()
+        return pool(k)
+    _, after = run_machine(fn, cpus=1)
+    assert after == (3, 3, 0, 0)  # everything back in the persistent pool
