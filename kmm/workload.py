@@ -160,15 +160,18 @@ def _inherited(m, task, shadow: dict[int, int]) -> dict[int, int]:
     """The bytes a forked child inherits: all the parent wrote, except in hugetlb pages
     a parent's COW took from it (unmap_ref_private): those are gone from the parent,
     and the child (its VMA no longer marked) will fault fresh zeroed pages there."""
-    from kmm import hugetlb_resv
-    from kmm.testing import read_mapped_byte
+    from kmm import hugetlb_resv, memory
+    from kmm.pgtable import pmd_index
     gone = [v for v in task.mm.vmas if v.vm_file is not None and
             hugetlb_resv.is_vma_resv_set(v, hugetlb_resv.HPAGE_RESV_UNMAPPED)]
     if not gone:
         return dict(shadow)
+
+    def mapped(a: int) -> bool:  # a hugetlb page is one PMD leaf
+        t = memory.pmd_lookup(m, task.mm, a)
+        return t >= 0 and m.physmem.tables[t][pmd_index(a)] != 0
     return {a: b for a, b in shadow.items()
-            if not any(v.start <= a < v.end for v in gone)
-            or read_mapped_byte(m, task.mm, a) is not None}
+            if not any(v.start <= a < v.end for v in gone) or mapped(a)}
 
 
 class Proc:
