@@ -302,3 +302,22 @@ def test_random_hugetlb_operations_keep_every_invariant(seed):
         return pool(k)
     _, after = run_machine(fn, cpus=1)
     assert after == (3, 3, 0, 0)  # everything back in the persistent pool
+
+
+def test_invariant_checker_catches_a_broken_pool_count():
+    # kmm.testing.hugetlb_check: the free count must be the free list's length
+    from kmm.testing import invariant_errors
+
+    async def fn(m, k):
+        await k.set_hugetlb_pool(2)
+        p = await k.process()
+        a = await p.mmap(2 * MiB, backing="hugetlb")
+        await p.touch(a, 2 * MiB)
+        clean = invariant_errors(m, k)
+        m.hugetlb.default.free_huge_pages += 1  # a count that no longer adds up
+        broken = invariant_errors(m, k)
+        m.hugetlb.default.free_huge_pages -= 1
+        return clean, broken
+    _, (clean, broken) = run_machine(fn)
+    assert clean == []
+    assert broken == ["hugepages-2048kB: free_huge_pages 2 != free list 1"]
