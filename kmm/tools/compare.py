@@ -7,8 +7,9 @@ built-in preset), replayed once per *configuration*:
 - ``thp_madvise`` enabled=madvise and MADV_HUGEPAGE on every region (the common
                   advice for applications that want THP);
 - ``thp_always``  enabled=always;
-- ``mthp``        multi-size THP: only where this tree has per-size knobs (it does
-                  not yet: the column is left out, and the table says so);
+- ``mthp``        multi-size THP, 64 KiB folios (hugepages-64kB/enabled=always,
+                  PMD-size off): only where this tree has per-size knobs (else the
+                  column is left out, and the table says so);
 - ``hugetlb``     every region MAP_HUGETLB from a pool sized to the working set.
 
 For each it measures page faults, TLB misses (page walks), Rss plus hugetlb memory and
@@ -78,9 +79,12 @@ def load_pattern(workload: str) -> tuple[str, list[Step], tuple[str, ...]]:
     return sc.description, steps, CONFIGS
 
 
+MTHP_KNOB = "hugepages-64kB/enabled"  # the mTHP column: 64 KiB anonymous THPs
+
+
 def mthp_available() -> bool:
     """Per-size (mTHP) anon knobs in this tree's sysfs model."""
-    return any(name.startswith("hugepages-") for name in sysfs.KNOBS)
+    return MTHP_KNOB in sysfs.KNOBS
 
 
 def configure(steps: list[Step], config: str, pool: int | None = None,
@@ -101,6 +105,9 @@ def configure(steps: list[Step], config: str, pool: int | None = None,
         knobs["enabled"] = "never"
     elif config == "thp_always":
         knobs["enabled"] = "always"
+    elif config == "mthp":  # 64 KiB folios at every fault, no PMD-size THP
+        knobs["enabled"] = "never"
+        knobs[MTHP_KNOB] = "always"
     elif config == "hugetlb":
         knobs["enabled"] = "never"
         hpool = {"nr_hugepages": need if pool is None else pool}
