@@ -186,6 +186,10 @@ async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
         if new_folio and shared:
             file.cache.pop(vmf.pgoff, None)
             await swap.folio_put(m, folio)
+        elif new_folio and folio.pfn in m.hugetlb.restore_reserve:
+            # restore_reserve_on_error: the reservation it consumed is the VMA's again
+            # (the folio's HPG_restore_reserve gives the global count back when freed)
+            hugetlb_resv.vma_add_reservation(m, vma, vmf.address)
         await swap.folio_put(m, folio)
         return 0
     if shared:
