@@ -239,9 +239,9 @@ async def hugetlb_wp(m, vmf: HugetlbVmf) -> int:
             if not cow_from_owner:
                 await ptl.lock("hugetlb_wp")
                 return memory.VM_FAULT_SIGBUS if new != "ENOMEM" else memory.VM_FAULT_OOM
-            # drop the fault mutex and the VMA lock? The kernel does, to take the VMA
-            # locks of the children for write; a child's VMA lock is its own (or none),
-            # so the model keeps them across the unmap
+            # The kernel drops the fault mutex and this VMA's lock around the unmap, as
+            # unmap_hugepage_range takes VMA locks for write; the children's private
+            # VMAs have none (no reserve map), so the model keeps both held
             await unmap_ref_private(m, vma, old, vmf.address)
             await ptl.lock("hugetlb_wp")
             cur = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
