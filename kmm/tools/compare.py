@@ -287,7 +287,7 @@ ROWS = (
     ("hugetlb pool held kB", lambda f: f["meminfo"]["HugePages_Total"] * 2048),
     ("bloat kB (resident - touched)", lambda f: f["bloat_kb"]),
     ("faults+accesses (emulated ms)", lambda f: f"{f['fault_access_ms']:.3f}"),
-    ("khugepaged pass (emulated ms)", lambda f: f"{f['khugepaged_ms']:.3f}"),
+    ("khugepaged pass ms (2ms polls)", lambda f: f"{f['khugepaged_ms']:.3f}"),
     ("  collapsed by khugepaged", lambda f: f["collapsed"]),
     ("pressure: swapped out kB", lambda f: f["pressure"]["swapped_kb"]),
     ("pressure: THPs swapped whole", lambda f: f["pressure"]["thp_swpout"]),
