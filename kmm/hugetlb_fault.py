@@ -12,8 +12,9 @@ one lives in the file's page cache (one reference) and is mapped with the file r
 Only the entire mapcount counts hugetlb mappings. Pages count in no RSS counter
 (smaps shows them as Private_Hugetlb / Shared_Hugetlb instead).
 
-Left out: the folio lock around hugetlb_wp (the fault mutex already serialises the
-faults the model has), userfaultfd, migration and hwpoison entries, PMD sharing.
+Left out: the folio lock of hugetlb_no_page (the fault mutex already serialises every
+path the model has to a page not yet mapped), userfaultfd, migration and hwpoison
+entries, PMD sharing.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
     over). Context: mmap_lock held for read; takes the fault mutex, the hugetlb VMA
     lock for read and the PMD lock, in that order, and drops them all."""
     vmf = HugetlbVmf(vma, addr, write)
+    wait_on = None
     mutex = m.hugetlb.fault_mutex_table[hugetlb_fault_mutex_hash(m, vma.vm_file, vmf.pgoff)]
     if "hugetlb_fault_no_mutex" in m.bugs:
         mutex = None  # kmm.bugs: faults on one page no longer serialised
@@ -126,9 +128,17 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
             entry = vmf.orig_pte
             if write and not pmd_write(entry):
                 folio = m.physmem.folio(pmd_pfn(entry))
-                await atomic.folio_ref_add(m, folio, 1)  # folio_get across hugetlb_wp
-                ret = await hugetlb_wp(m, vmf)
-                await swap.folio_put(m, folio)
+                # an anonymous folio is locked across hugetlb_wp (its reuse check); a
+                # trylock under the PMD lock, else wait for it unlocked and refault
+                lk = m.folio_lock_of(folio) if folio.anon_vma is not None else None
+                if lk is not None and not await lk.trylock("hugetlb_fault"):
+                    wait_on = lk
+                else:
+                    await atomic.folio_ref_add(m, folio, 1)  # folio_get across hugetlb_wp
+                    ret = await hugetlb_wp(m, vmf)
+                    if lk is not None:
+                        await lk.unlock()
+                    await swap.folio_put(m, folio)
             else:
                 if write:
                     entry = pmd_mkdirty(entry)
@@ -141,6 +151,9 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
         await hugetlb_resv.hugetlb_vma_unlock_read(vma)
         if mutex is not None:
             await mutex.up_write()
+        if wait_on is not None:  # folio_wait_locked, with no lock of ours held
+            await wait_on.lock("folio_wait_locked")
+            await wait_on.unlock()
 
 
 async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
