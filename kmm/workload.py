@@ -12,7 +12,11 @@ emulated CPU (a separate actor), so two CPUs can fault the same range at once::
                          lambda cpu: p.on(cpu).touch(a, 2 << 20, value=2))
 
 Every write is remembered in a shadow copy per process (forked with the process), so
-``Proc.verify`` and the invariant checker can prove that no byte was lost.
+``Proc.verify`` and the invariant checker can prove that no byte was lost, and that no
+process reads a byte it did not write itself (another's write after a fork never
+shows through). A byte the parent writes on another CPU while a fork is under way may
+or may not reach the child (whether its page was copied before or after the write):
+the child's value there is unknown until the child writes it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from typing import Awaitable, Callable
 
 from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, swap, task_mmu
 from kmm.pgtable import PAGE_SIZE
+
+
+class UnexpectedResult(AssertionError):
+    """A call under test returned what the program does not accept (Kernel.expect):
+    the program's own assertion, wherever it is raised."""
 
 
 class Kernel:
@@ -32,7 +41,16 @@ class Kernel:
         # bytes under MADV_FREE: until rewritten they read back as written or as zero
         # (reclaim may have discarded the lazyfree page)
         self.lazy: dict[str, dict[int, int]] = {}
+        # bytes whose value in this process is not known: written by the parent on
+        # another CPU while the fork that made this process was under way
+        self.unknown: dict[str, set[int]] = {}
+        # process name -> one set per fork of it under way: the addresses its other
+        # CPUs write meanwhile
+        self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+        # syscalls that failed (returned an errno name) and that the program has not
+        # examined with ``expect`` yet: the race laboratory reports any left at the end
+        self.failed: list[tuple[str, str, str]] = []  # (process, call, errno)
 
     @property
     def cpus(self) -> int:
@@ -155,6 +173,36 @@ class Kernel:
         if self.after_op is not None:
             self.after_op()
 
+    def _returned(self, proc: str, call: str, result):
+        """A syscall's result: an errno name is remembered until ``expect`` sees it."""
+        if isinstance(result, str):
+            self.failed.append((proc, call, result))
+        return result
+
+    def expect(self, result, *allowed: str, what: str = "call"):
+        """Examine the result of a call under test: it must succeed (0, an address or
+        a count) or fail with one of the ``allowed`` errno names; anything else is the
+        program's assertion. Returns the result. A failure the program never passes
+        here is reported by ``kmm explore`` at the end of the run (``unexamined``):
+        a race program cannot ignore what the racing call returned::
+
+            r = k.expect(await p.madvise(a, SIZE, "collapse"), "EAGAIN", what="collapse")
+        """
+        if isinstance(result, str):
+            for i in range(len(self.failed) - 1, -1, -1):
+                if self.failed[i][2] == result:
+                    del self.failed[i]
+                    break
+            if result not in allowed:
+                raise UnexpectedResult(f"{what} failed with {result}")
+        elif not isinstance(result, int) or result < 0:
+            raise UnexpectedResult(f"{what} returned {result!r}")
+        return result
+
+    def unexamined(self) -> list[str]:
+        """The failed calls no ``expect`` examined, as "process: call -> errno"."""
+        return [f"{proc}: {call} -> {errno}" for proc, call, errno in self.failed]
+
 
 def _inherited(m, task, shadow: dict[int, int]) -> dict[int, int]:
     """The bytes a forked child inherits: all the parent wrote, except in hugetlb pages
@@ -204,7 +252,7 @@ class Proc:
             addr = self._free_area(size)
         r = await mmap.do_mmap(self.m, self.task, addr, size, backing, noreserve)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "mmap", r)
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
@@ -217,25 +265,28 @@ class Proc:
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "munmap", r)
 
     async def mprotect(self, addr: int, length: int, prot: str):
         self._alive()
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"mprotect({prot})", r)
 
     async def madvise(self, addr: int, length: int, advice: str):
         self._alive()
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
-            self._forget(addr, length)  # private anonymous memory reads back as zeros
+            # private anonymous memory reads back as zeros; in a hugetlb VMA only the
+            # whole huge pages (the kernel rounds the end down)
+            for lo, hi in self._zapped(addr, addr + length):
+                self._forget(lo, hi - lo)
         elif r in (0, "ENOMEM") and advice == "free":
             sh, lazy = self.k.shadow[self.name], self.k.lazy[self.name]
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return r
+        return self.k._returned(self.name, f"madvise({advice})", r)
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
@@ -251,7 +302,7 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return r
+        return self.k._returned(self.name, "mremap", r)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
@@ -261,8 +312,25 @@ class Proc:
         self.k._done()
         return r
 
+    def _zapped(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) MADV_DONTNEED empties: all of it, but in hugetlb
+        VMAs up to the last huge page boundary."""
+        out, at = [], start
+        for v in self.task.mm.vmas:
+            if v.vm_file is None or v.end <= start or v.start >= end:
+                continue
+            s, e = max(start, v.start), min(end, v.end)
+            out.append((at, s))
+            out.append((s, e & ~(v.vm_file.hstate.size - 1)))
+            at = e
+        out.append((at, end))
+        return [(lo, hi) for lo, hi in out if hi > lo]
+
     def _forget(self, addr: int, length: int) -> None:
         end = addr + length
+        unknown = self.k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update([a for a in unknown if addr <= a < end])
         for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
             if len(sh) < length:
                 for a in [a for a in sh if addr <= a < end]:
@@ -271,21 +339,44 @@ class Proc:
                 for a in range(addr, end):
                     sh.pop(a, None)
 
+    def _wrote(self, addr: int, n: int) -> None:
+        """Bookkeeping of a write of n bytes at addr beyond the shadow: forks of this
+        process under way learn of it; a byte of unknown value is known again."""
+        k = self.k
+        for racing in k.forking.get(self.name, ()):
+            racing.update(range(addr, addr + n))
+        unknown = k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update(range(addr, addr + n))
+
     async def fork(self, child: str) -> "Proc":
         self._alive()
-        t = await fork.copy_process(self.m, self.task, child)
+        k = self.k
+        racing: set[int] = set()
+        k.forking.setdefault(self.name, []).append(racing)
+        try:
+            t = await fork.copy_process(self.m, self.task, child)
+        finally:
+            forks = k.forking[self.name]
+            forks.remove(racing)
+            if not forks:
+                del k.forking[self.name]
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        self.k.shadow[child] = _inherited(self.m, self.task, self.k.shadow[self.name])
-        self.k.lazy[child] = dict(self.k.lazy[self.name])
-        self.k._done()
-        return Proc(self.k, t, self.cpu)
+        k.shadow[child] = _inherited(self.m, self.task, k.shadow[self.name])
+        k.lazy[child] = dict(k.lazy[self.name])
+        unknown = racing | k.unknown.get(self.name, set())
+        if unknown:
+            k.unknown[child] = unknown
+        k._done()
+        return Proc(k, t, self.cpu)
 
     async def exit(self) -> None:
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
         self.k.lazy.pop(self.name, None)
+        self.k.unknown.pop(self.name, None)
         self.k._done()
 
     async def _kill(self, sig: str) -> None:
@@ -306,6 +397,7 @@ class Proc:
                 for j, b in enumerate(chunk):
                     sh[a + j] = b
                     lazy.pop(a + j, None)
+                self._wrote(a, len(chunk))
                 i += len(chunk)
         except (fault.Segv, fault.Sigbus) as e:
             await self._kill(e.signal)
@@ -336,6 +428,8 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
+        # may start on another CPU halfway through
         end = addr + length
         try:
             if write and m.sched.quiet:
@@ -343,12 +437,18 @@ class Proc:
                 # a miss takes the whole access path
                 a = addr
                 while a < end:
+                    a0 = a
                     a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                    if forking or unknown:
+                        for x in range(a0, a, stride):
+                            self._wrote(x, 1)
                     if a < end:
                         await fault.user_access(m, task, cpu, a, True, data)
                         sh[a] = value
                         if lazy:
                             lazy.pop(a, None)
+                        if forking or unknown:
+                            self._wrote(a, 1)
                         a += stride
                 self.k._done()
                 return 0
@@ -358,6 +458,8 @@ class Proc:
                     sh[a] = value
                     if lazy:
                         lazy.pop(a, None)
+                    if forking or unknown:
+                        self._wrote(a, 1)
                 else:
                     got = await fault.user_access(m, task, cpu, a, False, n=1)
                     mismatches += got[0] != value
@@ -372,7 +474,10 @@ class Proc:
         bad = []
         hook, self.k.after_op = self.k.after_op, None  # reads change nothing to check
         try:
+            unknown = self.k.unknown.get(self.name, ())
             for a, b in sorted(self.k.shadow[self.name].items()):
+                if a in unknown:
+                    continue
                 if (await self.load(a))[0] != b:
                     bad.append(a)
             for a, b in sorted(self.k.lazy[self.name].items()):
