@@ -134,6 +134,19 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
         "race_hugetlb_fault.py",
         "AssertionError: a writer died: Sigbus"),
+    Bug("shmem_fault_no_truncate_recheck",
+        "shmem_get_folio_gfp",
+        "after folio_lock, check that the folio is still in this mapping and still "
+        "covers the index (\"Has the folio been truncated or swapped out?\"), else "
+        "unlock, put and look it up again",
+        "the lookup takes no lock: a hole punch or truncate may hold the folio lock "
+        "meanwhile, split the folio and drop pages from the page cache. The fault then "
+        "holds a folio that is no longer the one at its index (a head split off, or a "
+        "page truncated away); mapping it puts a page outside the page cache, or the "
+        "wrong page, into the process, with the reference counted on another folio",
+        "race_shmem_punch_read.py",
+        "InvariantError: a page outside the page cache mapped in a shmem VMA (the Rss "
+        "counters disagree with the mappings)"),
 )}
 
 

@@ -90,7 +90,7 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
 _PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
                           "entire_mapcount", "large_mapcount", "nr_pages_mapped",
                           "page_type", "on_deferred_list", "swap", "index", "anon_vma",
-                          "mm", "pt_level")
+                          "mm", "pt_level", "mapping")
 
 
 class Checker:
@@ -239,6 +239,12 @@ def _pmd_summary(m, t: int, base: int) -> tuple[Counter, int, list[tuple[int, in
     return maps, rss, bad
 
 
+def _mapping_of(pm, pfn: int):
+    """page_folio(pfn)->mapping for a page-cache folio, else None."""
+    p = pm.pages.get(_head_of(pm, pfn))
+    return None if p is None else p.mapping
+
+
 def _head_of(pm, pfn: int) -> int:
     """page_folio(pfn)'s pfn, without creating a struct page (physmem.page's rule)."""
     p = pm.pages.get(pfn)
@@ -318,6 +324,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
         st.zone = (zone.untouched, zone.untouched_end)
     dp = ctx.dirty_pages
     tabchk = st.tabchk
+    visited: set[int] = set()
     for task in m.tasks.values():
         mm = task.mm
         if not task.alive or mm.pgd < 0:
@@ -333,6 +340,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
         nr_pte_tables = 0
         for lvl, t in every:
             nr_pte_tables += lvl == "pte"
+            visited.add(t)
             pg = pm.pages.get(t)
             # a table page's own checks, kept while its struct page and the free
             # blocks around it stay as they were
@@ -348,8 +356,11 @@ def mapping_errors(ctx: Checker) -> list[str]:
             errs.extend(got[1])
             if lvl == "pmd":
                 tbl = pm.tables[t]
+                # a page-cache (shmem) PMD has no deposited table on x86
                 huge = sum(1 for e in compress(tbl, tbl)
-                           if (pmd_trans_huge(e) or is_pmd_migration_entry(e))
+                           if is_pmd_migration_entry(e) or pmd_trans_huge(e) and (
+                               m.is_huge_zero_pfn(pmd_pfn(e))
+                               or _mapping_of(pm, pmd_pfn(e)) is None)
                            and not checks_hugetlb.is_hugetlb_pmd(m, e))
                 dep = len(pg.pt_deposit or ()) if pg else 0
                 deposited += dep
@@ -382,13 +393,30 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 rss += s[2]
         for t, base in ptes:
             errs.extend(st.sums[t][3])
+        # MM_SHMEMPAGES: the mapped pages of page-cache folios (read afresh: a folio's
+        # mapping is a struct-page field, not a table entry)
+        rss_file = 0
+        for lst, per in ((pmds, HPAGE_PMD_NR), (ptes, 1)):
+            for t, _base in lst:
+                for pfn, n in st.sums[t][1].items():
+                    if _mapping_of(pm, pfn) is not None:
+                        rss_file += n * per
+        rss -= rss_file
         if rss != mm.rss_anon:
             errs.append(f"{name}: MM_ANONPAGES {mm.rss_anon} != {rss} mapped pages")
+        if rss_file != mm.rss_shmem:
+            errs.append(f"{name}: MM_SHMEMPAGES {mm.rss_shmem} != {rss_file} mapped "
+                        "page-cache pages")
         for vma in mm.vmas:
             if vma.start >= vma.end or vma.start & (PAGE_SIZE - 1):
                 errs.append(f"{name}: bad VMA {vma!r}")
     for t in [t for t in st.sums if t not in live]:
         _apply(st, t, None, touched_pte, touched_pmd)
+    # what was not looked at now missed this check's changes: forget it
+    for name in [n for n in st.walks if n not in st.leaves]:
+        del st.walks[name]
+    for t in [t for t in tabchk if t not in visited]:
+        del tabchk[t]
 
     # which pfns and folios to look at again
     for lo, hi in ranges:
@@ -489,12 +517,15 @@ def _folio_errors(m, head: int, n: int) -> list[str]:
     # an isolated folio (compaction, reclaim) holds the isolation reference too
     isolated = 1 if folio.flags & PG_isolated else 0
     cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
+    # the page cache holds one reference per page of a page-cache folio
+    pcache = folio.nr_pages if folio.mapping is not None else 0
     # a deferred split scan in progress holds a reference on each folio of its batch
     isolated += m.split_scan_pins.get(head, 0)
-    if folio.refcount != n + isolated + cache:
+    if folio.refcount != n + isolated + cache + pcache:
         errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
                     + (" + 1 isolation" if isolated else "")
-                    + (f" + {cache} swap cache" if cache else ""))
+                    + (f" + {cache} swap cache" if cache else "")
+                    + (f" + {pcache} page cache" if pcache else ""))
     if folio.order:
         pages = pm.pages
         end = head + folio.nr_pages
@@ -561,6 +592,51 @@ def swap_errors(ctx: Checker) -> list[str]:
 
 # hugetlb folios and pools: kmm/checks_hugetlb.py
 check("hugetlb", "always")(checks_hugetlb.hugetlb_errors)
+
+@check("page_cache", "always")
+def page_cache_errors(ctx: Checker) -> list[str]:
+    """Every shmem inode's page cache: each index names a live folio of that mapping
+    covering it; nrpages adds up; an unmapped page-cache folio holds exactly the
+    cache's references and is on an LRU list (issue 12)."""
+    m = ctx.m
+    st = m.__dict__.get("shmem")
+    if st is None:
+        return []
+    ms = ctx.state.get("mappings")
+    mapped = set(ms.folios) | set(ms.pmd_maps) if ms is not None else set()
+    pm, zone = m.physmem, m.zone
+    errs = []
+    for inode in st.inodes.values():
+        mapping = inode.mapping
+        seen = set()
+        for index, pfn in mapping.i_pages.items():
+            folio = pm.pages.get(pfn)
+            if folio is None or zone.is_free(pfn) or folio.mapping is not mapping \
+                    or not folio.index <= index < folio.index + folio.nr_pages:
+                errs.append(f"shmem inode {inode.id}: index {index} -> {pfn:#x}, not a "
+                            "page-cache folio of it")
+                continue
+            seen.add(pfn)
+        if index_clash := set(mapping.i_pages) & set(mapping.swapped):
+            errs.append(f"shmem inode {inode.id}: indices {sorted(index_clash)[:4]} hold "
+                        "a folio and a swap entry")
+        cached = sum(pm.pages[p].nr_pages for p in seen)
+        if cached != mapping.nrpages:
+            errs.append(f"shmem inode {inode.id}: nrpages {mapping.nrpages} != {cached} "
+                        "cached pages")
+        for pfn in sorted(seen):
+            if pfn in mapped and (ms.folios.get(pfn) or ms.pmd_maps.get(pfn)):
+                continue
+            folio = pm.pages[pfn]
+            extra = 1 if folio.flags & PG_isolated else 0
+            if folio.refcount != folio.nr_pages + extra:
+                errs.append(f"shmem folio {pfn:#x} (inode {inode.id} index "
+                            f"{folio.index}): refcount {folio.refcount} != "
+                            f"{folio.nr_pages} page-cache refs")
+            if not folio.flags & (PG_lru | PG_isolated):
+                errs.append(f"shmem folio {pfn:#x}: in the page cache but on no LRU list")
+    return errs
+
 
 # the data check (and kmm.testing's read_mapped_byte) live in kmm/checks_data.py
 check("data", "always")(checks_data.data_errors)

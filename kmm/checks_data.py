@@ -95,14 +95,47 @@ def data_errors(ctx) -> list[str]:
                 errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
             if got is None and want != 0:
                 vma = task.mm.vma_lookup(addr)
-                if vma is not None:
+                if vma is not None and vma.vm_file is None:  # (a private file mapping's
+                    # COW page may be zapped: the file shows through again)
                     errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
         for addr, want in k.lazy.get(name, {}).items():
             got = read(task, addr)
             if got not in (None, 0, want):
                 errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
                             f"was written {want}")
+    return errs + file_errors(m, k)
+
+
+def file_errors(m, k) -> list[str]:
+    """Bytes written through shared file mappings read back from the page cache (or
+    its swap entries), whoever maps the file now (issue 12)."""
+    st = m.__dict__.get("shmem")
+    errs = []
+    for (ino, off), want in getattr(k, "file_shadow", {}).items():
+        inode = st.inodes.get(ino) if st is not None else None
+        if inode is None:
+            continue  # evicted: nothing maps or holds the file any more
+        got = read_file_byte(m, inode, off)
+        if (got or 0) != want:
+            errs.append(f"shmem inode {ino}: byte at offset {off:#x} reads {got}, was "
+                        f"written {want}")
     return errs
+
+
+def read_file_byte(m, inode, off: int) -> int | None:
+    """The byte at file offset off through the page cache or its swap entry (None: a
+    hole)."""
+    sw = inode.mapping.swapped.get(off >> 12)
+    if sw is not None:
+        from kmm.pgtable import swp_entry, swp_offset, swp_type
+        entry, _order, base = sw
+        slot = swp_entry(swp_type(entry), swp_offset(entry) + (off >> 12) - base)
+        return swapfile.read_swapped_byte(m, slot, off & 4095)
+    folio = m.physmem.pages.get(inode.mapping.i_pages.get(off >> 12, -1))
+    if folio is None:
+        return None
+    pfn = folio.pfn + (off >> 12) - folio.index
+    return m.physmem.read(pfn, off & 4095, 1)[0]
 
 
 def read_mapped_byte(m, mm, addr: int) -> int | None:
@@ -145,11 +178,11 @@ def _data_errors(m, k) -> list[str]:
                 errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
             if got is None and want != 0:
                 vma = task.mm.vma_lookup(addr)
-                if vma is not None:
+                if vma is not None and vma.vm_file is None:
                     errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
         for addr, want in k.lazy.get(name, {}).items():
             got = read_mapped_byte(m, task.mm, addr)
             if got not in (None, 0, want):
                 errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
                             f"was written {want}")
-    return errs
+    return errs + file_errors(m, k)

@@ -40,10 +40,10 @@ def hugetlb_errors(ctx) -> list[str]:
         if not task.alive or mm.pgd < 0:
             continue
         for vma in mm.vmas:
-            if vma.vm_file is None:
+            if vma.hugetlb_file is None:
                 continue
-            cached.update(vma.vm_file.cache.values())
-            size = vma.vm_file.hstate.size
+            cached.update(vma.hugetlb_file.cache.values())
+            size = vma.hugetlb_file.hstate.size
             for addr in range(vma.start, vma.end, size):
                 t = pmd_lookup(m, mm, addr)
                 if t < 0:
@@ -98,5 +98,5 @@ def unchecked_ranges(task) -> list[tuple[int, int]]:
     from kmm import hugetlb_resv
     from kmm.mm_types import VM_SHARED
     return [(v.start, v.end) for v in task.mm.vmas
-            if v.vm_file is not None and (v.flags & VM_SHARED or hugetlb_resv.is_vma_resv_set(
+            if v.hugetlb_file is not None and (v.flags & VM_SHARED or hugetlb_resv.is_vma_resv_set(
                 v, hugetlb_resv.HPAGE_RESV_UNMAPPED))]

@@ -36,8 +36,8 @@ class Segv(Exception):
 
 
 class Sigbus(Exception):
-    """The access killed the process with SIGBUS (VM_FAULT_SIGBUS: e.g. a hugetlb fault
-    with no huge page to be had)."""
+    """The access killed the process with SIGBUS (VM_FAULT_SIGBUS: e.g. a shmem fault
+    at or beyond the end of the file, a hugetlb fault with no huge page to be had)."""
 
     signal = "SIGBUS"
 
@@ -72,7 +72,14 @@ async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
     huge = bool(e & _PAGE_PSE)
     if not huge:
         tbl, idx = table_pfn(e), pte_index(addr)
-        e = await atomic.entry_read(m, "pte", tbl, idx)
+        try:
+            e = await atomic.entry_read(m, "pte", tbl, idx)
+        except KeyError:
+            # the PTE table was detached and freed during the walk (retract_page_tables,
+            # PT_RECLAIM): the hardware walk is one instruction, so the flush's IPI came
+            # before it; walk again (the kernel frees such tables after an RCU grace
+            # period: pte_free_defer)
+            return None
         if not _usable(e, write):
             return False
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
@@ -141,6 +148,8 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
         if await _walk(m, cpu, mm, addr, write) is not False:
             continue
         faults += 1
+        if faults > 1:  # the last fault did not make the access possible: a retry loop
+            sched.yield_spin("user_access")
         if faults > FAULT_RETRY_LIMIT:
             # the soft-lockup watchdog: the fault keeps returning without making the
             # access possible (a page-table entry no fault handler can resolve)

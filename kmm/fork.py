@@ -8,8 +8,8 @@ before its mmap_lock is released, as the kernel does.
 
 from __future__ import annotations
 
-from kmm import hugetlb_resv, khugepaged, memory, mmap, rmap, tlb
-from kmm.mm_types import VmArea
+from kmm import hugetlb_resv, khugepaged, memory, mmap, rmap, shmem, tlb
+from kmm.mm_types import VM_HUGETLB, VmArea
 
 
 async def dup_mmap(m, mm, oldmm) -> bool:
@@ -20,9 +20,11 @@ async def dup_mmap(m, mm, oldmm) -> bool:
     try:
         for vma in oldmm.vmas:
             new = VmArea(mm, vma.start, vma.end, vma.flags, vma.pgoff)
-            if vma.vm_file is not None:
+            if vma.flags & VM_HUGETLB:
                 hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=True)
             mm.vmas.append(new)
+            if vma.vm_file is not None:  # get_file + vma_link_file
+                await shmem.vma_link_file(m, new, vma.vm_file)
             rmap.anon_vma_fork(m, new, vma)
             if vma.anon_vma is not None:
                 if not await memory.copy_page_range(m, new, vma):
@@ -46,6 +48,9 @@ async def copy_process(m, parent, child_name: str):
         return "ENOMEM"
     child = m.new_task(child_name, mm)
     child.regions = dict(parent.regions)
+    child.files = dict(parent.files)  # dup_fd: the child holds the memfds too
+    for f in child.files.values():
+        shmem.ihold(f)
     return child
 
 
@@ -56,3 +61,6 @@ async def do_exit(m, task) -> None:
     mm.users -= 1
     if mm.users == 0:
         await mmap.exit_mmap(m, mm)
+    files, task.files = task.files, {}
+    for f in files.values():  # exit_files: close every memfd
+        await shmem.iput(m, f)

@@ -42,8 +42,12 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     """thp_vma_allowable_order(vma, vm_flags, tva, PMD_ORDER) for an anonymous VMA.
 
     tva is "smaps", "pagefault", "khugepaged" or "forced_collapse" (enum tva_type).
-    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides.
+    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides. A shmem
+    VMA follows shmem's policy (shmem.shmem_thp_vma_allowable).
     """
+    if vma.vm_file is not None:
+        from kmm import shmem
+        return shmem.shmem_thp_vma_allowable(m, vma, tva)
     flags = vma.flags
     if flags & VM_HUGETLB:  # hugetlb VMAs are never THP-eligible
         return False
@@ -273,11 +277,19 @@ async def migration_entry_wait_on_locked(m, folio) -> None:
     if lk.owner is not None:
         await lk.lock("migration_entry_wait_on_locked")
         await lk.unlock()
+    else:  # nothing to sleep on: the fault returns and refaults at once (a spin)
+        m.sched.yield_spin("migration_entry_wait")
 
 
 # --------------------------------------------------------------------- COW
 async def wp_huge_pmd(m, vmf) -> int:
-    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page."""
+    """wp_huge_pmd: anonymous VMA -> do_huge_pmd_wp_page; a file PMD (COW or a
+    write-protected shared one) is split, i.e. zapped, and handled at the PTE level."""
+    if vmf.vma.vm_file is not None:
+        from kmm import memory
+        await __split_huge_pmd(m, vmf.vma, vmf.pmd_tbl, vmf.pmd_idx, vmf.address,
+                               freeze=False)
+        return memory.VM_FAULT_FALLBACK
     return await do_huge_pmd_wp_page(m, vmf)
 
 
@@ -366,6 +378,8 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
 
     Context: both mmap_locks held; dst PMD lock, then src PMD lock nested.
     """
+    if dst_vma.vm_file is not None:
+        return 0  # a file PMD is not copied: the child refaults it
     dst_mm = dst_vma.mm
     pgtable = await m.pte_alloc_one(dst_mm, "pte")
     if pgtable < 0:
@@ -426,6 +440,16 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
         return False
     orig = await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
     tlbg.track(addr, addr + HPAGE_PMD_SIZE)
+    if vma.vm_file is not None and not is_swap_pmd(orig):
+        # a file PMD: nothing deposited (x86), MM_SHMEMPAGES
+        folio = m.physmem.page(pmd_pfn(orig))
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        if pmd_dirty(orig):
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # PMD lock held
+        vma.mm.rss_shmem -= HPAGE_PMD_NR
+        tlbg.folios.append((folio, 1))
+        await ptl.unlock()
+        return True
     if (not m.bugs or "huge_fault_no_deposit" not in m.bugs
             or m.physmem.pages[pmd_tbl].pt_deposit):
         table = await pgg.pgtable_trans_huge_withdraw(m, mm, pmd_tbl)  # zap_deposited_table
@@ -471,6 +495,18 @@ async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "__split_huge_pmd_locked")
     m.vmstat.count_vm_event("thp_split_pmd")
     pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
+    if vma.vm_file is not None and pmd_trans_huge(pmd):
+        # a file PMD is not split into PTEs: it is zapped, and faults map it again
+        old = await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
+        folio = m.physmem.page(pmd_pfn(old))
+        if pmd_dirty(old):
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # PMD lock held
+        if pmd_young(old):
+            atomic.folio_set_flags_locked(folio, PG_referenced)
+        await rmap.folio_remove_rmap_pmd(m, folio)
+        await swap.folio_put(m, folio)
+        mm.rss_shmem -= HPAGE_PMD_NR
+        return
     if is_huge_zero_pmd(m, pmd):
         await __split_huge_zero_page_pmd(m, vma, haddr, pmd_tbl, idx)
         return
@@ -648,6 +684,9 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
     """
     mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(folio), folio,
                           "__folio_split: !folio_test_locked(folio)")
+    if folio.mapping is not None:  # a page-cache folio (truncate.py)
+        from kmm import truncate
+        return await truncate.split_file_folio(m, folio, new_order)
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
@@ -764,10 +803,11 @@ class _Span:
     """What an rmap walk needs of a folio that no longer exists as one (remap_page
     walks the range the large folio covered)."""
 
-    __slots__ = ("pfn", "nr_pages", "anon_vma", "index")
+    __slots__ = ("pfn", "nr_pages", "anon_vma", "index", "mapping")
 
     def __init__(self, pfn: int, nr: int, anon_vma, index: int) -> None:
         self.pfn, self.nr_pages, self.anon_vma, self.index = pfn, nr, anon_vma, index
+        self.mapping = None  # anonymous: remap_page is for anonymous folios only
 
 
 # ------------------------------------------------- deferred split shrinker

@@ -110,7 +110,7 @@ def folio_test_hugetlb(folio) -> bool:
 
 
 def hstate_vma(m, vma) -> Hstate:
-    return vma.vm_file.hstate
+    return vma.hugetlb_file.hstate
 
 
 # ----------------------------------------------------------- shared-state ops

@@ -90,7 +90,7 @@ class HugetlbVmf:
                  "ptl")
 
     def __init__(self, vma, addr: int, write: bool) -> None:
-        h = vma.vm_file.hstate
+        h = vma.hugetlb_file.hstate
         self.vma = vma
         self.address = addr & ~(h.size - 1)
         self.write = write
@@ -108,7 +108,7 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
     lock for read and the PMD lock, in that order, and drops them all."""
     vmf = HugetlbVmf(vma, addr, write)
     wait_on = None
-    mutex = m.hugetlb.fault_mutex_table[hugetlb_fault_mutex_hash(m, vma.vm_file, vmf.pgoff)]
+    mutex = m.hugetlb.fault_mutex_table[hugetlb_fault_mutex_hash(m, vma.hugetlb_file, vmf.pgoff)]
     if "hugetlb_fault_no_mutex" in m.bugs:
         mutex = None  # kmm.bugs: faults on one page no longer serialised
     else:
@@ -163,7 +163,7 @@ async def hugetlb_no_page(m, vmf: HugetlbVmf) -> int:
     (HPAGE_RESV_UNMAPPED). A write to a private page goes on to hugetlb_wp at once.
     Context: fault mutex and hugetlb VMA lock held (by the caller, hugetlb_fault)."""
     vma = vmf.vma
-    file = vma.vm_file
+    file = vma.hugetlb_file
     h = file.hstate
     if hugetlb_resv.is_vma_resv_set(vma, hugetlb_resv.HPAGE_RESV_UNMAPPED):
         return memory.VM_FAULT_SIGBUS  # "killed due to inadequate hugepage pool"
@@ -270,7 +270,7 @@ async def hugetlb_wp(m, vmf: HugetlbVmf) -> int:
             # huge_ptep_clear_flush, then the new page
             await atomic.entry_get_and_clear(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
             await tlb.flush_tlb_mm_range(m, vma.mm, vmf.address,
-                                         vmf.address + vma.vm_file.hstate.size)
+                                         vmf.address + vma.hugetlb_file.hstate.size)
             await hugetlb_remove_rmap(m, old)
             await hugetlb_add_new_anon_rmap(m, new, vma, vmf.address)
             await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx,
@@ -287,7 +287,7 @@ async def unmap_ref_private(m, vma, folio, address: int) -> None:
     """unmap_ref_private: unmap the page from every other VMA of the mapping that does
     not own the reservation (the children), marking them HPAGE_RESV_UNMAPPED.
     Context: called without the PMD lock."""
-    file = vma.vm_file
+    file = vma.hugetlb_file
     pgoff = hugetlb_resv.vma_hugecache_offset(vma, address)
     for iter_vma in list(file.i_mmap):
         if iter_vma is vma or iter_vma.mm.pgd < 0:
@@ -320,7 +320,7 @@ async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) 
     owner's page restores its reservation (HPG_restore_reserve, the reserve map entry
     dropped). With ``ref_folio`` only entries mapping that folio go, and the VMA is
     marked HPAGE_RESV_UNMAPPED (unmap_ref_private)."""
-    h = vma.vm_file.hstate
+    h = vma.hugetlb_file.hstate
     mm = vma.mm
     addr = start & ~(h.size - 1)
     while addr < end:
@@ -367,7 +367,7 @@ async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
     child's page tables cannot be allocated. Context: both mmap_locks held for write."""
     cow = src_vma.flags & (VM_SHARED | VM_MAYWRITE) == VM_MAYWRITE  # is_cow_mapping
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
-    h = src_vma.vm_file.hstate
+    h = src_vma.hugetlb_file.hstate
     if not cow:
         await hugetlb_resv.hugetlb_vma_lock_read(src_vma)
     try:
@@ -411,7 +411,7 @@ async def hugetlb_change_protection(m, vma, start: int, end: int, newprot: int) 
     """hugetlb_change_protection: each huge entry of [start, end) gets the new
     protection under its PMD lock (never made writable here: a write faults), with the
     hugetlb VMA lock held for write; then one TLB flush of the range."""
-    h = vma.vm_file.hstate
+    h = vma.hugetlb_file.hstate
     changed = False
     await hugetlb_resv.hugetlb_vma_lock_write(vma)
     addr = start & ~(h.size - 1)
@@ -439,7 +439,7 @@ async def madvise_hugetlb(m, vma, start: int, end: int, advice: str) -> int | st
     MADV_DONTNEED from a huge-page-aligned start, the end rounded *down* to a huge page
     (no data loss for callers unaware of huge pages); FREE, COLD, PAGEOUT and COLLAPSE
     are EINVAL; (NO)HUGEPAGE change nothing here."""
-    h = vma.vm_file.hstate
+    h = vma.hugetlb_file.hstate
     if advice in ("hugepage", "nohugepage"):
         return 0
     if advice != "dontneed" or start & (h.size - 1):
@@ -457,7 +457,7 @@ async def madvise_hugetlb(m, vma, start: int, end: int, advice: str) -> int | st
 def smaps_hugetlb_range(m, mm, vma, start: int, end: int) -> tuple[int, int]:
     """smaps_hugetlb_range: (Private_Hugetlb kB, Shared_Hugetlb kB); a page is shared
     when it may be mapped more than once (folio_maybe_mapped_shared)."""
-    h = vma.vm_file.hstate
+    h = vma.hugetlb_file.hstate
     private = shared = 0
     addr = max(start, vma.start) & ~(h.size - 1)
     while addr < min(end, vma.end):

@@ -86,14 +86,14 @@ def vma_resv_map(vma) -> ResvMap | None:
     """vma_resv_map: the inode's map for a shared mapping, the VMA's own for a private
     one (None in a child, or without reservations)."""
     if vma.flags & VM_MAYSHARE:
-        return vma.vm_file.resv_map
+        return vma.hugetlb_file.resv_map
     d = _data(vma)
     return d.resv if d is not None else None
 
 
 def vma_hugecache_offset(vma, addr: int) -> int:
     """vma_hugecache_offset: the huge-page index of addr in the file."""
-    h = vma.vm_file.hstate
+    h = vma.hugetlb_file.hstate
     return ((addr - vma.start) >> (h.order + PAGE_SHIFT)) + (vma.pgoff >> h.order)
 
 
@@ -199,7 +199,7 @@ async def hugetlb_unreserve_pages(m, file: HugetlbFile, freed: int) -> None:
 # ------------------------------------------------------- vm_operations_struct
 def hugetlb_vm_op_split(vma, addr: int) -> int | str:
     """hugetlb_vm_op_split: a hugetlb VMA splits only at a huge page boundary."""
-    if addr & (vma.vm_file.hstate.size - 1):
+    if addr & (vma.hugetlb_file.hstate.size - 1):
         return "EINVAL"
     return 0
 
@@ -222,7 +222,7 @@ def hugetlb_vma_copy(m, new, old, fork: bool) -> None:
     """The hugetlb part of copying a VMA (__split_vma, or vm_area_dup in dup_mmap):
     the copy maps the same file; a fork drops the private reserve map
     (hugetlb_dup_vma_private); then vm_ops->open."""
-    get_file(new, old.vm_file)
+    get_file(new, old.hugetlb_file)
     new.vm_private_data = old.vm_private_data
     if fork:
         hugetlb_dup_vma_private(new)
@@ -246,7 +246,7 @@ async def hugetlb_vm_op_close(m, vma) -> None:
         end = vma_hugecache_offset(vma, vma.end)
         reserve = (end - start) - sum(1 for i in resv.regions if start <= i < end)
         if reserve:
-            await hugetlb.hugetlb_acct_memory(m, vma.vm_file.hstate, -reserve)
+            await hugetlb.hugetlb_acct_memory(m, vma.hugetlb_file.hstate, -reserve)
         resv.refs -= 1
     vma.vm_private_data = None
     await fput(m, vma)
@@ -254,7 +254,7 @@ async def hugetlb_vm_op_close(m, vma) -> None:
 
 def get_file(vma, file: HugetlbFile) -> None:
     """get_file: a VMA maps the file (and is on its i_mmap)."""
-    vma.vm_file = file
+    vma.hugetlb_file = file
     file.count += 1
     file.i_mmap.append(vma)
 
@@ -262,7 +262,7 @@ def get_file(vma, file: HugetlbFile) -> None:
 async def fput(m, vma) -> None:
     """fput: the last reference evicts the inode (hugetlbfs_evict_inode): the page
     cache folios are released, then the remaining reservations."""
-    file = vma.vm_file
+    file = vma.hugetlb_file
     if vma in file.i_mmap:
         file.i_mmap.remove(vma)
     file.count -= 1

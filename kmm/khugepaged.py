@@ -175,8 +175,12 @@ async def trace_event(m, name: str, **fields) -> None:
 # ------------------------------------------------------------ registration
 def hugepage_pmd_enabled(m) -> bool:
     """hugepage_pmd_enabled: PMD-size anon THPs may be made (hugepages-2048kB is
-    "inherit", so the global ``enabled``); the khugepaged thread runs iff this holds."""
-    return m.sysfs.enabled != "never"
+    "inherit", so the global ``enabled``), or PMD-size shmem THPs may; the khugepaged
+    thread runs iff this holds."""
+    if m.sysfs.enabled != "never":
+        return True
+    from kmm import shmem
+    return shmem.shmem_hpage_pmd_enabled(m)
 
 
 def khugepaged_enter_vma(m, vma) -> None:
@@ -323,7 +327,14 @@ async def _scan_vmas(m, mm, pages: int, progress: int, cc):
         if scan.address < hstart:
             scan.address = hstart
         while scan.address < hend:
-            result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, scan.address, cc)
+            if vma.vm_file is not None:  # the page cache's block (khugepaged_file.py)
+                from kmm import khugepaged_file
+                result = await khugepaged_file.khugepaged_scan_file(m, mm, vma,
+                                                                     scan.address, cc)
+                mmap_locked = False
+            else:
+                result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma,
+                                                                    scan.address, cc)
             if result == R.SCAN_SUCCEED:
                 scan.pages_collapsed += 1
             scan.address += HPAGE_PMD_SIZE
@@ -547,7 +558,12 @@ async def madvise_collapse(m, vma, start: int, end: int) -> tuple[int | str, boo
                 break
             vma = v
             hend = min(hend, vma.end & HPAGE_PMD_MASK)
-        result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, addr, cc)
+        if vma.vm_file is not None:  # the page cache's block (khugepaged_file.py)
+            from kmm import khugepaged_file
+            result = await khugepaged_file.madvise_collapse_file(m, mm, vma, addr, cc)
+            mmap_locked = False
+        else:
+            result, mmap_locked = await hpage_collapse_scan_pmd(m, mm, vma, addr, cc)
         if not mmap_locked:
             dropped = True
         addr += HPAGE_PMD_SIZE

@@ -21,14 +21,18 @@ from dataclasses import dataclass, field
 # Outermost first (mm/rmap.c, with the THP additions of kernel-thp-reference.md 7.2).
 ORDER: tuple[str, ...] = (
     "khugepaged_mm_lock",
+    "i_rwsem",
     "mmap_lock",
+    "invalidate_lock",
     "hugetlb_fault_mutex",  # rmap.c: hugetlbfs PageHuge() take locks in this order
     "hugetlb_vma_lock",
     "folio_lock",
+    "i_mmap_rwsem",
     "anon_vma",
     "page_table_lock",
     "ptlock_pmd",
     "ptlock_pte",
+    "i_pages",
     "swap_cluster_lock",
     "swap_info_lock",
     "split_queue_lock",

@@ -48,7 +48,7 @@ class MachineConfig:
 class Task:
     """A process (task_struct, reduced to what mm needs): a name, a pid and an mm."""
 
-    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions")
+    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions", "files")
 
     def __init__(self, name: str, pid: int, mm: MmStruct) -> None:
         self.name = name
@@ -57,6 +57,7 @@ class Task:
         self.alive = True
         self.signal: str | None = None
         self.regions: dict[str, tuple[int, int]] = {}  # scenario name -> (addr, size)
+        self.files: dict[int, object] = {}  # fd table: region address -> open memfd file
 
 
 class Cpu:

@@ -19,7 +19,8 @@ from __future__ import annotations
 from kmm import atomic, huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
 from kmm import hugetlb_fault, swapfile, tlb, vmscan
 from kmm.mm_types import (
-    PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE,
+    PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_HUGETLB, VM_LOCKED,
+    VM_NOHUGEPAGE,
 )
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SOFT_DIRTY, HPAGE_PMD_MASK,
@@ -64,7 +65,7 @@ async def do_madvise(m, task, start: int, length: int, advice: str) -> int | str
             if vma.start > covered:
                 hole = True
             s, e = max(start, vma.start), min(end, vma.end)
-            if vma.vm_file is not None:  # a hugetlb VMA
+            if vma.flags & VM_HUGETLB:
                 err = await hugetlb_fault.madvise_hugetlb(m, vma, s, e, advice)
                 if err:
                     return err
@@ -93,9 +94,13 @@ async def hugepage_madvise(m, vma, start: int, end: int, advice: str) -> None:
         flags = (flags & ~VM_NOHUGEPAGE) | VM_HUGEPAGE
     else:
         flags = (flags & ~VM_HUGEPAGE) | VM_NOHUGEPAGE
+    if advice == "hugepage" and vma.vm_file is not None:
+        # 6.18: shmem's order check reads vma->vm_flags, which lack VM_HUGEPAGE until
+        # the update below, so under shmem_enabled=advise this registers nothing
+        khugepaged.khugepaged_enter_vma(m, vma)
     if flags != vma.flags:
         vma = await mmap.vma_modify_flags(m, vma, start, end, flags)
-    if advice == "hugepage":
+    if advice == "hugepage" and vma.vm_file is None:
         khugepaged.khugepaged_enter_vma(m, vma)
 
 
@@ -150,6 +155,8 @@ async def madvise_lru_advice(m, vma, start: int, end: int, advice: str) -> str |
     madvise_dontneed_free_valid_vma). Context: mmap_lock held for read."""
     if vma.flags & VM_LOCKED:
         return "EINVAL"
+    if advice == "free" and vma.vm_file is not None:
+        return "EINVAL"  # madvise_dontneed_free_valid_vma: MADV_FREE is for anonymous VMAs
     addr = start
     while addr < end:
         nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, end)  # pmd_addr_end

@@ -156,6 +156,7 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
         await rcupdate.rcu_read_unlock(m)
         if same:
             return pte_tbl, ptl
+        m.sched.yield_spin("pte_offset_map_lock")  # the PMD changed under us: retry
 
 
 # ------------------------------------------------------------ fault entry
@@ -209,7 +210,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
     pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval):
         await rcupdate.rcu_read_unlock(m)
-        return await do_anonymous_page(m, vmf)
+        return await do_pte_missing(m, vmf)
     if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
         await rcupdate.rcu_read_unlock(m)
         return 0  # pte_offset_map failed: the PMD changed under us, refault
@@ -217,7 +218,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
     orig = vmf.orig_pte = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
     await rcupdate.rcu_read_unlock(m)  # pte_unmap: every later step rechecks the PMD
     if pte_none(orig):
-        return await do_anonymous_page(m, vmf)
+        return await do_pte_missing(m, vmf)
     if not pte_present(orig):
         return await do_swap_page(m, vmf)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -237,6 +238,14 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         await atomic.entry_set(m, "pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
     await vmf.ptl.unlock()
     return 0
+
+
+async def do_pte_missing(m, vmf: Vmf) -> int:
+    """do_pte_missing: an anonymous VMA's fault, or a file VMA's (memory_file.do_fault)."""
+    if vmf.vma.vm_file is None:
+        return await do_anonymous_page(m, vmf)
+    from kmm import memory_file
+    return await memory_file.do_fault(m, vmf)
 
 
 async def do_anonymous_page(m, vmf: Vmf) -> int:
@@ -301,6 +310,8 @@ async def do_wp_page(m, vmf: Vmf) -> int:
     vma = vmf.vma
     orig = vmf.orig_pte
     pfn = pte_pfn(orig)
+    if vma.flags & VM_SHARED:  # wp_page_shared: no COW in a shared mapping
+        return await wp_page_reuse(m, vmf)
     if not pte_special(orig):
         page = m.physmem.page(pfn)
         folio = m.physmem.folio(pfn)
@@ -373,6 +384,9 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
         if await atomic.entry_read(m, "pte", tbl, vmf.pte_idx) == vmf.orig_pte:
             if old_folio is None:
                 mm.rss_anon += 1
+            elif old_folio.mapping is not None:  # a page-cache page's COW: file -> anon
+                mm.rss_shmem -= 1
+                mm.rss_anon += 1
             entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
             # ptep_clear_flush: no CPU may keep writing through the old translation
             await atomic.entry_get_and_clear(m, "pte", tbl, vmf.pte_idx)
@@ -396,10 +410,13 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
 class MmuGather:
     """struct mmu_gather: pages are freed only after the TLB flush of the range."""
 
-    __slots__ = ("mm", "start", "end", "folios", "tables")
+    __slots__ = ("mm", "start", "end", "folios", "tables", "even_cows", "i_mmap_locked")
 
-    def __init__(self, mm: MmStruct) -> None:
+    def __init__(self, mm: MmStruct, even_cows: bool = True) -> None:
         self.mm = mm
+        self.even_cows = even_cows  # zap_details: False keeps a private file COW's pages
+        # unmap_mapping_range zaps under the file's i_mmap_rwsem, not the mmap_lock
+        self.i_mmap_locked = False
         self.start = 1 << 63
         self.end = 0
         self.folios: list = []
@@ -431,7 +448,8 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
     if vma.flags & VM_HUGETLB:  # unmap_single_vma
         return await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, start, end)
     mm = vma.mm
-    mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
+    if not tlbg.i_mmap_locked:
+        mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
@@ -471,6 +489,10 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
     while a < end:
         i = pte_index(a)
         ent = await atomic.entry_read(m, "pte", tbl, i)
+        if ent and not tlbg.even_cows and (
+                not pte_present(ent) or pte_special(ent)
+                or m.physmem.folio(pte_pfn(ent)).mapping is None):
+            ent = 0  # should_zap_folio / should_zap_cows: a private COW's page stays
         if ent:
             await atomic.entry_get_and_clear(m, "pte", tbl, i)
             if pte_present(ent):
@@ -479,7 +501,10 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
                     folio = m.physmem.folio(pfn)
                     if pte_dirty(ent):
                         atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
-                    mm.rss_anon -= 1
+                    if folio.mapping is not None:
+                        mm.rss_shmem -= 1
+                    else:
+                        mm.rss_anon -= 1
                     await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
                     tlbg.folios.append((folio, 1))
             else:
@@ -607,8 +632,12 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
     if not pte_special(ent):
         folio = m.physmem.folio(pfn)
         await atomic.folio_ref_add(m, folio, 1)
-        await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
-        dst_mm.rss_anon += 1
+        if folio.mapping is not None:  # a private file mapping's page-cache page
+            await rmap.folio_dup_file_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_shmem += 1
+        else:
+            await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
+            dst_mm.rss_anon += 1
     if pte_write(ent):  # is_cow_mapping: both sides must fault to write
         ent = pte_wrprotect(ent)
         await atomic.entry_set(m, "pte", stbl, i, ent)

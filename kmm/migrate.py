@@ -133,10 +133,12 @@ def move_to_new_folio(m, dst, src) -> None:
     mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(dst), dst,
                           "move_to_new_folio: !folio_test_locked(dst)")
     m.physmem.copy(dst.pfn, src.pfn)  # folio_copy
-    # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone
+    # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone;
+    # like the source it is off the LRU with our reference until it is put back (an
+    # isolated folio to the invariant checker, which may run once it is mapped)
     atomic.init_page(dst, flags=src.flags & (PG_dirty | PG_swapbacked | PG_active
-                                             | PG_referenced | PG_uptodate),
-                     anon_vma=src.anon_vma, index=src.index)
+                                             | PG_referenced | PG_uptodate)
+                     | PG_isolated, anon_vma=src.anon_vma, index=src.index)
 
 
 async def _migrate_one(m, folio, get_new_folio) -> bool:
@@ -178,6 +180,6 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
         return False
     atomic.folio_clear_flags_locked(folio, PG_isolated)
     await swap.folio_put(m, folio)  # the old frame goes back to the buddy
-    await swap.folio_add_lru(m, new)
-    await swap.folio_put(m, new)    # the allocation's reference; the mappings keep theirs
+    # onto the LRU, dropping the allocation's reference; the mappings keep theirs
+    await swap.folio_putback_lru(m, new)
     return True

@@ -55,6 +55,7 @@ class Page:
         "pfn", "flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
         "large_mapcount", "nr_pages_mapped", "anon_vma", "index", "lock", "ptl",
         "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
+        "mapping",
     )
 
     def __init__(self, pfn: int, head: int = -1) -> None:
@@ -78,6 +79,8 @@ class Page:
         self.pt_level = ""         # page-table pages: pgd, pud, pmd or pte
         self.swap = 0              # folio->swap: the first page's swap slot, as a PTE-format
                                    # swap entry (pgtable.swp_entry), for a swap-cache folio
+        self.mapping = None        # folio->mapping of a page-cache folio (filemap.AddressSpace);
+                                   # index is then its page offset in the file
 
     @property
     def nr_pages(self) -> int:
@@ -106,7 +109,7 @@ class VmArea:
     """struct vm_area_struct for an anonymous private mapping."""
 
     __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot",
-                 "vm_file", "vm_private_data")
+                 "vm_file", "vm_private_data", "hugetlb_file")
 
     def __init__(self, mm: "MmStruct", start: int, end: int, flags: int, pgoff: int) -> None:
         self.mm = mm
@@ -116,7 +119,8 @@ class VmArea:
         self.pgoff = pgoff          # vm_pgoff: start >> PAGE_SHIFT for a new anon VMA
         self.anon_vma: AnonVma | None = None
         self.avc: list[AnonVma] = []  # anon_vma_chain: every anon_vma linked to this VMA
-        self.vm_file = None          # hugetlb: the hugetlbfs file (kmm.hugetlb_resv.HugetlbFile)
+        self.vm_file = None          # shmem: the shmem.ShmemFile mapped (pgoff in file pages)
+        self.hugetlb_file = None     # hugetlb: the hugetlbfs file (kmm.hugetlb_resv.HugetlbFile)
         self.vm_private_data = None  # hugetlb: reservation map and HPAGE_RESV_* flags
         from kmm.pgtable import vm_page_prot
         self.page_prot = vm_page_prot(flags)
@@ -137,7 +141,7 @@ class MmStruct:
     __slots__ = (
         "id", "owner", "pgd", "vmas", "mmap_lock", "page_table_lock", "rss_anon",
         "nr_ptes", "pgtables_bytes", "flags", "users", "cpumask", "huge_zero_ref",
-        "khugepaged_slot", "swapents",
+        "khugepaged_slot", "swapents", "rss_shmem",
     )
 
     def __init__(self, id: int, owner: str, pgd: int, mmap_lock, page_table_lock) -> None:
@@ -149,6 +153,7 @@ class MmStruct:
         self.page_table_lock = page_table_lock
         self.rss_anon = 0               # MM_ANONPAGES
         self.swapents = 0               # MM_SWAPENTS
+        self.rss_shmem = 0              # MM_SHMEMPAGES
         self.nr_ptes = 0                # PTE tables, deposited ones included
         self.pgtables_bytes = 0
         self.flags: set[str] = set()    # MMF_* names

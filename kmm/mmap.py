@@ -10,9 +10,10 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, hugetlb_resv, khugepaged, memory, mmdebug, rmap
+from kmm import huge_memory, hugetlb_resv, khugepaged, memory, mmdebug, rmap, shmem
 from kmm.mm_types import (
-    VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_READ, VM_WRITE, MmStruct, VmArea,
+    VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
+    MmStruct, VmArea,
 )
 from kmm.pgtable import PAGE_SIZE, TASK_SIZE, vm_page_prot
 
@@ -44,6 +45,8 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
     rmap.anon_vma_clone(new, vma)
     if vma.vm_file is not None:
+        await shmem.vma_link_file(m, new, vma.vm_file)
+    if vma.flags & VM_HUGETLB:
         hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=False)
     vma.end = addr
     _insert(vma.mm, new)
@@ -52,8 +55,10 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
 
 
 def _mergeable(a: VmArea, b: VmArea) -> bool:
-    return (a.end == b.start and a.flags == b.flags and a.vm_file is b.vm_file is None
+    return (a.end == b.start and a.flags == b.flags
+            and a.hugetlb_file is b.hugetlb_file is None
             and b.pgoff == a.pgoff + ((b.start - a.start) >> 12)
+            and a.vm_file is b.vm_file
             and (a.anon_vma is None or b.anon_vma is None or a.anon_vma is b.anon_vma))
 
 
@@ -63,6 +68,7 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
     if i + 1 < len(mm.vmas) and _mergeable(vma, mm.vmas[i + 1]):
         nxt = mm.vmas.pop(i + 1)
         vma.end = nxt.end
+        shmem.vma_unlink_merged(nxt)
         if vma.anon_vma is None and nxt.anon_vma is not None:
             rmap.anon_vma_clone(vma, nxt)
         rmap.unlink_anon_vmas(nxt)
@@ -70,6 +76,7 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
         prev = mm.vmas[i - 1]
         mm.vmas.pop(i)
         prev.end = vma.end
+        shmem.vma_unlink_merged(vma)
         if prev.anon_vma is None and vma.anon_vma is not None:
             rmap.anon_vma_clone(prev, vma)
         rmap.unlink_anon_vmas(vma)
@@ -93,9 +100,11 @@ async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> 
 async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
                   noreserve: bool = False) -> int | str:
     """mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|
-    MAP_FIXED_NOREPLACE): the start address, or an errno name. ``backing`` "hugetlb"
-    adds MAP_HUGETLB, "hugetlb_shared" MAP_HUGETLB with MAP_SHARED instead of
-    MAP_PRIVATE; ``noreserve`` is MAP_NORESERVE (hugetlb_resv.hugetlb_mmap)."""
+    MAP_FIXED_NOREPLACE): the start address, or an errno name. ``backing`` "shmem" is
+    MAP_SHARED|MAP_ANONYMOUS (shmem_zero_setup), "memfd" a new memfd of the length
+    mapped MAP_SHARED, "memfd_private" the same mapped MAP_PRIVATE; "hugetlb" adds
+    MAP_HUGETLB, "hugetlb_shared" MAP_HUGETLB with MAP_SHARED; ``noreserve`` is
+    MAP_NORESERVE (hugetlb_resv.hugetlb_mmap)."""
     if length <= 0 or addr & (PAGE_SIZE - 1):
         return "EINVAL"
     length = page_align(length)
@@ -106,7 +115,7 @@ async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
     try:
         if vmas_in(mm, addr, addr + length):
             return "EEXIST"
-        if backing != "anon":
+        if backing in ("hugetlb", "hugetlb_shared"):
             vma = await hugetlb_resv.hugetlb_mmap(m, mm, addr, length,
                                                   backing == "hugetlb_shared", noreserve)
             if isinstance(vma, str):
@@ -115,7 +124,11 @@ async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
             await m.sched.point("mmap_region", mm=mm.id, start=addr, end=vma.end)
             return addr
         flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+        if backing in ("shmem", "memfd"):
+            flags |= VM_SHARED | VM_MAYSHARE
         vma = VmArea(mm, addr, addr + length, flags, addr >> 12)
+        if backing != "anon":
+            await shmem.shmem_mmap(m, task, vma, backing)
         _insert(mm, vma)
         vma = vma_merge_around(mm, vma)
         await m.sched.point("mmap_region", mm=mm.id, start=addr, end=addr + length)
@@ -140,11 +153,13 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     ceiling = nxt[0].start if nxt else TASK_SIZE
     await tlbg.finish(m)
     for vma in victims:  # remove_vma -> vma_close
-        if vma.vm_file is not None:
+        if vma.flags & VM_HUGETLB:
             await hugetlb_resv.hugetlb_vm_op_close(m, vma)
     # free_pgtables: each VMA leaves its anon_vma chains (under the anon_vma lock, so
     # an rmap walk in progress finishes first) before its page tables go
     for vma in victims:
+        if vma.vm_file is not None:  # unlink_file_vma, then fput
+            await shmem.vma_unlink_file(m, vma)
         roots = {id(av.root): av.root for av in vma.avc}
         for root in roots.values():
             await root.rwsem.down_write("unlink_anon_vmas")
@@ -165,7 +180,7 @@ async def do_munmap(m, task, start: int, length: int) -> int | str:
         victims = []
         for vma in vmas_in(mm, start, end):  # vm_ops->may_split, before any change
             for cut in (start, end):
-                if vma.vm_file is not None and vma.start < cut < vma.end:
+                if vma.flags & VM_HUGETLB and vma.start < cut < vma.end:
                     if hugetlb_resv.hugetlb_vm_op_split(vma, cut):
                         return "EINVAL"
         for vma in vmas_in(mm, start, end):

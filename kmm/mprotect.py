@@ -59,7 +59,7 @@ async def mprotect_fixup(m, vma, start: int, end: int, newflags: int):
     if newflags == vma.flags:
         return vma
     for cut in (start, end):  # vm_ops->may_split (hugetlb_vm_op_split)
-        if vma.vm_file is not None and vma.start < cut < vma.end:
+        if vma.flags & VM_HUGETLB and vma.start < cut < vma.end:
             if hugetlb_resv.hugetlb_vm_op_split(vma, cut):
                 return "EINVAL"
     vma = await mmap.vma_modify_flags(m, vma, start, end, newflags)

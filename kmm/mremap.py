@@ -36,7 +36,7 @@ async def do_mremap(m, task, addr: int, old_len: int, new_len: int,
     await mm.mmap_lock.down_write("do_mremap")
     try:
         vma = mm.vma_lookup(addr)
-        if vma is not None and vma.vm_file is not None:
+        if vma is not None and vma.hugetlb_file is not None:
             raise NotImplementedError("mremap of hugetlb mappings (move_hugetlb_page_tables)"
                                       " is not modelled (issue 13)")
         await munmap_locked(m, mm, new_addr, new_addr + new_len)

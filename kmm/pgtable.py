@@ -48,12 +48,15 @@ _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIR
 PAGE_NONE = _PAGE_PROTNONE | _PAGE_ACCESSED
 PAGE_READONLY = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED | _PAGE_NX
 PAGE_COPY = PAGE_READONLY
+PAGE_SHARED = PAGE_READONLY | _PAGE_RW
 
 
 def vm_page_prot(vm_flags: int) -> int:
-    from kmm.mm_types import VM_READ, VM_WRITE
+    from kmm.mm_types import VM_READ, VM_SHARED, VM_WRITE
     if not vm_flags & (VM_READ | VM_WRITE):
         return PAGE_NONE
+    if vm_flags & VM_SHARED and vm_flags & VM_WRITE:
+        return PAGE_SHARED  # a shared writable mapping needs no write notification
     return PAGE_COPY
 
 

@@ -99,6 +99,8 @@ async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
 
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_remove_rmap_ptes: nr PTE mappings gone; queue a partially mapped THP."""
+    if folio.mapping is not None:
+        return await folio_remove_file_rmap_ptes(m, folio, pfn, nr)
     unmapped = await atomic.mapcount_remove_ptes(m, folio, pfn, nr)
     if not folio.order:
         if unmapped:
@@ -114,6 +116,8 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
+    if folio.mapping is not None:
+        return await folio_remove_file_rmap_pmd(m, folio)
     if await atomic.mapcount_remove_pmd(m, folio) == 0:
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", -1)
         # the pages no PTE keeps mapped are unmapped now (NR_ANON_MAPPED)
@@ -166,16 +170,22 @@ def folio_maybe_mapped_shared(m, folio: Page) -> bool:
 # ------------------------------------------------------------ rmap walks
 def rmap_walk_vmas(folio: Page) -> list[tuple[VmArea, int, int]]:
     """rmap_walk_anon's interval-tree lookup: every VMA on the folio's anon_vma whose
-    range covers some page of the folio, with the covered [lo, hi) addresses.
+    range covers some page of the folio, with the covered [lo, hi) addresses; for a
+    page-cache folio, rmap_walk_file's lookup in the mapping's i_mmap.
 
-    Context: the caller holds the anon_vma rwsem (read for a walk, write for a split).
+    Context: the caller holds the anon_vma rwsem (read for a walk, write for a split),
+    or the i_mmap_rwsem for a page-cache folio.
     """
     av = folio.anon_vma
-    if av is None:
+    if folio.mapping is not None:
+        vmas = folio.mapping.i_mmap
+    elif av is None:
         return []
+    else:
+        vmas = av.vmas
     first, last = folio.index, folio.index + folio.nr_pages
     out = []
-    for vma in av.vmas:
+    for vma in vmas:
         lo = max(vma.start, vma.address_of(first))
         hi = min(vma.end, vma.address_of(last))
         if lo < hi:
@@ -282,6 +292,8 @@ async def try_to_unmap(m, folio: Page, split_pmd: bool) -> None:
     swap-backed and keeps its mappings (the caller sees it still mapped).
     Context: folio locked; takes the anon_vma rwsem for read.
     """
+    if folio.mapping is not None:
+        return await try_to_unmap_file(m, folio, split_pmd)
     av = folio.anon_vma
     if av is None:
         return
@@ -373,6 +385,45 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
     return True
 
 
+async def try_to_unmap_file(m, folio: Page, split_pmd: bool) -> None:
+    """try_to_unmap of a page-cache folio: every mapping found through i_mmap goes (a
+    PMD mapping is split, and a file PMD's split zaps it); PTEs are cleared, their
+    dirty bit passed to the folio, MM_SHMEMPAGES dropped. No swap entry is left: the
+    page cache keeps the folio. Context: folio locked; takes i_mmap_rwsem for read."""
+    from kmm import memory
+    mapping = folio.mapping
+    await mapping.i_mmap_rwsem.down_read("try_to_unmap")
+    for vma, lo, hi in rmap_walk_vmas(folio):
+        async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
+            if pmd_trans_huge(pmdval) and pmd_present(pmdval):
+                if pmd_pfn(pmdval) == folio.pfn and split_pmd:
+                    await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval,
+                                                    False, "try_to_unmap_one")
+                continue
+            res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+            if res is None:
+                continue
+            tbl, ptl = res
+            cleared = False
+            a = addr
+            while a < nxt:
+                i = pte_index(a)
+                ent = await atomic.entry_read(m, "pte", tbl, i)
+                if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
+                    old = await atomic.entry_get_and_clear(m, "pte", tbl, i)
+                    cleared = True
+                    if pte_dirty(old):
+                        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio locked
+                    vma.mm.rss_shmem -= 1
+                    await folio_remove_rmap_ptes(m, folio, pte_pfn(old), 1)
+                    await swap.folio_put(m, folio)
+                a += PAGE_SIZE
+            if cleared:
+                await tlb.flush_tlb_mm_range(m, vma.mm, addr, nxt)
+            await ptl.unlock()
+    await mapping.i_mmap_rwsem.up_read()
+
+
 async def folio_referenced(m, folio: Page) -> int:
     """folio_referenced: test and clear the young bit of every mapping of the folio
     (ptep_clear_young_notify: x86 clears the accessed bit without a TLB flush, so a
@@ -413,3 +464,43 @@ async def folio_referenced(m, folio: Page) -> int:
             await ptl.unlock()
     await av.root.rwsem.up_read()
     return young
+
+
+# ------------------------------------------------------- page-cache folios
+# __folio_add_file_rmap / __folio_remove_rmap for a folio with a mapping: the same
+# mapcounts as anonymous folios (kmm.atomic's mapcount ops, never exclusive), with the
+# file counters (NR_FILE_MAPPED, and NR_SHMEM_PMDMAPPED for a PMD mapping: meminfo
+# ShmemPmdMapped). A partially mapped page-cache folio is never queued for deferred
+# split (6.18 queues anonymous ones only).
+async def folio_add_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    """folio_add_file_rmap_ptes: nr PTE mappings of pages pfn.. of the folio."""
+    newly = await atomic.mapcount_add_ptes(m, folio, pfn, nr, False)
+    if newly and (not folio.order or not folio.entire_mapcount):
+        m.vmstat.mod_node_page_state("nr_file_mapped", newly)
+
+
+async def folio_add_file_rmap_pmd(m, folio: Page) -> None:
+    """folio_add_file_rmap_pmd: one PMD mapping of the whole folio."""
+    await atomic.mapcount_add_pmd(m, folio, False)
+    if folio.entire_mapcount == 1:
+        m.vmstat.mod_node_page_state("nr_shmem_pmdmapped", folio.nr_pages)
+        m.vmstat.mod_node_page_state("nr_file_mapped",
+                                     folio.nr_pages - folio.nr_pages_mapped)
+
+
+async def folio_remove_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    unmapped = await atomic.mapcount_remove_ptes(m, folio, pfn, nr)
+    if unmapped and (not folio.order or not folio.entire_mapcount):
+        m.vmstat.mod_node_page_state("nr_file_mapped", -unmapped)
+
+
+async def folio_remove_file_rmap_pmd(m, folio: Page) -> None:
+    if await atomic.mapcount_remove_pmd(m, folio) == 0:
+        m.vmstat.mod_node_page_state("nr_shmem_pmdmapped", -folio.nr_pages)
+        m.vmstat.mod_node_page_state("nr_file_mapped",
+                                     folio.nr_pages_mapped - folio.nr_pages)
+
+
+async def folio_dup_file_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
+    """folio_dup_file_rmap_ptes (fork of a private file mapping's PTEs)."""
+    await atomic.mapcount_dup_ptes(m, folio, pfn, nr)

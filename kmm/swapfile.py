@@ -572,6 +572,11 @@ def check(m) -> list[str]:
             refs[swp_offset(e)] = refs.get(swp_offset(e), 0) + 1
         if n != mm.swapents:
             errs.append(f"{task.name}: MM_SWAPENTS {mm.swapents} != {n} swap PTEs")
+    shm = m.__dict__.get("shmem")  # shmem's swap entries in the page cache hold one each
+    for inode in (shm.inodes.values() if shm is not None else ()):
+        for index, (entry, _order, base) in inode.mapping.swapped.items():
+            off = swp_offset(entry) + index - base
+            refs[off] = refs.get(off, 0) + 1
     if si is None:
         return errs
     pm = m.physmem

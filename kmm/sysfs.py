@@ -17,6 +17,9 @@ UINT_MAX = 2**32 - 1
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 ENABLED = ("always", "madvise", "never")
 DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
+# shmem_enabled (shmem_enabled_store, mm/shmem.c): the huge= policy of the internal shm
+# mount (MAP_SHARED|MAP_ANONYMOUS, memfd); deny and force are the emergency overrides
+SHMEM_ENABLED = ("always", "within_size", "advise", "never", "deny", "force")
 
 
 class KnobError(ValueError):
@@ -110,6 +113,7 @@ KNOBS: dict[str, Knob] = {
         Knob("defrag", "madvise", _choice(*DEFRAG), DEFRAG),
         Knob("use_zero_page", 1, _flag),
         Knob("shrink_underused", 1, _bool),
+        Knob("shmem_enabled", "never", _choice(*SHMEM_ENABLED), SHMEM_ENABLED),
         Knob("khugepaged/max_ptes_none", HPAGE_PMD_NR - 1, _max_ptes),
         Knob("khugepaged/max_ptes_swap", HPAGE_PMD_NR // 8, _max_ptes),
         Knob("khugepaged/max_ptes_shared", HPAGE_PMD_NR // 2, _max_ptes),

@@ -8,6 +8,7 @@ AnonHugePages counts each anonymous PMD mapping as 2 MiB (PTE-mapped THPs do not
 from __future__ import annotations
 
 from kmm import pagewalk
+from kmm.mm_types import VM_HUGETLB
 from kmm.pgtable import (
     HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, pmd_pfn,
     pmd_present, pte_present, pte_special,
@@ -19,7 +20,7 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
     rss = huge = 0
     for vma in mm.vmas:
         s, e = max(start, vma.start), min(end, vma.end)
-        if s >= e or vma.vm_file is not None:  # hugetlb: smaps_hugetlb_range, not Rss
+        if s >= e or vma.flags & VM_HUGETLB:  # hugetlb: smaps_hugetlb_range, not Rss
             continue
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pmd":
@@ -27,7 +28,8 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
                     if m.is_huge_zero_pfn(pmd_pfn(entry)):
                         continue
                     rss += HPAGE_PMD_SIZE
-                    huge += HPAGE_PMD_SIZE
+                    if m.physmem.page(pmd_pfn(entry)).mapping is None:  # not ShmemPmdMapped
+                        huge += HPAGE_PMD_SIZE
                 elif is_pmd_migration_entry(entry):
                     rss += HPAGE_PMD_SIZE
             elif pte_present(entry):
@@ -50,7 +52,27 @@ def smaps_swap_kb(m, mm, start: int, end: int) -> int:
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pte" and swapfile.is_swap_entry(m, entry):
                 swapped += PAGE_SIZE
+        if vma.vm_file is not None:  # shmem_swap_usage: the file's swapped pages
+            from kmm import shmem
+            first = vma.linear_page_index(s)
+            swapped += shmem.shmem_swapped_in(vma.vm_file.mapping, first,
+                                              first + ((e - s) >> 12)) * PAGE_SIZE
     return swapped // 1024
+
+
+def smaps_shmem_pmd_kb(m, mm, start: int, end: int) -> int:
+    """smaps "ShmemPmdMapped": kB of shmem THPs mapped by a PMD in the VMAs of mm inside
+    [start, end)."""
+    kb = 0
+    for vma in mm.vmas:
+        s, e = max(start, vma.start), min(end, vma.end)
+        if s >= e or vma.vm_file is None:
+            continue
+        for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
+            if level == "pmd" and pmd_present(entry) \
+                    and m.physmem.page(pmd_pfn(entry)).mapping is not None:
+                kb += HPAGE_PMD_SIZE // 1024
+    return kb
 
 
 def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
@@ -61,7 +83,7 @@ def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
     for vma in mm.vmas:
         # as the oracle sums smaps: the VMAs wholly inside the range (a hugetlb VMA
         # rounded up to 2 MiB past a region's size is not the region's)
-        if vma.vm_file is not None and vma.start >= start and vma.end <= end:
+        if vma.flags & VM_HUGETLB and vma.start >= start and vma.end <= end:
             p, s = hugetlb_fault.smaps_hugetlb_range(m, mm, vma, start, end)
             private += p
             shared += s

@@ -316,6 +316,27 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
             if references == FOLIOREF_KEEP:
                 stat.nr_ref_keep += nr_pages
                 break
+            if folio.mapping is not None:
+                # shmem: unmapped first (a PMD split, which zaps a file PMD), then
+                # pageout -> shmem_writeout; without swap (or room) it is redirtied and
+                # activated (AOP_WRITEPAGE_ACTIVATE)
+                if rmap.folio_mapped(folio):
+                    await rmap.try_to_unmap(m, folio, split_pmd=folio.order >= HPAGE_PMD_ORDER)
+                from kmm import shmem
+                if (rmap.folio_mapped(folio) or not sc.may_writepage
+                        or folio.refcount != 1 + folio.nr_pages  # is_page_cache_freeable
+                        or not await shmem.shmem_writeout(m, folio)):
+                    outcome = Outcome.ACTIVATE_LOCKED
+                    break
+                stat.nr_pageout += nr_pages
+                if not await lk.trylock("shrink_folio_list"):  # written and unlocked
+                    outcome = Outcome.KEEP
+                    break
+                if (folio.flags & (PG_writeback | PG_dirty)
+                        or not await __remove_mapping(m, folio)):
+                    break
+                outcome = Outcome.FREE
+                break
             if anon and folio.flags & PG_swapbacked and not folio.flags & PG_swapcache:
                 if not sc.gfp_mask & __GFP_IO:
                     break

@@ -98,6 +98,13 @@ class VmStat:
             "nr_anon_pages": 0,
             "nr_anon_transparent_hugepages": 0,
             "nr_page_table_pages": 0,
+            # shared memory (meminfo Shmem, ShmemHugePages, ShmemPmdMapped; pages)
+            "nr_shmem": 0,
+            "nr_shmem_hugepages": 0,
+            "nr_shmem_pmdmapped": 0,
+            "nr_file_mapped": 0,
+            "nr_file_hugepages": 0,
+            "nr_file_pmdmapped": 0,
         }
 
     def count_vm_event(self, item: str, delta: int = 1) -> None:

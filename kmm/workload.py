@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, swap, task_mmu
+from kmm.mm_types import VM_SHARED
 from kmm.pgtable import PAGE_SIZE
 
 
@@ -48,6 +49,9 @@ class Kernel:
         # CPUs write meanwhile
         self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+        # bytes written through shared file mappings: (inode id, file byte offset) ->
+        # byte; every mapper of the file sees them (kmm.testing checks the page cache)
+        self.file_shadow: dict[tuple[int, int], int] = {}
         # syscalls that failed (returned an errno name) and that the program has not
         # examined with ``expect`` yet: the race laboratory reports any left at the end
         self.failed: list[tuple[str, str, str]] = []  # (process, call, errno)
@@ -102,6 +106,13 @@ class Kernel:
             return
         (cls,) = daemon.load_daemons([name])
         daemon.start_daemon(self.machine, cls())
+
+    def cpu_relax(self) -> None:
+        """The pause of a busy-wait loop (the kernel's cpu_relax): call it once per
+        iteration of a loop that waits for another CPU. The scheduler's systematic modes
+        then let the awaited CPU run (pct drops this CPU's priority: kmm.runtime.sched
+        yield_spin); a wait that never ends is reported as a livelock by explore."""
+        self.machine.sched.yield_spin("cpu_relax")
 
     async def sleep(self, ns: int) -> None:
         """Let emulated time pass (the program's actor sleeps; daemons run meanwhile)."""
@@ -210,7 +221,7 @@ def _inherited(m, task, shadow: dict[int, int]) -> dict[int, int]:
     and the child (its VMA no longer marked) will fault fresh zeroed pages there."""
     from kmm import hugetlb_resv, memory
     from kmm.pgtable import pmd_index
-    gone = [v for v in task.mm.vmas if v.vm_file is not None and
+    gone = [v for v in task.mm.vmas if v.hugetlb_file is not None and
             hugetlb_resv.is_vma_resv_set(v, hugetlb_resv.HPAGE_RESV_UNMAPPED)]
     if not gone:
         return dict(shadow)
@@ -244,15 +255,57 @@ class Proc:
 
     async def mmap(self, size: int, addr: int | None = None, backing: str = "anon",
                    noreserve: bool = False) -> int:
-        """An anonymous private read-write mapping; returns its address (or errno name).
-        ``backing`` "hugetlb" is MAP_HUGETLB, "hugetlb_shared" MAP_HUGETLB|MAP_SHARED;
-        ``noreserve`` adds MAP_NORESERVE."""
+        """A read-write mapping; returns its address (or errno name). ``backing``:
+        "anon" (MAP_PRIVATE|MAP_ANONYMOUS), "shmem" (MAP_SHARED|MAP_ANONYMOUS),
+        "memfd" (a new memfd of the size, MAP_SHARED), "memfd_private" (MAP_PRIVATE),
+        "hugetlb" (MAP_HUGETLB), "hugetlb_shared" (MAP_HUGETLB|MAP_SHARED); ``noreserve``
+        adds MAP_NORESERVE."""
         self._alive()
         if addr is None:
             addr = self._free_area(size)
         r = await mmap.do_mmap(self.m, self.task, addr, size, backing, noreserve)
         self.k._done()
         return self.k._returned(self.name, "mmap", r)
+
+    async def ftruncate(self, addr: int, size: int):
+        """ftruncate of the memfd mapped at ``addr`` (by its mmap): 0 or an errno name."""
+        from kmm import truncate
+        self._alive()
+        inode = self.task.files.get(addr)
+        if inode is None:
+            return "EBADF"
+        r = await truncate.shmem_setattr_size(self.m, inode, size)
+        if r == 0:
+            self._forget_file(inode, size, 1 << 62)
+        self.k._done()
+        return r
+
+    async def fallocate_punch_hole(self, addr: int, offset: int, length: int):
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of the memfd mapped at
+        ``addr``: 0 or an errno name. The hole reads back as zeros."""
+        from kmm import truncate
+        self._alive()
+        inode = self.task.files.get(addr)
+        if inode is None:
+            return "EBADF"
+        r = await truncate.shmem_fallocate_punch_hole(self.m, inode, offset, length)
+        if r == 0:
+            self._forget_file(inode, offset, offset + length)
+        self.k._done()
+        return r
+
+    def _forget_file(self, inode, start: int, end: int) -> None:
+        fs = self.k.file_shadow
+        for key in [key for key in fs if key[0] == inode.id and start <= key[1] < end]:
+            del fs[key]
+
+    def _shared_offset(self, a: int):
+        """(inode id, file offset) when a lies in a shared file mapping, else None."""
+        from kmm import shmem
+        vma = self.task.mm.vma_lookup(a)
+        if vma is None or not shmem.vma_is_shmem(vma) or not vma.flags & VM_SHARED:
+            return None
+        return vma.vm_file.id, ((a - vma.start) + (vma.pgoff << 12))
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
@@ -317,11 +370,11 @@ class Proc:
         VMAs up to the last huge page boundary."""
         out, at = [], start
         for v in self.task.mm.vmas:
-            if v.vm_file is None or v.end <= start or v.start >= end:
+            if v.hugetlb_file is None or v.end <= start or v.start >= end:
                 continue
             s, e = max(start, v.start), min(end, v.end)
             out.append((at, s))
-            out.append((s, e & ~(v.vm_file.hstate.size - 1)))
+            out.append((s, e & ~(v.hugetlb_file.hstate.size - 1)))
             at = e
         out.append((at, end))
         return [(lo, hi) for lo, hi in out if hi > lo]
@@ -394,7 +447,11 @@ class Proc:
                 chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
                 await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
                 lazy = self.k.lazy[self.name]
+                shared = self._shared_offset(a) if self.m.__dict__.get("shmem") else None
                 for j, b in enumerate(chunk):
+                    if shared is not None:
+                        self.k.file_shadow[(shared[0], shared[1] + j)] = b
+                        continue
                     sh[a + j] = b
                     lazy.pop(a + j, None)
                 self._wrote(a, len(chunk))
@@ -428,11 +485,13 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        files = bool(m.__dict__.get("shmem"))
         forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
         # may start on another CPU halfway through
         end = addr + length
         try:
-            if write and m.sched.quiet:
+            if write and m.sched.quiet and not files:  # (shared files: the slow path
+                # below keeps their bytes in file_shadow)
                 # the stores that hit the TLB need no coroutine each (fault.store_run);
                 # a miss takes the whole access path
                 a = addr
@@ -455,6 +514,11 @@ class Proc:
             for a in range(addr, end, stride):
                 if write:
                     await fault.user_access(m, task, cpu, a, True, data)
+                    if files:
+                        shared = self._shared_offset(a)
+                        if shared is not None:
+                            self.k.file_shadow[shared] = value
+                            continue
                     sh[a] = value
                     if lazy:
                         lazy.pop(a, None)

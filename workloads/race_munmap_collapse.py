@@ -31,8 +31,13 @@ async def main(k):
 
     results = []
     for rnd, a in enumerate(blocks):
-        async def collapser(cpu, a=a):
-            return await p.on(cpu).madvise(a, SIZE, "collapse")
+        done = []
+
+        async def collapser(cpu, a=a, done=done):
+            try:
+                return await p.on(cpu).madvise(a, SIZE, "collapse")
+            finally:
+                done.append(True)
 
         async def unmapper(cpu, a=a, rnd=rnd):
             q = p.on(cpu)
@@ -40,8 +45,11 @@ async def main(k):
                 for _ in range(24):  # the collapse scans and allocates meanwhile
                     await q.touch(a, MiB, write=False, value=7, stride=64 << 10)
             elif rnd == 2:
+                # a busy-wait (cpu_relax: the scheduler lets the collapse run); it ends
+                # also if the collapse returned first (a strict-priority schedule)
                 allocated = k.vmstat()["thp_collapse_alloc"] + 1
-                while k.vmstat()["thp_collapse_alloc"] < allocated:
+                while k.vmstat()["thp_collapse_alloc"] < allocated and not done:
+                    k.cpu_relax()
                     await q.load(a)
             return await q.munmap(a + MiB, MiB)
 

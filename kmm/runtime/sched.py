@@ -50,12 +50,34 @@ non-preemptive default, keyed by their position in the current actor's own execu
 preemption by thread and step, so removing one choice does not move the others), which
 replayed in ``preempt`` mode give the same run again; ``preemptions`` counts the
 preempting switches taken.
+
+Spinning (``yield_spin``): an actor that waits by re-reading something (a program's
+busy-wait, a kernel retry loop: migration_entry_wait's refault, a failed trylock that
+backs off and retries) calls ``sched.yield_spin(site)`` once per retry; an actor that
+passes ``SPIN_REPEAT`` identical points in a row (the same event with the same fields:
+a load of one address) is taken to spin too. As the PCT paper's implementation does
+for a thread that yields, ``pct`` then drops its priority below every other actor's
+(so the actor it waits for progresses; without this a strict-priority schedule spins
+forever once its change points are spent), and ``preempt`` switches to another runnable
+actor at its next point without counting a preemption (CHESS's fair treatment of
+yield). ``random`` and ``replay`` need nothing: their choices already give every
+runnable actor its turn, and their schedules stay as they were.
+
+Bounded schedules (``max_points``): a run that passes more points than that in a mode
+that may switch is a livelock (``Livelock``, a SchedError): the scheduler records the
+next ``LIVELOCK_WINDOW`` events and reports, per actor, the cycle of events it repeats.
+
+Aimed schedules (``focus``, a predicate on (event, fields), see ``focus_matcher``):
+only the points it accepts count as PCT's points (change points fall only there) and as
+``preempt``'s opportunities, and ``random`` chooses only there (elsewhere the current
+actor runs on), so a fixed budget of schedules is spent on the chosen window.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
+import sys
 from bisect import insort
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -76,6 +98,59 @@ class Deadlock(SchedError):
     """No actor can run and some wait: the wait-for graph is in the message."""
 
 
+class Livelock(SchedError):
+    """The run passed its bound of points: the actors' repeating cycles are in the
+    message."""
+
+
+SPIN_REPEAT = 4          # identical consecutive points of one actor that mean a spin
+LIVELOCK_WINDOW = 400    # events recorded past the bound to find the cycles
+# the fields that say what an event touched (a spin repeats them all)
+_WHAT = ("site", "lock", "addr", "pt", "i", "pfn", "mode")
+
+
+def focus_matcher(specs: list[str]) -> Callable[[str, dict], bool] | None:
+    """A predicate on (event, fields) from ``--focus`` terms: ``lock:NAME`` matches the
+    lock, trylock and unlock points of a lock whose name or class starts with NAME
+    (``lock:ptl_pmd``); ``fn:NAME`` matches every point reached from inside the kernel
+    function NAME (a frame of the await chain); a bare NAME matches an event of that
+    name, a point whose ``site`` is NAME, or a point inside the function NAME."""
+    if not specs:
+        return None
+    locks, fns, words = [], set(), set()
+    for spec in specs:
+        kind, _, name = spec.partition(":")
+        if not name:
+            words.add(spec)
+        elif kind == "lock":
+            locks.append(name)
+        elif kind == "fn":
+            fns.add(name)
+        else:
+            raise ValueError(f"focus {spec!r}: use EVENT, SITE, lock:NAME or fn:NAME")
+    fns_or_words = fns | words
+    locks_t = tuple(locks)
+
+    def on_stack() -> bool:
+        f = sys._getframe(2)
+        while f is not None:
+            if f.f_code.co_name in fns_or_words:
+                return True
+            f = f.f_back
+        return False
+
+    def match(event: str, fields: dict) -> bool:
+        if words and (event in words or fields.get("site") in words):
+            return True
+        if locks_t and event in ("lock", "trylock", "unlock"):
+            if (str(fields.get("lock", "")).startswith(locks_t)
+                    or str(fields.get("class", "")).startswith(locks_t)):
+                return True
+        return bool(fns_or_words) and on_stack()
+
+    return match
+
+
 class Actor:
     """One actor: a CPU thread, the page allocator, a daemon, a driver.
 
@@ -87,6 +162,7 @@ class Actor:
     __slots__ = (
         "name", "id", "kind", "state", "task", "go", "blocked_on", "daemon", "cpu",
         "held", "busy", "queue", "handle", "last_op", "prio", "steps", "stops",
+        "yielded", "spin_ev", "spin_n",
     )
 
     def __init__(self, name: str, id: int, kind: str, daemon: bool = False,
@@ -108,12 +184,26 @@ class Actor:
         self.prio = 0  # pct: the actor's priority (higher runs first)
         self.steps = 0  # points passed (modes that may switch): a choice's position
         self.stops = 0  # times it stopped running (blocked, slept, finished)
+        self.yielded = False  # it spins: preempt switches away at its next point
+        self.spin_ev: tuple | None = None  # its last point's (event, what it touched)
+        self.spin_n = 0  # how many times in a row it passed that same point
 
     def __lt__(self, other: "Actor") -> bool:  # runnable list order
         return self.id < other.id
 
     def __repr__(self) -> str:
         return f"<actor {self.name} {self.state}>"
+
+
+def _cycle(evs: list) -> list:
+    """The shortest period p such that the second half of ``evs`` repeats with period
+    p: one period of it (the whole list if none)."""
+    half = len(evs) // 2
+    tail = evs[half:]
+    for p in range(1, max(half, 1)):
+        if all(tail[i] == tail[i - p] for i in range(p, len(tail))):
+            return tail[-p:]
+    return evs
 
 
 def _by_priority(a: Actor) -> tuple[int, int]:
@@ -143,13 +233,16 @@ class Scheduler:
 
     def configure(self, mode: str, seed: int = 0, replay: list[str] | None = None, *,
                   depth: int = 1, n: int = 0, preemptions: dict[str, str] | None = None,
-                  bound: int = 0, plan: set[int] | None = None) -> None:
+                  bound: int = 0, plan: set[int] | None = None, max_points: int = 0,
+                  focus: Callable[[str, dict], bool] | None = None) -> None:
         """Choose the mode and its parameters before the run starts.
 
         ``depth`` and ``n`` are PCT's bug depth and expected number of points;
         ``preemptions`` (choice position -> actor name), ``plan`` (the opportunity
         ordinals at which to preempt to a seeded-random other actor) or ``bound`` (that
-        many ordinals drawn from the first ``n`` opportunities) drive ``preempt``."""
+        many ordinals drawn from the first ``n`` opportunities) drive ``preempt``.
+        ``max_points`` (0: none) bounds the run; ``focus`` aims the choices (module
+        docstring)."""
         if mode not in MODES:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
         if depth < 1 or n < 0 or bound < 0:
@@ -167,6 +260,13 @@ class Scheduler:
         self.depth = depth
         self.n = n
         self.change_points: dict[int, int] | None = None
+        self.max_points = max_points
+        self.focus = focus
+        self.focus_points = 0    # points the focus accepted
+        self._low = 0            # pct: the next priority of an actor that spins
+        self._capture: list | None = None  # events past max_points (the livelock)
+        for a in self.actors:
+            a.yielded, a.spin_ev, a.spin_n = False, None, 0
         self._forced: dict[str, str] = {}
         self._plan: set[int] = set()
         if self.mode == PCT:
@@ -277,23 +377,90 @@ class Scheduler:
             return
         self.points += 1
         cur.steps += 1
-        if self.change_points and self.points in self.change_points:
-            cur.prio = self.change_points[self.points]
+        if self.max_points and self.points > self.max_points:
+            self._over_bound(cur, event, fields)
+        # a spin: the same point again and again (every mode that may switch, so a
+        # replay in preempt mode sees the defaults the recorded run saw)
+        what = (event, tuple(fields.get(k) for k in _WHAT))
+        if what == cur.spin_ev:
+            cur.spin_n += 1
+            if cur.spin_n >= SPIN_REPEAT:
+                cur.spin_n = 0
+                self.yield_spin(event)
+        else:
+            cur.spin_ev, cur.spin_n = what, 1
+        if self.focus is None:
+            hit, clock = True, self.points
+        elif self.focus(event, fields):
+            self.focus_points += 1
+            hit, clock = True, self.focus_points
+        else:
+            hit, clock = False, 0
+        if clock and self.change_points and clock in self.change_points:
+            cur.prio = self.change_points[clock]
         if len(self._runnable) < 2:
+            cur.yielded = False  # no one to yield to
             return
-        nxt = self._choose()
+        # pct always runs the highest priority (the focus only places its change
+        # points); random and preempt choose only at the points the focus accepts
+        nxt = self._choose(aimed=hit or self.mode is PCT)
         if nxt is not cur:
             await self._switch(cur, nxt)
 
-    def _choose(self) -> Actor:
+    def yield_spin(self, site: str = "") -> None:
+        """The current actor is about to retry (a busy-wait or a kernel retry loop, at
+        ``site``): ``pct`` drops its priority below every actor's, ``preempt`` switches
+        away at its next point (module docstring). Not a point: nothing is traced."""
+        cur = self.current
+        if cur is None or self.mode is FREE:
+            return
+        # the default choice moves on in every mode (so the overrides a pct or random
+        # run records replay in preempt mode); pct's priority drop decides its choices
+        cur.yielded = True
+        if self.mode is PCT:
+            self._low -= 1
+            cur.prio = self._low
+
+    def _over_bound(self, cur: Actor, event: str, fields: dict) -> None:
+        if self._capture is None:
+            self._capture = []
+        self._capture.append((cur.name, event, tuple(
+            f"{k}={fields[k]:#x}" if k in ("addr", "pt", "pfn") and isinstance(fields[k], int)
+            else f"{k}={fields[k]}" for k in _WHAT if k in fields)))
+        if len(self._capture) >= LIVELOCK_WINDOW:
+            raise Livelock(self.livelock_report())
+
+    def livelock_report(self) -> str:
+        """"schedule exceeded N points", then each actor's shortest repeating cycle of
+        events in the window recorded past the bound."""
+        lines = [f"livelock: schedule exceeded {self.max_points} points; each actor's "
+                 f"repeating cycle of events over the next {len(self._capture)}:"]
+        per: dict[str, list] = {}
+        for name, ev, what in self._capture:
+            per.setdefault(name, []).append((ev, what))
+        for name, evs in per.items():
+            cyc = _cycle(evs)
+            held = next((", ".join(h.lock.name for h in a.held) or "nothing"
+                         for a in self.actors if a.name == name), "?")
+            lines.append(f"  {name} ({len(evs)} events, holds {held}): cycle of "
+                         f"{len(cyc)}" + ("" if len(cyc) < len(evs) // 2 else " (no repeat)"))
+            for ev, what in cyc[:12]:
+                lines.append(f"    {ev} {' '.join(what)}".rstrip())
+        return "\n".join(lines)
+
+    def _choose(self, aimed: bool = True) -> Actor:
         run = self._runnable
         cur = self.current
         can_run_on = cur.state == RUNNABLE
         default = cur if can_run_on else run[0]
+        if can_run_on and cur.yielded:
+            cur.yielded = False  # a spinning actor lets the next one run (no preemption)
+            default = run[0] if run[0] is not cur else run[1]
+            can_run_on = False
         mode = self.mode
-        if can_run_on:
+        if can_run_on and aimed:
             self.opportunities += 1
-        if mode is RANDOM:
+        if mode is RANDOM and aimed:
             # random.Random.randrange(n)'s own draw (_randbelow_with_getrandbits),
             # inline: the same stream of choices, two calls cheaper
             n = len(run)
@@ -310,7 +477,9 @@ class Scheduler:
         # where the choice is, in the current actor's own execution (CHESS's (thread,
         # step)): stable when other actors' schedules change, which ddmin relies on
         idx = f"{cur.name}:{cur.steps}:{cur.stops}"
-        if mode == PREEMPT:
+        if not aimed and not self._forced:
+            nxt = default
+        elif mode == PREEMPT:
             nxt = default
             want = self._forced.get(idx)
             if want is not None:
@@ -394,6 +563,7 @@ class Scheduler:
         self._runnable.remove(actor)
 
     async def _give_up_cpu(self, cur: Actor) -> None:
+        cur.yielded = False
         nxt = self._next()
         if nxt is None:
             self._no_one_runnable()

@@ -28,23 +28,27 @@ def summary(report: dict, title: str) -> str:
         out.append("\nother vm events (swap, reclaim, compaction, faults)")
         out.extend(f"  {k:<28} {v}" for k, v in other.items())
     swap = any("swap_kb" in r for r in report["regions"].values())
+    shpmd = any("shmem_pmd_mapped_kb" in r for r in report["regions"].values())
     out.append("\nregions                           Rss      AnonHugePages"
-               + ("      Swap" if swap else ""))
+               + ("      Swap" if swap else "") + ("  ShmemPmdMapped" if shpmd else ""))
     for name, r in report["regions"].items():
         out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB"
-                   + (f" {r.get('swap_kb', 0):>8} kB" if swap else ""))
+                   + (f" {r.get('swap_kb', 0):>8} kB" if swap else "")
+                   + (f" {r.get('shmem_pmd_mapped_kb', 0):>8} kB" if shpmd else ""))
     if not report["regions"]:
         out.append("  (no live process has a region)")
+    if report.get("meminfo"):
+        out.append("\nmeminfo (change over the run)")
+        out.extend(f"  {k:<28} {v}" for k, v in report["meminfo"].items())
     htlb = {n: (r.get("private_hugetlb_kb", 0), r.get("shared_hugetlb_kb", 0))
             for n, r in report["regions"].items()
             if r.get("private_hugetlb_kb") or r.get("shared_hugetlb_kb")}
     if htlb:
         out.append("\nhugetlb regions                   Private_Hugetlb  Shared_Hugetlb")
         out.extend(f"  {n:<28} {p:>12} kB {sh:>12} kB" for n, (p, sh) in htlb.items())
-    if report.get("meminfo") or report.get("hugetlb_events"):
-        out.append("\nhugetlb (change over the run): " + ", ".join(
-            f"{k} {v:+d}" for k, v in {**report.get("meminfo", {}),
-                                        **report.get("hugetlb_events", {})}.items()))
+    if report.get("hugetlb_events"):
+        out.append("\nhugetlb events (change over the run): " + ", ".join(
+            f"{k} {v:+d}" for k, v in report["hugetlb_events"].items()))
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
     if locks:
         out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
@@ -218,13 +222,22 @@ def _explore_cli(args) -> int:
             print(f"kmm explore: --inject {name}: unknown bug (known: "
                   f"{', '.join(sorted(known))})", file=sys.stderr)
             return 2
+    try:
+        ex.focus_matcher(args.focus or [])
+    except ValueError as e:
+        print(f"kmm explore: --focus: {e}", file=sys.stderr)
+        return 2
     cfg = ex.Config(program=args.program, mode=args.mode, seed=args.seed,
                     depth=args.depth or ex.DEFAULT_DEPTH[args.mode], cpus=args.cpus,
-                    inject=list(args.inject or ()), check=args.check)
+                    inject=list(args.inject or ()), check=args.check,
+                    max_points=args.max_points or 0, focus=list(args.focus or ()))
     ex.runner.load_program(args.program)  # a broken program is one error line, early
     prog = ex.Progress(args.schedules, enabled=not args.quiet)
     summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
-                      determinism=args.check_determinism, progress=prog)
+                      determinism=args.check_determinism, progress=prog,
+                      keep_going=args.keep_going)
+    if args.keep_going:
+        return _keep_going_report(args, cfg, summ)
     rate = summ.schedules / max(summ.seconds, 1e-9)
     print(f"{args.program}: {summ.schedules} schedules ({args.mode}, seeds {args.seed}.."
           f"{args.seed + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
@@ -238,7 +251,7 @@ def _explore_cli(args) -> int:
           f"{v['kind']} at event {v['seq']}")
     print("  " + v["message"].replace("\n", "\n  "))
     mode, seed, params = ex.schedule_params(cfg, summ.first)
-    fail = ex.run_schedule(cfg, mode, seed, params)
+    fail = ex.run_schedule(cfg, mode, seed, params, aim=True)
     if v["kind"] == "nondeterminism":
         ex.write_failure(args.out, cfg, summ.first, ex.Outcome(
             kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None)
@@ -248,6 +261,32 @@ def _explore_cli(args) -> int:
         print(f"minimized: {fail.preemptions} preemptions -> {mini.preemptions} "
               f"({len(sched)} forced choices), {mini.kind} at event {mini.seq}")
     print(f"failure file: {args.out}   (kmm replay {args.out})")
+    return 1
+
+
+def _keep_going_report(args, cfg, summ) -> int:
+    """kmm explore --keep-going: every distinct (kind, site), its first schedule, one
+    failure file each."""
+    from kmm.tools import explore as ex
+    rate = summ.schedules / max(summ.seconds, 1e-9)
+    print(f"{args.program}: {summ.schedules} schedules ({args.mode}, seeds {args.seed}.."
+          f"{args.seed + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
+          f"job{'s' if args.jobs > 1 else ''}, bound {summ.max_points} points")
+    if not summ.distinct:
+        print("no violation")
+        return 0
+    print(f"{len(summ.distinct)} distinct violation{'s' if len(summ.distinct) > 1 else ''}"
+          f" in {sum(d['count'] for d in summ.distinct)} schedules:")
+    for k, d in enumerate(summ.distinct):
+        path = ex.failure_path(args.out, k)
+        print(f"[{k + 1}] {d['kind']} at {d['site']}: first schedule {d['first']} (seed "
+              f"{args.seed + d['first']}), {d['count']} schedule"
+              f"{'s' if d['count'] > 1 else ''}")
+        msg = d["message"].splitlines()
+        print("\n".join("    " + ln for ln in msg[:6]))
+        ex.record_failure(cfg, d["first"], path, budget=args.minimize_budget,
+                          violation=d)
+        print(f"    failure file: {path}")
     return 1
 
 
@@ -304,6 +343,12 @@ def cmd_bugs(args) -> int:
     return 0
 
 
+def cmd_mutate(args) -> int:
+    """kmm mutate: the kill table of the source-level mutants (kmm.tools.mutate)."""
+    from kmm.tools import mutate
+    return mutate.cli(args)
+
+
 def cmd_compare(args) -> int:
     from kmm.tools import compare
     return compare.main(args)
@@ -358,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--minimize-budget", type=int, default=300,
                    help="most runs the minimizer may make (300)")
     e.add_argument("--quiet", action="store_true", help="no progress line")
+    e.add_argument("--max-points", type=int, metavar="N",
+                   help="bound of one schedule: a run past N points is a livelock "
+                        "(default 50x the first run's points)")
+    e.add_argument("--focus", action="append", metavar="EVENT|SITE",
+                   help="aim the schedules: choices only at matching points (an event, "
+                        "a lock site, lock:NAME, fn:NAME); repeatable")
+    e.add_argument("--keep-going", action="store_true",
+                   help="explore past violations; report each distinct (kind, site) "
+                        "with its first schedule and one failure file each")
     e.set_defaults(fn=cmd_explore)
     rp = sub.add_parser("replay", help="re-run a failure file's interleaving exactly")
     rp.add_argument("file", help="a failure file written by kmm explore")
@@ -371,6 +425,26 @@ def main(argv: list[str] | None = None) -> int:
     bg = sub.add_parser("bugs", help="the injectable bugs for explore --inject, with the "
                         "kernel safeguard each removes")
     bg.set_defaults(fn=cmd_bugs)
+    mu = sub.add_parser("mutate", help="remove THP safeguards from a copy of the source "
+                        "(kmm.tools.mutate_catalogue); explore and test each mutant")
+    mu.add_argument("names", nargs="*", help="mutants to run (kmm mutate --list)")
+    mu.add_argument("--list", action="store_true", help="the catalogue, checked to apply")
+    mu.add_argument("--all", action="store_true", help="every mutant of the catalogue")
+    mu.add_argument("--budget", type=int, default=200,
+                    help="schedules per program and mode (200)")
+    mu.add_argument("--jobs", type=int, default=1, help="mutants at once (1)")
+    mu.add_argument("--mode", action="append",
+                    choices=("random", "pct", "pct-focus", "preempt"),
+                    help="explore modes (random, pct, and pct-focus: pct aimed at the "
+                         "mutated function)")
+    mu.add_argument("--wide", action="store_true",
+                    help="after the mutant's own programs, every race program")
+    mu.add_argument("--no-tests", action="store_true", help="explore only")
+    mu.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds one exploration may take before it counts as a hang")
+    mu.add_argument("--json", metavar="FILE", help="write the kills as JSON")
+    mu.add_argument("--quiet", action="store_true", help="no line per mutant on stderr")
+    mu.set_defaults(fn=cmd_mutate)
     b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")

@@ -21,7 +21,18 @@ Violations have a kind:
                    with ``k.expect`` (kmm.workload.Kernel.expect)
 ``kernel-bug``     KernelBug or any other exception out of the mechanism
 ``nondeterminism`` two runs of the same seed gave different trace digests
+``livelock``       the run passed ``max_points`` points (sched.Livelock): the
+                   message gives each actor's repeating cycle of events
 =================  ==========================================================
+
+Every schedule is bounded: ``max_points`` defaults to ``LIVELOCK_FACTOR`` times the
+points of the first (measuring) run, so a schedule that spins is reported as a livelock
+with its cycle, never a hang. ``focus`` (``--focus EVENT|SITE|lock:NAME|fn:NAME``,
+kmm.runtime.sched.focus_matcher) aims the schedules: pct's change points, preempt's
+preemptions and random's choices fall only at the points it accepts (the minimized
+replay runs without it). ``keep_going`` runs every schedule and groups the violations
+by (kind, site) (``violation_site``: the first line of the message with its numbers
+blanked), each with its first schedule.
 
 When the full invariant checker runs (``check``): lockdep, deadlock detection and the
 program's own assertions are checked at every point by construction (they raise where
@@ -82,7 +93,7 @@ import trio
 from kmm import testing
 from kmm.lockdep import LockdepSplat
 from kmm.runtime import remote
-from kmm.runtime.sched import Deadlock, SchedError
+from kmm.runtime.sched import Deadlock, Livelock, SchedError, focus_matcher
 from kmm.runtime.trace import Trace
 from kmm.tools import runner
 from kmm.workload import Kernel, UnexpectedResult
@@ -93,7 +104,9 @@ MODES = ("random", "pct", "preempt")
 CHECKS = ("point", "op", "end")
 DEFAULT_DEPTH = {"random": 1, "pct": 3, "preempt": 2}
 KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "kernel-bug",
-         "nondeterminism")
+         "nondeterminism", "livelock")
+LIVELOCK_FACTOR = 50       # default bound: this many times the first run's points
+MEASURE_CAP = 2_000_000    # the measuring run's own bound
 
 
 class ExploreError(Exception):
@@ -120,6 +133,8 @@ class Config:
     inject: list[str] = field(default_factory=list)
     check: str = "op"
     n: int = 0        # pct: expected points; preempt: preemption opportunities
+    max_points: int = 0   # the bound of one schedule (0: measured, LIVELOCK_FACTOR x)
+    focus: list[str] = field(default_factory=list)  # aimed schedules (sched.focus_matcher)
 
 
 @dataclass
@@ -135,6 +150,7 @@ class Outcome:
     preemptions: int = 0
     points: int = 0
     opportunities: int = 0
+    focus_points: int = 0
     events: list[dict] = field(default_factory=list)
     result: Any = None
 
@@ -202,6 +218,8 @@ def classify(e: BaseException, path: str) -> tuple[str, str]:
         return "lockdep", str(e)
     if isinstance(e, Deadlock):
         return "deadlock", str(e)
+    if isinstance(e, Livelock):
+        return "livelock", str(e)
     if isinstance(e, UnexpectedResult):
         return "assertion", str(e)
     if isinstance(e, AssertionError) and _program_frame(e, path):
@@ -238,16 +256,20 @@ def _program(path: str) -> tuple[Any, dict]:
 
 
 def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
-                 keep: int = 0, sink=None, digest: bool = True) -> Outcome:
+                 keep: int = 0, sink=None, digest: bool = True,
+                 aim: bool = False) -> Outcome:
     """Run the program once under the given schedule, with every check; never raises
     for a violation (it is in the Outcome). ``digest=False``: no trace at all (the
-    schedule, the checks and the outcome are the same; ``Outcome.digest`` is empty)."""
+    schedule, the checks and the outcome are the same; ``Outcome.digest`` is empty).
+    ``aim``: with the config's focus (an explored schedule; a minimized replay runs
+    without it)."""
     return trio.run(functools.partial(run_schedule_async, cfg, mode, seed, params,
-                                      keep=keep, sink=sink, digest=digest))
+                                      keep=keep, sink=sink, digest=digest, aim=aim))
 
 
 async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
-                             keep: int = 0, sink=None, digest: bool = True) -> Outcome:
+                             keep: int = 0, sink=None, digest: bool = True,
+                             aim: bool = False) -> Outcome:
     """run_schedule inside a trio run already going (the explorer's loops run many
     schedules in one: starting a trio run costs more than a short schedule)."""
     mod, spec = _program(cfg.program)
@@ -257,6 +279,10 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
     trace = Trace(sink, keep) if digest or keep or sink is not None else None
     m.sched.trace = trace
+    params = dict(params)
+    params.setdefault("max_points", cfg.max_points)
+    if aim and cfg.focus:
+        params["focus"] = focus_matcher(cfg.focus)
     m.sched.configure(mode, seed, **params)
     k = Kernel(m)
     chk = Checker(m, k, cfg.check)
@@ -295,20 +321,26 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
     out.preemptions = s.preemptions
     out.points = s.points
     out.opportunities = s.opportunities
+    out.focus_points = s.focus_points
     if keep:
         out.events = trace.tail()
     return out
 
 
-def measure(cfg: Config) -> int:
-    """The ``n`` a mode needs, from a first run: pct the number of points of a random
-    run of seed S; preempt the preemption opportunities of the non-preemptive run."""
-    if cfg.mode == "pct":
-        return run_schedule(cfg, "random", cfg.seed, {}, digest=False).points
+def measure(cfg: Config) -> tuple[int, int]:
+    """(the ``n`` a mode needs, the points of the run) from a first run: pct the number
+    of points (with a focus: of accepted points) of a random run of seed S; preempt the
+    preemption opportunities of the non-preemptive run; random only the points."""
+    params: dict[str, Any] = {"max_points": cfg.max_points or MEASURE_CAP}
     if cfg.mode == "preempt":
-        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()},
-                            digest=False).opportunities
-    return 0
+        out = run_schedule(cfg, "preempt", cfg.seed, {**params, "plan": set()}, aim=True,
+                           digest=False)
+        return out.opportunities, out.points
+    out = run_schedule(cfg, "random", cfg.seed, params, aim=cfg.mode == "pct",
+                       digest=False)
+    if cfg.mode == "pct":
+        return (out.focus_points if cfg.focus else out.points), out.points
+    return 0, out.points
 
 
 def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
@@ -320,9 +352,10 @@ async def run_one_async(cfg: Config, i: int, determinism: bool) -> tuple:
     mode, seed, params = schedule_params(cfg, i)
     # the digest only serves the determinism check here (a failure is re-run, with
     # its digest, when minimized)
-    out = await run_schedule_async(cfg, mode, seed, params, digest=determinism)
+    out = await run_schedule_async(cfg, mode, seed, params, digest=determinism,
+                                   aim=True)
     if determinism:
-        again = await run_schedule_async(cfg, mode, seed, params)
+        again = await run_schedule_async(cfg, mode, seed, params, aim=True)
         if again.digest != out.digest or again.kind != out.kind:
             return (i, "nondeterminism",
                     f"seed {seed}: trace digest {out.digest[:16]} then {again.digest[:16]}"
@@ -352,6 +385,8 @@ class Summary:
     first: int | None = None
     first_violation: dict[str, Any] | None = None
     n: int = 0
+    max_points: int = 0
+    distinct: list[dict[str, Any]] = field(default_factory=list)  # keep_going
 
 
 class Progress:
@@ -386,16 +421,35 @@ class Progress:
             self.stream.flush()
 
 
+def violation_site(kind: str, message: str) -> str:
+    """Where a violation is, for grouping: its message's first line with addresses and
+    numbers blanked (the same broken invariant at another pfn is the same site)."""
+    import re
+    line = message.strip().splitlines()[0] if message.strip() else kind
+    if kind == "livelock":
+        return "schedule exceeded its bound"
+    line = re.sub(r"0x[0-9a-fA-F]+|\b\d+\b", "N", line)
+    return line[:160]
+
+
 def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
-            determinism: bool = False, progress: Progress | None = None) -> Summary:
+            determinism: bool = False, progress: Progress | None = None,
+            keep_going: bool = False) -> Summary:
     """Run schedules 0 .. schedules-1; the result does not depend on ``jobs``: the first
     violation is the lowest failing index, and without ``all_`` only the schedules up to
-    it are counted."""
+    it are counted. ``keep_going`` runs them all and fills ``distinct``: one entry per
+    (kind, site), with its first schedule and how many schedules showed it."""
     t0 = time.perf_counter()
     summ = Summary()
-    if cfg.mode in ("pct", "preempt") and not cfg.n:
-        cfg.n = measure(cfg)
+    all_ = all_ or keep_going
+    if not cfg.max_points or (cfg.mode in ("pct", "preempt") and not cfg.n):
+        n, points = measure(cfg)
+        if cfg.mode in ("pct", "preempt") and not cfg.n:
+            cfg.n = max(n, 1) if cfg.focus else n
+        if not cfg.max_points:
+            cfg.max_points = LIVELOCK_FACTOR * max(points, 1000)
     summ.n = cfg.n
+    summ.max_points = cfg.max_points
     results: dict[int, tuple] = {}
     prog = progress or Progress(schedules, enabled=False)
 
@@ -450,6 +504,18 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
     if first is not None:
         r = results[first]
         summ.first_violation = {"kind": r[1], "message": r[2], "seq": r[3]}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for i in sorted(results):
+        r = results[i]
+        if r[1] is None:
+            continue
+        key = (r[1], violation_site(r[1], r[2]))
+        if key in groups:
+            groups[key]["count"] += 1
+        else:
+            groups[key] = {"kind": r[1], "site": key[1], "first": i, "count": 1,
+                           "message": r[2], "seq": r[3]}
+    summ.distinct = list(groups.values())
     summ.seconds = time.perf_counter() - t0
     prog.update(summ.schedules, sum(summ.violations.values()), final=True)
     return summ
@@ -493,6 +559,8 @@ def minimize(cfg: Config, seed: int, fail: Outcome, budget: int = 300
     """Fewer preemptions, same kind of violation: ddmin over the failing run's choices
     that differ from the non-preemptive default, replayed in preempt mode."""
     items = list(fail.overrides.items())  # in the order the run made them
+    if fail.kind == "livelock":  # every try runs to the bound: keep it short
+        budget = min(budget, 4)
 
     def run(sub: list) -> Outcome:
         return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)},
@@ -529,6 +597,10 @@ def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
         "violation": fail.violation(), "decisions": fail.decisions,
         "preemptions_before": fail.preemptions, "minimized": None,
     }
+    if cfg.max_points:
+        head["max_points"] = cfg.max_points
+    if cfg.focus:
+        head["focus"] = list(cfg.focus)
     if mini is not None:
         head["minimized"] = {"preemptions": [list(p) for p in sched or ()],
                              "count": mini.preemptions, "violation": mini.violation(),
@@ -538,6 +610,32 @@ def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
         for ev in (mini.events if mini is not None else ()):
             f.write(json.dumps(ev, sort_keys=True) + "\n")
     return head
+
+
+def failure_path(out: str, k: int) -> str:
+    """The k-th (0-based) failure file of a keep-going exploration: ``out`` itself,
+    then OUT-2.jsonl, OUT-3.jsonl, ..."""
+    if k == 0:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}-{k + 1}{ext or '.jsonl'}"
+
+
+def record_failure(cfg: Config, i: int, path: str, budget: int = 300,
+                   violation: dict | None = None
+                   ) -> tuple[Outcome, list | None, Outcome | None]:
+    """Re-run failing schedule i, minimize it (unless nondeterministic) and write its
+    failure file at ``path``: (the failing run, the minimized schedule, its run)."""
+    mode, seed, params = schedule_params(cfg, i)
+    fail = run_schedule(cfg, mode, seed, params, aim=True)
+    if (violation or {}).get("kind") == "nondeterminism" or fail.kind is None:
+        write_failure(path, cfg, i, Outcome(
+            kind="nondeterminism", message=(violation or {}).get("message", ""),
+            decisions=fail.decisions), None, None)
+        return fail, None, None
+    sched, mini = minimize(cfg, seed, fail, budget=budget)
+    write_failure(path, cfg, i, fail, sched, mini)
+    return fail, sched, mini
 
 
 # ------------------------------------------------------------------------ replay
@@ -572,7 +670,8 @@ def replay(path: str, *, trace_sink=None, last: int = 30) -> tuple[bool, dict, O
     cfg = Config(program=prog, mode=head.get("mode", "random"), seed=head["seed"],
                  depth=head.get("depth", 1), cpus=head.get("cpus"),
                  inject=list(head.get("inject", ())), check=head.get("check", "op"),
-                 n=head.get("n", 0))
+                 n=head.get("n", 0), max_points=head.get("max_points", 0),
+                 focus=list(head.get("focus", ())))
     mini = head["minimized"]
     keep = max(last, 1)
     if mini is None:  # nondeterminism: the best there is, the recorded decisions

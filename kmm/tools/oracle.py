@@ -82,12 +82,18 @@ STEP_TIMEOUT = 120.0  # seconds a worker may take over one step
 KHUGEPAGED_TIMEOUT = 30.0  # seconds a khugepaged step may wait for full_scans
 DECOY_ADDR = 0x1000_0000_0000
 
-# mmap flags of each scenario backing (the worker's default is the "anon" one)
-MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS = 0x02, 0x01, 0x20
-MAP_NORESERVE, MAP_HUGETLB, MAP_FIXED_NOREPLACE = 0x4000, 0x40000, 0x100000
+# mmap flags of each scenario backing (the worker's default is the "anon" one); the
+# memfd backings map a fresh memfd_create file ftruncate'd to the region's size
+MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x01, 0x20, 0x100000
+MAP_NORESERVE, MAP_HUGETLB = 0x4000, 0x40000
 MAP_BACKING = {"anon": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               "shmem": MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               "memfd": MAP_SHARED | MAP_FIXED_NOREPLACE,
+               "memfd_private": MAP_PRIVATE | MAP_FIXED_NOREPLACE,
                "hugetlb": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | MAP_HUGETLB,
                "hugetlb_shared": MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | MAP_HUGETLB}
+# /proc/meminfo lines of shared-memory and file THPs (kB), reported as their change
+SHMEM_MEMINFO_KEYS = ("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped")
 # the hugetlb pool (/proc/sys/vm): set for a run with a [hugetlb] table or hugetlb
 # mappings, and always put back to 0 afterwards (HostKnobs.restore)
 HUGETLB_SYSCTL = {"nr_hugepages": "/proc/sys/vm/nr_hugepages",
@@ -111,6 +117,7 @@ RES = struct.Struct("<3q")
 OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXIT, OP_PING = (
     range(1, 10)
 )
+OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -161,6 +168,16 @@ def _mthp_knobs() -> list[str]:
             if n.startswith("hugepages-") and os.path.exists(_knob_path(f"{n}/enabled"))]
 
 
+def _mthp_shmem_knobs() -> list[str]:
+    """The per-size shmem knobs (hugepages-<size>kB/shmem_enabled)."""
+    try:
+        names = sorted(os.listdir(THP_DIR))
+    except OSError:
+        return []
+    return [f"{n}/shmem_enabled" for n in names if n.startswith("hugepages-")
+            and os.path.exists(_knob_path(f"{n}/shmem_enabled"))]
+
+
 def _pmd_mthp_knob() -> str:
     with open(_knob_path("hpage_pmd_size")) as f:
         kb = int(f.read()) // 1024
@@ -178,7 +195,8 @@ class HostKnobs:
     """
 
     def __init__(self) -> None:
-        self.names = list(sysfs.KNOBS) + _mthp_knobs()
+        self.names = list(dict.fromkeys(list(sysfs.KNOBS) + _mthp_knobs()
+                                        + _mthp_shmem_knobs()))
         self.saved: dict[str, str] = {}
         self.held: dict[str, object] = {}  # "memcg": path, "zram": device id, "debugfs": path
 
@@ -689,18 +707,20 @@ _VMA_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
 def read_smaps(pid: int) -> list[tuple[int, ...]]:
-    """(start, end, Rss kB, AnonHugePages kB, Swap kB, Private_Hugetlb kB,
-    Shared_Hugetlb kB) for each VMA of the process."""
+    """(start, end, Rss kB, AnonHugePages kB, Swap kB, ShmemPmdMapped kB,
+    Private_Hugetlb kB, Shared_Hugetlb kB) for each VMA of the process."""
     vmas: list[list[int]] = []
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             m = _VMA_RE.match(line)
             if m:
-                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0, 0, 0])
-            elif line.startswith("Private_Hugetlb:"):
+                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0, 0, 0, 0])
+            elif line.startswith("ShmemPmdMapped:"):
                 vmas[-1][5] = int(line.split()[1])
-            elif line.startswith("Shared_Hugetlb:"):
+            elif line.startswith("Private_Hugetlb:"):
                 vmas[-1][6] = int(line.split()[1])
+            elif line.startswith("Shared_Hugetlb:"):
+                vmas[-1][7] = int(line.split()[1])
             elif line.startswith("Rss:"):
                 vmas[-1][2] = int(line.split()[1])
             elif line.startswith("AnonHugePages:"):
@@ -713,22 +733,37 @@ def read_smaps(pid: int) -> list[tuple[int, ...]]:
 def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[str, int]:
     """smaps sums over the region's VMAs; ``swap_kb`` only for a run with swap."""
     end = addr + round_up(size, PAGE_SIZE)
-    rss = huge = swapped = priv = shared = 0
-    for start, stop, r, h, sw, ph, sh in vmas:
+    rss = huge = swapped = shpmd = priv = shared = 0
+    for v in vmas:
+        start, stop = v[0], v[1]
         if start >= addr and stop <= end:
-            rss += r
-            huge += h
-            swapped += sw
-            priv += ph
-            shared += sh
+            rss += v[2]
+            huge += v[3]
+            swapped += v[4]
+            shpmd += v[5]
+            priv += v[6]
+            shared += v[7]
     figures = {"rss_kb": rss, "anon_huge_kb": huge}
     if swap:
         figures["swap_kb"] = swapped
-    if priv:  # extension: hugetlb mappings, only when nonzero
+    if shpmd:  # extension (issue 12): shmem THPs mapped by PMD, only when nonzero
+        figures["shmem_pmd_mapped_kb"] = shpmd
+    if priv:  # extension (issue 13): hugetlb mappings, only when nonzero
         figures["private_hugetlb_kb"] = priv
     if shared:
         figures["shared_hugetlb_kb"] = shared
     return figures
+
+
+def read_meminfo_keys(keys) -> dict[str, int]:
+    """The named /proc/meminfo lines (kB or counts)."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in keys:
+                out[name] = int(rest.split()[0])
+    return out
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")  # the report's "events" in a run with swap
@@ -916,8 +951,11 @@ class _Run:
             addr, size = step.addr, step.size
             assert addr is not None and size is not None
             w.regions[step.region] = (addr, size)  # type: ignore[index]
-            flags = MAP_BACKING[step.backing] | (MAP_NORESERVE if step.noreserve else 0)
-            status, err, _ = call(w, OP_MMAP, addr, size, flags)
+            if step.backing in ("memfd", "memfd_private"):
+                status, err, _ = call(w, OP_MMAP_MEMFD, addr, size, MAP_BACKING[step.backing])
+            else:
+                flags = MAP_BACKING[step.backing] | (MAP_NORESERVE if step.noreserve else 0)
+                status, err, _ = call(w, OP_MMAP, addr, size, flags)
         elif op == "fork":
             try:
                 self.workers.fork(w, step.child, self.slots[step.child])  # type: ignore[arg-type]
@@ -944,6 +982,10 @@ class _Run:
                 return {"op": op, "ok": True, "mismatches": bad}
             elif op == "split":
                 status, err = split_huge_pages(w.pid, a, b)
+            elif op == "punch_hole":  # file offsets: the region maps its memfd from 0
+                status, err, _ = call(w, OP_PUNCH_HOLE, addr, start, end - start)
+            elif op == "ftruncate":
+                status, err, _ = call(w, OP_FTRUNCATE, addr, step.size)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:
@@ -998,6 +1040,12 @@ def run_oracle(scenario: Scenario) -> dict:
                 want = "inherit" if name == pmd_mthp else "never"
                 if read_knob(name) != want:
                     write_knob(name, want)
+            # the same for the per-size shmem knobs (before the scenario's own values)
+            pmd_shmem = pmd_mthp.replace("/enabled", "/shmem_enabled")
+            for name in _mthp_shmem_knobs():
+                want = "inherit" if name == pmd_shmem else "never"
+                if name not in effective and read_knob(name) != want:
+                    write_knob(name, want)
             write_knob("enabled", "madvise")
             _drop_caches()
             decoy = _setup_decoy()
@@ -1032,10 +1080,12 @@ def run_oracle(scenario: Scenario) -> dict:
             with _thp_disabled_here():
                 before = read_thp_vmstat()
                 events0 = read_vmstat(SWAP_EVENTS + HUGETLB_EVENTS)
+                shmem0 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo0 = read_meminfo()
                 results = [run.step(step) for step in scenario.steps]
                 after = read_thp_vmstat()
                 events1 = read_vmstat(SWAP_EVENTS + HUGETLB_EVENTS)
+                shmem1 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo1 = read_meminfo()
             report = {
                 "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
@@ -1044,10 +1094,15 @@ def run_oracle(scenario: Scenario) -> dict:
             }
             if run.swap:  # extension: swap traffic of a run with swap
                 report["events"] = {n: events1[n] - events0[n] for n in SWAP_EVENTS}
-            # extension: the hugetlb pool's change over the run, only what moved
+            # extension (issue 12): shared-memory/file THP meminfo lines that moved
+            moved = {k: shmem1[k] - shmem0[k] for k in SHMEM_MEMINFO_KEYS
+                     if shmem1.get(k, 0) != shmem0.get(k, 0)}
+            if moved:
+                report.setdefault("meminfo", {}).update(moved)
+            # extension (issue 13): the hugetlb pool's change over the run, what moved
             meminfo = hugetlb_changes(meminfo0, meminfo1, MEMINFO_KEYS)
             if meminfo:
-                report["meminfo"] = meminfo
+                report.setdefault("meminfo", {}).update(meminfo)
             htlb = hugetlb_changes(events0, events1, HUGETLB_EVENTS)
             if htlb:
                 report["hugetlb_events"] = htlb

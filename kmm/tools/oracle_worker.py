@@ -15,6 +15,9 @@ libc.munmap.argtypes = (vp, sz)
 libc.mprotect.argtypes = (vp, sz, ci)
 libc.madvise.argtypes = (vp, sz, ci)
 libc.syscall.restype = cl
+libc.memfd_create.restype = ci
+libc.memfd_create.argtypes = (ctypes.c_char_p, ctypes.c_uint)
+libc.fallocate.argtypes = (ci, ci, cl, cl)
 libc.syscall.argtypes = (cl, cl, cl, cl, cl, cl)
 memset = ctypes.memset
 byte_at = ctypes.c_ubyte.from_address
@@ -29,6 +32,7 @@ clone_nr = int(sys.argv[3])
 clone_flags = int(sys.argv[4])
 cmd_fd = fds[2 * slot]
 res_fd = fds[2 * slot + 1]
+memfds = {}  # region address -> the memfd mapped there (shmem scenarios)
 
 # Keep the interpreter's own anonymous memory (heap, arenas, stack) out of THP: under
 # enabled=always khugepaged would otherwise collapse it during a khugepaged step.
@@ -103,3 +107,33 @@ while True:
         os._exit(0)
     elif op == 9:
         reply(0, 0, os.getpid())
+    elif op == 10:  # memfd_create + ftruncate(size) + mmap(flags c) at a
+        fd = libc.memfd_create(b"kmm", 0)
+        if fd < 0:
+            reply(-1, get_errno(), 0)
+            continue
+        try:
+            os.ftruncate(fd, b)
+        except OSError as err:
+            os.close(fd)
+            reply(-1, err.errno, 0)
+            continue
+        r = libc.mmap(a, b, 3, c, fd, 0)
+        if r == a:
+            memfds[a] = fd
+            reply(0, 0, 0)
+        else:
+            er = get_errno()
+            if r != MAP_FAILED and r is not None:
+                libc.munmap(r, b)
+                er = 17
+            os.close(fd)
+            reply(-1, er, 0)
+    elif op == 11:  # ftruncate(memfd of region a, b)
+        try:
+            os.ftruncate(memfds[a], b)
+            reply(0, 0, 0)
+        except OSError as err:
+            reply(-1, err.errno, 0)
+    elif op == 12:  # fallocate(memfd of region a, PUNCH_HOLE | KEEP_SIZE, b, c)
+        result(libc.fallocate(memfds[a], 3, b, c))

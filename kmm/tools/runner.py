@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, hugetlb, khugepaged, madvise, task_mmu
+from kmm import bugs, fault, hugetlb, khugepaged, madvise, shmem, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -52,6 +52,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             fig = regions[f"{task.name}/{name}"] = {"rss_kb": rss, "anon_huge_kb": huge}
             if m.swap_info is not None:  # extension: scenarios with a swap device
                 fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
+            shpmd = task_mmu.smaps_shmem_pmd_kb(m, task.mm, addr, addr + size)
+            if shpmd:  # extension (issue 12): smaps ShmemPmdMapped, only when nonzero
+                fig["shmem_pmd_mapped_kb"] = shpmd
             priv, shared = task_mmu.smaps_hugetlb_kb(m, task.mm, addr, addr + size)
             if priv:  # extension: hugetlb mappings (smaps Private_/Shared_Hugetlb)
                 fig["private_hugetlb_kb"] = priv
@@ -76,7 +79,14 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
-    rep.update(hugetlb_report(m))
+    meminfo = shmem.shmem_meminfo(m)
+    if meminfo:  # extension (issue 12): meminfo lines of shmem/file THPs that moved
+        rep.setdefault("meminfo", {}).update(meminfo)
+    htlb = hugetlb_report(m)  # extension (issue 13): HugePages_* lines, htlb events
+    if "meminfo" in htlb:
+        rep.setdefault("meminfo", {}).update(htlb["meminfo"])
+    if "hugetlb_events" in htlb:
+        rep["hugetlb_events"] = htlb["hugetlb_events"]
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
         rep["khugepaged"] = kh
@@ -148,11 +158,17 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
     addr, size = task.regions[step.region]
+    if step.op == "ftruncate":
+        r = await p.ftruncate(addr, step.size)
+        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
     lo, hi = step_range(step, size)
     start, length = addr + lo, hi - lo
     if step.op == "split":
         await p.split_huge_page(start, length)
         return {**res, "ok": True}
+    if step.op == "punch_hole":  # file offsets: the region maps its memfd from 0
+        r = await p.fallocate_punch_hole(addr, lo, length)
+        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
     if step.op in ("munmap", "mprotect", "madvise"):
         try:
             if step.op == "munmap":

@@ -44,7 +44,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 ADVICE = ("hugepage", "nohugepage", "dontneed", "collapse", "pageout", "cold", "free")
 PROT = ("none", "r", "rw")
 TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "hugetlb", "steps")
-BACKING = ("anon", "hugetlb", "hugetlb_shared")
+# mmap backing (issue 12): anon is MAP_PRIVATE|MAP_ANONYMOUS; shmem MAP_SHARED|
+# MAP_ANONYMOUS; memfd memfd_create + ftruncate(size) + MAP_SHARED; memfd_private the
+# same file mapped MAP_PRIVATE (writes COW into anonymous memory); (issue 13) hugetlb
+# MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB, hugetlb_shared with MAP_SHARED
+BACKING = ("anon", "shmem", "memfd", "memfd_private", "hugetlb", "hugetlb_shared")
+MEMFD_BACKINGS = ("memfd", "memfd_private")
 # [hugetlb]: /proc/sys/vm/nr_hugepages and nr_overcommit_hugepages, set before the steps
 HUGETLB_KEYS = ("nr_hugepages", "nr_overcommit_hugepages")
 
@@ -70,6 +75,10 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     # and memory pressure on the scenario's processes (the shrinkers; see the oracle)
     "split": {"region": True, "offset": False, "length": False},
     "reclaim": {},
+    # issue 12: fallocate(PUNCH_HOLE|KEEP_SIZE) and ftruncate of a memfd region's file
+    # (offsets are file offsets: the region maps the file from 0)
+    "punch_hole": {"region": True, "offset": False, "length": False},
+    "ftruncate": {"region": True, "size": True},
 }
 OPS = tuple(OP_KEYS)
 
@@ -299,6 +308,7 @@ class _Namespace:
     def __init__(self) -> None:
         self.procs: dict[str, list[str]] = {"main": []}
         self.ever: set[str] = {"main"}
+        self.backing: dict[tuple[str, str], str] = {}  # (proc, region) -> mmap backing
 
 
 def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int]) -> Step:
@@ -359,6 +369,12 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         kw["noreserve"] = raw["noreserve"]
     if "prot" in raw:
         kw["prot"] = _word(raw["prot"], PROT, file=file, step=index, key="prot")
+    if "backing" in raw:
+        kw["backing"] = _word(raw["backing"], BACKING, file=file, step=index, key="backing")
+    if op in ("punch_hole", "ftruncate"):
+        if ns.backing.get((proc, kw["region"]), "anon") not in MEMFD_BACKINGS:
+            raise ScenarioError(file, index, "region",
+                                f"{op} needs a memfd region (backing = \"memfd\")")
     if op == "khugepaged":
         kw["full_scans"] = _int(raw.get("full_scans", 1), lo=1, hi=None, file=file, step=index,
                                 key="full_scans")
@@ -369,11 +385,14 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         kw["addr"] = cursor[0]
         cursor[0] += round_up(size, PMD_SIZE) + PMD_SIZE
         regions.append(kw["region"])  # type: ignore[arg-type]
+        ns.backing[(proc, kw["region"])] = kw.get("backing", "anon")  # type: ignore[index]
     elif op == "fork":
         child = _name(raw["child"], file=file, step=index, key="child")
         if child in ns.ever:
             raise ScenarioError(file, index, "child", f"process name {child!r} is already used")
         ns.procs[child] = list(regions)
+        for r in regions:
+            ns.backing[(child, r)] = ns.backing.get((proc, r), "anon")
         ns.ever.add(child)
         kw["child"] = child
     elif op == "exit":

@@ -35,6 +35,14 @@ CASES = {
                                "a writer died: ProcessLookupError, Sigbus"),
 }
 
+# bugs whose race needs a PCT schedule: bug -> (program, explore schedule index, pct n,
+# a fragment of the violation). The schedule is explore's (kmm explore --mode pct
+# --depth 3 --seed 1: schedule i runs seed 1+i), replayed through explore.run_schedule.
+PCT_CASES = {
+    "shmem_fault_no_truncate_recheck": ("race_shmem_punch_read.py", 73, 7646,
+                                        "MM_SHMEMPAGES 33 != 32 mapped page-cache pages"),
+}
+
 
 def run(program: str, seed: int, inject=(), check=check_between_ops):
     return run_program(str(WORKLOADS / program), mode="random", seed=seed, check=check,
@@ -42,11 +50,26 @@ def run(program: str, seed: int, inject=(), check=check_between_ops):
 
 
 def test_every_bug_has_a_case_and_a_program():
-    assert set(CASES) == set(bugs.BUGS)
+    assert set(CASES) | set(PCT_CASES) == set(bugs.BUGS)
     for name, bug in bugs.BUGS.items():
         assert (WORKLOADS / bug.program).exists(), name
-        assert CASES[name][0] == bug.program
-        assert name in (WORKLOADS / CASES[name][0]).read_text(), name
+        case = CASES.get(name) or PCT_CASES[name]
+        assert case[0] == bug.program
+        assert name in (WORKLOADS / case[0]).read_text(), name
+
+
+@pytest.mark.parametrize("name", sorted(PCT_CASES))
+def test_pct_bug_breaks_its_race_and_the_same_schedule_runs_clean_without_it(name):
+    from kmm.tools import explore as ex
+    program, i, n, fragment = PCT_CASES[name]
+    path = str(WORKLOADS / program)
+    cfg = ex.Config(program=path, mode="pct", seed=1, depth=3, n=n, inject=[name])
+    mode, seed, params = ex.schedule_params(cfg, i)
+    out = ex.run_schedule(cfg, mode, seed, params)
+    assert out.kind == "invariant" and fragment in out.message
+    clean = ex.run_schedule(ex.Config(program=path, mode="pct", seed=1, depth=3, n=n),
+                            mode, seed, params)
+    assert clean.kind is None and clean.result["lost_bytes"] == 0
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

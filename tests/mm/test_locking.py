@@ -37,7 +37,7 @@ def test_abba_between_two_classes_is_reported_without_a_deadlock():
     dependency, naming the sites of both orders, although the run itself never
     deadlocked (the first actor had released both locks long before)."""
     async def fn(m, k):
-        la = m.locks.spinlock("i_mmap_rwsem", "i_mmap:1")
+        la = m.locks.spinlock("demo_lock_a", "demo_a:1")
         lb = m.locks.spinlock("swap_lock", "swap_lock")
 
         async def first():
@@ -58,13 +58,13 @@ def test_abba_between_two_classes_is_reported_without_a_deadlock():
     assert msg.startswith("WARNING: possible circular locking dependency detected")
     for site in ("second_takes_A", "second_takes_B", "first_takes_A", "first_takes_B"):
         assert site in msg
-    assert "second is trying to acquire i_mmap_rwsem" in msg
+    assert "second is trying to acquire demo_lock_a" in msg
 
 
 def test_abba_is_reported_whichever_actor_runs_first():
     """In random mode the two orders meet in either sequence; a splat in every seed."""
     async def fn(m, k):
-        la = m.locks.spinlock("i_mmap_rwsem", "i_mmap:1")
+        la = m.locks.spinlock("demo_lock_a", "demo_a:1")
         lb = m.locks.spinlock("swap_lock", "swap_lock")
 
         async def ab():

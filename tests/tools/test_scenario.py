@@ -48,18 +48,19 @@ def test_corpus_file_has_a_recording(path):
     sc = load_scenario(path)
     swap = sc.machine.swap > 0
     # A run with swap extends the report with events and each region with swap_kb.
-    # hugetlb extends it (docs/report-format.md) with meminfo and hugetlb_events, and
-    # regions with private_/shared_hugetlb_kb, each only when nonzero
-    hugetlb = [k for k in ("meminfo", "hugetlb_events") if k in report]
-    assert list(report) == (["vmstat", "regions", "steps"] + (["events"] if swap else [])
-                            + hugetlb)
-    assert all(report[k] and all(report[k].values()) for k in hugetlb)
+    # issue 12: "meminfo" (shmem/file THP lines that moved) and a region's
+    # shmem_pmd_mapped_kb appear only when nonzero; issue 13 adds HugePages_* lines to
+    # "meminfo", "hugetlb_events" and a region's private_/shared_hugetlb_kb, the same way
+    extra = [k for k in ("meminfo", "hugetlb_events") if k in report]
+    assert list(report) == ["vmstat", "regions", "steps"] + (["events"] if swap else []) + extra
     assert list(report["vmstat"]) == list(vmstat.THP_EVENTS)
     assert len(report["steps"]) == len(sc.steps)
     fields = ["rss_kb", "anon_huge_kb"] + (["swap_kb"] if swap else [])
-    extra = ("private_hugetlb_kb", "shared_hugetlb_kb")
-    assert all([f for f in r if f not in extra] == fields and all(r[f] for f in r if f in extra)
-               for r in report["regions"].values())
+    opt = ("shmem_pmd_mapped_kb", "private_hugetlb_kb", "shared_hugetlb_kb")
+    assert all([f for f in r if f not in opt] == fields for r in report["regions"].values())
+    assert all(v for r in report["regions"].values() for f, v in r.items() if f in opt)
+    assert all(report.get("meminfo", {}).values())
+    assert all(report.get("hugetlb_events", {}).values())
     if swap:
         assert list(report["events"]) == ["pswpin", "pswpout"]
 
@@ -316,3 +317,51 @@ def test_missing_file(tmp_path):
     with pytest.raises(ScenarioError) as ei:
         load_scenario(tmp_path / "nope.toml")
     assert "nope.toml" in str(ei.value) and "\n" not in str(ei.value)
+
+
+SHMEM = """
+[thp]
+shmem_enabled = "within_size"
+[[steps]]
+op = "mmap"
+region = "m"
+size = "4MiB"
+backing = "memfd"
+[[steps]]
+op = "fork"
+child = "c"
+[[steps]]
+op = "punch_hole"
+proc = "c"
+region = "m"
+offset = "1MiB"
+length = "4KiB"
+[[steps]]
+op = "ftruncate"
+region = "m"
+size = "3MiB"
+"""
+
+
+def test_shmem_backing_punch_hole_and_ftruncate(tmp_path):
+    sc = load_scenario(write(tmp_path, SHMEM, "ok.toml"))
+    assert sc.knobs["shmem_enabled"] == "within_size"
+    mmap, _, punch, trunc = sc.steps
+    assert mmap.backing == "memfd"
+    assert (punch.proc, punch.offset, punch.length) == ("c", 1 << 20, 4096)
+    assert trunc.size == 3 << 20
+
+
+@pytest.mark.parametrize("text, key, word", [
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\nbacking = "tmpfs"\n', "backing",
+     "must be one of"),
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\n[[steps]]\nop = "punch_hole"\n'
+     'region = "a"\n', "region", "memfd region"),
+    ('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 1\nbacking = "shmem"\n[[steps]]\n'
+     'op = "ftruncate"\nregion = "a"\nsize = 0\n', "region", "memfd region"),
+    ('[thp]\nshmem_enabled = "sometimes"\n', "shmem_enabled", "must be one of"),
+])
+def test_shmem_bad_input(tmp_path, text, key, word):
+    with pytest.raises(ScenarioError) as e:
+        load_scenario(write(tmp_path, text))
+    assert e.value.key == key and word in str(e.value)

@@ -1,0 +1,219 @@
+"""The mutants of ``kmm mutate``: source-level removals of the THP paths' safeguards.
+
+Each mutant is one edit of one kernel function in kmm/ (a textual replacement inside
+that function's source, every ``old`` text occurring exactly once there), applied to a
+copy of the tree, never to the working tree. The classes follow issue 18: removed
+rechecks after re-taking a lock (pmd_same, pmd_none, pte_same, pte_none), removed TLB
+flushes, removed lock/unlock pairs, removed references (folio_get / folio_try_get),
+removed revalidations after a relock, a swapped lock order, a removed refcount freeze.
+``programs`` are the race programs explored first (the ones whose race reaches the
+site), ``tests`` the test files run if exploration does not kill it.
+
+Unlike kmm.bugs (switches designed together with the checker), these are written from
+the kernel's safeguards alone: what the lab catches of them measures the lab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    kind: str           # recheck, tlb-flush, lock, reference, revalidate, lock-order, freeze
+    file: str           # under the repository root
+    function: str       # the function edited ("Class.method" for a method)
+    edits: tuple[tuple[str, str], ...]
+    why: str            # the safeguard removed and the race it closes
+    programs: tuple[str, ...] = ()
+    tests: tuple[str, ...] = field(default=())
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant("anon_write_no_pte_none_recheck", "recheck", "kmm/memory.py", "do_anonymous_page",
+           (('    if not pte_none(await m.entry_read("pte", tbl, idx)):\n'
+             '        await ptl.unlock()\n'
+             '        await m.folio_put(folio)  # a racing fault mapped it first',
+             '    if False:\n'
+             '        await ptl.unlock()\n'
+             '        await m.folio_put(folio)  # a racing fault mapped it first'),),
+           "do_anonymous_page's pte_none recheck under the PTE lock (vmf_pte_changed): two "
+           "write faults on one PTE both allocate; the second overwrites the first's page",
+           ("race_pte_fault.py",), ("tests/mm/test_fault_concurrency.py",)),
+    Mutant("anon_read_no_pte_none_recheck", "recheck", "kmm/memory.py", "do_anonymous_page",
+           (('        if not pte_none(await m.entry_read("pte", tbl, idx)):\n'
+             '            await ptl.unlock()\n'
+             '            return 0',
+             '        if False:\n'
+             '            await ptl.unlock()\n'
+             '            return 0'),),
+           "the read fault's pte_none recheck: the zero page replaces a page a racing "
+           "write fault just mapped",
+           ("race_pte_fault.py",), ("tests/mm/test_fault_concurrency.py",)),
+    Mutant("wp_copy_no_pte_same", "recheck", "kmm/memory.py", "wp_page_copy",
+           (('        if await m.entry_read("pte", tbl, vmf.pte_idx) == vmf.orig_pte:',
+             '        if True:'),),
+           "wp_page_copy's pte_same after re-taking the PTE lock: the copy replaces an "
+           "entry another fault (or a zap) changed while the page was copied",
+           ("race_fork_reuse.py", "race_cow_split.py", "race_dontneed_fault.py"),
+           ("tests/mm/test_fault_concurrency.py",)),
+    Mutant("huge_wp_no_pmd_same_after_sleep", "recheck", "kmm/huge_memory.py",
+           "do_huge_pmd_wp_page",
+           (('            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig '
+             'and recheck:\n                await ptl.unlock()\n                await lk.unlock()',
+             '            if False:\n                await ptl.unlock()\n'
+             '                await lk.unlock()'),),
+           "do_huge_pmd_wp_page's pmd_same after sleeping on the folio lock with the PMD "
+           "lock dropped: the split that held the folio lock replaced the PMD meanwhile",
+           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+    Mutant("huge_fault_no_pmd_none_recheck_src", "recheck", "kmm/huge_memory.py",
+           "__do_huge_pmd_anonymous_page",
+           (('    if (not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx))\n'
+             '            and (not bugs or "huge_fault_no_pmd_none_recheck" not in bugs)):',
+             '    if False:'),),
+           "the huge fault's pmd_none under the PMD lock (the source-level twin of the "
+           "injected bug): a second THP overwrites the first",
+           ("race_fault_fault.py",), ("tests/test_workloads.py",)),
+    Mutant("split_huge_pmd_no_recheck", "recheck", "kmm/huge_memory.py",
+           "split_huge_pmd_locked",
+           (('    if pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd):',
+             '    if True:'),),
+           "split_huge_pmd_locked's check that the PMD is still huge under its lock: a "
+           "PMD already split (or zapped) by a racing path is split again",
+           ("race_cow_split.py", "race_fault_split.py", "race_dontneed_fault.py"),
+           ("tests/mm/test_split.py",)),
+    Mutant("pte_offset_map_lock_no_pmd_recheck", "recheck", "kmm/memory.py",
+           "pte_offset_map_lock",
+           (('        same = await m.entry_read("pmd", pmd_tbl, idx) == pmdval',
+             '        same = True'),),
+           "pte_offset_map_lock's pmd_same after taking the PTE lock: the table may have "
+           "been detached by a collapse or freed by a zap meanwhile",
+           ("race_fault_collapse.py", "race_munmap_collapse.py", "race_pte_fault.py"),
+           ("tests/mm/test_khugepaged.py",)),
+    Mutant("swapin_no_pte_same", "recheck", "kmm/memory.py", "do_swap_page",
+           (('        if res is not None and await m.entry_read("pte", res[0], vmf.pte_idx)'
+             ' != orig:',
+             '        if False:'),),
+           "do_swap_page's pte_same under the PTE lock: another fault (or the collapse's "
+           "swap-in) mapped the page first; the second maps it again",
+           ("race_collapse_rmap.py",), ("tests/mm/test_swap.py",)),
+    Mutant("wp_copy_no_tlb_flush", "tlb-flush", "kmm/memory.py", "wp_page_copy",
+           (('            await tlb.flush_tlb_page(m, mm, vmf.address)\n',
+             ''),),
+           "ptep_clear_flush in wp_page_copy: another CPU of the process keeps writing "
+           "through the old translation into the page it no longer maps",
+           ("race_fork_reuse.py", "race_cow_split.py"), ("tests/mm/test_fault_concurrency.py",)),
+    Mutant("zap_no_tlb_flush", "tlb-flush", "kmm/memory.py", "MmuGather.finish",
+           (('            await tlb.flush_tlb_mm_range(m, self.mm, self.start, self.end)',
+             '            pass'),),
+           "tlb_finish_mmu's flush before the pages are freed (munmap, MADV_DONTNEED, "
+           "exit): a CPU writes through a stale entry into a freed page",
+           ("race_pte_fault.py", "race_dontneed_fault.py", "race_munmap_collapse.py"),
+           ("tests/mm/test_huge_memory.py",)),
+    Mutant("split_pmd_no_invalidate", "tlb-flush", "kmm/huge_memory.py",
+           "__split_huge_pmd_locked",
+           (('        old = await pgg.pmdp_invalidate(m, vma, haddr, pmd_tbl, idx)',
+             '        old = await m.entry_read("pmd", pmd_tbl, idx)'),),
+           "pmdp_invalidate in __split_huge_pmd_locked: the huge PMD stays present and "
+           "cached while its PTEs are built; writes go through the 2 MiB translation",
+           ("race_reclaim_split.py", "race_cow_split.py", "race_fault_split.py"),
+           ("tests/mm/test_split.py",)),
+    Mutant("huge_fault_no_ptl", "lock", "kmm/huge_memory.py", "__do_huge_pmd_anonymous_page",
+           (('    await ptl.lock("__do_huge_pmd_anonymous_page")\n', ''),
+            ('        # a racing fault installed a PTE table or a THP first: refault onto it\n'
+             '        await ptl.unlock()\n',
+             '        # a racing fault installed a PTE table or a THP first: refault onto it\n'),
+            ('        mm.nr_ptes += 1\n    await ptl.unlock()\n', '        mm.nr_ptes += 1\n')),
+           "the PMD lock around the huge fault's recheck and install: two faults both "
+           "pass the recheck",
+           ("race_fault_fault.py", "race_fault_split.py"), ("tests/test_workloads.py",)),
+    Mutant("collapse_no_anon_vma_lock", "lock", "kmm/khugepaged_collapse.py",
+           "_collapse_write_locked",
+           (('    await anon_rwsem.down_write("collapse_huge_page")  # stops rmap walkers\n',
+             ''),
+            ('        await pmd_ptl.unlock()\n        await anon_rwsem.up_write()\n'
+             '        return result',
+             '        await pmd_ptl.unlock()\n        return result'),
+            ('    await anon_rwsem.up_write()\n    result = await __collapse_huge_page_copy',
+             '    result = await __collapse_huge_page_copy')),
+           "the anon_vma write lock over the PMD switch and the isolation: rmap walkers "
+           "(migration, reclaim) reach the pages while the collapse takes them",
+           ("race_collapse_rmap.py", "race_reclaim_split.py"), ("tests/mm/test_khugepaged.py",)),
+    Mutant("deferred_split_queue_unlocked", "lock", "kmm/huge_memory.py",
+           "deferred_split_folio",
+           (('    await m.split_queue_lock.lock("deferred_split_folio")\n', ''),
+            ('    await m.split_queue_lock.unlock()\n', '')),
+           "split_queue_lock around queueing a folio for deferred split: the shrinker's "
+           "scan and the free path race on the queue",
+           ("race_shrinker_exit.py", "race_reclaim_split.py"), ("tests/mm/test_split.py",)),
+    Mutant("huge_wp_no_folio_get", "reference", "kmm/huge_memory.py", "do_huge_pmd_wp_page",
+           (('            await m.folio_ref_add(folio, 1)\n            await ptl.unlock()',
+             '            await ptl.unlock()'),
+            ('                await lk.unlock()\n                await m.folio_put(folio)\n'
+             '                return 0\n            await m.folio_put(folio)\n',
+             '                await lk.unlock()\n                return 0\n')),
+           "the folio_get before sleeping on the folio lock with the PMD lock dropped: "
+           "the THP may be split or freed while the fault waits for its lock",
+           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+    Mutant("deferred_split_no_try_get", "reference", "kmm/huge_memory.py",
+           "deferred_split_scan",
+           (('        if folio.refcount > 0:  # folio_try_get', '        if True:'),),
+           "folio_try_get in deferred_split_scan: the shrinker takes a reference on a "
+           "folio whose last reference is being dropped (munmap, exit) and splits freed "
+           "memory",
+           ("race_shrinker_exit.py", "race_reclaim_split.py"), ("tests/mm/test_split.py",)),
+    Mutant("collapse_isolate_no_refcount_check", "reference", "kmm/khugepaged_collapse.py",
+           "__collapse_huge_page_isolate",
+           (('            if not khugepaged.is_refcount_suitable(folio):',
+             '            if False:'),),
+           "is_refcount_suitable in the isolation: a page someone else holds a reference "
+           "on (migration's isolation, GUP, the swap cache) is collapsed anyway",
+           ("race_collapse_rmap.py", "race_cow_collapse.py"), ("tests/mm/test_khugepaged.py",)),
+    Mutant("collapse_no_revalidate_after_relock", "revalidate", "kmm/khugepaged_collapse.py",
+           "_collapse_write_locked",
+           (('    result, vma = khugepaged.hugepage_vma_revalidate(m, mm, address, True, cc)',
+             '    result, vma = R.SCAN_SUCCEED, mm.find_vma(address)'),),
+           "hugepage_vma_revalidate after re-taking the mmap lock for write: the VMA "
+           "was unmapped, split or changed while the lock was dropped to allocate",
+           ("race_munmap_collapse.py", "race_collapse_range_munmap.py"),
+           ("tests/mm/test_khugepaged.py",)),
+    Mutant("collapse_no_pmd_still_valid", "revalidate", "kmm/khugepaged_collapse.py",
+           "_collapse_write_locked",
+           (('        result = check_pmd_still_valid(m, mm, address, pmd_tbl)',
+             '        result = R.SCAN_SUCCEED'),),
+           "check_pmd_still_valid after the relock: the PMD found before the allocation "
+           "may be gone (munmap freed the table) or be a THP now",
+           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           ("tests/mm/test_khugepaged.py",)),
+    Mutant("madvise_collapse_no_revalidate", "revalidate", "kmm/khugepaged.py",
+           "madvise_collapse",
+           (('            result, v = hugepage_vma_revalidate(m, mm, addr, False, cc)',
+             '            result, v = R.SCAN_SUCCEED, mm.find_vma(addr)'),),
+           "madvise_collapse's revalidation of the VMA when it re-takes the mmap lock "
+           "for the next block",
+           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           ("tests/mm/test_khugepaged.py",)),
+    Mutant("collapse_ptl_before_anon_vma", "lock-order", "kmm/khugepaged_collapse.py",
+           "_collapse_write_locked",
+           (('    await anon_rwsem.down_write("collapse_huge_page")  # stops rmap walkers\n'
+             '    idx = pmd_index(address)\n'
+             '    pmd_ptl = m.table_lock(pmd_tbl)\n'
+             '    await pmd_ptl.lock("collapse_huge_page")\n',
+             '    idx = pmd_index(address)\n'
+             '    pmd_ptl = m.table_lock(pmd_tbl)\n'
+             '    await pmd_ptl.lock("collapse_huge_page")\n'
+             '    await anon_rwsem.down_write("collapse_huge_page")  # stops rmap walkers\n'),),
+           "the order anon_vma rwsem, then the PMD lock: a sleeping lock taken under a "
+           "spinlock, against the order every rmap walker uses",
+           ("race_fault_collapse.py", "race_collapse_rmap.py"), ("tests/mm/test_khugepaged.py",)),
+    Mutant("migrate_no_ref_freeze", "freeze", "kmm/migrate.py", "_migrate_one",
+           (('    moved = not rmap.folio_mapped(folio) and folio.refcount == 1  '
+             '# folio_ref_freeze',
+             '    moved = not rmap.folio_mapped(folio)'),),
+           "folio_ref_freeze in migration: a page someone still holds a reference on "
+           "(a collapse isolating it, a fault copying from it) is moved and freed",
+           ("race_collapse_rmap.py",), ("tests/mm/test_migrate.py",)),
+)
+
+BY_NAME = {mu.name: mu for mu in MUTANTS}

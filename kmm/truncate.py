@@ -1,0 +1,311 @@
+"""Truncation and hole punching of shmem files, and the split of page-cache folios.
+mm/truncate.c, mm/shmem.c (shmem_setattr, shmem_fallocate, shmem_undo_range) and the
+file side of mm/huge_memory.c's __folio_split.
+
+Every mapper goes first: ``unmap_mapping_range`` zaps the range in each VMA of the
+file's i_mmap (a huge PMD only partly inside is split, i.e. zapped whole:
+``thp_split_pmd``), and a punch hole keeps a private mapping's COW copies (even_cows
+false) where a shrinking truncate drops them too. Then ``shmem_undo_range`` removes the
+folios wholly inside the range, and ``truncate_inode_partial_folio`` zeroes the part
+of a folio the range cuts, splits a large one (``thp_split_page``) and drops the pages
+that fell inside. New faults cannot map a folio meanwhile: they map under the folio
+lock, which truncation holds, and recheck ``folio.mapping``.
+
+Deviation from 6.18: a page-cache folio is split uniformly to order 0 here; 6.18's
+``try_folio_split_to_order`` splits non-uniformly (the pages away from the cut stay in
+folios of decreasing orders). Rss, the vmstat counters and meminfo agree either way in
+the recorded scenarios, which touch every page they read back.
+"""
+
+from __future__ import annotations
+
+from kmm import atomic, filemap, memory, swap
+from kmm.mm_types import (
+    PG_active, PG_dirty, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_uptodate,
+    Page,
+)
+from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
+
+EAGAIN, EBUSY, EINVAL = 11, 16, 22
+
+
+# ---------------------------------------------------------------- unmapping
+async def unmap_mapping_range(m, mapping, holebegin: int, holelen: int,
+                              even_cows: bool) -> None:
+    """unmap_mapping_range: zap [holebegin, holebegin+holelen) of the file (holelen 0:
+    to the end) in every VMA mapping it. Context: takes i_mmap_rwsem for read, then
+    the page-table locks."""
+    first = holebegin >> PAGE_SHIFT
+    last = (1 << 62) if holelen == 0 else first + ((holelen + PAGE_SIZE - 1) >> PAGE_SHIFT)
+    await unmap_mapping_pages(m, mapping, first, last, even_cows)
+
+
+async def unmap_mapping_pages(m, mapping, first: int, last: int, even_cows: bool) -> None:
+    """unmap_mapping_pages: file pages [first, last) out of every mapper's tables."""
+    lk = mapping.i_mmap_rwsem
+    await lk.down_read("unmap_mapping_pages")
+    for vma in list(mapping.i_mmap):
+        vfirst = vma.pgoff
+        vlast = vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT)
+        lo, hi = max(first, vfirst), min(last, vlast)
+        if lo >= hi:
+            continue
+        start, end = vma.address_of(lo), vma.address_of(hi)
+        tlbg = memory.MmuGather(vma.mm, even_cows)  # zap_page_range_single
+        tlbg.i_mmap_locked = True  # the VMA is kept alive by i_mmap_rwsem
+        await memory.unmap_page_range(m, tlbg, vma, start, end)
+        await tlbg.finish(m)
+    await lk.up_read()
+
+
+async def unmap_mapping_folio(m, folio: Page) -> None:
+    """unmap_mapping_folio: the folio's pages out of every mapper (COWs stay)."""
+    await unmap_mapping_pages(m, folio.mapping, folio.index, folio.index + folio.nr_pages,
+                              False)
+
+
+# ------------------------------------------------------------------ removal
+async def truncate_inode_folio(m, mapping, folio: Page) -> None:
+    """truncate_inode_folio: unmap a locked folio and take it out of the page cache.
+    Context: folio locked, the caller holds a reference."""
+    if folio.mapping is not mapping:
+        return
+    from kmm import rmap
+    if rmap.folio_mapped(folio):  # truncate_cleanup_folio
+        await unmap_mapping_folio(m, folio)
+    atomic.folio_clear_flags_locked(folio, PG_dirty)  # folio locked
+    await filemap.filemap_remove_folio(m, folio)
+
+
+def _zero(m, folio: Page, offset: int, length: int) -> None:
+    """folio_zero_range: bytes [offset, offset+length) of the folio read zero."""
+    pm = m.physmem
+    while length > 0:
+        pfn = folio.pfn + (offset >> PAGE_SHIFT)
+        off = offset & (PAGE_SIZE - 1)
+        n = min(length, PAGE_SIZE - off)
+        if n == PAGE_SIZE:
+            pm.clear(pfn)
+        elif not pm.is_zero(pfn):
+            pm.write(pfn, off, bytes(n))
+        offset += n
+        length -= n
+
+
+async def truncate_inode_partial_folio(m, folio: Page, lstart: int, lend: int) -> bool:
+    """truncate_inode_partial_folio: the part of the folio inside [lstart, lend] is
+    zeroed; a large folio is then split so its pages inside can go. True when done
+    (the folio dropped, or split), False when the folio stays as it is (zeroed).
+    Context: folio locked, reference held."""
+    pos = folio.index << PAGE_SHIFT
+    size = folio.nr_pages << PAGE_SHIFT
+    offset = lstart - pos if pos < lstart else 0
+    length = size - offset if pos + size <= lend + 1 else lend + 1 - pos - offset
+    if length == size:
+        await truncate_inode_folio(m, folio.mapping, folio)
+        return True
+    _zero(m, folio, offset, length)
+    if not folio.order:
+        return True
+    if await split_file_folio(m, folio, 0) == 0:
+        return True
+    if folio.flags & PG_dirty:
+        return False
+    await truncate_inode_folio(m, folio.mapping, folio)
+    return True
+
+
+async def _lock_get(m, mapping, index: int) -> Page | None:
+    """shmem_get_partial_folio / find_lock_entries for one index: the folio there,
+    locked and with a reference, still in the mapping; else None."""
+    while True:
+        folio = await filemap.filemap_get_folio(m, mapping, index)
+        if folio is None:
+            return None
+        lk = m.folio_lock_of(folio)
+        await lk.lock("shmem_undo_range")
+        if folio.mapping is mapping and folio.index <= index < folio.index + folio.nr_pages:
+            return folio
+        await lk.unlock()
+        await swap.folio_put(m, folio)
+
+
+async def _unlock_put(m, folio: Page) -> None:
+    await m.folio_lock_of(folio).unlock()
+    await swap.folio_put(m, folio)
+
+
+async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
+    """shmem_undo_range: drop the page cache of [lstart, lend] (lend None: to the end),
+    partial folios at the ends zeroed and split."""
+    mapping = inode.mapping
+    if lend is None:
+        lend = (1 << 62) - 1
+    start = (lstart + PAGE_SIZE - 1) >> PAGE_SHIFT
+    end = (lend + 1) >> PAGE_SHIFT
+    from kmm import shmem
+    for index in sorted(i for i in mapping.swapped if start <= i < end):
+        await shmem.shmem_free_swap(m, mapping, index)  # swapped-out pages of the range
+    # whole folios inside [start, end)
+    for folio in filemap.folios_in_range(m, mapping, start, end):
+        if folio.index < start or folio.index + folio.nr_pages > end:
+            continue
+        folio = await _lock_get(m, mapping, folio.index)
+        if folio is None:
+            continue
+        if folio.index >= start and folio.index + folio.nr_pages <= end:
+            await truncate_inode_folio(m, mapping, folio)
+        await _unlock_put(m, folio)
+    # the partial folios at either end
+    same_folio = (lstart >> PAGE_SHIFT) == (lend >> PAGE_SHIFT)
+    folio = await _lock_get(m, mapping, lstart >> PAGE_SHIFT)
+    if folio is not None:
+        same_folio = lend < ((folio.index + folio.nr_pages) << PAGE_SHIFT)
+        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
+        if not await truncate_inode_partial_folio(m, folio, lstart, lend):
+            start = folio.index + folio.nr_pages
+            if same_folio:
+                end = folio.index
+        await _unlock_put(m, folio)
+    if not same_folio and lend < (1 << 62) - 1:
+        folio = await _lock_get(m, mapping, lend >> PAGE_SHIFT)
+        if folio is not None:
+            atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
+            if not await truncate_inode_partial_folio(m, folio, lstart, lend):
+                end = folio.index
+            await _unlock_put(m, folio)
+    # whole_folios: what the split left inside the range
+    while start < end:
+        again = False
+        for folio in filemap.folios_in_range(m, mapping, start, end):
+            folio = await _lock_get(m, mapping, max(folio.index, start))
+            if folio is None:
+                continue
+            if not folio.order:
+                await truncate_inode_folio(m, mapping, folio)
+            elif await truncate_inode_partial_folio(m, folio, lstart, lend) and not folio.order:
+                again = True  # split: pick up the new small folios
+            await _unlock_put(m, folio)
+            if again:
+                break
+        if not again:
+            break
+
+
+async def truncate_inode_pages_range(m, mapping, lstart: int, lend: int | None) -> None:
+    """truncate_inode_pages_range (shmem_truncate_range)."""
+    await shmem_undo_range(m, mapping.host, lstart, lend)
+
+
+async def shmem_setattr_size(m, inode, newsize: int) -> int | str:
+    """ftruncate: shmem_setattr's size change. Shrinking unmaps everything beyond the
+    new end (COW copies too) and truncates the page cache there. Context: takes
+    i_rwsem for write."""
+    if newsize < 0:
+        return "EINVAL"
+    await inode.i_rwsem.down_write("shmem_setattr")
+    old = inode.i_size
+    inode.i_size = newsize
+    if newsize < old:
+        holebegin = (newsize + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        await unmap_mapping_range(m, inode.mapping, holebegin, 0, True)
+        await shmem_undo_range(m, inode, newsize, None)
+        await unmap_mapping_range(m, inode.mapping, holebegin, 0, True)
+    await inode.i_rwsem.up_write()
+    return 0
+
+
+async def shmem_fallocate_punch_hole(m, inode, offset: int, length: int) -> int | str:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): shmem_fallocate's hole. Context: takes i_rwsem
+    and the mapping's invalidate_lock for write."""
+    if offset < 0 or length <= 0:
+        return "EINVAL"
+    await inode.i_rwsem.down_write("shmem_fallocate")
+    await inode.mapping.invalidate_lock.down_write("shmem_fallocate")
+    unmap_start = (offset + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    unmap_end = ((offset + length) & ~(PAGE_SIZE - 1)) - 1
+    if unmap_end > unmap_start:
+        await unmap_mapping_range(m, inode.mapping, unmap_start,
+                                  1 + unmap_end - unmap_start, False)
+    await shmem_undo_range(m, inode, offset, offset + length - 1)
+    await inode.mapping.invalidate_lock.up_write()
+    await inode.i_rwsem.up_write()
+    return 0
+
+
+# ------------------------------------------------------- page-cache split
+async def split_file_folio(m, folio: Page, new_order: int) -> int:
+    """__folio_split of a page-cache folio, uniformly to order 0: every mapping is
+    removed first (unmap_folio: try_to_unmap, a PMD zapped), the references frozen
+    (only the page cache's and the caller's may remain: -EAGAIN otherwise), then each
+    page becomes its own folio in the page cache, on the LRU beside the old head.
+    Counts thp_split_page / thp_split_page_failed for a PMD-size folio.
+    Context: folio locked, caller's reference held; takes i_mmap_rwsem (read), the
+    i_pages lock and the lru lock."""
+    from kmm import rmap
+    if new_order != 0 or not folio.order:
+        return -EINVAL
+    mapping = folio.mapping
+    if mapping is None:
+        return -EBUSY
+    pmd_order = folio.order == HPAGE_PMD_ORDER
+    if rmap.folio_mapped(folio):
+        await unmap_mapping_folio(m, folio)  # unmap_folio
+    await mapping.i_mmap_rwsem.down_read("__folio_split")
+    await mapping.i_pages_lock.lock("__folio_split")
+    isolated = 1 if folio.flags & PG_isolated else 0
+    ok = (not rmap.folio_mapped(folio)
+          and folio.refcount == folio.nr_pages + 1 + isolated)
+    if ok:
+        atomic.folio_ref_freeze_locked(folio)  # folio_ref_freeze: lookups now retry
+        await _split_locked(m, folio)
+    await mapping.i_pages_lock.unlock()
+    await mapping.i_mmap_rwsem.up_read()
+    if pmd_order:
+        m.vmstat.count_vm_event("thp_split_page" if ok else "thp_split_page_failed")
+    await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=0 if ok else -EAGAIN)
+    return 0 if ok else -EAGAIN
+
+
+async def _split_locked(m, folio: Page) -> None:
+    """__split_unmapped_folio + the page-cache side of __folio_split: new order-0
+    folios, each with its page-cache reference (the head keeps the caller's too), at
+    their indices; NR_SHMEM_THPS drops. Context: i_pages lock held, refs frozen."""
+    head, nr, index, mapping = folio.pfn, folio.nr_pages, folio.index, folio.mapping
+    filemap.shmem_stat(m, folio, -1)
+    lk = m.lruvec.lru_lock
+    await lk.lock("__folio_split")
+    on_lru = bool(folio.flags & PG_lru)
+    order = None
+    if on_lru:
+        name = swap.folio_lru_list(folio)
+        order = list(m.lruvec.lists[name])
+        swap.lruvec_del_folio(m, folio)
+    keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
+                          | PG_uptodate | PG_isolated)
+    pm = m.physmem
+    pages = []
+    for p in range(head, head + nr):  # __split_folio_to_order, on the frozen folio
+        page = atomic.init_page(
+            pm.page(p), head=p, order=0, flags=keep, mapping=mapping, index=index + p - head,
+            entire_mapcount=0, large_mapcount=0, nr_pages_mapped=0, on_deferred_list=False,
+            refcount=1 + (p == head))  # the page cache's; the head keeps the caller's
+        mapping.i_pages[page.index] = p
+        pages.append(page)
+    for page in pages:
+        filemap.shmem_stat(m, page, +1)
+    if on_lru:  # lru_add_split_folio: the tails follow the head
+        name = swap.folio_lru_list(pages[0])
+        lst = m.lruvec.lists[name]
+        at = order.index(head)
+        new_order = order[:at + 1] + list(range(head + 1, head + nr)) + order[at + 1:]
+        atomic.lru_splice_locked(lst, new_order)
+        for page in pages:
+            atomic.folio_set_flags_locked(page, PG_lru)
+        m.lruvec.nr_pages[name] += nr
+    elif keep & PG_isolated:
+        for page in pages[1:]:
+            atomic.folio_clear_flags_locked(page, PG_isolated)
+            swap.lruvec_add_folio(m, page)
+    await lk.unlock()
+    await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)

@@ -1,0 +1,170 @@
+"""shmem THP mechanics (issue 12): the page cache's references, file PMDs without a
+deposit, fork copying no file PMD, truncation splitting a page-cache THP, collapse_file
+replacing small folios, and the order policy. Expected values of host-visible behaviour
+come from the host recordings (workloads/shmem_*.oracle.json, memfd_*.oracle.json); these
+tests pin the internal state those recordings imply."""
+
+from __future__ import annotations
+
+from kmm import filemap, shmem
+from kmm.pgtable import HPAGE_PMD_NR, pmd_pfn, pmd_trans_huge
+from kmm.testing import run_machine
+
+MiB = 1 << 20
+
+
+def _pmd(m, mm, addr):
+    from kmm.memory import pmd_lookup
+    from kmm.pgtable import pmd_index
+    t = pmd_lookup(m, mm, addr)
+    return t, (m.physmem.tables[t][pmd_index(addr)] if t >= 0 else 0)
+
+
+def test_shared_write_maps_a_page_cache_thp_by_pmd_without_a_deposit():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 4096, value=7)
+        t, e = _pmd(m, p.task.mm, a)
+        folio = m.physmem.page(pmd_pfn(e))
+        inode = p.task.mm.vma_lookup(a).vm_file
+        return (pmd_trans_huge(e), m.physmem.pages[t].pt_deposit, folio.refcount,
+                folio.entire_mapcount, folio.mapping is inode.mapping,
+                inode.mapping.nrpages, p.task.mm.rss_shmem, p.task.mm.rss_anon,
+                m.vmstat.events["thp_file_alloc"], m.vmstat.events["thp_file_mapped"])
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    # 512 page-cache references + 1 for the PMD mapping; nothing deposited (x86)
+    assert r == (True, None, HPAGE_PMD_NR + 1, 1, True, HPAGE_PMD_NR, HPAGE_PMD_NR, 0, 1, 1)
+
+
+def test_fork_copies_no_file_pmd_and_the_child_refaults_it():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 4096, value=1)
+        c = await p.fork("c1")
+        before = _pmd(m, c.task.mm, a)[1]
+        await c.touch(a + 8192, 1, value=2)   # the child's write reaches the parent
+        got = await p.load(a + 8192)
+        folio = m.physmem.page(pmd_pfn(_pmd(m, p.task.mm, a)[1]))
+        return before, got[0], folio.entire_mapcount, m.vmstat.events["thp_file_mapped"]
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    assert r == (0, 2, 2, 2)
+
+
+def test_partial_dontneed_zaps_the_file_pmd_whole_and_keeps_the_data():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 2 * MiB, value=3, stride=64 << 10)
+        await p.madvise(a + MiB, 4096, "dontneed")
+        gone = _pmd(m, p.task.mm, a)[1]
+        rss = k.smaps(p, a, 2 * MiB)[0]
+        inode = p.task.mm.vma_lookup(a).vm_file
+        folio = filemap.filemap_get_entry(m, inode.mapping, 0)
+        ref = folio.refcount  # the page cache's only
+        back = await p.load(a + (64 << 10))  # refaults the whole PMD
+        return gone, rss, folio.order, ref, back[0], m.vmstat.events["thp_split_pmd"]
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    assert r == (0, 0, 9, HPAGE_PMD_NR, 3, 1)
+
+
+def test_punch_hole_splits_the_page_cache_thp_and_drops_the_hole():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        await p.touch(a, 2 * MiB, value=4, stride=64 << 10)
+        r = await p.fallocate_punch_hole(a, MiB, 64 << 10)
+        inode = p.task.files[a]
+        mp = inode.mapping
+        orders = {m.physmem.page(pfn).order for pfn in mp.i_pages.values()}
+        hole = [i for i in range(256, 272) if i in mp.i_pages]
+        cached = mp.nrpages
+        back = (await p.load(a + MiB))[0], (await p.load(a))[0]
+        return (r, orders, hole, cached, m.vmstat.events["thp_split_page"],
+                m.vmstat.node["nr_shmem_hugepages"], back)
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    assert r == (0, {0}, [], HPAGE_PMD_NR - 16, 1, 0, (0, 4))
+
+
+def test_ftruncate_shrinks_and_the_inode_dies_with_its_last_user():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(4 * MiB, backing="memfd")
+        await p.touch(a, 4 * MiB, value=5, stride=MiB)
+        inode = p.task.files[a]
+        await p.ftruncate(a, 3 * MiB)
+        after = inode.mapping.nrpages, inode.i_size
+        await p.exit()
+        return after, inode.evicted, inode.mapping.nrpages, m.vmstat.node["nr_shmem"]
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    assert r == ((HPAGE_PMD_NR + 256, 3 * MiB), True, 0, 0)
+
+
+def test_madvise_collapse_replaces_small_folios_and_maps_the_pmd():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 2 * MiB, value=6, stride=32 << 10)
+        mm = p.task.mm
+        tables_before = mm.nr_ptes
+        r = await p.madvise(a, 2 * MiB, "collapse")
+        e = _pmd(m, mm, a)[1]
+        folio = m.physmem.page(pmd_pfn(e))
+        back = (await p.load(a + (32 << 10)))[0], (await p.load(a + 4096))[0]
+        return (r, tables_before, mm.nr_ptes, folio.order, folio.refcount,
+                m.vmstat.events["thp_collapse_alloc"], back)
+    _, r = run_machine(fn, knobs={"shmem_enabled": "advise"})
+    assert r == (0, 1, 0, 9, HPAGE_PMD_NR + 1, 1, (6, 0))
+
+
+def test_order_policy_matches_the_kernel_table():
+    """shmem_allowable_huge_orders for anonymous shmem and for a memfd (the global knob
+    only, every file order), as the recordings show under each mode."""
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(3 * MiB, backing="shmem")
+        b = await p.mmap(3 * MiB, backing="memfd")
+        va, vb = p.task.mm.vma_lookup(a), p.task.mm.vma_lookup(b)
+        out = {}
+        for mode in shmem.SHMEM_ENABLED if hasattr(shmem, "SHMEM_ENABLED") else (
+                "always", "within_size", "advise", "never", "deny", "force"):
+            m.sysfs.write("shmem_enabled", mode)
+            out[mode] = tuple(
+                shmem.shmem_allowable_huge_orders(m, v.vm_file, v, idx, 0, False)
+                for v in (va, vb) for idx in (0, 512))
+        return out
+    _, r = run_machine(fn)
+    pmd, allf = 1 << 9, shmem.ALL_FILE_ORDERS
+    within = shmem.shmem_get_orders_within_size  # 768 pages: order 8 fits at 512
+    assert r["always"] == (pmd, pmd, allf, allf)
+    assert r["never"] == (0, 0, 0, 0)
+    assert r["deny"] == (0, 0, 0, 0)
+    assert r["force"] == (pmd, pmd, pmd, pmd)
+    assert r["advise"] == (0, 0, 0, 0)  # not madvised
+    # anonymous shmem: the global within_size allows (order 8 fits at 512), so the
+    # inherited PMD order is allowed too; the fault drops it as unsuitable for the VMA
+    assert r["within_size"][0] == pmd and r["within_size"][1] == pmd
+    assert r["within_size"][3] & (1 << 8) and not r["within_size"][3] & pmd
+    assert within
+
+
+def test_pageout_swaps_shmem_out_and_a_fault_reads_it_back_whole():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        await p.touch(a, 2 * MiB, value=9, stride=64 << 10)
+        await p.madvise(a, 2 * MiB, "pageout")
+        mp = p.task.files[a].mapping
+        out = (len(mp.swapped), mp.nrpages, m.vmstat.events["thp_swpout"],
+               m.vmstat.events["pswpout"], m.swap_info.inuse_pages)
+        back = (await p.load(a + (64 << 10)))[0]
+        folio = filemap.filemap_get_entry(m, mp, 0)
+        after = (len(mp.swapped), folio.order, m.vmstat.events["pswpin"],
+                 m.swap_info.inuse_pages)
+        await p.madvise(a, 2 * MiB, "pageout")
+        await p.fallocate_punch_hole(a, 0, 2 * MiB)  # truncation frees the slots
+        return out, back, after, (len(mp.swapped), m.swap_info.inuse_pages)
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"}, swap=64 * MiB)
+    assert r == ((HPAGE_PMD_NR, 0, 1, HPAGE_PMD_NR, HPAGE_PMD_NR), 9,
+                 (0, 9, HPAGE_PMD_NR, 0), (0, 0))

@@ -1,0 +1,69 @@
+"""kmm mutate (kmm/tools/mutate.py): the catalogue applies to this tree, a mutant is
+applied to a copy only, and one exploration kills a removed recheck."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from kmm.tools import cli
+from kmm.tools import mutate as mt
+from kmm.tools.mutate_catalogue import BY_NAME, MUTANTS
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_catalogue_has_every_class_and_applies_to_this_tree():
+    assert len(MUTANTS) >= 15
+    assert {m.kind for m in MUTANTS} >= {"recheck", "tlb-flush", "lock", "reference",
+                                        "revalidate", "lock-order"}
+    assert len({m.name for m in MUTANTS}) == len(MUTANTS)
+    assert mt.check_catalogue() == []
+    for mu in MUTANTS:
+        for prog in mu.programs:
+            assert (ROOT / "workloads" / prog).exists(), (mu.name, prog)
+        for t in mu.tests:
+            assert (ROOT / t).exists(), (mu.name, t)
+
+
+def test_mutant_edits_only_its_function():
+    mu = BY_NAME["wp_copy_no_pte_same"]
+    before = (ROOT / mu.file).read_text()
+    after = mt.mutate_source(before, mu)
+    assert after != before
+    changed = [i for i, (a, b) in enumerate(zip(before.splitlines(), after.splitlines()))
+               if a != b]
+    start, end = mt._function_span(__import__("ast").parse(before), mu.function)
+    assert changed and all(start - 1 <= i < end for i in changed)
+
+
+def test_an_edit_that_does_not_match_is_refused():
+    mu = mt.Mutant("x", "recheck", "kmm/memory.py", "do_anonymous_page",
+                   (("no such text", ""),), "")
+    with pytest.raises(mt.MutateError, match="occurs 0 times"):
+        mt.mutate_source((ROOT / mu.file).read_text(), mu)
+    with pytest.raises(mt.MutateError, match="refusing"):
+        mt.apply(BY_NAME["wp_copy_no_pte_same"], ROOT)
+
+
+def test_a_removed_recheck_is_killed_and_the_tree_is_untouched(capsys):
+    """One mutant, a tiny budget: the write-vs-write PTE race kills it by exploration."""
+    before = (ROOT / "kmm" / "memory.py").read_text()
+    rc = cli.main(["mutate", "anon_write_no_pte_none_recheck", "--budget", "5",
+                   "--no-tests", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "explore race_pte_fault.py random, schedule" in out
+    assert "killed 1/1 (100%)" in out
+    assert (ROOT / "kmm" / "memory.py").read_text() == before
+
+
+def test_a_survivor_is_reported_as_such():
+    kill = mt.Kill("m", "lock", explored=10)
+    assert not kill.killed and kill.describe().startswith("survived (10 schedules")
+    table = mt.format_table([kill, mt.Kill("n", "recheck", by="explore", program="p.py",
+                                           mode="pct", schedules=3, violation="data",
+                                           explored=23)])
+    assert "killed 1/2 (50%)" in table
+    assert "explore p.py pct, schedule 3 (23 run in all): data" in table
