@@ -21,40 +21,6 @@ writes struct-page fields of a page no other actor can reach yet.
 Operations (name; kernel primitive; point event, "-" for none, "step": a recorded
 step without a scheduling choice, docs/points.md):
 
-name                           kernel primitive                    point event
-=============================  ==================================  =====================
-entry_read                     READ_ONCE(*ptep) / pmdp_get         ``<level>_read``
-entry_set                      WRITE_ONCE / set_pte_at / set_pmd   ``set_<level>``
-entry_get_and_clear            xchg: ptep/pmdp_get_and_clear       ``<level>p_get_and_clear``
-entry_cmpxchg                  cmpxchg on an entry                 ``<level>_cmpxchg``
-set_ptes                       set_ptes of an mTHP under the ptl   ``set_ptes``
-set_ptes_table                 set_ptes into a withdrawn table     ``set_ptes``
-folio_ref_add                  folio_ref_add / folio_get           ``page_ref_mod``
-folio_put_testzero             folio_put_testzero / _refs (the     ``page_ref_mod``
-                               decrement of swap.folio_put)
-folio_ref_add_locked           folio_try_get inside a locked step  -
-folio_ref_freeze_locked        folio_ref_freeze (cmpxchg to 0)     -
-folio_ref_sub_locked           folio_put_testzero, not last ref    -
-mapcount_new_anon              __folio_add_new_anon_rmap           ``mapcount``
-mapcount_add_ptes              __folio_add_rmap (PTEs)             ``mapcount``
-mapcount_remove_ptes           __folio_remove_rmap (PTEs)          ``mapcount``
-mapcount_add_pmd               __folio_add_rmap (PMD)              ``mapcount``
-mapcount_remove_pmd            __folio_remove_rmap (PMD)           ``mapcount``
-mapcount_dup_ptes / _pmd       __folio_try_dup_anon_rmap           ``mapcount``
-folio_set_flags_locked         __folio_set_* / set_bit in a step   -
-folio_clear_flags_locked       __folio_clear_* / clear_bit         -
-folio_test_set_flags_locked    folio_test_set_* in a step          -
-pages_clear_flags_locked       clear_bit on each page of a folio   -
-ds_queue_add_locked            list_add_tail(&ds_queue), lock held -
-ds_queue_del_locked            list_del_init(_deferred_list)       -
-lru_add_locked / lru_del_locked  lruvec_add/del_folio, lru_lock    -
-lru_splice_locked              lru_add_split_folio                 -
-waitqueue_add / _remove / _pop  add_wait_queue / remove / wake_up  -
-pt_deposit_locked / withdraw   pgtable_trans_huge_deposit list ops  -
-prep_new_page                  prep_new_page, prep_compound_page   -
-init_page                      __split_folio_to_order, page-table ctor, migration  -
-=============================  ==================================  =====================
-=======
 =============================  ========================================  ======================
 name                           kernel primitive                          point event
 =============================  ========================================  ======================
@@ -375,8 +341,8 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
     else:
         folio.mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_pages", 1)
-    if folio.order:  # hugepages-<size>kB/stats/nr_anon
-        m.vmstat.mod_mthp_stat(folio.order, "nr_anon", 1)
+    if folio.order and folio.page_type != "hugetlb":  # hugepages-<size>kB/stats/nr_anon
+        m.vmstat.mod_mthp_stat(folio.order, "nr_anon", 1)  # (hugetlb_add_new_anon_rmap: not)
 
 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:

@@ -136,6 +136,17 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "a range)",
         "race_mthp_fault.py",
         "InvariantError: a page with a mapcount but not mapped; lost_bytes > 0"),
+    Bug("hugetlb_fault_no_mutex",
+        "hugetlb_fault (hugetlb_fault_mutex_table)",
+        "take the fault mutex hashed from (mapping, index) before reading the entry, and "
+        "hold it until the page is mapped",
+        "two faults on one hugetlb page would both go to hugetlb_no_page: the first "
+        "consumes the page's reservation and takes the pool's only page; the second, "
+        "finding the reservation consumed and the pool empty, fails the allocation and, "
+        "the entry still being none, sends SIGBUS although the page is being mapped "
+        "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
+        "race_hugetlb_fault.py",
+        "AssertionError: a writer died: Sigbus"),
     Bug("shmem_fault_no_truncate_recheck",
         "shmem_get_folio_gfp",
         "after folio_lock, check that the folio is still in this mapping and still "

@@ -20,7 +20,7 @@ from kmm import atomic, huge_memory_mthp, mmdebug, page_alloc, pgtable_generic a
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
-    VM_WRITE,
+    VM_HUGETLB, VM_WRITE,
 )
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
@@ -49,6 +49,8 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     if vma.vm_file is not None:
         from kmm import shmem
         return shmem.shmem_thp_vma_allowable(m, vma, tva)
+    if vma.flags & VM_HUGETLB:  # hugetlb VMAs are never THP-eligible
+        return False
     return bool(huge_memory_mthp.thp_vma_allowable_orders(m, vma, tva, 1 << HPAGE_PMD_ORDER))
 
 
@@ -914,6 +916,9 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
         vma = mm.vma_lookup(addr)
         if vma is None:
             break
+        if vma.flags & VM_HUGETLB:  # vma_not_suitable_for_thp_split
+            addr = vma.end
+            continue
         folio = None
         for _a, level, entry in pagewalk.walk_leaves(m, mm, addr, addr + PAGE_SIZE):
             if level == "pmd" and pmd_present(entry):

@@ -18,7 +18,7 @@ memcg charging (anon_fault_fallback_charge and swpin_fallback_charge never move)
 
 from __future__ import annotations
 
-from kmm.mm_types import VM_HUGEPAGE, VM_NOHUGEPAGE
+from kmm.mm_types import VM_HUGEPAGE, VM_HUGETLB, VM_NOHUGEPAGE
 from kmm.sysfs import ANON_ORDERS, HPAGE_PMD_ORDER, size_dir
 from kmm.vmstat import MTHP_ANON_STATS, MTHP_FILE_STATS
 
@@ -108,8 +108,8 @@ def __thp_vma_allowable_orders(m, vma, tva: str, orders: int) -> int:
     VM_NOHUGEPAGE refuses all; outside faults the VMA must hold a whole block of some
     order ending at vm_end, and (except smaps) have an anon_vma."""
     orders &= THP_ORDERS_ALL_ANON
-    if not orders or vma.flags & VM_NOHUGEPAGE:
-        return 0
+    if not orders or vma.flags & (VM_NOHUGEPAGE | VM_HUGETLB):
+        return 0  # VM_HUGETLB: hugetlb VMAs are never THP-eligible
     if tva != "pagefault":
         order = highest_order(orders)
         while orders:

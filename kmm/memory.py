@@ -18,12 +18,13 @@ memory_anon.alloc_anon_folio; large-folio swap-in is memory_swapin.py.
 from __future__ import annotations
 
 from kmm import (
-    atomic, huge_memory, huge_memory_mthp, memory_anon, memory_swapin, migrate, mmdebug,
-    page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
+    atomic, huge_memory, huge_memory_mthp, hugetlb_fault, memory_anon, memory_swapin,
+    migrate, mmdebug, page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
-    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
+    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct,
+    VmArea,
 )
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
@@ -166,6 +167,8 @@ async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
     mmdebug.mmap_assert_locked(m, vma.mm, "handle_mm_fault")
     m.vmstat.count_vm_event("pgfault")
     atomic.step(m.sched, "handle_mm_fault", 1, addr=addr, write=write)  # a tracepoint
+    if vma.flags & VM_HUGETLB:  # is_vm_hugetlb_page
+        return await hugetlb_fault.hugetlb_fault(m, vma, addr, write)
     return await __handle_mm_fault(m, vma, addr, write)
 
 
@@ -458,6 +461,8 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
 
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
+    if vma.flags & VM_HUGETLB:  # unmap_single_vma
+        return await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, start, end)
     mm = vma.mm
     if not tlbg.i_mmap_locked:
         mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
@@ -579,6 +584,8 @@ async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
 
     Context: both mmap_locks held for write.
     """
+    if src_vma.flags & VM_HUGETLB:
+        return await hugetlb_fault.copy_hugetlb_page_range(m, dst_vma, src_vma)
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     addr = src_vma.start
     while addr < src_vma.end:

@@ -81,6 +81,9 @@ OTHER_EVENTS: tuple[str, ...] = (
     "kswapd_high_wmark_hit_quickly",
     "pageoutrun",
     "allocstall_normal",
+    # hugetlb pool growth from the buddy allocator (mm/hugetlb.c)
+    "htlb_buddy_alloc_success",
+    "htlb_buddy_alloc_fail",
 )
 
 

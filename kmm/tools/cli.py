@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kmm.tools.scenario import ScenarioError
+from kmm.tools.scenario import ScenarioError, parse_size
 
 
 def summary(report: dict, title: str) -> str:
@@ -44,6 +44,15 @@ def summary(report: dict, title: str) -> str:
     if report.get("meminfo"):
         out.append("\nmeminfo (change over the run)")
         out.extend(f"  {k:<28} {v}" for k, v in report["meminfo"].items())
+    htlb = {n: (r.get("private_hugetlb_kb", 0), r.get("shared_hugetlb_kb", 0))
+            for n, r in report["regions"].items()
+            if r.get("private_hugetlb_kb") or r.get("shared_hugetlb_kb")}
+    if htlb:
+        out.append("\nhugetlb regions                   Private_Hugetlb  Shared_Hugetlb")
+        out.extend(f"  {n:<28} {p:>12} kB {sh:>12} kB" for n, (p, sh) in htlb.items())
+    if report.get("hugetlb_events"):
+        out.append("\nhugetlb events (change over the run): " + ", ".join(
+            f"{k} {v:+d}" for k, v in report["hugetlb_events"].items()))
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
     if locks:
         out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
@@ -367,6 +376,11 @@ def cmd_mutate(args) -> int:
     return mutate.cli(args)
 
 
+def cmd_compare(args) -> int:
+    from kmm.tools import compare
+    return compare.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -471,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--program", help="with --spawn: the program (default "
                    "workloads/redis_snapshot.py)")
     b.set_defaults(fn=cmd_bench)
+    cp = sub.add_parser("compare", help="one access pattern under THP (never, madvise, "
+                        "always, mTHP) and hugetlb, side by side")
+    cp.add_argument("workload", help="a preset (buffer_pool, sequential) or a scenario "
+                    "file whose mmap/touch/check/munmap steps are the pattern")
+    cp.add_argument("--json", action="store_true", help="print the figures as JSON")
+    cp.add_argument("--memory", type=lambda v: parse_size(v, file="--memory", step=None,
+                                                          key="memory"),
+                    default=512 << 20, help="emulated RAM (512MiB)")
+    cp.set_defaults(fn=cmd_compare)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

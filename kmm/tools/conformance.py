@@ -109,7 +109,7 @@ def _mthp(expected: dict | None, actual: dict) -> list[str]:
 
 
 CONTRACT = ("vmstat", "regions", "steps")
-EXTENSIONS = ("events", "meminfo")  # compared when either report has them
+EXTENSIONS = ("events", "meminfo", "hugetlb_events")  # compared when either report has them
 
 
 def compare(expected: dict, actual: dict) -> list[str]:
@@ -128,7 +128,8 @@ def compare(expected: dict, actual: dict) -> list[str]:
             out += _regions(e, a)
         elif section == "steps" and isinstance(e, list) and isinstance(a, list):
             out += _steps(e, a)
-        elif section in ("events", "meminfo") and isinstance(e, dict) and isinstance(a, dict):
+        elif section in ("events", "meminfo", "hugetlb_events") and isinstance(e, dict) \
+                and isinstance(a, dict):
             out += _events(e, a)
         elif e != a:
             out.append(f"{section}: expected {_show(e)}, got {_show(a)}")

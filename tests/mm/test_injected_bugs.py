@@ -31,6 +31,8 @@ CASES = {
     "split_pmd_no_tlb_flush": ("race_reclaim_split.py", 1, InvariantError,
                                "reads 0, was written"),
     "split_no_ref_freeze": ("race_cow_split.py", 3, KernelBug, "freeing in-use page"),
+    "hugetlb_fault_no_mutex": ("race_hugetlb_fault.py", 5, AssertionError,
+                               "a writer died: ProcessLookupError, Sigbus"),
     # random scheduling rarely opens this window (3,000 seeds did not); pct finds it
     # within a few hundred schedules (schedule 80 when recorded): the "seed" here is
     # the exploration budget
