@@ -111,9 +111,6 @@ def cmd_run(args) -> int:
     except remote.SpawnError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the child processes were killed on the way out
-        print("kmm: interrupted", file=sys.stderr)
-        return 130
     finally:
         if trace:
             trace.close()
@@ -293,8 +290,12 @@ def cmd_bugs(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
+def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command and its options (``kmm CMD --help``)."""
+    p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.",
+                                epilog="exit codes: 0 ok, 1 violation found or check failed, "
+                                "2 bad input, 3 an actor died, 130 interrupted, 143 "
+                                "terminated", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a scenario (.toml) or a program (.py)")
     r.add_argument("file")
@@ -365,12 +366,82 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--program", help="with --spawn: the program (default "
                    "workloads/redis_snapshot.py)")
     b.set_defaults(fn=cmd_bench)
+    for sp in (r, e, rp, o, b):
+        sp.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full Python stack (kmm's frames too)")
+    return p
+
+
+EXIT_CODES = {0: "ok", 1: "violation found or check failed (a program's own error too)",
+              2: "bad input (scenario, program, option, failure file)",
+              3: "an actor died (kernel BUG, a daemon or spawned actor failed)",
+              130: "interrupted (SIGINT)", 143: "terminated (SIGTERM)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``kmm`` command. Exit codes: EXIT_CODES (also in the README)."""
+    from kmm.tools import interrupt
+    p = build_parser()
     args = p.parse_args(argv)
+    interrupt.install()
+    try:
+        rc = _dispatch(args)
+        if not interrupt.caught():
+            sys.stdout.flush()
+    except BrokenPipeError:  # `kmm run ... | head`: the reader has gone; so do we
+        _quiet_stdout()
+        rc = 0
+    except BaseException as e:  # noqa: BLE001 - nothing but one line leaves the command
+        if not interrupt.caught():
+            raise
+        del e
+        rc = 0
+    finally:
+        _reap()
+    if interrupt.caught():
+        _quiet_stdout()
+        print(f"kmm: {interrupt.message()}", file=sys.stderr)
+        return interrupt.exit_code()
+    return rc
+
+
+def _quiet_stdout() -> None:
+    """No error at exit for output nobody reads (a closed pipe, an interruption)."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _reap() -> None:
+    """However the command ends, no spawned actor's process outlives it."""
+    mod = sys.modules.get("kmm.runtime.remote")
+    if mod is not None:
+        mod.reap_all()
+
+
+def _dispatch(args) -> int:
+    """Run the sub-command; bad input and user-code errors are one line (plus the
+    user's own frames), exit codes as EXIT_CODES."""
+    from kmm.tools import errors
     try:
         return args.fn(args)
     except ScenarioError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
+    except errors.UserCodeError as e:
+        if getattr(args, "traceback", False):
+            import traceback
+            traceback.print_exception(e.error, file=sys.stderr)
+        print(f"kmm: {e}", file=sys.stderr)
+        if not getattr(args, "traceback", False):
+            frames = e.frames()
+            if frames:  # the user's own stack, when the line names only its top
+                print(frames, file=sys.stderr)
+        return e.exit_code
     except FileNotFoundError as e:
         print(f"kmm: {e.filename}: no such file", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ them) and ``swap_kb`` per region.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import os
 import sys
 from typing import Any, Callable
 
@@ -22,6 +24,7 @@ from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
 from kmm.task_mmu import smaps_range
+from kmm.tools import errors
 from kmm.tools.scenario import Scenario, ScenarioError, step_range
 from kmm.workload import Kernel, Proc
 
@@ -219,7 +222,23 @@ async def start_daemons(k: Kernel, extra: list | None = None) -> None:
             d = await remote.start_exec_daemon(k.machine, cls[5:], daemon.DaemonContext)
             daemon.start_daemon(k.machine, d)
         else:
-            daemon.start_daemon(k.machine, cls())
+            d = cls()
+            if not remote.spawned(k.machine, d.name):
+                d.run = _named_actor(d.name, d.run)
+            daemon.start_daemon(k.machine, d)
+
+
+def _named_actor(name: str, run):
+    """A plug-in daemon's ``run`` in-process: its own exception names the actor (as a
+    spawned daemon's ChildDied does) instead of surfacing as a kernel traceback."""
+    async def named(ctx):
+        try:
+            return await run(ctx)
+        except Exception as e:
+            if errors.raised_by_user(e):
+                raise errors.DaemonError(name, e) from e
+            raise
+    return named
 
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
@@ -261,17 +280,41 @@ def run_machine(m: Machine, driver) -> None:
 
 
 def load_program(path: str):
-    """A workload program: a module with ``async def main(k)``."""
+    """A workload program: a module with ``async def main(k)``. A file that does not
+    exist, is not Python, fails on import or has no ``async def main`` is bad input:
+    ScenarioError, or ProgramLoadError with the program's own frames."""
+    if not os.path.isfile(path):
+        raise ScenarioError(path, None, None, "no such file" if not os.path.exists(path)
+                            else "not a file")
+    if not path.endswith(".py"):
+        raise ScenarioError(path, None, None, "not a program (a .py file with "
+                            "async def main(k))")
     spec = importlib.util.spec_from_file_location(f"kmm_program_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise ScenarioError(path, None, None, "cannot load as a Python module")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the program's own error on import: its frames, its name
+        raise errors.ProgramLoadError(path, e) from e
     main = getattr(mod, "main", None)
     if main is None:
         raise ScenarioError(path, None, "main", "a program defines async def main(k)")
+    if not inspect.iscoroutinefunction(main):
+        raise ScenarioError(path, None, "main", "must be a coroutine function: "
+                            "async def main(k), not def main(k)")
     return mod
+
+
+def program_failure(e: BaseException, path: str) -> BaseException:
+    """What an exception out of a program's run is: the program's own error
+    (ProgramError, naming it) or, raised inside kmm, the exception itself."""
+    if isinstance(e, errors.UserCodeError) or not isinstance(e, Exception):
+        return e
+    if errors.raised_by_user(e):
+        return errors.ProgramError(path, e)
+    return e
 
 
 def program_machine(mod, path: str) -> dict[str, int]:
@@ -322,7 +365,13 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         else:
             result["value"] = await mod.main(k)
 
-    run_machine(m, driver)
+    try:
+        run_machine(m, driver)
+    except Exception as e:
+        failure = program_failure(e, path)
+        if failure is e:
+            raise
+        raise failure from e
     for task in m.tasks.values():
         if task.alive and not task.regions:
             task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}

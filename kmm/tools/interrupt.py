@@ -1,0 +1,83 @@
+"""Ctrl-C and SIGTERM: one line, exit 128 + the signal's number, nothing left behind.
+
+An interruption is never a finding. ``install`` replaces the handlers of SIGINT and
+SIGTERM for the whole command: the first signal raises ``Interrupted`` (a
+KeyboardInterrupt, so ``except Exception`` in the tools never swallows it) wherever
+the main thread is; every later one is only remembered, so the clean-up that runs
+while the exception unwinds (killing and reaping children and pool workers, restoring
+host knobs) is not itself interrupted. Code that would otherwise record an outcome
+(an explored schedule's violation, a failure file) asks ``caught()`` first: a state
+corrupted by the exception landing half way through an operation is not a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_caught: int | None = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was interrupted by ``signum`` (SIGINT or SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _handler(signum, frame) -> None:
+    global _caught
+    if _caught is not None:  # the first one unwinds; the clean-up runs to its end
+        return
+    _caught = signum
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Take SIGINT and SIGTERM for this process (main thread only)."""
+    global _caught
+    _caught = None
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def caught() -> int | None:
+    """The signal that interrupted this command, if one did."""
+    return _caught
+
+
+def exit_code() -> int:
+    """130 for SIGINT, 143 for SIGTERM: the shell's 128 + signal number."""
+    return 128 + (_caught or signal.SIGINT)
+
+
+def message() -> str:
+    """The one line printed for an interruption."""
+    name = signal.Signals(_caught or signal.SIGINT).name
+    return "interrupted" if name == "SIGINT" else f"terminated ({name})"
+
+
+def worker_init() -> None:
+    """In a pool worker (a forked child): the parent alone reacts to Ctrl-C (the
+    terminal sends it to the whole process group) and kills the workers itself; a
+    worker whose parent vanished dies too (PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_pdeathsig()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """prctl(PR_SET_PDEATHSIG): this process gets ``sig`` when its parent exits."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the prctl
+        os._exit(1)
