@@ -188,8 +188,12 @@ def cmd_replay(args) -> int:
 def _explore_cli(args) -> int:
     import os
     from kmm.tools import explore as ex
+    if not os.path.exists(args.program):
+        print(f"kmm explore: {args.program}: no such file", file=sys.stderr)
+        return 2
     if not args.program.endswith(".py") or not os.path.isfile(args.program):
-        print(f"kmm explore: {args.program}: not a program file (.py)", file=sys.stderr)
+        print(f"kmm explore: {args.program}: not a program file (.py with async def "
+              "main(k))", file=sys.stderr)
         return 2
     if args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1):
         print("kmm explore: --schedules, --jobs and --depth must be at least 1",
@@ -225,15 +229,18 @@ def _explore_cli(args) -> int:
     print("  " + v["message"].replace("\n", "\n  "))
     mode, seed, params = ex.schedule_params(cfg, summ.first)
     fail = ex.run_schedule(cfg, mode, seed, params)
+    # a name of its own unless --out names one (then it is replaced, whole or not at all)
+    out = args.out or ex.failure_path(args.program, seed)
     if v["kind"] == "nondeterminism":
-        ex.write_failure(args.out, cfg, summ.first, ex.Outcome(
-            kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None)
+        ex.write_failure(out, cfg, summ.first, ex.Outcome(
+            kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None,
+            replace=bool(args.out))
     else:
         sched, mini = ex.minimize(cfg, seed, fail, budget=args.minimize_budget)
-        ex.write_failure(args.out, cfg, summ.first, fail, sched, mini)
+        ex.write_failure(out, cfg, summ.first, fail, sched, mini, replace=bool(args.out))
         print(f"minimized: {fail.preemptions} preemptions -> {mini.preemptions} "
               f"({len(sched)} forced choices), {mini.kind} at event {mini.seq}")
-    print(f"failure file: {args.out}   (kmm replay {args.out})")
+    print(f"failure file: {out}   (kmm replay {out})")
     return 1
 
 
@@ -264,7 +271,8 @@ def _replay_cli(args) -> int:
     else:
         print("no violation this time")
     print(f"trace sha256 {out.digest[:16]}: {why}")
-    return 0 if ok else 1
+    # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
+    return 1 if out.kind else 0
 
 
 def cmd_locks(args) -> int:
@@ -334,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inject", action="append", metavar="BUG",
                    help="turn on an injected bug (repeatable)")
     e.add_argument("--all", action="store_true", help="run every schedule and count")
-    e.add_argument("--out", default="FAILURE.jsonl", help="failure file (FAILURE.jsonl)")
+    e.add_argument("--out", help="failure file, replaced if it exists (default: a new "
+                   "FAILURE-<program>-<seed>.jsonl in the current directory)")
     e.add_argument("--check-determinism", action="store_true",
                    help="run every seed twice; a trace difference is a violation")
     e.add_argument("--check", default="op", choices=("point", "op", "end"),
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     from kmm.tools import interrupt
     p = build_parser()
     args = p.parse_args(argv)
-    interrupt.install()
+    saved = interrupt.install()
     try:
         rc = _dispatch(args)
         if not interrupt.caught():
@@ -398,9 +407,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = 0
     finally:
         _reap()
+        interrupt.restore(saved)
     if interrupt.caught():
         _quiet_stdout()
-        print(f"kmm: {interrupt.message()}", file=sys.stderr)
+        print(("\n" if sys.stderr.isatty() else "") + f"kmm: {interrupt.message()}",
+              file=sys.stderr)
         return interrupt.exit_code()
     return rc
 

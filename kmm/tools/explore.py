@@ -17,6 +17,9 @@ Violations have a kind:
                    check, or a program result whose ``lost_bytes`` / ``*_lost``
                    value is nonzero
 ``assertion``      an AssertionError raised by the program itself
+``program-error``  any other exception the program raised itself, a SIGSEGV or
+                   SIGBUS of its process, or a call the program API refused
+                   (kmm.tools.errors: the innermost frame is the program's)
 ``kernel-bug``     KernelBug or any other exception out of the mechanism
 ``nondeterminism`` two runs of the same seed gave different trace digests
 =================  ==========================================================
@@ -76,7 +79,7 @@ from kmm import testing
 from kmm.lockdep import LockdepSplat
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace
-from kmm.tools import runner
+from kmm.tools import errors, interrupt, runner
 from kmm.workload import Kernel
 
 FORMAT = "kmm-failure/1"
@@ -84,8 +87,8 @@ TAIL = 400                 # trace events kept in the failure file
 MODES = ("random", "pct", "preempt")
 CHECKS = ("point", "op", "end")
 DEFAULT_DEPTH = {"random": 1, "pct": 3, "preempt": 2}
-KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "kernel-bug",
-         "nondeterminism")
+KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "program-error",
+         "kernel-bug", "nondeterminism")
 
 
 class ExploreError(Exception):
@@ -238,6 +241,10 @@ def classify(e: BaseException, path: str) -> tuple[str, str]:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return "assertion", (f"{tb.filename}:{tb.lineno}: {tb.line}"
                              + (f" ({e})" if str(e) else ""))
+    if isinstance(e, errors.UserCodeError):
+        return "program-error", str(e)
+    if errors.raised_by_user(e):
+        return "program-error", str(errors.ProgramError(path, e))
     if isinstance(e, SchedError):
         return "kernel-bug", f"scheduler: {e}"
     return "kernel-bug", f"{type(e).__name__}: {e}"
@@ -286,6 +293,8 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         if lost:
             raise Violation("data", lost)
     except Exception as e:  # noqa: BLE001 - every exception is a finding
+        if interrupt.caught():  # the signal landed inside an operation: not a finding
+            raise interrupt.Interrupted(interrupt.caught()) from None
         out.kind, out.message = classify(e, cfg.program)
         out.seq = m.sched.seq
     s = m.sched
@@ -410,7 +419,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         chunk = max(1, min(16, schedules // (jobs * 8) or 1))
         starts = list(range(0, schedules, chunk))
         ctx = mp.get_context("fork")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with _Pool(jobs, ctx) as pool:
             pending: dict = {}
             nxt = 0
             while nxt < len(starts) or pending:
@@ -442,6 +451,43 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
     summ.seconds = time.perf_counter() - t0
     prog.update(summ.schedules, sum(summ.violations.values()), final=True)
     return summ
+
+
+class _Pool:
+    """A process pool whose workers never outlive the explorer: they ignore Ctrl-C
+    (the parent decides), die with the parent, and on any exception out of the
+    explorer (an interruption) are killed and reaped before it goes on unwinding."""
+
+    def __init__(self, jobs: int, ctx) -> None:
+        import concurrent.futures as cf
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                           initializer=interrupt.worker_init)
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.pool.shutdown(wait=True)
+            return
+        kill_pool(self.pool)
+
+
+def kill_pool(pool) -> None:
+    """SIGKILL every worker of a ProcessPoolExecutor and reap it; shut the pool."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            p.join()
+        except (OSError, ValueError, AssertionError):
+            pass
+    pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------- minimizer
@@ -505,7 +551,8 @@ def sha256_file(path: str) -> str:
 
 
 def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
-                  sched: list[tuple[str, str]] | None, mini: Outcome | None) -> dict:
+                  sched: list[tuple[str, str]] | None, mini: Outcome | None,
+                  replace: bool = True) -> dict:
     """The failure file (module docstring); returns its header."""
     mode, seed, params = schedule_params(cfg, i)
     head: dict[str, Any] = {
@@ -521,11 +568,40 @@ def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
         head["minimized"] = {"preemptions": [list(p) for p in sched or ()],
                              "count": mini.preemptions, "violation": mini.violation(),
                              "digest": mini.digest, "events": mini.seq}
-    with open(path, "w") as f:
-        f.write(json.dumps(head, sort_keys=True) + "\n")
-        for ev in (mini.events if mini is not None else ()):
-            f.write(json.dumps(ev, sort_keys=True) + "\n")
+    text = json.dumps(head, sort_keys=True) + "\n" + "".join(
+        json.dumps(ev, sort_keys=True) + "\n" for ev in (mini.events if mini is not None else ()))
+    publish(path, text, replace=replace)
     return head
+
+
+def publish(path: str, text: str, *, replace: bool = True) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename
+    (``replace``) or a link that fails if ``path`` exists; an interruption leaves no
+    partial file and never clobbers one."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def failure_path(program: str, seed: int) -> str:
+    """A failure file name of its own in the current directory:
+    FAILURE-<program>-<seed>.jsonl, then -2, -3 ... if taken (never overwritten)."""
+    stem = os.path.splitext(os.path.basename(program))[0]
+    base = f"FAILURE-{stem}-{seed}"
+    name, n = base + ".jsonl", 1
+    while os.path.exists(name):
+        n += 1
+        name = f"{base}-{n}.jsonl"
+    return name
 
 
 # ------------------------------------------------------------------------ replay

@@ -35,12 +35,19 @@ def _handler(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Take SIGINT and SIGTERM for this process (main thread only)."""
+def install() -> dict:
+    """Take SIGINT and SIGTERM for this process (main thread only); returns the
+    handlers they had, for ``restore``."""
     global _caught
     _caught = None
-    for sig in SIGNALS:
-        signal.signal(sig, _handler)
+    return {sig: signal.signal(sig, _handler) for sig in SIGNALS}
+
+
+def restore(saved: dict) -> None:
+    """Put back the handlers ``install`` replaced (the command is over; ``caught``
+    still tells whether it was interrupted)."""
+    for sig, old in saved.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def caught() -> int | None:
