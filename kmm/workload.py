@@ -13,14 +13,52 @@ emulated CPU (a separate actor), so two CPUs can fault the same range at once::
 
 Every write is remembered in a shadow copy per process (forked with the process), so
 ``Proc.verify`` and the invariant checker can prove that no byte was lost.
+
+Errors are raised as Python's own system calls raise them: a call the kernel refuses
+raises ``KmmError``, an ``OSError`` whose ``errno`` is the kernel's number and whose
+``errno_name`` is its name (``"EINVAL"``, ``"EAGAIN"``, ...), the call and its arguments
+in the message; an argument of the wrong type is a ``TypeError`` and an unknown advice
+or protection name a ``ValueError``, each naming the argument, before the kernel is
+entered (integers are passed as the syscall ABI passes them, as unsigned longs). An
+access the process may not make kills it with SIGSEGV (``kmm.Segv``); a fault that
+finds no memory runs the OOM killer (kmm.oom_kill), which may kill this process
+(``OomKilled``) or another. docs/program-api.md is the reference of every public call.
 """
 
 from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, task_mmu
+from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, oom_kill, task_mmu
+from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
 from kmm.pgtable import PAGE_SIZE
+
+__all__ = ["Kernel", "Proc", "KmmError", "OomKilled", "errno_name"]
+
+ULONG = (1 << 64) - 1
+
+
+def _ulong(name: str, value, arg: str) -> int:
+    """An integer argument as the syscall gets it (an unsigned long)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {arg} must be an int, not {type(value).__name__}")
+    return value & ULONG
+
+
+def _word(name: str, value, arg: str, table) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: {arg} must be a str (one of {', '.join(table)}), "
+                        f"not {type(value).__name__}")
+    if value not in table:
+        raise ValueError(f"{name}: {arg} {value!r} is not one of {', '.join(table)}")
+    return value
+
+
+def _check(name: str, r, args: str):
+    """A mechanism's result: an errno name raises KmmError, anything else is returned."""
+    if isinstance(r, str):
+        raise KmmError(r, f"{name}({args})")
+    return r
 
 
 class Kernel:
@@ -66,7 +104,7 @@ class Kernel:
             async def run():
                 try:
                     return await fn(i % self.cpus)
-                except (fault.Segv, fault.OutOfMemory) as e:
+                except (fault.Segv, fault.OutOfMemory, OomKilled, KmmError) as e:
                     return e
             return run
 
@@ -156,38 +194,55 @@ class Proc:
 
     def _alive(self) -> None:
         if not self.task.alive:
-            raise ProcessLookupError(f"process {self.name} has exited")
+            how = f"was killed by {self.task.signal}" if self.task.signal else "has exited"
+            raise ProcessLookupError(f"process {self.name} {how}")
 
     async def mmap(self, size: int, addr: int | None = None) -> int:
-        """An anonymous private read-write mapping; returns its address (or errno name)."""
+        """An anonymous private read-write mapping of ``size`` bytes at ``addr`` (default:
+        2 MiB-aligned above every mapping); returns its address. KmmError EINVAL (size 0,
+        unaligned addr), ENOMEM (beyond the address space), EEXIST (addr is mapped)."""
         self._alive()
+        size = _ulong("mmap", size, "size")
         if addr is None:
             addr = self._free_area(size)
+        addr = _ulong("mmap", addr, "addr")
         r = await mmap.do_mmap(self.m, self.task, addr, size)
         self.k._done()
-        return r
+        return _check("mmap", r, f"size={size:#x}, addr={addr:#x}")
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
         top = max((v.end for v in self.task.mm.vmas), default=0x2000_0000_0000)
         return (top + (4 << 20) - 1) & ~((2 << 20) - 1)
 
-    async def munmap(self, addr: int, length: int):
+    async def munmap(self, addr: int, length: int) -> int:
+        """munmap(addr, length): 0. KmmError EINVAL (unaligned addr, length 0)."""
         self._alive()
+        addr, length = _ulong("munmap", addr, "addr"), _ulong("munmap", length, "length")
         r = await mmap.do_munmap(self.m, self.task, addr, length)
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return r
+        return _check("munmap", r, f"{addr:#x}, {length:#x}")
 
-    async def mprotect(self, addr: int, length: int, prot: str):
+    async def mprotect(self, addr: int, length: int, prot: str) -> int:
+        """mprotect(addr, length, prot), prot one of "none", "r", "rw": 0. KmmError
+        EINVAL (unaligned), ENOMEM (a hole in the range)."""
         self._alive()
+        addr, length = _ulong("mprotect", addr, "addr"), _ulong("mprotect", length, "length")
+        prot = _word("mprotect", prot, "prot", tuple(mprotect.PROT))
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return r
+        return _check("mprotect", r, f"{addr:#x}, {length:#x}, {prot!r}")
 
-    async def madvise(self, addr: int, length: int, advice: str):
+    async def madvise(self, addr: int, length: int, advice: str) -> int:
+        """madvise(addr, length, advice), advice one of the names scenarios accept
+        (hugepage, nohugepage, dontneed, collapse, pageout, cold, free): 0. KmmError
+        with the kernel's errno (EINVAL, ENOMEM for a hole, EAGAIN/ENOMEM/EINVAL from
+        MADV_COLLAPSE)."""
         self._alive()
+        addr, length = _ulong("madvise", addr, "addr"), _ulong("madvise", length, "length")
+        advice = _word("madvise", advice, "advice", tuple(madvise.ADVICE))
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
             self._forget(addr, length)  # private anonymous memory reads back as zeros
@@ -196,12 +251,16 @@ class Proc:
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return r
+        return _check("madvise", r, f"{addr:#x}, {length:#x}, {advice!r}")
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
-        new address, or an errno name. The bytes written move with their pages."""
+        new address. KmmError EINVAL (bad or overlapping ranges), EFAULT (the source is
+        not one mapped VMA). The bytes written move with their pages."""
         self._alive()
+        addr = _ulong("mremap", addr, "addr")
+        old_len, new_len = _ulong("mremap", old_len, "old_len"), _ulong("mremap", new_len, "new_len")
+        new_addr = _ulong("mremap", new_addr, "new_addr")
         r = await mremap.do_mremap(self.m, self.task, addr, old_len, new_len, new_addr)
         if r == new_addr:
             keep = min(old_len, new_len)
@@ -212,12 +271,14 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return r
+        return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}")
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
         "pid,addr,end" to /sys/kernel/debug/split_huge_pages does; returns how many."""
         self._alive()
+        addr = _ulong("split_huge_page", addr, "addr")
+        length = _ulong("split_huge_page", length, "length")
         r = await huge_memory.split_huge_pages_pid(self.m, self.task, addr, addr + length)
         self.k._done()
         return r
@@ -233,7 +294,13 @@ class Proc:
                     sh.pop(a, None)
 
     async def fork(self, child: str) -> "Proc":
+        """fork(): the child process, named ``child`` (a new name), sharing every page
+        copy-on-write. ``OutOfMemory`` when the kernel cannot copy the address space."""
         self._alive()
+        if not isinstance(child, str) or not child:
+            raise TypeError(f"fork: child must be a process name (str), not {child!r}")
+        if child in self.m.tasks and self.m.tasks[child].alive:
+            raise ValueError(f"fork: child {child!r} names a live process")
         t = await fork.copy_process(self.m, self.task, child)
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
@@ -243,6 +310,7 @@ class Proc:
         return Proc(self.k, t, self.cpu)
 
     async def exit(self) -> None:
+        """exit(): the process's address space is torn down."""
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
@@ -256,13 +324,21 @@ class Proc:
     async def store(self, addr: int, data: bytes) -> None:
         """Write bytes (each page's part is one CPU store). SIGSEGV kills the process."""
         self._alive()
+        addr = _ulong("store", addr, "addr")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"store: data must be bytes, not {type(data).__name__}")
+        data = bytes(data)
         sh = self.k.shadow[self.name]
         i = 0
         try:
             while i < len(data):
                 a = addr + i
                 chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
-                await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                try:
+                    await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                except fault.OutOfMemory:
+                    await oom_kill.out_of_memory(self.m, self.task)  # then retry
+                    continue
                 lazy = self.k.lazy[self.name]
                 for j, b in enumerate(chunk):
                     sh[a + j] = b
@@ -274,13 +350,18 @@ class Proc:
         self.k._done()
 
     async def load(self, addr: int, n: int = 1) -> bytes:
+        """Read ``n`` bytes at ``addr``. SIGSEGV kills the process."""
         self._alive()
+        addr, n = _ulong("load", addr, "addr"), _ulong("load", n, "n")
         out = bytearray()
         try:
             while len(out) < n:
                 a = addr + len(out)
                 k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
-                out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
+                try:
+                    out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
+                except fault.OutOfMemory:
+                    await oom_kill.out_of_memory(self.m, self.task)  # then retry
         except fault.Segv:
             await self._kill("SIGSEGV")
             raise
@@ -290,23 +371,36 @@ class Proc:
     async def touch(self, addr: int, length: int, write: bool = True, value: int = 1,
                     stride: int = PAGE_SIZE) -> int:
         """One access per stride in [addr, addr+length): a byte ``value`` written, or a
-        byte read. Returns how many read bytes differed from ``value`` (reads only)."""
+        byte read. Returns how many read bytes differed from ``value`` (reads only).
+        SIGSEGV kills the process; a fault without memory runs the OOM killer."""
         self._alive()
+        addr, length = _ulong("touch", addr, "addr"), _ulong("touch", length, "length")
+        stride = _ulong("touch", stride, "stride")
+        if stride == 0:
+            raise ValueError("touch: stride must be above 0")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise ValueError(f"touch: value must be a byte (0..255), not {value!r}")
         sh = self.k.shadow[self.name]
         lazy = self.k.lazy[self.name]
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        a = addr
         try:
-            for a in range(addr, addr + length, stride):
-                if write:
-                    await fault.user_access(m, task, cpu, a, True, data)
-                    sh[a] = value
-                    if lazy:
-                        lazy.pop(a, None)
-                else:
-                    got = await fault.user_access(m, task, cpu, a, False, n=1)
-                    mismatches += got[0] != value
+            while True:
+                try:
+                    for a in range(a, addr + length, stride):
+                        if write:
+                            await fault.user_access(m, task, cpu, a, True, data)
+                            sh[a] = value
+                            if lazy:
+                                lazy.pop(a, None)
+                        else:
+                            got = await fault.user_access(m, task, cpu, a, False, n=1)
+                            mismatches += got[0] != value
+                    break
+                except fault.OutOfMemory:  # the OOM killer, then the access again
+                    await oom_kill.out_of_memory(m, task)
         except fault.Segv:
             await self._kill("SIGSEGV")
             raise

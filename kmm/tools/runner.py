@@ -26,7 +26,7 @@ from kmm.runtime.trace import Trace
 from kmm.task_mmu import smaps_range
 from kmm.tools import errors
 from kmm.tools.scenario import Scenario, ScenarioError, step_range
-from kmm.workload import Kernel, Proc
+from kmm.workload import Kernel, KmmError, OomKilled, Proc
 
 
 class NotSupported(ScenarioError):
@@ -91,11 +91,12 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": False, "error": "no such process"}
     p = Proc(k, task, 0)
     if step.op == "mmap":
-        r = await p.mmap(step.size, step.addr)
         # the region is reported even if the mmap failed (zeros), as the oracle does
         task.regions[step.region] = (step.addr, step.size)
-        if isinstance(r, str):
-            return {**res, "ok": False, "errno": r}
+        try:
+            await p.mmap(step.size, step.addr)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
         return {**res, "ok": True}
     if step.op == "fork":
         try:
@@ -124,20 +125,24 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op in ("munmap", "mprotect", "madvise"):
         try:
             if step.op == "munmap":
-                r = await p.munmap(start, length)
+                await p.munmap(start, length)
             elif step.op == "mprotect":
-                r = await p.mprotect(start, length, step.prot)
+                await p.mprotect(start, length, step.prot)
             else:
-                r = await p.madvise(start, length, step.advice)
+                await p.madvise(start, length, step.advice)
         except madvise.NotYetSupported as e:
             raise NotSupported(scenario.path, step.index, "advice", str(e)) from None
-        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     # touch / check
     try:
         n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
                           value=step.value, stride=step.stride)
     except fault.Segv:
         return {**res, "ok": False, "signal": "SIGSEGV"}
+    except OomKilled:  # the OOM killer chose this process (kmm.oom_kill), as Linux does
+        return {**res, "ok": False, "signal": "SIGKILL"}
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
@@ -361,7 +366,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
             from kmm.runtime import remote_cpu
             result["value"] = await remote_cpu.run_main(
-                k, path, Proc, (fault.Segv, fault.OutOfMemory))
+                k, path, Proc, (fault.Segv, fault.OutOfMemory, KmmError, OomKilled))
         else:
             result["value"] = await mod.main(k)
 

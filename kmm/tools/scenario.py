@@ -28,7 +28,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from kmm import sysfs
+from kmm import madvise, mprotect, sysfs
 from kmm.machine import MachineConfig  # the [machine] table
 
 REGION_BASE = 0x2000_0000_0000
@@ -41,8 +41,11 @@ _SIZE_RE = re.compile(r"(\d+)(KiB|MiB|GiB|TiB)?")
 # Names appear in report keys as "proc/region", so no slashes or blanks.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
-ADVICE = ("hugepage", "nohugepage", "dontneed", "collapse", "pageout", "cold", "free")
-PROT = ("none", "r", "rw")
+# The one table of advice and protection names: the program API checks against the
+# same (kmm.workload), the kernel's numbers beside them (kmm.madvise, kmm.mprotect).
+ADVICE = tuple(sorted(madvise.ADVICE, key=("hugepage", "nohugepage", "dontneed", "collapse",
+                                           "pageout", "cold", "free").index))
+PROT = tuple(mprotect.PROT)
 TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "steps")
 
 # The keys each op accepts besides "op" and "proc"; True marks a required key.
