@@ -73,6 +73,13 @@ def cmd_run(args) -> int:
     from kmm.tools.scenario import load_scenario
     from kmm import daemon
     from kmm.runtime import remote
+    if args.cpus is not None and args.cpus < 1:
+        print("kmm: --cpus must be at least 1", file=sys.stderr)
+        return 2
+    if args.daemon:  # module:Class from the current directory, as `python -m` finds it
+        import os
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
     try:
         plugins = [spec if spec.startswith("exec:") else daemon.load_daemon_spec(spec)
                    for spec in args.daemon or ()]
@@ -88,7 +95,9 @@ def cmd_run(args) -> int:
     if args.child_timeout is not None and not args.child_timeout > 0:
         print("kmm: --child-timeout must be a positive number of seconds", file=sys.stderr)
         return 2
-    spawned = dict(spawn=spawn, child_timeout=args.child_timeout)
+    spawned = dict(spawn=spawn, child_timeout=args.child_timeout,
+                   child_startup=args.child_timeout,
+                   warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
     trace = open(args.trace, "w") if args.trace else None
     try:
         if args.file.endswith(".py"):
@@ -132,9 +141,14 @@ def daemon_names(plugins) -> list[str]:
 def cmd_oracle(args) -> int:
     from kmm.tools import oracle
     from kmm.tools.scenario import load_scenario
+    if args.file.endswith(".py"):
+        print(f"kmm oracle: {args.file}: a program cannot run on the host kernel; the "
+              "oracle runs scenarios (.toml)", file=sys.stderr)
+        return 2
     sc = load_scenario(args.file)
     try:
-        rep = oracle.run_oracle(sc)
+        rep = oracle.run_oracle(sc, waiting=lambda text: print(f"kmm oracle: {text}",
+                                                               file=sys.stderr))
     except oracle.OracleError as e:
         print(f"kmm oracle: {e}", file=sys.stderr)
         return 2
@@ -195,8 +209,9 @@ def _explore_cli(args) -> int:
         print(f"kmm explore: {args.program}: not a program file (.py with async def "
               "main(k))", file=sys.stderr)
         return 2
-    if args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1):
-        print("kmm explore: --schedules, --jobs and --depth must be at least 1",
+    if (args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1)
+            or (args.cpus is not None and args.cpus < 1)):
+        print("kmm explore: --schedules, --jobs, --depth and --cpus must be at least 1",
               file=sys.stderr)
         return 2
     try:
@@ -321,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "daemons, or daemon names (khugepaged, kswapd, kcompactd, ...)")
     r.add_argument("--child-timeout", type=float, metavar="SECONDS",
                    help="a spawned actor silent this long (wall time) is reported as "
-                        f"hung (default {60:g})")
+                        f"hung (default {60:g}); given, it also bounds a child's start "
+                        "(the wait for its hello)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("daemons", help="list the installed daemons and their knobs")
     d.add_argument("--json", action="store_true")

@@ -50,10 +50,12 @@ def raised_by_user(e: BaseException) -> bool:
         return False
     if is_user_file(tb[-1].filename):
         return True
-    if os.path.abspath(tb[-1].filename) in _API_FILES:
-        # the API validating its arguments (KmmError and TypeError/ValueError raised there)
-        return len(tb) >= 2 and is_user_file(tb[-2].filename)
-    return False
+    # the API refusing a call (KmmError, or TypeError/ValueError naming an argument):
+    # the frames below the user's are all the API's
+    i = len(tb) - 1
+    while i >= 0 and os.path.abspath(tb[i].filename) in _API_FILES:
+        i -= 1
+    return i < len(tb) - 1 and i >= 0 and is_user_file(tb[i].filename)
 
 
 def _show_path(path: str) -> str:

@@ -689,22 +689,33 @@ def _check_host() -> None:
 
 
 @contextlib.contextmanager
-def _run_lock(timeout: float = 300.0):
-    """One oracle run at a time on this machine: runs share the knobs and the counters."""
+def _run_lock(timeout: float = 300.0, waiting=None):
+    """One oracle run at a time on this machine: runs share the knobs and the counters.
+    ``waiting(text)`` is told once if another run holds the lock (we wait for it)."""
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not told:
+                    told = True
+                    (waiting or _stderr)(
+                        f"waiting for another oracle run to finish (it holds {LOCK_PATH}; "
+                        f"up to {timeout:g} s)")
                 if time.monotonic() > deadline:
                     raise OracleError(f"another kmm oracle run holds {LOCK_PATH}") from None
                 time.sleep(0.05)
         yield
     finally:
         os.close(fd)
+
+
+def _stderr(text: str) -> None:
+    print(f"kmm oracle: {text}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -890,10 +901,11 @@ class _Run:
         return out
 
 
-def run_oracle(scenario: Scenario) -> dict:
-    """Run the scenario on the host kernel; return the report (design.md section 5)."""
+def run_oracle(scenario: Scenario, waiting=None) -> dict:
+    """Run the scenario on the host kernel; return the report (docs/report-format.md).
+    ``waiting(text)`` hears it once if another run holds the lock."""
     _check_host()
-    with _run_lock():
+    with _run_lock(waiting=waiting):
         knobs = HostKnobs()
         khugepaged = Khugepaged()
         decoy: Workers | None = None

@@ -249,7 +249,8 @@ def _named_actor(name: str, run):
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
                  cpus: int | None = None, daemons: list | None = None,
-                 inject=(), spawn=frozenset(), child_timeout: float | None = None
+                 inject=(), spawn=frozenset(), child_timeout: float | None = None,
+                 child_startup: float | None = None, warn: Callable | None = None
                  ) -> dict[str, Any]:
     """Run every step of a scenario on a fresh machine and return the report.
 
@@ -258,6 +259,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
     m = build_machine(scenario.machine, seed=seed, mode=mode, trace_file=trace_file,
                       knobs=scenario.knobs, cpus=cpus, inject=inject)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
+    m.child_startup = child_startup
     k = Kernel(m)
     steps: list[dict] = []
 
@@ -272,7 +274,20 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
                 check(m, k)
 
     run_machine(m, driver)
+    unspawned(m, warn)
     return report(m, k, steps)
+
+
+def unspawned(m: Machine, warn: Callable | None) -> None:
+    """--spawn named a daemon this run never started: nothing ran in a child for it."""
+    if warn is None:
+        return
+    ran = {a.name for a in m.sched.actors}
+    for name in sorted(set(m.spawn) - {"cpus", "daemons"} - ran):
+        how = (" (a program starts it with k.start_daemon(\"khugepaged\"); a scenario "
+               "with a khugepaged step)") if name == "khugepaged" else ""
+        warn(f"--spawn {name}: this run never started {name}, so nothing was spawned "
+             f"for it{how}")
 
 
 def run_machine(m: Machine, driver) -> None:
@@ -342,7 +357,8 @@ def program_machine(mod, path: str) -> dict[str, int]:
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
                 memory: int | None = None, trace_file=None,
                 check: Callable | None = None, daemons: list | None = None,
-                inject=(), spawn=frozenset(), child_timeout: float | None = None
+                inject=(), spawn=frozenset(), child_timeout: float | None = None,
+                child_startup: float | None = None, warn: Callable | None = None
                 ) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address.
 
@@ -356,6 +372,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
                       inject=inject)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
+    m.child_startup = child_startup
     k = Kernel(m)
     if check is not None:
         k.after_op = lambda: check(m, k)
@@ -377,6 +394,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if failure is e:
             raise
         raise failure from e
+    unspawned(m, warn)
     for task in m.tasks.values():
         if task.alive and not task.regions:
             task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}

@@ -388,6 +388,9 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     raw_steps = doc.get("steps", [])
     if not isinstance(raw_steps, list):
         raise ScenarioError(file, None, "steps", "must be an array of tables ([[steps]])")
+    if not raw_steps:  # an empty file runs nothing: surely not what was meant
+        raise ScenarioError(file, None, "steps", "no steps: a scenario needs at least one "
+                            "[[steps]] table (docs/scenario-format.md)")
     ns = _Namespace()
     cursor = [REGION_BASE]
     steps = tuple(_step(raw, i, file, ns, cursor) for i, raw in enumerate(raw_steps, start=1))
