@@ -120,7 +120,7 @@ KNOBS: dict[str, Knob] = {
     )
 }
 
-# The scenario tables map onto these directories (design.md section 4).
+# The scenario tables map onto these directories (docs/scenario-format.md).
 TABLES = {"thp": "", "khugepaged": "khugepaged/"}
 
 

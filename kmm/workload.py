@@ -74,6 +74,7 @@ class Kernel:
 
     @property
     def cpus(self) -> int:
+        """How many emulated CPUs the machine has."""
         return len(self.machine.cpus)
 
     async def process(self, name: str = "main") -> "Proc":
@@ -93,7 +94,11 @@ class Kernel:
         return task_mmu.smaps_range(self.machine, proc.task.mm, addr, addr + length)
 
     def proc(self, name: str) -> "Proc":
-        return Proc(self, self.machine.tasks[name], 0)
+        """The process named ``name`` (one this program created or forked), on CPU 0."""
+        task = self.machine.tasks.get(name) if isinstance(name, str) else None
+        if task is None:
+            raise KeyError(f"proc: no process named {name!r}")
+        return Proc(self, task, 0)
 
     async def parallel(self, *fns: Callable[[int], Awaitable[object]]) -> list:
         """Run fns[i](cpu) on CPU i (mod the CPU count), each as its own actor; wait
@@ -138,6 +143,7 @@ class Kernel:
         self.machine.sysfs.write(name, value)
 
     def knob(self, name: str):
+        """Read a /sys/kernel/mm/transparent_hugepage knob (as ``set_knob`` names it)."""
         return self.machine.sysfs[name]
 
     def vmstat(self) -> dict[str, int]:
@@ -187,9 +193,15 @@ class Proc:
 
     @property
     def name(self) -> str:
+        """The process's name."""
         return self.task.name
 
     def on(self, cpu: int) -> "Proc":
+        """The same process, its accesses made from CPU ``cpu`` (its TLB)."""
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise TypeError(f"on: cpu must be an int, not {type(cpu).__name__}")
+        if not 0 <= cpu < self.k.cpus:
+            raise ValueError(f"on: cpu {cpu} is not one of the machine's 0..{self.k.cpus - 1}")
         return Proc(self.k, self.task, cpu)
 
     def _alive(self) -> None:

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg = sub.add_parser("bugs", help="the injectable bugs for explore --inject, with the "
                         "kernel safeguard each removes")
     bg.set_defaults(fn=cmd_bugs)
-    b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
+    b = sub.add_parser("bench", help="measure the budgets of docs/budgets.md (emulated vs host fault cost, "
+                       "start-up, spawned actors)")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")

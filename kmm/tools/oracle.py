@@ -1,4 +1,4 @@
-"""Run a scenario on the host kernel and report what it did (design.md section 5).
+"""Run a scenario on the host kernel and report what it did (docs/report-format.md).
 
 The oracle is the emulator's ground truth: the same scenario file, run by real processes
 on the machine's own Linux, reported in the same shape as ``kmm run --json``.
@@ -30,7 +30,7 @@ How a run goes:
   huge zero folio when no mm holds it, so the run's first huge-zero use counts
   ``thp_zero_page_alloc`` 1 as it does on the emulator's freshly booted machine.
 
-* Issue 3 resources, set up only for the scenarios that need them and released on every
+* Swap, debugfs and memory-cgroup resources, set up only for the scenarios that need them and released on every
   exit path like the knobs (the file in /run notes each one as soon as it exists):
   ``[machine] swap`` > 0 makes a fresh zram device of that size the only swap (the run is
   refused if another swap is active or zswap is on), and the report gains ``swap_kb`` per

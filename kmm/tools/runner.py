@@ -1,6 +1,6 @@
 """Run a scenario (TOML) or a program (Python) on an emulated machine; build the report.
 
-The report has the shape of design.md section 5, which ``kmm oracle`` also prints:
+The report has the shape of docs/report-format.md, which ``kmm oracle`` also prints:
 ``vmstat`` (every thp_* counter, as the change over the run), ``regions`` (Rss and
 AnonHugePages per live process and region) and ``steps`` (one result per step). The
 extra keys ``locks`` (lock_stat rows), ``zone`` (/proc/buddyinfo, free pages,

@@ -1,4 +1,4 @@
-"""Load and validate scenario TOML files (design.md section 4).
+"""Load and validate scenario TOML files (docs/scenario-format.md).
 
 A scenario is a sequence of steps by named processes. Loading checks everything that can
 be checked without running it: the tables and keys, each value's type and range, the
@@ -9,7 +9,7 @@ outside the region, an unaligned length, a touch of unmapped memory) is left to 
 Every problem raises ``ScenarioError``, whose text is one line naming the file, the step
 number (for steps) and the key.
 
-Issue 3 adds two ops: ``split`` (keys region, offset, length, as munmap: split every THP
+Two ops act on the machine rather than a system call: ``split`` (keys region, offset, length, as munmap: split every THP
 mapped in the range, the kernel's debugfs split_huge_pages) and ``reclaim`` (no keys of
 its own: memory pressure on all the scenario's processes; its semantics are those of the
 oracle's ``memcg_reclaim``). ``[machine] swap`` is also the size of the oracle's swap
@@ -66,7 +66,7 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     "fork": {"child": True},
     "exit": {},
     "khugepaged": {"full_scans": False},
-    # issue 3: split every THP mapped in a range (the kernel's debugfs split_huge_pages),
+    # split every THP mapped in a range (the kernel's debugfs split_huge_pages),
     # and memory pressure on the scenario's processes (the shrinkers; see the oracle)
     "split": {"region": True, "offset": False, "length": False},
     "reclaim": {},
