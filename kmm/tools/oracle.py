@@ -523,6 +523,7 @@ class Workers:
             self.open_fds.update((cmd_r, cmd_w, res_r, res_w))
         self.by_name: dict[str, Worker] = {}
         self.order: list[Worker] = []
+        self.pgid: int | None = None
 
     def spawn(self, name: str) -> Worker:
         worker_fds = [fd for p in self.pipes for fd in (p[0], p[3])]
@@ -536,6 +537,9 @@ class Workers:
                  str(CLONE_PARENT | signal.SIGCHLD)],
                 {}, setsid=True,
             )
+            # the first worker leads a session and process group that every worker
+            # forked later joins: kill_all ends them all, known or not yet
+            self.pgid = pid
         finally:
             for fd in worker_fds:
                 os.set_inheritable(fd, False)
@@ -602,12 +606,25 @@ class Workers:
         return child
 
     def kill_all(self) -> None:
+        """SIGKILL and reap every worker: the known ones, and any a fork or a spawn
+        interrupted half way left unknown (they share the first worker's process group;
+        CLONE_PARENT made them our children)."""
+        if self.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
         for w in self.order:
             if w.alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     self._reap(w)
+        if self.pgid is not None:
+            while True:  # the unknown ones: our children in that group
+                try:
+                    if os.waitid(os.P_PGID, self.pgid, os.WEXITED) is None:
+                        break
+                except ChildProcessError:
+                    break
         for fd in self.open_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -782,15 +799,19 @@ def _setup_decoy() -> Workers:
     a MADV_HUGEPAGE VMA whose only aligned 2 MiB block has no page table, and one written
     page in the unaligned tail (a VMA needs an anon_vma to register)."""
     decoy = Workers(1)
-    w = decoy.spawn("decoy")
-    size = (2 << 20) + PAGE_SIZE
-    for op, *args in ((OP_MMAP, DECOY_ADDR, size),
-                      (OP_TOUCH, DECOY_ADDR + (2 << 20), DECOY_ADDR + size, PAGE_SIZE, 1, 1),
-                      (OP_MADVISE, DECOY_ADDR, size, MADV["hugepage"])):
-        status, err, _ = decoy.call(w, op, *args)
-        if status != 0:
+    try:  # the caller has no handle on it yet: an error (or Ctrl-C) here kills it here
+        w = decoy.spawn("decoy")
+        size = (2 << 20) + PAGE_SIZE
+        for op, *args in ((OP_MMAP, DECOY_ADDR, size),
+                          (OP_TOUCH, DECOY_ADDR + (2 << 20), DECOY_ADDR + size, PAGE_SIZE, 1, 1),
+                          (OP_MADVISE, DECOY_ADDR, size, MADV["hugepage"])):
+            status, err, _ = decoy.call(w, op, *args)
+            if status != 0:
+                raise OracleError(f"decoy setup failed: {errno_mod.errorcode.get(err, err)}")
+    except BaseException:
+        with _no_interrupts():
             decoy.kill_all()
-            raise OracleError(f"decoy setup failed: {errno_mod.errorcode.get(err, err)}")
+        raise
     return decoy
 
 

@@ -184,3 +184,47 @@ def _children_of(ppid: int) -> list[tuple[int, str]]:
             if int(rest[1]) == ppid:
                 out.append((int(d), rest[0]))
     return out
+
+
+def _host_knobs() -> dict[str, str] | None:
+    from kmm import sysfs
+    from kmm.tools import oracle
+    if not os.path.isdir(sysfs.THP_DIR) or os.geteuid() != 0:
+        return None
+    return {n: oracle.read_knob(n) for n in list(sysfs.KNOBS) + oracle._mthp_knobs()}
+
+
+@pytest.mark.skipif(_host_knobs() is None, reason="the oracle needs root and THP")
+def test_oracle_interrupted_at_seeded_points(tmp_path, monkeypatch, capsys, subreaper):
+    """kmm oracle: the signal at the N-th command to a host worker; the knobs are the
+    host's again, every worker reaped, one line."""
+    from kmm.tools import oracle
+    rng = random.Random("interrupt-oracle")
+    before = _host_knobs()
+    scenario = str(W / "dontneed_partial.toml")
+    interrupted = 0
+    for _ in range(3):
+        n, sig = rng.randint(1, 6), rng.choice([signal.SIGINT, signal.SIGTERM])
+        target, orig, count = os.getpid(), oracle.Workers.call, [0]
+
+        def call(self, w, op, *args, **kw):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(target, sig)
+            return orig(self, w, op, *args, **kw)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(oracle.Workers, "call", call)
+            rc = cli.main(["oracle", scenario, "--json"])
+        out, err = capsys.readouterr()
+        assert subreaper() == []
+        assert _host_knobs() == before
+        assert not os.path.exists(oracle.SAVED_PATH)
+        if rc in (130, 143):
+            interrupted += 1
+            assert rc == 128 + sig
+            assert err.splitlines()[-1] in ("kmm: interrupted", "kmm: terminated (SIGTERM)")
+            assert "Traceback" not in err and out == ""
+        else:
+            assert rc == 0, err
+    assert interrupted >= 1
