@@ -346,11 +346,18 @@ def program_machine(mod, path: str) -> dict[str, int]:
         raise ScenarioError(path, None, "MACHINE",
                             "must be a dict with keys memory, swap, cpus")
     out = {}
+    from kmm.tools.scenario import machine_size_error
     for key in ("memory", "swap"):
         if key in spec:
             out[key] = parse_size(spec[key], file=path, step=None, key=f"MACHINE.{key}")
+            why = machine_size_error(key, out[key])
+            if why:
+                raise ScenarioError(path, None, f"MACHINE.{key}", why)
     if "cpus" in spec:
-        out["cpus"] = spec["cpus"]
+        cpus = spec["cpus"]
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ScenarioError(path, None, "MACHINE.cpus", f"must be at least 1, not {cpus!r}")
+        out["cpus"] = cpus
     return out
 
 

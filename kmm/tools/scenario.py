@@ -241,6 +241,18 @@ def _load_toml(path: str) -> dict:
         raise ScenarioError(path, None, None, msg, line=line) from None
 
 
+MIN_MEMORY = 16 << 20  # the emulated machine's smallest (kmm.machine.Machine)
+
+
+def machine_size_error(key: str, n: int) -> str | None:
+    """What is wrong with a machine's ``memory`` or ``swap`` size, if anything."""
+    if key == "memory" and (n < MIN_MEMORY or n % PAGE_SIZE):
+        return f"must be a multiple of 4KiB and at least 16MiB, got {n}"
+    if key == "swap" and n and (n < 2 * PAGE_SIZE or n % PAGE_SIZE):
+        return f"must be 0 (no swap) or a multiple of 4KiB of at least 8KiB, got {n}"
+    return None
+
+
 def _machine(table: object, file: str) -> MachineConfig:
     if not isinstance(table, dict):
         raise ScenarioError(file, None, "machine", f"must be a table, not {_show(table)}")
@@ -251,8 +263,9 @@ def _machine(table: object, file: str) -> MachineConfig:
                 kw[key] = parse_size(v, file=file, step=None, key=key)
             except ScenarioError as e:
                 raise ScenarioError(file, None, key, e.message, table="machine") from None
-            if key == "memory" and kw[key] == 0:
-                raise ScenarioError(file, None, key, "must be above 0", table="machine")
+            why = machine_size_error(key, kw[key])
+            if why:
+                raise ScenarioError(file, None, key, why, table="machine")
         elif key == "cpus":
             kw[key] = _int(v, lo=1, hi=None, file=file, step=None, key=key, table="machine")
         elif key == "seed":

@@ -268,3 +268,22 @@ def test_oom_kills_the_process_as_linux_does(tmp_path):
     assert rep["steps"][6] == {"op": "check", "ok": True, "mismatches": 0}  # main lives
     assert rep["vm_events"]["oom_kill"] == 1
     assert list(rep["regions"]) == ["main/small"]
+
+
+def test_failure_files_never_overwrite_each_other(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real = tmp_path / "FAILURE.jsonl"
+    real.write_text("a user's earlier failure file\n")
+    args = ["explore", str(W / "race_fault_fault.py"), "--quiet", "--inject",
+            "huge_fault_no_pmd_none_recheck"]
+    assert cli.main(args) == 1
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["FAILURE-race_fault_fault-1-2.jsonl", "FAILURE-race_fault_fault-1.jsonl",
+                     "FAILURE.jsonl"]
+    assert real.read_text() == "a user's earlier failure file\n"
+    assert "failure file: FAILURE-race_fault_fault-1-2.jsonl" in out
+    # --out names the file: replaced, whole
+    assert cli.main(args + ["--out", "FAILURE.jsonl"]) == 1
+    assert json.loads(real.read_text().splitlines()[0])["format"] == ex.FORMAT
