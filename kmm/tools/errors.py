@@ -23,6 +23,20 @@ _SYSTEM_DIRS = tuple(sorted({os.path.abspath(p) + os.sep for p in (
     sysconfig.get_paths().get("stdlib", ""), sysconfig.get_paths().get("platstdlib", ""),
     sysconfig.get_paths().get("purelib", ""), sysconfig.get_paths().get("platlib", ""))
     if p}))
+
+def _package_dirs(name: str) -> tuple[str, ...]:
+    """Where an installed package of kmm's lives (kmm.daemons: the built-in daemons are
+    kmm's own code, not the user's)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return ()
+    locs = getattr(spec, "submodule_search_locations", None) or ()
+    return tuple(os.path.abspath(p) + os.sep for p in locs)
+
+
+_SYSTEM_DIRS += _package_dirs("kmm.daemons")
 # the program API: an exception raised here is a wrong call by the program
 _API_FILES = {os.path.join(_KMM_DIR, "workload.py")}
 

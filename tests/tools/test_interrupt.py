@@ -155,7 +155,7 @@ def test_sigterm_to_explore_pool_from_outside(tmp_path):
     import subprocess
     import sys
     p = subprocess.Popen([sys.executable, "-m", "kmm", "explore",
-                          str(W / "race_fault_collapse.py"), "--schedules", "200",
+                          str(W / "race_fault_collapse.py"), "--schedules", "400",
                           "--jobs", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()  # the first progress line: the pool is running
