@@ -409,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     from kmm.tools import interrupt
     p = build_parser()
     args = p.parse_args(argv)
+    command = argv is None  # the `kmm` process itself (not a call from a test)
+    if command:
+        interrupt.become_subreaper()
     saved = interrupt.install()
     try:
         rc = _dispatch(args)
@@ -424,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = 0
     finally:
         _reap()
+        if command:
+            interrupt.reap_children()
         interrupt.restore(saved)
     if interrupt.caught():
         _quiet_stdout()

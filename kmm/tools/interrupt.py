@@ -88,3 +88,51 @@ def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() == 1:  # the parent died before the prctl
         os._exit(1)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER): a descendant orphaned by a killed child (a spawned
+    program's branch whose process was SIGKILLed) becomes our child, not init's (which
+    here never reaps), so ``reap_children`` can end and reap it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def children() -> list[int]:
+    """The pids of this process's children (from /proc)."""
+    me, out = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for d in entries:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == me:
+            out.append(int(d))
+    return out
+
+
+def reap_children() -> None:
+    """At the very end of the command: any child still there is a leak; end and reap it."""
+    for pid in children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
