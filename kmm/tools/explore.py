@@ -419,7 +419,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         chunk = max(1, min(16, schedules // (jobs * 8) or 1))
         starts = list(range(0, schedules, chunk))
         ctx = mp.get_context("fork")
-        with _Pool(jobs, ctx) as pool:
+        with interrupt.WorkerPool(jobs, ctx) as pool:
             pending: dict = {}
             nxt = 0
             while nxt < len(starts) or pending:
@@ -451,43 +451,6 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
     summ.seconds = time.perf_counter() - t0
     prog.update(summ.schedules, sum(summ.violations.values()), final=True)
     return summ
-
-
-class _Pool:
-    """A process pool whose workers never outlive the explorer: they ignore Ctrl-C
-    (the parent decides), die with the parent, and on any exception out of the
-    explorer (an interruption) are killed and reaped before it goes on unwinding."""
-
-    def __init__(self, jobs: int, ctx) -> None:
-        import concurrent.futures as cf
-        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
-                                           initializer=interrupt.worker_init)
-
-    def __enter__(self):
-        return self.pool
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if kind is None:
-            self.pool.shutdown(wait=True)
-            return
-        kill_pool(self.pool)
-
-
-def kill_pool(pool) -> None:
-    """SIGKILL every worker of a ProcessPoolExecutor and reap it; shut the pool."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        try:
-            p.kill()
-        except (OSError, ValueError, AttributeError):
-            pass
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs:
-        try:
-            p.join()
-        except (OSError, ValueError, AssertionError):
-            pass
-    pool.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------- minimizer
@@ -570,26 +533,8 @@ def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
                              "digest": mini.digest, "events": mini.seq}
     text = json.dumps(head, sort_keys=True) + "\n" + "".join(
         json.dumps(ev, sort_keys=True) + "\n" for ev in (mini.events if mini is not None else ()))
-    publish(path, text, replace=replace)
+    interrupt.publish(path, text, replace=replace)
     return head
-
-
-def publish(path: str, text: str, *, replace: bool = True) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then a rename
-    (``replace``) or a link that fails if ``path`` exists; an interruption leaves no
-    partial file and never clobbers one."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def failure_path(program: str, seed: int) -> str:

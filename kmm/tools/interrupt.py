@@ -136,3 +136,58 @@ def reap_children() -> None:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+
+
+class WorkerPool:
+    """A process pool whose workers never outlive the explorer: they ignore Ctrl-C
+    (the parent decides), die with the parent, and on any exception out of the
+    explorer (an interruption) are killed and reaped before it goes on unwinding."""
+
+    def __init__(self, jobs: int, ctx) -> None:
+        import concurrent.futures as cf
+        self.pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                           initializer=worker_init)
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.pool.shutdown(wait=True)
+            return
+        kill_pool(self.pool)
+
+
+def kill_pool(pool) -> None:
+    """SIGKILL every worker of a ProcessPoolExecutor and reap it; shut the pool."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            p.join()
+        except (OSError, ValueError, AssertionError):
+            pass
+    pool.shutdown(wait=True)
+
+
+def publish(path: str, text: str, *, replace: bool = True) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename
+    (``replace``) or a link that fails if ``path`` exists; an interruption leaves no
+    partial file and never clobbers one."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
