@@ -36,6 +36,17 @@ class KmmError(OSError):
     def __reduce__(self):
         return (KmmError, (self.errno_name, self.call))
 
+    @classmethod
+    def _revive(cls, message: str) -> "KmmError":
+        """Rebuilt from ``str(e)`` (a spawned program's child gets the owner's error as
+        its message): "EINVAL: mmap(...): Invalid argument"."""
+        name, _, rest = message.partition(": ")
+        call = rest.rsplit(": ", 1)[0] if ": " in rest else ""
+        e = cls(name, call)
+        if str(e) != message:  # a detail the text does not rebuild: keep the message
+            e.strerror = message.partition(": ")[2]
+        return e
+
 
 class OomKilled(Exception):
     """The process was chosen by the OOM killer (kmm.oom_kill) and died of SIGKILL."""
@@ -47,6 +58,14 @@ class OomKilled(Exception):
                          f"oom_badness {points} pages)")
         self.task = task
         self.points = points
+
+    @classmethod
+    def _revive(cls, message: str) -> "OomKilled":
+        """Rebuilt from ``str(e)`` (see KmmError._revive)."""
+        import re
+        m = re.fullmatch(r"process (.*) killed by the OOM killer \(SIGKILL, oom_badness "
+                         r"(\d+) pages\)", message)
+        return cls(m.group(1), int(m.group(2))) if m else cls()
 
 
 async def errno_name(call: Awaitable) -> object:

@@ -217,9 +217,11 @@ def test_oracle_interrupted_at_seeded_points(tmp_path, monkeypatch, capsys, subr
             mp.setattr(oracle.Workers, "call", call)
             rc = cli.main(["oracle", scenario, "--json"])
         out, err = capsys.readouterr()
-        assert subreaper() == []
-        assert _host_knobs() == before
-        assert not os.path.exists(oracle.SAVED_PATH)
+        assert subreaper() == [], (n, sig, rc, err)
+        after = _host_knobs()
+        assert after == before, (n, sig, rc, err, {k: (before[k], after[k]) for k in before
+                                                  if before[k] != after[k]})
+        assert not os.path.exists(oracle.SAVED_PATH), (n, sig, rc, err)
         if rc in (130, 143):
             interrupted += 1
             assert rc == 128 + sig

@@ -287,3 +287,40 @@ def test_failure_files_never_overwrite_each_other(tmp_path, monkeypatch, capsys)
     # --out names the file: replaced, whole
     assert cli.main(args + ["--out", "FAILURE.jsonl"]) == 1
     assert json.loads(real.read_text().splitlines()[0])["format"] == ex.FORMAT
+
+
+KMMERROR_PROGRAM = """\
+from kmm import KmmError, errno_name
+
+async def main(k):
+    p = await k.process("main")
+    try:
+        await p.mmap(0)
+    except KmmError as e:
+        first = [e.errno_name, e.errno, str(e), isinstance(e, OSError)]
+    a = await p.mmap(2 << 20)
+    r = await errno_name(p.madvise(a + 1, 4096, "dontneed"))
+    try:
+        await p.madvise(a, 4096, "hugepages")
+    except ValueError as e:
+        bad = str(e)
+    res = await k.parallel(lambda cpu: p.on(cpu).munmap(a + 5, 4096),
+                           lambda cpu: p.on(cpu).touch(a, 4096))
+    return {"first": first, "r": r, "bad": bad,
+            "par": [type(x).__name__ if isinstance(x, Exception) else x for x in res]}
+"""
+
+
+@pytest.mark.parametrize("spawn", [False, True], ids=["in-process", "spawned"])
+def test_program_api_raises_kmmerror_with_the_errno_name(tmp_path, spawn):
+    """The same errors, caught the same way, whether the program's CPUs are spawned."""
+    from kmm.tools import runner
+    prog = write(tmp_path, "errs.py", KMMERROR_PROGRAM)
+    rep = runner.run_program(str(prog), spawn={"cpus"} if spawn else frozenset())
+    assert rep["result"] == {
+        "first": ["EINVAL", 22, "EINVAL: mmap(size=0x0, addr=0x200000200000): Invalid argument",
+                  True],
+        "r": "EINVAL",
+        "bad": "madvise: advice 'hugepages' is not one of dontneed, free, cold, pageout, "
+               "hugepage, nohugepage, collapse",
+        "par": ["KmmError", 0]}
