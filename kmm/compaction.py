@@ -29,20 +29,20 @@ from __future__ import annotations
 from collections import deque
 from enum import IntEnum
 
-from kmm import daemon, migrate, page_alloc, swap
+from kmm import atomic, migrate, page_alloc, swap, wait
 from kmm.gfp import GFP_KERNEL, gfp_compaction_allowed
 from kmm.mm_types import PG_head, PG_lru, PG_swapcache, PG_dirty, PG_writeback
 from kmm.page_alloc import (
     ALLOC_CMA, ALLOC_WMARK_MIN, NR_ORDERS, PAGE_ALLOC_COSTLY_ORDER, pageblock_nr_pages,
     pageblock_order,
 )
+from kmm.cost import COST_SCAN_PFN
 
 COMPACT_CLUSTER_MAX = 32       # SWAP_CLUSTER_MAX
 COMPACT_MAX_DEFER_SHIFT = 6
 COMPACTION_HPAGE_ORDER = pageblock_order
 sysctl_extfrag_threshold = 500  # /proc/sys/vm/extfrag_threshold
 KCOMPACTD_WAIT = "kcompactd_wait"
-COST_SCAN_PFN = 10             # ns per pfn a scanner examines
 
 
 class CompactResult(IntEnum):
@@ -135,14 +135,6 @@ def compact_gap(order: int) -> int:
     """compact_gap: free pages compaction needs beyond the watermark (2 << order: room
     for the targets while the sources are still held)."""
     return 2 << order
-
-
-async def _point(m, event: str, cost: int, **fields) -> None:
-    sched = m.sched
-    if sched.fast:
-        sched.tick(cost)
-    else:
-        await sched.point(event, cost, **fields)
 
 
 # ------------------------------------------------------------- suitability
@@ -347,7 +339,7 @@ async def isolate_migratepages_block(m, cc: CompactControl, low_pfn: int,
     if nr_isolated:
         m.vmstat.count_vm_event("compact_isolated", nr_isolated)
     cc.migrate_pfn = low_pfn
-    await _point(m, "mm_compaction_isolate_migratepages", steps * COST_SCAN_PFN,
+    await atomic.point(m.sched, "mm_compaction_isolate_migratepages", steps * COST_SCAN_PFN,
                  start_pfn=start_pfn, end_pfn=low_pfn, nr_scanned=nr_scanned,
                  nr_taken=nr_isolated)
 
@@ -417,7 +409,7 @@ async def isolate_freepages_block(m, cc: CompactControl, start_pfn: int, end_pfn
     cc.total_free_scanned += nr_scanned
     if total:
         m.vmstat.count_vm_event("compact_isolated", total)
-    await _point(m, "mm_compaction_isolate_freepages", steps * COST_SCAN_PFN,
+    await atomic.point(m.sched, "mm_compaction_isolate_freepages", steps * COST_SCAN_PFN,
                  start_pfn=start_pfn, end_pfn=blockpfn, nr_scanned=nr_scanned,
                  nr_taken=total)
     return total, blockpfn
@@ -543,7 +535,7 @@ async def compact_zone(m, cc: CompactControl) -> CompactResult:
     last_migrated_pfn = 0
     update_cached = not sync and (zone.compact_cached_migrate_pfn[0]
                                   == zone.compact_cached_migrate_pfn[1])
-    await _point(m, "mm_compaction_begin", 1, order=cc.order, mode=cc.mode,
+    await atomic.point(m.sched, "mm_compaction_begin", 1, order=cc.order, mode=cc.mode,
                  migrate_pfn=cc.migrate_pfn, free_pfn=cc.free_pfn)
     while (ret := compact_finished(cc)) == CR.COMPACT_CONTINUE:
         iteration_start_pfn = cc.migrate_pfn
@@ -590,7 +582,7 @@ async def compact_zone(m, cc: CompactControl) -> CompactResult:
     ev = m.vmstat
     ev.count_vm_event("compact_migrate_scanned", cc.total_migrate_scanned)
     ev.count_vm_event("compact_free_scanned", cc.total_free_scanned)
-    await _point(m, "mm_compaction_end", 1, order=cc.order, status=ret.name)
+    await atomic.point(m.sched, "mm_compaction_end", 1, order=cc.order, status=ret.name)
     return ret
 
 
@@ -615,7 +607,7 @@ async def try_to_compact_pages(m, order: int, gfp_mask: int, alloc_flags: int,
         return CR.COMPACT_SKIPPED
     zone = m.zone
     rc = CR.COMPACT_SKIPPED
-    await _point(m, "mm_compaction_try_to_compact_pages", 1, order=order, prio=prio.name)
+    await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order, prio=prio.name)
     if prio > MIN_COMPACT_PRIORITY and compaction_deferred(zone, order):
         return max(CR.COMPACT_DEFERRED, rc)
     status = await compact_zone_order(m, order, gfp_mask, prio, alloc_flags)
@@ -649,11 +641,11 @@ def wakeup_kcompactd(m, order: int) -> None:
     z = m.zone
     if z.kcompactd_max_order < order:
         z.kcompactd_max_order = order
-    if not m.waitqueues.get(KCOMPACTD_WAIT):  # wq_has_sleeper
+    if not wait.wq_has_sleeper(m, KCOMPACTD_WAIT):
         return
     if not kcompactd_node_suitable(m):
         return
-    daemon.wake_up(m, KCOMPACTD_WAIT)
+    wait.wake_up(m, KCOMPACTD_WAIT)
 
 
 async def kcompactd_do_work(m) -> CompactResult:
@@ -665,7 +657,7 @@ async def kcompactd_do_work(m) -> CompactResult:
                         ALLOC_WMARK_MIN, direct_compaction=False)
     ev = m.vmstat
     ev.count_vm_event("compact_daemon_wake")
-    await _point(m, "mm_compaction_kcompactd_wake", 1, order=cc.order)
+    await atomic.point(m.sched, "mm_compaction_kcompactd_wake", 1, order=cc.order)
     status = CR.COMPACT_SKIPPED
     if (not compaction_deferred(z, cc.order) and compaction_suit_allocation_order(
             z, cc.order, cc.alloc_flags, False, True) == CR.COMPACT_CONTINUE):

@@ -21,6 +21,8 @@ lists every call with its kernel counterpart.
 
 from __future__ import annotations
 
+from kmm import atomic, page_idle, wait
+from kmm.page_idle import PmdView
 import functools
 
 from dataclasses import dataclass
@@ -56,31 +58,6 @@ class ZoneState:
 
 
 @dataclass(frozen=True, slots=True)
-class PmdView:
-    """One 2 MiB block of an address space as the page tables map it.
-
-    ``kind`` is "none" (no PMD, or an empty one), "huge" (a PMD-mapped THP: ``pfn`` is
-    its head, ``young``/``dirty``/``writable`` the PMD's bits), "table" (a PTE table:
-    ``pfn`` is the table page; the counts sum its 512 entries) or "nonpresent" (a PMD
-    migration entry). ``ptes``, when asked for, has one ``[present, young, dirty, pfn]``
-    per PTE (pfn -1 when not present)."""
-
-    addr: int
-    kind: str
-    pfn: int = -1
-    young: bool = False
-    dirty: bool = False
-    writable: bool = False
-    present: int = 0      # present PTEs (the huge zero page's and the 4K zero page's too)
-    young_ptes: int = 0
-    dirty_ptes: int = 0
-    none_ptes: int = 0
-    swap_ptes: int = 0    # swap and migration entries
-    zero_ptes: int = 0    # present PTEs of the shared zero page
-    ptes: list | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class FolioView:
     """struct page and its folio, by pfn: ``head``/``order`` of the folio holding the
     page, the folio's refcount and mapcount (folio_ref_count, folio_mapcount), its PMD
@@ -108,16 +85,8 @@ _PAGE_FLAGS = ("head", "lru", "dirty", "referenced", "swapbacked", "anon_exclusi
                "writeback", "isolated", "unevictable")
 
 
-def wake_up(m, queue: str) -> bool:
-    """wake_up: wake every daemon waiting on the named waitqueue. True if one was."""
-    woken = False
-    for actor in m.waitqueues.pop(queue, []):
-        if m.sched.interrupt_sleep(actor):
-            woken = True
-        elif actor.state == "blocked" and actor.blocked_on == ("waitqueue", queue):
-            m.sched.wake(actor)
-            woken = True
-    return woken
+# wake_up and the waitqueues are mechanism (kmm.wait); re-exported for daemons' callers
+wake_up = wait.wake_up
 
 
 class DaemonContext:
@@ -139,18 +108,7 @@ class DaemonContext:
 
     async def wait(self, queue: str, timeout_ns: int | None = None) -> bool:
         """wait_event(_timeout) on a named waitqueue: True if woken, False on timeout."""
-        m = self._m
-        me = m.sched.current
-        m.waitqueues.setdefault(queue, []).append(me)
-        if timeout_ns is None:
-            await m.sched.block(("waitqueue", queue))
-            return True
-        await m.sched.sleep(timeout_ns)
-        waiters = m.waitqueues.get(queue, [])
-        if me in waiters:  # timed out: leave the queue
-            waiters.remove(me)
-            return False
-        return True
+        return await wait.wait_event(self._m, queue, timeout_ns)
 
     def knob(self, name: str):
         """A sysfs knob's current value (/sys/kernel/mm/transparent_hugepage/...)."""
@@ -291,56 +249,10 @@ class DaemonContext:
         per 2 MiB block the range touches (``ptes``: with every PTE). A snapshot taken
         between two points, as a lockless walk (pmdp_get_lockless, ptep_get_lockless)
         reads it; [] for a pid that has exited."""
-        from kmm import memory
-        from kmm.pgtable import (
-            HPAGE_PMD_MASK, PAGE_SIZE, is_swap_pte, pmd_dirty, pmd_index, pmd_none,
-            pmd_pfn, pmd_present, pmd_trans_huge, pmd_write, pmd_young, pte_dirty,
-            pte_none, pte_pfn, pte_present, pte_young, table_pfn,
-        )
-        m = self._m
         mm = self._mm(pid)
         if mm is None:
             return []
-        out = []
-        tables = m.physmem.tables
-        addr = start & HPAGE_PMD_MASK
-        while addr < end:
-            pmd_tbl = memory.pmd_lookup(m, mm, addr)
-            e = tables[pmd_tbl][pmd_index(addr)] if pmd_tbl >= 0 else 0
-            if pmd_none(e):
-                out.append(PmdView(addr, "none"))
-            elif not pmd_present(e):
-                out.append(PmdView(addr, "nonpresent"))
-            elif pmd_trans_huge(e):
-                out.append(PmdView(addr, "huge", pmd_pfn(e), pmd_young(e), pmd_dirty(e),
-                                   pmd_write(e), present=HPAGE_PMD_NR,
-                                   young_ptes=HPAGE_PMD_NR if pmd_young(e) else 0,
-                                   dirty_ptes=HPAGE_PMD_NR if pmd_dirty(e) else 0,
-                                   zero_ptes=HPAGE_PMD_NR if m.is_huge_zero_pfn(pmd_pfn(e)) else 0))
-            else:
-                tbl = table_pfn(e)
-                present = young = dirty = none = swap = zero = 0
-                rows = [] if ptes else None
-                for pte in tables[tbl]:
-                    if pte_present(pte):
-                        present += 1
-                        young += pte_young(pte)
-                        dirty += pte_dirty(pte)
-                        zero += m.is_zero_pfn(pte_pfn(pte))
-                        if rows is not None:
-                            rows.append([True, pte_young(pte), pte_dirty(pte), pte_pfn(pte)])
-                        continue
-                    if pte_none(pte):
-                        none += 1
-                    elif is_swap_pte(pte):
-                        swap += 1
-                    if rows is not None:
-                        rows.append([False, False, False, -1])
-                out.append(PmdView(addr, "table", tbl, present=present, young_ptes=young,
-                                   dirty_ptes=dirty, none_ptes=none, swap_ptes=swap,
-                                   zero_ptes=zero, ptes=rows))
-            addr += HPAGE_PMD_NR * PAGE_SIZE
-        return out
+        return page_idle.page_table_view(self._m, mm, start, end, ptes)
 
     def folio(self, pfn: int) -> FolioView | None:
         """struct page / folio of ``pfn`` (page_folio): None outside memory."""
@@ -362,80 +274,14 @@ class DaemonContext:
 
     async def clear_young(self, pid: int, start: int, end: int, flush: bool = False) -> list:
         """Test and clear the accessed bits of [start, end) in pid's address space, as
-        the page-idle and reclaim walkers do: ptep_test_and_clear_young on each PTE (on
-        x86 ptep_clear_flush_young does not flush either), pmdp_clear_flush_young on each
-        huge PMD (which flushes the 2 MiB range when it was young). A CPU holding the
-        translation in its TLB keeps using it without setting the bit again, so a hot
-        page can read as idle until the entry is evicted or flushed; ``flush`` pays for
-        a flush_tlb_mm_range of the range at the end (every CPU walks again on its next
-        access). Returns ``[addr, young]`` per 2 MiB block that has a table or a huge
-        PMD: PTEs found young, or 512 for a young huge PMD.
-
-        Context: takes the mmap lock for read, then each PMD or PTE lock; every entry
-        read and every clear is a preemption point."""
-        from kmm import memory, tlb
-        from kmm.pgtable import (
-            HPAGE_PMD_MASK, HPAGE_PMD_SIZE as SIZE, pmd_index, pmd_mkold, pmd_present,
-            pmd_trans_huge, pmd_young, pte_index, pte_mkold, pte_present, pte_young,
-        )
-        m = self._m
+        the page-idle and reclaim walkers do (kmm.page_idle.clear_young, which documents
+        the TLB caveat and the locking). Returns ``[addr, young]`` per 2 MiB block that
+        has a table or a huge PMD: PTEs found young, or 512 for a young huge PMD; []
+        for a pid that has exited."""
         mm = self._mm(pid)
         if mm is None:
             return []
-        out = []
-        await mm.mmap_lock.down_read("clear_young")
-        try:
-            addr = start & HPAGE_PMD_MASK
-            while addr < end:
-                vma = mm.find_vma(addr)
-                if vma is None or vma.start >= end:
-                    break
-                if vma.start >= addr + SIZE:
-                    addr = vma.start & HPAGE_PMD_MASK
-                    continue
-                pmd_tbl = memory.pmd_lookup(m, mm, addr)
-                if pmd_tbl >= 0:
-                    idx = pmd_index(addr)
-                    e = await m.entry_read("pmd", pmd_tbl, idx)
-                    if pmd_trans_huge(e) and pmd_present(e):
-                        ptl = m.table_lock(pmd_tbl)
-                        await ptl.lock("pmdp_clear_flush_young")
-                        young = await self._test_and_clear(m, "pmd", pmd_tbl, idx,
-                                                           pmd_young, pmd_mkold)
-                        await ptl.unlock()
-                        if young:
-                            await tlb.flush_tlb_mm_range(m, mm, addr, addr + SIZE)
-                        out.append([addr, HPAGE_PMD_NR if young else 0])
-                    elif e and pmd_present(e):
-                        res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
-                        if res is not None:
-                            tbl, ptl = res
-                            lo = pte_index(max(addr, start))
-                            hi = pte_index(min(addr + SIZE, end) - 1) + 1
-                            young = 0
-                            for i in range(lo, hi):
-                                young += await self._test_and_clear(
-                                    m, "pte", tbl, i, lambda p: pte_present(p) and pte_young(p),
-                                    pte_mkold)
-                            await ptl.unlock()
-                            out.append([addr, young])
-                addr += SIZE
-        finally:
-            await mm.mmap_lock.up_read()
-        if flush:
-            await tlb.flush_tlb_mm_range(m, mm, start, end)
-        return out
-
-    @staticmethod
-    async def _test_and_clear(m, level: str, tbl: int, idx: int, young, mkold) -> bool:
-        """test_and_clear_bit(_PAGE_BIT_ACCESSED): atomic against the hardware walker,
-        which sets the bit with a locked cmpxchg of its own."""
-        while True:
-            e = await m.entry_read(level, tbl, idx)
-            if not young(e):
-                return False
-            if await m.entry_cmpxchg(level, tbl, idx, e, mkold(e)):
-                return True
+        return await page_idle.clear_young(self._m, mm, start, end, flush)
 
     # -- act: collapse, split, reclaim
     async def collapse(self, pid: int, addr: int, mode: str = "khugepaged") -> str:
@@ -484,7 +330,7 @@ class DaemonContext:
             pmd_tbl = memory.pmd_lookup(m, mm, addr) if vma is not None else -1
             if pmd_tbl < 0:
                 return False
-            pmd = await m.entry_read("pmd", pmd_tbl, pmd_index(addr))
+            pmd = await atomic.entry_read(m, "pmd", pmd_tbl, pmd_index(addr))
             if not (pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd)):
                 return False
             await huge_memory.split_huge_pmd_address(m, vma, addr, False)

@@ -9,15 +9,15 @@ the access is retried. An access outside any VMA, or not allowed by it, is SIGSE
 
 from __future__ import annotations
 
-from kmm import memory, tlb
+from kmm import atomic, memory, tlb
 from kmm.mm_types import VM_EXEC, VM_READ, VM_WRITE
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER,
     PAGE_SHIFT, PMD_SHIFT, pgd_index, pmd_index, pmd_pfn, pte_index, pte_pfn,
     pud_index, table_pfn,
 )
+from kmm.cost import COST_ACCESS
 
-COST_ACCESS = 1
 # faults for one access before the soft-lockup watchdog fires: a fault that returns
 # without progress is retried, as the hardware would, forever
 FAULT_RETRY_LIMIT = 1000
@@ -45,24 +45,24 @@ def _usable(entry: int, write: bool) -> bool:
 async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
     """The hardware page walk: True once the TLB holds a usable translation, False
     when the access must fault, None when the entries changed under it (walk again)."""
-    pgde = e = await m.entry_read("pgd", mm.pgd, pgd_index(addr))
+    pgde = e = await atomic.entry_read(m, "pgd", mm.pgd, pgd_index(addr))
     if not _usable(e, write):
         return False
-    pude = e = await m.entry_read("pud", table_pfn(e), pud_index(addr))
+    pude = e = await atomic.entry_read(m, "pud", table_pfn(e), pud_index(addr))
     if not _usable(e, write):
         return False
     tbl, idx = table_pfn(e), pmd_index(addr)
-    pmde = e = await m.entry_read("pmd", tbl, idx)
+    pmde = e = await atomic.entry_read(m, "pmd", tbl, idx)
     if not _usable(e, write):
         return False
     huge = bool(e & _PAGE_PSE)
     if not huge:
         tbl, idx = table_pfn(e), pte_index(addr)
-        e = await m.entry_read("pte", tbl, idx)
+        e = await atomic.entry_read(m, "pte", tbl, idx)
         if not _usable(e, write):
             return False
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
-    if want != e and not await m.entry_cmpxchg("pmd" if huge else "pte", tbl, idx, e, want):
+    if want != e and not await atomic.entry_cmpxchg(m, "pmd" if huge else "pte", tbl, idx, e, want):
         return None  # changed under the walker: walk again
     if not _path_is(m, mm, addr, pgde, pude, pmde if not huge else want,
                     None if huge else want):
@@ -112,17 +112,13 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             pfn = e[0]
             off = addr & 4095
             if write:
-                if sched.fast:
-                    sched.tick(COST_ACCESS)
-                else:
+                if not atomic.ticked(sched, COST_ACCESS):
                     await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
                     if _tlb_lookup(cpu, mm.id, addr) != e:
                         continue  # shot down before the store: translate again
                 m.physmem.write(pfn, off, data)
                 return b""
-            if sched.fast:
-                sched.tick(COST_ACCESS)
-            else:
+            if not atomic.ticked(sched, COST_ACCESS):
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
                 if _tlb_lookup(cpu, mm.id, addr) != e:
                     continue  # shot down before the load: translate again

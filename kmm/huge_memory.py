@@ -14,7 +14,7 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
-from kmm import page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import atomic, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
@@ -31,8 +31,8 @@ from kmm.pgtable import (
     swp_type,
     _PAGE_SPECIAL,
 )
+from kmm.cost import COST_CLEAR_HUGE
 
-COST_CLEAR_HUGE = 100_000  # ns: clearing 2 MiB at ~20 GB/s
 
 
 # ------------------------------------------------------------ eligibility
@@ -102,7 +102,7 @@ async def mm_get_huge_zero_folio(m, mm) -> int:
             m.vmstat.count_vm_event("thp_zero_page_alloc_failed")
             return -1
         m.vmstat.count_vm_event("thp_zero_page_alloc")
-        m.physmem.page(pfn).page_type = "zero"
+        atomic.init_page(m.physmem.page(pfn), page_type="zero")  # the allocator's fresh folio
         m.huge_zero_pfn = pfn
         m.huge_zero_refcount = 1  # the global reference the shrinker drops
     m.huge_zero_refcount += 1
@@ -148,7 +148,7 @@ async def do_huge_pmd_anonymous_page(m, vmf) -> int:
         ptl = m.table_lock(vmf.pmd_tbl)
         await ptl.lock("do_huge_pmd_anonymous_page")
         done = False
-        if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+        if pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
             await set_huge_zero_folio(m, pgtable, mm, vma, haddr, vmf.pmd_tbl,
                                       vmf.pmd_idx, zero)
             done = True
@@ -165,7 +165,7 @@ async def set_huge_zero_folio(m, pgtable: int, mm, vma, haddr: int, pmd_tbl: int
     deposited table. Context: PMD lock held."""
     entry = pfn_pmd(zero_pfn, vma.page_prot) | _PAGE_SPECIAL
     await pgg.pgtable_trans_huge_deposit(m, mm, pmd_tbl, pgtable)
-    await m.entry_set("pmd", pmd_tbl, idx, entry)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
     mm.nr_ptes += 1
 
 
@@ -191,7 +191,7 @@ async def map_anon_folio_pmd_nopf(m, pfn: int, pmd_tbl: int, idx: int, vma,
         entry = pmd_mkwrite(entry)
     await rmap.folio_add_new_anon_rmap(m, folio, vma, haddr, pmd=True)
     await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
-    await m.entry_set("pmd", pmd_tbl, idx, entry)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
     await deferred_split_folio(m, folio, False)
 
 
@@ -215,17 +215,17 @@ async def __do_huge_pmd_anonymous_page(m, vmf, haddr: int) -> int:
     deposit = not bugs or "huge_fault_no_deposit" not in bugs  # kmm.bugs
     pgtable = await m.pte_alloc_one(mm, "pte") if deposit else 0
     if pgtable < 0:
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return memory.VM_FAULT_OOM
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("__do_huge_pmd_anonymous_page")
-    if (not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx))
+    if (not pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx))
             and (not bugs or "huge_fault_no_pmd_none_recheck" not in bugs)):
         # a racing fault installed a PTE table or a THP first: refault onto it
         await ptl.unlock()
         if deposit:
             await m.pte_free(mm, pgtable)
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return 0
     if deposit:
         await pgg.pgtable_trans_huge_deposit(m, mm, vmf.pmd_tbl, pgtable)
@@ -240,13 +240,13 @@ async def huge_pmd_set_accessed(m, vmf) -> None:
     """huge_pmd_set_accessed: young, and dirty only for a write (CVE-2017-1000405)."""
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("huge_pmd_set_accessed")
-    cur = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+    cur = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if cur == vmf.orig_pmd:
         entry = pmd_mkyoung(cur)
         if vmf.write:
             entry = pmd_mkdirty(entry)
         if entry != cur:
-            await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
     await ptl.unlock()
 
 
@@ -254,7 +254,7 @@ async def pmd_migration_entry_wait(m, vmf) -> None:
     """pmd_migration_entry_wait: sleep until the folio under migration is unlocked."""
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("pmd_migration_entry_wait")
-    cur = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+    cur = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     await ptl.unlock()
     if is_pmd_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))
@@ -291,7 +291,7 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("do_huge_pmd_wp_page")
     recheck = not m.bugs or "huge_wp_no_pmd_same_recheck" not in m.bugs  # kmm.bugs
-    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
+    if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
         await ptl.unlock()
         return 0
     folio = m.physmem.page(pmd_pfn(orig))
@@ -299,21 +299,21 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
     if not reuse:
         lk = m.folio_lock_of(folio)
         if not await lk.trylock("do_huge_pmd_wp_page"):
-            await m.folio_ref_add(folio, 1)
+            await atomic.folio_ref_add(m, folio, 1)
             await ptl.unlock()
             await lk.lock("do_huge_pmd_wp_page")
             await ptl.lock("do_huge_pmd_wp_page")
-            if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
+            if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != orig and recheck:
                 await ptl.unlock()
                 await lk.unlock()
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
                 return 0
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
         if folio.flags & PG_anon_exclusive:
             reuse = True
         elif folio.refcount == 1:
-            folio.anon_vma = vma.anon_vma  # folio_move_anon_rmap
-            folio.flags |= PG_anon_exclusive
+            atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma)  # folio_move_anon_rmap
+            atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
             reuse = True
         await lk.unlock()
     if reuse:
@@ -322,7 +322,7 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
         if vma.flags & VM_WRITE:
             entry = pmd_mkwrite(entry)
         if entry != orig:
-            await m.entry_set("pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)  # pmdp_set_access_flags
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)  # pmdp_set_access_flags
         await ptl.unlock()
         return 0
     await ptl.unlock()
@@ -340,9 +340,9 @@ async def do_huge_zero_wp_pmd(m, vmf, haddr: int) -> int:
         return memory.VM_FAULT_FALLBACK
     ptl = m.table_lock(vmf.pmd_tbl)
     await ptl.lock("do_huge_zero_wp_pmd")
-    if await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pmd:
+    if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pmd:
         await ptl.unlock()
-        await m.folio_put(m.physmem.page(pfn))
+        await swap.folio_put(m, m.physmem.page(pfn))
         return 0
     await pgg.pmdp_huge_clear_flush(m, vma, haddr, vmf.pmd_tbl, vmf.pmd_idx)
     await map_anon_folio_pmd(m, pfn, vmf.pmd_tbl, vmf.pmd_idx, vma, haddr)
@@ -367,18 +367,18 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
     src_ptl = m.table_lock(src_pmd)
     await dst_ptl.lock("copy_huge_pmd")
     await src_ptl.lock("copy_huge_pmd", subclass=1)  # SINGLE_DEPTH_NESTING
-    pmd = await m.entry_read("pmd", src_pmd, idx)
+    pmd = await atomic.entry_read(m, "pmd", src_pmd, idx)
     ret = 1
     if is_swap_pmd(pmd):
         if is_pmd_migration_entry(pmd):
             if is_writable_migration_entry(pmd):
                 # make_readable_migration_entry: both sides must fault to write
                 pmd = swp_entry(SWP_MIGRATION_READ, swp_offset(pmd))
-                await m.entry_set("pmd", src_pmd, idx, pmd)
+                await atomic.entry_set(m, "pmd", src_pmd, idx, pmd)
             dst_mm.rss_anon += HPAGE_PMD_NR
             dst_mm.nr_ptes += 1
             await pgg.pgtable_trans_huge_deposit(m, dst_mm, dst_pmd, pgtable)
-            await m.entry_set("pmd", dst_pmd, idx, pmd)
+            await atomic.entry_set(m, "pmd", dst_pmd, idx, pmd)
             ret = 0
     elif not pmd_trans_huge(pmd):
         await src_ptl.unlock()
@@ -390,15 +390,15 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
             await mm_get_huge_zero_folio(m, dst_mm)
         else:
             folio = m.physmem.page(pmd_pfn(pmd))
-            await m.folio_ref_add(folio, 1)
+            await atomic.folio_ref_add(m, folio, 1)
             await rmap.folio_try_dup_anon_rmap_pmd(m, folio)
             dst_mm.rss_anon += HPAGE_PMD_NR
         dst_mm.nr_ptes += 1
         await pgg.pgtable_trans_huge_deposit(m, dst_mm, dst_pmd, pgtable)
         if pmd_write(pmd):
             pmd = pmd_wrprotect(pmd)
-            await m.entry_set("pmd", src_pmd, idx, pmd)  # pmdp_set_wrprotect
-        await m.entry_set("pmd", dst_pmd, idx, pmd_mkold(pmd))
+            await atomic.entry_set(m, "pmd", src_pmd, idx, pmd)  # pmdp_set_wrprotect
+        await atomic.entry_set(m, "pmd", dst_pmd, idx, pmd_mkold(pmd))
         ret = 0
     await src_ptl.unlock()
     await dst_ptl.unlock()
@@ -412,12 +412,12 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
     mm = vma.mm
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("zap_huge_pmd")  # __pmd_trans_huge_lock
-    cur = await m.entry_read("pmd", pmd_tbl, idx)
+    cur = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if not (is_swap_pmd(cur) or pmd_trans_huge(cur)) and (
             not m.bugs or "zap_huge_pmd_no_recheck" not in m.bugs):  # kmm.bugs
         await ptl.unlock()
         return False
-    orig = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+    orig = await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
     tlbg.track(addr, addr + HPAGE_PMD_SIZE)
     if (not m.bugs or "huge_fault_no_deposit" not in m.bugs
             or m.physmem.pages[pmd_tbl].pt_deposit):
@@ -429,7 +429,7 @@ async def zap_huge_pmd(m, tlbg, vma, pmd_tbl: int, idx: int, addr: int) -> bool:
             folio = m.physmem.page(pmd_pfn(orig))
             await rmap.folio_remove_rmap_pmd(m, folio)
             if pmd_dirty(orig):
-                folio.flags |= PG_dirty
+                atomic.folio_set_flags_locked(folio, PG_dirty)
             tlbg.folios.append((folio, 1))
         mm.rss_anon -= HPAGE_PMD_NR
     await ptl.unlock()
@@ -448,7 +448,7 @@ async def __split_huge_pmd(m, vma, pmd_tbl: int, idx: int, address: int,
 
 async def split_huge_pmd_locked(m, vma, haddr: int, pmd_tbl: int, idx: int,
                                 freeze: bool) -> None:
-    pmd = await m.entry_read("pmd", pmd_tbl, idx)
+    pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd):
         await split_pmd_locked(m, vma, pmd_tbl, idx, haddr, freeze)
 
@@ -462,7 +462,7 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     """
     mm = vma.mm
     m.vmstat.count_vm_event("thp_split_pmd")
-    pmd = await m.entry_read("pmd", pmd_tbl, idx)
+    pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if is_huge_zero_pmd(m, pmd):
         await __split_huge_zero_page_pmd(m, vma, haddr, pmd_tbl, idx)
         return
@@ -481,13 +481,13 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         folio = m.physmem.page(pfn)
         dirty = pmd_dirty(old)
         if dirty:
-            folio.flags |= PG_dirty
+            atomic.folio_set_flags_locked(folio, PG_dirty)
         write, young = pmd_write(old), pmd_young(old)
         exclusive = bool(folio.flags & PG_anon_exclusive)
         if freeze and exclusive:
-            folio.flags &= ~PG_anon_exclusive  # folio_try_share_anon_rmap_pmd (no pins)
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)  # folio_try_share_anon_rmap_pmd (no pins)
         if not freeze:
-            await m.folio_ref_add(folio, HPAGE_PMD_NR - 1)
+            await atomic.folio_ref_add(m, folio, HPAGE_PMD_NR - 1)
             await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, HPAGE_PMD_NR, exclusive)
     if (m.bugs and "huge_fault_no_deposit" in m.bugs
             and not m.physmem.pages[pmd_tbl].pt_deposit):
@@ -500,8 +500,8 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     if any(table):
         m.bug(f"split: withdrawn table {pgtable:#x} is not empty")
     if freeze or migration:
-        for i in range(HPAGE_PMD_NR):
-            table[i] = make_migration_entry(pfn + i, write, exclusive, young, dirty)
+        entries = [make_migration_entry(pfn + i, write, exclusive, young, dirty)
+                   for i in range(HPAGE_PMD_NR)]
     else:
         entry = pfn_pte(pfn, vma.page_prot)
         if write:
@@ -510,26 +510,22 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
             entry = pte_mkold(entry)
         if dirty:
             entry = pte_mkdirty(entry)
-        for i in range(HPAGE_PMD_NR):
-            table[i] = entry + (i << 12)  # set_ptes: consecutive pfns
-    await m.sched.point("set_ptes", pt=pgtable, nr=HPAGE_PMD_NR)
+        entries = [entry + (i << 12) for i in range(HPAGE_PMD_NR)]  # consecutive pfns
+    await atomic.set_ptes_table(m, pgtable, entries)
     if not migration:
         await rmap.folio_remove_rmap_pmd(m, folio)
     if freeze:
-        await m.folio_put(folio)
-    await m.entry_set("pmd", pmd_tbl, idx, mk_table_entry(pgtable))  # pmd_populate
+        await swap.folio_put(m, folio)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pgtable))  # pmd_populate
 
 
 async def __split_huge_zero_page_pmd(m, vma, haddr: int, pmd_tbl: int, idx: int) -> None:
     """__split_huge_zero_page_pmd: 512 special PTEs of the 4K zero page."""
     await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
     pgtable = await pgg.pgtable_trans_huge_withdraw(m, vma.mm, pmd_tbl)
-    table = m.physmem.tables[pgtable]
     entry = pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot))
-    for i in range(HPAGE_PMD_NR):
-        table[i] = entry
-    await m.sched.point("set_ptes", pt=pgtable, nr=HPAGE_PMD_NR)
-    await m.entry_set("pmd", pmd_tbl, idx, mk_table_entry(pgtable))
+    await atomic.set_ptes_table(m, pgtable, [entry] * HPAGE_PMD_NR)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pgtable))
 
 
 async def split_huge_pmd_address(m, vma, address: int, freeze: bool) -> None:
@@ -538,7 +534,7 @@ async def split_huge_pmd_address(m, vma, address: int, freeze: bool) -> None:
     pmd_tbl = memory.pmd_lookup(m, vma.mm, address)
     if pmd_tbl >= 0:
         idx = (address >> 21) & 511
-        pmd = await m.entry_read("pmd", pmd_tbl, idx)
+        pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd):
             await __split_huge_pmd(m, vma, pmd_tbl, idx, address, freeze)
 
@@ -561,7 +557,7 @@ async def change_huge_pmd(m, vma, pmd_tbl: int, idx: int, addr: int, newprot: in
     lockless readers never see it none). False if it is no longer huge."""
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("change_huge_pmd")
-    cur = await m.entry_read("pmd", pmd_tbl, idx)
+    cur = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if not pmd_trans_huge(cur):
         await ptl.unlock()
         return False
@@ -571,7 +567,7 @@ async def change_huge_pmd(m, vma, pmd_tbl: int, idx: int, addr: int, newprot: in
         folio = m.physmem.page(pmd_pfn(entry))
         if folio.flags & PG_anon_exclusive:  # can_change_pmd_writable
             entry = pmd_mkwrite(entry)
-    await m.entry_set("pmd", pmd_tbl, idx, entry)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
     await ptl.unlock()
     return True
 
@@ -590,17 +586,10 @@ async def deferred_split_folio(m, folio, partially_mapped: bool) -> None:
     if folio.flags & PG_swapcache:
         return  # reclaim is already handling it (it is being swapped out)
     await m.split_queue_lock.lock("deferred_split_folio")
-    if partially_mapped and not folio.flags & PG_partially_mapped:
-        folio.flags |= PG_partially_mapped
+    if partially_mapped and not atomic.folio_test_set_flags_locked(folio, PG_partially_mapped):
         if folio.order == HPAGE_PMD_ORDER:
             m.vmstat.count_vm_event("thp_deferred_split_page")
-    if not folio.on_deferred_list:
-        folio.on_deferred_list = True
-        m.deferred_split_queue[folio.pfn] = None
-        if not m.sched.fast:  # what a tracer would see of the queue (no kernel tracepoint)
-            await m.sched.point("deferred_split_folio", pfn=folio.pfn,
-                                partially_mapped=partially_mapped,
-                                queue_len=len(m.deferred_split_queue))
+    atomic.ds_queue_add_locked(m, folio)
     await m.split_queue_lock.unlock()
 
 
@@ -613,7 +602,6 @@ def mapped_addresses(m, mm, folio, lo: int, hi: int):
         pfn = pmd_pfn(entry) if level == "pmd" else (entry >> 12) & ((1 << 40) - 1)
         if first <= pfn < last:
             yield addr
-
 
 
 # -------------------------------------------------------- folio split
@@ -682,11 +670,10 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     if m.bugs and "split_no_ref_freeze" in m.bugs:  # kmm.bugs: extra references ignored
         frozen = not rmap.folio_mapped(folio)
     if frozen:  # folio_ref_freeze
-        folio.refcount = 0
+        atomic.folio_ref_freeze_locked(folio)
         if folio.on_deferred_list:
-            m.deferred_split_queue.pop(folio.pfn, None)
-            folio.on_deferred_list = False
-        folio.flags &= ~PG_partially_mapped
+            atomic.ds_queue_del_locked(m, folio)
+        atomic.folio_clear_flags_locked(folio, PG_partially_mapped)
     await m.split_queue_lock.unlock()
     if not frozen:
         await migrate.remove_migration_ptes(m, folio, folio)
@@ -706,35 +693,33 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
                           | PG_swapcache | PG_uptodate | PG_isolated)
     new = []
     for p in range(head, head + nr):  # __split_folio_to_order
-        page = pm.page(p)
-        page.head = p
-        page.order = 0
-        page.flags = keep  # PG_anon_exclusive lives in the migration entries
-        page.anon_vma = folio.anon_vma
-        page.index = folio.index + (p - head)
-        page.entire_mapcount = page.large_mapcount = page.nr_pages_mapped = 0
-        page.on_deferred_list = False
+        # the folio is frozen (refcount 0) and unmapped: the splitter owns every page
+        page = atomic.init_page(
+            pm.page(p), head=p, order=0,
+            flags=keep,  # PG_anon_exclusive lives in the migration entries
+            anon_vma=folio.anon_vma, index=folio.index + (p - head),
+            entire_mapcount=0, large_mapcount=0, nr_pages_mapped=0, on_deferred_list=False,
+            refcount=1 + (1 if keep & PG_swapcache else 0))
         if keep & PG_swapcache:
-            page.swap = swp_entry(swp_type(folio.swap), swp_offset(folio.swap) + p - head)
-        page.refcount = 1 + (1 if keep & PG_swapcache else 0)
+            atomic.init_page(page, swap=swp_entry(swp_type(folio.swap),
+                                                  swp_offset(folio.swap) + p - head))
         new.append(page)
     if on_lru:  # lru_add_split_folio: the tails follow the head on its list
         name = swap.folio_lru_list(new[0])
         lst_ = m.lruvec.lists[name]
         at = lru_order.index(head)
         order = lru_order[:at + 1] + [p for p in range(head + 1, head + nr)] + lru_order[at + 1:]
-        lst_.clear()
-        lst_.update(dict.fromkeys(order))
+        atomic.lru_splice_locked(lst_, order)
         for page in new:
-            page.flags |= PG_lru
+            atomic.folio_set_flags_locked(page, PG_lru)
         m.lruvec.nr_pages[name] += nr
     elif lst is not None:  # reclaim's isolated folio: the tails join its list
         for page in new[1:]:
-            page.refcount += 1
+            atomic.folio_ref_add_locked(page)
             lst.append(page)
     else:  # isolated without a list: the tails go on the LRU by themselves
         for page in new[1:]:
-            page.flags &= ~PG_isolated
+            atomic.folio_clear_flags_locked(page, PG_isolated)
             swap.lruvec_add_folio(m, page)
     await lk.unlock()
     if keep & PG_swapcache:
@@ -747,7 +732,7 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
         if page.flags & PG_swapcache and not page.mapcount:
             from kmm import swap_state
             await swap_state.free_swap_cache(m, page)
-        await m.folio_put(page)
+        await swap.folio_put(m, page)
     return 0
 
 
@@ -792,14 +777,13 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
     for pfn in list(m.deferred_split_queue):
         folio = m.physmem.page(pfn)
         if folio.refcount > 0:  # folio_try_get
-            folio.refcount += 1
+            atomic.folio_ref_add_locked(folio)
             batch.append(folio)
             # the invariant checker counts this reference until the folio_put below
             m.split_scan_pins[pfn] = m.split_scan_pins.get(pfn, 0) + 1
         else:
-            folio.flags &= ~PG_partially_mapped
-        del m.deferred_split_queue[pfn]
-        folio.on_deferred_list = False
+            atomic.folio_clear_flags_locked(folio, PG_partially_mapped)
+        atomic.ds_queue_del_locked(m, folio)
         nr_to_scan -= 1
         if not nr_to_scan or len(batch) >= 31:  # PAGEVEC_SIZE
             break
@@ -811,7 +795,7 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
         if not folio.flags & PG_partially_mapped:
             underused = thp_underused(m, folio)
             if not underused:
-                await m.folio_put(folio, dropped=lambda f=folio: _unpin(m, f))
+                await swap.folio_put(m, folio, dropped=lambda f=folio: _unpin(m, f))
                 continue
         lk = m.folio_lock_of(folio)
         if not await lk.trylock("deferred_split_scan"):
@@ -826,11 +810,9 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
             requeue = not did_split and bool(folio.flags & PG_partially_mapped)
         if requeue and folio.order:
             await m.split_queue_lock.lock("deferred_split_scan")
-            if not folio.on_deferred_list:
-                folio.on_deferred_list = True
-                m.deferred_split_queue[folio.pfn] = None
+            atomic.ds_queue_add_locked(m, folio)
             await m.split_queue_lock.unlock()
-        await m.folio_put(folio, dropped=lambda f=folio: _unpin(m, f))
+        await swap.folio_put(m, folio, dropped=lambda f=folio: _unpin(m, f))
     return split
 
 
@@ -889,11 +871,11 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
                 and can_split_folio(m, folio, 0)):
             lk = m.folio_lock_of(folio)
             if await lk.trylock("split_huge_pages_pid"):
-                await m.folio_ref_add(folio, 1)
+                await atomic.folio_ref_add(m, folio, 1)
                 if await split_folio_to_list(m, folio, None) == 0:
                     split += 1
                 await lk.unlock()
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
         addr += PAGE_SIZE
     await mm.mmap_lock.up_read()
     return split

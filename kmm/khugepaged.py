@@ -21,7 +21,7 @@ import enum
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from kmm import huge_memory
+from kmm import atomic, huge_memory, wait
 from kmm.mm_types import PG_lru, PG_referenced
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_SIZE, PMD_SHIFT, is_swap_pte,
@@ -150,8 +150,7 @@ def khugepaged_init(m) -> None:
 
 
 def _wake_up(m) -> None:
-    from kmm import daemon  # wake_up_interruptible(&khugepaged_wait)
-    daemon.wake_up(m, WAITQUEUE)
+    wait.wake_up(m, WAITQUEUE)  # wake_up_interruptible(&khugepaged_wait)
 
 
 def khugepaged_report(m) -> dict | None:
@@ -441,7 +440,7 @@ async def hpage_collapse_scan_pmd(m, mm, vma, address: int,
             cache: dict = {}
             result = R.SCAN_SUCCEED
             for i in range(HPAGE_PMD_NR):
-                pte = await m.entry_read("pte", tbl, i)
+                pte = await atomic.entry_read(m, "pte", tbl, i)
                 if is_swap_pte(pte):
                     unmapped += 1
                     if not khugepaged or unmapped <= max_swap:

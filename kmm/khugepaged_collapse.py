@@ -13,8 +13,8 @@ always a new, exclusive, writable THP; shared sources stay mapped elsewhere.
 
 from __future__ import annotations
 
-from kmm import huge_memory, khugepaged, page_alloc, pgtable_generic as pgg, rmap, swap, tlb
-from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
+from kmm import atomic, huge_memory, khugepaged, page_alloc, pgtable_generic as pgg, rmap, swap, tlb
+from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import PG_swapcache, PG_uptodate
 from kmm.pgtable import (
     HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SIZE, is_swap_pte, mk_table_entry, pmd_index,
@@ -55,7 +55,7 @@ async def collapse_huge_page(m, mm, address: int, referenced: int, unmapped: int
         if result == R.SCAN_SUCCEED:
             folio = None  # mapped now
     if folio is not None:
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
     await khugepaged.trace_event(m, "mm_collapse_huge_page", mm=mm.id,
                                  isolated=int(result == R.SCAN_SUCCEED), status=result.status)
     return result
@@ -122,9 +122,9 @@ async def _collapse_write_locked(m, mm, address: int, folio, pmd_tbl: int, cc):
     await pte_ptl.unlock()
     if result != R.SCAN_SUCCEED:
         await pmd_ptl.lock("collapse_huge_page")
-        if not pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+        if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
             m.bug(f"collapse_huge_page: PMD {pmd_tbl:#x}[{idx}] refilled while cleared")
-        await m.entry_set("pmd", pmd_tbl, idx, mk_table_entry(pte_tbl))  # pmd_populate
+        await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pte_tbl))  # pmd_populate
         await pmd_ptl.unlock()
         await anon_rwsem.up_write()
         return result
@@ -134,9 +134,9 @@ async def _collapse_write_locked(m, mm, address: int, folio, pmd_tbl: int, cc):
                                              pte_ptl, compound)
     if result != R.SCAN_SUCCEED:
         return result
-    folio.flags |= PG_uptodate  # __folio_mark_uptodate: the copy before the PMD write
+    atomic.folio_set_flags_locked(folio, PG_uptodate)  # __folio_mark_uptodate: the copy before the PMD write
     await pmd_ptl.lock("collapse_huge_page")
-    if not pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+    if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
         m.bug(f"collapse_huge_page: PMD {pmd_tbl:#x}[{idx}] refilled while cleared")
     await pgg.pgtable_trans_huge_deposit(m, mm, pmd_tbl, pte_tbl)
     await huge_memory.map_anon_folio_pmd_nopf(m, folio.pfn, pmd_tbl, idx, vma, address)
@@ -156,13 +156,13 @@ async def __collapse_huge_page_swapin(m, mm, vma, haddr: int, pmd_tbl: int,
     swapped_in = 0
     result = R.SCAN_SUCCEED
     for i in range(HPAGE_PMD_NR):
-        pmdval = await m.entry_read("pmd", pmd_tbl, idx)  # pte_offset_map_nolock
+        pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)  # pte_offset_map_nolock
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
             await mm.mmap_lock.up_read()
             result = R.SCAN_PMD_NULL
             break
         tbl = table_pfn(pmdval)
-        pte = await m.entry_read("pte", tbl, i)  # ptep_get_lockless
+        pte = await atomic.entry_read(m, "pte", tbl, i)  # ptep_get_lockless
         if not is_swap_pte(pte):
             continue
         vmf = memory.Vmf(vma, haddr + i * PAGE_SIZE, False)
@@ -205,7 +205,7 @@ async def __collapse_huge_page_isolate(m, vma, address: int, tbl: int, cc,
     cache: dict = {}
     small: list = []
     for i in range(HPAGE_PMD_NR):
-        pte = await m.entry_read("pte", tbl, i)
+        pte = await atomic.entry_read(m, "pte", tbl, i)
         if pte_none(pte) or (pte_present(pte) and m.is_zero_pfn(pte_pfn(pte))):
             none_or_zero += 1
             if not khugepaged_cc or none_or_zero <= max_none:
@@ -295,12 +295,12 @@ async def __collapse_huge_page_copy_succeeded(m, tbl: int, vma, address: int, pt
     entries = m.physmem.tables[tbl]
     i = 0
     while i < HPAGE_PMD_NR:
-        pte = await m.entry_read("pte", tbl, i)
+        pte = await atomic.entry_read(m, "pte", tbl, i)
         if pte_none(pte) or m.is_zero_pfn(pte_pfn(pte)):
             mm.rss_anon += 1
             if not pte_none(pte):
                 await ptl.lock("__collapse_huge_page_copy_succeeded")
-                await m.entry_get_and_clear("pte", tbl, i)  # ptep_clear
+                await atomic.entry_get_and_clear(m, "pte", tbl, i)  # ptep_clear
                 await ptl.unlock()
             i += 1
             continue
@@ -319,7 +319,7 @@ async def __collapse_huge_page_copy_succeeded(m, tbl: int, vma, address: int, pt
             await release_pte_folio(m, src)
         await ptl.lock("__collapse_huge_page_copy_succeeded")
         for j in range(i, i + nr):  # clear_ptes: the PMD flush covered them
-            await m.entry_get_and_clear("pte", tbl, j)
+            await atomic.entry_get_and_clear(m, "pte", tbl, j)
         await rmap.folio_remove_rmap_ptes(m, src, pfn, nr)
         await ptl.unlock()
         await free_page_and_swap_cache(m, src, nr)
@@ -339,4 +339,4 @@ async def free_page_and_swap_cache(m, folio, nr: int = 1) -> None:
     if folio.flags & PG_swapcache:
         from kmm import swap_state
         await swap_state.free_swap_cache(m, folio)
-    await m.folio_put(folio, nr)
+    await swap.folio_put(m, folio, nr)

@@ -32,7 +32,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from kmm import atomic
 from kmm.lockdep import HeldLock, Lockdep
+from kmm.cost import COST_LOCK
 
 LOCK_STAT_FIELDS = (
     "class name", "con-bounces", "contentions", "waittime-min", "waittime-max",
@@ -40,7 +42,6 @@ LOCK_STAT_FIELDS = (
     "holdtime-max", "holdtime-total", "holdtime-avg",
 )
 
-COST_LOCK = 20  # ns: an uncontended atomic on a cache line
 
 
 @dataclass(slots=True)
@@ -218,9 +219,7 @@ class SpinLock(_Lock):
         """spin_lock / spin_lock_nested. Context: returns with the lock held."""
         sched = self.world.sched
         actor = sched.current
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("lock", COST_LOCK, **self._fields(site, None))
         self.world.lockdep.check_acquire(actor, self, site, subclass)
         waited = None
@@ -238,9 +237,7 @@ class SpinLock(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("trylock", COST_LOCK, **self._fields(site, None))
         if self.owner is not None:
             return False
@@ -253,9 +250,7 @@ class SpinLock(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK  # the unlock line's time: the hold ends there
         rec = self._end_hold(actor, t)
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t))
         if self.owner is not actor:
             raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
@@ -289,9 +284,7 @@ class RwSem(_Lock):
     async def _down(self, site: str, write: bool, subclass: int) -> None:
         sched = self.world.sched
         actor = sched.current
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("lock", COST_LOCK,
                               **self._fields(site, "write" if write else "read"))
         self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
@@ -319,9 +312,7 @@ class RwSem(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("trylock", COST_LOCK, **self._fields(site, "read"))
         if self.writer is not None or self.waiters:
             return False
@@ -333,9 +324,7 @@ class RwSem(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("trylock", COST_LOCK, **self._fields(site, "write"))
         if self.writer is not None or self.readers:
             return False
@@ -348,9 +337,7 @@ class RwSem(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "read"))
         self.readers.remove(actor)
         self._released(actor)
@@ -361,9 +348,7 @@ class RwSem(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if sched.fast:
-            sched.tick(COST_LOCK)
-        else:
+        if not atomic.ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "write"))
         if self.writer is not actor:
             raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")

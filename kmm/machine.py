@@ -1,9 +1,10 @@
 """The emulated machine: memory, allocator, locks, CPUs and processes, wired together.
 
-Emulator-only façade. It owns the shared state every actor reaches, and the operations
-on it that are preemption points: page-table entry reads, writes and exchanges,
-refcount changes and page-table page allocation. The kernel paths live in the modules
-named after mm/ files and take the machine as their first argument.
+Emulator-only assembly, at the top of kmm: no mechanism module imports it. It owns the
+shared state every actor reaches; the operations on that state are kmm.atomic's (one
+preemption point each). The kernel paths live in the modules named after mm/ files and
+take the machine as their first argument. ``strict`` (default: the KMM_STRICT
+environment variable) guards the shared state so that only kmm.atomic may change it.
 """
 
 from __future__ import annotations
@@ -12,18 +13,16 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm import atomic, huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
 from kmm.locking import FolioLock, Locks
-from kmm.mm_types import PG_lru, PGTY_table, PGTY_zero, MmStruct, Page
+from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
+from kmm.mmdebug import KernelBug, StrictError  # noqa: F401 (re-export)
 from kmm.physmem import PhysMem
 from kmm.pgtable import PAGE_SHIFT, PAGE_SIZE
 from kmm.runtime.sched import Scheduler
 from kmm.sysfs import Sysfs
 from kmm.vmstat import VmStat
-
-COST_ENTRY = 1      # ns: a page-table entry read or write (cached)
-COST_CLEAR_PAGE = 250
-COST_COPY_PAGE = 500
 
 
 def _raised_in_cancel(e: BaseException) -> bool:
@@ -34,10 +33,6 @@ def _raised_in_cancel(e: BaseException) -> bool:
             return True
         e, seen = e.__context__, seen + 1
     return False
-
-
-class KernelBug(Exception):
-    """VM_BUG_ON: the emulated kernel reached a state the real one never may."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +72,8 @@ class Cpu:
 
 class Machine:
     def __init__(self, config: MachineConfig = MachineConfig(), *, mode: str = "free",
-                 seed: int | None = None, replay=None, trace=None) -> None:
+                 seed: int | None = None, replay=None, trace=None,
+                 strict: bool | None = None) -> None:
         if config.memory < 16 << 20 or config.memory % PAGE_SIZE:
             raise ValueError("memory must be a multiple of 4 KiB and at least 16 MiB")
         self.config = config
@@ -91,9 +87,8 @@ class Machine:
         self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU
         # empty_zero_page: a reserved frame, never freed
         self.zero_pfn = self.zone.boot_alloc(0)
-        zp = self.physmem.page(self.zero_pfn)
-        zp.page_type = PGTY_zero
-        zp.refcount = 1
+        self.strict = atomic.strict_default() if strict is None else strict
+        atomic.init_page(self.physmem.page(self.zero_pfn), page_type=PGTY_zero, refcount=1)
         self.huge_zero_pfn = -1           # the huge zero folio, allocated on first use
         self.huge_zero_refcount = 0       # huge_zero_refcount: the mms holding it (+1 global)
         self.deferred_split_queue: dict[int, None] = {}  # ds_queue, in queue order
@@ -110,7 +105,7 @@ class Machine:
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
         huge_memory.thp_shrinker_init(self)
-        self.waitqueues: dict[str, list] = {}  # wait_queue_head_t by name (kmm.daemon)
+        self.waitqueues: dict[str, list] = {}  # wait_queue_head_t by name (kmm.wait)
         # behaviours that differ between 6.18 point releases, chosen per run
         self.quirks: set[str] = set()
         # safeguards removed on purpose for the race laboratory (kmm.bugs): empty unless
@@ -119,6 +114,8 @@ class Machine:
         # references deferred_split_scan holds on its batch (head pfn -> count), so the
         # invariant checker can tell them from a leaked reference
         self.split_scan_pins: dict[int, int] = {}
+        if self.strict:
+            atomic.make_strict(self)
 
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an
@@ -169,78 +166,11 @@ class Machine:
         self._next_anon_vma += 1
         return i
 
-    # ------------------------------------------------- page-table entry ops
-    # READ_ONCE/WRITE_ONCE/xchg/cmpxchg on an entry: each is a preemption point.
-    async def entry_read(self, level: str, table: int, idx: int) -> int:
-        sched = self.sched
-        if sched.fast:
-            sched.tick(COST_ENTRY)
-        else:
-            await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
-        return self.physmem.tables[table][idx]
-
-    async def entry_set(self, level: str, table: int, idx: int, val: int) -> None:
-        sched = self.sched
-        if sched.fast:
-            sched.tick(COST_ENTRY)
-        else:
-            await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
-        self.physmem.tables[table][idx] = val
-
-    async def entry_get_and_clear(self, level: str, table: int, idx: int) -> int:
-        await self.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
-        t = self.physmem.tables[table]
-        old = t[idx]
-        t[idx] = 0
-        return old
-
-    async def entry_cmpxchg(self, level: str, table: int, idx: int, old: int, new: int) -> bool:
-        await self.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
-        t = self.physmem.tables[table]
-        if t[idx] != old:
-            return False
-        t[idx] = new
-        return True
-
-    # ------------------------------------------------------------- refcounts
-    async def folio_ref_add(self, folio: Page, n: int) -> None:
-        await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
-        folio.refcount += n
-
-    async def folio_put(self, folio: Page, n: int = 1, dropped=None) -> None:
-        """folio_put / folio_put_refs: the last reference frees the folio. ``dropped()``
-        runs with the decrement, before any free: bookkeeping of who held the reference
-        (the invariant checker's) must change at that instant, not at the point before."""
-        await self.sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
-        folio.refcount -= n
-        if dropped is not None:
-            dropped()
-        if folio.refcount < 0:
-            self.bug(f"folio_put: refcount underflow {folio!r}")
-        if folio.refcount == 0:
-            await self.free_folio(folio)
-
-    async def free_folio(self, folio: Page) -> None:
-        """__folio_put: off the LRU, unqueue from the deferred split list, then back to
-        the buddy."""
-        if folio.pfn == self.huge_zero_pfn:
-            self.bug("freeing the huge zero folio")
-        if folio.flags & PG_lru:  # page_cache_release / __page_cache_release
-            lk = self.lruvec.lru_lock
-            await lk.lock("__page_cache_release")
-            swap.lruvec_del_folio(self, folio)
-            await lk.unlock()
-        if folio.on_deferred_list:
-            await self.split_queue_lock.lock("__folio_unqueue_deferred_split")
-            self.deferred_split_queue.pop(folio.pfn, None)
-            folio.on_deferred_list = False
-            await self.split_queue_lock.unlock()
-        await page_alloc.free_pages(self, folio.pfn, folio.order)
-
     def folio_lock_of(self, folio: Page) -> FolioLock:
         lk = folio.lock
         if lk is None:
-            lk = folio.lock = FolioLock(self.locks, "folio_lock", f"folio:{folio.pfn:#x}")
+            lk = FolioLock(self.locks, "folio_lock", f"folio:{folio.pfn:#x}")
+            atomic.init_page(folio, lock=lk)  # created on first use, as a field init
         return lk
 
     # -------------------------------------------------------- page tables
@@ -254,12 +184,11 @@ class Machine:
         if pfn < 0:
             return -1
         self.physmem.new_table(pfn)
-        pg = self.physmem.page(pfn)
-        pg.page_type = PGTY_table
-        pg.mm = mm
-        pg.pt_level = level
+        ptl = None
         if level in ("pmd", "pte"):
-            pg.ptl = self.locks.spinlock("ptlock_" + level, f"ptl_{level}:{pfn:#x}")
+            ptl = self.locks.spinlock("ptlock_" + level, f"ptl_{level}:{pfn:#x}")
+        atomic.init_page(self.physmem.page(pfn), page_type=PGTY_table, mm=mm,
+                         pt_level=level, ptl=ptl)  # pagetable_pte_ctor
         mm.pgtables_bytes += PAGE_SIZE
         self.vmstat.mod_node_page_state("nr_page_table_pages", 1)
         return pfn
@@ -272,13 +201,10 @@ class Machine:
         if any(self.physmem.tables[pfn]):
             self.bug(f"freeing non-empty page table {pfn:#x}")
         self.physmem.drop_table(pfn)
-        pg.page_type = ""
-        pg.ptl = None
-        pg.mm = None
-        pg.pt_deposit = None
+        atomic.init_page(pg, page_type="", ptl=None, mm=None, pt_deposit=None)  # _dtor
         mm.pgtables_bytes -= PAGE_SIZE
         self.vmstat.mod_node_page_state("nr_page_table_pages", -1)
-        await self.folio_put(pg)
+        await swap.folio_put(self, pg)
 
     def table_lock(self, table_pfn: int):
         """pmd_lockptr / pte_lockptr: the split ptlock in the table page's struct page."""

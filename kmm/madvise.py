@@ -16,7 +16,7 @@ shared. COLLAPSE comes with the khugepaged issue.
 
 from __future__ import annotations
 
-from kmm import huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
+from kmm import atomic, huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
 from kmm import swapfile, tlb, vmscan
 from kmm.mm_types import (
     PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE,
@@ -116,17 +116,17 @@ async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
         pmd_tbl = memory.pmd_lookup(m, mm, addr)
         if pmd_tbl >= 0:
             idx = pmd_index(addr)
-            pmd = await m.entry_read("pmd", pmd_tbl, idx)
+            pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
             if pmd and pmd_present(pmd) and not pmd_trans_huge(pmd):
                 ptl = m.table_lock(pmd_tbl)
                 await ptl.lock("try_get_and_clear_pmd")
                 pte_tbl = table_pfn(pmd)
                 cleared = False
-                if await m.entry_read("pmd", pmd_tbl, idx) == pmd:
+                if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmd:
                     pte_ptl = m.table_lock(pte_tbl)
                     await pte_ptl.lock("try_to_free_pte", subclass=1)
                     if not any(m.physmem.tables[pte_tbl]):
-                        await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+                        await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
                         mm.nr_ptes -= 1
                         cleared = True
                     await pte_ptl.unlock()
@@ -134,7 +134,6 @@ async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
                 if cleared:
                     await m.pte_free(mm, pte_tbl)
         addr += PMD_SIZE
-
 
 
 # ------------------------------------------------- COLD, PAGEOUT and FREE
@@ -151,7 +150,7 @@ async def madvise_lru_advice(m, vma, start: int, end: int, advice: str) -> str |
     while addr < end:
         nxt = min((addr & HPAGE_PMD_MASK) + HPAGE_PMD_SIZE, end)  # pmd_addr_end
         pmd_tbl = memory.pmd_lookup(m, vma.mm, addr)
-        if pmd_tbl >= 0 and await m.entry_read("pmd", pmd_tbl, pmd_index(addr)):
+        if pmd_tbl >= 0 and await atomic.entry_read(m, "pmd", pmd_tbl, pmd_index(addr)):
             if advice == "free":
                 await madvise_free_pte_range(m, vma, pmd_tbl, addr, nxt)
             else:
@@ -172,7 +171,7 @@ async def madvise_folio_pte_batch(m, tbl: int, addr: int, end: int, folio, ptent
     i = pte_index(addr)
     nr = 1
     while nr < max_nr:
-        e = await m.entry_read("pte", tbl, i + nr)
+        e = await atomic.entry_read(m, "pte", tbl, i + nr)
         if not pte_present(e) or e & ~_BATCH_IGNORED != want + (nr << 12):
             break
         any_young |= pte_young(e)
@@ -184,10 +183,10 @@ async def madvise_folio_pte_batch(m, tbl: int, addr: int, end: int, folio, ptent
 async def _split_folio_unlocked(m, folio) -> int:
     """folio_get; (PTE or PMD lock dropped by the caller); split_folio; folio_put.
     Context: the folio lock held by the caller."""
-    await m.folio_ref_add(folio, 1)
+    await atomic.folio_ref_add(m, folio, 1)
     err = await huge_memory.split_folio_to_list(m, folio, None)
     await m.folio_lock_of(folio).unlock()
-    await m.folio_put(folio)
+    await swap.folio_put(m, folio)
     return err
 
 
@@ -219,11 +218,11 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
     mm = vma.mm
     idx = pmd_index(addr)
     folios = []
-    pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+    pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if pmd_trans_huge(pmdval):
         ptl = m.table_lock(pmd_tbl)
         await ptl.lock("madvise_cold_or_pageout_pte_range")  # pmd_trans_huge_lock
-        orig = await m.entry_read("pmd", pmd_tbl, idx)
+        orig = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if not pmd_trans_huge(orig):
             await ptl.unlock()
             return
@@ -237,8 +236,8 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
                 if not pageout and pmd_young(orig):
                     haddr = addr & HPAGE_PMD_MASK
                     await pgtable_generic.pmdp_invalidate(m, vma, haddr, pmd_tbl, idx)
-                    await m.entry_set("pmd", pmd_tbl, idx, pmd_mkold(orig))
-                folio.flags &= ~PG_referenced
+                    await atomic.entry_set(m, "pmd", pmd_tbl, idx, pmd_mkold(orig))
+                atomic.folio_clear_flags_locked(folio, PG_referenced)
                 if pageout:
                     if await swap.folio_isolate_lru(m, folio):
                         folios.append(folio)
@@ -249,12 +248,12 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
             if pageout:
                 await vmscan.reclaim_pages(m, folios)
             return
-        await m.folio_ref_add(folio, 1)
+        await atomic.folio_ref_add(m, folio, 1)
         lk = m.folio_lock_of(folio)
         await lk.lock("madvise_cold_or_pageout_pte_range")
         err = await huge_memory.split_folio_to_list(m, folio, None)
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         if err:
             return
     # regular_folio
@@ -267,7 +266,7 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
     while a < end:
         nr = 1
         i = pte_index(a)
-        ptent = await m.entry_read("pte", tbl, i)
+        ptent = await atomic.entry_read(m, "pte", tbl, i)
         if pte_none(ptent) or not pte_present(ptent) or pte_special(ptent):
             a += PAGE_SIZE
             continue
@@ -292,11 +291,11 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
             continue
         if not pageout and pte_young(ptent):  # clear_young_dirty_ptes(CYDP_CLEAR_YOUNG)
             for j in range(nr):
-                e = await m.entry_read("pte", tbl, i + j)
+                e = await atomic.entry_read(m, "pte", tbl, i + j)
                 if pte_young(e):
-                    await m.entry_set("pte", tbl, i + j, pte_mkold(e))
+                    await atomic.entry_set(m, "pte", tbl, i + j, pte_mkold(e))
             flushed_from = a if flushed_from is None else flushed_from
-        folio.flags &= ~PG_referenced
+        atomic.folio_clear_flags_locked(folio, PG_referenced)
         if pageout:
             if await swap.folio_isolate_lru(m, folio):
                 folios.append(folio)
@@ -318,7 +317,7 @@ async def madvise_free_huge_pmd(m, vma, pmd_tbl: int, addr: int, end: int) -> bo
     idx = pmd_index(addr)
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("madvise_free_huge_pmd")  # pmd_trans_huge_lock
-    orig = await m.entry_read("pmd", pmd_tbl, idx)
+    orig = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if (not pmd_trans_huge(orig) or not pmd_present(orig)
             or huge_memory.is_huge_zero_pmd(m, orig)):
         await ptl.unlock()
@@ -333,12 +332,12 @@ async def madvise_free_huge_pmd(m, vma, pmd_tbl: int, addr: int, end: int) -> bo
         await ptl.unlock()
         await _split_folio_unlocked(m, folio)
         return False
-    folio.flags &= ~PG_dirty  # folio_clear_dirty
+    atomic.folio_clear_flags_locked(folio, PG_dirty)  # folio_clear_dirty
     await lk.unlock()
     if pmd_young(orig) or pmd_dirty(orig):
         haddr = addr & HPAGE_PMD_MASK
         await pgtable_generic.pmdp_invalidate(m, vma, haddr, pmd_tbl, idx)
-        await m.entry_set("pmd", pmd_tbl, idx, pmd_mkclean(pmd_mkold(orig)))
+        await atomic.entry_set(m, "pmd", pmd_tbl, idx, pmd_mkclean(pmd_mkold(orig)))
     await swap.folio_mark_lazyfree(m, folio)
     await ptl.unlock()
     return True
@@ -352,7 +351,7 @@ async def madvise_free_pte_range(m, vma, pmd_tbl: int, addr: int, end: int) -> N
     read; takes the PTE lock."""
     mm = vma.mm
     idx = pmd_index(addr)
-    if pmd_trans_huge(await m.entry_read("pmd", pmd_tbl, idx)):
+    if pmd_trans_huge(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
         if await madvise_free_huge_pmd(m, vma, pmd_tbl, addr, end):
             return
     res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
@@ -364,14 +363,14 @@ async def madvise_free_pte_range(m, vma, pmd_tbl: int, addr: int, end: int) -> N
     while a < end:
         nr = 1
         i = pte_index(a)
-        ptent = await m.entry_read("pte", tbl, i)
+        ptent = await atomic.entry_read(m, "pte", tbl, i)
         if pte_none(ptent):
             a += PAGE_SIZE
             continue
         if not pte_present(ptent):
             # a swap entry: just clear it; swap-in would cost more than a new page
             if swapfile.is_swap_entry(m, ptent):
-                await m.entry_get_and_clear("pte", tbl, i)
+                await atomic.entry_get_and_clear(m, "pte", tbl, i)
                 mm.swapents -= 1
                 await swapfile.free_swap_and_cache(m, swapfile.pte_to_swp_entry(ptent))
             a += PAGE_SIZE
@@ -408,13 +407,13 @@ async def madvise_free_pte_range(m, vma, pmd_tbl: int, addr: int, end: int) -> N
                 await lk.unlock()
                 a += nr * PAGE_SIZE
                 continue
-            folio.flags &= ~PG_dirty
+            atomic.folio_clear_flags_locked(folio, PG_dirty)
             await lk.unlock()
         if pte_young(ptent) or pte_dirty(ptent):  # CYDP_CLEAR_YOUNG | CYDP_CLEAR_DIRTY
             for j in range(nr):
-                e = await m.entry_read("pte", tbl, i + j)
+                e = await atomic.entry_read(m, "pte", tbl, i + j)
                 if pte_young(e) or pte_dirty(e):
-                    await m.entry_set("pte", tbl, i + j, pte_mkclean(pte_mkold(e)))
+                    await atomic.entry_set(m, "pte", tbl, i + j, pte_mkclean(pte_mkold(e)))
             cleared_from = a if cleared_from is None else cleared_from
         await swap.folio_mark_lazyfree(m, folio)
         a += nr * PAGE_SIZE

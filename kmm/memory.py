@@ -15,8 +15,8 @@ per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE table
 
 from __future__ import annotations
 
-from kmm import huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
-from kmm.machine import COST_CLEAR_PAGE, COST_COPY_PAGE
+from kmm import atomic, huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
+from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
 )
@@ -62,17 +62,17 @@ async def _alloc_table(m, mm: MmStruct, table: int, idx: int, level: str, child:
                        site: str) -> int:
     """__pud_alloc / __pmd_alloc: allocate outside the lock, install under
     mm->page_table_lock only if the entry is still empty. Returns the child table."""
-    e = await m.entry_read(level, table, idx)
+    e = await atomic.entry_read(m, level, table, idx)
     if e:
         return table_pfn(e)
     new = await m.pte_alloc_one(mm, child)
     if new < 0:
         return -1
     await mm.page_table_lock.lock(site)
-    e = await m.entry_read(level, table, idx)
+    e = await atomic.entry_read(m, level, table, idx)
     if not e:
         e = mk_table_entry(new)
-        await m.entry_set(level, table, idx, e)
+        await atomic.entry_set(m, level, table, idx, e)
         new = -1
     await mm.page_table_lock.unlock()
     if new >= 0:
@@ -107,9 +107,9 @@ async def pmd_install(m, mm: MmStruct, pmd_tbl: int, idx: int, new: int) -> bool
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("pmd_install")
     used = False
-    if pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+    if pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
         mm.nr_ptes += 1
-        await m.entry_set("pmd", pmd_tbl, idx, mk_table_entry(new))
+        await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(new))
         used = True
     await ptl.unlock()
     return used
@@ -130,13 +130,13 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
     under the lock. Returns (table, ptl), or None if the PMD is none, huge or a
     migration entry now (the caller backs out)."""
     while True:
-        pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+        pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
             return None
         pte_tbl = table_pfn(pmdval)
         ptl = m.table_lock(pte_tbl)
         await ptl.lock("pte_offset_map_lock", subclass)
-        if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+        if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
             return pte_tbl, ptl
         await ptl.unlock()
 
@@ -156,13 +156,13 @@ async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
     if pmd_tbl < 0:
         return VM_FAULT_OOM
     vmf.pmd_tbl, vmf.pmd_idx = pmd_tbl, pmd_index(addr)
-    pmdval = await m.entry_read("pmd", pmd_tbl, vmf.pmd_idx)
+    pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval) and huge_memory.thp_vma_allowable_order(m, vma, "pagefault"):
         ret = await huge_memory.create_huge_pmd(m, vmf)
         if not ret & VM_FAULT_FALLBACK:
             return ret
     else:
-        orig = vmf.orig_pmd = await m.entry_read("pmd", pmd_tbl, vmf.pmd_idx)
+        orig = vmf.orig_pmd = await atomic.entry_read(m, "pmd", pmd_tbl, vmf.pmd_idx)
         if is_swap_pmd(orig):
             if is_pmd_migration_entry(orig):
                 await huge_memory.pmd_migration_entry_wait(m, vmf)
@@ -180,13 +180,13 @@ async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
 
 async def handle_pte_fault(m, vmf: Vmf) -> int:
     """handle_pte_fault: missing, swapped, write-protected, or just old/clean."""
-    pmdval = await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)
+    pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval):
         return await do_anonymous_page(m, vmf)
     if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
         return 0  # pte_offset_map failed: the PMD changed under us, refault
     vmf.pte_tbl, vmf.pte_idx = table_pfn(pmdval), pte_index(vmf.address)
-    orig = vmf.orig_pte = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    orig = vmf.orig_pte = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
     if pte_none(orig):
         return await do_anonymous_page(m, vmf)
     if not pte_present(orig):
@@ -195,7 +195,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
     if res is None:
         return 0
     vmf.pte_tbl, vmf.ptl = res
-    entry = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    entry = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
     if entry != orig:
         await vmf.ptl.unlock()
         return 0
@@ -205,7 +205,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         entry = pte_mkdirty(entry)
     entry = pte_mkyoung(entry)
     if entry != orig:
-        await m.entry_set("pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
+        await atomic.entry_set(m, "pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
     await vmf.ptl.unlock()
     return 0
 
@@ -219,7 +219,7 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
     mm = vma.mm
     if vma.flags & VM_SHARED:
         m.bug("shared anonymous mappings are not modelled")
-    if pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx)):
+    if pmd_none(await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)):
         if not await __pte_alloc(m, mm, vmf.pmd_tbl, vmf.pmd_idx):
             return VM_FAULT_OOM
     idx = pte_index(vmf.address)
@@ -229,10 +229,10 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         if res is None:
             return 0
         tbl, ptl = res
-        if not pte_none(await m.entry_read("pte", tbl, idx)):
+        if not pte_none(await atomic.entry_read(m, "pte", tbl, idx)):
             await ptl.unlock()
             return 0
-        await m.entry_set("pte", tbl, idx, entry)
+        await atomic.entry_set(m, "pte", tbl, idx, entry)
         await ptl.unlock()
         return 0
     if not await rmap.anon_vma_prepare(m, vma):
@@ -247,17 +247,17 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         entry = pte_mkwrite(pte_mkdirty(entry))
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
     if res is None:
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return 0
     tbl, ptl = res
-    if not pte_none(await m.entry_read("pte", tbl, idx)):
+    if not pte_none(await atomic.entry_read(m, "pte", tbl, idx)):
         await ptl.unlock()
-        await m.folio_put(folio)  # a racing fault mapped it first
+        await swap.folio_put(m, folio)  # a racing fault mapped it first
         return 0
     mm.rss_anon += 1
     await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
     await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
-    await m.entry_set("pte", tbl, idx, entry)
+    await atomic.entry_set(m, "pte", tbl, idx, entry)
     await ptl.unlock()
     return 0
 
@@ -277,9 +277,9 @@ async def do_wp_page(m, vmf: Vmf) -> int:
         folio = m.physmem.folio(pfn)
         if folio.anon_vma is not None and (rmap.page_anon_exclusive(page) or
                                            await wp_can_reuse_anon_folio(m, folio, vma)):
-            page.flags |= PG_anon_exclusive
+            atomic.folio_set_flags_locked(page, PG_anon_exclusive)
             return await wp_page_reuse(m, vmf)
-        await m.folio_ref_add(folio, 1)  # held across the copy
+        await atomic.folio_ref_add(m, folio, 1)  # held across the copy
     else:
         folio = None
     await vmf.ptl.unlock()
@@ -303,7 +303,7 @@ async def wp_can_reuse_anon_folio(m, folio, vma: VmArea) -> bool:
         return False
     ok = folio.refcount == 1
     if ok:
-        folio.anon_vma = vma.anon_vma  # folio_move_anon_rmap
+        atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma)  # folio_move_anon_rmap
     await lk.unlock()
     return ok
 
@@ -311,7 +311,7 @@ async def wp_can_reuse_anon_folio(m, folio, vma: VmArea) -> bool:
 async def wp_page_reuse(m, vmf: Vmf) -> int:
     entry = pte_mkyoung(vmf.orig_pte)
     entry = pte_mkwrite(pte_mkdirty(entry))
-    await m.entry_set("pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
+    await atomic.entry_set(m, "pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
     await vmf.ptl.unlock()
     return 0
 
@@ -330,7 +330,7 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
     new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     if new < 0:
         if old_folio is not None:
-            await m.folio_put(old_folio)
+            await swap.folio_put(m, old_folio)
         return VM_FAULT_OOM
     if old_folio is None:
         await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=new)
@@ -341,25 +341,25 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
     if res is not None:
         tbl, ptl = res
-        if await m.entry_read("pte", tbl, vmf.pte_idx) == vmf.orig_pte:
+        if await atomic.entry_read(m, "pte", tbl, vmf.pte_idx) == vmf.orig_pte:
             if old_folio is None:
                 mm.rss_anon += 1
             entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
             # ptep_clear_flush: no CPU may keep writing through the old translation
-            await m.entry_get_and_clear("pte", tbl, vmf.pte_idx)
+            await atomic.entry_get_and_clear(m, "pte", tbl, vmf.pte_idx)
             await tlb.flush_tlb_page(m, mm, vmf.address)
             await rmap.folio_add_new_anon_rmap(m, new_folio, vma, vmf.address, pmd=False)
             await swap.folio_add_lru(m, new_folio)  # folio_add_lru_vma
-            await m.entry_set("pte", tbl, vmf.pte_idx, entry)
+            await atomic.entry_set(m, "pte", tbl, vmf.pte_idx, entry)
             if old_folio is not None:
                 await rmap.folio_remove_rmap_ptes(m, old_folio, old_pfn, 1)
-                await m.folio_put(old_folio)  # the reference the old PTE held
+                await swap.folio_put(m, old_folio)  # the reference the old PTE held
             new_folio = None
         await ptl.unlock()
     if new_folio is not None:
-        await m.folio_put(new_folio)  # lost the race: the new page is not needed
+        await swap.folio_put(m, new_folio)  # lost the race: the new page is not needed
     if old_folio is not None:
-        await m.folio_put(old_folio)
+        await swap.folio_put(m, old_folio)
     return 0
 
 
@@ -387,7 +387,7 @@ class MmuGather:
         for folio, n in self.folios:  # free_pages_and_swap_cache
             if folio.flags & PG_swapcache:
                 await swap_state.free_swap_cache(m, folio)
-            await m.folio_put(folio, n)
+            await swap.folio_put(m, folio, n)
         for t in self.tables:
             await m.pte_free(self.mm, t)
         self.folios.clear()
@@ -414,13 +414,13 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
 async def zap_pmd_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, addr: int,
                         nxt: int) -> None:
     idx = pmd_index(addr)
-    pmdval = await m.entry_read("pmd", pmd_tbl, idx)
+    pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if is_swap_pmd(pmdval) or pmd_trans_huge(pmdval):
         if nxt - addr != PMD_SIZE:
             await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
         elif await huge_memory.zap_huge_pmd(m, tlbg, vma, pmd_tbl, idx, addr):
             return
-    if pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+    if pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
         return
     await zap_pte_range(m, tlbg, vma, pmd_tbl, idx, addr, nxt)
 
@@ -438,15 +438,15 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
     a = addr
     while a < end:
         i = pte_index(a)
-        ent = await m.entry_read("pte", tbl, i)
+        ent = await atomic.entry_read(m, "pte", tbl, i)
         if ent:
-            await m.entry_get_and_clear("pte", tbl, i)
+            await atomic.entry_get_and_clear(m, "pte", tbl, i)
             if pte_present(ent):
                 pfn = pte_pfn(ent)
                 if not pte_special(ent):
                     folio = m.physmem.folio(pfn)
                     if pte_dirty(ent):
-                        folio.flags |= PG_dirty  # folio_mark_dirty
+                        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
                     mm.rss_anon -= 1
                     await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
                     tlbg.folios.append((folio, 1))
@@ -485,14 +485,14 @@ async def free_pgtables(m, mm: MmStruct, start: int, end: int, floor: int,
                 a0 = u0 + pi * PMD_SIZE
                 if (e and pmd_present(e) and not pmd_trans_huge(e)
                         and a0 >= floor and a0 + PMD_SIZE <= ceiling):
-                    await m.entry_get_and_clear("pmd", pmd_tbl, pi)
+                    await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, pi)
                     mm.nr_ptes -= 1
                     await m.pte_free(mm, table_pfn(e))
             if u0 >= floor and u0 + PUD_SIZE <= ceiling and not any(pmd):
-                await m.entry_get_and_clear("pud", pud_tbl, ui)
+                await atomic.entry_get_and_clear(m, "pud", pud_tbl, ui)
                 await m.pte_free(mm, pmd_tbl)
         if g0 >= floor and g0 + PGDIR_SIZE <= ceiling and not any(pud):
-            await m.entry_get_and_clear("pgd", mm.pgd, gi)
+            await atomic.entry_get_and_clear(m, "pgd", mm.pgd, gi)
             await m.pte_free(mm, pud_tbl)
 
 
@@ -512,7 +512,7 @@ async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
             addr = min((addr + PUD_SIZE) & ~(PUD_SIZE - 1), src_vma.end)
             continue
         idx = pmd_index(addr)
-        pmdval = await m.entry_read("pmd", src_pmd, idx)
+        pmdval = await atomic.entry_read(m, "pmd", src_pmd, idx)
         if pmd_none(pmdval):
             addr = nxt
             continue
@@ -537,7 +537,7 @@ async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
 async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_pmd: int,
                          idx: int, addr: int, end: int) -> bool:
     dst_mm = dst_vma.mm
-    if pmd_none(await m.entry_read("pmd", dst_pmd, idx)):
+    if pmd_none(await atomic.entry_read(m, "pmd", dst_pmd, idx)):
         if not await __pte_alloc(m, dst_mm, dst_pmd, idx):
             return False
     dres = await pte_offset_map_lock(m, dst_pmd, idx)
@@ -552,13 +552,13 @@ async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_
     a = addr
     while a < end:
         i = pte_index(a)
-        ent = await m.entry_read("pte", stbl, i)
+        ent = await atomic.entry_read(m, "pte", stbl, i)
         if ent:
             if pte_present(ent):
                 ent = await copy_present_pte(m, dst_mm, src_vma, stbl, i, ent)
             else:
                 ent = await copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent, stbl, i)
-            await m.entry_set("pte", dtbl, i, ent)
+            await atomic.entry_set(m, "pte", dtbl, i, ent)
         a += PAGE_SIZE
     await sptl.unlock()
     await dptl.unlock()
@@ -571,12 +571,12 @@ async def copy_present_pte(m, dst_mm: MmStruct, src_vma: VmArea, stbl: int, i: i
     pfn = pte_pfn(ent)
     if not pte_special(ent):
         folio = m.physmem.folio(pfn)
-        await m.folio_ref_add(folio, 1)
+        await atomic.folio_ref_add(m, folio, 1)
         await rmap.folio_try_dup_anon_rmap_ptes(m, folio, pfn, 1)
         dst_mm.rss_anon += 1
     if pte_write(ent):  # is_cow_mapping: both sides must fault to write
         ent = pte_wrprotect(ent)
-        await m.entry_set("pte", stbl, i, ent)
+        await atomic.entry_set(m, "pte", stbl, i, ent)
     return pte_mkold(ent)  # __copy_present_ptes: the child's copy starts old
 
 
@@ -618,7 +618,7 @@ async def do_swap_page(m, vmf: Vmf) -> int:
             if res is None:
                 return 0
             tbl, ptl = res
-            same = await m.entry_read("pte", tbl, vmf.pte_idx) == orig
+            same = await atomic.entry_read(m, "pte", tbl, vmf.pte_idx) == orig
             await ptl.unlock()
             return VM_FAULT_OOM if same else 0
         m.vmstat.count_vm_event("pgmajfault")  # had to read it: a major fault
@@ -627,12 +627,12 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     res = None
     if swapcache is None or swap_state.folio_matches_swap_entry(folio, entry):
         res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
-        if res is not None and await m.entry_read("pte", res[0], vmf.pte_idx) != orig:
+        if res is not None and await atomic.entry_read(m, "pte", res[0], vmf.pte_idx) != orig:
             await res[1].unlock()  # out_nomap: another fault mapped it first
             res = None
     if res is None:
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         if direct:
             await swapfile.swapcache_clear(m, entry)
         return 0
@@ -669,11 +669,11 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     if folio.anon_vma is None:
         await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
         if not exclusive:  # __folio_set_anon: a shared folio takes the oldest anon_vma
-            folio.anon_vma = vma.anon_vma.root
-            folio.flags &= ~PG_anon_exclusive
+            atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma.root)
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
     else:
         await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
-    await m.entry_set("pte", tbl, vmf.pte_idx, pte)
+    await atomic.entry_set(m, "pte", tbl, vmf.pte_idx, pte)
     await lk.unlock()
     ret = 0
     if vmf.write and not write_done:
@@ -714,5 +714,5 @@ async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int,
         m.bug(f"fork: swap entry {entry:#x} has no slot")
     dst_mm.swapents += 1
     if entry & _PAGE_SWP_EXCLUSIVE:  # "mark the swap entry as shared" in the parent too
-        await m.entry_set("pte", stbl, i, entry & ~_PAGE_SWP_EXCLUSIVE)
+        await atomic.entry_set(m, "pte", stbl, i, entry & ~_PAGE_SWP_EXCLUSIVE)
     return entry & ~(_PAGE_SWP_EXCLUSIVE | _PAGE_SWP_UFFD_WP)

@@ -11,6 +11,7 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 
 from __future__ import annotations
 
+from kmm import atomic, swap
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_referenced, PG_swapbacked, PG_swapcache,
     PG_uptodate, PG_writeback, VM_LOCKED,
@@ -30,7 +31,7 @@ async def migration_entry_wait(m, vmf) -> None:
     from kmm import huge_memory
     ptl = m.table_lock(vmf.pte_tbl)
     await ptl.lock("migration_entry_wait")
-    cur = await m.entry_read("pte", vmf.pte_tbl, vmf.pte_idx)
+    cur = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
     await ptl.unlock()
     if cur == vmf.orig_pte and is_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))
@@ -64,14 +65,14 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
             a = addr
             while a < nxt:
                 i = pte_index(a)
-                ent = await m.entry_read("pte", tbl, i)
+                ent = await atomic.entry_read(m, "pte", tbl, i)
                 if is_migration_entry(ent) and first <= migration_entry_pfn(ent) < last:
                     old_pfn = migration_entry_pfn(ent)
                     pfn = dst.pfn + (old_pfn - first)
                     folio = pm.folio(pfn)
                     if (use_zero_page and not folio.order and pm.is_zero(pfn)
                             and not vma.flags & VM_LOCKED):
-                        await m.entry_set("pte", tbl, i,
+                        await atomic.entry_set(m, "pte", tbl, i,
                                           pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot)))
                         mm.rss_anon -= 1
                     else:
@@ -84,9 +85,9 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
                         if is_writable_migration_entry(ent):
                             pte = pte_mkwrite(pte)
                         exclusive = swp_type(ent) != SWP_MIGRATION_READ
-                        await m.folio_ref_add(folio, 1)
+                        await atomic.folio_ref_add(m, folio, 1)
                         await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
-                        await m.entry_set("pte", tbl, i, pte)
+                        await atomic.entry_set(m, "pte", tbl, i, pte)
                 a += PAGE_SIZE
             await ptl.unlock()
 
@@ -106,8 +107,8 @@ async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[in
     for folio in folios:
         if folio.refcount == 1:
             # freed under us (only the isolation reference is left): done
-            folio.flags &= ~PG_isolated
-            await m.folio_put(folio)
+            atomic.folio_clear_flags_locked(folio, PG_isolated)
+            await swap.folio_put(m, folio)
             ok += 1
             continue
         if await _migrate_one(m, folio, get_new_folio):
@@ -141,9 +142,10 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     if moved:
         new = m.physmem.page(new_pfn)
         m.physmem.copy(new_pfn, folio.pfn)  # folio_copy
-        new.flags = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
-                                   | PG_uptodate)
-        new.anon_vma, new.index = folio.anon_vma, folio.index
+        # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone
+        atomic.init_page(new, flags=folio.flags & (PG_dirty | PG_swapbacked | PG_active
+                                                   | PG_referenced | PG_uptodate),
+                         anon_vma=folio.anon_vma, index=folio.index)
         await remove_migration_ptes(m, folio, new)
     else:
         await remove_migration_ptes(m, folio, folio)
@@ -151,10 +153,10 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     await lk.unlock()
     if not moved:
         if new_pfn >= 0:
-            await m.folio_put(m.physmem.page(new_pfn))
+            await swap.folio_put(m, m.physmem.page(new_pfn))
         return False
-    folio.flags &= ~PG_isolated
-    await m.folio_put(folio)  # the old frame goes back to the buddy
+    atomic.folio_clear_flags_locked(folio, PG_isolated)
+    await swap.folio_put(m, folio)  # the old frame goes back to the buddy
     await swap.folio_add_lru(m, new)
-    await m.folio_put(new)    # the allocation's reference; the mappings keep theirs
+    await swap.folio_put(m, new)    # the allocation's reference; the mappings keep theirs
     return True

@@ -53,12 +53,12 @@ class Page:
         "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
     )
 
-    def __init__(self, pfn: int) -> None:
+    def __init__(self, pfn: int, head: int = -1) -> None:
         self.pfn = pfn
         self.flags = 0
         self.refcount = 0
         self.mapcount = 0          # PTE mappings of this page
-        self.head = pfn            # compound_head
+        self.head = pfn if head < 0 else head  # compound_head
         self.order = 0             # folio_order, on the head
         self.entire_mapcount = 0   # PMD mappings of the whole folio (head)
         self.large_mapcount = 0    # all page-table mappings of the folio (head)

@@ -9,7 +9,7 @@ are PageAnonExclusive become writable at once when write permission returns
 
 from __future__ import annotations
 
-from kmm import huge_memory, memory, mmap, tlb
+from kmm import atomic, huge_memory, memory, mmap, tlb
 from kmm.mm_types import PG_anon_exclusive, VM_READ, VM_WRITE
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none, pmd_trans_huge,
@@ -74,7 +74,7 @@ async def change_protection(m, vma, start: int, end: int, try_writable: bool) ->
             addr = nxt
             continue
         idx = pmd_index(addr)
-        pmd = await m.entry_read("pmd", pmd_tbl, idx)
+        pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if is_swap_pmd(pmd) or pmd_trans_huge(pmd):
             if nxt - addr != PMD_SIZE:
                 await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
@@ -82,7 +82,7 @@ async def change_protection(m, vma, start: int, end: int, try_writable: bool) ->
                                                    try_writable):
                 addr = nxt
                 continue
-        if not pmd_none(await m.entry_read("pmd", pmd_tbl, idx)):
+        if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
             changed |= await change_pte_range(m, vma, pmd_tbl, idx, addr, nxt, newprot,
                                               try_writable)
         addr = nxt
@@ -99,7 +99,7 @@ async def change_pte_range(m, vma, pmd_tbl: int, pidx: int, addr: int, end: int,
     changed = False
     while addr < end:
         i = pte_index(addr)
-        old = await m.entry_read("pte", tbl, i)
+        old = await atomic.entry_read(m, "pte", tbl, i)
         if pte_present(old):
             new = pte_modify(old, newprot)
             if try_writable and not pte_write(new) and not pte_special(new):
@@ -107,7 +107,7 @@ async def change_pte_range(m, vma, pmd_tbl: int, pidx: int, addr: int, end: int,
                 if page.flags & PG_anon_exclusive:  # can_change_pte_writable
                     new = pte_mkwrite(new)
             if new != old:
-                await m.entry_set("pte", tbl, i, new)
+                await atomic.entry_set(m, "pte", tbl, i, new)
                 changed = True
         addr += PAGE_SIZE
     await ptl.unlock()

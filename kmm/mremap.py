@@ -12,7 +12,7 @@ in-place resizing (no MREMAP_FIXED), MREMAP_DONTUNMAP, accounting, mlock, uffd.
 
 from __future__ import annotations
 
-from kmm import huge_memory, memory, mmap, pgtable_generic as pgg, rmap, tlb
+from kmm import atomic, huge_memory, memory, mmap, pgtable_generic as pgg, rmap, tlb
 from kmm.mm_types import VmArea
 from kmm.pgtable import (
     PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none,
@@ -100,7 +100,7 @@ async def move_page_tables(m, vma: VmArea, old_addr: int, new_vma: VmArea, new_a
                 done += extent
                 continue
             oidx = pmd_index(old)
-            pmdval = await m.entry_read("pmd", old_pmd, oidx)
+            pmdval = await atomic.entry_read(m, "pmd", old_pmd, oidx)
             if pmd_none(pmdval):
                 done += extent
                 continue
@@ -114,7 +114,7 @@ async def move_page_tables(m, vma: VmArea, old_addr: int, new_vma: VmArea, new_a
                     continue
                 await huge_memory.__split_huge_pmd(m, vma, old_pmd, oidx, old, freeze=False)
             nidx = pmd_index(new)
-            if pmd_none(await m.entry_read("pmd", new_pmd, nidx)):
+            if pmd_none(await atomic.entry_read(m, "pmd", new_pmd, nidx)):
                 if not await memory.__pte_alloc(m, mm, new_pmd, nidx):
                     m.bug("move_page_tables: out of memory for a page table")
             await move_ptes(m, vma, old_pmd, old, old + extent, new_pmd, new)
@@ -143,11 +143,11 @@ async def move_ptes(m, vma: VmArea, old_pmd: int, old_addr: int, old_end: int,
     flush = False
     a, n = old_addr, new_addr
     while a < old_end:
-        ent = await m.entry_read("pte", otbl, pte_index(a))
+        ent = await atomic.entry_read(m, "pte", otbl, pte_index(a))
         if not pte_none(ent):
-            await m.entry_get_and_clear("pte", otbl, pte_index(a))  # ptep_get_and_clear
+            await atomic.entry_get_and_clear(m, "pte", otbl, pte_index(a))  # ptep_get_and_clear
             flush = flush or pte_present(ent)
-            await m.entry_set("pte", ntbl, pte_index(n), ent)
+            await atomic.entry_set(m, "pte", ntbl, pte_index(n), ent)
         a += PAGE_SIZE
         n += PAGE_SIZE
     if flush:
@@ -163,19 +163,19 @@ async def move_huge_pmd(m, vma: VmArea, old_addr: int, new_addr: int, old_pmd: i
     slot. False if the PMD is no longer huge or the slot is taken."""
     mm = vma.mm
     oidx, nidx = pmd_index(old_addr), pmd_index(new_addr)
-    if not pmd_none(await m.entry_read("pmd", new_pmd, nidx)):
+    if not pmd_none(await atomic.entry_read(m, "pmd", new_pmd, nidx)):
         return False
     optl, nptl = m.table_lock(old_pmd), m.table_lock(new_pmd)
     await optl.lock("move_huge_pmd")
     if nptl is not optl:
         await nptl.lock("move_huge_pmd", subclass=1)
-    cur = await m.entry_read("pmd", old_pmd, oidx)
+    cur = await atomic.entry_read(m, "pmd", old_pmd, oidx)
     moved = pmd_trans_huge(cur) or is_swap_pmd(cur)
     if moved:
         pmd = await pgg.pmdp_huge_clear_flush(m, vma, old_addr, old_pmd, oidx)
         table = await pgg.pgtable_trans_huge_withdraw(m, mm, old_pmd)
         await pgg.pgtable_trans_huge_deposit(m, mm, new_pmd, table)
-        await m.entry_set("pmd", new_pmd, nidx, pmd)
+        await atomic.entry_set(m, "pmd", new_pmd, nidx, pmd)
     if nptl is not optl:
         await nptl.unlock()
     await optl.unlock()

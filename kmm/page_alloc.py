@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+
+from kmm import atomic
 from math import isqrt
 
 from kmm.gfp import (
@@ -36,9 +38,10 @@ from kmm.gfp import (
     __GFP_MOVABLE, __GFP_NOMEMALLOC, __GFP_NORETRY, __GFP_RETRY_MAYFAIL, __GFP_THISNODE,
     format_gfp, gfp_compaction_allowed,
 )
-from kmm.mm_types import PG_head, PGTY_buddy
+from kmm.mm_types import PGTY_buddy
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SIZE
 from kmm.runtime.msgs import AllocPages, FreePages, IsolateFreePage, PageReply
+from kmm.cost import COST_RMQUEUE, COST_WMARK_CHECK
 
 MAX_PAGE_ORDER = 10
 NR_ORDERS = MAX_PAGE_ORDER + 1
@@ -51,8 +54,6 @@ PAGE_ALLOC_COSTLY_ORDER = 3
 MAX_RECLAIM_RETRIES = 16
 MAX_COMPACT_RETRIES = 16
 
-COST_RMQUEUE = 100  # ns
-COST_WMARK_CHECK = 20  # ns: a failed get_page_from_freelist (watermark check only)
 
 # alloc_flags (mm/internal.h)
 ALLOC_WMARK_MIN, ALLOC_WMARK_LOW, ALLOC_WMARK_HIGH = 0, 1, 2
@@ -226,17 +227,13 @@ class Zone:
         sched = self.machine.sched
         pfn = await self._get_page_from_freelist(order, msg.alloc_flags)
         if pfn < 0:
-            if sched.fast:
-                sched.tick(COST_WMARK_CHECK)
-            else:
+            if not atomic.ticked(sched, COST_WMARK_CHECK):
                 await sched.point("get_page_from_freelist", COST_WMARK_CHECK, order=order,
                                   wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
                                   gfp_flags=msg.gfp, pfn=-1)
             return -1
         self._prep_new_page(pfn, order)
-        if sched.fast:
-            sched.tick(1)
-        else:
+        if not atomic.ticked(sched, 1):
             await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
                               purpose=msg.purpose)
         self.machine.vmstat.count_vm_event("pgalloc_normal", 1 << order)
@@ -248,9 +245,7 @@ class Zone:
             return -1
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
-        if self.machine.sched.fast:
-            self.machine.sched.tick(COST_RMQUEUE)
-        else:
+        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
             await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
         await self.lock.unlock()
         return pfn
@@ -261,10 +256,7 @@ class Zone:
         for p in range(pfn, pfn + (1 << order)):
             pages.pop(p, None)  # tails are created lazily, pointing at the head
         head = self.physmem.page(pfn)
-        head.refcount = 1
-        if order:
-            head.flags = PG_head
-            head.order = order
+        atomic.prep_new_page(head, order)
 
     async def _free(self, pfn: int, order: int) -> None:
         """free_pages_prepare + __free_one_page under zone->lock."""
@@ -277,9 +269,7 @@ class Zone:
         self.physmem.clear(pfn, 1 << order)
         await self.lock.lock("free_one_page")
         self._free_one_page(pfn, order)
-        if self.machine.sched.fast:
-            self.machine.sched.tick(COST_RMQUEUE)
-        else:
+        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
             await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
         await self.lock.unlock()
         self.machine.vmstat.count_vm_event("pgfree", 1 << order)
@@ -299,9 +289,7 @@ class Zone:
             self._del(pfn, order)
             self.nr_free -= 1 << order
         sched = self.machine.sched
-        if sched.fast:
-            sched.tick(COST_RMQUEUE)
-        else:
+        if not atomic.ticked(sched, COST_RMQUEUE):
             await sched.point("isolate_free_page", COST_RMQUEUE, pfn=pfn, order=order,
                               ret=ret)
         await self.lock.unlock()

@@ -10,11 +10,11 @@ at all: its slots are marked in the zeromap, and reading them back just zero-fil
 
 from __future__ import annotations
 
+from kmm import atomic
 from kmm.mm_types import PG_uptodate, PG_writeback, Page
 from kmm.pgtable import HPAGE_PMD_NR, swp_offset
+from kmm.cost import COST_SWAP_WRITE, COST_SWAP_READ
 
-COST_SWAP_WRITE = 2500  # ns per 4 KiB page: zram compresses and stores it
-COST_SWAP_READ = 1000   # ns per 4 KiB page: zram decompresses it
 
 AOP_WRITEPAGE_ACTIVATE = 0x80000
 
@@ -62,7 +62,7 @@ async def __swap_writepage(m, folio: Page) -> None:
     unlocked, the synchronous bio completes and writeback ends."""
     si = m.swap_info
     off = swp_offset(folio.swap)
-    folio.flags |= PG_writeback  # folio_start_writeback
+    atomic.folio_set_flags_locked(folio, PG_writeback)  # folio_start_writeback
     await m.folio_lock_of(folio).unlock()
     await m.sched.point("swap_writepage", COST_SWAP_WRITE * folio.nr_pages, pfn=folio.pfn,
                         slot=off, nr=folio.nr_pages)
@@ -74,7 +74,7 @@ async def __swap_writepage(m, folio: Page) -> None:
         else:
             si.store[off + i] = bytes(frame)
     count_swpout_vm_event(m, folio)
-    folio.flags &= ~PG_writeback  # folio_end_writeback
+    atomic.folio_clear_flags_locked(folio, PG_writeback)  # folio_end_writeback
 
 
 async def swap_read_folio(m, folio: Page) -> None:
@@ -97,5 +97,5 @@ async def swap_read_folio(m, folio: Page) -> None:
             else:
                 pm.data[folio.pfn + i] = bytearray(data)
         m.vmstat.count_vm_event("pswpin", nr)
-    folio.flags |= PG_uptodate
+    atomic.folio_set_flags_locked(folio, PG_uptodate)
     await m.folio_lock_of(folio).unlock()

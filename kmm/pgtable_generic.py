@@ -7,7 +7,7 @@ memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
 
 from __future__ import annotations
 
-from kmm import tlb
+from kmm import atomic, tlb
 from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid, pmd_trans_huge
 
 
@@ -24,10 +24,7 @@ async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
     """
     _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_deposit")
     await m.sched.point("pgtable_trans_huge_deposit", pt=pmd_tbl, table=pgtable)
-    page = m.physmem.pages[pmd_tbl]
-    if page.pt_deposit is None:
-        page.pt_deposit = []
-    page.pt_deposit.append(pgtable)
+    atomic.pt_deposit_locked(m.physmem.pages[pmd_tbl], pgtable)
 
 
 async def pgtable_trans_huge_withdraw(m, mm, pmd_tbl: int) -> int:
@@ -37,7 +34,7 @@ async def pgtable_trans_huge_withdraw(m, mm, pmd_tbl: int) -> int:
     page = m.physmem.pages[pmd_tbl]
     if not page.pt_deposit:
         m.bug(f"pgtable_trans_huge_withdraw: nothing deposited under {pmd_tbl:#x}")
-    pgtable = page.pt_deposit.pop()
+    pgtable = atomic.pt_withdraw_locked(page)
     await m.sched.point("pgtable_trans_huge_withdraw", pt=pmd_tbl, table=pgtable)
     return pgtable
 
@@ -46,8 +43,8 @@ async def pmdp_invalidate(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
     """pmdp_invalidate: clear present but keep the PMD trans-huge (lockless readers
     still see a huge PMD), then flush the 2 MiB range on every CPU. Returns the old
     value. Context: PMD lock held."""
-    old = await m.entry_read("pmd", pmd_tbl, idx)
-    await m.entry_set("pmd", pmd_tbl, idx, pmd_mkinvalid(old))
+    old = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
+    await atomic.entry_set(m, "pmd", pmd_tbl, idx, pmd_mkinvalid(old))
     if not m.bugs or "split_pmd_no_tlb_flush" not in m.bugs:  # kmm.bugs
         await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
     return old
@@ -55,7 +52,7 @@ async def pmdp_invalidate(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
 
 async def pmdp_huge_clear_flush(m, vma, haddr: int, pmd_tbl: int, idx: int) -> int:
     """pmdp_huge_clear_flush: clear the PMD, then flush the 2 MiB range."""
-    old = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+    old = await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
     await tlb.flush_tlb_mm_range(m, vma.mm, haddr, haddr + HPAGE_PMD_SIZE)
     return old
 
@@ -67,7 +64,7 @@ async def pmdp_collapse_flush(m, vma, address: int, pmd_tbl: int, idx: int) -> i
     held (and the mmap write lock: a collapse)."""
     if address & (HPAGE_PMD_SIZE - 1):
         m.bug(f"pmdp_collapse_flush: {address:#x} is not PMD-aligned")
-    old = await m.entry_get_and_clear("pmd", pmd_tbl, idx)
+    old = await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, idx)
     if pmd_trans_huge(old):
         m.bug(f"pmdp_collapse_flush: PMD {pmd_tbl:#x}[{idx}] is huge")
     # collapse entails shooting down ptes, not the pmd

@@ -16,10 +16,13 @@ _ZERO = bytes(PAGE_SIZE)
 
 
 class PhysMem:
-    __slots__ = ("nr_pages", "pages", "data", "tables")
+    __slots__ = ("nr_pages", "pages", "data", "tables", "page_cls", "table_cls")
 
     def __init__(self, nr_pages: int) -> None:
         self.nr_pages = nr_pages
+        # strict mode (kmm.atomic.make_strict) swaps in guarded classes
+        self.page_cls = Page
+        self.table_cls = list
         self.pages: dict[int, Page] = {}
         self.data: dict[int, bytearray] = {}
         self.tables: dict[int, list[int]] = {}
@@ -30,15 +33,16 @@ class PhysMem:
         if p is None:
             if not 0 <= pfn < self.nr_pages:
                 raise IndexError(f"pfn {pfn:#x} beyond the end of memory")
-            p = self.pages[pfn] = Page(pfn)
             # a tail of a large folio is created lazily too: find its head
             pages = self.pages
+            head = pfn
             for order in range(1, 11):
                 h = pfn & ~((1 << order) - 1)
                 hp = pages.get(h)
                 if hp is not None and hp.head == h and hp.order >= order:
-                    p.head = h
+                    head = h
                     break
+            p = pages[pfn] = self.page_cls(pfn, head)
         return p
 
     def folio(self, pfn: int) -> Page:
@@ -84,7 +88,7 @@ class PhysMem:
 
     # ------------------------------------------------------- page-table frames
     def new_table(self, pfn: int) -> list[int]:
-        t = self.tables[pfn] = [0] * PTRS_PER_TABLE
+        t = self.tables[pfn] = self.table_cls([0] * PTRS_PER_TABLE)
         return t
 
     def drop_table(self, pfn: int) -> None:

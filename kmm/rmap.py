@@ -10,7 +10,7 @@ Each mapcount change is a preemption point.
 
 from __future__ import annotations
 
-from kmm import huge_memory, tlb
+from kmm import atomic, huge_memory, swap, tlb
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,
@@ -83,78 +83,30 @@ def page_anon_exclusive(page: Page) -> bool:
 async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
                                   pmd: bool) -> None:
     """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
-    folio.anon_vma = vma.anon_vma
-    folio.index = vma.linear_page_index(addr)
-    folio.flags |= PG_anon_exclusive
+    await atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr), pmd)
     if pmd:
-        folio.entire_mapcount = 1
-        folio.large_mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
         m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
     else:
-        folio.mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_pages", 1)
 
 
 async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
                                    exclusive: bool) -> None:
     """folio_add_anon_rmap_ptes: nr PTE mappings of pages pfn.. of an existing folio."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
-    pm = m.physmem
-    if not folio.order:
-        folio.mapcount += 1
-        if folio.mapcount == 1:
-            m.vmstat.mod_node_page_state("nr_anon_pages", 1)
-        if exclusive:
-            folio.flags |= PG_anon_exclusive
-        return
-    newly = 0
-    for p in range(pfn, pfn + nr):
-        page = pm.page(p)
-        page.mapcount += 1
-        if page.mapcount == 1:
-            newly += 1
-        if exclusive:
-            page.flags |= PG_anon_exclusive
-    folio.large_mapcount += nr
-    folio.nr_pages_mapped += newly
-    if newly and not folio.entire_mapcount:  # __folio_add_rmap: NR_ANON_MAPPED
+    newly = await atomic.mapcount_add_ptes(m, folio, pfn, nr, exclusive)
+    # __folio_add_rmap: NR_ANON_MAPPED
+    if newly and (not folio.order or not folio.entire_mapcount):
         m.vmstat.mod_node_page_state("nr_anon_pages", newly)
 
 
 async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_remove_rmap_ptes: nr PTE mappings gone; queue a partially mapped THP."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
-    pm = m.physmem
+    unmapped = await atomic.mapcount_remove_ptes(m, folio, pfn, nr)
     if not folio.order:
-        folio.mapcount -= 1
-        if folio.mapcount < 0:
-            m.bug(f"mapcount underflow {folio!r}")
-        if folio.mapcount == 0:
-            folio.flags &= ~PG_anon_exclusive
+        if unmapped:
             m.vmstat.mod_node_page_state("nr_anon_pages", -1)
         return
-    unmapped = 0
-    for p in range(pfn, pfn + nr):
-        page = pm.page(p)
-        page.mapcount -= 1
-        if page.mapcount < 0:
-            m.bug(f"mapcount underflow {page!r}")
-        if page.mapcount == 0:
-            unmapped += 1
-            page.flags &= ~PG_anon_exclusive
-    folio.large_mapcount -= nr
-    folio.nr_pages_mapped -= unmapped
     if unmapped and not folio.entire_mapcount:  # __folio_remove_rmap: NR_ANON_MAPPED
         m.vmstat.mod_node_page_state("nr_anon_pages", -unmapped)
     # __folio_remove_rmap: pages became unmapped while others stay PTE-mapped, and no
@@ -164,34 +116,18 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 
 
 async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
-    folio.entire_mapcount += 1
-    folio.large_mapcount += 1
-    if exclusive:
-        folio.flags |= PG_anon_exclusive
+    """folio_add_anon_rmap_pmd: one more PMD mapping of the whole folio."""
+    await atomic.mapcount_add_pmd(m, folio, exclusive)
 
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
-    folio.entire_mapcount -= 1
-    folio.large_mapcount -= 1
-    if folio.entire_mapcount < 0:
-        m.bug(f"entire mapcount underflow {folio!r}")
-    if folio.entire_mapcount == 0:
+    if await atomic.mapcount_remove_pmd(m, folio) == 0:
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", -1)
         # the pages no PTE keeps mapped are unmapped now (NR_ANON_MAPPED)
         m.vmstat.mod_node_page_state("nr_anon_pages",
                                      folio.nr_pages_mapped - folio.nr_pages)
-        if not folio.nr_pages_mapped:
-            folio.flags &= ~PG_anon_exclusive
-        elif folio.nr_pages_mapped < folio.nr_pages:
+        if folio.nr_pages_mapped and folio.nr_pages_mapped < folio.nr_pages:
             # the last PMD mapping went while only some pages stay PTE-mapped
             await huge_memory.deferred_split_folio(m, folio, True)
 
@@ -199,35 +135,12 @@ async def folio_remove_rmap_pmd(m, folio: Page) -> None:
 async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """folio_try_dup_anon_rmap_ptes (fork): the pages become shared; never fails here
     (no pins are modelled), so exclusivity is simply cleared."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
-    pm = m.physmem
-    if not folio.order:
-        folio.mapcount += 1
-        folio.flags &= ~PG_anon_exclusive
-        return
-    for p in range(pfn, pfn + nr):
-        page = pm.page(p)
-        page.mapcount += 1
-        page.flags &= ~PG_anon_exclusive
-    folio.large_mapcount += nr
+    await atomic.mapcount_dup_ptes(m, folio, pfn, nr)
 
 
 async def folio_try_dup_anon_rmap_pmd(m, folio: Page) -> None:
     """folio_try_dup_anon_rmap_pmd (fork of a PMD-mapped THP)."""
-    if m.sched.fast:
-        m.sched.tick(1)
-    else:
-        await m.sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
-    folio.entire_mapcount += 1
-    folio.large_mapcount += 1
-    folio.flags &= ~PG_anon_exclusive
-    for p in range(folio.pfn + 1, folio.pfn + folio.nr_pages):
-        pg = m.physmem.pages.get(p)
-        if pg is not None:
-            pg.flags &= ~PG_anon_exclusive
+    await atomic.mapcount_dup_pmd(m, folio)
 
 
 def folio_mapping_mms(m, folio: Page) -> set[int]:
@@ -288,7 +201,7 @@ async def _pmd_steps(m, vma: VmArea, lo: int, hi: int):
         pmd_tbl = memory.pmd_lookup(m, vma.mm, addr)
         if pmd_tbl >= 0:
             idx = pmd_index(addr)
-            yield addr, nxt, pmd_tbl, idx, await m.entry_read("pmd", pmd_tbl, idx)
+            yield addr, nxt, pmd_tbl, idx, await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         addr = nxt
 
 
@@ -298,7 +211,7 @@ async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr
     the PMD is still the one the walk saw."""
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock(site)
-    if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+    if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
         await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx, addr & HPAGE_PMD_MASK,
                                            freeze=freeze)
     await ptl.unlock()
@@ -347,21 +260,21 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
         a = addr
         while a < nxt:
             i = pte_index(a)
-            ent = await m.entry_read("pte", tbl, i)
+            ent = await atomic.entry_read(m, "pte", tbl, i)
             if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
                 pfn = pte_pfn(ent)
                 page = m.physmem.page(pfn)
-                old = await m.entry_get_and_clear("pte", tbl, i)  # ptep_clear_flush
+                old = await atomic.entry_get_and_clear(m, "pte", tbl, i)  # ptep_clear_flush
                 cleared = True
                 if pte_dirty(old):
-                    folio.flags |= PG_dirty
+                    atomic.folio_set_flags_locked(folio, PG_dirty)
                 holder = page if folio.order else folio
                 exclusive = bool(holder.flags & PG_anon_exclusive)
-                holder.flags &= ~PG_anon_exclusive  # folio_try_share_anon_rmap_pte
-                await m.entry_set("pte", tbl, i, make_migration_entry(
+                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)  # folio_try_share_anon_rmap_pte
+                await atomic.entry_set(m, "pte", tbl, i, make_migration_entry(
                     pfn, pte_write(old), exclusive, pte_young(old), pte_dirty(old)))
                 await folio_remove_rmap_ptes(m, folio, pfn, 1)
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
             a += PAGE_SIZE
         if cleared:  # TTU_BATCH_FLUSH: one flush per table, before the lock drops
             await tlb.flush_tlb_mm_range(m, mm, addr, nxt)
@@ -410,7 +323,7 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
         a = addr
         while a < nxt:
             i = pte_index(a)
-            ent = await m.entry_read("pte", tbl, i)
+            ent = await atomic.entry_read(m, "pte", tbl, i)
             if pte_present(ent) and not pte_special(ent) and _maps(folio, pte_pfn(ent)):
                 pfn = pte_pfn(ent)
                 page = m.physmem.page(pfn)
@@ -422,41 +335,41 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                            and pte_pfn(m.physmem.tables[tbl][i + nr]) == pfn + nr
                            and pte_present(m.physmem.tables[tbl][i + nr])):
                         nr += 1
-                    olds = [await m.entry_get_and_clear("pte", tbl, i + j) for j in range(nr)]
+                    olds = [await atomic.entry_get_and_clear(m, "pte", tbl, i + j) for j in range(nr)]
                     cleared = True
                     if any(pte_dirty(o) for o in olds):
-                        folio.flags |= PG_dirty
+                        atomic.folio_set_flags_locked(folio, PG_dirty)
                     if folio.flags & PG_dirty:
                         # written since MADV_FREE: it cannot be discarded; remap it and
                         # make it swap-backed again
                         for j, o in enumerate(olds):
-                            await m.entry_set("pte", tbl, i + j, o)
-                        folio.flags |= PG_swapbacked
+                            await atomic.entry_set(m, "pte", tbl, i + j, o)
+                        atomic.folio_set_flags_locked(folio, PG_swapbacked)
                         ok = False
                         break
                     mm.rss_anon -= nr
                     await folio_remove_rmap_ptes(m, folio, pfn, nr)
-                    await m.folio_put(folio, nr)
+                    await swap.folio_put(m, folio, nr)
                     a += nr * PAGE_SIZE
                     continue
-                old = await m.entry_get_and_clear("pte", tbl, i)
+                old = await atomic.entry_get_and_clear(m, "pte", tbl, i)
                 cleared = True
                 if pte_dirty(old):
-                    folio.flags |= PG_dirty
+                    atomic.folio_set_flags_locked(folio, PG_dirty)
                 holder = page if folio.order else folio
                 exclusive = bool(holder.flags & PG_anon_exclusive)
-                holder.flags &= ~PG_anon_exclusive
+                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)
                 # folio->swap names the first page's slot (a PTE-format entry)
                 entry = swp_entry(swp_type(folio.swap),
                                   swp_offset(folio.swap) + pfn - folio.pfn)
                 await swapfile.swap_duplicate(m, entry)
                 if exclusive:
                     entry |= _PAGE_SWP_EXCLUSIVE
-                await m.entry_set("pte", tbl, i, entry)
+                await atomic.entry_set(m, "pte", tbl, i, entry)
                 mm.rss_anon -= 1
                 mm.swapents += 1
                 await folio_remove_rmap_ptes(m, folio, pfn, 1)
-                await m.folio_put(folio)
+                await swap.folio_put(m, folio)
             a += PAGE_SIZE
         if cleared:
             await tlb.flush_tlb_mm_range(m, mm, addr, nxt)
@@ -481,7 +394,7 @@ async def folio_referenced(m, folio: Page) -> int:
         async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
             if pmd_trans_huge(pmdval) and pmd_present(pmdval):
                 if pmd_pfn(pmdval) == folio.pfn and pmd_young(pmdval):
-                    if await m.entry_cmpxchg("pmd", pmd_tbl, idx, pmdval, pmd_mkold(pmdval)):
+                    if await atomic.entry_cmpxchg(m, "pmd", pmd_tbl, idx, pmdval, pmd_mkold(pmdval)):
                         young += 1
                 continue
             if not pmd_present(pmdval):
@@ -489,14 +402,14 @@ async def folio_referenced(m, folio: Page) -> int:
             tbl = table_pfn(pmdval)
             ptl = m.table_lock(tbl)
             await ptl.lock("folio_referenced_one")
-            if await m.entry_read("pmd", pmd_tbl, idx) == pmdval:
+            if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
                 a = addr
                 while a < nxt:
                     i = pte_index(a)
-                    ent = await m.entry_read("pte", tbl, i)
+                    ent = await atomic.entry_read(m, "pte", tbl, i)
                     if (pte_present(ent) and not pte_special(ent) and pte_young(ent)
                             and _maps(folio, pte_pfn(ent))):
-                        await m.entry_set("pte", tbl, i, pte_mkold(ent))
+                        await atomic.entry_set(m, "pte", tbl, i, pte_mkold(ent))
                         young += 1
                     a += PAGE_SIZE
             await ptl.unlock()

@@ -14,6 +14,8 @@ lists at once, which the kernel's lru_add_drain gives too.
 
 from __future__ import annotations
 
+from kmm import atomic, page_alloc
+from kmm.atomic import folio_clear_flags_locked as _clear, folio_set_flags_locked as _set
 from kmm.mm_types import (
     PG_active, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_unevictable, Page,
 )
@@ -41,25 +43,16 @@ def folio_lru_list(folio: Page) -> str:
 def lruvec_add_folio(m, folio: Page, tail: bool = False) -> None:
     lv = m.lruvec
     name = folio_lru_list(folio)
-    lst = lv.lists[name]
-    if tail:  # lruvec_add_folio_tail: rebuild with the folio first (rare: rotations)
-        items = list(lst)
-        lst.clear()
-        lst[folio.pfn] = None
-        lst.update(dict.fromkeys(items))
-    else:
-        lst[folio.pfn] = None
+    atomic.lru_add_locked(m, lv.lists[name], folio, tail)  # tail: lruvec_add_folio_tail
     lv.nr_pages[name] += folio.nr_pages
-    folio.flags |= PG_lru
 
 
 def lruvec_del_folio(m, folio: Page) -> None:
     lv = m.lruvec
     name = folio_lru_list(folio)
-    if lv.lists[name].pop(folio.pfn, 0) == 0:
+    if not atomic.lru_del_locked(lv.lists[name], folio):
         m.bug(f"lruvec_del_folio: {folio!r} not on {name}")
     lv.nr_pages[name] -= folio.nr_pages
-    folio.flags &= ~PG_lru
 
 
 async def folio_add_lru(m, folio: Page) -> None:
@@ -67,7 +60,7 @@ async def folio_add_lru(m, folio: Page) -> None:
     (PG_swapbacked: it can only be reclaimed through swap)."""
     if folio.flags & PG_lru:
         m.bug(f"folio_add_lru: {folio!r} already on an LRU")
-    folio.flags |= PG_swapbacked
+    _set(folio, PG_swapbacked)
     lk = m.lruvec.lru_lock
     await lk.lock("folio_add_lru")
     lruvec_add_folio(m, folio)
@@ -82,8 +75,8 @@ async def folio_isolate_lru(m, folio: Page) -> bool:
     ok = bool(folio.flags & PG_lru)
     if ok:
         lruvec_del_folio(m, folio)
-        folio.flags |= PG_isolated
-        folio.refcount += 1  # folio_get, under the lru lock like the kernel's
+        _set(folio, PG_isolated)
+        atomic.folio_ref_add_locked(folio)  # folio_get, under the lru lock like the kernel's
     await lk.unlock()
     return ok
 
@@ -92,10 +85,10 @@ async def folio_putback_lru(m, folio: Page) -> None:
     """folio_putback_lru: back on the list its flags name, dropping the isolation ref."""
     lk = m.lruvec.lru_lock
     await lk.lock("folio_putback_lru")
-    folio.flags &= ~PG_isolated
+    _clear(folio, PG_isolated)
     lruvec_add_folio(m, folio)
     await lk.unlock()
-    await m.folio_put(folio)
+    await folio_put(m, folio)
 
 
 def folio_mark_accessed(m, folio: Page) -> None:
@@ -103,20 +96,20 @@ def folio_mark_accessed(m, folio: Page) -> None:
     if folio.flags & PG_unevictable:
         return
     if not folio.flags & PG_referenced:
-        folio.flags |= PG_referenced
+        _set(folio, PG_referenced)
     elif not folio.flags & PG_active:
         folio_activate_locked(m, folio)
-        folio.flags &= ~PG_referenced
+        _clear(folio, PG_referenced)
 
 
 def folio_activate_locked(m, folio: Page) -> None:
     """folio_activate (lru_activate): move an inactive folio to the active list."""
     if folio.flags & PG_lru and not folio.flags & PG_active:
         lruvec_del_folio(m, folio)
-        folio.flags |= PG_active
+        _set(folio, PG_active)
         lruvec_add_folio(m, folio)
     elif not folio.flags & PG_lru:
-        folio.flags |= PG_active
+        _set(folio, PG_active)
 
 
 async def folio_deactivate(m, folio: Page) -> None:
@@ -126,7 +119,7 @@ async def folio_deactivate(m, folio: Page) -> None:
     await lk.lock("folio_deactivate")
     if folio.flags & PG_lru and folio.flags & (PG_active | PG_referenced):
         lruvec_del_folio(m, folio)
-        folio.flags &= ~(PG_active | PG_referenced)
+        _clear(folio, PG_active | PG_referenced)
         lruvec_add_folio(m, folio)
     await lk.unlock()
 
@@ -138,10 +131,34 @@ async def folio_mark_lazyfree(m, folio: Page) -> None:
     await lk.lock("folio_mark_lazyfree")
     if folio.flags & PG_lru and folio.flags & PG_swapbacked:
         lruvec_del_folio(m, folio)
-        folio.flags &= ~(PG_active | PG_referenced | PG_swapbacked)
+        _clear(folio, PG_active | PG_referenced | PG_swapbacked)
         lruvec_add_folio(m, folio)
         m.vmstat.count_vm_event("pglazyfree", folio.nr_pages)
     await lk.unlock()
+
+
+async def folio_put(m, folio: Page, n: int = 1, dropped=None) -> None:
+    """folio_put / folio_put_refs (include/linux/mm.h): drop n references (one point,
+    kmm.atomic); the last frees the folio. ``dropped()``: see atomic.folio_put_testzero."""
+    if await atomic.folio_put_testzero(m, folio, n, dropped):
+        await __folio_put(m, folio)
+
+
+async def __folio_put(m, folio: Page) -> None:
+    """__folio_put: the last reference is gone: off the LRU, off the deferred split
+    queue, then back to the buddy allocator."""
+    if folio.pfn == m.huge_zero_pfn:
+        m.bug("freeing the huge zero folio")
+    if folio.flags & PG_lru:  # page_cache_release / __page_cache_release
+        lk = m.lruvec.lru_lock
+        await lk.lock("__page_cache_release")
+        lruvec_del_folio(m, folio)
+        await lk.unlock()
+    if folio.on_deferred_list:
+        await m.split_queue_lock.lock("__folio_unqueue_deferred_split")
+        atomic.ds_queue_del_locked(m, folio)
+        await m.split_queue_lock.unlock()
+    await page_alloc.free_pages(m, folio.pfn, folio.order)
 
 
 def lru_check(m) -> list[str]:

@@ -18,7 +18,7 @@ the default mTHP settings).
 
 from __future__ import annotations
 
-from kmm import page_alloc, page_io, swap, swapfile
+from kmm import atomic, page_alloc, page_io, swap, swapfile
 from kmm.mm_types import PG_swapbacked, PG_swapcache, Page
 from kmm.pgtable import swp_entry, swp_offset
 
@@ -33,9 +33,9 @@ def __swap_cache_add_folio(m, si, folio: Page, offset: int) -> None:
     SWAP_HAS_CACHE."""
     for i in range(folio.nr_pages):
         si.cache[offset + i] = folio.pfn
-    folio.swap = swp_entry(si.type, offset)
-    folio.flags |= PG_swapcache | PG_swapbacked
-    folio.refcount += folio.nr_pages  # folio_ref_add(folio, nr), under the lock
+    atomic.folio_set_field_locked(folio, "swap", swp_entry(si.type, offset))
+    atomic.folio_set_flags_locked(folio, PG_swapcache | PG_swapbacked)
+    atomic.folio_ref_add_locked(folio, folio.nr_pages)  # folio_ref_add(folio, nr), under the lock
 
 
 def __swap_cache_del_folio(m, si, folio: Page) -> None:
@@ -45,7 +45,7 @@ def __swap_cache_del_folio(m, si, folio: Page) -> None:
     for i in range(folio.nr_pages):
         if si.cache.pop(off + i, None) != folio.pfn:
             m.bug(f"swap cache slot {off + i} does not hold {folio!r}")
-    folio.flags &= ~PG_swapcache
+    atomic.folio_clear_flags_locked(folio, PG_swapcache)
 
 
 async def swap_cache_add_folio(m, folio: Page, entry: int) -> None:
@@ -73,8 +73,8 @@ async def swap_cache_del_folio(m, folio: Page) -> None:
     __swap_cache_del_folio(m, si, folio)
     await lk.unlock()
     await swapfile.put_swap_folio(m, folio, entry)
-    folio.swap = 0
-    await m.folio_put(folio, folio.nr_pages)
+    atomic.folio_set_field_locked(folio, "swap", 0)
+    await swap.folio_put(m, folio, folio.nr_pages)
 
 
 async def swap_cache_get_folio(m, entry: int) -> Page | None:
@@ -90,7 +90,7 @@ async def swap_cache_get_folio(m, entry: int) -> Page | None:
     folio = m.physmem.page(pfn)
     if folio.refcount <= 0:
         return None
-    folio.refcount += 1  # folio_try_get, atomic with the lookup
+    atomic.folio_ref_add_locked(folio)  # folio_try_get, atomic with the lookup
     return folio
 
 
@@ -148,15 +148,15 @@ async def swapin_direct(m, entry: int) -> Page | None | int:
         return None
     lk = m.folio_lock_of(folio)
     await lk.lock("do_swap_page")  # __folio_set_locked: a new folio, uncontended
-    folio.flags |= PG_swapbacked
+    atomic.folio_set_flags_locked(folio, PG_swapbacked)
     if await swapfile.swapcache_prepare(m, entry) < 0:
         await lk.unlock()
-        await m.folio_put(folio)
+        await swap.folio_put(m, folio)
         return -EEXIST
     await swap.folio_add_lru(m, folio)
-    folio.swap = entry  # to give swap_read_folio its slot
+    atomic.folio_set_field_locked(folio, "swap", entry)  # to give swap_read_folio its slot
     await page_io.swap_read_folio(m, folio)
-    folio.swap = 0
+    atomic.folio_set_field_locked(folio, "swap", 0)
     return folio
 
 
@@ -175,7 +175,7 @@ async def __read_swap_cache_async(m, entry: int) -> Page | None:
             return None
         lk = m.folio_lock_of(new)
         await lk.lock("__read_swap_cache_async")
-        new.flags |= PG_swapbacked
+        atomic.folio_set_flags_locked(new, PG_swapbacked)
         err = await swapfile.swapcache_prepare(m, entry)
         if err == 0:
             await swap_cache_add_folio(m, new, entry)
@@ -183,7 +183,7 @@ async def __read_swap_cache_async(m, entry: int) -> Page | None:
             await page_io.swap_read_folio(m, new)  # unlocks when read
             return new
         await lk.unlock()
-        await m.folio_put(new)
+        await swap.folio_put(m, new)
         if err != -EEXIST:
             return None
         # another swap-in claimed the slot and has not added its folio yet: let it

@@ -20,6 +20,7 @@ swap table of 6.18's swap cache (the cache is a dict of slots here), swapoff.
 
 from __future__ import annotations
 
+from kmm import atomic, swap
 from kmm.mm_types import PG_dirty, PG_swapcache, PG_writeback, Page
 from kmm.pgtable import (
     HPAGE_PMD_ORDER, MAX_SWAPFILES, PAGE_SIZE, is_pmd_migration_entry, is_swap_pte,
@@ -495,7 +496,7 @@ async def folio_free_swap(m, folio: Page) -> bool:
     if not folio_swapcache_freeable(folio) or folio_swapped(m, folio):
         return False
     await swap_state.swap_cache_del_folio(m, folio)
-    folio.flags |= PG_dirty  # folio_set_dirty: the data now lives only in memory
+    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_set_dirty: the data now lives only in memory
     return True
 
 
@@ -517,10 +518,10 @@ async def __try_to_reclaim_swap(m, si: SwapInfo, offset: int, flags: int) -> int
             start = swp_offset(folio.swap)
             if all(si.swap_map[o] == SWAP_HAS_CACHE for o in range(start, start + nr)):
                 await swap_state.swap_cache_del_folio(m, folio)
-                folio.flags |= PG_dirty
+                atomic.folio_set_flags_locked(folio, PG_dirty)
                 ret = nr
         await lk.unlock()
-    await m.folio_put(folio)
+    await swap.folio_put(m, folio)
     return ret
 
 

@@ -10,11 +10,10 @@ remote one costs an IPI round trip in emulated time.
 from __future__ import annotations
 
 from kmm.pgtable import PAGE_SHIFT, PMD_SHIFT
+from kmm.cost import COST_LOCAL_FLUSH, COST_IPI
 
 TLB_4K_ENTRIES = 1536
 TLB_2M_ENTRIES = 1024
-COST_LOCAL_FLUSH = 100
-COST_IPI = 2000
 
 
 def tlb_fill(cpu, mm, addr: int, pfn: int, writable: bool, dirty: bool, huge: bool) -> None:

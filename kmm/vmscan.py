@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import islice
 
-from kmm import huge_memory, page_io, rmap, swap, swapfile
+from kmm import atomic, huge_memory, page_io, rmap, swap, swapfile, wait
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced, PG_swapbacked,
     PG_swapcache, PG_unevictable, PG_writeback, Page,
@@ -116,13 +116,6 @@ def _gfp(gfp) -> int:
     return gfp if isinstance(gfp, int) else GFP_KERNEL
 
 
-async def _tick(m, event: str, cost: int = 1, **fields) -> None:
-    if m.sched.fast:
-        m.sched.tick(cost)
-    else:
-        await m.sched.point(event, cost, **fields)
-
-
 # ----------------------------------------------------------- predicates
 def can_reclaim_anon_pages(m) -> bool:
     """can_reclaim_anon_pages: is there room in swap (no demotion here)?"""
@@ -187,15 +180,15 @@ async def isolate_lru_folios(m, nr_to_scan: int, sc: ScanControl, lru: str):
         if (not sc.may_unmap and rmap.folio_mapped(folio)) or folio.refcount <= 0:
             rotate.append(folio)
             continue
-        folio.refcount += 1  # folio_try_get
+        atomic.folio_ref_add_locked(folio)  # folio_try_get
         swap.lruvec_del_folio(m, folio)  # folio_test_clear_lru
-        folio.flags |= PG_isolated
+        atomic.folio_set_flags_locked(folio, PG_isolated)
         taken.append(folio)
         nr_taken += folio.nr_pages
     for folio in rotate:  # list_move back to the list's head
         swap.lruvec_del_folio(m, folio)
         swap.lruvec_add_folio(m, folio)
-    await _tick(m, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru, nr_taken=nr_taken)
+    await atomic.point(m.sched, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru, nr_taken=nr_taken)
     return taken, nr_taken, scanned
 
 
@@ -208,17 +201,15 @@ async def move_folios_to_lru(m, folios: list[Page]) -> int:
     dead = []
     await lk.lock("move_folios_to_lru")
     for folio in folios:
-        folio.flags &= ~PG_isolated
-        await _tick(m, "page_ref_mod", pfn=folio.pfn, nr=-1)
-        folio.refcount -= 1  # folio_put_testzero
-        if folio.refcount == 0:
+        atomic.folio_clear_flags_locked(folio, PG_isolated)
+        if await atomic.folio_put_testzero(m, folio):
             dead.append(folio)
             continue
         swap.lruvec_add_folio(m, folio)
         moved += folio.nr_pages
     await lk.unlock()
     for folio in dead:
-        await m.free_folio(folio)
+        await swap.__folio_put(m, folio)
     return moved
 
 
@@ -229,9 +220,9 @@ async def folio_check_references(m, folio: Page, sc: ScanControl) -> int:
     by several mappings); an unreferenced one is reclaimed."""
     referenced_ptes = await rmap.folio_referenced(m, folio)
     referenced_folio = bool(folio.flags & PG_referenced)
-    folio.flags &= ~PG_referenced
+    atomic.folio_clear_flags_locked(folio, PG_referenced)
     if referenced_ptes:
-        folio.flags |= PG_referenced
+        atomic.folio_set_flags_locked(folio, PG_referenced)
         if referenced_folio or referenced_ptes > 1:
             return FOLIOREF_ACTIVATE
         return FOLIOREF_KEEP
@@ -249,7 +240,7 @@ async def pageout(m, folio: Page) -> int:
         return PAGE_KEEP
     if not folio.flags & PG_dirty:  # folio_clear_dirty_for_io
         return PAGE_CLEAN
-    folio.flags &= ~PG_dirty
+    atomic.folio_clear_flags_locked(folio, PG_dirty)
     if await page_io.swap_writeout(m, folio) == page_io.AOP_WRITEPAGE_ACTIVATE:
         return PAGE_ACTIVATE
     return PAGE_SUCCESS
@@ -260,10 +251,10 @@ async def __remove_mapping(m, folio: Page) -> bool:
     it and it is clean, freeze it and let its slots go (the PTEs keep their swap
     entries). Context: folio locked."""
     si = m.swap_info
-    await _tick(m, "__remove_mapping", pfn=folio.pfn)
+    await atomic.point(m.sched, "__remove_mapping", pfn=folio.pfn)
     if folio.refcount != 1 + folio.nr_pages or folio.flags & PG_dirty:
         return False
-    folio.refcount = 0  # folio_ref_freeze(1 + nr): the cache's references go with it
+    atomic.folio_ref_freeze_locked(folio)  # folio_ref_freeze(1 + nr): the cache's refs go with it
     from kmm import swap_state
     entry = folio.swap
     ci = si.clusters[swp_offset(entry) // swapfile.SWAPFILE_CLUSTER]
@@ -272,7 +263,7 @@ async def __remove_mapping(m, folio: Page) -> bool:
     swap_state.__swap_cache_del_folio(m, si, folio)
     await lk.unlock()
     await swapfile.put_swap_folio(m, folio, entry)
-    folio.swap = 0
+    atomic.folio_set_field_locked(folio, "swap", 0)
     return True
 
 
@@ -343,7 +334,7 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                         break
                 # MADV_FREE'd ptes may be clean while the folio is swap-backed again:
                 # dirty it, or its data would not be written (folio_mark_dirty)
-                folio.flags |= PG_dirty
+                atomic.folio_set_flags_locked(folio, PG_dirty)
             if nr_pages > 1 and not folio.order:  # split above: its pages come later
                 sc.nr_scanned -= nr_pages - 1
                 nr_pages = 1
@@ -381,10 +372,10 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                     if folio.flags & (PG_writeback | PG_dirty):
                         break
             if anon and not folio.flags & PG_swapbacked:
-                await _tick(m, "page_ref_freeze", pfn=folio.pfn)
+                await atomic.point(m.sched, "page_ref_freeze", pfn=folio.pfn)
                 if folio.refcount != 1:  # folio_ref_freeze(folio, 1)
                     break
-                folio.refcount = 0
+                atomic.folio_ref_freeze_locked(folio)
                 m.vmstat.count_vm_event("pglazyfreed", nr_pages)
             elif not folio.flags & PG_swapcache or not await __remove_mapping(m, folio):
                 break
@@ -393,8 +384,8 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
         if outcome == "free":
             await lk.unlock()
             nr_reclaimed += nr_pages
-            folio.flags &= ~PG_isolated
-            await m.free_folio(folio)  # folio_unqueue_deferred_split, free_unref_folios
+            atomic.folio_clear_flags_locked(folio, PG_isolated)
+            await swap.__folio_put(m, folio)  # folio_unqueue_deferred_split, free_unref_folios
             continue
         if outcome == "activate_locked_split" and nr_pages > 1:
             sc.nr_scanned -= nr_pages - 1
@@ -402,7 +393,7 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
         if outcome.startswith("activate_locked"):
             if folio.flags & PG_swapcache and swapfile.vm_swap_full(m):
                 await swapfile.folio_free_swap(m, folio)
-            folio.flags |= PG_active
+            atomic.folio_set_flags_locked(folio, PG_active)
             stat.nr_activate[0 if folio.flags & PG_swapbacked else 1] += nr_pages
             pgactivate += nr_pages
         if outcome != "keep":
@@ -453,7 +444,7 @@ async def shrink_active_list(m, nr_to_scan: int, sc: ScanControl, lru: str) -> N
     await lk.unlock()
     for folio in folios:
         await rmap.folio_referenced(m, folio)  # ages the mappings; anon is not rotated
-        folio.flags &= ~PG_active
+        atomic.folio_clear_flags_locked(folio, PG_active)
     nr_deactivate = await move_folios_to_lru(m, folios)
     if nr_deactivate:
         m.vmstat.count_vm_event("pgdeactivate", nr_deactivate)
@@ -706,9 +697,8 @@ def allow_direct_reclaim(m) -> bool:
     if pg.kswapd_failures >= MAX_RECLAIM_RETRIES:
         return True
     ok = m.zone.nr_free > m.zone.wmark["min"] // 2
-    if not ok and m.waitqueues.get("kswapd_wait"):
-        from kmm.daemon import wake_up
-        wake_up(m, "kswapd_wait")
+    if not ok and wait.wq_has_sleeper(m, "kswapd_wait"):
+        wait.wake_up(m, "kswapd_wait")
     return ok
 
 
@@ -766,7 +756,7 @@ async def reclaim_pages(m, folios: list[Page]) -> int:
         return 0
     lst = []
     for folio in folios:
-        folio.flags &= ~PG_active
+        atomic.folio_clear_flags_locked(folio, PG_active)
         lst.insert(0, folio)
     return await reclaim_folio_list(m, lst)
 
@@ -842,12 +832,11 @@ async def wakeup_kswapd(m, order: int, gfp=None) -> None:
     or balanced node is left alone (and, for a caller that may not direct reclaim,
     kcompactd is woken instead, when the tree has it). Context: the allocator's slow
     path."""
-    from kmm.daemon import wake_up
     pg = NODE_DATA(m)
-    await _tick(m, "wakeup_kswapd", order=order)
+    await atomic.point(m.sched, "wakeup_kswapd", order=order)
     if pg.kswapd_order < order:
         pg.kswapd_order = order
-    if not m.waitqueues.get("kswapd_wait"):
+    if not wait.wq_has_sleeper(m, "kswapd_wait"):
         return
     if pg.kswapd_failures >= MAX_RECLAIM_RETRIES or pgdat_balanced(m, order):
         if gfp is not None and not _gfp(gfp) & (1 << 10):  # !__GFP_DIRECT_RECLAIM
@@ -858,8 +847,7 @@ async def wakeup_kswapd(m, order: int, gfp=None) -> None:
                 if hasattr(r, "__await__"):
                     await r
         return
-    wake_up(m, "kswapd_wait")
-
+    wait.wake_up(m, "kswapd_wait")
 
 
 async def memcg_reclaim(m) -> None:

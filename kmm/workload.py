@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, oom_kill, task_mmu
+from kmm import (fault, fork, huge_memory, madvise, mmap, mprotect, mremap, oom_kill, swap,
+                 task_mmu)
 from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
 from kmm.pgtable import PAGE_SIZE
 
@@ -175,7 +176,7 @@ class Kernel:
     async def free_kernel_pages(self, pfn: int) -> None:
         """Free an allocation alloc_kernel_pages made."""
         m = self.machine
-        await m.folio_put(m.physmem.page(pfn))
+        await swap.folio_put(m, m.physmem.page(pfn))
 
     def _done(self) -> None:
         if self.after_op is not None:

@@ -67,3 +67,88 @@ def test_readme_index_names_only_functions_that_exist():
             if name == "__split_huge_pmd_locked":  # named split_pmd_locked, as the row says
                 continue
             assert name.lstrip("_") in defined, f"README names {module.group(1)}.{name}"
+
+
+# kmm/*.py that are not mechanism: the assembly (machine), the public facades (daemon:
+# the daemon API; workload: the program API), the test helpers and the entry point
+FACADES = {"machine", "daemon", "workload", "testing", "__init__", "__main__"}
+
+
+def _kmm_graph() -> dict[str, set[str]]:
+    """kmm module -> the kmm modules it imports (anywhere in the file: a lazy import in
+    a function is a dependency too)."""
+    mods = {f.stem: f for f in (ROOT / "kmm").glob("*.py")}
+    graph = {}
+    for name, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                if node.module == "kmm":
+                    deps |= {"kmm." + a.name for a in node.names}
+                else:
+                    deps.add(node.module)
+        graph[name] = {d.split(".")[1] for d in deps
+                       if d.startswith("kmm.") and d.split(".")[1] in mods} - {name}
+    return graph
+
+
+def test_mechanism_never_imports_the_machine_or_the_daemon_api():
+    """machine.py is the assembly at the top and kmm.daemon a facade for policy: the
+    mm/ mechanism modules (waitqueues: kmm.wait; costs: kmm.cost) import neither."""
+    for name, deps in _kmm_graph().items():
+        if name in FACADES:
+            continue
+        bad = deps & {"machine", "daemon", "workload", "testing"}
+        assert not bad, f"kmm/{name}.py imports {bad}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_import_cycles_are_the_kernels_own():
+    """The import circles inside kmm/ hold only mm/ files that call each other in the
+    kernel too: the allocator, reclaim, compaction, migration, swap, rmap, the fault
+    path, THP and khugepaged (page_alloc.c calls into vmscan.c and compaction.c, which
+    call back into it; huge_memory.c and rmap.c call each other; ...), and the two
+    headers mm_types.h/pgtable.h. The shared-state layer (atomic), the locks, the
+    waitqueues, the costs and the facades are outside every circle."""
+    mm_circle = {"compaction", "huge_memory", "khugepaged", "khugepaged_collapse", "memory",
+                 "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
+                 "swapfile", "vmscan"}
+    cycles = _cycles(_kmm_graph())
+    assert sorted(map(sorted, cycles)) == sorted([sorted(mm_circle),
+                                                  ["mm_types", "pgtable"]])

@@ -212,6 +212,18 @@ class Scheduler:
         if self._sleepers and self._sleepers[0][0] <= self.now:
             self._wake_sleepers()
 
+    def ticked(self, cost: int) -> bool:
+        """The fast path of a point, decided once for every caller (kmm.atomic.ticked):
+        when ``fast``, the point is the clock tick, done here without a further call,
+        and True is returned; otherwise False and the caller awaits ``point``."""
+        if self.fast:
+            self.seq += 1
+            self.now += cost
+            if self._sleepers and self._sleepers[0][0] <= self.now:
+                self._wake_sleepers()
+            return True
+        return False
+
     # ------------------------------------------------------------------ points
     async def point(self, event: str, cost: int = 1, **fields: Any) -> None:
         """One preemption point: record the event, then let the scheduler choose."""

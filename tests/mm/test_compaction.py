@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kmm import compaction, gfp, page_alloc, testing
+from kmm import compaction, gfp, page_alloc, swap, testing
 from kmm.compaction import CompactResult
 from kmm.daemon import start_daemon
 from kmm.daemons.kcompactd import Kcompactd
@@ -191,7 +191,7 @@ def test_order0_allocation_reclaims_then_retries(monkeypatch):
             log.append(("try_to_free_pages", order))
             n, reclaimable[0] = reclaimable[0], 0
             for pfn in held[len(held) - n:]:
-                await m.folio_put(m.physmem.page(pfn))
+                await swap.folio_put(m, m.physmem.page(pfn))
             del held[len(held) - n:]
             return n
         vmscan.try_to_free_pages = try_to_free_pages
@@ -203,7 +203,7 @@ def test_order0_allocation_reclaims_then_retries(monkeypatch):
         assert log == [("wakeup_kswapd", 0), ("wakeup_kswapd", 0), ("try_to_free_pages", 0)]
         assert m.vmstat.events["compact_stall"] == 0
         for pfn in held:
-            await m.folio_put(m.physmem.page(pfn))
+            await swap.folio_put(m, m.physmem.page(pfn))
     run(fn)
 
 

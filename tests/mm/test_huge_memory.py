@@ -12,7 +12,7 @@ from kmm import testing
 
 import pytest
 
-from kmm import huge_memory, memory
+from kmm import atomic, huge_memory, memory
 from kmm.mm_types import PG_anon_exclusive, PG_partially_mapped
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_NX, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW,
@@ -195,7 +195,7 @@ def test_split_huge_pmd_carries_write_dirty_young_into_ptes(write, dirty, young)
         want_pmd = ((pfn << 12) | _PAGE_PRESENT | _PAGE_USER | _PAGE_NX | _PAGE_PSE
                     | (_PAGE_RW if write else 0) | (_PAGE_ACCESSED if young else 0)
                     | (_PAGE_DIRTY | _PAGE_SOFT_DIRTY if dirty else 0))
-        m.physmem.tables[t][pmd_index(a)] = want_pmd
+        await atomic.entry_set(m, "pmd", t, pmd_index(a), want_pmd)
         await mm.mmap_lock.down_read("test")
         await huge_memory.split_huge_pmd_address(m, vma, a + 3 * PAGE_SIZE, False)
         await mm.mmap_lock.up_read()

@@ -15,7 +15,8 @@ import pathlib
 
 import pytest
 
-from kmm import daemon, errno_name, khugepaged, khugepaged_collapse, page_alloc, rmap, sysfs, testing
+from kmm import (atomic, daemon, errno_name, khugepaged, khugepaged_collapse, page_alloc, rmap,
+                 swap, sysfs, testing)
 from kmm.khugepaged import ScanResult as R
 from kmm.mm_types import PG_anon_exclusive, PG_lru
 from kmm.pgtable import (
@@ -269,7 +270,7 @@ def test_khugepaged_needs_a_young_page_madvise_collapse_does_not():
         t = table_pfn(pmd_at(m, mm, a)[1])
         ptes = m.physmem.tables[t]
         for i in range(8):  # the accessed bits cleared, as reclaim's folio_referenced does
-            ptes[i] = pte_mkold(ptes[i])
+            await atomic.entry_set(m, "pte", t, i, pte_mkold(ptes[i]))
         assert await scan(m, p, a) == R.SCAN_LACK_REFERENCED_PAGE
         assert await scan(m, p, a, is_khugepaged=False) == R.SCAN_SUCCEED
     run(fn)
@@ -290,7 +291,7 @@ def test_busy_folio_is_refused_and_madvise_collapse_says_eagain(how, expect):
         folio = m.physmem.folio(pte_pfn(table[2]))
         hook, k.after_op = k.after_op, None  # the pin and the isolation are no mappings
         if how == "pin":
-            await m.folio_ref_add(folio, 1)
+            await atomic.folio_ref_add(m, folio, 1)
         elif how == "isolate":
             assert await swap.folio_isolate_lru(m, folio)
 
@@ -309,7 +310,7 @@ def test_busy_folio_is_refused_and_madvise_collapse_says_eagain(how, expect):
         await testing.together(m, holder=holder, collapser=collapser)
         assert smaps_range(m, p.task.mm, a, a + 2 * MiB) == (16, 0)
         if how == "pin":
-            await m.folio_put(folio)
+            await swap.folio_put(m, folio)
         elif how == "isolate":
             await swap.folio_putback_lru(m, folio)
         k.after_op = hook

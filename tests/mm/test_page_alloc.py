@@ -9,7 +9,7 @@ __setup_per_zone_wmarks), checked against the host's /proc/sys/vm/min_free_kbyte
 
 from __future__ import annotations
 
-from kmm import testing
+from kmm import swap, testing
 
 from math import isqrt
 
@@ -35,7 +35,7 @@ async def alloc(m, order=0):
 
 async def free(m, pfn):
     """The last reference goes: folio_put -> __free_pages."""
-    await m.folio_put(m.physmem.page(pfn))
+    await swap.folio_put(m, m.physmem.page(pfn))
 
 
 # ------------------------------------------------------------ split, merge

@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from kmm import huge_memory, testing
+from kmm import atomic, huge_memory, swap, testing
 from kmm.mm_types import PG_anon_exclusive, PG_lru
 from kmm.pgtable import HPAGE_PMD_NR, PAGE_SIZE, pmd_pfn, pmd_trans_huge, pte_pfn
 from kmm.task_mmu import smaps_range
@@ -105,13 +105,13 @@ def test_split_refused_with_an_extra_pin():
     async def fn(m, k):
         p, a = await thp_region(k)
         folio = m.physmem.page(pmd_pfn(pmd_at(m, p.task.mm, a)[1]))
-        await m.folio_ref_add(folio, 1)   # the pin
+        await atomic.folio_ref_add(m, folio, 1)   # the pin
         lk = m.folio_lock_of(folio)
         await lk.lock("test")
-        await m.folio_ref_add(folio, 1)   # the caller's reference
+        await atomic.folio_ref_add(m, folio, 1)   # the caller's reference
         assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
         await lk.unlock()
-        await m.folio_put(folio, 2)
+        await swap.folio_put(m, folio, 2)
         assert (ev(m, "thp_split_page"), ev(m, "thp_split_page_failed"),
                 ev(m, "thp_split_pmd")) == (0, 1, 0)
         assert pmd_trans_huge(pmd_at(m, p.task.mm, a)[1])
@@ -131,17 +131,17 @@ def test_split_pin_taken_after_unmap_leaves_the_thp_pte_mapped():
 
         async def pin_after_unmap(m_, f, split_pmd):
             await orig(m_, f, split_pmd)
-            f.refcount += 1   # a racing lookup took a reference
+            atomic.folio_ref_add_locked(f)   # a racing lookup took a reference
         huge_memory.rmap.try_to_migrate = pin_after_unmap
         try:
             lk = m.folio_lock_of(folio)
             await lk.lock("test")
-            await m.folio_ref_add(folio, 1)
+            await atomic.folio_ref_add(m, folio, 1)
             assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
             await lk.unlock()
         finally:
             huge_memory.rmap.try_to_migrate = orig
-        await m.folio_put(folio, 2)
+        await swap.folio_put(m, folio, 2)
         assert (ev(m, "thp_split_page_failed"), ev(m, "thp_split_pmd")) == (1, 1)
         assert folio.order == 9 and folio.nr_pages_mapped == NR
         assert smaps_range(m, mm, a, a + 2 * MiB) == (2048, 0)
