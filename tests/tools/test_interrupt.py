@@ -4,7 +4,7 @@ job or a pool), replay and bench ends the command with one line on stderr, exit 
 and no failure file written or overwritten.
 
 The signal is sent at seeded points of each run: the N-th page-table read
-(``Machine.entry_read``, a preemption point of every command) sends it to the command's
+(``kmm.atomic.entry_read``, a preemption point of every command) sends it to the command's
 process, from the pool worker that reaches it when a pool runs. Orphans are caught by
 making the test process a child subreaper while the command runs: any process the
 command left behind (alive or a zombie nobody reaped) becomes our child.
@@ -21,7 +21,7 @@ import signal
 
 import pytest
 
-from kmm.machine import Machine
+from kmm import atomic
 from kmm.tools import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -66,16 +66,16 @@ def subreaper():
 def _signal_at(monkeypatch, n: int, sig: int) -> None:
     """Send ``sig`` to the command's process at the n-th page-table read."""
     target = os.getpid()
-    orig = Machine.entry_read
+    orig = atomic.entry_read
     count = [0]
 
-    async def entry_read(self, level, table, idx):
+    async def entry_read(m, level, table, idx):
         count[0] += 1
         if count[0] == n:
             os.kill(target, sig)
-        return await orig(self, level, table, idx)
+        return await orig(m, level, table, idx)
 
-    monkeypatch.setattr(Machine, "entry_read", entry_read)
+    monkeypatch.setattr(atomic, "entry_read", entry_read)
 
 
 def _failure_file(tmp_path: pathlib.Path) -> pathlib.Path:
