@@ -272,7 +272,8 @@ class Proc:
         not one mapped VMA). The bytes written move with their pages."""
         self._alive()
         addr = _ulong("mremap", addr, "addr")
-        old_len, new_len = _ulong("mremap", old_len, "old_len"), _ulong("mremap", new_len, "new_len")
+        old_len = _ulong("mremap", old_len, "old_len")
+        new_len = _ulong("mremap", new_len, "new_len")
         new_addr = _ulong("mremap", new_addr, "new_addr")
         r = await mremap.do_mremap(self.m, self.task, addr, old_len, new_len, new_addr)
         if r == new_addr:

@@ -315,10 +315,10 @@ def cmd_bugs(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every sub-command and its options (``kmm CMD --help``)."""
-    p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.",
-                                epilog="exit codes: 0 ok, 1 violation found or check failed, "
-                                "2 bad input, 3 an actor died, 130 interrupted, 143 "
-                                "terminated", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="kmm", description="Emulate Linux 6.18 THP.",
+        epilog="exit codes: 0 ok, 1 violation found or check failed, 2 bad input, 3 an "
+               "actor died, 130 interrupted, 143 terminated")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a scenario (.toml) or a program (.py)")
     r.add_argument("file")
@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg = sub.add_parser("bugs", help="the injectable bugs for explore --inject, with the "
                         "kernel safeguard each removes")
     bg.set_defaults(fn=cmd_bugs)
-    b = sub.add_parser("bench", help="measure the budgets of docs/budgets.md (emulated vs host fault cost, "
-                       "start-up, spawned actors)")
+    b = sub.add_parser("bench", help="measure the budgets of docs/budgets.md (emulated vs "
+                       "host fault cost, start-up, spawned actors)")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
@@ -418,12 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         if not interrupt.caught():
             sys.stdout.flush()
     except BrokenPipeError:  # `kmm run ... | head`: the reader has gone; so do we
-        _quiet_stdout()
+        if command:
+            _quiet_stdout()
         rc = 0
-    except BaseException as e:  # noqa: BLE001 - nothing but one line leaves the command
+    except BaseException:  # noqa: BLE001 - an interruption leaves as one line, below
         if not interrupt.caught():
             raise
-        del e
         rc = 0
     finally:
         _reap()
@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             interrupt.reap_children()
         interrupt.restore(saved)
     if interrupt.caught():
-        _quiet_stdout()
+        if command:
+            _quiet_stdout()
         print(("\n" if sys.stderr.isatty() else "") + f"kmm: {interrupt.message()}",
               file=sys.stderr)
         return interrupt.exit_code()

@@ -30,14 +30,14 @@ How a run goes:
   huge zero folio when no mm holds it, so the run's first huge-zero use counts
   ``thp_zero_page_alloc`` 1 as it does on the emulator's freshly booted machine.
 
-* Swap, debugfs and memory-cgroup resources, set up only for the scenarios that need them and released on every
-  exit path like the knobs (the file in /run notes each one as soon as it exists):
-  ``[machine] swap`` > 0 makes a fresh zram device of that size the only swap (the run is
-  refused if another swap is active or zswap is on), and the report gains ``swap_kb`` per
-  region and ``events`` (pswpin, pswpout); a ``split`` step writes the range to debugfs
-  ``split_huge_pages`` (debugfs is mounted for the run if it is not); a ``reclaim`` step
-  runs ``memory.force_empty`` on a cgroup-v1 memory cgroup that holds every worker of the
-  run, with swappiness 0 (see ``memcg_reclaim``).
+* Swap, debugfs and memory-cgroup resources, set up only for the scenarios that need
+  them and released on every exit path like the knobs (the file in /run notes each one
+  as soon as it exists): ``[machine] swap`` > 0 makes a fresh zram device of that size
+  the only swap (the run is refused if another swap is active or zswap is on), and the
+  report gains ``swap_kb`` per region and ``events`` (pswpin, pswpout); a ``split`` step
+  writes the range to debugfs ``split_huge_pages`` (debugfs is mounted for the run if it
+  is not); a ``reclaim`` step runs ``memory.force_empty`` on a cgroup-v1 memory cgroup
+  that holds every worker of the run, with swappiness 0 (see ``memcg_reclaim``).
 
 Run ``python -m kmm.tools.oracle FILE...`` to print reports, or
 ``python -m kmm.tools.oracle --record workloads/*.toml`` to (re)write the recordings

@@ -9,11 +9,12 @@ outside the region, an unaligned length, a touch of unmapped memory) is left to 
 Every problem raises ``ScenarioError``, whose text is one line naming the file, the step
 number (for steps) and the key.
 
-Two ops act on the machine rather than a system call: ``split`` (keys region, offset, length, as munmap: split every THP
-mapped in the range, the kernel's debugfs split_huge_pages) and ``reclaim`` (no keys of
-its own: memory pressure on all the scenario's processes; its semantics are those of the
-oracle's ``memcg_reclaim``). ``[machine] swap`` is also the size of the oracle's swap
-device; a scenario with swap > 0 reports ``swap_kb`` per region and ``events``.
+Two ops act on the machine rather than a system call: ``split`` (keys region, offset,
+length, as munmap: split every THP mapped in the range, the kernel's debugfs
+split_huge_pages) and ``reclaim`` (no keys of its own: memory pressure on all the
+scenario's processes; its semantics are those of the oracle's ``memcg_reclaim``).
+``[machine] swap`` is also the size of the oracle's swap device; a scenario with swap >
+0 reports ``swap_kb`` per region and ``events``.
 
 Region addresses are fixed at load time so the emulator and the oracle place every
 region at the same address: a cursor starts at ``REGION_BASE``; each mmap step takes the

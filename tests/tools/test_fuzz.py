@@ -61,7 +61,8 @@ def report_counts():
 
 # ------------------------------------------------------------------- scenarios
 SEEDS = [p.read_text() for p in sorted(W.glob("*.toml"))[:24]]
-VALUES = ["-1", "0", "1", "4095", '"8KiB"', '"15MiB"', '"16MiB"', "1.5", "true", '"x"', '"4MiB"', '"1TiB"', "[]", "{}",
+VALUES = ["-1", "0", "1", "4095", '"8KiB"', '"15MiB"', '"16MiB"', "1.5", "true", '"x"',
+          '"4MiB"', '"1TiB"', "[]", "{}",
           '"hugepages"', '"none"', "99999999999999999999999", '""', '"a/b"', '"4KiB"',
           '"rw"', '"collapse"', "511", "512", '"main"', '"c1"']
 KEYS = ["op", "region", "size", "offset", "length", "advice", "prot", "proc", "child",
