@@ -324,3 +324,45 @@ def test_program_api_raises_kmmerror_with_the_errno_name(tmp_path, spawn):
         "bad": "madvise: advice 'hugepages' is not one of dontneed, free, cold, pageout, "
                "hugepage, nohugepage, collapse",
         "par": ["KmmError", 0]}
+
+
+MEMCG = "/sys/fs/cgroup/memory"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(MEMCG + "/memory.limit_in_bytes"),
+                    reason="needs root and a cgroup-v1 memory controller")
+def test_host_oom_kill_is_sigkill_and_counted():
+    """What the emulator's OOM killer reproduces, seen on the host safely: inside a 16 MiB
+    memory cgroup (nothing outside it can be chosen), a process touching 64 MiB with no
+    swap dies of SIGKILL and /proc/vmstat's oom_kill grows (mm/oom_kill.c counts OOM_KILL
+    in __oom_kill_process for a cgroup's OOM as for the whole machine's)."""
+    import mmap
+    import signal
+
+    def oom_kills() -> int:
+        with open("/proc/vmstat") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("oom_kill "))
+    cg = f"{MEMCG}/kmm-test-oom-{os.getpid()}"
+    os.mkdir(cg)
+    try:
+        with open(cg + "/memory.limit_in_bytes", "w") as f:
+            f.write(str(16 << 20))
+        with open(cg + "/memory.memsw.limit_in_bytes" if os.path.exists(
+                cg + "/memory.memsw.limit_in_bytes") else os.devnull, "w") as f:
+            f.write(str(16 << 20))
+        before = oom_kills()
+        pid = os.fork()
+        if pid == 0:  # the child joins the cgroup and touches 64 MiB
+            try:
+                with open(cg + "/cgroup.procs", "w") as f:
+                    f.write(str(os.getpid()))
+                m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                for i in range(0, 64 << 20, 4096):
+                    m[i] = 1
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert oom_kills() >= before + 1
+    finally:
+        os.rmdir(cg)
