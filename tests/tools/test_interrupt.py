@@ -200,7 +200,11 @@ def test_oracle_interrupted_at_seeded_points(tmp_path, monkeypatch, capsys, subr
     host's again, every worker reaped, one line."""
     from kmm.tools import oracle
     rng = random.Random("interrupt-oracle")
-    before = _host_knobs()
+
+    def knobs():  # read under the oracle's lock: another engineer's run may be going on
+        with oracle._run_lock():
+            return _host_knobs()
+    before = knobs()
     scenario = str(W / "dontneed_partial.toml")
     interrupted = 0
     for _ in range(3):
@@ -218,7 +222,7 @@ def test_oracle_interrupted_at_seeded_points(tmp_path, monkeypatch, capsys, subr
             rc = cli.main(["oracle", scenario, "--json"])
         out, err = capsys.readouterr()
         assert subreaper() == [], (n, sig, rc, err)
-        after = _host_knobs()
+        after = knobs()
         assert after == before, (n, sig, rc, err, {k: (before[k], after[k]) for k in before
                                                   if before[k] != after[k]})
         assert not os.path.exists(oracle.SAVED_PATH), (n, sig, rc, err)
