@@ -57,8 +57,9 @@ def raised_by_user(e: BaseException) -> bool:
     """Was ``e`` raised by the user's code, or by the program API refusing a call?
     (The innermost frame is the user's, or is the API's right below a user frame.)"""
     from kmm import fault
-    if isinstance(e, (fault.Segv, getattr(fault, "SigBus", fault.Segv))):
-        return True  # the process's own access: a signal of the user's program
+    from kmm.uapi import OomKilled
+    if isinstance(e, (fault.Segv, getattr(fault, "SigBus", fault.Segv), OomKilled)):
+        return True  # a signal that killed the user's process (its access, the OOM killer)
     tb = traceback.extract_tb(e.__traceback__)
     if not tb:
         return False
@@ -92,8 +93,10 @@ class UserCodeError(Exception):
         if isinstance(error, SyntaxError) and not where:
             where = f"{_show_path(error.filename or who)}, line {error.lineno}"
         from kmm import fault
+        from kmm.uapi import OomKilled
         what = (f"SyntaxError: {error.msg}" if isinstance(error, SyntaxError)
                 else f"killed by {error}" if isinstance(error, fault.Segv)
+                else str(error) if isinstance(error, OomKilled)
                 else f"{type(error).__name__}: {error}" if str(error)
                 else type(error).__name__)
         self.where = where

@@ -44,6 +44,9 @@ PROGRAMS = {
     "bad_advice": ("async def main(k):\n    p = await k.process()\n"
                    "    a = await p.mmap(1 << 21)\n    await p.madvise(a, 1 << 21, 'hugepages')\n",
                    1, ["ValueError: madvise: advice 'hugepages' is not one of", "line 4"]),
+    "oom": ("MACHINE = {'memory': '16MiB'}\nasync def main(k):\n    p = await k.process()\n"
+            "    a = await p.mmap(64 << 20)\n    await p.touch(a, 64 << 20)\n", 1,
+            ["process main killed by the OOM killer (SIGKILL", "line 5, in main"]),
     "bad_mmap": ("async def main(k):\n    p = await k.process()\n    await p.mmap(0)\n", 1,
                  ["KmmError: EINVAL: mmap(size=0x0", "line 3"]),
 }
