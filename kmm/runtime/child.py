@@ -242,4 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module, not as __main__: the roles (child_program) import
+    # kmm.runtime.child, and its OwnerGone must be the one main() catches
+    from kmm.runtime.child import main as _main
+    sys.exit(_main())

@@ -237,13 +237,15 @@ def test_child_reads_damaged_frames(data):
             os.close(w)
 
 
-@fuzz(6)
-@given(data=wire_bytes())
-def test_spawned_actor_fed_damaged_frames(data):
+ROLES = [["daemon", "kmm.daemons.kswapd:Kswapd"], ["program", str(W / "two_cpu_fault.py")]]
+
+
+@fuzz(8)
+@given(data=wire_bytes(), role=st.sampled_from(ROLES))
+def test_spawned_actor_fed_damaged_frames(data, role):
     """The owner's side garbled: the child says what is wrong in one line and exits."""
-    counted("wire-into-spawned-actor")
-    p = subprocess.Popen([sys.executable, "-m", "kmm.runtime.child", "daemon",
-                          "kmm.daemons.kswapd:Kswapd"], stdin=subprocess.PIPE,
+    counted(f"wire-into-spawned-{role[0]}")
+    p = subprocess.Popen([sys.executable, "-m", "kmm.runtime.child", *role], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         _, err = p.communicate(data, timeout=60)
