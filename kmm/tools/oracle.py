@@ -1082,5 +1082,21 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _main_interruptible() -> int:
+    """``python -m kmm.tools.oracle``: Ctrl-C or SIGTERM is one line and 130/143 (the
+    knobs are restored on the way out, as always)."""
+    from kmm.tools import interrupt
+    saved = interrupt.install()
+    try:
+        return main()
+    except BaseException:
+        if not interrupt.caught():
+            raise
+    finally:
+        interrupt.restore(saved)
+    print(f"kmm oracle: {interrupt.message()}", file=sys.stderr)
+    return interrupt.exit_code()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_interruptible())
