@@ -40,7 +40,10 @@ def install() -> dict:
     handlers they had, for ``restore``."""
     global _caught
     _caught = None
-    return {sig: signal.signal(sig, _handler) for sig in SIGNALS}
+    try:
+        return {sig: signal.signal(sig, _handler) for sig in SIGNALS}
+    except ValueError:  # not the main thread: signals are the main thread's business
+        return {}
 
 
 def restore(saved: dict) -> None:
