@@ -54,11 +54,7 @@ class Kswapd:
         it is still balanced, sleep until woken (wakeup_kswapd)."""
         woken = False
         if ctx.prepare_kswapd_sleep(reclaim_order):
-            wake_kcompactd = getattr(ctx, "wakeup_kcompactd", None)
-            if wake_kcompactd is not None:  # compact what reclaim freed
-                r = wake_kcompactd(alloc_order)
-                if hasattr(r, "__await__"):
-                    await r
+            ctx.wakeup_kcompactd(alloc_order)  # compact what reclaim freed
             woken = await ctx.wait(KSWAPD_WAIT, HZ // 10 * JIFFY_NS)
             if woken and ctx.kswapd_order() < reclaim_order:
                 ctx.set_kswapd_order(reclaim_order)

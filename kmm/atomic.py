@@ -18,41 +18,45 @@ exclusive ownership (a frozen refcount, a page fresh from the allocator) makes
 unobservable in between. ``init_page`` is the allocator's and the splitter's door: it
 writes struct-page fields of a page no other actor can reach yet.
 
-Operations (name; kernel primitive; point event, "-" for none):
+Operations (name; kernel primitive; point event, "-" for none, "step": a recorded
+step without a scheduling choice, docs/points.md):
 
-=============================  ==================================  =====================
-name                           kernel primitive                    point event
-=============================  ==================================  =====================
-entry_read                     READ_ONCE(*ptep) / pmdp_get         ``<level>_read``
-entry_set                      WRITE_ONCE / set_pte_at / set_pmd   ``set_<level>``
-entry_get_and_clear            xchg: ptep/pmdp_get_and_clear       ``<level>p_get_and_clear``
-entry_cmpxchg                  cmpxchg on an entry                 ``<level>_cmpxchg``
-set_ptes_table                 set_ptes into a withdrawn table     ``set_ptes``
-folio_ref_add                  folio_ref_add / folio_get           ``page_ref_mod``
-folio_put_testzero             folio_put_testzero / _refs (the     ``page_ref_mod``
-                               decrement of swap.folio_put)
-folio_ref_add_locked           folio_try_get inside a locked step  -
-folio_ref_freeze_locked        folio_ref_freeze (cmpxchg to 0)     -
-folio_ref_sub_locked           folio_put_testzero, not last ref    -
-mapcount_new_anon              __folio_add_new_anon_rmap           ``mapcount``
-mapcount_add_ptes              __folio_add_rmap (PTEs)             ``mapcount``
-mapcount_remove_ptes           __folio_remove_rmap (PTEs)          ``mapcount``
-mapcount_add_pmd               __folio_add_rmap (PMD)              ``mapcount``
-mapcount_remove_pmd            __folio_remove_rmap (PMD)           ``mapcount``
-mapcount_dup_ptes / _pmd       __folio_try_dup_anon_rmap           ``mapcount``
-folio_set_flags_locked         __folio_set_* / set_bit in a step   -
-folio_clear_flags_locked       __folio_clear_* / clear_bit         -
-folio_test_set_flags_locked    folio_test_set_* in a step          -
-pages_clear_flags_locked       clear_bit on each page of a folio   -
-ds_queue_add_locked            list_add_tail(&ds_queue), lock held -
-ds_queue_del_locked            list_del_init(_deferred_list)       -
-lru_add_locked / lru_del_locked  lruvec_add/del_folio, lru_lock    -
-lru_splice_locked              lru_add_split_folio                 -
-waitqueue_add / _remove / _pop  add_wait_queue / remove / wake_up  -
-pt_deposit_locked / withdraw   pgtable_trans_huge_deposit list ops  -
-prep_new_page                  prep_new_page, prep_compound_page   -
-init_page                      __split_folio_to_order, page-table ctor, migration  -
-=============================  ==================================  =====================
+=============================  ========================================  ======================
+name                           kernel primitive                          point event
+=============================  ========================================  ======================
+entry_read                     READ_ONCE(*ptep), pmdp_get                <level>_read
+entry_set                      WRITE_ONCE, set_pte_at, set_pmd_at        set_<level>
+entry_get_and_clear            xchg: ptep/pmdp_get_and_clear             <level>p_get_and_clear
+entry_cmpxchg                  cmpxchg on an entry                       <level>_cmpxchg
+set_ptes_table                 set_ptes into a withdrawn table           step set_ptes
+entry_set_unwalked             set_pte_at, a table no walker reaches     step set_<level>
+step, step_owned, step_locked  tracepoint; owned page; op before unlock  step <event>
+folio_ref_add                  folio_ref_add, folio_get                  page_ref_mod
+folio_try_get                  folio_try_get (add unless zero)           page_ref_mod
+folio_put_testzero             folio_put_testzero (swap.folio_put's)     page_ref_mod
+folio_ref_freeze               folio_ref_freeze (cmpxchg to 0)           page_ref_freeze
+folio_ref_unfreeze             folio_ref_unfreeze (atomic_set)           page_ref_unfreeze
+folio_ref_add_locked           folio_get/try_get in a locked step        -
+folio_ref_sub_locked           folio_put_testzero, not the last          -
+folio_ref_freeze_locked        folio_ref_freeze, count checked           -
+mapcount_new_anon              __folio_add_new_anon_rmap                 mapcount
+mapcount_add_ptes, _add_pmd    __folio_add_rmap                          mapcount
+mapcount_remove_ptes, _pmd     __folio_remove_rmap                       mapcount
+mapcount_dup_ptes, _dup_pmd    __folio_try_dup_anon_rmap                 mapcount
+folio_set_flags                set_bit (folio_set_*)                     set_bit
+folio_clear_flags              clear_bit (folio_clear_*)                 clear_bit
+folio_test_set_flags           test_and_set_bit                          test_and_set_bit
+folio_set/clear_flags_locked   __set_bit, __folio_set_* in a step        -
+folio_test_set_flags_locked    folio_test_set_* in a locked step         -
+pages_clear_flags_locked       clear_bit on each page of a folio         -
+folio_set_field_locked         folio->swap, ->mapping under a lock       -
+ds_queue_add/del_locked        list_add_tail/list_del_init, ds lock      -
+lru_add/del/splice_locked      lruvec_add/del_folio under lru_lock       -
+waitqueue_add/remove/pop       add/remove_wait_queue, __wake_up          -
+pt_deposit/withdraw_locked     pmd_huge_pte list, PMD lock held          -
+prep_new_page                  prep_new_page, prep_compound_page         -
+init_page                      __split_folio_to_order, ctor, migration   -
+=============================  ========================================  ======================
 
 Strict mode (``Machine(strict=True)``, ``KMM_STRICT=1``, on in the tests): struct pages
 are of the guarded class ``StrictPage``, page-table frames ``StrictTable`` and the queues
@@ -69,15 +73,20 @@ import sys
 from kmm.cost import COST_ENTRY
 from kmm.mm_types import PG_anon_exclusive, PG_head, PG_lru, Page
 from kmm.mmdebug import KernelBug, StrictError
+from kmm.pgtable import _PAGE_PSE, table_pfn
 from kmm.runtime.sched import Scheduler
 
 __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes_table",
-    "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze_locked",
+    "entry_set_unwalked", "step", "step_owned", "step_locked",
+    "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
+    "folio_try_get", "folio_ref_unfreeze",
+    "folio_ref_freeze_locked",
     "folio_ref_sub_locked",
     "mapcount_new_anon", "mapcount_add_ptes", "mapcount_remove_ptes", "mapcount_add_pmd",
     "mapcount_remove_pmd", "mapcount_dup_ptes", "mapcount_dup_pmd",
+    "folio_set_flags", "folio_clear_flags", "folio_test_set_flags",
     "folio_set_flags_locked", "folio_clear_flags_locked", "folio_test_set_flags_locked",
     "pages_clear_flags_locked",
     "ds_queue_add_locked", "ds_queue_del_locked", "lru_add_locked", "lru_del_locked",
@@ -103,13 +112,70 @@ async def point(sched, event: str, cost: int = 1, **fields) -> None:
         await sched.point(event, cost, **fields)
 
 
+# ------------------------------------------- points no one can tell (docs/points.md)
+# A recorded step without a scheduling choice: same sequence number, clock, trace line
+# and checker hook as a point, so traces and emulated time are unchanged; only the
+# interleavings that no actor could tell apart are gone. Each kind carries the
+# assumption that makes it unobservable, checked in strict mode.
+def step(sched, event: str, cost: int = 1, **fields) -> None:
+    """A pure tracepoint, or an operation whose next step up to the actor's next point
+    touches only what it owns (docs/points.md, class 1)."""
+    if not ticked(sched, cost):
+        sched.step(event, cost, **fields)
+
+
+def step_owned(m, event: str, cost: int, pfn: int, **fields) -> None:
+    """An operation on a page the actor alone holds (clear_page of a page fresh from
+    the allocator, before any mapping): class 2. Strict: the page's folio has one
+    reference, no mapping, and is on no list."""
+    sched = m.sched
+    if not ticked(sched, cost):
+        sched.step(event, cost, pfn=pfn, **fields)
+    if m.strict:
+        f = m.physmem.folio(pfn)
+        if (f.refcount != 1 or f.mapcount or f.large_mapcount or f.entire_mapcount
+                or f.flags & PG_lru or f.on_deferred_list):
+            raise StrictError(f"strict: {event} without a point assumed page {pfn:#x} "
+                              f"owned, but its folio is reachable: {f!r} ({_caller()})")
+
+
+def step_locked(m, lock, event: str, cost: int = 1, **fields) -> None:
+    """An operation under a lock, followed by nothing but that lock's release (the
+    unlock is a point of its own): class 3. Strict: the actor holds the lock."""
+    sched = m.sched
+    if not ticked(sched, cost):
+        sched.step(event, cost, **fields)
+    if m.strict and lock.owner is not sched.current:
+        raise StrictError(f"strict: {event} without a point assumed {lock.name} held by "
+                          f"{sched.current.name} ({_caller()})")
+
+
+def entry_set_unwalked(m, level: str, table: int, idx: int, val: int) -> None:
+    """set_pte_at into a table no lockless walker reaches (a child's tables during
+    fork: its mm never ran on a CPU, and every other reader takes the table lock,
+    which the actor holds): class 4, a recorded step, no choice. Strict: both
+    assumptions hold."""
+    sched = m.sched
+    if not ticked(sched, COST_ENTRY):
+        sched.step("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
+    m.physmem.tables[table][idx] = val
+    if m.strict:
+        pg = m.physmem.pages[table]
+        owner = pg.ptl.owner if pg.ptl is not None else None
+        if owner is not m.sched.current or (pg.mm is not None and pg.mm.cpumask):
+            raise StrictError(f"strict: unpointed write to {level} {table:#x}[{idx}]: "
+                              f"its lock is not held by {m.sched.current.name} or its mm "
+                              f"runs on CPUs {sorted(pg.mm.cpumask) if pg.mm else []} "
+                              f"({_caller()})")
+
+
 # ------------------------------------------------------------- page-table slots
 async def entry_read(m, level: str, table: int, idx: int) -> int:
     """READ_ONCE of a page-table entry (ptep_get, pmdp_get_lockless)."""
     sched = m.sched
     if not ticked(sched, COST_ENTRY):
         await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
-    return m.physmem.tables[table][idx]
+    return m.tables[table][idx]
 
 
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
@@ -117,13 +183,13 @@ async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     sched = m.sched
     if not ticked(sched, COST_ENTRY):
         await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
-    m.physmem.tables[table][idx] = val
+    m.tables[table][idx] = val
 
 
 async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
     """xchg(entry, 0): ptep_get_and_clear / pmdp_huge_get_and_clear."""
     await m.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
-    t = m.physmem.tables[table]
+    t = m.tables[table]
     old = t[idx]
     t[idx] = 0
     return old
@@ -132,20 +198,32 @@ async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
 async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
     """cmpxchg on an entry (ptep_set_access_flags' try_cmpxchg, the hardware A/D update)."""
     await m.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
-    t = m.physmem.tables[table]
+    t = m.tables[table]
     if t[idx] != old:
         return False
     t[idx] = new
     return True
 
 
-async def set_ptes_table(m, table: int, entries) -> None:
+def set_ptes_table(m, table: int, entries, pmd_tbl: int) -> None:
     """set_ptes over a whole table withdrawn from behind a PMD (the split): no walker
-    reaches it until pmd_populate, so the fill is one point."""
+    reaches it until pmd_populate links it, so the fill is a recorded step, not a
+    point (docs/points.md, class 4). Strict: the actor holds the PMD lock and no entry
+    of the PMD table points to the table yet."""
     t = m.physmem.tables[table]
     for i, e in enumerate(entries):
         t[i] = e
-    await m.sched.point("set_ptes", pt=table, nr=len(t))
+    sched = m.sched
+    if not ticked(sched, 1):
+        sched.step("set_ptes", 1, pt=table, nr=len(t))
+    if m.strict:
+        pg = m.physmem.pages[pmd_tbl]
+        linked = any(e and table_pfn(e) == table and not e & _PAGE_PSE
+                     for e in m.physmem.tables[pmd_tbl])
+        if pg.ptl.owner is not sched.current or linked:
+            raise StrictError(f"strict: set_ptes into table {table:#x} without a point "
+                              f"assumed it unreachable under PMD table {pmd_tbl:#x}'s "
+                              f"lock ({_caller()})")
 
 
 # ------------------------------------------------------------------ refcounts
@@ -184,6 +262,34 @@ def folio_ref_sub_locked(folio: Page, n: int = 1) -> None:
         raise KernelBug(f"folio_ref_sub_locked: dropped the last reference {folio!r}")
 
 
+async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
+    """folio_ref_freeze: atomic_cmpxchg(refcount, count, 0); True if it held exactly
+    ``count`` and is now frozen (the caller owns the folio)."""
+    await m.sched.point("page_ref_freeze", pfn=folio.pfn)
+    if folio.refcount != count:
+        return False
+    folio.refcount = 0
+    return True
+
+
+async def folio_try_get(m, folio: Page) -> bool:
+    """folio_try_get: atomic_add_unless(refcount, 1, 0); False for a folio being freed
+    or frozen."""
+    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
+    if folio.refcount <= 0:
+        return False
+    folio.refcount += 1
+    return True
+
+
+async def folio_ref_unfreeze(m, folio: Page, count: int) -> None:
+    """folio_ref_unfreeze: atomic_set(refcount, count) on a frozen folio."""
+    await m.sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    if folio.refcount:
+        raise KernelBug(f"folio_ref_unfreeze of a folio not frozen: {folio!r}")
+    folio.refcount = count
+
+
 def folio_ref_freeze_locked(folio: Page) -> None:
     """folio_ref_freeze: refcount to 0 once the caller checked it held the expected
     count; from here the folio is the caller's alone."""
@@ -192,7 +298,8 @@ def folio_ref_freeze_locked(folio: Page) -> None:
 
 # ------------------------------------------------------------------ mapcounts
 async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> None:
-    """__folio_add_new_anon_rmap: first mapping of a folio no one else can see."""
+    """__folio_add_new_anon_rmap: first mapping of a folio no one else can see, with
+    its NR_ANON_MAPPED / NR_ANON_THPS accounting (__lruvec_stat_mod_folio)."""
     sched = m.sched
     if not ticked(sched, 1):
         await sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
@@ -202,8 +309,11 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
     if pmd:
         folio.entire_mapcount = 1
         folio.large_mapcount = 1
+        m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
+        m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
     else:
         folio.mapcount = 1
+        m.vmstat.mod_node_page_state("nr_anon_pages", 1)
 
 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:
@@ -316,6 +426,32 @@ async def mapcount_dup_pmd(m, folio: Page) -> None:
 
 
 # ---------------------------------------------------------------------- flags
+async def folio_set_flags(m, folio: Page, bits: int) -> None:
+    """set_bit on folio->flags (folio_set_*), where another actor may race: one point."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("set_bit", pfn=folio.pfn, bits=bits)
+    folio.flags |= bits
+
+
+async def folio_clear_flags(m, folio: Page, bits: int) -> None:
+    """clear_bit on folio->flags (folio_clear_*): one point."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("clear_bit", pfn=folio.pfn, bits=bits)
+    folio.flags &= ~bits
+
+
+async def folio_test_set_flags(m, folio: Page, bits: int) -> bool:
+    """test_and_set_bit (folio_test_set_*): True if every bit was set already."""
+    sched = m.sched
+    if not ticked(sched, 1):
+        await sched.point("test_and_set_bit", pfn=folio.pfn, bits=bits)
+    old = folio.flags
+    folio.flags = old | bits
+    return old & bits == bits
+
+
 def folio_set_flags_locked(folio: Page, bits: int) -> None:
     """__folio_set_* / set_bit inside the caller's step (lock held or folio owned)."""
     folio.flags |= bits
@@ -367,10 +503,10 @@ def ds_queue_del_locked(m, folio: Page) -> None:
     folio.on_deferred_list = False
 
 
-def lru_add_locked(m, lst: dict, folio: Page, tail: bool) -> None:
-    """list_add (or list_add_tail) of the folio on an LRU list, and PG_lru; lru_lock
-    held."""
-    folio.flags |= PG_lru
+def lru_add_locked(m, lst: dict, folio: Page, tail: bool, bits: int = 0) -> None:
+    """list_add (or list_add_tail) of the folio on an LRU list, and PG_lru (with
+    ``bits``, other flags the caller sets in the same step); lru_lock held."""
+    folio.flags |= PG_lru | bits
     if tail:  # rebuild with the folio first (rare: rotations)
         items = list(lst)
         lst.clear()
@@ -394,23 +530,26 @@ def lru_splice_locked(lst: dict, order: list) -> None:
     lst.update(dict.fromkeys(order))
 
 
+# a wait queue is a tuple of actors (immutable: only these three replace it)
 def waitqueue_add(m, queue: str, actor) -> None:
     """add_wait_queue: the actor waits on the named wait_queue_head."""
-    m.waitqueues.setdefault(queue, []).append(actor)
+    wq = m.waitqueues
+    wq[queue] = wq.get(queue, ()) + (actor,)
 
 
 def waitqueue_remove(m, queue: str, actor) -> bool:
     """remove_wait_queue: False if a waker had already taken the actor off."""
-    waiters = m.waitqueues.get(queue)
-    if waiters and actor in waiters:
-        waiters.remove(actor)
-        return True
-    return False
+    wq = m.waitqueues
+    waiters = wq.get(queue, ())
+    if actor not in waiters:
+        return False
+    wq[queue] = tuple(a for a in waiters if a is not actor)
+    return True
 
 
-def waitqueue_pop(m, queue: str) -> list:
+def waitqueue_pop(m, queue: str) -> tuple:
     """__wake_up's walk: take every waiter off the named queue."""
-    return m.waitqueues.pop(queue, [])
+    return m.waitqueues.pop(queue, ())
 
 
 def pt_deposit_locked(page: Page, pgtable: int) -> None:
@@ -524,6 +663,7 @@ def make_strict(m) -> None:
     for pfn, t in list(pm.tables.items()):
         pm.tables[pfn] = StrictTable(t)
     m.deferred_split_queue = StrictQueue("deferred_split_queue", m.deferred_split_queue)
+    m.waitqueues = StrictQueue("waitqueues", m.waitqueues)
     lists = m.lruvec.lists
     for name in list(lists):
         lists[name] = StrictQueue("lru:" + name, lists[name])

@@ -30,13 +30,12 @@ from collections import deque
 from enum import IntEnum
 
 from kmm import atomic, migrate, page_alloc, swap, wait
-from kmm.gfp import GFP_KERNEL, gfp_compaction_allowed
+from kmm.cost import COST_SCAN_PFN
+from kmm.gfp import GFP_KERNEL, PAGE_ALLOC_COSTLY_ORDER, gfp_compaction_allowed
 from kmm.mm_types import PG_head, PG_lru, PG_swapcache, PG_dirty, PG_writeback
 from kmm.page_alloc import (
-    ALLOC_CMA, ALLOC_WMARK_MIN, NR_ORDERS, PAGE_ALLOC_COSTLY_ORDER, pageblock_nr_pages,
-    pageblock_order,
+    ALLOC_CMA, ALLOC_WMARK_MIN, NR_ORDERS, pageblock_nr_pages, pageblock_order,
 )
-from kmm.cost import COST_SCAN_PFN
 
 COMPACT_CLUSTER_MAX = 32       # SWAP_CLUSTER_MAX
 COMPACT_MAX_DEFER_SHIFT = 6
@@ -607,7 +606,8 @@ async def try_to_compact_pages(m, order: int, gfp_mask: int, alloc_flags: int,
         return CR.COMPACT_SKIPPED
     zone = m.zone
     rc = CR.COMPACT_SKIPPED
-    await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order, prio=prio.name)
+    await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order,
+                       prio=prio.name)
     if prio > MIN_COMPACT_PRIORITY and compaction_deferred(zone, order):
         return max(CR.COMPACT_DEFERRED, rc)
     status = await compact_zone_order(m, order, gfp_mask, prio, alloc_flags)

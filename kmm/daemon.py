@@ -390,19 +390,24 @@ def load_daemons(names=None) -> list:
     an error."""
     found = _installed()
     wanted = sorted(found) if names is None else list(names)
-    out = []
-    for name in wanted:
-        ep = found.get(name)
-        if ep is None:
-            raise DaemonLoadError(f"no daemon named {name!r} in entry-point group "
-                                  f"{ENTRY_POINT_GROUP!r} (installed: {', '.join(sorted(found))})")
-        label = f"{name!r} ({ep.value}, from {getattr(ep.dist, 'name', '?')})"
-        try:
-            cls = ep.load()
-        except Exception as e:  # a broken plug-in is reported, not raised through
-            raise DaemonLoadError(f"daemon {label}: cannot load: {e}") from None
-        out.append(_validated(cls, label))
-    return out
+    return [_loaded(name) for name in wanted]
+
+
+@functools.cache
+def _loaded(name: str) -> type:
+    """One installed daemon class, loaded and validated once per process (its label
+    reads the distribution's metadata, which costs more than a short run)."""
+    found = _installed()
+    ep = found.get(name)
+    if ep is None:
+        raise DaemonLoadError(f"no daemon named {name!r} in entry-point group "
+                              f"{ENTRY_POINT_GROUP!r} (installed: {', '.join(sorted(found))})")
+    label = f"{name!r} ({ep.value}, from {getattr(ep.dist, 'name', '?')})"
+    try:
+        cls = ep.load()
+    except Exception as e:  # a broken plug-in is reported, not raised through
+        raise DaemonLoadError(f"daemon {label}: cannot load: {e}") from None
+    return _validated(cls, label)
 
 
 @functools.cache

@@ -10,6 +10,7 @@ the access is retried. An access outside any VMA, or not allowed by it, is SIGSE
 from __future__ import annotations
 
 from kmm import atomic, memory, tlb
+from kmm.atomic import ticked
 from kmm.mm_types import VM_EXEC, VM_READ, VM_WRITE
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER,
@@ -112,13 +113,13 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             pfn = e[0]
             off = addr & 4095
             if write:
-                if not atomic.ticked(sched, COST_ACCESS):
+                if not ticked(sched, COST_ACCESS):
                     await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
                     if _tlb_lookup(cpu, mm.id, addr) != e:
                         continue  # shot down before the store: translate again
                 m.physmem.write(pfn, off, data)
                 return b""
-            if not atomic.ticked(sched, COST_ACCESS):
+            if not ticked(sched, COST_ACCESS):
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
                 if _tlb_lookup(cpu, mm.id, addr) != e:
                     continue  # shot down before the load: translate again
@@ -133,6 +134,41 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             m.bug(f"watchdog: BUG: soft lockup - CPU#{cpu_id} stuck: {faults} faults "
                   f"at {addr:#x} ({'write' if write else 'read'}) without progress")
         await do_user_addr_fault(m, task, addr, write)
+
+
+def store_run(m, task, cpu_id: int, addr: int, end: int, stride: int, data: bytes,
+              shadow: dict, lazy: dict) -> int:
+    """Stores of ``data`` at addr, addr + stride, ... below end, each one point, for as
+    long as the CPU's TLB holds a writable, dirty translation (what user_access does
+    on a TLB hit); returns the address of the first store it did not make (a TLB miss:
+    the caller takes user_access, which walks or faults). Only with ``sched.quiet``: no
+    other actor can run between these points, so none can shoot the TLB down. Each
+    store is recorded in the workload's ``shadow`` (and leaves ``lazy``)."""
+    sched = m.sched
+    cpu = m.cpus[cpu_id]
+    tlb4k, tlb2m = cpu.tlb4k, cpu.tlb2m
+    mm_id = task.mm.id
+    write = m.physmem.write
+    value = data[0]
+    nr = len(data)
+    while addr < end:
+        e = tlb4k.get((mm_id, addr >> PAGE_SHIFT))
+        if e is None:
+            e = tlb2m.get((mm_id, addr >> PMD_SHIFT))
+            if e is None or not (e[1] and e[2]):
+                return addr
+            pfn = e[0] + ((addr >> PAGE_SHIFT) & 511)
+        elif not (e[1] and e[2]):
+            return addr
+        else:
+            pfn = e[0]
+        sched.tick(COST_ACCESS, "store", addr=addr, pfn=pfn, nr=nr)
+        write(pfn, addr & 4095, data)
+        shadow[addr] = value
+        if lazy:
+            lazy.pop(addr, None)
+        addr += stride
+    return addr
 
 
 async def do_user_addr_fault(m, task, addr: int, write: bool) -> None:

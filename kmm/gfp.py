@@ -33,6 +33,10 @@ __GFP_THISNODE = 1 << 21
 __GFP_ACCOUNT = 1 << 22
 __GFP_RECLAIM = __GFP_DIRECT_RECLAIM | __GFP_KSWAPD_RECLAIM
 
+# include/linux/mmzone.h: above this order an allocation is "costly" (reclaim and
+# compaction treat it differently)
+PAGE_ALLOC_COSTLY_ORDER = 3
+
 GFP_ATOMIC = __GFP_HIGH | __GFP_KSWAPD_RECLAIM
 GFP_KERNEL = __GFP_RECLAIM | __GFP_IO | __GFP_FS
 GFP_KERNEL_ACCOUNT = GFP_KERNEL | __GFP_ACCOUNT

@@ -14,6 +14,8 @@ stays large. Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
 
 from __future__ import annotations
 
+from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbers
+
 from kmm import atomic, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
@@ -176,7 +178,7 @@ async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
     if pfn < 0:
         m.vmstat.count_vm_event("thp_fault_fallback")
         return -1
-    await m.sched.point("folio_zero_user", COST_CLEAR_HUGE, pfn=pfn)
+    atomic.step_owned(m, "folio_zero_user", COST_CLEAR_HUGE, pfn)
     return pfn
 
 
@@ -322,7 +324,8 @@ async def do_huge_pmd_wp_page(m, vmf) -> int:
         if vma.flags & VM_WRITE:
             entry = pmd_mkwrite(entry)
         if entry != orig:
-            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)  # pmdp_set_access_flags
+            # pmdp_set_access_flags
+            await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
         await ptl.unlock()
         return 0
     await ptl.unlock()
@@ -450,10 +453,10 @@ async def split_huge_pmd_locked(m, vma, haddr: int, pmd_tbl: int, idx: int,
                                 freeze: bool) -> None:
     pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if pmd_trans_huge(pmd) or is_pmd_migration_entry(pmd):
-        await split_pmd_locked(m, vma, pmd_tbl, idx, haddr, freeze)
+        await __split_huge_pmd_locked(m, vma, pmd_tbl, idx, haddr, freeze)
 
 
-async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
+async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
                            freeze: bool) -> None:
     """__split_huge_pmd_locked: one huge PMD becomes 512 PTEs mapping the same pages
     (or 512 migration entries with ``freeze``). Context: PMD lock held throughout.
@@ -485,7 +488,8 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         write, young = pmd_write(old), pmd_young(old)
         exclusive = bool(folio.flags & PG_anon_exclusive)
         if freeze and exclusive:
-            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)  # folio_try_share_anon_rmap_pmd (no pins)
+            # folio_try_share_anon_rmap_pmd (no pins)
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
         if not freeze:
             await atomic.folio_ref_add(m, folio, HPAGE_PMD_NR - 1)
             await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, HPAGE_PMD_NR, exclusive)
@@ -511,7 +515,7 @@ async def split_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
         if dirty:
             entry = pte_mkdirty(entry)
         entries = [entry + (i << 12) for i in range(HPAGE_PMD_NR)]  # consecutive pfns
-    await atomic.set_ptes_table(m, pgtable, entries)
+    atomic.set_ptes_table(m, pgtable, entries, pmd_tbl)
     if not migration:
         await rmap.folio_remove_rmap_pmd(m, folio)
     if freeze:
@@ -524,7 +528,7 @@ async def __split_huge_zero_page_pmd(m, vma, haddr: int, pmd_tbl: int, idx: int)
     await pgg.pmdp_huge_clear_flush(m, vma, haddr, pmd_tbl, idx)
     pgtable = await pgg.pgtable_trans_huge_withdraw(m, vma.mm, pmd_tbl)
     entry = pte_mkspecial(pfn_pte(m.zero_pfn, vma.page_prot))
-    await atomic.set_ptes_table(m, pgtable, [entry] * HPAGE_PMD_NR)
+    atomic.set_ptes_table(m, pgtable, [entry] * HPAGE_PMD_NR, pmd_tbl)
     await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pgtable))
 
 
@@ -605,7 +609,6 @@ def mapped_addresses(m, mm, folio, lo: int, hi: int):
 
 
 # -------------------------------------------------------- folio split
-EAGAIN, EBUSY, EINVAL = 11, 16, 22
 
 
 def can_split_folio(m, folio, caller_pins: int) -> bool:

@@ -134,7 +134,8 @@ async def _collapse_write_locked(m, mm, address: int, folio, pmd_tbl: int, cc):
                                              pte_ptl, compound)
     if result != R.SCAN_SUCCEED:
         return result
-    atomic.folio_set_flags_locked(folio, PG_uptodate)  # __folio_mark_uptodate: the copy before the PMD write
+    # __folio_mark_uptodate: the copy before the PMD write
+    atomic.folio_set_flags_locked(folio, PG_uptodate)
     await pmd_ptl.lock("collapse_huge_page")
     if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
         m.bug(f"collapse_huge_page: PMD {pmd_tbl:#x}[{idx}] refilled while cleared")
@@ -276,7 +277,7 @@ async def __collapse_huge_page_copy(m, tbl: int, folio, pmd_tbl: int, idx: int, 
         dst = folio.pfn + i
         if pte_none(pte) or m.is_zero_pfn(pte_pfn(pte)):
             pm.clear(dst)
-            await m.sched.point("clear_user_highpage", COST_CLEAR_PAGE, pfn=dst)
+            atomic.step_owned(m, "clear_user_highpage", COST_CLEAR_PAGE, dst)
         else:
             pm.copy(dst, pte_pfn(pte))
             await m.sched.point("copy_mc_user_highpage", COST_COPY_PAGE, dst=dst,

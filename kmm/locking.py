@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kmm import atomic
+from kmm.atomic import ticked
 from kmm.lockdep import HeldLock, Lockdep
 from kmm.cost import COST_LOCK
 
@@ -219,7 +219,7 @@ class SpinLock(_Lock):
         """spin_lock / spin_lock_nested. Context: returns with the lock held."""
         sched = self.world.sched
         actor = sched.current
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("lock", COST_LOCK, **self._fields(site, None))
         self.world.lockdep.check_acquire(actor, self, site, subclass)
         waited = None
@@ -237,7 +237,7 @@ class SpinLock(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("trylock", COST_LOCK, **self._fields(site, None))
         if self.owner is not None:
             return False
@@ -250,7 +250,7 @@ class SpinLock(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK  # the unlock line's time: the hold ends there
         rec = self._end_hold(actor, t)
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t))
         if self.owner is not actor:
             raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
@@ -284,7 +284,7 @@ class RwSem(_Lock):
     async def _down(self, site: str, write: bool, subclass: int) -> None:
         sched = self.world.sched
         actor = sched.current
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("lock", COST_LOCK,
                               **self._fields(site, "write" if write else "read"))
         self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
@@ -312,7 +312,7 @@ class RwSem(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("trylock", COST_LOCK, **self._fields(site, "read"))
         if self.writer is not None or self.waiters:
             return False
@@ -320,24 +320,12 @@ class RwSem(_Lock):
         self._acquired(actor, site, 0, True, sched.now, try_seq=seq)
         return True
 
-    async def down_write_trylock(self, site: str) -> bool:
-        sched = self.world.sched
-        actor = sched.current
-        seq = sched.seq + 1
-        if not atomic.ticked(sched, COST_LOCK):
-            await sched.point("trylock", COST_LOCK, **self._fields(site, "write"))
-        if self.writer is not None or self.readers:
-            return False
-        self.writer = actor
-        self._acquired(actor, site, 0, False, sched.now, try_seq=seq)
-        return True
-
     async def up_read(self) -> None:
         sched = self.world.sched
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "read"))
         self.readers.remove(actor)
         self._released(actor)
@@ -348,7 +336,7 @@ class RwSem(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if not atomic.ticked(sched, COST_LOCK):
+        if not ticked(sched, COST_LOCK):
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "write"))
         if self.writer is not actor:
             raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")
@@ -375,9 +363,6 @@ class RwSem(_Lock):
 
     def is_locked(self) -> bool:
         return self.writer is not None or bool(self.readers)
-
-    def is_write_locked(self) -> bool:
-        return self.writer is not None
 
 
 class FolioLock(SpinLock):

@@ -82,6 +82,7 @@ class Machine:
         self.vmstat = VmStat()
         self.sysfs = Sysfs()
         self.physmem = PhysMem(config.memory >> PAGE_SHIFT)
+        self.tables = self.physmem.tables  # the page-table frames (hot: kmm.atomic)
         self.zone = page_alloc.Zone(self, self.physmem.nr_pages)
         self.cpus = [Cpu(i) for i in range(config.cpus)]
         self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU
@@ -105,7 +106,7 @@ class Machine:
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
         huge_memory.thp_shrinker_init(self)
-        self.waitqueues: dict[str, list] = {}  # wait_queue_head_t by name (kmm.wait)
+        self.waitqueues: dict[str, tuple] = {}  # wait_queue_head_t by name (kmm.wait)
         # behaviours that differ between 6.18 point releases, chosen per run
         self.quirks: set[str] = set()
         # safeguards removed on purpose for the race laboratory (kmm.bugs): empty unless
@@ -120,8 +121,13 @@ class Machine:
     def run(self, driver) -> None:
         """Run ``driver`` as the first actor until every workload actor is done; an
         actor's exception comes out as itself, not wrapped in an exception group."""
+        trio.run(self.run_async, driver)
+
+    async def run_async(self, driver) -> None:
+        """``run`` inside a trio run already going: the explorer runs many machines, one
+        after the other, in one trio run (starting one costs more than a short run)."""
         try:
-            trio.run(self.sched.run, driver)
+            await self.sched.run(driver)
         except BaseExceptionGroup as eg:
             e: BaseException = eg
             while isinstance(e, BaseExceptionGroup):

@@ -145,7 +145,7 @@ async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
 async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
     """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
     m.vmstat.count_vm_event("pgfault")
-    await m.sched.point("handle_mm_fault", addr=addr, write=write)
+    atomic.step(m.sched, "handle_mm_fault", 1, addr=addr, write=write)  # a tracepoint
     return await __handle_mm_fault(m, vma, addr, write)
 
 
@@ -240,7 +240,7 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
     pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     if pfn < 0:
         return VM_FAULT_OOM
-    await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=pfn)
+    atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, pfn)
     folio = m.physmem.page(pfn)
     entry = pfn_pte(pfn, vma.page_prot)
     if vma.flags & VM_WRITE:
@@ -333,7 +333,7 @@ async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
             await swap.folio_put(m, old_folio)
         return VM_FAULT_OOM
     if old_folio is None:
-        await m.sched.point("clear_page", COST_CLEAR_PAGE, pfn=new)
+        atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, new)
     else:
         await m.sched.point("copy_page", COST_COPY_PAGE, dst=new, src=old_pfn)
         m.physmem.copy(new, old_pfn)
@@ -558,7 +558,8 @@ async def copy_pte_range(m, dst_vma: VmArea, src_vma: VmArea, dst_pmd: int, src_
                 ent = await copy_present_pte(m, dst_mm, src_vma, stbl, i, ent)
             else:
                 ent = await copy_nonpresent_pte(m, dst_mm, src_vma.mm, ent, stbl, i)
-            await atomic.entry_set(m, "pte", dtbl, i, ent)
+            # the child's table: its mm never ran, and we hold its lock (points.md)
+            atomic.entry_set_unwalked(m, "pte", dtbl, i, ent)
         a += PAGE_SIZE
     await sptl.unlock()
     await dptl.unlock()

@@ -79,9 +79,6 @@ class Page:
     def nr_pages(self) -> int:
         return 1 << self.order
 
-    def folio_test_large(self) -> bool:
-        return self.order > 0
-
     def __repr__(self) -> str:
         return (f"<page pfn={self.pfn} order={self.order} ref={self.refcount} "
                 f"map={self.mapcount} entire={self.entire_mapcount} type={self.page_type!r}>")

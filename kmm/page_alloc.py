@@ -27,14 +27,13 @@ capture of a freed page.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
-
 from kmm import atomic
+from kmm.atomic import ticked
 from math import isqrt
 
 from kmm.gfp import (
-    GFP, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM, __GFP_MEMALLOC,
+    GFP, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM,
+    __GFP_MEMALLOC,
     __GFP_MOVABLE, __GFP_NOMEMALLOC, __GFP_NORETRY, __GFP_RETRY_MAYFAIL, __GFP_THISNODE,
     format_gfp, gfp_compaction_allowed,
 )
@@ -50,7 +49,6 @@ pageblock_order = HPAGE_PMD_ORDER
 pageblock_nr_pages = 1 << pageblock_order
 MIGRATE_PCPTYPES = 3
 WATERMARK_SCALE_FACTOR = 10  # /proc/sys/vm/watermark_scale_factor default
-PAGE_ALLOC_COSTLY_ORDER = 3
 MAX_RECLAIM_RETRIES = 16
 MAX_COMPACT_RETRIES = 16
 
@@ -227,13 +225,13 @@ class Zone:
         sched = self.machine.sched
         pfn = await self._get_page_from_freelist(order, msg.alloc_flags)
         if pfn < 0:
-            if not atomic.ticked(sched, COST_WMARK_CHECK):
+            if not ticked(sched, COST_WMARK_CHECK):
                 await sched.point("get_page_from_freelist", COST_WMARK_CHECK, order=order,
                                   wmark=WMARK_NAMES[msg.alloc_flags & ALLOC_WMARK_MASK],
                                   gfp_flags=msg.gfp, pfn=-1)
             return -1
         self._prep_new_page(pfn, order)
-        if not atomic.ticked(sched, 1):
+        if not ticked(sched, 1):
             await sched.point("mm_page_alloc", pfn=pfn, order=order, gfp_flags=msg.gfp,
                               purpose=msg.purpose)
         self.machine.vmstat.count_vm_event("pgalloc_normal", 1 << order)
@@ -245,8 +243,8 @@ class Zone:
             return -1
         await self.lock.lock("rmqueue")
         pfn = self._rmqueue_smallest(order)
-        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
-            await self.machine.sched.point("rmqueue", COST_RMQUEUE, order=order, pfn=pfn)
+        atomic.step_locked(self.machine, self.lock, "rmqueue", COST_RMQUEUE, order=order,
+                           pfn=pfn)
         await self.lock.unlock()
         return pfn
 
@@ -269,8 +267,8 @@ class Zone:
         self.physmem.clear(pfn, 1 << order)
         await self.lock.lock("free_one_page")
         self._free_one_page(pfn, order)
-        if not atomic.ticked(self.machine.sched, COST_RMQUEUE):
-            await self.machine.sched.point("mm_page_free", COST_RMQUEUE, pfn=pfn, order=order)
+        atomic.step_locked(self.machine, self.lock, "mm_page_free", COST_RMQUEUE, pfn=pfn,
+                           order=order)
         await self.lock.unlock()
         self.machine.vmstat.count_vm_event("pgfree", 1 << order)
 
@@ -288,10 +286,8 @@ class Zone:
         else:
             self._del(pfn, order)
             self.nr_free -= 1 << order
-        sched = self.machine.sched
-        if not atomic.ticked(sched, COST_RMQUEUE):
-            await sched.point("isolate_free_page", COST_RMQUEUE, pfn=pfn, order=order,
-                              ret=ret)
+        atomic.step_locked(self.machine, self.lock, "isolate_free_page", COST_RMQUEUE,
+                           pfn=pfn, order=order, ret=ret)
         await self.lock.unlock()
         return ret
 
@@ -410,34 +406,17 @@ def gfp_to_alloc_flags(gfp: int, order: int) -> int:
     return alloc_flags
 
 
-def _vmscan():
-    """kmm.vmscan (reclaim), when this tree has it."""
-    if importlib.util.find_spec("kmm.vmscan") is None:
-        return None
-    from kmm import vmscan
-    return vmscan
-
-
 async def wake_all_kswapds(m, order: int, gfp: int) -> None:
     """wake_all_kswapds -> wakeup_kswapd (mm/vmscan.c), which hands a high-order
     request that may not stall to kcompactd when kswapd cannot help (node balanced or
-    hopeless). Without a reclaim mechanism in the tree the node is as good as hopeless,
-    and the request goes to kcompactd here."""
-    from kmm import compaction
-    vmscan = _vmscan()
-    if vmscan is not None and hasattr(vmscan, "wakeup_kswapd"):
-        r = vmscan.wakeup_kswapd(m, order, gfp)
-        if inspect.isawaitable(r):
-            await r
-    elif not gfp & __GFP_DIRECT_RECLAIM:
-        compaction.wakeup_kcompactd(m, order)
+    hopeless)."""
+    from kmm import vmscan
+    await vmscan.wakeup_kswapd(m, order, gfp)
 
 
 async def __perform_reclaim(m, order: int, gfp: int) -> int:
     """__perform_reclaim: try_to_free_pages in the allocating task; pages reclaimed."""
-    vmscan = _vmscan()
-    if vmscan is None or not hasattr(vmscan, "try_to_free_pages"):
-        return 0
+    from kmm import vmscan
     return await vmscan.try_to_free_pages(m, order, gfp)
 
 
@@ -475,16 +454,10 @@ async def __alloc_pages_direct_compact(m, order: int, gfp: int, alloc_flags: int
 
 
 def zone_reclaimable_pages(m) -> int:
-    """zone_reclaimable_pages: file LRU pages, and anon ones while swap has room."""
-    vmscan = _vmscan()
-    if vmscan is not None and hasattr(vmscan, "zone_reclaimable_pages"):
-        return vmscan.zone_reclaimable_pages(m)
-    from kmm import swapfile
-    nr = m.lruvec.nr_pages
-    n = nr["inactive_file"] + nr["active_file"]
-    if swapfile.get_nr_swap_pages(m) > 0:  # can_reclaim_anon_pages
-        n += nr["inactive_anon"] + nr["active_anon"]
-    return n
+    """zone_reclaimable_pages (mm/vmscan.c): file LRU pages, and anon ones while swap
+    has room."""
+    from kmm import vmscan
+    return vmscan.zone_reclaimable_pages(m)
 
 
 def should_reclaim_retry(m, order: int, alloc_flags: int, did_some_progress: bool,

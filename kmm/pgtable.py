@@ -151,10 +151,6 @@ def pmd_pfn(pmd: int) -> int:
     return (pmd & mask) >> PAGE_SHIFT
 
 
-def pmd_mkhuge(pmd: int) -> int:
-    return pmd | _PAGE_PSE
-
-
 def pmd_mkinvalid(pmd: int) -> int:
     return pmd & ~(_PAGE_PRESENT | _PAGE_PROTNONE)
 

@@ -70,7 +70,10 @@ class PhysMem:
         data = self.data
         if nr == 1:
             data.pop(pfn, None)
-        elif data:
+        elif len(data) < nr:  # fewer frames held than cleared: look only at those
+            for p in [p for p in data if pfn <= p < pfn + nr]:
+                del data[p]
+        else:
             for p in range(pfn, pfn + nr):
                 data.pop(p, None)
 
@@ -88,7 +91,11 @@ class PhysMem:
 
     # ------------------------------------------------------- page-table frames
     def new_table(self, pfn: int) -> list[int]:
-        t = self.tables[pfn] = self.table_cls([0] * PTRS_PER_TABLE)
+        cls = self.table_cls
+        t = [0] * PTRS_PER_TABLE
+        if cls is not list:
+            t = cls(t)
+        self.tables[pfn] = t
         return t
 
     def drop_table(self, pfn: int) -> None:

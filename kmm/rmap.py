@@ -80,15 +80,12 @@ def page_anon_exclusive(page: Page) -> bool:
     return bool(page.flags & PG_anon_exclusive)
 
 
-async def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int,
-                                  pmd: bool) -> None:
-    """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio."""
-    await atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr), pmd)
-    if pmd:
-        m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
-        m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
-    else:
-        m.vmstat.mod_node_page_state("nr_anon_pages", 1)
+def folio_add_new_anon_rmap(m, folio: Page, vma: VmArea, addr: int, pmd: bool):
+    """folio_add_new_anon_rmap(..., RMAP_EXCLUSIVE): first mapping of a new folio.
+    Awaitable: it is the layer's one-point operation itself (the fault's hot path
+    creates one coroutine, not two)."""
+    return atomic.mapcount_new_anon(m, folio, vma.anon_vma, vma.linear_page_index(addr),
+                                    pmd)
 
 
 async def folio_add_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int,
@@ -113,11 +110,6 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     # PMD mapping covers the whole folio any more
     if unmapped and folio.nr_pages_mapped and not folio.entire_mapcount:
         await huge_memory.deferred_split_folio(m, folio, True)
-
-
-async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
-    """folio_add_anon_rmap_pmd: one more PMD mapping of the whole folio."""
-    await atomic.mapcount_add_pmd(m, folio, exclusive)
 
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
@@ -207,13 +199,13 @@ async def _pmd_steps(m, vma: VmArea, lo: int, hi: int):
 
 async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr: int,
                                     pmdval: int, freeze: bool, site: str) -> None:
-    """TTU_SPLIT_HUGE_PMD in an rmap walk: split_huge_pmd_locked under the PMD lock, if
+    """TTU_SPLIT_HUGE_PMD in an rmap walk: __split_huge_pmd_locked under the PMD lock, if
     the PMD is still the one the walk saw."""
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock(site)
     if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
-        await huge_memory.split_pmd_locked(m, vma, pmd_tbl, idx, addr & HPAGE_PMD_MASK,
-                                           freeze=freeze)
+        await huge_memory.__split_huge_pmd_locked(m, vma, pmd_tbl, idx,
+                                                  addr & HPAGE_PMD_MASK, freeze=freeze)
     await ptl.unlock()
 
 
@@ -270,7 +262,8 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                     atomic.folio_set_flags_locked(folio, PG_dirty)
                 holder = page if folio.order else folio
                 exclusive = bool(holder.flags & PG_anon_exclusive)
-                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)  # folio_try_share_anon_rmap_pte
+                # folio_try_share_anon_rmap_pte
+                atomic.folio_clear_flags_locked(holder, PG_anon_exclusive)
                 await atomic.entry_set(m, "pte", tbl, i, make_migration_entry(
                     pfn, pte_write(old), exclusive, pte_young(old), pte_dirty(old)))
                 await folio_remove_rmap_ptes(m, folio, pfn, 1)
@@ -335,7 +328,8 @@ async def try_to_unmap_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
                            and pte_pfn(m.physmem.tables[tbl][i + nr]) == pfn + nr
                            and pte_present(m.physmem.tables[tbl][i + nr])):
                         nr += 1
-                    olds = [await atomic.entry_get_and_clear(m, "pte", tbl, i + j) for j in range(nr)]
+                    olds = [await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
+                            for j in range(nr)]
                     cleared = True
                     if any(pte_dirty(o) for o in olds):
                         atomic.folio_set_flags_locked(folio, PG_dirty)
@@ -394,7 +388,8 @@ async def folio_referenced(m, folio: Page) -> int:
         async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
             if pmd_trans_huge(pmdval) and pmd_present(pmdval):
                 if pmd_pfn(pmdval) == folio.pfn and pmd_young(pmdval):
-                    if await atomic.entry_cmpxchg(m, "pmd", pmd_tbl, idx, pmdval, pmd_mkold(pmdval)):
+                    if await atomic.entry_cmpxchg(m, "pmd", pmd_tbl, idx, pmdval,
+                                                  pmd_mkold(pmdval)):
                         young += 1
                 continue
             if not pmd_present(pmdval):

@@ -40,10 +40,13 @@ def folio_lru_list(folio: Page) -> str:
     return ("active_" if folio.flags & PG_active else "inactive_") + kind
 
 
-def lruvec_add_folio(m, folio: Page, tail: bool = False) -> None:
+def lruvec_add_folio(m, folio: Page, tail: bool = False, bits: int = 0) -> None:
+    """lruvec_add_folio (tail: lruvec_add_folio_tail); ``bits``: flags set with it."""
     lv = m.lruvec
-    name = folio_lru_list(folio)
-    atomic.lru_add_locked(m, lv.lists[name], folio, tail)  # tail: lruvec_add_folio_tail
+    flags = folio.flags | bits
+    name = (("active_" if flags & PG_active else "inactive_")
+            + ("anon" if flags & PG_swapbacked else "file"))  # folio_lru_list
+    atomic.lru_add_locked(m, lv.lists[name], folio, tail, bits)
     lv.nr_pages[name] += folio.nr_pages
 
 
@@ -60,10 +63,10 @@ async def folio_add_lru(m, folio: Page) -> None:
     (PG_swapbacked: it can only be reclaimed through swap)."""
     if folio.flags & PG_lru:
         m.bug(f"folio_add_lru: {folio!r} already on an LRU")
-    _set(folio, PG_swapbacked)
     lk = m.lruvec.lru_lock
     await lk.lock("folio_add_lru")
-    lruvec_add_folio(m, folio)
+    # __folio_set_swapbacked: the folio is not mapped yet, so no one sees it before
+    lruvec_add_folio(m, folio, bits=PG_swapbacked)
     await lk.unlock()
 
 

@@ -18,11 +18,12 @@ the default mTHP settings).
 
 from __future__ import annotations
 
+from errno import EEXIST  # the host is Linux: the kernel's numbers
+
 from kmm import atomic, page_alloc, page_io, swap, swapfile
 from kmm.mm_types import PG_swapbacked, PG_swapcache, Page
 from kmm.pgtable import swp_entry, swp_offset
 
-EEXIST = 17
 JIFFY_NS = 1_000_000  # schedule_timeout_uninterruptible(1) at HZ=1000
 
 

@@ -20,6 +20,8 @@ swap table of 6.18's swap cache (the cache is a dict of slots here), swapoff.
 
 from __future__ import annotations
 
+from errno import EEXIST, ENOENT  # the host is Linux: the kernel's numbers
+
 from kmm import atomic, swap
 from kmm.mm_types import PG_dirty, PG_swapcache, PG_writeback, Page
 from kmm.pgtable import (
@@ -47,7 +49,6 @@ CLUSTER_FLAG_USABLE = CLUSTER_FLAG_FRAG
 # __try_to_reclaim_swap flags
 TTRS_ANYWAY, TTRS_UNMAPPED, TTRS_FULL = 0x1, 0x2, 0x4
 
-ENOENT, ENOMEM, EEXIST = 2, 12, 17
 
 
 class SwapCluster:
@@ -496,7 +497,8 @@ async def folio_free_swap(m, folio: Page) -> bool:
     if not folio_swapcache_freeable(folio) or folio_swapped(m, folio):
         return False
     await swap_state.swap_cache_del_folio(m, folio)
-    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_set_dirty: the data now lives only in memory
+    # folio_set_dirty: the data now lives only in memory
+    atomic.folio_set_flags_locked(folio, PG_dirty)
     return True
 
 

@@ -133,14 +133,6 @@ def validate(name: str, value: object) -> object:
     return knob.check(value)
 
 
-def sysfs_text(name: str, value: object) -> str:
-    """The text the kernel's show handler prints for a stored value."""
-    words = KNOBS[name].words
-    if words:
-        return " ".join(f"[{w}]" if w == value else w for w in words)
-    return str(value)
-
-
 class Sysfs:
     """The machine's knob values. Writes are validated; reads give the stored value.
 

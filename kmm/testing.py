@@ -11,19 +11,16 @@ must say, and compares:
 - the buddy free lists are consistent (page_alloc.Zone.check);
 - with a Kernel, every byte a workload wrote reads back (through the page tables,
   without faulting).
+
+The checks themselves live in kmm.checks, each registered with the state it reads, so
+``incremental_checker`` (what ``kmm explore`` keeps for a run) gives the same verdicts
+re-checking only what changed.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
-from kmm import pagewalk, swap, swapfile
-from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
-from kmm.pgtable import (
-    HPAGE_PMD_NR, PAGE_SIZE, TASK_SIZE, is_migration_entry, is_pmd_migration_entry,
-    migration_entry_pfn, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
-    pte_special, table_pfn,
-)
+from kmm import checks
+from kmm.checks_data import _data_errors, read_mapped_byte  # noqa: F401 - its API
 
 
 class InvariantError(AssertionError):
@@ -37,173 +34,34 @@ def check_invariants(m, k=None) -> None:
 
 
 def invariant_errors(m, k=None) -> list[str]:
-    errs: list[str] = []
-    pm = m.physmem
-    zone = m.zone
-    pte_maps: Counter = Counter()   # pfn -> PTE mappings
-    pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
-    for task in m.tasks.values():
-        mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
-        tables = list(pagewalk.page_tables(m, mm))
-        nr_pte_tables = sum(1 for lvl, _, _ in tables if lvl == "pte")
-        deposited = 0
-        rss = 0
-        for lvl, t, _ in tables:
-            if zone.is_free(t):
-                errs.append(f"{task.name}: {lvl} table {t:#x} is on a free list")
-            pg = pm.pages.get(t)
-            if pg is None or pg.page_type != "table":
-                errs.append(f"{task.name}: {lvl} table {t:#x} is not a page-table page")
-            if lvl == "pmd":
-                huge = sum(1 for e in pm.tables[t]
-                           if e and (pmd_trans_huge(e) or is_pmd_migration_entry(e)))
-                dep = len(pg.pt_deposit or ()) if pg else 0
-                deposited += dep
-                if dep != huge:
-                    errs.append(f"{task.name}: PMD table {t:#x} has {huge} huge PMDs but "
-                                f"{dep} deposited tables")
-                for d in (pg.pt_deposit or ()) if pg else ():
-                    if zone.is_free(d) or any(pm.tables.get(d, [1])):
-                        errs.append(f"{task.name}: deposited table {d:#x} free or not empty")
-        if mm.nr_ptes != nr_pte_tables + deposited:
-            errs.append(f"{task.name}: nr_ptes {mm.nr_ptes} != {nr_pte_tables} PTE tables "
-                        f"+ {deposited} deposited")
-        if mm.pgtables_bytes != (len(tables) + deposited) * PAGE_SIZE:
-            errs.append(f"{task.name}: pgtables_bytes {mm.pgtables_bytes} != "
-                        f"{len(tables) + deposited} table pages")
-        for addr, level, e in pagewalk.walk_leaves(m, mm, 0, TASK_SIZE):
-            if level == "pmd":
-                if pmd_present(e):
-                    pfn = pmd_pfn(e)
-                    if m.is_huge_zero_pfn(pfn):
-                        continue
-                    pmd_maps[pfn] += 1
-                    rss += HPAGE_PMD_NR
-                else:
-                    rss += HPAGE_PMD_NR
-            elif pte_present(e):
-                if not pte_special(e):
-                    pte_maps[pte_pfn(e)] += 1
-                    rss += 1
-                elif pte_pfn(e) != m.zero_pfn:
-                    errs.append(f"{task.name}: special PTE at {addr:#x} is not the zero page")
-            elif is_migration_entry(e):
-                rss += 1
-            elif swapfile.is_swap_entry(m, e):
-                pass  # MM_SWAPENTS and the slot's count: swapfile.check
-            else:
-                errs.append(f"{task.name}: unknown non-present PTE {e:#x} at {addr:#x}")
-        if rss != mm.rss_anon:
-            errs.append(f"{task.name}: MM_ANONPAGES {mm.rss_anon} != {rss} mapped pages")
-        for vma in mm.vmas:
-            if vma.start >= vma.end or vma.start & (PAGE_SIZE - 1):
-                errs.append(f"{task.name}: bad VMA {vma!r}")
-    # struct pages against the mappings found
-    folios: Counter = Counter()  # head -> all mappings
-    for pfn, n in pte_maps.items():
-        page = pm.pages.get(pfn)
-        if page is None or page.mapcount != n:
-            errs.append(f"pfn {pfn:#x}: mapcount {page.mapcount if page else None} != "
-                        f"{n} PTE mappings")
-        if zone.is_free(pfn):
-            errs.append(f"pfn {pfn:#x}: mapped but free")
-        folios[pm.folio(pfn).pfn] += n
-    for head, n in pmd_maps.items():
-        folio = pm.pages.get(head)
-        if folio is None or folio.entire_mapcount != n:
-            errs.append(f"folio {head:#x}: entire mapcount "
-                        f"{folio.entire_mapcount if folio else None} != {n} PMD mappings")
-        if zone.is_free(head):
-            errs.append(f"folio {head:#x}: PMD-mapped but free")
-        folios[head] += n
-    for head, n in folios.items():
-        folio = pm.pages[head]
-        total = folio.large_mapcount if folio.order else folio.mapcount
-        if total != n:
-            errs.append(f"folio {head:#x}: mapcount {total} != {n} mappings")
-        # an isolated folio (compaction, reclaim) holds the isolation reference too
-        isolated = 1 if folio.flags & PG_isolated else 0
-        cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
-        # a deferred split scan in progress holds a reference on each folio of its batch
-        isolated += m.split_scan_pins.get(head, 0)
-        if folio.refcount != n + isolated + cache:
-            errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
-                        + (" + 1 isolation" if isolated else "")
-                        + (f" + {cache} swap cache" if cache else ""))
-        if folio.order:
-            mapped = sum(1 for p in range(head, head + folio.nr_pages)
-                         if pm.pages.get(p) is not None and pm.pages[p].mapcount)
-            if mapped != folio.nr_pages_mapped:
-                errs.append(f"folio {head:#x}: nr_pages_mapped {folio.nr_pages_mapped} "
-                            f"!= {mapped}")
-    # nothing else may hold a mapcount
-    for pfn, page in pm.pages.items():
-        if page.mapcount and pfn not in pte_maps:
-            errs.append(f"pfn {pfn:#x}: mapcount {page.mapcount} but not mapped")
-        if page.entire_mapcount and pfn not in pmd_maps:
-            errs.append(f"folio {pfn:#x}: entire mapcount {page.entire_mapcount} but "
-                        f"not PMD-mapped")
-    for pfn in m.deferred_split_queue:
-        f = pm.pages.get(pfn)
-        if f is None or not f.on_deferred_list or not f.order or zone.is_free(pfn):
-            errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
-    errs.extend(zone.check())
-    errs.extend(swap.lru_check(m))
-    errs.extend(swapfile.check(m))
-    for head in folios:
-        if not pm.pages[head].flags & (PG_lru | PG_isolated):
-            errs.append(f"folio {head:#x}: mapped but on no LRU list")
-    if k is not None:
-        errs.extend(_data_errors(m, k))
-    return errs
+    """Every breach, found by running every registered check (kmm.checks) in full."""
+    return checks.Checker(m, k, incremental=False).errors()
 
 
-def read_mapped_byte(m, mm, addr: int) -> int | None:
-    """The byte at addr through mm's page tables, without faulting (None if unmapped)."""
-    from kmm.memory import pmd_lookup
-    from kmm.pgtable import pmd_index, pte_index
-    t = pmd_lookup(m, mm, addr)
-    if t < 0:
-        return None
-    e = m.physmem.tables[t][pmd_index(addr)]
-    if not e:
-        return None
-    if pmd_trans_huge(e):
-        pfn = pmd_pfn(e) + ((addr >> 12) & 511)
-    elif is_pmd_migration_entry(e):
-        pfn = migration_entry_pfn(e) + ((addr >> 12) & 511)
-    else:
-        p = m.physmem.tables[table_pfn(e)][pte_index(addr)]
-        if not p:
-            return None
-        if swapfile.is_swap_entry(m, p):
-            return swapfile.read_swapped_byte(m, p, addr & 4095)
-        pfn = migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
-    return m.physmem.read(pfn, addr & 4095, 1)[0]
+def incremental_checker(m, k=None) -> "checks.Checker":
+    """A checker kept for a whole run: ``.errors()`` gives what invariant_errors would,
+    re-checking only what changed since its last call (kmm.checks)."""
+    return checks.Checker(m, k)
 
 
-def _data_errors(m, k) -> list[str]:
-    errs = []
-    for name, shadow in k.shadow.items():
-        task = m.tasks.get(name)
-        if task is None or not task.alive:
-            continue
-        for addr, want in shadow.items():
-            got = read_mapped_byte(m, task.mm, addr)
-            if got is not None and got != want:
-                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
-            if got is None and want != 0:
-                vma = task.mm.vma_lookup(addr)
-                if vma is not None:
-                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
-        for addr, want in k.lazy.get(name, {}).items():
-            got = read_mapped_byte(m, task.mm, addr)
-            if got not in (None, 0, want):
-                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
-                            f"was written {want}")
-    return errs
+def agreeing_checks():
+    """A ``check(m, k)`` for runners that runs the full checker and one incremental
+    checker per machine, kept across calls, and raises unless their verdicts are equal
+    (then raises InvariantError on a breach, as check_invariants does)."""
+    kept: dict[int, tuple] = {}
+
+    def check(m, k=None) -> None:
+        got = kept.get(id(m))
+        if got is None or got[0] is not m:
+            got = kept[id(m)] = (m, incremental_checker(m, k))
+        full = invariant_errors(m, k)
+        inc = got[1].errors()
+        if inc != full:
+            raise AssertionError(f"incremental checker: {inc} != full checker: {full}")
+        if full:
+            raise InvariantError("\n".join(full[:40]))
+
+    return check
 
 
 def check_between_ops(m, k) -> None:

@@ -20,6 +20,7 @@ detection, watermark boosting, direct reclaim throttling on pfmemalloc reserves.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -28,12 +29,12 @@ from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced, PG_swapbacked,
     PG_swapcache, PG_unevictable, PG_writeback, Page,
 )
+from kmm.gfp import GFP, GFP_KERNEL, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_IO
 from kmm.pgtable import HPAGE_PMD_ORDER, swp_offset
 
 SWAP_CLUSTER_MAX = 32
 DEF_PRIORITY = 12
 MAX_RECLAIM_RETRIES = 16
-PAGE_ALLOC_COSTLY_ORDER = 3
 MAX_SWAPPINESS = 200
 VM_SWAPPINESS = 60            # /proc/sys/vm/swappiness default
 SHRINK_BATCH = 128
@@ -41,12 +42,21 @@ DEFAULT_SEEKS = 2
 DEACTIVATE_ANON, DEACTIVATE_FILE = 1, 2
 INACTIVE_ANON, ACTIVE_ANON, INACTIVE_FILE, ACTIVE_FILE = swap.LRU_LISTS
 
+class Outcome(enum.Enum):
+    """Where shrink_folio_list's pass over one folio ends: the labels its gotos jump to
+    (free_it, activate_locked_split, activate_locked, keep_locked, keep)."""
+
+    FREE = "free_it"
+    ACTIVATE_LOCKED_SPLIT = "activate_locked_split"
+    ACTIVATE_LOCKED = "activate_locked"
+    KEEP_LOCKED = "keep_locked"
+    KEEP = "keep"
+
+
 # enum folio_references / pageout_t
 FOLIOREF_RECLAIM, FOLIOREF_RECLAIM_CLEAN, FOLIOREF_KEEP, FOLIOREF_ACTIVATE = range(4)
 PAGE_KEEP, PAGE_ACTIVATE, PAGE_SUCCESS, PAGE_CLEAN = range(4)
 
-__GFP_IO, __GFP_FS = 1 << 6, 1 << 7  # include/linux/gfp_types.h
-GFP_KERNEL = (1 << 10) | (1 << 11) | __GFP_IO | __GFP_FS
 
 
 @dataclass(slots=True)
@@ -109,10 +119,9 @@ def NODE_DATA(m) -> PgData:
 
 
 def _gfp(gfp) -> int:
-    """A gfp mask given as bits or as a GFP_* name (page_alloc.GFP)."""
+    """A gfp mask given as bits or as a GFP_* name (kmm.gfp.GFP)."""
     if isinstance(gfp, str):
-        from kmm import page_alloc
-        gfp = page_alloc.GFP.get(gfp, GFP_KERNEL)
+        gfp = GFP.get(gfp, GFP_KERNEL)
     return gfp if isinstance(gfp, int) else GFP_KERNEL
 
 
@@ -188,7 +197,8 @@ async def isolate_lru_folios(m, nr_to_scan: int, sc: ScanControl, lru: str):
     for folio in rotate:  # list_move back to the list's head
         swap.lruvec_del_folio(m, folio)
         swap.lruvec_add_folio(m, folio)
-    await atomic.point(m.sched, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru, nr_taken=nr_taken)
+    await atomic.point(m.sched, "mm_vmscan_lru_isolate", 10 * len(taken) + 1, lru=lru,
+                       nr_taken=nr_taken)
     return taken, nr_taken, scanned
 
 
@@ -286,22 +296,22 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
             continue
         nr_pages = folio.nr_pages
         sc.nr_scanned += nr_pages
-        outcome = "keep_locked"
+        outcome = Outcome.KEEP_LOCKED
         anon = folio.anon_vma is not None
         while True:  # one pass; "break" with outcome set is the kernel's goto
             if folio.flags & PG_unevictable:
-                outcome = "activate_locked"
+                outcome = Outcome.ACTIVATE_LOCKED
                 break
             if not sc.may_unmap and rmap.folio_mapped(folio):
                 break
             if folio.flags & PG_writeback:  # case 2: mark for immediate reclaim
-                outcome = "activate_locked"
+                outcome = Outcome.ACTIVATE_LOCKED
                 break
             references = FOLIOREF_RECLAIM
             if not ignore_references:
                 references = await folio_check_references(m, folio, sc)
             if references == FOLIOREF_ACTIVATE:
-                outcome = "activate_locked"
+                outcome = Outcome.ACTIVATE_LOCKED
                 break
             if references == FOLIOREF_KEEP:
                 stat.nr_ref_keep += nr_pages
@@ -311,26 +321,26 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                     break
                 if folio.order:
                     if not huge_memory.can_split_folio(m, folio, 1):
-                        outcome = "activate_locked"
+                        outcome = Outcome.ACTIVATE_LOCKED
                         break
                     # split partially mapped folios right away: free the unmapped
                     # pages without IO
                     if (folio.on_deferred_list and folio.flags & PG_partially_mapped
                             and await huge_memory.split_folio_to_list(m, folio, folio_list)):
-                        outcome = "activate_locked"
+                        outcome = Outcome.ACTIVATE_LOCKED
                         break
                 if not await swapfile.folio_alloc_swap(m, folio):
                     if not folio.order:
-                        outcome = "activate_locked_split"
+                        outcome = Outcome.ACTIVATE_LOCKED_SPLIT
                         break
                     order = folio.order
                     if await huge_memory.split_folio_to_list(m, folio, folio_list):
-                        outcome = "activate_locked"
+                        outcome = Outcome.ACTIVATE_LOCKED
                         break
                     if order == HPAGE_PMD_ORDER:
                         m.vmstat.count_vm_event("thp_swpout_fallback")
                     if not await swapfile.folio_alloc_swap(m, folio):
-                        outcome = "activate_locked_split"
+                        outcome = Outcome.ACTIVATE_LOCKED_SPLIT
                         break
                 # MADV_FREE'd ptes may be clean while the folio is swap-backed again:
                 # dirty it, or its data would not be written (folio_mark_dirty)
@@ -345,13 +355,13 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                     stat.nr_unmap_fail += nr_pages
                     if not was_swapbacked and folio.flags & PG_swapbacked:
                         stat.nr_lazyfree_fail += nr_pages
-                    outcome = "activate_locked"
+                    outcome = Outcome.ACTIVATE_LOCKED
                     break
             if folio.flags & PG_dirty:
                 if not folio.flags & PG_swapbacked:
                     # a dirty lazyfree folio is file-LRU to reclaim: direct reclaim
                     # never writes those, it activates them (immediate reclaim)
-                    outcome = "activate_locked"
+                    outcome = Outcome.ACTIVATE_LOCKED
                     break
                 if references == FOLIOREF_RECLAIM_CLEAN or not sc.may_writepage:
                     break
@@ -359,44 +369,42 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                 if res == PAGE_KEEP:
                     break
                 if res == PAGE_ACTIVATE:
-                    outcome = "activate_locked"
+                    outcome = Outcome.ACTIVATE_LOCKED
                     break
                 if res == PAGE_SUCCESS:
                     stat.nr_pageout += nr_pages
                     if folio.flags & (PG_writeback | PG_dirty):
-                        outcome = "keep"
+                        outcome = Outcome.KEEP
                         break
                     if not await lk.trylock("shrink_folio_list"):  # a synchronous write
-                        outcome = "keep"
+                        outcome = Outcome.KEEP
                         break
                     if folio.flags & (PG_writeback | PG_dirty):
                         break
             if anon and not folio.flags & PG_swapbacked:
-                await atomic.point(m.sched, "page_ref_freeze", pfn=folio.pfn)
-                if folio.refcount != 1:  # folio_ref_freeze(folio, 1)
+                if not await atomic.folio_ref_freeze(m, folio, 1):
                     break
-                atomic.folio_ref_freeze_locked(folio)
                 m.vmstat.count_vm_event("pglazyfreed", nr_pages)
             elif not folio.flags & PG_swapcache or not await __remove_mapping(m, folio):
                 break
-            outcome = "free"
+            outcome = Outcome.FREE
             break
-        if outcome == "free":
+        if outcome is Outcome.FREE:
             await lk.unlock()
             nr_reclaimed += nr_pages
             atomic.folio_clear_flags_locked(folio, PG_isolated)
             await swap.__folio_put(m, folio)  # folio_unqueue_deferred_split, free_unref_folios
             continue
-        if outcome == "activate_locked_split" and nr_pages > 1:
+        if outcome is Outcome.ACTIVATE_LOCKED_SPLIT and nr_pages > 1:
             sc.nr_scanned -= nr_pages - 1
             nr_pages = 1
-        if outcome.startswith("activate_locked"):
+        if outcome in (Outcome.ACTIVATE_LOCKED, Outcome.ACTIVATE_LOCKED_SPLIT):
             if folio.flags & PG_swapcache and swapfile.vm_swap_full(m):
                 await swapfile.folio_free_swap(m, folio)
             atomic.folio_set_flags_locked(folio, PG_active)
             stat.nr_activate[0 if folio.flags & PG_swapbacked else 1] += nr_pages
             pgactivate += nr_pages
-        if outcome != "keep":
+        if outcome is not Outcome.KEEP:
             await lk.unlock()
         ret.append(folio)
     folio_list[:] = ret
@@ -839,13 +847,9 @@ async def wakeup_kswapd(m, order: int, gfp=None) -> None:
     if not wait.wq_has_sleeper(m, "kswapd_wait"):
         return
     if pg.kswapd_failures >= MAX_RECLAIM_RETRIES or pgdat_balanced(m, order):
-        if gfp is not None and not _gfp(gfp) & (1 << 10):  # !__GFP_DIRECT_RECLAIM
-            import importlib.util
-            if importlib.util.find_spec("kmm.compaction") is not None:
-                from kmm import compaction
-                r = compaction.wakeup_kcompactd(m, order)
-                if hasattr(r, "__await__"):
-                    await r
+        if gfp is not None and not _gfp(gfp) & __GFP_DIRECT_RECLAIM:
+            from kmm import compaction
+            compaction.wakeup_kcompactd(m, order)
         return
     wait.wake_up(m, "kswapd_wait")
 

@@ -399,11 +399,25 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        end = addr + length
         a = addr
         try:
             while True:
                 try:
-                    for a in range(a, addr + length, stride):
+                    if write and m.sched.quiet:
+                        # the stores that hit the TLB need no coroutine each
+                        # (fault.store_run); a miss takes the whole access path
+                        while a < end:
+                            a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                            if a < end:
+                                await fault.user_access(m, task, cpu, a, True, data)
+                                sh[a] = value
+                                if lazy:
+                                    lazy.pop(a, None)
+                                a += stride
+                        self.k._done()
+                        return 0
+                    for a in range(a, end, stride):
                         if write:
                             await fault.user_access(m, task, cpu, a, True, data)
                             sh[a] = value

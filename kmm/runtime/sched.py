@@ -154,7 +154,7 @@ class Scheduler:
             raise ValueError(f"scheduler mode must be one of {', '.join(MODES)}")
         if depth < 1 or n < 0 or bound < 0:
             raise ValueError("depth must be at least 1, n and bound at least 0")
-        self.mode = FREE if mode == FREE else mode
+        self.mode = MODES[MODES.index(mode)]  # the constant itself: compared with `is`
         self.seed = seed
         self.rng = random.Random(seed)
         self.replay = list(replay or ())
@@ -191,9 +191,26 @@ class Scheduler:
         return self.depth + 1 + self.rng.randrange(1 << 30)
 
     # A point at which nothing can switch and nothing is traced (free mode, no trace,
-    # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine.
+    # no hook) is only a clock tick: ``fast`` lets hot paths skip the coroutine
+    # (kmm.atomic.ticked). ``quiet``: nothing can switch and nothing is rendered (free
+    # mode, no hook, at most the digest): a point is a tick and the digest's fold,
+    # which ``tick(cost, event, **fields)`` makes without a coroutine either.
     def _set_fast(self) -> None:
-        self.fast = self.mode is FREE and self.trace is None and self._on_point is None
+        tr = self._trace
+        self.quiet = self.mode is FREE and self._on_point is None and (
+            tr is None or tr.cheap)
+        self.fast = self.quiet and tr is None
+
+    @property
+    def trace(self):
+        """The event trace (kmm.runtime.trace.Trace), or None: no digest at all."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        self._trace = trace
+        if hasattr(self, "mode"):
+            self._set_fast()
 
     @property
     def on_point(self) -> Callable[[], None] | None:
@@ -205,11 +222,15 @@ class Scheduler:
         self._on_point = hook
         self._set_fast()
 
-    def tick(self, cost: int) -> None:
-        """The whole of a point when ``fast``: same sequence and time as ``point``."""
-        self.seq += 1
-        self.now += cost
-        if self._sleepers and self._sleepers[0][0] <= self.now:
+    def tick(self, cost: int, event: str, **fields: Any) -> None:
+        """The whole of a point when ``quiet``: the same sequence, time and digest as
+        ``await point(event, cost, **fields)``."""
+        self.seq = seq = self.seq + 1
+        self.now = now = self.now + cost
+        tr = self._trace
+        if tr is not None:
+            tr.fold(seq, now, self.current.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= now:
             self._wake_sleepers()
 
     def ticked(self, cost: int) -> bool:
@@ -224,6 +245,21 @@ class Scheduler:
             return True
         return False
 
+    def step(self, event: str, cost: int = 1, **fields: Any) -> None:
+        """A recorded, non-preemptive point: the same sequence number, clock, trace
+        line and hook as ``point``, but no scheduling choice (for operations no other
+        actor can tell the order of: kmm.atomic.step, docs/points.md)."""
+        self.seq += 1
+        self.now += cost
+        cur = self.current
+        cur.last_op = event
+        if self.trace is not None:
+            self.trace.emit(self.seq, self.now, cur.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= self.now:
+            self._wake_sleepers()
+        if self._on_point is not None:
+            self._on_point()
+
     # ------------------------------------------------------------------ points
     async def point(self, event: str, cost: int = 1, **fields: Any) -> None:
         """One preemption point: record the event, then let the scheduler choose."""
@@ -231,8 +267,8 @@ class Scheduler:
         self.now += cost
         cur = self.current
         cur.last_op = event
-        if self.trace is not None:
-            self.trace.emit(self.seq, self.now, cur.name, event, fields)
+        if self._trace is not None:
+            self._trace.emit(self.seq, self.now, cur.name, event, fields)
         if self._sleepers and self._sleepers[0][0] <= self.now:
             self._wake_sleepers()
         if self._on_point is not None:
@@ -252,14 +288,28 @@ class Scheduler:
     def _choose(self) -> Actor:
         run = self._runnable
         cur = self.current
-        # where the choice is, in the current actor's own execution (CHESS's (thread,
-        # step)): stable when other actors' schedules change, which ddmin relies on
-        idx = f"{cur.name}:{cur.steps}:{cur.stops}"
         can_run_on = cur.state == RUNNABLE
         default = cur if can_run_on else run[0]
         mode = self.mode
         if can_run_on:
             self.opportunities += 1
+        if mode is RANDOM:
+            # random.Random.randrange(n)'s own draw (_randbelow_with_getrandbits),
+            # inline: the same stream of choices, two calls cheaper
+            n = len(run)
+            getrandbits = self.rng.getrandbits
+            k = n.bit_length()
+            r = getrandbits(k)
+            while r >= n:
+                r = getrandbits(k)
+            nxt = run[r]
+            if nxt is not default:
+                self._override(cur, nxt, can_run_on)
+            self.decisions.append(nxt.name)
+            return nxt
+        # where the choice is, in the current actor's own execution (CHESS's (thread,
+        # step)): stable when other actors' schedules change, which ddmin relies on
+        idx = f"{cur.name}:{cur.steps}:{cur.stops}"
         if mode == PREEMPT:
             nxt = default
             want = self._forced.get(idx)
@@ -271,8 +321,6 @@ class Scheduler:
             elif can_run_on and self.opportunities - 1 in self._plan:
                 others = [a for a in run if a is not cur]
                 nxt = others[self.rng.randrange(len(others))]
-        elif mode == RANDOM:
-            nxt = run[self.rng.randrange(len(run))]
         elif mode == PCT:
             nxt = max(run, key=_by_priority)
         elif mode == REPLAY:
@@ -291,11 +339,16 @@ class Scheduler:
         else:
             nxt = run[0]
         if nxt is not default:
-            self.overrides[idx] = nxt.name
-            if can_run_on:
-                self.preemptions += 1
+            self._override(cur, nxt, can_run_on, idx)
         self.decisions.append(nxt.name)
         return nxt
+
+    def _override(self, cur: Actor, nxt: Actor, can_run_on: bool, idx: str = "") -> None:
+        """A choice that differs from the non-preemptive default, kept by its
+        position in the current actor's own execution."""
+        self.overrides[idx or f"{cur.name}:{cur.steps}:{cur.stops}"] = nxt.name
+        if can_run_on:
+            self.preemptions += 1
 
     # --------------------------------------------------------------- switching
     async def _switch(self, cur: Actor, nxt: Actor) -> None:

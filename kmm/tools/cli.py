@@ -184,7 +184,8 @@ def cmd_bench(args) -> int:
         rep = bench.spawn_bench(args.program, repeat=args.repeat)
         print(json.dumps(rep, indent=1) if args.json else bench.format_spawn(rep))
         return 0
-    rep = bench.run_bench(pages=args.pages, thps=args.thps, repeat=args.repeat)
+    rep = bench.run_bench(pages=args.pages, thps=args.thps, repeat=args.repeat,
+                          schedules=max(args.schedules, 0))
     print(json.dumps(rep, indent=1) if args.json else bench.format_table(rep))
     return 0
 
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    b.add_argument("--schedules", type=int, default=200,
+                   help="explore schedules per race program for the schedules/s budget "
+                   "(default 200; 0 skips it)")
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
     b.add_argument("--spawn", action="store_true",
                    help="a program's throughput with CPUs in-process vs spawned, as a ratio")

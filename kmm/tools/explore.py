@@ -42,9 +42,11 @@ granularities:
   invariant a later operation would repair between two checks can be missed.
 - ``end``: once, after the run; the fastest.
 
-The trace of an explored run is never rendered: ``DigestTrace`` hashes a canonical
-``repr`` of each event's (seq, t, actor, event, fields), which holds only ints, strings
-and booleans, so the digest is the same in every process.
+The trace of an explored run is never rendered: kmm.runtime.trace.Trace folds each
+event into its digest as a compact record of integers (interned names), the digest
+``kmm run`` reports too, the same in every process and with or without a trace file.
+A schedule is run without any trace unless its digest is used (``--check-determinism``,
+the minimized run of a failure, replay): the schedule and its checks are the same.
 
 Failure file (JSON lines, ``format`` = ``kmm-failure/1``): the first line is the header::
 
@@ -65,18 +67,22 @@ of the minimized run, one JSON object per line (seq, t, actor, event and its fie
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import trio
+
 from kmm import testing
 from kmm.lockdep import LockdepSplat
+from kmm.runtime import remote
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace
 from kmm.tools import errors, interrupt, runner
@@ -102,44 +108,6 @@ class Violation(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-
-
-# ------------------------------------------------------------------------- trace
-class DigestTrace:
-    """A trace sink for exploration: a cheap digest, the last ``keep`` events, and
-    (optionally) the JSON lines of kmm.runtime.trace.Trace for a file."""
-
-    BATCH = 256
-
-    def __init__(self, keep: int = 0, sink=None) -> None:
-        self._h = hashlib.sha256()
-        self._buf: list = []
-        self.count = 0
-        self.last: deque | None = deque(maxlen=keep) if keep else None
-        self.json = Trace(sink) if sink is not None else None
-
-    def emit(self, seq: int, t: int, actor: str, event: str, fields: dict[str, Any]) -> None:
-        ev = (seq, t, actor, event, fields)
-        self._buf.append(ev)
-        self.count += 1
-        if len(self._buf) >= self.BATCH:
-            self._flush()
-        if self.last is not None:
-            self.last.append(ev)
-        if self.json is not None:
-            self.json.emit(seq, t, actor, event, fields)
-
-    def _flush(self) -> None:
-        self._h.update(repr(self._buf).encode())
-        self._buf = []
-
-    def digest(self) -> str:
-        self._flush()
-        return self._h.hexdigest()
-
-    def tail(self) -> list[dict[str, Any]]:
-        return [{"seq": s, "t": t, "actor": a, "event": e, **f}
-                for s, t, a, e, f in (self.last or ())]
 
 
 # ------------------------------------------------------------------------ config
@@ -195,14 +163,17 @@ def schedule_params(cfg: Config, i: int) -> tuple[str, int, dict[str, Any]]:
 
 # ---------------------------------------------------------------------- checking
 class Checker:
-    """The full invariant checker at the chosen granularity (module docstring)."""
+    """The invariant checker at the chosen granularity (module docstring)."""
 
     def __init__(self, m, k: Kernel, every: str) -> None:
         self.m, self.k, self.every = m, k, every
         self.actors = m.sched.actors
+        # one incremental checker for the run: the full checker's verdicts, re-checking
+        # only the tables and struct pages that changed since the last check
+        self.checker = testing.incremental_checker(m, k)
 
     def full(self) -> None:
-        errs = testing.invariant_errors(self.m, self.k)
+        errs = self.checker.errors()
         if errs:
             data = [e for e in errs if "written" in e or "MADV_FREE'd" in e]
             kind = "data" if len(data) == len(errs) else "invariant"
@@ -259,17 +230,40 @@ def lost_data(result: Any) -> str | None:
     return f"program result reports lost data: {bad}" if bad else None
 
 
+_programs: dict[str, tuple] = {}
+
+
+def _program(path: str) -> tuple[Any, dict]:
+    """The program module and its machine, loaded once per process and file version
+    (the explorer runs it thousands of times; a changed file is loaded again)."""
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    got = _programs.get(path)
+    if got is None or got[0] != key:
+        mod = runner.load_program(path)
+        got = _programs[path] = (key, mod, runner.program_machine(mod, path))
+    return got[1], got[2]
+
+
 def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
-                 keep: int = 0, sink=None) -> Outcome:
+                 keep: int = 0, sink=None, digest: bool = True) -> Outcome:
     """Run the program once under the given schedule, with every check; never raises
-    for a violation (it is in the Outcome)."""
-    mod = runner.load_program(cfg.program)
-    spec = runner.program_machine(mod, cfg.program)
+    for a violation (it is in the Outcome). ``digest=False``: no trace at all (the
+    schedule, the checks and the outcome are the same; ``Outcome.digest`` is empty)."""
+    return trio.run(functools.partial(run_schedule_async, cfg, mode, seed, params,
+                                      keep=keep, sink=sink, digest=digest))
+
+
+async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
+                             keep: int = 0, sink=None, digest: bool = True) -> Outcome:
+    """run_schedule inside a trio run already going (the explorer's loops run many
+    schedules in one: starting a trio run costs more than a short schedule)."""
+    mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
                                 swap=spec.get("swap", 0), cpus=cpus, seed=seed)
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
-    trace = DigestTrace(keep, sink)
+    trace = Trace(sink, keep) if digest or keep or sink is not None else None
     m.sched.trace = trace
     m.sched.configure(mode, seed, **params)
     k = Kernel(m)
@@ -286,7 +280,10 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         box["value"] = await mod.main(k)
 
     try:
-        runner.run_machine(m, driver)
+        try:
+            await m.run_async(driver)
+        finally:
+            remote.reap_all()  # no child of a spawned actor outlives the run
         out.result = box.get("value")
         chk.full()  # every granularity checks the final state
         lost = lost_data(out.result)
@@ -298,7 +295,7 @@ def run_schedule(cfg: Config, mode: str, seed: int, params: dict[str, Any], *,
         out.kind, out.message = classify(e, cfg.program)
         out.seq = m.sched.seq
     s = m.sched
-    out.digest = trace.digest()
+    out.digest = trace.digest() if trace is not None else ""
     out.decisions = list(s.decisions)
     out.overrides = dict(s.overrides)
     out.preemptions = s.preemptions
@@ -313,18 +310,25 @@ def measure(cfg: Config) -> int:
     """The ``n`` a mode needs, from a first run: pct the number of points of a random
     run of seed S; preempt the preemption opportunities of the non-preemptive run."""
     if cfg.mode == "pct":
-        return run_schedule(cfg, "random", cfg.seed, {}).points
+        return run_schedule(cfg, "random", cfg.seed, {}, digest=False).points
     if cfg.mode == "preempt":
-        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()}).opportunities
+        return run_schedule(cfg, "preempt", cfg.seed, {"plan": set()},
+                            digest=False).opportunities
     return 0
 
 
 def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
     """Schedule i, summarised for the explorer: (i, kind, message, seq)."""
+    return trio.run(run_one_async, cfg, i, determinism)
+
+
+async def run_one_async(cfg: Config, i: int, determinism: bool) -> tuple:
     mode, seed, params = schedule_params(cfg, i)
-    out = run_schedule(cfg, mode, seed, params)
+    # the digest only serves the determinism check here (a failure is re-run, with
+    # its digest, when minimized)
+    out = await run_schedule_async(cfg, mode, seed, params, digest=determinism)
     if determinism:
-        again = run_schedule(cfg, mode, seed, params)
+        again = await run_schedule_async(cfg, mode, seed, params)
         if again.digest != out.digest or again.kind != out.kind:
             return (i, "nondeterminism",
                     f"seed {seed}: trace digest {out.digest[:16]} then {again.digest[:16]}"
@@ -334,13 +338,15 @@ def run_one(cfg: Config, i: int, determinism: bool) -> tuple:
 
 def run_chunk(cfg: Config, lo: int, hi: int, determinism: bool, stop: bool) -> list[tuple]:
     """Schedules [lo, hi) in a worker; stops after the first violation if ``stop``."""
-    res = []
-    for i in range(lo, hi):
-        r = run_one(cfg, i, determinism)
-        res.append(r)
-        if stop and r[1] is not None:
-            break
-    return res
+    async def loop() -> list[tuple]:
+        res = []
+        for i in range(lo, hi):
+            r = await run_one_async(cfg, i, determinism)
+            res.append(r)
+            if stop and r[1] is not None:
+                break
+        return res
+    return trio.run(loop)
 
 
 # ----------------------------------------------------------------------- explore
@@ -407,12 +413,14 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         return min(fails) if fails else None
 
     if jobs <= 1:
-        for i in range(schedules):
-            r = run_one(cfg, i, determinism)
-            results[i] = r
-            prog.update(len(results), found())
-            if r[1] is not None and not all_:
-                break
+        async def loop() -> None:
+            for i in range(schedules):
+                r = await run_one_async(cfg, i, determinism)
+                results[i] = r
+                prog.update(len(results), found())
+                if r[1] is not None and not all_:
+                    break
+        trio.run(loop)
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -493,7 +501,8 @@ def minimize(cfg: Config, seed: int, fail: Outcome, budget: int = 300
     items = list(fail.overrides.items())  # in the order the run made them
 
     def run(sub: list) -> Outcome:
-        return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)})
+        return run_schedule(cfg, "preempt", seed, {"preemptions": dict(sub)},
+                            digest=False)
 
     def test(sub: list) -> bool:
         return run(sub).kind == fail.kind

@@ -3,12 +3,13 @@ do what their kernel counterparts do, and every call's result is plain msgpack d
 
 from __future__ import annotations
 
+from conftest import run as crun
+
 import dataclasses
 import inspect
 
 import msgpack
 
-from kmm import testing
 from kmm.daemon import VM_HUGEPAGE, DaemonContext, FolioView, PmdView
 
 MiB = 1 << 20
@@ -19,7 +20,7 @@ def run(fn, **kw):
     """``await fn(m, k, ctx)`` as the driver of a small machine, with a DaemonContext."""
     async def driver(m, k):
         return await fn(m, k, DaemonContext(m, "probe"))
-    return testing.run_machine(driver, memory=64 * MiB, **kw)[1]
+    return crun(driver, memory=64 * MiB, **kw)
 
 
 def ev(m, name):

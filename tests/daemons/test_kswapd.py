@@ -8,6 +8,8 @@ watermark, then naps HZ/10 and sleeps. Waiting is in emulated time only.
 
 from __future__ import annotations
 
+from conftest import run as crun
+
 from kmm import daemon, swapfile, testing, vmscan
 from kmm.daemons.kswapd import Kswapd
 from kmm.pgtable import PAGE_SIZE
@@ -24,7 +26,7 @@ def run(fn, *, memory=16 * MiB, swap=64 * MiB):
         m.swap_info = swapfile.swapon(m, swap)
         daemon.start_daemon(m, Kswapd())
         return await fn(m, k)
-    return testing.run_machine(driver, memory=memory, check=lambda m, k: None)[1]
+    return crun(driver, memory=memory, check=None)
 
 
 def ev(m, name):

@@ -16,18 +16,16 @@ sync-light without); only sync runs that fail defer the next ones.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
+from conftest import run as crun
 
-from kmm import compaction, gfp, page_alloc, swap, testing
+from kmm import compaction, gfp, page_alloc, swap, testing, vmscan
 from kmm.compaction import CompactResult
 from kmm.daemon import start_daemon
 from kmm.daemons.kcompactd import Kcompactd
 from kmm.machine import Machine, MachineConfig
 from kmm.mm_types import PG_lru
 from kmm.pgtable import HPAGE_PMD_NR, pmd_index, pmd_pfn, pmd_trans_huge
-from kmm.workload import Kernel
 from kmm.workloads import fragmented_defrag as fd
 
 MiB = 1 << 20
@@ -35,20 +33,10 @@ ARENA = 6  # pageblocks 1..6
 
 
 def run(fn, *, knobs=None, mode="free", seed=1):
-    """A 16 MiB, 2-CPU machine without a trace (the fast scheduler path); ``fn(m, k)``
-    is the driver; the invariants are checked at the end."""
-    m = Machine(MachineConfig(memory=16 * MiB, cpus=2, seed=seed), mode=mode)
-    for name, value in {"enabled": "always", **(knobs or {})}.items():
-        m.sysfs.write(name, value)
-    k = Kernel(m)
-    box = {}
-
-    async def driver():
-        box["v"] = await fn(m, k)
-        testing.check_invariants(m, k)
-
-    m.run(driver)
-    return m, box.get("v")
+    """A 16 MiB, 2-CPU machine (enabled=always); ``fn(m, k)`` is the driver; the
+    invariants are checked at the end."""
+    return crun(fn, memory=16 * MiB, cpus=2, seed=seed, mode=mode, check=None,
+                knobs={"enabled": "always", **(knobs or {})}, machine=True)
 
 
 async def fragment(m, k, unmovable):
@@ -108,16 +96,16 @@ FAULT_EVENTS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall",
 def spy_slow_path(monkeypatch, log):
     """Record the slow path's calls into reclaim and compaction (reclaim frees
     nothing: all memory is anonymous and there is no swap)."""
-    def wakeup_kswapd(m, order, gfp=None):
+    async def wakeup_kswapd(m, order, gfp=None):
         log.append(("wakeup_kswapd", order))
 
     async def try_to_free_pages(m, order, gfp):
         log.append(("try_to_free_pages", order))
         return 0
 
-    fake = SimpleNamespace(wakeup_kswapd=wakeup_kswapd, try_to_free_pages=try_to_free_pages,
-                           zone_reclaimable_pages=lambda m: 0)
-    monkeypatch.setattr(page_alloc, "_vmscan", lambda: fake)
+    monkeypatch.setattr(vmscan, "wakeup_kswapd", wakeup_kswapd)
+    monkeypatch.setattr(vmscan, "try_to_free_pages", try_to_free_pages)
+    monkeypatch.setattr(vmscan, "zone_reclaimable_pages", lambda m: 0)
     real = compaction.try_to_compact_pages
 
     async def try_to_compact_pages(m, order, gfp, alloc_flags, prio):
@@ -184,7 +172,6 @@ def test_order0_allocation_reclaims_then_retries(monkeypatch):
             held.append(pfn)
         assert m.zone.nr_free == m.zone.wmark["min"]
         spy_slow_path(monkeypatch, log)
-        vmscan = page_alloc._vmscan()
         reclaimable = [32]
 
         async def try_to_free_pages(m, order, gfp):
@@ -194,7 +181,7 @@ def test_order0_allocation_reclaims_then_retries(monkeypatch):
                 await swap.folio_put(m, m.physmem.page(pfn))
             del held[len(held) - n:]
             return n
-        vmscan.try_to_free_pages = try_to_free_pages
+        monkeypatch.setattr(vmscan, "try_to_free_pages", try_to_free_pages)
         assert await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "t") >= 0
         assert log == [("wakeup_kswapd", 0), ("wakeup_kswapd", 0), ("try_to_free_pages", 0)]
         while (pfn := await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "t")) >= 0:
@@ -334,7 +321,6 @@ def test_defrag_madvise_stalls_only_in_madvised_vmas():
 def hopeless_kswapd(m):
     """kswapd gave up (MAX_RECLAIM_RETRIES failed runs: only anonymous memory, no swap),
     so wakeup_kswapd hands a request that may not stall straight to kcompactd."""
-    from kmm import vmscan
     vmscan.NODE_DATA(m).kswapd_failures = page_alloc.MAX_RECLAIM_RETRIES
 
 

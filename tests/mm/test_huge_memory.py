@@ -8,7 +8,8 @@ the invariant checker runs after every operation and at the end of every driver.
 
 from __future__ import annotations
 
-from kmm import testing
+from conftest import run
+
 
 import pytest
 
@@ -26,9 +27,6 @@ MiB = 1 << 20
 NR = HPAGE_PMD_NR  # 512 subpages per PMD THP
 
 
-def run(fn, *, memory=1 << 30, cpus=1, knobs=None):
-    """Run ``fn(m, k)`` as the driver of a fresh machine; invariants after every op."""
-    return testing.run_machine(fn, memory=memory, cpus=cpus, knobs=knobs)[1]
 
 def pmd_at(m, mm, addr):
     """(PMD table pfn, PMD entry) mapping addr."""

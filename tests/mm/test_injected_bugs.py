@@ -18,7 +18,7 @@ WORKLOADS = pathlib.Path(__file__).resolve().parents[2] / "workloads"
 CASES = {
     "huge_fault_no_pmd_none_recheck": ("race_fault_fault.py", 1, InvariantError,
                                        "1 huge PMDs but 2 deposited tables"),
-    "huge_wp_no_pmd_same_recheck": ("race_cow_split.py", 1, InvariantError,
+    "huge_wp_no_pmd_same_recheck": ("race_cow_split.py", 10, InvariantError,
                                     "1 huge PMDs but 0 deposited tables"),
     "collapse_no_tlb_flush": ("race_fault_collapse.py", 1, InvariantError, "was written"),
     "collapse_mmap_read_lock": ("race_fault_collapse.py", 1, KernelBug,

@@ -9,14 +9,18 @@ tests/selftests/test_khugepaged.py, the race programs at the end of this file.
 
 from __future__ import annotations
 
+from conftest import run
+
 import io
 import json
 import pathlib
 
 import pytest
 
-from kmm import (atomic, daemon, errno_name, khugepaged, khugepaged_collapse, page_alloc, rmap,
-                 swap, sysfs, testing)
+from kmm import (
+    atomic, daemon, errno_name, khugepaged, khugepaged_collapse, page_alloc, rmap, swap, sysfs,
+    testing,
+)
 from kmm.khugepaged import ScanResult as R
 from kmm.mm_types import PG_anon_exclusive, PG_lru
 from kmm.pgtable import (
@@ -33,8 +37,6 @@ WORKLOADS = pathlib.Path(__file__).resolve().parents[2] / "workloads"
 MSEC = 1_000_000
 
 
-def run(fn, **kw):
-    return testing.run_machine(fn, **kw)[1]
 
 
 async def small_pages(k, size=2 * MiB, value=1, name="main", length=None, stride=PAGE_SIZE):

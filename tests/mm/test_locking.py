@@ -9,6 +9,10 @@ bounces and wait/hold times per class.
 
 from __future__ import annotations
 
+import functools
+
+from conftest import run as crun
+
 from kmm import testing
 
 import pytest
@@ -21,9 +25,8 @@ MiB = 1 << 20
 
 quiet_check = testing.check_between_ops
 
-def run(fn, *, mode="free", seed=1, cpus=2):
-    return testing.run_machine(fn, memory=64 * MiB, cpus=cpus, seed=seed, mode=mode,
-                               check=testing.check_between_ops)
+run = functools.partial(crun, memory=64 * MiB, cpus=2, check=testing.check_between_ops,
+                        machine=True)
 
 together = testing.together
 

@@ -9,7 +9,11 @@ __setup_per_zone_wmarks), checked against the host's /proc/sys/vm/min_free_kbyte
 
 from __future__ import annotations
 
-from kmm import swap, testing
+import functools
+
+from conftest import run as crun
+
+from kmm import swap
 
 from math import isqrt
 
@@ -26,8 +30,7 @@ GiB = 1 << 30
 MAX_BLOCK = 1 << MAX_PAGE_ORDER  # 1024 pages, 4 MiB
 
 
-def run(fn, *, memory=GiB, knobs=None):
-    return testing.run_machine(fn, memory=memory, knobs=knobs)
+run = functools.partial(crun, machine=True)
 
 async def alloc(m, order=0):
     return await page_alloc.alloc_pages(m, order, "GFP_HIGHUSER_MOVABLE", "anon")

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
-from kmm.testing import check_invariants
+from kmm.testing import agreeing_checks, check_invariants
 from kmm.tools.runner import run_scenario
 from kmm.tools.scenario import load_scenario
 
@@ -186,7 +186,8 @@ class ScenarioMachine(RuleBasedStateMachine):
             path = f"{d}/stateful.toml"
             with open(path, "w") as f:
                 f.write('description = "stateful"\n' + "".join(self.steps))
-            rep = run_scenario(load_scenario(path), check=check_invariants)
+            # the full and the incremental checkers, which must agree at every step
+            rep = run_scenario(load_scenario(path), check=agreeing_checks())
         text = "".join(self.steps)
         for i, (got, want) in enumerate(zip(rep["steps"], self.expect), 1):
             assert got == want, f"step {i}: {got} != {want}\n{text}"

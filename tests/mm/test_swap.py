@@ -11,6 +11,10 @@ invariant checker (swap counts against swap PTEs included) runs after every oper
 
 from __future__ import annotations
 
+import functools
+
+from conftest import run as crun
+
 
 from kmm import swapfile, testing
 from kmm.mm_types import PG_swapcache
@@ -25,9 +29,7 @@ KiB = 1 << 10
 NR = HPAGE_PMD_NR
 
 
-def run(fn, *, swap=64 * MiB, memory=1 << 30, knobs=None, check=testing.check_invariants):
-    """Run ``fn(m, k)`` on a fresh machine with a swap device of ``swap`` bytes."""
-    return testing.run_machine(fn, memory=memory, knobs=knobs, check=check, swap=swap)[1]
+run = functools.partial(crun, swap=64 * MiB)  # with a swap device of ``swap`` bytes
 
 
 def ev(m, name):

@@ -9,6 +9,10 @@ after every operation.
 
 from __future__ import annotations
 
+import functools
+
+from conftest import run as crun
+
 from kmm import swap, swapfile, testing, vmscan
 from kmm.memory import pmd_lookup
 from kmm.mm_types import PG_active, PG_dirty, PG_referenced, PG_swapbacked
@@ -23,8 +27,7 @@ KiB = 1 << 10
 NR = HPAGE_PMD_NR
 
 
-def run(fn, *, swap_size=64 * MiB, memory=1 << 30, knobs=None):
-    return testing.run_machine(fn, memory=memory, knobs=knobs, swap=swap_size)[1]
+run = functools.partial(crun, swap=64 * MiB)
 
 
 def ev(m, name):
@@ -240,7 +243,7 @@ def test_without_swap_reclaim_scans_no_anon_but_runs_the_shrinkers():
         assert ev(m, "thp_split_page") == 1 and m.zone.nr_free >= free + 256
         assert nr == 0  # shrinkers' frees are not LRU pages reclaimed
         assert smaps_range(m, p.task.mm, a, a + 4 * MiB) == (3072, 2048)
-    run(fn, swap_size=0)
+    run(fn, swap=0)
 
 
 class FakeShrinker:

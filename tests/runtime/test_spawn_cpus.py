@@ -106,7 +106,9 @@ def test_trace_file_byte_identical(tmp_path):
     for spawn in ((), {"cpus"}):
         out = tmp_path / f"trace{len(files)}.jsonl"
         with open(out, "w") as f:
-            run_program(path, cpus=2, seed=2, mode="random", trace_file=f, spawn=spawn)
+            # seed 8: a schedule where the fork and the faults race into a split (a
+            # long trace); which seeds do depends on the scheduler's choice points
+            run_program(path, cpus=2, seed=8, mode="random", trace_file=f, spawn=spawn)
         files.append(out.read_bytes())
     assert files[0] == files[1] and files[0].count(b"\n") > 1000
 

@@ -59,9 +59,20 @@ def test_startup_shape():
 @linux_only
 def test_run_bench_table_and_json(capsys):
     assert cli.main(["bench", "--pages", "4", "--thps", "2", "--repeat", "1",
-                     "--json"]) == 0
+                     "--schedules", "2", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert set(rep) >= {"config", "faults", "startup", "host_thp_confirmed"}
+    assert set(rep) >= {"config", "faults", "startup", "host_thp_confirmed", "stores",
+                        "explore"}
+    # the issue-15 budgets: stores to mapped THP pages, explore schedules/s per core
+    st = rep["stores"]
+    assert st["emulated"]["stores"] == st["host"]["stores"] == 2 * 512
+    assert st["emulated"]["points"] == 2 * 512  # one point per store
+    assert st["ratio"] > 0 and isinstance(st["met"], bool)
+    assert [r["program"] for r in rep["explore"]] == [
+        "race_fault_fault.py", "race_fault_collapse.py", "race_reclaim_split.py"]
+    for r in rep["explore"]:
+        assert r["schedules"] == 2 and not r["violations"]
+        assert r["per_s"] > 0 and r["points_per_schedule"] > 50
     for kind, n in (("4k", 4), ("thp", 2)):
         f = rep["faults"][kind]
         assert f["faults"] == n
@@ -72,5 +83,7 @@ def test_run_bench_table_and_json(capsys):
     assert rep["faults"]["thp"]["emulated_traced"]["thp_fault_alloc"] == 2
     assert rep["faults"]["4k"]["emulated"]["pgfault"] == 4
     table = bench.format_table(rep)
-    for word in ("4K", "THP", "ratio", "start-up", "physmem.pages", "target"):
+    for word in ("4K", "THP", "ratio", "start-up", "physmem.pages", "target", "budgets",
+                 "store to a mapped THP 4K page", "explore race_fault_fault.py",
+                 "per schedule"):
         assert word in table

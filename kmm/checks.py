@@ -1,0 +1,559 @@
+"""The invariant checks behind kmm.testing, each registered with the state it reads.
+
+Emulator-only (the kernel's twin is CONFIG_DEBUG_VM's VM_BUG_ONs, spread over mm/).
+A check is a function ``fn(ctx) -> list[str]`` registered with ``@check(name, *deps)``;
+``deps`` name the state it reads, each with a fingerprint below (``FINGERPRINTS``). The
+:class:`Checker` runs every check in registration order:
+
+- in full mode (``incremental=False``, what ``kmm.testing.invariant_errors`` does), every
+  check runs over everything;
+- in incremental mode (one Checker kept for a whole run, as ``kmm explore`` does), a
+  check runs again only if the fingerprint of one of its deps changed since its last
+  run, and otherwise its last errors stand. A dep without a fingerprint (or the dep
+  ``"always"``) makes the check run every time: a new check is exact by default.
+
+The mapping check (page tables against struct pages, the costly one) is incremental
+inside: the Checker finds the page-table pages whose entries changed and the struct
+pages whose fields changed since the last check (``ctx.dirty_tables``,
+``ctx.dirty_pages``: snapshots compared in C, so no write can be missed), re-reads only
+those tables' leaves and re-checks only the pages and folios they touch. The two modes
+run the same code on the same inputs and list the same errors in the same order
+(tests/test_checker.py runs both at every check of several race programs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
+from typing import Any, Callable
+
+from kmm import checks_data, swap, swapfile
+from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
+from kmm.pgtable import (
+    HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
+    is_pmd_migration_entry, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
+    pte_special, table_pfn,
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    fn: Callable[["Checker"], list[str]]
+    deps: tuple[str, ...]
+
+
+CHECKS: list[Check] = []
+
+
+def check(name: str, *deps: str):
+    """Register ``fn(ctx) -> list[str]`` as an invariant check reading ``deps``."""
+    def register(fn):
+        CHECKS[:] = [c for c in CHECKS if c.name != name]
+        CHECKS.append(Check(name, fn, deps or ("always",)))
+        return fn
+    return register
+
+
+# --------------------------------------------------------------- fingerprints
+def _fp_zone(m, k) -> Any:
+    z = m.zone
+    return (z.untouched, z.untouched_end, z.nr_free,
+            tuple(tuple(a) for a in z.free_area), tuple(z.free_order.items()))
+
+
+def _fp_lru(m, k) -> Any:
+    lv = m.lruvec
+    return (tuple(tuple(lst) for lst in lv.lists.values()), tuple(lv.nr_pages.values()))
+
+
+def _fp_mms(m, k) -> Any:
+    return tuple((t.name, t.alive, t.mm.pgd, t.mm.nr_ptes, t.mm.pgtables_bytes,
+                  t.mm.rss_anon, t.mm.swapents,
+                  tuple((v.start, v.end, v.flags) for v in t.mm.vmas))
+                 for t in m.tasks.values())
+
+
+FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
+    "zone": _fp_zone,
+    "lru": _fp_lru,
+    "mms": _fp_mms,
+    "queue": lambda m, k: tuple(m.deferred_split_queue),
+    "pins": lambda m, k: tuple(m.split_scan_pins.items()),
+    # "tables" and "pages" are the Checker's own generation counters
+}
+
+# the struct page fields any check reads (pt_deposit, a list, is read from the table
+# pages themselves at every check)
+_PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
+                          "entire_mapcount", "large_mapcount", "nr_pages_mapped",
+                          "page_type", "on_deferred_list", "swap", "index", "anon_vma",
+                          "mm", "pt_level")
+
+
+class Checker:
+    """Runs the registered checks on one machine (and its Kernel, for the data check)."""
+
+    def __init__(self, m, k=None, incremental: bool = True) -> None:
+        self.m, self.k = m, k
+        self.incremental = incremental
+        self._tables: dict[int, list[int]] = {}
+        self._pages: dict[int, tuple] = {}
+        self._gen = {"tables": 0, "pages": 0}
+        self._seen: dict[str, tuple] = {}    # check name -> dep fingerprints at its run
+        self._errs: dict[str, list[str]] = {}
+        self.state: dict[str, Any] = {}      # a check's own memory between runs
+        self.first = True
+        self.dirty_tables: set[int] = set()
+        self.dirty_pages: set[int] = set()
+        self.runs: Counter = Counter()       # check name -> times it ran (for tests)
+
+    # ------------------------------------------------------------- changes
+    def _diff(self) -> None:
+        """The tables and struct pages that changed since the last check."""
+        pm = self.m.physmem
+        old_t = self._tables
+        now_t = pm.tables
+        dt = {t for t, e in now_t.items() if old_t.get(t) != e}
+        dt.update(old_t.keys() - now_t.keys())
+        if dt or self.first:
+            self._tables = {t: e.copy() for t, e in now_t.items()}
+            self._gen["tables"] += 1
+        old_p = self._pages
+        now_p = dict(zip(pm.pages.keys(), map(_PAGE_FIELDS, pm.pages.values())))
+        if now_p != old_p or self.first:
+            dp = {p for p, _ in now_p.items() - old_p.items()}
+            dp.update(old_p.keys() - now_p.keys())
+            self._pages = now_p
+            self._gen["pages"] += 1
+        else:
+            dp = set()
+        self.dirty_tables, self.dirty_pages = dt, dp
+
+    def _fingerprint(self, dep: str, fps: dict) -> Any:
+        got = fps.get(dep)
+        if got is None:
+            fp = FINGERPRINTS.get(dep)
+            # an unknown dep (or "always"): a new object, never equal to the last one
+            got = fps[dep] = object() if fp is None else fp(self.m, self.k)
+        return got
+
+    def errors(self) -> list[str]:
+        """Every breached invariant, check by check (registration order)."""
+        if not self.incremental:
+            self.__init__(self.m, self.k, incremental=False)
+        self._diff()
+        out: list[str] = []
+        fps: dict[str, Any] = dict(self._gen)  # each dep's fingerprint, once per call
+        fingerprint = self._fingerprint
+        for c in CHECKS:
+            seen = [fingerprint(d, fps) for d in c.deps]
+            if self.first or self._seen.get(c.name) != seen or c.name not in self._errs:
+                self._errs[c.name] = c.fn(self)
+                self._seen[c.name] = seen
+                self.runs[c.name] += 1
+            out.extend(self._errs[c.name])
+        self.first = False
+        return out
+
+
+# ------------------------------------------------------------ the mapping check
+def _leaf_tables(m, task) -> tuple[list[tuple[str, int]], list[tuple[int, int]],
+                                   list[tuple[int, int]]]:
+    """(every table of the mm as (level, pfn), its PMD tables and its PTE tables as
+    (pfn, base address)), in address order; the empty slots are skipped in C."""
+    tables = m.physmem.tables
+    mm = task.mm
+    every = [("pgd", mm.pgd)]
+    pmds: list[tuple[int, int]] = []
+    ptes: list[tuple[int, int]] = []
+    pgd = tables[mm.pgd]
+    for i in compress(range(len(pgd)), pgd):
+        pud_pfn = table_pfn(pgd[i])
+        every.append(("pud", pud_pfn))
+        pud = tables[pud_pfn]
+        for j in compress(range(len(pud)), pud):
+            pmd_pfn_ = table_pfn(pud[j])
+            base_u = i * PGDIR_SIZE + j * PUD_SIZE
+            every.append(("pmd", pmd_pfn_))
+            pmds.append((pmd_pfn_, base_u))
+            pmd = tables[pmd_pfn_]
+            for n in compress(range(len(pmd)), pmd):
+                e = pmd[n]
+                if pmd_present(e) and not pmd_trans_huge(e):
+                    every.append(("pte", table_pfn(e)))
+                    ptes.append((table_pfn(e), base_u + n * PMD_SIZE))
+    return every, pmds, ptes
+
+
+def _pte_summary(m, name: str, t: int, base: int
+                 ) -> tuple[Counter, int, list[str], list[tuple[int, int]]]:
+    """A PTE table's leaves: PTE mappings per pfn, Rss pages, errors, and its swap
+    PTEs as (address, entry)."""
+    tbl = m.physmem.tables[t]
+    maps: Counter = Counter()
+    rss = 0
+    errs = []
+    swaps = []
+    for n in compress(range(len(tbl)), tbl):
+        e = tbl[n]
+        if pte_present(e):
+            if not pte_special(e):
+                maps[pte_pfn(e)] += 1
+                rss += 1
+            elif pte_pfn(e) != m.zero_pfn:
+                errs.append(f"{name}: special PTE at {base + n * PAGE_SIZE:#x} is not the "
+                            "zero page")
+        elif is_migration_entry(e):
+            rss += 1
+        elif swapfile.is_swap_entry(m, e):
+            swaps.append((base + n * PAGE_SIZE, e))  # MM_SWAPENTS, slots: swap_errors
+        else:
+            errs.append(f"{name}: unknown non-present PTE {e:#x} at "
+                        f"{base + n * PAGE_SIZE:#x}")
+    return maps, rss, errs, swaps
+
+
+def _pmd_summary(m, t: int, base: int) -> tuple[Counter, int, list[tuple[int, int]]]:
+    """A PMD table's huge leaves: PMD mappings per head pfn, Rss pages, and its
+    non-present PMDs that are not migration entries, as (address, entry)."""
+    tbl = m.physmem.tables[t]
+    maps: Counter = Counter()
+    rss = 0
+    bad = []
+    for n in compress(range(len(tbl)), tbl):
+        e = tbl[n]
+        if pmd_trans_huge(e) or not pmd_present(e):
+            if not pmd_present(e) and not is_pmd_migration_entry(e):
+                bad.append((base + n * PMD_SIZE, e))
+            if pmd_present(e):
+                pfn = pmd_pfn(e)
+                if m.is_huge_zero_pfn(pfn):
+                    continue
+                maps[pfn] += 1
+            rss += HPAGE_PMD_NR
+    return maps, rss, bad
+
+
+def _head_of(pm, pfn: int) -> int:
+    """page_folio(pfn)'s pfn, without creating a struct page (physmem.page's rule)."""
+    p = pm.pages.get(pfn)
+    if p is not None:
+        return p.head
+    for order in range(1, 11):
+        h = pfn & ~((1 << order) - 1)
+        hp = pm.pages.get(h)
+        if hp is not None and hp.head == h and hp.order >= order:
+            return h
+    return pfn
+
+
+class _MapState:
+    def __init__(self) -> None:
+        self.sums: dict[int, tuple] = {}  # leaf table -> (key, maps, rss, errs, extra)
+        self.leaves: dict[str, tuple] = {}  # live task -> (PMD tables, PTE tables)
+        self.walks: dict[str, tuple] = {}   # task -> (pgd, _leaf_tables), last walked
+        self.tabchk: dict[int, tuple] = {}  # table -> ((level, task), its own errors)
+        self.pte_maps: Counter = Counter()   # pfn -> PTE mappings
+        self.pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
+        self.folios: Counter = Counter()     # head pfn -> all mappings
+        self.used: dict[int, tuple[int, int]] = {}  # pte-mapped pfn -> (head, n) counted
+        self.pte_err: dict[int, list[str]] = {}
+        self.pmd_err: dict[int, list[str]] = {}
+        self.folio_err: dict[int, list[str]] = {}
+        self.stray_err: dict[int, list[str]] = {}
+        self.zone: tuple[int, int] | None = None   # the buddy's untouched range
+        self.free: dict[int, int] = {}              # and its free blocks, at the last check
+        self.pins: dict[int, int] = {}
+
+
+def _apply(st: _MapState, t: int, new: tuple | None, touched_pte: set, touched_pmd: set
+           ) -> None:
+    """Replace leaf table t's contribution to the mapping counts."""
+    old = st.sums.pop(t, None)
+    for s, sign in ((old, -1), (new, 1)):
+        if s is None:
+            continue
+        key, maps = s[0], s[1]
+        agg, touched = (st.pmd_maps, touched_pmd) if key[0] == "pmd" else (st.pte_maps,
+                                                                            touched_pte)
+        for pfn, n in maps.items():
+            agg[pfn] += sign * n
+            if not agg[pfn]:
+                del agg[pfn]
+            touched.add(pfn)
+    if new is not None:
+        st.sums[t] = new
+
+
+@check("mappings", "always")
+def mapping_errors(ctx: Checker) -> list[str]:
+    """Page tables against struct pages: every table a live table page; deposits; mm
+    counters; every mapping counted in the struct pages it maps, and nothing else."""
+    m = ctx.m
+    pm, zone = m.physmem, m.zone
+    st: _MapState = ctx.state.get("mappings") or ctx.state.setdefault("mappings",
+                                                                       _MapState())
+    st.leaves = {}
+    dt = ctx.dirty_tables
+    errs: list[str] = []
+    touched_pte: set[int] = set()
+    touched_pmd: set[int] = set()
+    live: set[int] = set()
+    # "mapped but free" may change for the mapped pfns of a block that became free or
+    # stopped being free (the buddy's free blocks, and its untouched tail)
+    free = zone.free_order
+    ranges = [(p, p + (1 << o)) for p, o in free.items() ^ st.free.items()]
+    if st.zone is None:
+        ranges.append((0, pm.nr_pages))
+    elif st.zone != (zone.untouched, zone.untouched_end):
+        for a, b in zip(st.zone, (zone.untouched, zone.untouched_end)):
+            ranges.append((min(a, b), max(a, b)))
+    if ranges:
+        st.free = dict(free)
+        st.zone = (zone.untouched, zone.untouched_end)
+    dp = ctx.dirty_pages
+    tabchk = st.tabchk
+    for task in m.tasks.values():
+        mm = task.mm
+        if not task.alive or mm.pgd < 0:
+            continue
+        name = task.name
+        walked = st.walks.get(name)
+        if (walked is None or walked[0] != mm.pgd
+                or any(t in dt for lvl, t in walked[1] if lvl != "pte")):
+            walked = st.walks[name] = (mm.pgd, *_leaf_tables(m, task))
+        _, every, pmds, ptes = walked
+        st.leaves[name] = (pmds, ptes)
+        deposited = 0
+        nr_pte_tables = 0
+        for lvl, t in every:
+            nr_pte_tables += lvl == "pte"
+            pg = pm.pages.get(t)
+            # a table page's own checks, kept while its struct page and the free
+            # blocks around it stay as they were
+            got = tabchk.get(t)
+            if (got is None or got[0] != (lvl, name) or t in dp
+                    or any(lo <= t < hi for lo, hi in ranges)):
+                e = []
+                if zone.is_free(t):
+                    e.append(f"{name}: {lvl} table {t:#x} is on a free list")
+                if pg is None or pg.page_type != "table":
+                    e.append(f"{name}: {lvl} table {t:#x} is not a page-table page")
+                got = tabchk[t] = ((lvl, name), e)
+            errs.extend(got[1])
+            if lvl == "pmd":
+                tbl = pm.tables[t]
+                huge = sum(1 for e in compress(tbl, tbl)
+                           if pmd_trans_huge(e) or is_pmd_migration_entry(e))
+                dep = len(pg.pt_deposit or ()) if pg else 0
+                deposited += dep
+                if dep != huge:
+                    errs.append(f"{name}: PMD table {t:#x} has {huge} huge PMDs but "
+                                f"{dep} deposited tables")
+                for d in (pg.pt_deposit or ()) if pg else ():
+                    if zone.is_free(d) or any(pm.tables.get(d, [1])):
+                        errs.append(f"{name}: deposited table {d:#x} free or not empty")
+        if mm.nr_ptes != nr_pte_tables + deposited:
+            errs.append(f"{name}: nr_ptes {mm.nr_ptes} != {nr_pte_tables} PTE tables "
+                        f"+ {deposited} deposited")
+        if mm.pgtables_bytes != (len(every) + deposited) * PAGE_SIZE:
+            errs.append(f"{name}: pgtables_bytes {mm.pgtables_bytes} != "
+                        f"{len(every) + deposited} table pages")
+        rss = 0
+        hz = m.huge_zero_pfn
+        for lvl, lst in (("pmd", pmds), ("pte", ptes)):
+            for t, base in lst:
+                key = (lvl, name, base, hz if lvl == "pmd" else 0)
+                s = st.sums.get(t)
+                if s is None or s[0] != key or t in dt:
+                    if lvl == "pmd":
+                        maps, r, bad = _pmd_summary(m, t, base)
+                        s = (key, maps, r, [], bad)
+                    else:
+                        s = (key, *_pte_summary(m, name, t, base))
+                    _apply(st, t, s, touched_pte, touched_pmd)
+                live.add(t)
+                rss += s[2]
+        for t, base in ptes:
+            errs.extend(st.sums[t][3])
+        if rss != mm.rss_anon:
+            errs.append(f"{name}: MM_ANONPAGES {mm.rss_anon} != {rss} mapped pages")
+        for vma in mm.vmas:
+            if vma.start >= vma.end or vma.start & (PAGE_SIZE - 1):
+                errs.append(f"{name}: bad VMA {vma!r}")
+    for t in [t for t in st.sums if t not in live]:
+        _apply(st, t, None, touched_pte, touched_pmd)
+
+    # which pfns and folios to look at again
+    for lo, hi in ranges:
+        for maps, touched in ((st.pte_maps, touched_pte), (st.pmd_maps, touched_pmd)):
+            if hi - lo < len(maps):
+                touched.update(p for p in range(lo, hi) if p in maps)
+            else:
+                touched.update(p for p in maps if lo <= p < hi)
+    touched_pte.update(p for p in dp if p in st.pte_maps)
+    touched_pte.update(p for p in st.pte_maps if p not in pm.pages)  # no struct page
+    touched_pmd.update(p for p in dp if p in st.pmd_maps)
+    heads: set[int] = set()
+    for p in touched_pte:
+        n = st.pte_maps.get(p, 0)
+        old = st.used.pop(p, None)
+        if old is not None:
+            st.folios[old[0]] -= old[1]
+            heads.add(old[0])
+        if not n:
+            st.pte_err.pop(p, None)
+            continue
+        page = pm.pages.get(p)
+        e = []
+        if page is None or page.mapcount != n:
+            e.append(f"pfn {p:#x}: mapcount {page.mapcount if page else None} != "
+                     f"{n} PTE mappings")
+        if zone.is_free(p):
+            e.append(f"pfn {p:#x}: mapped but free")
+        st.pte_err[p] = e
+        h = _head_of(pm, p)
+        st.used[p] = (h, n)
+        st.folios[h] += n
+        heads.add(h)
+    for h in touched_pmd:
+        old = st.pmd_err.pop(h, None)
+        n = st.pmd_maps.get(h, 0)
+        if old is not None:
+            heads.add(h)
+        if not n:
+            continue
+        folio = pm.pages.get(h)
+        e = []
+        if folio is None or folio.entire_mapcount != n:
+            e.append(f"folio {h:#x}: entire mapcount "
+                     f"{folio.entire_mapcount if folio else None} != {n} PMD mappings")
+        if zone.is_free(h):
+            e.append(f"folio {h:#x}: PMD-mapped but free")
+        st.pmd_err[h] = e
+        heads.add(h)
+    for p in dp:
+        page = pm.pages.get(p)
+        heads.add(p)
+        if page is not None:
+            heads.add(page.head)
+    pins = m.split_scan_pins
+    heads.update(h for h in pins.keys() | st.pins.keys() if pins.get(h) != st.pins.get(h))
+    st.pins = dict(pins)
+    for h in heads:
+        n = st.folios.get(h, 0) + st.pmd_maps.get(h, 0)
+        if not n:
+            st.folio_err.pop(h, None)
+            if h in st.folios and not st.folios[h]:
+                del st.folios[h]
+            continue
+        st.folio_err[h] = _folio_errors(m, h, n)
+    # nothing else may hold a mapcount
+    for p in dp | touched_pte | touched_pmd:
+        page = pm.pages.get(p)
+        e = []
+        if page is not None:
+            if page.mapcount and p not in st.pte_maps:
+                e.append(f"pfn {p:#x}: mapcount {page.mapcount} but not mapped")
+            if page.entire_mapcount and p not in st.pmd_maps:
+                e.append(f"folio {p:#x}: entire mapcount {page.entire_mapcount} but "
+                         f"not PMD-mapped")
+        if e:
+            st.stray_err[p] = e
+        else:
+            st.stray_err.pop(p, None)
+    for part in (st.pte_err, st.pmd_err, st.folio_err, st.stray_err):
+        for p in sorted(part):
+            errs.extend(part[p])
+    return errs
+
+
+def _folio_errors(m, head: int, n: int) -> list[str]:
+    """A mapped folio: its mapcounts, references and LRU membership against the n
+    mappings found."""
+    pm = m.physmem
+    folio = pm.pages.get(head)
+    if folio is None:
+        return [f"folio {head:#x}: mapped but has no struct page"]
+    errs = []
+    total = folio.large_mapcount if folio.order else folio.mapcount
+    if total != n:
+        errs.append(f"folio {head:#x}: mapcount {total} != {n} mappings")
+    # an isolated folio (compaction, reclaim) holds the isolation reference too
+    isolated = 1 if folio.flags & PG_isolated else 0
+    cache = folio.nr_pages if folio.flags & PG_swapcache else 0  # swap cache refs
+    # a deferred split scan in progress holds a reference on each folio of its batch
+    isolated += m.split_scan_pins.get(head, 0)
+    if folio.refcount != n + isolated + cache:
+        errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
+                    + (" + 1 isolation" if isolated else "")
+                    + (f" + {cache} swap cache" if cache else ""))
+    if folio.order:
+        pages = pm.pages
+        end = head + folio.nr_pages
+        if len(pages) < folio.nr_pages:  # fewer struct pages than subpages: scan those
+            mapped = sum(1 for p, pg in pages.items() if head <= p < end and pg.mapcount)
+        else:
+            mapped = sum(1 for p in range(head, end)
+                         if pages.get(p) is not None and pages[p].mapcount)
+        if mapped != folio.nr_pages_mapped:
+            errs.append(f"folio {head:#x}: nr_pages_mapped {folio.nr_pages_mapped} "
+                        f"!= {mapped}")
+    if not folio.flags & (PG_lru | PG_isolated):
+        errs.append(f"folio {head:#x}: mapped but on no LRU list")
+    return errs
+
+
+# ------------------------------------------------------------ the other checks
+@check("deferred_split_queue", "queue", "pages", "zone")
+def deferred_split_queue_errors(ctx: Checker) -> list[str]:
+    m = ctx.m
+    errs = []
+    for pfn in m.deferred_split_queue:
+        f = m.physmem.pages.get(pfn)
+        if f is None or not f.on_deferred_list or not f.order or m.zone.is_free(pfn):
+            errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
+    return errs
+
+
+@check("buddy", "zone", "pages")
+def buddy_errors(ctx: Checker) -> list[str]:
+    return ctx.m.zone.check()
+
+
+@check("lru", "lru", "pages")
+def lru_errors(ctx: Checker) -> list[str]:
+    return swap.lru_check(ctx.m)
+
+
+@check("swap", "always")
+def swap_errors(ctx: Checker) -> list[str]:
+    """swapfile.check; without a swap device, its walk's part from the mapping
+    check's leaf summaries (no swap PTE may exist then, and no non-present PMD but a
+    migration entry), in the walk's address order."""
+    m = ctx.m
+    st = ctx.state.get("mappings")
+    if m.swap_info is not None or st is None:
+        return swapfile.check(m)
+    errs = []
+    for task in m.tasks.values():
+        if task.name not in st.leaves or not task.alive or task.mm.pgd < 0:
+            continue
+        pmds, ptes = st.leaves[task.name]
+        found = [(a, 0, e) for t, _ in pmds for a, e in st.sums[t][4]]
+        swaps = [(a, 1, e) for t, _ in ptes for a, e in st.sums[t][4]]
+        for a, kind, e in sorted(found + swaps):
+            errs.append(f"{task.name}: non-present PMD {e:#x} at {a:#x} is not a "
+                        "migration entry (swap is never mapped at PMD level)" if kind == 0
+                        else f"{task.name}: swap PTE {e:#x} at {a:#x} names no slot")
+        if len(swaps) != task.mm.swapents:
+            errs.append(f"{task.name}: MM_SWAPENTS {task.mm.swapents} != {len(swaps)} "
+                        "swap PTEs")
+    return errs
+
+
+# the data check (and kmm.testing's read_mapped_byte) live in kmm/checks_data.py
+check("data", "always")(checks_data.data_errors)

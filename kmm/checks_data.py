@@ -1,0 +1,140 @@
+"""The data check of kmm.checks: every byte a workload wrote reads back.
+
+Emulator-only. ``read_mapped_byte`` reads a byte through a process's page tables
+without faulting (kmm.testing exports it); ``data_errors`` is the check (kmm.checks
+registers it, ``ctx`` its Checker),
+which keeps each written address's place in the tables until a table on its path
+changes (the byte itself is read again at every check).
+"""
+
+from __future__ import annotations
+
+from kmm import swapfile
+from kmm.memory import pmd_lookup
+from kmm.pgtable import (
+    is_migration_entry, is_pmd_migration_entry, migration_entry_pfn, pgd_index, pmd_index,
+    pmd_pfn, pmd_trans_huge, pte_index, pte_pfn, pud_index, table_pfn,
+)
+
+
+def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
+    """Where kmm.testing.read_mapped_byte reads addr: (the tables on the path, the pfn),
+    the pfn -1 when unmapped and -2 when a swap entry (read through the swap device,
+    never cached)."""
+    tables = m.physmem.tables
+    pgd = mm.pgd
+    e = tables[pgd][pgd_index(addr)]
+    if not e:
+        return (pgd,), -1
+    pud = table_pfn(e)
+    e = tables[pud][pud_index(addr)]
+    if not e:
+        return (pgd, pud), -1
+    pmd = table_pfn(e)
+    e = tables[pmd][pmd_index(addr)]
+    if not e:
+        return (pgd, pud, pmd), -1
+    sub = (addr >> 12) & 511
+    if pmd_trans_huge(e):
+        return (pgd, pud, pmd), pmd_pfn(e) + sub
+    if is_pmd_migration_entry(e):
+        return (pgd, pud, pmd), migration_entry_pfn(e) + sub
+    pte = table_pfn(e)
+    p = tables[pte][pte_index(addr)]
+    path = (pgd, pud, pmd, pte)
+    if not p:
+        return path, -1
+    if swapfile.is_swap_entry(m, p):
+        return path, -2
+    return path, migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
+
+
+def data_errors(ctx) -> list[str]:
+    """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
+    _data_errors, with each address's place in the page tables kept until a table on
+    its path changes (the byte itself is read again every time)."""
+    m, k = ctx.m, ctx.k
+    if k is None:
+        return []
+    where: dict = ctx.state.setdefault("data", {})
+    dt = ctx.dirty_tables
+    data = m.physmem.data
+    errs = []
+
+    def read(task, addr: int) -> int | None:
+        key = (task.name, task.mm.pgd, addr)
+        got = where.get(key)
+        if got is None or any(t in dt for t in got[0]):
+            got = where[key] = _resolve(m, task.mm, addr)
+        pfn = got[1]
+        if pfn == -1:
+            return None
+        if pfn == -2:
+            return read_mapped_byte(m, task.mm, addr)
+        frame = data.get(pfn)
+        return 0 if frame is None else frame[addr & 4095]
+
+    for name, shadow in k.shadow.items():
+        task = m.tasks.get(name)
+        if task is None or not task.alive:
+            continue
+        for addr, want in shadow.items():
+            got = read(task, addr)
+            if got is not None and got != want:
+                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
+            if got is None and want != 0:
+                vma = task.mm.vma_lookup(addr)
+                if vma is not None:
+                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
+        for addr, want in k.lazy.get(name, {}).items():
+            got = read(task, addr)
+            if got not in (None, 0, want):
+                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
+                            f"was written {want}")
+    return errs
+
+
+def read_mapped_byte(m, mm, addr: int) -> int | None:
+    """The byte at addr through mm's page tables, without faulting (None if unmapped)."""
+    t = pmd_lookup(m, mm, addr)
+    if t < 0:
+        return None
+    e = m.physmem.tables[t][pmd_index(addr)]
+    if not e:
+        return None
+    if pmd_trans_huge(e):
+        pfn = pmd_pfn(e) + ((addr >> 12) & 511)
+    elif is_pmd_migration_entry(e):
+        pfn = migration_entry_pfn(e) + ((addr >> 12) & 511)
+    else:
+        p = m.physmem.tables[table_pfn(e)][pte_index(addr)]
+        if not p:
+            return None
+        if swapfile.is_swap_entry(m, p):
+            return swapfile.read_swapped_byte(m, p, addr & 4095)
+        pfn = migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
+    return m.physmem.read(pfn, addr & 4095, 1)[0]
+
+
+def _data_errors(m, k) -> list[str]:
+    """Every written byte read back through the tables (the reference data_errors keeps
+    in step with)."""
+    errs = []
+    for name, shadow in k.shadow.items():
+        task = m.tasks.get(name)
+        if task is None or not task.alive:
+            continue
+        for addr, want in shadow.items():
+            got = read_mapped_byte(m, task.mm, addr)
+            if got is not None and got != want:
+                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
+            if got is None and want != 0:
+                vma = task.mm.vma_lookup(addr)
+                if vma is not None:
+                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
+        for addr, want in k.lazy.get(name, {}).items():
+            got = read_mapped_byte(m, task.mm, addr)
+            if got not in (None, 0, want):
+                errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
+                            f"was written {want}")
+    return errs
