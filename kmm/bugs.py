@@ -74,9 +74,9 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "on the block sees pmd_none and installs a new PTE table, which the collapse then "
         "overwrites: the kernel's BUG_ON(!pmd_none(*pmd)) before it installs the THP "
         "(a fault installing into a table being removed is 7.4 item 8's race on the "
-        "file side)",
+        "file side); vma_start_write's mmap_assert_write_locked reports it at once",
         "race_fault_collapse.py",
-        "KernelBug: collapse_huge_page: PMD refilled while cleared"),
+        "KernelBug: collapse_huge_page (vma_start_write): mmap_assert_write_locked"),
     Bug("huge_fault_no_deposit",
         "__do_huge_pmd_anonymous_page (pgtable_trans_huge_deposit)",
         "pre-allocate a PTE table and deposit it behind the new huge PMD",

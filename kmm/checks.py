@@ -29,7 +29,7 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable
 
-from kmm import checks_data, swap, swapfile
+from kmm import checks_cross, checks_data, swap, swapfile
 from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
@@ -557,3 +557,17 @@ def swap_errors(ctx: Checker) -> list[str]:
 
 # the data check (and kmm.testing's read_mapped_byte) live in kmm/checks_data.py
 check("data", "always")(checks_data.data_errors)
+
+
+# the checks across structures and processes live in kmm/checks_cross.py, as fn(m, k)
+def _mk(fn):
+    def run(ctx: Checker) -> list[str]:
+        return fn(ctx.m, ctx.k)
+    run.__name__ = run.__qualname__ = fn.__name__
+    return run
+
+
+check("vmas", "tables", "mms")(_mk(checks_cross.vma_errors))
+check("anon_exclusive", "tables", "pages", "mms")(_mk(checks_cross.anon_exclusive_errors))
+check("rcu", "always")(_mk(checks_cross.rcu_errors))
+check("cross_process", "always")(_mk(checks_cross.cross_process_errors))

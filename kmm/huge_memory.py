@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbers
 
-from kmm import atomic, page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import atomic, mmdebug, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
@@ -165,6 +165,7 @@ async def set_huge_zero_folio(m, pgtable: int, mm, vma, haddr: int, pmd_tbl: int
                               idx: int, zero_pfn: int) -> None:
     """set_huge_zero_folio: a read-only special PMD of the huge zero folio, with a
     deposited table. Context: PMD lock held."""
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "set_huge_zero_folio")
     entry = pfn_pmd(zero_pfn, vma.page_prot) | _PAGE_SPECIAL
     await pgg.pgtable_trans_huge_deposit(m, mm, pmd_tbl, pgtable)
     await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
@@ -187,6 +188,7 @@ async def map_anon_folio_pmd_nopf(m, pfn: int, pmd_tbl: int, idx: int, vma,
     """map_anon_folio_pmd_nopf: install the PMD (dirty, writable if VM_WRITE), add the
     rmap and the LRU, queue the folio for the underused shrinker; no fault counters
     (collapse uses it). Context: PMD lock held."""
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "map_anon_folio_pmd_nopf")
     folio = m.physmem.page(pfn)
     entry = pmd_mkdirty(pfn_pmd(pfn, vma.page_prot))
     if vma.flags & VM_WRITE:
@@ -464,6 +466,7 @@ async def __split_huge_pmd_locked(m, vma, pmd_tbl: int, idx: int, haddr: int,
     (Named without the leading underscores: Python would mangle them in callers.)
     """
     mm = vma.mm
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "__split_huge_pmd_locked")
     m.vmstat.count_vm_event("thp_split_pmd")
     pmd = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
     if is_huge_zero_pmd(m, pmd):
@@ -641,6 +644,8 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
     a reference, instead of on the LRU. Context: caller holds the folio lock and a
     reference; takes the anon_vma rwsem (write), split_queue_lock and the lru lock.
     """
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(folio), folio,
+                          "__folio_split: !folio_test_locked(folio)")
     if new_order != 0 or new_order >= folio.order:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
@@ -695,7 +700,12 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_swapcache | PG_uptodate | PG_isolated)
     new = []
+    me = m.sched.current
     for p in range(head, head + nr):  # __split_folio_to_order
+        if p != head:
+            # the new folios keep PG_locked until remap_page is done: a fault that finds
+            # one of their migration entries sleeps on it (migration_entry_wait)
+            m.folio_lock_of(pm.page(p)).set_locked_by(me)
         # the folio is frozen (refcount 0) and unmapped: the splitter owns every page
         page = atomic.init_page(
             pm.page(p), head=p, order=0,
@@ -731,12 +741,21 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)
     await migrate.remove_migration_ptes(m, _Span(head, nr, folio.anon_vma, folio.index),
                                         folio, use_zero_page=True)
+    await _unlock_split_tails(m, new[1:])
     for page in new[1:]:  # free_folio_and_swap_cache: unused tails go now
         if page.flags & PG_swapcache and not page.mapcount:
             from kmm import swap_state
             await swap_state.free_swap_cache(m, page)
         await swap.folio_put(m, page)
     return 0
+
+
+async def _unlock_split_tails(m, tails) -> None:
+    """__folio_split's last loop: every after-split folio but the one the caller locked
+    (the head) is unlocked once remap_page is done. One point for the batch."""
+    await m.sched.point("folio_unlock", pfn=tails[0].pfn if tails else -1, nr=len(tails))
+    for page in tails:
+        page.lock.release_set_locked()
 
 
 class _Span:

@@ -21,7 +21,7 @@ import enum
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from kmm import atomic, huge_memory, wait
+from kmm import atomic, huge_memory, mmdebug, wait
 from kmm.mm_types import PG_lru, PG_referenced
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_SIZE, PMD_SHIFT, is_swap_pte,
@@ -362,7 +362,9 @@ def find_pmd_or_thp_or_none(m, mm, address: int) -> tuple[ScanResult, int]:
 
 def hugepage_vma_revalidate(m, mm, address: int, expect_anon: bool, cc):
     """hugepage_vma_revalidate: after the mmap lock was dropped, is the 2 MiB block at
-    address still in a VMA that may collapse? Returns (result, vma)."""
+    address still in a VMA that may collapse? Returns (result, vma). Context: mmap
+    lock held (the VMA lookup needs it)."""
+    mmdebug.mmap_assert_locked(m, mm, "hugepage_vma_revalidate")
     if hpage_collapse_test_exit(mm):
         return R.SCAN_ANY_PROCESS, None
     vma = mm.find_vma(address)
@@ -524,6 +526,7 @@ async def madvise_collapse(m, vma, start: int, end: int) -> tuple[int | str, boo
     Context: mmap lock held for read on entry and on return (dropped meanwhile).
     """
     mm = vma.mm
+    mmdebug.mmap_assert_locked(m, mm, "madvise_collapse")
     if not huge_memory.thp_vma_allowable_order(m, vma, "forced_collapse"):
         return "EINVAL", False
     cc = CollapseControl(is_khugepaged=False)

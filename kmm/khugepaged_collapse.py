@@ -13,7 +13,9 @@ always a new, exclusive, writable THP; shared sources stay mapped elsewhere.
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, khugepaged, page_alloc, pgtable_generic as pgg, rmap, swap, tlb
+from kmm import (
+    atomic, huge_memory, khugepaged, mmdebug, page_alloc, pgtable_generic as pgg, rmap, swap, tlb,
+)
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import PG_swapcache, PG_uptodate
 from kmm.pgtable import (
@@ -104,6 +106,7 @@ async def _collapse_write_locked(m, mm, address: int, folio, pmd_tbl: int, cc):
     if result != R.SCAN_SUCCEED:
         return result
     # vma_start_write: per-VMA-lock faults are not modelled (faults take the mmap lock)
+    mmdebug.mmap_assert_write_locked(m, mm, "collapse_huge_page (vma_start_write)")
     await m.sched.point("vma_start_write", vma=vma.start)
     anon_rwsem = vma.anon_vma.root.rwsem
     await anon_rwsem.down_write("collapse_huge_page")  # stops rmap walkers

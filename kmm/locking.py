@@ -370,3 +370,22 @@ class FolioLock(SpinLock):
     khugepaged and reclaim, which must never sleep on it under a spinlock."""
 
     __slots__ = ()
+
+    def set_locked_by(self, actor) -> None:
+        """__folio_set_locked: set PG_locked on a folio no one else can reach yet (a
+        new folio of a split copies the locked bit from the folio being split). Not a
+        preemption point and no lockdep record: nothing can contend for it."""
+        if self.owner is not None:
+            raise RuntimeError(f"{self.name}: __folio_set_locked on a locked folio "
+                               f"(owner {self.owner.name})")
+        self.owner = actor
+
+    def release_set_locked(self) -> None:
+        """The folio_unlock matching set_locked_by, after the caller's point: the first
+        waiter (migration_entry_wait_on_locked, folio_lock) gets the lock."""
+        # shared-state op
+        if self.waiters:
+            self.owner = self.waiters.popleft()
+            self.world.sched.wake(self.owner)
+        else:
+            self.owner = None

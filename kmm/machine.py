@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kmm import atomic, huge_memory, khugepaged, page_alloc, swap, swapfile, vmscan
+from kmm import atomic, huge_memory, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
@@ -115,6 +115,10 @@ class Machine:
         # references deferred_split_scan holds on its batch (head pfn -> count), so the
         # invariant checker can tell them from a leaked reference
         self.split_scan_pins: dict[int, int] = {}
+        # read-side nesting per actor and callbacks waiting for a grace period
+        self.rcu = rcupdate.RcuState()
+        # actors inside __folio_put (refcount 0, not yet back in the buddy): swap.__folio_put
+        self.freeing: dict[object, int] = {}
         if self.strict:
             atomic.make_strict(self)
 
@@ -199,8 +203,10 @@ class Machine:
         self.vmstat.mod_node_page_state("nr_page_table_pages", 1)
         return pfn
 
-    async def pte_free(self, mm: MmStruct, pfn: int) -> None:
-        """pte_free / pmd_free: the table page goes back to the buddy allocator."""
+    async def pte_free(self, mm: MmStruct | None, pfn: int) -> None:
+        """pte_free / pmd_free: the table page goes back to the buddy allocator. ``mm``
+        None: the table was already taken off its mm's pgtables_bytes (an RCU-deferred
+        free, kmm.pgtable_generic.pte_free_defer, runs after the mm may be gone)."""
         pg = self.physmem.page(pfn)
         if pg.pt_deposit:
             self.bug(f"freeing PMD table {pfn:#x} with deposited tables")
@@ -208,7 +214,8 @@ class Machine:
             self.bug(f"freeing non-empty page table {pfn:#x}")
         self.physmem.drop_table(pfn)
         atomic.init_page(pg, page_type="", ptl=None, mm=None, pt_deposit=None)  # _dtor
-        mm.pgtables_bytes -= PAGE_SIZE
+        if mm is not None:
+            mm.pgtables_bytes -= PAGE_SIZE
         self.vmstat.mod_node_page_state("nr_page_table_pages", -1)
         await swap.folio_put(self, pg)
 

@@ -131,8 +131,8 @@ async def reclaim_empty_pte_tables(m, vma, start: int, end: int) -> None:
                         cleared = True
                     await pte_ptl.unlock()
                 await ptl.unlock()
-                if cleared:
-                    await m.pte_free(mm, pte_tbl)
+                if cleared:  # free_pte: pte_free_tlb, freed after an RCU grace period
+                    await tlb.tlb_remove_table(m, mm, pte_tbl)
         addr += PMD_SIZE
 
 

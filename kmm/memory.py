@@ -10,12 +10,16 @@ another actor may have changed it, and backs out (returns 0, the CPU refaults) i
 ``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
 splitting a huge PMD where the range covers only part of it. Left out: file and shared
 mappings, userfaultfd, NUMA hinting, mTHP orders below PMD (disabled by default), KSM,
-per-VMA locks (faults take mmap_lock for read) and PT_RECLAIM of empty PTE tables.
+per-VMA locks (faults take mmap_lock for read). PT_RECLAIM of empty PTE tables is
+in madvise.py; the tables it detaches are freed after an RCU grace period (rcupdate.py).
 """
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, migrate, page_alloc, rmap, swap, swap_state, swapfile, tlb
+from kmm import (
+    atomic, huge_memory, migrate, mmdebug, page_alloc, rcupdate, rmap, swap, swap_state,
+    swapfile, tlb,
+)
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
@@ -128,22 +132,35 @@ async def __pte_alloc(m, mm: MmStruct, pmd_tbl: int, idx: int) -> bool:
 async def pte_offset_map_lock(m, pmd_tbl: int, idx: int, subclass: int = 0):
     """pte_offset_map_lock: lock the PTE table the PMD points to, re-checking the PMD
     under the lock. Returns (table, ptl), or None if the PMD is none, huge or a
-    migration entry now (the caller backs out)."""
+    migration entry now (the caller backs out).
+
+    The PMD is read without a lock, so the table may be detached and handed to RCU
+    (pt_reclaim) before its lock is taken: __pte_offset_map reads it under
+    rcu_read_lock, which keeps the table and its lock allocated until the recheck.
+    Once the lock is held and the PMD still points to the table, the lock pins it
+    (every detacher clears the PMD under it), so the read-side section ends there."""
     while True:
+        rcupdate.rcu_read_lock(m)
         pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_none(pmdval) or pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+            await rcupdate.rcu_read_unlock(m)
             return None
         pte_tbl = table_pfn(pmdval)
         ptl = m.table_lock(pte_tbl)
         await ptl.lock("pte_offset_map_lock", subclass)
-        if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
+        same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+        if not same:
+            await ptl.unlock()
+        await rcupdate.rcu_read_unlock(m)
+        if same:
             return pte_tbl, ptl
-        await ptl.unlock()
 
 
 # ------------------------------------------------------------ fault entry
 async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
-    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read)."""
+    """handle_mm_fault: resolve one fault at addr in vma (mmap_lock held for read: the
+    VMA was found under it, lock_mm_and_find_vma; per-VMA locks are not modelled)."""
+    mmdebug.mmap_assert_locked(m, vma.mm, "handle_mm_fault")
     m.vmstat.count_vm_event("pgfault")
     atomic.step(m.sched, "handle_mm_fault", 1, addr=addr, write=write)  # a tracepoint
     return await __handle_mm_fault(m, vma, addr, write)
@@ -179,14 +196,22 @@ async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
 
 
 async def handle_pte_fault(m, vmf: Vmf) -> int:
-    """handle_pte_fault: missing, swapped, write-protected, or just old/clean."""
+    """handle_pte_fault: missing, swapped, write-protected, or just old/clean.
+
+    The PTE is first read locklessly (pte_offset_map_rw_nolock + ptep_get_lockless)
+    under rcu_read_lock: MADV_DONTNEED's pt_reclaim may detach the table meanwhile,
+    and RCU keeps it readable until the section ends."""
+    rcupdate.rcu_read_lock(m)  # __pte_offset_map
     pmdval = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
     if pmd_none(pmdval):
+        await rcupdate.rcu_read_unlock(m)
         return await do_anonymous_page(m, vmf)
     if pmd_trans_huge(pmdval) or not pmd_present(pmdval):
+        await rcupdate.rcu_read_unlock(m)
         return 0  # pte_offset_map failed: the PMD changed under us, refault
     vmf.pte_tbl, vmf.pte_idx = table_pfn(pmdval), pte_index(vmf.address)
     orig = vmf.orig_pte = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
+    await rcupdate.rcu_read_unlock(m)  # pte_unmap: every later step rechecks the PMD
     if pte_none(orig):
         return await do_anonymous_page(m, vmf)
     if not pte_present(orig):
@@ -400,6 +425,7 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
     mm = vma.mm
+    mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
     addr = start
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)

@@ -11,7 +11,7 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 
 from __future__ import annotations
 
-from kmm import atomic, swap
+from kmm import atomic, mmdebug, swap
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_referenced, PG_swapbacked, PG_swapcache,
     PG_uptodate, PG_writeback, VM_LOCKED,
@@ -28,10 +28,13 @@ async def migration_entry_wait(m, vmf) -> None:
 
     Context: mmap_lock held for read; takes and drops the PTE lock.
     """
-    from kmm import huge_memory
-    ptl = m.table_lock(vmf.pte_tbl)
-    await ptl.lock("migration_entry_wait")
-    cur = await atomic.entry_read(m, "pte", vmf.pte_tbl, vmf.pte_idx)
+    from kmm import huge_memory, memory
+    # pte_offset_map_lock: the table read locklessly may have been detached since
+    res = await memory.pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
+    if res is None:
+        return
+    tbl, ptl = res
+    cur = await atomic.entry_read(m, "pte", tbl, vmf.pte_idx)
     await ptl.unlock()
     if cur == vmf.orig_pte and is_migration_entry(cur):
         folio = m.physmem.folio(migration_entry_pfn(cur))
@@ -122,6 +125,20 @@ async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[in
     return ok, failed
 
 
+def move_to_new_folio(m, dst, src) -> None:
+    """move_to_new_folio (anonymous: migrate_folio): contents and flags move to dst.
+    Context: both folios locked (VM_BUG_ON_FOLIO), src frozen and unmapped."""
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(src), src,
+                          "move_to_new_folio: !folio_test_locked(src)")
+    mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(dst), dst,
+                          "move_to_new_folio: !folio_test_locked(dst)")
+    m.physmem.copy(dst.pfn, src.pfn)  # folio_copy
+    # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone
+    atomic.init_page(dst, flags=src.flags & (PG_dirty | PG_swapbacked | PG_active
+                                             | PG_referenced | PG_uptodate),
+                     anon_vma=src.anon_vma, index=src.index)
+
+
 async def _migrate_one(m, folio, get_new_folio) -> bool:
     """migrate_folio_unmap + migrate_folio_move for one order-0 anonymous folio."""
     from kmm import rmap, swap
@@ -134,22 +151,26 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     if new_pfn < 0:
         await lk.unlock()
         return False
+    # the new folio is locked too (folio_trylock(dst): it is ours alone, so it never
+    # fails) until its mappings are in place: a walker that finds it through a new
+    # PTE cannot lock it before remove_migration_ptes has finished
+    new = m.physmem.page(new_pfn)
+    dst_lk = m.folio_lock_of(new)
+    if not await dst_lk.trylock("migrate_folio_unmap"):
+        m.bug(f"migrate_folio_unmap: new folio {new_pfn:#x} is locked by "
+              f"{dst_lk.owner_names()}")
     av = folio.anon_vma.root
     await av.rwsem.down_read("migrate_folio_unmap")
     if rmap.folio_mapped(folio):
         await rmap.try_to_migrate(m, folio, split_pmd=False)
     moved = not rmap.folio_mapped(folio) and folio.refcount == 1  # folio_ref_freeze
     if moved:
-        new = m.physmem.page(new_pfn)
-        m.physmem.copy(new_pfn, folio.pfn)  # folio_copy
-        # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone
-        atomic.init_page(new, flags=folio.flags & (PG_dirty | PG_swapbacked | PG_active
-                                                   | PG_referenced | PG_uptodate),
-                         anon_vma=folio.anon_vma, index=folio.index)
+        move_to_new_folio(m, new, folio)
         await remove_migration_ptes(m, folio, new)
     else:
         await remove_migration_ptes(m, folio, folio)
     await av.rwsem.up_read()
+    await dst_lk.unlock()
     await lk.unlock()
     if not moved:
         if new_pfn >= 0:

@@ -10,7 +10,7 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, khugepaged, memory, rmap
+from kmm import huge_memory, khugepaged, memory, mmdebug, rmap
 from kmm.mm_types import (
     VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_READ, VM_WRITE, MmStruct, VmArea,
 )
@@ -39,6 +39,7 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     A huge PMD straddling an unaligned addr is split first (vma_adjust_trans_huge).
     Context: mmap_lock held for write.
     """
+    mmdebug.mmap_assert_write_locked(m, vma.mm, "__split_vma (vma_start_write)")
     await huge_memory.vma_adjust_trans_huge(m, vma, addr, addr, None)
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
     rmap.anon_vma_clone(new, vma)
@@ -75,7 +76,9 @@ def vma_merge_around(mm: MmStruct, vma: VmArea) -> VmArea:
 
 
 async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> VmArea:
-    """vma_modify_flags: give [start, end) of vma new flags, splitting and merging."""
+    """vma_modify_flags: give [start, end) of vma new flags, splitting and merging.
+    Context: mmap_lock held for write (vm_flags_reset -> vma_start_write)."""
+    mmdebug.mmap_assert_write_locked(m, vma.mm, "vma_modify_flags (vma_start_write)")
     if vma.start < start:
         vma = await split_vma(m, vma, start)
     if vma.end > end:

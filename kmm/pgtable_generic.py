@@ -7,14 +7,8 @@ memory. Deposit and withdraw assert that the caller holds that PMD table's lock.
 
 from __future__ import annotations
 
-from kmm import atomic, tlb
-from kmm.pgtable import HPAGE_PMD_SIZE, pmd_mkinvalid, pmd_trans_huge
-
-
-def _assert_pmd_locked(m, pmd_tbl: int, what: str) -> None:
-    ptl = m.table_lock(pmd_tbl)
-    if ptl.owner is not m.sched.current:
-        m.bug(f"{what}: PMD lock of table {pmd_tbl:#x} not held by {m.sched.current.name}")
+from kmm import atomic, mmdebug, rcupdate, tlb
+from kmm.pgtable import HPAGE_PMD_SIZE, PAGE_SIZE, pmd_mkinvalid, pmd_trans_huge
 
 
 async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
@@ -22,7 +16,8 @@ async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
 
     Context: pmd_lockptr(mm, pmd) held.
     """
-    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_deposit")
+    # assert_spin_locked(pmd_lockptr(mm, pmdp)); lockdep: by this actor
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "pgtable_trans_huge_deposit")
     await m.sched.point("pgtable_trans_huge_deposit", pt=pmd_tbl, table=pgtable)
     atomic.pt_deposit_locked(m.physmem.pages[pmd_tbl], pgtable)
 
@@ -30,7 +25,7 @@ async def pgtable_trans_huge_deposit(m, mm, pmd_tbl: int, pgtable: int) -> None:
 async def pgtable_trans_huge_withdraw(m, mm, pmd_tbl: int) -> int:
     """pgtable_trans_huge_withdraw: take back a deposited table (any one: they are
     interchangeable). Context: pmd_lockptr(mm, pmd) held."""
-    _assert_pmd_locked(m, pmd_tbl, "pgtable_trans_huge_withdraw")
+    mmdebug.lockdep_assert_held(m, mmdebug.pmd_lockptr(m, pmd_tbl), "pgtable_trans_huge_withdraw")
     page = m.physmem.pages[pmd_tbl]
     if not page.pt_deposit:
         m.bug(f"pgtable_trans_huge_withdraw: nothing deposited under {pmd_tbl:#x}")
@@ -71,3 +66,18 @@ async def pmdp_collapse_flush(m, vma, address: int, pmd_tbl: int, idx: int) -> i
     if not m.bugs or "collapse_no_tlb_flush" not in m.bugs:  # kmm.bugs
         await tlb.flush_tlb_mm_range(m, vma.mm, address, address + HPAGE_PMD_SIZE)
     return old
+
+
+async def pte_free_defer(m, mm, pgtable: int) -> None:
+    """pte_free_defer: free a PTE table already detached from its PMD once every
+    lockless walker that may still be reading it (under rcu_read_lock, as
+    __pte_offset_map walks) has left its read-side section; until then the table and
+    its lock stay valid, and the walker's pmd_same recheck under that lock fails.
+    The table leaves the mm's page-table accounting now (the mm may be gone by then).
+    Context: any; the PMD entry is already cleared."""
+    mm.pgtables_bytes -= PAGE_SIZE
+
+    async def pte_free_now() -> None:
+        await m.pte_free(None, pgtable)
+
+    await rcupdate.call_rcu(m, pte_free_now)

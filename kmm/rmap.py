@@ -379,6 +379,7 @@ async def folio_referenced(m, folio: Page) -> int:
     CPU holding the translation does not set it again until it walks). Returns the
     number of young mappings. Context: folio locked or isolated; takes the anon_vma
     rwsem for read."""
+    from kmm import memory
     av = folio.anon_vma
     if av is None:
         return 0
@@ -394,19 +395,21 @@ async def folio_referenced(m, folio: Page) -> int:
                 continue
             if not pmd_present(pmdval):
                 continue
-            tbl = table_pfn(pmdval)
-            ptl = m.table_lock(tbl)
-            await ptl.lock("folio_referenced_one")
-            if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
-                a = addr
-                while a < nxt:
-                    i = pte_index(a)
-                    ent = await atomic.entry_read(m, "pte", tbl, i)
-                    if (pte_present(ent) and not pte_special(ent) and pte_young(ent)
-                            and _maps(folio, pte_pfn(ent))):
-                        await atomic.entry_set(m, "pte", tbl, i, pte_mkold(ent))
-                        young += 1
-                    a += PAGE_SIZE
+            # page_vma_mapped_walk's map_pte: the table may have been detached (and
+            # handed to RCU) since the PMD was read; pte_offset_map_lock rechecks it
+            res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
+            if res is None:
+                continue
+            tbl, ptl = res
+            a = addr
+            while a < nxt:
+                i = pte_index(a)
+                ent = await atomic.entry_read(m, "pte", tbl, i)
+                if (pte_present(ent) and not pte_special(ent) and pte_young(ent)
+                        and _maps(folio, pte_pfn(ent))):
+                    await atomic.entry_set(m, "pte", tbl, i, pte_mkold(ent))
+                    young += 1
+                a += PAGE_SIZE
             await ptl.unlock()
     await av.root.rwsem.up_read()
     return young

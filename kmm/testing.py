@@ -9,8 +9,14 @@ must say, and compares:
 - per mm: nr_ptes = PTE tables + deposited tables; pgtables_bytes = every table page;
   Rss counter = mapped pages; per PMD table: deposited tables = huge PMDs under it;
 - the buddy free lists are consistent (page_alloc.Zone.check);
+- every mapping (present PTE or PMD, swap or migration entry) lies inside a VMA of its
+  mm; a page marked PG_anon_exclusive, or named by an exclusive migration or swap
+  entry, is mapped by one mm, once; no RCU callback outlives its grace period
+  (kmm.checks_cross);
 - with a Kernel, every byte a workload wrote reads back (through the page tables,
-  without faulting).
+  without faulting), and every process reads what it wrote itself or zero: a byte
+  another process wrote, after a fork or anywhere, never shows through
+  (checks_cross.cross_process_errors).
 
 The checks themselves live in kmm.checks, each registered with the state it reads, so
 ``incremental_checker`` (what ``kmm explore`` keeps for a run) gives the same verdicts
@@ -64,11 +70,24 @@ def agreeing_checks():
     return check
 
 
+def inside_update(m, actor) -> bool:
+    """The actor is halfway through an update of shared state: it holds a lock (every
+    multi-step update but one is made under a lock), a server actor is handling a
+    request, or it is inside __folio_put (refcount 0, the folio not yet off the LRU
+    and back in the buddy: swap.__folio_put, Machine.freeing)."""
+    return bool(actor.held or actor.busy or actor in m.freeing)
+
+
+def quiescent(m, but=None) -> bool:
+    """No actor (other than ``but``) is inside an update: the invariants must hold."""
+    return not any(inside_update(m, a) for a in m.sched.actors if a is not but)
+
+
 def check_between_ops(m, k) -> None:
-    """check_invariants, unless another actor is inside an operation (holds a lock):
-    the invariants hold between operations, not halfway through another CPU's fault."""
-    cur = m.sched.current
-    if not any(a.held for a in m.sched.actors if a is not cur):
+    """check_invariants, unless another actor is inside an operation (holds a lock,
+    or is freeing a folio): the invariants hold between operations, not halfway
+    through another CPU's fault."""
+    if quiescent(m, but=m.sched.current):
         check_invariants(m, k)
 
 

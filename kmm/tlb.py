@@ -9,8 +9,9 @@ remote one costs an IPI round trip in emulated time.
 
 from __future__ import annotations
 
-from kmm.pgtable import PAGE_SHIFT, PMD_SHIFT
-from kmm.cost import COST_LOCAL_FLUSH, COST_IPI
+from kmm import rcupdate
+from kmm.cost import COST_IPI, COST_LOCAL_FLUSH
+from kmm.pgtable import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
 
 TLB_4K_ENTRIES = 1536
 TLB_2M_ENTRIES = 1024
@@ -77,3 +78,17 @@ async def tlb_remove_table_sync_one(m) -> None:
     for cpu in m.cpus:
         if cpu.id != me:
             await sched.point("ipi", COST_IPI, target=cpu.id, why="tlb_remove_table_sync_one")
+
+
+async def tlb_remove_table(m, mm, table: int) -> None:
+    """tlb_remove_table (mm/mmu_gather.c, x86 with MMU_GATHER_RCU_TABLE_FREE): a page
+    table detached under an mmu_gather is freed by RCU (tlb_remove_table_rcu), so a
+    lockless walker inside rcu_read_lock never reads a freed table. The batching is
+    left out: each table gets its own callback. The table leaves the mm's page-table
+    accounting now (the mm may be gone when the callback runs)."""
+    mm.pgtables_bytes -= PAGE_SIZE
+
+    async def tlb_remove_table_rcu() -> None:
+        await m.pte_free(None, table)
+
+    await rcupdate.call_rcu(m, tlb_remove_table_rcu)

@@ -74,4 +74,7 @@ async def errno_name(call: Awaitable) -> object:
     try:
         return await call
     except KmmError as e:
+        failed = getattr(e, "_failed", None)  # (kernel, process, call, errno)
+        if failed is not None:  # to be examined: Kernel.expect, or explore reports it
+            failed[0].failed.append(failed[1:])
         return e.errno_name

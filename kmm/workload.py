@@ -12,7 +12,11 @@ emulated CPU (a separate actor), so two CPUs can fault the same range at once::
                          lambda cpu: p.on(cpu).touch(a, 2 << 20, value=2))
 
 Every write is remembered in a shadow copy per process (forked with the process), so
-``Proc.verify`` and the invariant checker can prove that no byte was lost.
+``Proc.verify`` and the invariant checker can prove that no byte was lost, and that no
+process reads a byte it did not write itself (another's write after a fork never
+shows through). A byte the parent writes on another CPU while a fork is under way may
+or may not reach the child (whether its page was copied before or after the write):
+the child's value there is unknown until the child writes it.
 
 Errors are raised as Python's own system calls raise them: a call the kernel refuses
 raises ``KmmError``, an ``OSError`` whose ``errno`` is the kernel's number and whose
@@ -55,11 +59,21 @@ def _word(name: str, value, arg: str, table) -> str:
     return value
 
 
-def _check(name: str, r, args: str):
-    """A mechanism's result: an errno name raises KmmError, anything else is returned."""
+def _check(name: str, r, args: str, proc: "Proc | None" = None, label: str = ""):
+    """A mechanism's result: an errno name raises KmmError, anything else is returned.
+    The error remembers its process, so that a program turning it into a value
+    (``errno_name``) has it examined (``Kernel.expect``) or reported (``unexamined``)."""
     if isinstance(r, str):
-        raise KmmError(r, f"{name}({args})")
+        e = KmmError(r, f"{name}({args})")
+        if proc is not None:
+            e._failed = (proc.k, proc.name, label or name, r)
+        raise e
     return r
+
+
+class UnexpectedResult(AssertionError):
+    """A call under test returned what the program does not accept (Kernel.expect):
+    the program's own assertion, wherever it is raised."""
 
 
 class Kernel:
@@ -71,7 +85,16 @@ class Kernel:
         # bytes under MADV_FREE: until rewritten they read back as written or as zero
         # (reclaim may have discarded the lazyfree page)
         self.lazy: dict[str, dict[int, int]] = {}
+        # bytes whose value in this process is not known: written by the parent on
+        # another CPU while the fork that made this process was under way
+        self.unknown: dict[str, set[int]] = {}
+        # process name -> one set per fork of it under way: the addresses its other
+        # CPUs write meanwhile
+        self.forking: dict[str, list[set[int]]] = {}
         self.after_op: Callable[[], None] | None = None  # the invariant hook in tests
+        # syscalls that failed (returned an errno name) and that the program has not
+        # examined with ``expect`` yet: the race laboratory reports any left at the end
+        self.failed: list[tuple[str, str, str]] = []  # (process, call, errno)
 
     @property
     def cpus(self) -> int:
@@ -182,6 +205,33 @@ class Kernel:
         if self.after_op is not None:
             self.after_op()
 
+    def expect(self, result, *allowed: str, what: str = "call"):
+        """Examine the result of a call under test: it must succeed (0, an address or
+        a count) or fail with one of the ``allowed`` errno names (a failed call raises
+        KmmError; ``errno_name`` turns it into its name); anything else is the
+        program's assertion. Returns the result. A failure turned into a name that
+        the program never passes here is reported by ``kmm explore`` at the end of the
+        run (``unexamined``): a race program cannot ignore what the racing call
+        returned::
+
+            r = k.expect(await errno_name(p.madvise(a, SIZE, "collapse")), "EAGAIN",
+                         what="collapse")
+        """
+        if isinstance(result, str):
+            for i in range(len(self.failed) - 1, -1, -1):
+                if self.failed[i][2] == result:
+                    del self.failed[i]
+                    break
+            if result not in allowed:
+                raise UnexpectedResult(f"{what} failed with {result}")
+        elif not isinstance(result, int) or result < 0:
+            raise UnexpectedResult(f"{what} returned {result!r}")
+        return result
+
+    def unexamined(self) -> list[str]:
+        """The failed calls no ``expect`` examined, as "process: call -> errno"."""
+        return [f"{proc}: {call} -> {errno}" for proc, call, errno in self.failed]
+
 
 class Proc:
     """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
@@ -221,7 +271,7 @@ class Proc:
         addr = _ulong("mmap", addr, "addr")
         r = await mmap.do_mmap(self.m, self.task, addr, size)
         self.k._done()
-        return _check("mmap", r, f"size={size:#x}, addr={addr:#x}")
+        return _check("mmap", r, f"size={size:#x}, addr={addr:#x}", self)
 
     def _free_area(self, size: int) -> int:
         # 2 MiB-aligned, above every existing VMA, with a 2 MiB gap (as scenarios place)
@@ -236,7 +286,7 @@ class Proc:
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return _check("munmap", r, f"{addr:#x}, {length:#x}")
+        return _check("munmap", r, f"{addr:#x}, {length:#x}", self)
 
     async def mprotect(self, addr: int, length: int, prot: str) -> int:
         """mprotect(addr, length, prot), prot one of "none", "r", "rw": 0. KmmError
@@ -246,7 +296,8 @@ class Proc:
         prot = _word("mprotect", prot, "prot", tuple(mprotect.PROT))
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return _check("mprotect", r, f"{addr:#x}, {length:#x}, {prot!r}")
+        return _check("mprotect", r, f"{addr:#x}, {length:#x}, {prot!r}", self,
+                      f"mprotect({prot})")
 
     async def madvise(self, addr: int, length: int, advice: str) -> int:
         """madvise(addr, length, advice), advice one of the names scenarios accept
@@ -264,7 +315,8 @@ class Proc:
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return _check("madvise", r, f"{addr:#x}, {length:#x}, {advice!r}")
+        return _check("madvise", r, f"{addr:#x}, {length:#x}, {advice!r}", self,
+                      f"madvise({advice})")
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
@@ -285,7 +337,8 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}")
+        return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}",
+                      self)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
@@ -299,6 +352,9 @@ class Proc:
 
     def _forget(self, addr: int, length: int) -> None:
         end = addr + length
+        unknown = self.k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update([a for a in unknown if addr <= a < end])
         for sh in (self.k.shadow[self.name], self.k.lazy[self.name]):
             if len(sh) < length:
                 for a in [a for a in sh if addr <= a < end]:
@@ -306,6 +362,16 @@ class Proc:
             else:
                 for a in range(addr, end):
                     sh.pop(a, None)
+
+    def _wrote(self, addr: int, n: int) -> None:
+        """Bookkeeping of a write of n bytes at addr beyond the shadow: forks of this
+        process under way learn of it; a byte of unknown value is known again."""
+        k = self.k
+        for racing in k.forking.get(self.name, ()):
+            racing.update(range(addr, addr + n))
+        unknown = k.unknown.get(self.name)
+        if unknown:
+            unknown.difference_update(range(addr, addr + n))
 
     async def fork(self, child: str) -> "Proc":
         """fork(): the child process, named ``child`` (a new name), sharing every page
@@ -315,13 +381,25 @@ class Proc:
             raise TypeError(f"fork: child must be a process name (str), not {child!r}")
         if child in self.m.tasks and self.m.tasks[child].alive:
             raise ValueError(f"fork: child {child!r} names a live process")
-        t = await fork.copy_process(self.m, self.task, child)
+        k = self.k
+        racing: set[int] = set()
+        k.forking.setdefault(self.name, []).append(racing)
+        try:
+            t = await fork.copy_process(self.m, self.task, child)
+        finally:
+            forks = k.forking[self.name]
+            forks.remove(racing)
+            if not forks:
+                del k.forking[self.name]
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        self.k.shadow[child] = dict(self.k.shadow[self.name])
-        self.k.lazy[child] = dict(self.k.lazy[self.name])
-        self.k._done()
-        return Proc(self.k, t, self.cpu)
+        k.shadow[child] = dict(k.shadow[self.name])
+        k.lazy[child] = dict(k.lazy[self.name])
+        unknown = racing | k.unknown.get(self.name, set())
+        if unknown:
+            k.unknown[child] = unknown
+        k._done()
+        return Proc(k, t, self.cpu)
 
     async def exit(self) -> None:
         """exit(): the process's address space is torn down."""
@@ -329,6 +407,7 @@ class Proc:
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
         self.k.lazy.pop(self.name, None)
+        self.k.unknown.pop(self.name, None)
         self.k._done()
 
     async def _kill(self, sig: str) -> None:
@@ -357,6 +436,7 @@ class Proc:
                 for j, b in enumerate(chunk):
                     sh[a + j] = b
                     lazy.pop(a + j, None)
+                self._wrote(a, len(chunk))
                 i += len(chunk)
         except fault.Segv:
             await self._kill("SIGSEGV")
@@ -399,6 +479,8 @@ class Proc:
         data = bytes([value])
         mismatches = 0
         m, task, cpu = self.m, self.task, self.cpu
+        forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
+        # may start on another CPU halfway through
         end = addr + length
         a = addr
         try:
@@ -408,12 +490,18 @@ class Proc:
                         # the stores that hit the TLB need no coroutine each
                         # (fault.store_run); a miss takes the whole access path
                         while a < end:
+                            a0 = a
                             a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                            if forking or unknown:
+                                for x in range(a0, a, stride):
+                                    self._wrote(x, 1)
                             if a < end:
                                 await fault.user_access(m, task, cpu, a, True, data)
                                 sh[a] = value
                                 if lazy:
                                     lazy.pop(a, None)
+                                if forking or unknown:
+                                    self._wrote(a, 1)
                                 a += stride
                         self.k._done()
                         return 0
@@ -423,6 +511,8 @@ class Proc:
                             sh[a] = value
                             if lazy:
                                 lazy.pop(a, None)
+                            if forking or unknown:
+                                self._wrote(a, 1)
                         else:
                             got = await fault.user_access(m, task, cpu, a, False, n=1)
                             mismatches += got[0] != value
@@ -440,7 +530,10 @@ class Proc:
         bad = []
         hook, self.k.after_op = self.k.after_op, None  # reads change nothing to check
         try:
+            unknown = self.k.unknown.get(self.name, ())
             for a, b in sorted(self.k.shadow[self.name].items()):
+                if a in unknown:
+                    continue
                 if (await self.load(a))[0] != b:
                     bad.append(a)
             for a, b in sorted(self.k.lazy[self.name].items()):

@@ -49,5 +49,8 @@ async def main(k):
 
         collapsed, unmapped = await k.parallel(collapser, unmapper)
         assert unmapped == 0, f"round {rnd}: munmap returned {unmapped}"
+        # the collapse that finds the VMA cut short (revalidation) fails with EINVAL,
+        # one that finds half the range unmapped with ENOMEM
+        k.expect(collapsed, "EINVAL", "ENOMEM", what=f"round {rnd}: MADV_COLLAPSE")
         results.append(collapsed)
     return {"madvise": results, "lost_bytes": len(await p.verify())}

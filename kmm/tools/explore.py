@@ -16,7 +16,9 @@ Violations have a kind:
 ``data``           a written byte that does not read back: the checker's shadow
                    check, or a program result whose ``lost_bytes`` / ``*_lost``
                    value is nonzero
-``assertion``      an AssertionError raised by the program itself
+``assertion``      an AssertionError raised by the program itself, or a failed
+                   call turned into its errno name (``errno_name``) which the
+                   program never examined with ``k.expect``
 ``program-error``  any other exception the program raised itself, a SIGSEGV or
                    SIGBUS of its process, or a call the program API refused
                    (kmm.tools.errors: the innermost frame is the program's)
@@ -86,7 +88,7 @@ from kmm.runtime import remote
 from kmm.runtime.sched import Deadlock, SchedError
 from kmm.runtime.trace import Trace
 from kmm.tools import errors, interrupt, runner
-from kmm.workload import Kernel
+from kmm.workload import Kernel, UnexpectedResult
 
 FORMAT = "kmm-failure/1"
 TAIL = 400                 # trace events kept in the failure file
@@ -180,17 +182,12 @@ class Checker:
             raise Violation(kind, "\n".join(errs[:40]))
 
     def at_point(self) -> None:
-        for a in self.actors:
-            if a.held or a.busy:
-                return
-        self.full()
+        if testing.quiescent(self.m):
+            self.full()
 
     def after_op(self) -> None:
-        cur = self.m.sched.current
-        for a in self.actors:
-            if a is not cur and (a.held or a.busy):
-                return
-        self.full()
+        if testing.quiescent(self.m, but=self.m.sched.current):
+            self.full()
 
 
 def _program_frame(e: BaseException, path: str) -> bool:
@@ -208,6 +205,8 @@ def classify(e: BaseException, path: str) -> tuple[str, str]:
         return "lockdep", str(e)
     if isinstance(e, Deadlock):
         return "deadlock", str(e)
+    if isinstance(e, UnexpectedResult):
+        return "assertion", str(e)
     if isinstance(e, AssertionError) and _program_frame(e, path):
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return "assertion", (f"{tb.filename}:{tb.lineno}: {tb.line}"
@@ -289,6 +288,10 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
         lost = lost_data(out.result)
         if lost:
             raise Violation("data", lost)
+        ignored = k.unexamined()
+        if ignored:  # a failed call the program never examined (Kernel.expect)
+            raise Violation("assertion", "the program ignored failed calls: "
+                            + "; ".join(ignored[:8]))
     except Exception as e:  # noqa: BLE001 - every exception is a finding
         if interrupt.caught():  # the signal landed inside an operation: not a finding
             raise interrupt.Interrupted(interrupt.caught()) from None

@@ -271,3 +271,39 @@ def test_deferred_split_scan_reference_is_counted_until_the_put(tmp_path):
                                "random", 1, {})
     assert out.kind is None, out.message
     assert out.result == 1
+
+
+def test_split_keeps_the_new_folios_locked_until_remap():
+    """__folio_split (6.18): the after-split folios inherit PG_locked and are unlocked
+    only after remap_page, all but the caller's (the head, which the caller unlocks).
+    A fault that finds a tail's migration entry in between sleeps on the tail's lock
+    (migration_entry_wait_on_locked) instead of refaulting until the soft-lockup
+    watchdog fires, which race_cow_split did under PCT when tails were unlocked at
+    once."""
+    seen = []
+
+    async def fn(m, k):
+        p, a = await thp_region(k, value=5)
+        head = pmd_pfn(pmd_at(m, p.task.mm, a)[1])
+        me = m.sched.current
+
+        def owners():
+            return {m.physmem.pages[head + i].lock.owner is me
+                    if m.physmem.pages[head + i].lock else None for i in (1, 200, NR - 1)}
+
+        def hook():
+            op = m.sched.current.last_op
+            if op in ("__split_unmapped_folio", "folio_unlock"):
+                seen.append((op, owners()))
+            elif op == "mm_split_huge_page":
+                seen.append((op, owners(), m.physmem.pages[head].lock.owner is me))
+
+        m.sched.on_point = hook
+        assert await p.split_huge_page(a) == 1
+        m.sched.on_point = None
+
+    run(fn)
+    # locked from the split through remap (the folio_unlock point comes before the
+    # unlock takes effect), unlocked after; the head stays with the caller until then
+    assert seen == [("__split_unmapped_folio", {True}), ("folio_unlock", {True}),
+                    ("mm_split_huge_page", {False}, True)]
