@@ -11,7 +11,8 @@ import importlib
 _PUBLIC = {"OutOfMemory": "kmm.fault", "Segv": "kmm.fault", "Sigbus": "kmm.fault",
            "KernelBug": "kmm.machine",
            "Machine": "kmm.machine", "MachineConfig": "kmm.machine",
-           "Kernel": "kmm.workload", "Proc": "kmm.workload"}
+           "Kernel": "kmm.workload", "Proc": "kmm.workload", "KmmError": "kmm.uapi",
+           "OomKilled": "kmm.uapi", "errno_name": "kmm.uapi"}
 
 __all__ = sorted(_PUBLIC)
 

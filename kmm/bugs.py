@@ -2,8 +2,7 @@
 
 The race laboratory (``kmm explore``) needs bugs it can find: each entry below names
 the kernel function whose safeguard the switch removes, what the safeguard is, why the
-kernel needs it (the race it closes, with the commit where there is one; see
-kernel-thp-reference.md section 7), the race program that exposes it, and what the
+kernel needs it (the race it closes, with the commit where there is one), the race program that exposes it, and what the
 violation looks like. A machine's ``m.bugs`` is a frozenset of these names, empty by
 default; mechanism code tests ``"name" in m.bugs`` at the one site it concerns, so a run
 without bugs follows exactly the kernel's path.
@@ -34,8 +33,8 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "after allocating the THP and the deposit table with no lock held, take the PMD "
         "lock and install only if the PMD is still none (else free both and refault)",
         "two threads faulting the same 2 MiB both see pmd_none locklessly; the recheck "
-        "under pmd_lock lets exactly one install (pattern 7.3.1/7.3.2: allocate outside "
-        "the spinlock, install only into a still-empty slot). Without it the second "
+        "under pmd_lock lets exactly one install (allocate outside the spinlock, install "
+        "only into a still-empty slot). Without it the second "
         "overwrites the first's PMD: the first THP and the bytes written into it are lost, "
         "its mapcount and deposit leak",
         "race_fault_fault.py",

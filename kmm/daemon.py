@@ -145,8 +145,16 @@ class DaemonContext:
         return await vmscan.balance_pgdat(self._m, order)
 
     def count_vm_event(self, item: str) -> None:
-        """count_vm_event for the daemon's own events (kswapd_low_wmark_hit_quickly,
-        kswapd_high_wmark_hit_quickly)."""
+        """count_vm_event for the daemon's own events: the kernel's that daemons count
+        (kswapd_low_wmark_hit_quickly, ...) or a new name of the daemon's own (lower
+        case, digits and '_'), which appears in the report's vm_events once counted."""
+        import re
+        if not isinstance(item, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", item):
+            raise ValueError(f"count_vm_event: {item!r} is not an event name (lower case "
+                             "letters, digits and '_')")
+        events = self._m.vmstat.events
+        if item not in events:
+            events[item] = 0
         self._m.vmstat.count_vm_event(item)
 
     def kcompactd_work_requested(self) -> bool:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Outermost first (mm/rmap.c, with the THP additions of kernel-thp-reference.md 7.2).
+# Outermost first (the order documented at the top of mm/rmap.c, with the THP
+# additions of mm/huge_memory.c and mm/khugepaged.c).
 ORDER: tuple[str, ...] = (
     "khugepaged_mm_lock",
     "i_rwsem",

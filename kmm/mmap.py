@@ -97,6 +97,14 @@ async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> 
     return vma_merge_around(vma.mm, vma)
 
 
+# The mapping kinds mmap makes (the program API and the scenario loader check against
+# this one table): anon is MAP_PRIVATE|MAP_ANONYMOUS; shmem MAP_SHARED|MAP_ANONYMOUS; memfd
+# memfd_create + ftruncate(size) + MAP_SHARED; memfd_private the same file MAP_PRIVATE
+# (writes COW into anonymous memory); hugetlb MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB,
+# hugetlb_shared with MAP_SHARED.
+BACKINGS = ("anon", "shmem", "memfd", "memfd_private", "hugetlb", "hugetlb_shared")
+
+
 async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
                   noreserve: bool = False) -> int | str:
     """mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|

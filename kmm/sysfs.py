@@ -152,7 +152,7 @@ for _o in SHMEM_ORDERS:
     KNOBS[_n] = Knob(_n, "inherit" if _o == HPAGE_PMD_ORDER else "never",
                      _choice(*MTHP_SHMEM_ENABLED), MTHP_SHMEM_ENABLED)
 
-# The scenario tables map onto these directories (design.md section 4).
+# The scenario tables map onto these directories (docs/scenario-format.md).
 TABLES = {"thp": "", "khugepaged": "khugepaged/"}
 
 

@@ -35,8 +35,9 @@ THP_EVENTS: tuple[str, ...] = (
     "thp_swpout_fallback",
 )
 
-# Counters that grow with every khugepaged pass over a refused range: the host and the
-# emulator agree on whether they moved, not by how much (kernel-thp.md section 12).
+# Counters that grow with every khugepaged pass over a refused range (mm/khugepaged.c
+# rescans it on every pass): the host and the emulator agree on whether they moved, not
+# by how much.
 PER_PASS_EVENTS = frozenset(
     {"thp_scan_exceed_none_pte", "thp_scan_exceed_swap_pte", "thp_scan_exceed_share_pte"}
 )

@@ -17,15 +17,59 @@ process reads a byte it did not write itself (another's write after a fork never
 shows through). A byte the parent writes on another CPU while a fork is under way may
 or may not reach the child (whether its page was copied before or after the write):
 the child's value there is unknown until the child writes it.
+
+Errors are raised as Python's own system calls raise them: a call the kernel refuses
+raises ``KmmError``, an ``OSError`` whose ``errno`` is the kernel's number and whose
+``errno_name`` is its name (``"EINVAL"``, ``"EAGAIN"``, ...), the call and its arguments
+in the message; an argument of the wrong type is a ``TypeError`` and an unknown advice
+or protection name a ``ValueError``, each naming the argument, before the kernel is
+entered (integers are passed as the syscall ABI passes them, as unsigned longs). An
+access the process may not make kills it with SIGSEGV (``kmm.Segv``); a fault that
+finds no memory runs the OOM killer (kmm.oom_kill), which may kill this process
+(``OomKilled``) or another. docs/program-api.md is the reference of every public call.
 """
 
 from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import fault, fork, huge_memory, madvise, mmap, mprotect, mremap, swap, task_mmu
+from kmm import (fault, fork, huge_memory, madvise, mmap, mprotect, mremap, oom_kill, swap,
+                 task_mmu)
 from kmm.mm_types import VM_SHARED
+from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
 from kmm.pgtable import PAGE_SIZE
+
+__all__ = ["Kernel", "Proc", "KmmError", "OomKilled", "errno_name"]
+
+ULONG = (1 << 64) - 1
+
+
+def _ulong(name: str, value, arg: str) -> int:
+    """An integer argument as the syscall gets it (an unsigned long)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: {arg} must be an int, not {type(value).__name__}")
+    return value & ULONG
+
+
+def _word(name: str, value, arg: str, table) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: {arg} must be a str (one of {', '.join(table)}), "
+                        f"not {type(value).__name__}")
+    if value not in table:
+        raise ValueError(f"{name}: {arg} {value!r} is not one of {', '.join(table)}")
+    return value
+
+
+def _check(name: str, r, args: str, proc: "Proc | None" = None, label: str = ""):
+    """A mechanism's result: an errno name raises KmmError, anything else is returned.
+    The error remembers its process, so that a program turning it into a value
+    (``errno_name``) has it examined (``Kernel.expect``) or reported (``unexamined``)."""
+    if isinstance(r, str):
+        e = KmmError(r, f"{name}({args})")
+        if proc is not None:
+            e._failed = (proc.k, proc.name, label or name, r)
+        raise e
+    return r
 
 
 class UnexpectedResult(AssertionError):
@@ -58,6 +102,7 @@ class Kernel:
 
     @property
     def cpus(self) -> int:
+        """How many emulated CPUs the machine has."""
         return len(self.machine.cpus)
 
     async def process(self, name: str = "main") -> "Proc":
@@ -77,7 +122,11 @@ class Kernel:
         return task_mmu.smaps_range(self.machine, proc.task.mm, addr, addr + length)
 
     def proc(self, name: str) -> "Proc":
-        return Proc(self, self.machine.tasks[name], 0)
+        """The process named ``name`` (one this program created or forked), on CPU 0."""
+        task = self.machine.tasks.get(name) if isinstance(name, str) else None
+        if task is None:
+            raise KeyError(f"proc: no process named {name!r}")
+        return Proc(self, task, 0)
 
     async def parallel(self, *fns: Callable[[int], Awaitable[object]]) -> list:
         """Run fns[i](cpu) on CPU i (mod the CPU count), each as its own actor; wait
@@ -88,7 +137,8 @@ class Kernel:
             async def run():
                 try:
                     return await fn(i % self.cpus)
-                except (fault.Segv, fault.Sigbus, fault.OutOfMemory) as e:
+                except (fault.Segv, fault.Sigbus, fault.OutOfMemory, OomKilled,
+                        KmmError) as e:
                     return e
             return run
 
@@ -130,6 +180,7 @@ class Kernel:
         self.machine.sysfs.write(name, value)
 
     def knob(self, name: str):
+        """Read a /sys/kernel/mm/transparent_hugepage knob (as ``set_knob`` names it)."""
         return self.machine.sysfs[name]
 
     def vmstat(self) -> dict[str, int]:
@@ -185,20 +236,17 @@ class Kernel:
         if self.after_op is not None:
             self.after_op()
 
-    def _returned(self, proc: str, call: str, result):
-        """A syscall's result: an errno name is remembered until ``expect`` sees it."""
-        if isinstance(result, str):
-            self.failed.append((proc, call, result))
-        return result
-
     def expect(self, result, *allowed: str, what: str = "call"):
         """Examine the result of a call under test: it must succeed (0, an address or
-        a count) or fail with one of the ``allowed`` errno names; anything else is the
-        program's assertion. Returns the result. A failure the program never passes
-        here is reported by ``kmm explore`` at the end of the run (``unexamined``):
-        a race program cannot ignore what the racing call returned::
+        a count) or fail with one of the ``allowed`` errno names (a failed call raises
+        KmmError; ``errno_name`` turns it into its name); anything else is the
+        program's assertion. Returns the result. A failure turned into a name that
+        the program never passes here is reported by ``kmm explore`` at the end of the
+        run (``unexamined``): a race program cannot ignore what the racing call
+        returned::
 
-            r = k.expect(await p.madvise(a, SIZE, "collapse"), "EAGAIN", what="collapse")
+            r = k.expect(await errno_name(p.madvise(a, SIZE, "collapse")), "EAGAIN",
+                         what="collapse")
         """
         if isinstance(result, str):
             for i in range(len(self.failed) - 1, -1, -1):
@@ -245,55 +293,70 @@ class Proc:
 
     @property
     def name(self) -> str:
+        """The process's name."""
         return self.task.name
 
     def on(self, cpu: int) -> "Proc":
+        """The same process, its accesses made from CPU ``cpu`` (its TLB)."""
+        if isinstance(cpu, bool) or not isinstance(cpu, int):
+            raise TypeError(f"on: cpu must be an int, not {type(cpu).__name__}")
+        if not 0 <= cpu < self.k.cpus:
+            raise ValueError(f"on: cpu {cpu} is not one of the machine's 0..{self.k.cpus - 1}")
         return Proc(self.k, self.task, cpu)
 
     def _alive(self) -> None:
         if not self.task.alive:
-            raise ProcessLookupError(f"process {self.name} has exited")
+            how = f"was killed by {self.task.signal}" if self.task.signal else "has exited"
+            raise ProcessLookupError(f"process {self.name} {how}")
 
     async def mmap(self, size: int, addr: int | None = None, backing: str = "anon",
                    noreserve: bool = False) -> int:
-        """A read-write mapping; returns its address (or errno name). ``backing``:
-        "anon" (MAP_PRIVATE|MAP_ANONYMOUS), "shmem" (MAP_SHARED|MAP_ANONYMOUS),
-        "memfd" (a new memfd of the size, MAP_SHARED), "memfd_private" (MAP_PRIVATE),
-        "hugetlb" (MAP_HUGETLB), "hugetlb_shared" (MAP_HUGETLB|MAP_SHARED); ``noreserve``
-        adds MAP_NORESERVE."""
+        """A read-write mapping of ``size`` bytes at ``addr`` (default: 2 MiB-aligned
+        above every mapping); returns its address. ``backing``: "anon" (MAP_PRIVATE|
+        MAP_ANONYMOUS), "shmem" (MAP_SHARED|MAP_ANONYMOUS), "memfd" (a new memfd of the
+        size, MAP_SHARED), "memfd_private" (MAP_PRIVATE), "hugetlb" (MAP_HUGETLB),
+        "hugetlb_shared" (MAP_HUGETLB|MAP_SHARED); ``noreserve`` adds MAP_NORESERVE.
+        KmmError EINVAL (size 0, unaligned addr), ENOMEM (beyond the address space, or
+        no hugetlb reservation), EEXIST (addr is mapped)."""
         self._alive()
+        size = _ulong("mmap", size, "size")
         if addr is None:
             addr = self._free_area(size)
-        r = await mmap.do_mmap(self.m, self.task, addr, size, backing, noreserve)
+        addr = _ulong("mmap", addr, "addr")
+        backing = _word("mmap", backing, "backing", mmap.BACKINGS)
+        r = await mmap.do_mmap(self.m, self.task, addr, size, backing, bool(noreserve))
         self.k._done()
-        return self.k._returned(self.name, "mmap", r)
+        return _check("mmap", r, f"size={size:#x}, addr={addr:#x}", self)
 
     async def ftruncate(self, addr: int, size: int):
-        """ftruncate of the memfd mapped at ``addr`` (by its mmap): 0 or an errno name."""
+        """ftruncate of the memfd mapped at ``addr`` (by its mmap): 0, or KmmError EBADF
+        (no memfd there), EINVAL."""
         from kmm import truncate
         self._alive()
         inode = self.task.files.get(addr)
         if inode is None:
-            return "EBADF"
+            return _check("ftruncate", "EBADF", f"{addr:#x}, {size:#x}", self)
         r = await truncate.shmem_setattr_size(self.m, inode, size)
         if r == 0:
             self._forget_file(inode, size, 1 << 62)
         self.k._done()
-        return r
+        return _check("ftruncate", r, f"{addr:#x}, {size:#x}", self)
 
     async def fallocate_punch_hole(self, addr: int, offset: int, length: int):
         """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) of the memfd mapped at
-        ``addr``: 0 or an errno name. The hole reads back as zeros."""
+        ``addr``: 0, or KmmError EBADF (no memfd there), EINVAL. The hole reads back as
+        zeros."""
         from kmm import truncate
         self._alive()
+        args = f"{addr:#x}, {offset:#x}, {length:#x}"
         inode = self.task.files.get(addr)
         if inode is None:
-            return "EBADF"
+            return _check("fallocate", "EBADF", args, self)
         r = await truncate.shmem_fallocate_punch_hole(self.m, inode, offset, length)
         if r == 0:
             self._forget_file(inode, offset, offset + length)
         self.k._done()
-        return r
+        return _check("fallocate", r, args, self)
 
     def _forget_file(self, inode, start: int, end: int) -> None:
         fs = self.k.file_shadow
@@ -313,22 +376,35 @@ class Proc:
         top = max((v.end for v in self.task.mm.vmas), default=0x2000_0000_0000)
         return (top + (4 << 20) - 1) & ~((2 << 20) - 1)
 
-    async def munmap(self, addr: int, length: int):
+    async def munmap(self, addr: int, length: int) -> int:
+        """munmap(addr, length): 0. KmmError EINVAL (unaligned addr, length 0)."""
         self._alive()
+        addr, length = _ulong("munmap", addr, "addr"), _ulong("munmap", length, "length")
         r = await mmap.do_munmap(self.m, self.task, addr, length)
         if r == 0:
             self._forget(addr, length)
         self.k._done()
-        return self.k._returned(self.name, "munmap", r)
+        return _check("munmap", r, f"{addr:#x}, {length:#x}", self)
 
-    async def mprotect(self, addr: int, length: int, prot: str):
+    async def mprotect(self, addr: int, length: int, prot: str) -> int:
+        """mprotect(addr, length, prot), prot one of "none", "r", "rw": 0. KmmError
+        EINVAL (unaligned), ENOMEM (a hole in the range)."""
         self._alive()
+        addr, length = _ulong("mprotect", addr, "addr"), _ulong("mprotect", length, "length")
+        prot = _word("mprotect", prot, "prot", tuple(mprotect.PROT))
         r = await mprotect.do_mprotect(self.m, self.task, addr, length, prot)
         self.k._done()
-        return self.k._returned(self.name, f"mprotect({prot})", r)
+        return _check("mprotect", r, f"{addr:#x}, {length:#x}, {prot!r}", self,
+                      f"mprotect({prot})")
 
-    async def madvise(self, addr: int, length: int, advice: str):
+    async def madvise(self, addr: int, length: int, advice: str) -> int:
+        """madvise(addr, length, advice), advice one of the names scenarios accept
+        (hugepage, nohugepage, dontneed, collapse, pageout, cold, free): 0. KmmError
+        with the kernel's errno (EINVAL, ENOMEM for a hole, EAGAIN/ENOMEM/EINVAL from
+        MADV_COLLAPSE)."""
         self._alive()
+        addr, length = _ulong("madvise", addr, "addr"), _ulong("madvise", length, "length")
+        advice = _word("madvise", advice, "advice", tuple(madvise.ADVICE))
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
             # private anonymous memory reads back as zeros; in a hugetlb VMA only the
@@ -340,12 +416,18 @@ class Proc:
             for a in [a for a in sh if addr <= a < addr + length]:
                 lazy[a] = sh.pop(a)
         self.k._done()
-        return self.k._returned(self.name, f"madvise({advice})", r)
+        return _check("madvise", r, f"{addr:#x}, {length:#x}, {advice!r}", self,
+                      f"madvise({advice})")
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
-        new address, or an errno name. The bytes written move with their pages."""
+        new address. KmmError EINVAL (bad or overlapping ranges), EFAULT (the source is
+        not one mapped VMA). The bytes written move with their pages."""
         self._alive()
+        addr = _ulong("mremap", addr, "addr")
+        old_len = _ulong("mremap", old_len, "old_len")
+        new_len = _ulong("mremap", new_len, "new_len")
+        new_addr = _ulong("mremap", new_addr, "new_addr")
         r = await mremap.do_mremap(self.m, self.task, addr, old_len, new_len, new_addr)
         if r == new_addr:
             keep = min(old_len, new_len)
@@ -356,12 +438,15 @@ class Proc:
                     del sh[a]
                 sh.update(moved)
         self.k._done()
-        return self.k._returned(self.name, "mremap", r)
+        return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}",
+                      self)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
         "pid,addr,end" to /sys/kernel/debug/split_huge_pages does; returns how many."""
         self._alive()
+        addr = _ulong("split_huge_page", addr, "addr")
+        length = _ulong("split_huge_page", length, "length")
         r = await huge_memory.split_huge_pages_pid(self.m, self.task, addr, addr + length)
         self.k._done()
         return r
@@ -404,7 +489,13 @@ class Proc:
             unknown.difference_update(range(addr, addr + n))
 
     async def fork(self, child: str) -> "Proc":
+        """fork(): the child process, named ``child`` (a new name), sharing every page
+        copy-on-write. ``OutOfMemory`` when the kernel cannot copy the address space."""
         self._alive()
+        if not isinstance(child, str) or not child:
+            raise TypeError(f"fork: child must be a process name (str), not {child!r}")
+        if child in self.m.tasks and self.m.tasks[child].alive:
+            raise ValueError(f"fork: child {child!r} names a live process")
         k = self.k
         racing: set[int] = set()
         k.forking.setdefault(self.name, []).append(racing)
@@ -426,6 +517,7 @@ class Proc:
         return Proc(k, t, self.cpu)
 
     async def exit(self) -> None:
+        """exit(): the process's address space is torn down."""
         self._alive()
         await fork.do_exit(self.m, self.task)
         self.k.shadow.pop(self.name, None)
@@ -440,13 +532,21 @@ class Proc:
     async def store(self, addr: int, data: bytes) -> None:
         """Write bytes (each page's part is one CPU store). SIGSEGV kills the process."""
         self._alive()
+        addr = _ulong("store", addr, "addr")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"store: data must be bytes, not {type(data).__name__}")
+        data = bytes(data)
         sh = self.k.shadow[self.name]
         i = 0
         try:
             while i < len(data):
                 a = addr + i
                 chunk = data[i:i + PAGE_SIZE - (a & (PAGE_SIZE - 1))]
-                await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                try:
+                    await fault.user_access(self.m, self.task, self.cpu, a, True, chunk)
+                except fault.OutOfMemory:
+                    await oom_kill.out_of_memory(self.m, self.task)  # then retry
+                    continue
                 lazy = self.k.lazy[self.name]
                 shared = self._shared_offset(a) if self.m.__dict__.get("shmem") else None
                 for j, b in enumerate(chunk):
@@ -463,13 +563,18 @@ class Proc:
         self.k._done()
 
     async def load(self, addr: int, n: int = 1) -> bytes:
+        """Read ``n`` bytes at ``addr``. SIGSEGV kills the process."""
         self._alive()
+        addr, n = _ulong("load", addr, "addr"), _ulong("load", n, "n")
         out = bytearray()
         try:
             while len(out) < n:
                 a = addr + len(out)
                 k = min(n - len(out), PAGE_SIZE - (a & (PAGE_SIZE - 1)))
-                out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
+                try:
+                    out += await fault.user_access(self.m, self.task, self.cpu, a, False, n=k)
+                except fault.OutOfMemory:
+                    await oom_kill.out_of_memory(self.m, self.task)  # then retry
         except (fault.Segv, fault.Sigbus) as e:
             await self._kill(e.signal)
             raise
@@ -479,8 +584,15 @@ class Proc:
     async def touch(self, addr: int, length: int, write: bool = True, value: int = 1,
                     stride: int = PAGE_SIZE) -> int:
         """One access per stride in [addr, addr+length): a byte ``value`` written, or a
-        byte read. Returns how many read bytes differed from ``value`` (reads only)."""
+        byte read. Returns how many read bytes differed from ``value`` (reads only).
+        SIGSEGV kills the process; a fault without memory runs the OOM killer."""
         self._alive()
+        addr, length = _ulong("touch", addr, "addr"), _ulong("touch", length, "length")
+        stride = _ulong("touch", stride, "stride")
+        if stride == 0:
+            raise ValueError("touch: stride must be above 0")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise ValueError(f"touch: value must be a byte (0..255), not {value!r}")
         sh = self.k.shadow[self.name]
         lazy = self.k.lazy[self.name]
         data = bytes([value])
@@ -490,44 +602,49 @@ class Proc:
         forking, unknown = self.k.forking, self.k.unknown  # checked per write: a fork
         # may start on another CPU halfway through
         end = addr + length
+        a = addr
         try:
-            if write and m.sched.quiet and not files:  # (shared files: the slow path
-                # below keeps their bytes in file_shadow)
-                # the stores that hit the TLB need no coroutine each (fault.store_run);
-                # a miss takes the whole access path
-                a = addr
-                while a < end:
-                    a0 = a
-                    a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
-                    if forking or unknown:
-                        for x in range(a0, a, stride):
-                            self._wrote(x, 1)
-                    if a < end:
-                        await fault.user_access(m, task, cpu, a, True, data)
-                        sh[a] = value
-                        if lazy:
-                            lazy.pop(a, None)
-                        if forking or unknown:
-                            self._wrote(a, 1)
-                        a += stride
-                self.k._done()
-                return 0
-            for a in range(addr, end, stride):
-                if write:
-                    await fault.user_access(m, task, cpu, a, True, data)
-                    if files:
-                        shared = self._shared_offset(a)
-                        if shared is not None:
-                            self.k.file_shadow[shared] = value
-                            continue
-                    sh[a] = value
-                    if lazy:
-                        lazy.pop(a, None)
-                    if forking or unknown:
-                        self._wrote(a, 1)
-                else:
-                    got = await fault.user_access(m, task, cpu, a, False, n=1)
-                    mismatches += got[0] != value
+            while True:
+                try:
+                    if write and m.sched.quiet and not files:  # (shared files: the slow
+                        # path below keeps their bytes in file_shadow)
+                        # the stores that hit the TLB need no coroutine each
+                        # (fault.store_run); a miss takes the whole access path
+                        while a < end:
+                            a0 = a
+                            a = fault.store_run(m, task, cpu, a, end, stride, data, sh, lazy)
+                            if forking or unknown:
+                                for x in range(a0, a, stride):
+                                    self._wrote(x, 1)
+                            if a < end:
+                                await fault.user_access(m, task, cpu, a, True, data)
+                                sh[a] = value
+                                if lazy:
+                                    lazy.pop(a, None)
+                                if forking or unknown:
+                                    self._wrote(a, 1)
+                                a += stride
+                        self.k._done()
+                        return 0
+                    for a in range(a, end, stride):
+                        if write:
+                            await fault.user_access(m, task, cpu, a, True, data)
+                            if files:
+                                shared = self._shared_offset(a)
+                                if shared is not None:
+                                    self.k.file_shadow[shared] = value
+                                    continue
+                            sh[a] = value
+                            if lazy:
+                                lazy.pop(a, None)
+                            if forking or unknown:
+                                self._wrote(a, 1)
+                        else:
+                            got = await fault.user_access(m, task, cpu, a, False, n=1)
+                            mismatches += got[0] != value
+                    break
+                except fault.OutOfMemory:  # the OOM killer, then the access again
+                    await oom_kill.out_of_memory(m, task)
         except (fault.Segv, fault.Sigbus) as e:
             await self._kill(e.signal)
             raise

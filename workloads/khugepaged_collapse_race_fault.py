@@ -11,6 +11,8 @@ the new THP. No byte may be lost:
     kmm run workloads/khugepaged_collapse_race_fault.py --cpus 2 --mode random --seed 3
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -22,7 +24,7 @@ async def main(k):
         await p.touch(a + block, MiB, value=1)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def writer(cpu):
         q = p.on(cpu)

@@ -10,6 +10,8 @@ write their own value: neither may see the other's writes, and no byte is lost:
     kmm run workloads/khugepaged_collapse_race_fork.py --cpus 2 --mode random --seed 5
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -20,7 +22,7 @@ async def main(k):
     await p.touch(a, SIZE, value=3)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def forker(cpu):
         return await p.on(cpu).fork("child")

@@ -10,6 +10,8 @@ page is freed or still mapped, and the bytes left mapped are intact:
     kmm run workloads/khugepaged_collapse_race_munmap.py --cpus 2 --mode random --seed 1
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 4 * MiB
 
@@ -21,7 +23,7 @@ async def main(k):
     b = await p.mmap(MiB)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def unmapper(cpu):
         q = p.on(cpu)

@@ -12,6 +12,8 @@ way the data survive and every folio is accounted for:
     kmm run workloads/khugepaged_collapse_race_split.py --cpus 2 --mode random --seed 2
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 
 
@@ -23,7 +25,7 @@ async def main(k):
     await p.madvise(a + MiB, 4096, "dontneed")
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, 2 * MiB, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, 2 * MiB, "collapse"))
 
     async def splitter(cpu):
         return await p.on(cpu).split_huge_page(a, 2 * MiB)

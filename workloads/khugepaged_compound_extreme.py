@@ -16,6 +16,8 @@ is built of small pages instead. Run it on 4 GiB to see the compound case:
     kmm run workloads/khugepaged_compound_extreme.py --cpus 1
 """
 
+from kmm import errno_name
+
 MiB = 1 << 20
 PAGE = 4096
 HPAGE = 2 * MiB
@@ -65,7 +67,7 @@ async def madvise_collapse(k, p, addr: int) -> bool:
     sysfs = k.machine.sysfs
     sysfs.write("enabled", "never")
     await p.madvise(addr, HPAGE, "hugepage")
-    r = await p.madvise(addr, HPAGE, "collapse")
+    r = await errno_name(p.madvise(addr, HPAGE, "collapse"))
     sysfs.write("enabled", "madvise")
     return r == 0 and k.smaps(p, addr, HPAGE)[1] == 2048
 

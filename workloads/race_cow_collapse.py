@@ -13,6 +13,8 @@ fork. Exposes ``collapse_mmap_read_lock`` (kmm/bugs.py):
     kmm explore workloads/race_cow_collapse.py --schedules 10000
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -24,7 +26,7 @@ async def main(k):
     child = await p.fork("child")
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def writer(cpu):
         q = p.on(cpu)

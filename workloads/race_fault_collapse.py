@@ -13,6 +13,8 @@ lands in the new THP. No byte may be lost. Exposes the injected bugs
     kmm explore workloads/race_fault_collapse.py --schedules 10000
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -23,7 +25,7 @@ async def main(k):
     await p.on(1).touch(a, SIZE, value=1, stride=64 << 10)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def writer(cpu):
         q = p.on(cpu)

@@ -16,6 +16,8 @@ bytes still mapped read back:
     kmm explore workloads/race_munmap_collapse.py --schedules 10000
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 ROUNDS = 3
@@ -35,7 +37,7 @@ async def main(k):
 
         async def collapser(cpu, a=a, done=done):
             try:
-                return await p.on(cpu).madvise(a, SIZE, "collapse")
+                return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
             finally:
                 done.append(True)
 

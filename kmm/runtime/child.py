@@ -24,6 +24,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from kmm.runtime.msgs import WireError
 from kmm.runtime.wire import PROTOCOL, Bye, Call, Fault, Hello, Reply, SyncFrames, plain
 
 
@@ -55,7 +56,7 @@ class Connection:
         if msg is None:
             raise OwnerGone()
         if not isinstance(msg, Reply) or msg.id != 0 or not isinstance(msg.value, dict):
-            raise RuntimeError(f"owner answered the hello with {msg!r}")
+            raise WireError(f"owner answered the hello with a {msg.kind!r} record")
         self.calls = msg.value.get("calls") or {}
         return msg.value
 
@@ -75,7 +76,7 @@ class Connection:
             if isinstance(cls, type) and issubclass(cls, Exception):
                 raise cls(msg.message)
             raise RemoteError(msg.error, msg.message)
-        raise RuntimeError(f"owner answered call {cid} with {msg!r}")
+        raise WireError(f"owner answered call {cid} with a {msg.kind!r} record")
 
 
 def revive(value: Any, shape: Any) -> Any:
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+    except WireError as e:  # the owner's end is not speaking the protocol: one line
+        print(f"kmm.runtime.child: {e}", file=sys.stderr)
+        return 1
     except BaseException as e:  # the actor's code failed: report it, then exit
         if isinstance(e, SystemExit):
             raise
@@ -238,4 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module, not as __main__: the roles (child_program) import
+    # kmm.runtime.child, and its OwnerGone must be the one main() catches
+    from kmm.runtime.child import main as _main
+    sys.exit(_main())

@@ -109,6 +109,12 @@ def revive_error(error: str, message: str, attrs: dict | None = None) -> Excepti
     cls = _ERRORS.get(error) or getattr(builtins, error, None)
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
         return RemoteError(f"{error}: {message}")
+    revive = getattr(cls, "_revive", None)  # an error that rebuilds itself from its text
+    if revive is not None:
+        try:
+            return revive(message)
+        except Exception:
+            pass
     e = cls.__new__(cls)
     e.args = (message,)
     for k, x in (attrs or {}).items():

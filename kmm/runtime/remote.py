@@ -195,7 +195,8 @@ class Child:
                     raise ChildDied(self.actor, self.pid, await self._exit_reason())
                 return msg
         except WireError as e:
-            raise ChildDied(self.actor, self.pid, f"sent a malformed frame ({e})") from None
+            raise ChildDied(self.actor, self.pid,
+                            f"sent a malformed frame ({e}){_text_hint(self.stream)}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ChildDied(self.actor, self.pid, await self._exit_reason()) from None
         raise ChildDied(self.actor, self.pid,
@@ -236,6 +237,17 @@ class Child:
         _LIVE.discard(self)
 
 
+def _text_hint(stream) -> str:
+    """A frame header that reads as text: the child printed to its stdout, which is
+    the protocol's pipe (docs/wire.md)."""
+    head = bytes(getattr(stream, "_buf", b"")[:24])
+    if len(head) >= 4 and all(32 <= b < 127 or b in (9, 10, 13) for b in head[:4]):
+        text = head.decode("ascii", "replace").split("\n")[0]
+        return (f"; it begins {text!r}, text: does the actor print to stdout? stdout "
+                "carries the protocol; print to stderr")
+    return ""
+
+
 def _kill(proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session
@@ -263,15 +275,17 @@ def reap_all() -> None:
 
 
 async def open_child(argv: list[str], actor: str | None, *, timeout: float,
-                     interface: dict | None = None) -> Child:
+                     interface: dict | None = None, startup: float | None = None) -> Child:
     """Start ``argv`` with the protocol on its stdin/stdout, wait for its ``Hello``
     (which must name ``actor``, if given, and speak PROTOCOL), and answer with
-    ``Reply(0, {"actor", "calls"})``: the calls it may make (``interface``)."""
+    ``Reply(0, {"actor", "calls"})``: the calls it may make (``interface``).
+    ``startup`` bounds the wait for the Hello (default: ``timeout``, at least
+    STARTUP_TIMEOUT); a run's explicit --child-timeout is passed here."""
     proc = await trio.lowlevel.open_process(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     child = Child(proc, actor or argv[-1], timeout)
     try:
-        hello = await child.receive("its Hello", max(timeout, STARTUP_TIMEOUT))
+        hello = await child.receive("its Hello", startup or max(timeout, STARTUP_TIMEOUT))
         if isinstance(hello, Fault):
             raise ChildDied(child.actor, child.pid,
                             f"failed before its hello: {hello.error}: {hello.message}")
@@ -376,7 +390,8 @@ def daemon_runner(m, daemon) -> Callable[[Any], Awaitable[Any]] | None:
     async def run(ctx) -> Any:
         iface, dispatch = object_dispatch(ctx)
         argv = [sys.executable, "-m", "kmm.runtime.child", "daemon", spec]
-        child = await open_child(argv, daemon.name, timeout=timeout, interface=iface)
+        child = await open_child(argv, daemon.name, timeout=timeout, interface=iface,
+                                 startup=getattr(m, "child_startup", None))
         return await supervise(child, dispatch, m.sched.current)
 
     return run
@@ -403,10 +418,13 @@ async def start_exec_daemon(m, command: str, context_cls: type, *,
     argv = shlex.split(command)
     if not argv:
         raise SpawnError("--daemon exec: needs a command")
+    if argv[0] in ("python", "python3"):  # this interpreter, not whatever PATH finds first
+        argv[0] = sys.executable
     timeout = timeout or getattr(m, "child_timeout", None) or DEFAULT_TIMEOUT
     try:
         child = await open_child(argv, None, timeout=timeout,
-                                 interface=interface(context_cls))
+                                 interface=interface(context_cls),
+                                 startup=getattr(m, "child_startup", None))
     except OSError as e:
         raise SpawnError(f"--daemon exec:{command}: cannot start: {e}") from None
     return ExecDaemon(m, child)

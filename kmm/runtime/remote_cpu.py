@@ -243,7 +243,8 @@ async def run_main(k, path: str, proc_cls: type, errors: tuple = ()) -> Any:
     # start-up (python, kmm, the program's imports) is not a hang, however short the
     # timeout the run sets for its operations
     child = await remote.open_child(argv, "main", timeout=max(timeout, START_TIMEOUT),
-                                    interface=iface)
+                                    interface=iface,
+                                    startup=getattr(m, "child_startup", None))
     child.timeout = timeout
     host = ProgramHost(k, child, iface, proc_cls, errors)
     try:

@@ -95,7 +95,10 @@ def plain(value: Any, where: str = "value") -> Any:
 
 
 def pack(msg) -> bytes:
-    body = msgpack.packb(to_dict(msg), use_bin_type=True)
+    try:
+        body = msgpack.packb(to_dict(msg), use_bin_type=True)
+    except OverflowError as e:  # an int beyond 64 bits: not plain data on the wire
+        raise WireError(f"{msg.kind}: cannot be sent ({e})") from None
     if len(body) > MAX_FRAME:
         raise WireError(f"{msg.kind}: frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return _LEN.pack(len(body)) + body

@@ -1,4 +1,4 @@
-"""``kmm bench``: the budgets of design.md section 6 and docs/budgets.md, in one run.
+"""``kmm bench``: the budgets of docs/budgets.md, measured in one run.
 
 A benchmark, not a test: fault and store figures are CPU time of this process
 (``time.process_time``: user + system, so the host kernel's fault handling counts and
@@ -38,7 +38,7 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 PAGE = 4 * KiB
 HPAGE = 2 * MiB
 
-# design.md section 6: emulated cost / host cost at most this
+# docs/budgets.md: emulated cost / host cost at most this
 TARGET_4K = 10.0
 TARGET_THP = 1.0
 # start-up "equal": 1 TiB over 1 GiB at most this (time is wall clock: allow noise)
@@ -367,7 +367,7 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-# --- CPU actors in child processes (design.md section 6: at most 3x slower) -------------
+# --- CPU actors in child processes (docs/budgets.md: at most 3x slower) -------------
 TARGET_SPAWN = 3.0
 SPAWN_PROGRAM = "redis_snapshot.py"  # fork + two CPUs writing and reading 16 MiB of THPs
 

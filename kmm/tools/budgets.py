@@ -1,4 +1,4 @@
-"""The issue-15 budgets ``kmm bench`` prints as ratios (docs/budgets.md says how to read
+"""The budgets ``kmm bench`` prints as ratios (docs/budgets.md says how to read
 them): stores to a mapped THP region against the host, and the explorer's schedules per
 second per core on the race programs, with the checker on.
 
@@ -130,7 +130,7 @@ def format_targets(res: dict[str, Any]) -> list[str]:
     """The budget lines of the table: one per target, the ratio and whether it is met."""
     f, st, ex = res["faults"], res["stores"], res["explore"]
     r4 = f["4k"]
-    lines = ["", "budgets (issue 15; docs/budgets.md)",
+    lines = ["", "budgets (docs/budgets.md)",
              f"{'':<36}{'measured':>12}{'against':>12}{'ratio':>9}{'target':>10}  met"]
 
     def row(label: str, got: str, ref: str, ratio: float, need: str, met: bool) -> None:

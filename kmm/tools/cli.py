@@ -114,6 +114,13 @@ def cmd_run(args) -> int:
     from kmm.tools.scenario import load_scenario
     from kmm import daemon
     from kmm.runtime import remote
+    if args.cpus is not None and args.cpus < 1:
+        print("kmm: --cpus must be at least 1", file=sys.stderr)
+        return 2
+    if args.daemon:  # module:Class from the current directory, as `python -m` finds it
+        import os
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
     try:
         plugins = [spec if spec.startswith("exec:") else daemon.load_daemon_spec(spec)
                    for spec in args.daemon or ()]
@@ -129,7 +136,9 @@ def cmd_run(args) -> int:
     if args.child_timeout is not None and not args.child_timeout > 0:
         print("kmm: --child-timeout must be a positive number of seconds", file=sys.stderr)
         return 2
-    spawned = dict(spawn=spawn, child_timeout=args.child_timeout)
+    spawned = dict(spawn=spawn, child_timeout=args.child_timeout,
+                   child_startup=args.child_timeout,
+                   warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
     trace = open(args.trace, "w") if args.trace else None
     try:
         if args.file.endswith(".py"):
@@ -152,9 +161,6 @@ def cmd_run(args) -> int:
     except remote.SpawnError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the child processes were killed on the way out
-        print("kmm: interrupted", file=sys.stderr)
-        return 130
     finally:
         if trace:
             trace.close()
@@ -176,9 +182,14 @@ def daemon_names(plugins) -> list[str]:
 def cmd_oracle(args) -> int:
     from kmm.tools import oracle
     from kmm.tools.scenario import load_scenario
+    if args.file.endswith(".py"):
+        print(f"kmm oracle: {args.file}: a program cannot run on the host kernel; the "
+              "oracle runs scenarios (.toml)", file=sys.stderr)
+        return 2
     sc = load_scenario(args.file)
     try:
-        rep = oracle.run_oracle(sc)
+        rep = oracle.run_oracle(sc, waiting=lambda text: print(f"kmm oracle: {text}",
+                                                               file=sys.stderr))
     except oracle.OracleError as e:
         print(f"kmm oracle: {e}", file=sys.stderr)
         return 2
@@ -233,11 +244,16 @@ def cmd_replay(args) -> int:
 def _explore_cli(args) -> int:
     import os
     from kmm.tools import explore as ex
-    if not args.program.endswith(".py") or not os.path.isfile(args.program):
-        print(f"kmm explore: {args.program}: not a program file (.py)", file=sys.stderr)
+    if not os.path.exists(args.program):
+        print(f"kmm explore: {args.program}: no such file", file=sys.stderr)
         return 2
-    if args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1):
-        print("kmm explore: --schedules, --jobs and --depth must be at least 1",
+    if not args.program.endswith(".py") or not os.path.isfile(args.program):
+        print(f"kmm explore: {args.program}: not a program file (.py with async def "
+              "main(k))", file=sys.stderr)
+        return 2
+    if (args.schedules < 1 or args.jobs < 1 or (args.depth is not None and args.depth < 1)
+            or (args.cpus is not None and args.cpus < 1)):
+        print("kmm explore: --schedules, --jobs, --depth and --cpus must be at least 1",
               file=sys.stderr)
         return 2
     try:
@@ -279,15 +295,18 @@ def _explore_cli(args) -> int:
     print("  " + v["message"].replace("\n", "\n  "))
     mode, seed, params = ex.schedule_params(cfg, summ.first)
     fail = ex.run_schedule(cfg, mode, seed, params, aim=True)
+    # a name of its own unless --out names one (then it is replaced, whole or not at all)
+    out = args.out or ex.failure_path(args.program, seed)
     if v["kind"] == "nondeterminism":
-        ex.write_failure(args.out, cfg, summ.first, ex.Outcome(
-            kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None)
+        ex.write_failure(out, cfg, summ.first, ex.Outcome(
+            kind=v["kind"], message=v["message"], decisions=fail.decisions), None, None,
+            replace=bool(args.out))
     else:
         sched, mini = ex.minimize(cfg, seed, fail, budget=args.minimize_budget)
-        ex.write_failure(args.out, cfg, summ.first, fail, sched, mini)
+        ex.write_failure(out, cfg, summ.first, fail, sched, mini, replace=bool(args.out))
         print(f"minimized: {fail.preemptions} preemptions -> {mini.preemptions} "
               f"({len(sched)} forced choices), {mini.kind} at event {mini.seq}")
-    print(f"failure file: {args.out}   (kmm replay {args.out})")
+    print(f"failure file: {out}   (kmm replay {out})")
     return 1
 
 
@@ -305,14 +324,15 @@ def _keep_going_report(args, cfg, summ) -> int:
     print(f"{len(summ.distinct)} distinct violation{'s' if len(summ.distinct) > 1 else ''}"
           f" in {sum(d['count'] for d in summ.distinct)} schedules:")
     for k, d in enumerate(summ.distinct):
-        path = ex.failure_path(args.out, k)
+        path = (ex.keep_going_path(args.out, k) if args.out
+                else ex.failure_path(args.program, ex.schedule_params(cfg, d["first"])[1]))
         print(f"[{k + 1}] {d['kind']} at {d['site']}: first schedule {d['first']} (seed "
               f"{args.seed + d['first']}), {d['count']} schedule"
               f"{'s' if d['count'] > 1 else ''}")
         msg = d["message"].splitlines()
         print("\n".join("    " + ln for ln in msg[:6]))
         ex.record_failure(cfg, d["first"], path, budget=args.minimize_budget,
-                          violation=d)
+                          violation=d, replace=bool(args.out))
         print(f"    failure file: {path}")
     return 1
 
@@ -344,7 +364,8 @@ def _replay_cli(args) -> int:
     else:
         print("no violation this time")
     print(f"trace sha256 {out.digest[:16]}: {why}")
-    return 0 if ok else 1
+    # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
+    return 1 if out.kind else 0
 
 
 def cmd_locks(args) -> int:
@@ -381,8 +402,12 @@ def cmd_compare(args) -> int:
     return compare.main(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
+def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command and its options (``kmm CMD --help``)."""
+    p = argparse.ArgumentParser(
+        prog="kmm", description="Emulate Linux 6.18 THP.",
+        epilog="exit codes: 0 ok, 1 violation found or check failed, 2 bad input, 3 an "
+               "actor died, 130 interrupted, 143 terminated")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a scenario (.toml) or a program (.py)")
     r.add_argument("file")
@@ -400,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                         "daemons, or daemon names (khugepaged, kswapd, kcompactd, ...)")
     r.add_argument("--child-timeout", type=float, metavar="SECONDS",
                    help="a spawned actor silent this long (wall time) is reported as "
-                        f"hung (default {60:g})")
+                        f"hung (default {60:g}); given, it also bounds a child's start "
+                        "(the wait for its hello)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("daemons", help="list the installed daemons and their knobs")
     d.add_argument("--json", action="store_true")
@@ -421,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--inject", action="append", metavar="BUG",
                    help="turn on an injected bug (repeatable)")
     e.add_argument("--all", action="store_true", help="run every schedule and count")
-    e.add_argument("--out", default="FAILURE.jsonl", help="failure file (FAILURE.jsonl)")
+    e.add_argument("--out", help="failure file, replaced if it exists (default: a new "
+                   "FAILURE-<program>-<seed>.jsonl in the current directory)")
     e.add_argument("--check-determinism", action="store_true",
                    help="run every seed twice; a trace difference is a violation")
     e.add_argument("--check", default="op", choices=("point", "op", "end"),
@@ -472,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     mu.add_argument("--json", metavar="FILE", help="write the kills as JSON")
     mu.add_argument("--quiet", action="store_true", help="no line per mutant on stderr")
     mu.set_defaults(fn=cmd_mutate)
-    b = sub.add_parser("bench", help="measure the design.md section 6 budgets")
+    b = sub.add_parser("bench", help="measure the budgets of docs/budgets.md (emulated vs "
+                       "host fault cost, start-up, spawned actors)")
     b.add_argument("--pages", type=int, default=10000, help="4 KiB faults (default 10000)")
     b.add_argument("--thps", type=int, default=256, help="2 MiB THP faults (default 256)")
     b.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
@@ -494,12 +522,90 @@ def main(argv: list[str] | None = None) -> int:
                                                           key="memory"),
                     default=512 << 20, help="emulated RAM (512MiB)")
     cp.set_defaults(fn=cmd_compare)
+    for sp in (r, e, rp, o, b, mu, cp):
+        sp.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full Python stack (kmm's frames too)")
+    return p
+
+
+EXIT_CODES = {0: "ok", 1: "violation found or check failed (a program's own error too)",
+              2: "bad input (scenario, program, option, failure file)",
+              3: "an actor died (kernel BUG, a daemon or spawned actor failed)",
+              130: "interrupted (SIGINT)", 143: "terminated (SIGTERM)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``kmm`` command. Exit codes: EXIT_CODES (also in the README)."""
+    from kmm.tools import interrupt
+    p = build_parser()
     args = p.parse_args(argv)
+    command = argv is None  # the `kmm` process itself (not a call from a test)
+    if command:
+        interrupt.become_subreaper()
+    saved = interrupt.install()
+    try:
+        rc = _dispatch(args)
+        if not interrupt.caught():
+            sys.stdout.flush()
+    except BrokenPipeError:  # `kmm run ... | head`: the reader has gone; so do we
+        if command:
+            _quiet_stdout()
+        rc = 0
+    except BaseException:  # noqa: BLE001 - an interruption leaves as one line, below
+        if not interrupt.caught():
+            raise
+        rc = 0
+    finally:
+        _reap()
+        if command:
+            interrupt.reap_children()
+        interrupt.restore(saved)
+    if interrupt.caught():
+        if command:
+            _quiet_stdout()
+        print(("\n" if sys.stderr.isatty() else "") + f"kmm: {interrupt.message()}",
+              file=sys.stderr)
+        return interrupt.exit_code()
+    return rc
+
+
+def _quiet_stdout() -> None:
+    """No error at exit for output nobody reads (a closed pipe, an interruption)."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _reap() -> None:
+    """However the command ends, no spawned actor's process outlives it."""
+    mod = sys.modules.get("kmm.runtime.remote")
+    if mod is not None:
+        mod.reap_all()
+
+
+def _dispatch(args) -> int:
+    """Run the sub-command; bad input and user-code errors are one line (plus the
+    user's own frames), exit codes as EXIT_CODES."""
+    from kmm.tools import errors
     try:
         return args.fn(args)
     except ScenarioError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
+    except errors.UserCodeError as e:
+        if getattr(args, "traceback", False):
+            import traceback
+            traceback.print_exception(e.error, file=sys.stderr)
+        print(f"kmm: {e}", file=sys.stderr)
+        if not getattr(args, "traceback", False):
+            frames = e.frames()
+            if frames:  # the user's own stack, when the line names only its top
+                print(frames, file=sys.stderr)
+        return e.exit_code
     except FileNotFoundError as e:
         print(f"kmm: {e.filename}: no such file", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Compare two reports (design.md section 5): the oracle's and the emulator's.
+"""Compare two reports (docs/report-format.md): the oracle's and the emulator's.
 
 ``compare(expected, actual)`` lists every difference as a readable line. Everything must
 be equal, except the counters of ``kmm.vmstat.PER_PASS_EVENTS``, which grow with every
@@ -115,7 +115,7 @@ EXTENSIONS = ("events", "meminfo", "hugetlb_events")  # compared when either rep
 def compare(expected: dict, actual: dict) -> list[str]:
     """Differences between two reports, one readable line each; [] when they agree."""
     out: list[str] = []
-    # the contract of design.md section 5 and the compared extensions; other top-level
+    # the contract of docs/report-format.md and the compared extensions; other top-level
     # keys (the emulator's "locks", "zone" and "run") extend a report and are not compared
     extensions = [x for x in EXTENSIONS if x in expected or x in actual]
     for section in (*CONTRACT, *extensions):

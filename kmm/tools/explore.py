@@ -16,9 +16,12 @@ Violations have a kind:
 ``data``           a written byte that does not read back: the checker's shadow
                    check, or a program result whose ``lost_bytes`` / ``*_lost``
                    value is nonzero
-``assertion``      an AssertionError raised by the program itself, or a call
-                   that failed (an errno) which the program never examined
-                   with ``k.expect`` (kmm.workload.Kernel.expect)
+``assertion``      an AssertionError raised by the program itself, or a failed
+                   call turned into its errno name (``errno_name``) which the
+                   program never examined with ``k.expect``
+``program-error``  any other exception the program raised itself, a SIGSEGV or
+                   SIGBUS of its process, or a call the program API refused
+                   (kmm.tools.errors: the innermost frame is the program's)
 ``kernel-bug``     KernelBug or any other exception out of the mechanism
 ``nondeterminism`` two runs of the same seed gave different trace digests
 ``livelock``       the run passed ``max_points`` points (sched.Livelock): the
@@ -95,7 +98,7 @@ from kmm.lockdep import LockdepSplat
 from kmm.runtime import remote
 from kmm.runtime.sched import Deadlock, Livelock, SchedError, focus_matcher
 from kmm.runtime.trace import Trace
-from kmm.tools import runner
+from kmm.tools import errors, interrupt, runner
 from kmm.workload import Kernel, UnexpectedResult
 
 FORMAT = "kmm-failure/1"
@@ -103,8 +106,8 @@ TAIL = 400                 # trace events kept in the failure file
 MODES = ("random", "pct", "preempt")
 CHECKS = ("point", "op", "end")
 DEFAULT_DEPTH = {"random": 1, "pct": 3, "preempt": 2}
-KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "kernel-bug",
-         "nondeterminism", "livelock")
+KINDS = ("invariant", "lockdep", "deadlock", "data", "assertion", "program-error",
+         "kernel-bug", "nondeterminism", "livelock")
 LIVELOCK_FACTOR = 50       # default bound: this many times the first run's points
 MEASURE_CAP = 2_000_000    # the measuring run's own bound
 
@@ -226,6 +229,10 @@ def classify(e: BaseException, path: str) -> tuple[str, str]:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return "assertion", (f"{tb.filename}:{tb.lineno}: {tb.line}"
                              + (f" ({e})" if str(e) else ""))
+    if isinstance(e, errors.UserCodeError):
+        return "program-error", str(e)
+    if errors.raised_by_user(e):
+        return "program-error", str(errors.ProgramError(path, e))
     if isinstance(e, SchedError):
         return "kernel-bug", f"scheduler: {e}"
     return "kernel-bug", f"{type(e).__name__}: {e}"
@@ -312,6 +319,8 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
             raise Violation("assertion", "the program ignored failed calls: "
                             + "; ".join(ignored[:8]))
     except Exception as e:  # noqa: BLE001 - every exception is a finding
+        if interrupt.caught():  # the signal landed inside an operation: not a finding
+            raise interrupt.Interrupted(interrupt.caught()) from None
         out.kind, out.message = classify(e, cfg.program)
         out.seq = m.sched.seq
     s = m.sched
@@ -475,7 +484,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         chunk = max(1, min(16, schedules // (jobs * 8) or 1))
         starts = list(range(0, schedules, chunk))
         ctx = mp.get_context("fork")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with interrupt.WorkerPool(jobs, ctx) as pool:
             pending: dict = {}
             nxt = 0
             while nxt < len(starts) or pending:
@@ -585,7 +594,8 @@ def sha256_file(path: str) -> str:
 
 
 def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
-                  sched: list[tuple[str, str]] | None, mini: Outcome | None) -> dict:
+                  sched: list[tuple[str, str]] | None, mini: Outcome | None,
+                  replace: bool = True) -> dict:
     """The failure file (module docstring); returns its header."""
     mode, seed, params = schedule_params(cfg, i)
     head: dict[str, Any] = {
@@ -605,14 +615,25 @@ def write_failure(path: str, cfg: Config, i: int, fail: Outcome,
         head["minimized"] = {"preemptions": [list(p) for p in sched or ()],
                              "count": mini.preemptions, "violation": mini.violation(),
                              "digest": mini.digest, "events": mini.seq}
-    with open(path, "w") as f:
-        f.write(json.dumps(head, sort_keys=True) + "\n")
-        for ev in (mini.events if mini is not None else ()):
-            f.write(json.dumps(ev, sort_keys=True) + "\n")
+    text = json.dumps(head, sort_keys=True) + "\n" + "".join(
+        json.dumps(ev, sort_keys=True) + "\n" for ev in (mini.events if mini is not None else ()))
+    interrupt.publish(path, text, replace=replace)
     return head
 
 
-def failure_path(out: str, k: int) -> str:
+def failure_path(program: str, seed: int) -> str:
+    """A failure file name of its own in the current directory:
+    FAILURE-<program>-<seed>.jsonl, then -2, -3 ... if taken (never overwritten)."""
+    stem = os.path.splitext(os.path.basename(program))[0]
+    base = f"FAILURE-{stem}-{seed}"
+    name, n = base + ".jsonl", 1
+    while os.path.exists(name):
+        n += 1
+        name = f"{base}-{n}.jsonl"
+    return name
+
+
+def keep_going_path(out: str, k: int) -> str:
     """The k-th (0-based) failure file of a keep-going exploration: ``out`` itself,
     then OUT-2.jsonl, OUT-3.jsonl, ..."""
     if k == 0:
@@ -622,7 +643,7 @@ def failure_path(out: str, k: int) -> str:
 
 
 def record_failure(cfg: Config, i: int, path: str, budget: int = 300,
-                   violation: dict | None = None
+                   violation: dict | None = None, replace: bool = True
                    ) -> tuple[Outcome, list | None, Outcome | None]:
     """Re-run failing schedule i, minimize it (unless nondeterministic) and write its
     failure file at ``path``: (the failing run, the minimized schedule, its run)."""
@@ -631,10 +652,10 @@ def record_failure(cfg: Config, i: int, path: str, budget: int = 300,
     if (violation or {}).get("kind") == "nondeterminism" or fail.kind is None:
         write_failure(path, cfg, i, Outcome(
             kind="nondeterminism", message=(violation or {}).get("message", ""),
-            decisions=fail.decisions), None, None)
+            decisions=fail.decisions), None, None, replace=replace)
         return fail, None, None
     sched, mini = minimize(cfg, seed, fail, budget=budget)
-    write_failure(path, cfg, i, fail, sched, mini)
+    write_failure(path, cfg, i, fail, sched, mini, replace=replace)
     return fail, sched, mini
 
 

@@ -1,4 +1,4 @@
-"""Run a scenario on the host kernel and report what it did (design.md section 5).
+"""Run a scenario on the host kernel and report what it did (docs/report-format.md).
 
 The oracle is the emulator's ground truth: the same scenario file, run by real processes
 on the machine's own Linux, reported in the same shape as ``kmm run --json``.
@@ -30,14 +30,14 @@ How a run goes:
   huge zero folio when no mm holds it, so the run's first huge-zero use counts
   ``thp_zero_page_alloc`` 1 as it does on the emulator's freshly booted machine.
 
-* Issue 3 resources, set up only for the scenarios that need them and released on every
-  exit path like the knobs (the file in /run notes each one as soon as it exists):
-  ``[machine] swap`` > 0 makes a fresh zram device of that size the only swap (the run is
-  refused if another swap is active or zswap is on), and the report gains ``swap_kb`` per
-  region and ``events`` (pswpin, pswpout); a ``split`` step writes the range to debugfs
-  ``split_huge_pages`` (debugfs is mounted for the run if it is not); a ``reclaim`` step
-  runs ``memory.force_empty`` on a cgroup-v1 memory cgroup that holds every worker of the
-  run, with swappiness 0 (see ``memcg_reclaim``).
+* Swap, debugfs and memory-cgroup resources, set up only for the scenarios that need
+  them and released on every exit path like the knobs (the file in /run notes each one
+  as soon as it exists): ``[machine] swap`` > 0 makes a fresh zram device of that size
+  the only swap (the run is refused if another swap is active or zswap is on), and the
+  report gains ``swap_kb`` per region and ``events`` (pswpin, pswpout); a ``split`` step
+  writes the range to debugfs ``split_huge_pages`` (debugfs is mounted for the run if it
+  is not); a ``reclaim`` step runs ``memory.force_empty`` on a cgroup-v1 memory cgroup
+  that holds every worker of the run, with swappiness 0 (see ``memcg_reclaim``).
 
 Run ``python -m kmm.tools.oracle FILE...`` to print reports, or
 ``python -m kmm.tools.oracle --record workloads/*.toml`` to (re)write the recordings
@@ -597,6 +597,7 @@ class Workers:
             self.open_fds.update((cmd_r, cmd_w, res_r, res_w))
         self.by_name: dict[str, Worker] = {}
         self.order: list[Worker] = []
+        self.pgid: int | None = None
 
     def spawn(self, name: str) -> Worker:
         worker_fds = [fd for p in self.pipes for fd in (p[0], p[3])]
@@ -610,6 +611,9 @@ class Workers:
                  str(CLONE_PARENT | signal.SIGCHLD)],
                 {}, setsid=True,
             )
+            # the first worker leads a session and process group that every worker
+            # forked later joins: kill_all ends them all, known or not yet
+            self.pgid = pid
         finally:
             for fd in worker_fds:
                 os.set_inheritable(fd, False)
@@ -676,12 +680,25 @@ class Workers:
         return child
 
     def kill_all(self) -> None:
+        """SIGKILL and reap every worker: the known ones, and any a fork or a spawn
+        interrupted half way left unknown (they share the first worker's process group;
+        CLONE_PARENT made them our children)."""
+        if self.pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
         for w in self.order:
             if w.alive:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
                 with contextlib.suppress(ChildProcessError):
                     self._reap(w)
+        if self.pgid is not None:
+            while True:  # the unknown ones: our children in that group
+                try:
+                    if os.waitid(os.P_PGID, self.pgid, os.WEXITED) is None:
+                        break
+                except ChildProcessError:
+                    break
         for fd in self.open_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -791,22 +808,33 @@ def _check_host() -> None:
 
 
 @contextlib.contextmanager
-def _run_lock(timeout: float = 300.0):
-    """One oracle run at a time on this machine: runs share the knobs and the counters."""
+def _run_lock(timeout: float = 300.0, waiting=None):
+    """One oracle run at a time on this machine: runs share the knobs and the counters.
+    ``waiting(text)`` is told once if another run holds the lock (we wait for it)."""
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not told:
+                    told = True
+                    (waiting or _stderr)(
+                        f"waiting for another oracle run to finish (it holds {LOCK_PATH}; "
+                        f"up to {timeout:g} s)")
                 if time.monotonic() > deadline:
                     raise OracleError(f"another kmm oracle run holds {LOCK_PATH}") from None
                 time.sleep(0.05)
         yield
     finally:
         os.close(fd)
+
+
+def _stderr(text: str) -> None:
+    print(f"kmm oracle: {text}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -896,15 +924,19 @@ def _setup_decoy() -> Workers:
     a MADV_HUGEPAGE VMA whose only aligned 2 MiB block has no page table, and one written
     page in the unaligned tail (a VMA needs an anon_vma to register)."""
     decoy = Workers(1)
-    w = decoy.spawn("decoy")
-    size = (2 << 20) + PAGE_SIZE
-    for op, *args in ((OP_MMAP, DECOY_ADDR, size),
-                      (OP_TOUCH, DECOY_ADDR + (2 << 20), DECOY_ADDR + size, PAGE_SIZE, 1, 1),
-                      (OP_MADVISE, DECOY_ADDR, size, MADV["hugepage"])):
-        status, err, _ = decoy.call(w, op, *args)
-        if status != 0:
+    try:  # the caller has no handle on it yet: an error (or Ctrl-C) here kills it here
+        w = decoy.spawn("decoy")
+        size = (2 << 20) + PAGE_SIZE
+        for op, *args in ((OP_MMAP, DECOY_ADDR, size),
+                          (OP_TOUCH, DECOY_ADDR + (2 << 20), DECOY_ADDR + size, PAGE_SIZE, 1, 1),
+                          (OP_MADVISE, DECOY_ADDR, size, MADV["hugepage"])):
+            status, err, _ = decoy.call(w, op, *args)
+            if status != 0:
+                raise OracleError(f"decoy setup failed: {errno_mod.errorcode.get(err, err)}")
+    except BaseException:
+        with _no_interrupts():
             decoy.kill_all()
-            raise OracleError(f"decoy setup failed: {errno_mod.errorcode.get(err, err)}")
+        raise
     return decoy
 
 
@@ -1026,10 +1058,11 @@ class _Run:
         return out
 
 
-def run_oracle(scenario: Scenario) -> dict:
-    """Run the scenario on the host kernel; return the report (design.md section 5)."""
+def run_oracle(scenario: Scenario, waiting=None) -> dict:
+    """Run the scenario on the host kernel; return the report (docs/report-format.md).
+    ``waiting(text)`` hears it once if another run holds the lock."""
     _check_host()
-    with _run_lock(), _terminating_raises():
+    with _run_lock(waiting=waiting), _terminating_raises():
         knobs = HostKnobs()
         khugepaged = Khugepaged()
         decoy: Workers | None = None
@@ -1215,5 +1248,21 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _main_interruptible() -> int:
+    """``python -m kmm.tools.oracle``: Ctrl-C or SIGTERM is one line and 130/143 (the
+    knobs are restored on the way out, as always)."""
+    from kmm.tools import interrupt
+    saved = interrupt.install()
+    try:
+        return main()
+    except BaseException:
+        if not interrupt.caught():
+            raise
+    finally:
+        interrupt.restore(saved)
+    print(f"kmm oracle: {interrupt.message()}", file=sys.stderr)
+    return interrupt.exit_code()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_interruptible())

@@ -1,6 +1,6 @@
 """Run a scenario (TOML) or a program (Python) on an emulated machine; build the report.
 
-The report has the shape of design.md section 5, which ``kmm oracle`` also prints:
+The report has the shape of docs/report-format.md, which ``kmm oracle`` also prints:
 ``vmstat`` (every thp_* counter, as the change over the run), ``regions`` (Rss and
 AnonHugePages per live process and region) and ``steps`` (one result per step). The
 extra keys ``locks`` (lock_stat rows), ``zone`` (/proc/buddyinfo, free pages,
@@ -14,6 +14,8 @@ them) and ``swap_kb`` per region.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import os
 import sys
 from typing import Any, Callable
 
@@ -22,8 +24,9 @@ from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
 from kmm.task_mmu import smaps_range
+from kmm.tools import errors
 from kmm.tools.scenario import Scenario, ScenarioError, step_range
-from kmm.workload import Kernel, Proc
+from kmm.workload import Kernel, KmmError, OomKilled, Proc
 
 
 class NotSupported(ScenarioError):
@@ -139,11 +142,12 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": False, "error": "no such process"}
     p = Proc(k, task, 0)
     if step.op == "mmap":
-        r = await p.mmap(step.size, step.addr, step.backing, step.noreserve)
         # the region is reported even if the mmap failed (zeros), as the oracle does
         task.regions[step.region] = (step.addr, step.size)
-        if isinstance(r, str):
-            return {**res, "ok": False, "errno": r}
+        try:
+            await p.mmap(step.size, step.addr, step.backing, step.noreserve)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
         return {**res, "ok": True}
     if step.op == "fork":
         try:
@@ -167,33 +171,43 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": True}
     addr, size = task.regions[step.region]
     if step.op == "ftruncate":
-        r = await p.ftruncate(addr, step.size)
-        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
+        try:
+            await p.ftruncate(addr, step.size)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     lo, hi = step_range(step, size)
     start, length = addr + lo, hi - lo
     if step.op == "split":
         await p.split_huge_page(start, length)
         return {**res, "ok": True}
     if step.op == "punch_hole":  # file offsets: the region maps its memfd from 0
-        r = await p.fallocate_punch_hole(addr, lo, length)
-        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
+        try:
+            await p.fallocate_punch_hole(addr, lo, length)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     if step.op in ("munmap", "mprotect", "madvise"):
         try:
             if step.op == "munmap":
-                r = await p.munmap(start, length)
+                await p.munmap(start, length)
             elif step.op == "mprotect":
-                r = await p.mprotect(start, length, step.prot)
+                await p.mprotect(start, length, step.prot)
             else:
-                r = await p.madvise(start, length, step.advice)
+                await p.madvise(start, length, step.advice)
         except madvise.NotYetSupported as e:
             raise NotSupported(scenario.path, step.index, "advice", str(e)) from None
-        return {**res, "ok": True} if r == 0 else {**res, "ok": False, "errno": r}
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     # touch / check
     try:
         n = await p.touch(start, length, write=step.write if step.op == "touch" else False,
                           value=step.value, stride=step.stride)
     except (fault.Segv, fault.Sigbus) as e:
         return {**res, "ok": False, "signal": e.signal}
+    except OomKilled:  # the OOM killer chose this process (kmm.oom_kill), as Linux does
+        return {**res, "ok": False, "signal": "SIGKILL"}
     if step.op == "check":
         return {**res, "ok": True, "mismatches": n}
     return {**res, "ok": True}
@@ -278,13 +292,30 @@ async def start_daemons(k: Kernel, extra: list | None = None) -> None:
             d = await remote.start_exec_daemon(k.machine, cls[5:], daemon.DaemonContext)
             daemon.start_daemon(k.machine, d)
         else:
-            daemon.start_daemon(k.machine, cls())
+            d = cls()
+            if not remote.spawned(k.machine, d.name):
+                d.run = _named_actor(d.name, d.run)
+            daemon.start_daemon(k.machine, d)
+
+
+def _named_actor(name: str, run):
+    """A plug-in daemon's ``run`` in-process: its own exception names the actor (as a
+    spawned daemon's ChildDied does) instead of surfacing as a kernel traceback."""
+    async def named(ctx):
+        try:
+            return await run(ctx)
+        except Exception as e:
+            if errors.raised_by_user(e):
+                raise errors.DaemonError(name, e) from e
+            raise
+    return named
 
 
 def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "free",
                  trace_file=None, check: Callable | None = None,
                  cpus: int | None = None, daemons: list | None = None,
-                 inject=(), spawn=frozenset(), child_timeout: float | None = None
+                 inject=(), spawn=frozenset(), child_timeout: float | None = None,
+                 child_startup: float | None = None, warn: Callable | None = None
                  ) -> dict[str, Any]:
     """Run every step of a scenario on a fresh machine and return the report.
 
@@ -293,6 +324,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
     m = build_machine(scenario.machine, seed=seed, mode=mode, trace_file=trace_file,
                       knobs=scenario.knobs, cpus=cpus, inject=inject)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
+    m.child_startup = child_startup
     k = Kernel(m)
     steps: list[dict] = []
 
@@ -308,7 +340,20 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
                 check(m, k)
 
     run_machine(m, driver)
+    unspawned(m, warn)
     return report(m, k, steps)
+
+
+def unspawned(m: Machine, warn: Callable | None) -> None:
+    """--spawn named a daemon this run never started: nothing ran in a child for it."""
+    if warn is None:
+        return
+    ran = {a.name for a in m.sched.actors}
+    for name in sorted(set(m.spawn) - {"cpus", "daemons"} - ran):
+        how = (" (a program starts it with k.start_daemon(\"khugepaged\"); a scenario "
+               "with a khugepaged step)") if name == "khugepaged" else ""
+        warn(f"--spawn {name}: this run never started {name}, so nothing was spawned "
+             f"for it{how}")
 
 
 def run_machine(m: Machine, driver) -> None:
@@ -321,17 +366,41 @@ def run_machine(m: Machine, driver) -> None:
 
 
 def load_program(path: str):
-    """A workload program: a module with ``async def main(k)``."""
+    """A workload program: a module with ``async def main(k)``. A file that does not
+    exist, is not Python, fails on import or has no ``async def main`` is bad input:
+    ScenarioError, or ProgramLoadError with the program's own frames."""
+    if not os.path.isfile(path):
+        raise ScenarioError(path, None, None, "no such file" if not os.path.exists(path)
+                            else "not a file")
+    if not path.endswith(".py"):
+        raise ScenarioError(path, None, None, "not a program (a .py file with "
+                            "async def main(k))")
     spec = importlib.util.spec_from_file_location(f"kmm_program_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise ScenarioError(path, None, None, "cannot load as a Python module")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the program's own error on import: its frames, its name
+        raise errors.ProgramLoadError(path, e) from e
     main = getattr(mod, "main", None)
     if main is None:
         raise ScenarioError(path, None, "main", "a program defines async def main(k)")
+    if not inspect.iscoroutinefunction(main):
+        raise ScenarioError(path, None, "main", "must be a coroutine function: "
+                            "async def main(k), not def main(k)")
     return mod
+
+
+def program_failure(e: BaseException, path: str) -> BaseException:
+    """What an exception out of a program's run is: the program's own error
+    (ProgramError, naming it) or, raised inside kmm, the exception itself."""
+    if isinstance(e, errors.UserCodeError) or not isinstance(e, Exception):
+        return e
+    if errors.raised_by_user(e):
+        return errors.ProgramError(path, e)
+    return e
 
 
 def program_machine(mod, path: str) -> dict[str, int]:
@@ -343,18 +412,26 @@ def program_machine(mod, path: str) -> dict[str, int]:
         raise ScenarioError(path, None, "MACHINE",
                             "must be a dict with keys memory, swap, cpus")
     out = {}
+    from kmm.tools.scenario import machine_size_error
     for key in ("memory", "swap"):
         if key in spec:
             out[key] = parse_size(spec[key], file=path, step=None, key=f"MACHINE.{key}")
+            why = machine_size_error(key, out[key])
+            if why:
+                raise ScenarioError(path, None, f"MACHINE.{key}", why)
     if "cpus" in spec:
-        out["cpus"] = spec["cpus"]
+        cpus = spec["cpus"]
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ScenarioError(path, None, "MACHINE.cpus", f"must be at least 1, not {cpus!r}")
+        out["cpus"] = cpus
     return out
 
 
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
                 memory: int | None = None, trace_file=None,
                 check: Callable | None = None, daemons: list | None = None,
-                inject=(), spawn=frozenset(), child_timeout: float | None = None
+                inject=(), spawn=frozenset(), child_timeout: float | None = None,
+                child_startup: float | None = None, warn: Callable | None = None
                 ) -> dict[str, Any]:
     """Run a program; its processes' mappings are reported as regions named by address.
 
@@ -368,6 +445,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
                       inject=inject)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
+    m.child_startup = child_startup
     k = Kernel(m)
     if check is not None:
         k.after_op = lambda: check(m, k)
@@ -378,11 +456,19 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         if "cpus" in m.spawn:  # the program's code in child processes (remote_cpu)
             from kmm.runtime import remote_cpu
             result["value"] = await remote_cpu.run_main(
-                k, path, Proc, (fault.Segv, fault.Sigbus, fault.OutOfMemory))
+                k, path, Proc, (fault.Segv, fault.Sigbus, fault.OutOfMemory, KmmError,
+                                OomKilled))
         else:
             result["value"] = await mod.main(k)
 
-    run_machine(m, driver)
+    try:
+        run_machine(m, driver)
+    except Exception as e:
+        failure = program_failure(e, path)
+        if failure is e:
+            raise
+        raise failure from e
+    unspawned(m, warn)
     for task in m.tasks.values():
         if task.alive and not task.regions:
             task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}

@@ -1,4 +1,4 @@
-"""Load and validate scenario TOML files (design.md section 4).
+"""Load and validate scenario TOML files (docs/scenario-format.md).
 
 A scenario is a sequence of steps by named processes. Loading checks everything that can
 be checked without running it: the tables and keys, each value's type and range, the
@@ -9,11 +9,12 @@ outside the region, an unaligned length, a touch of unmapped memory) is left to 
 Every problem raises ``ScenarioError``, whose text is one line naming the file, the step
 number (for steps) and the key.
 
-Issue 3 adds two ops: ``split`` (keys region, offset, length, as munmap: split every THP
-mapped in the range, the kernel's debugfs split_huge_pages) and ``reclaim`` (no keys of
-its own: memory pressure on all the scenario's processes; its semantics are those of the
-oracle's ``memcg_reclaim``). ``[machine] swap`` is also the size of the oracle's swap
-device; a scenario with swap > 0 reports ``swap_kb`` per region and ``events``.
+Two ops act on the machine rather than a system call: ``split`` (keys region, offset,
+length, as munmap: split every THP mapped in the range, the kernel's debugfs
+split_huge_pages) and ``reclaim`` (no keys of its own: memory pressure on all the
+scenario's processes; its semantics are those of the oracle's ``memcg_reclaim``).
+``[machine] swap`` is also the size of the oracle's swap device; a scenario with swap >
+0 reports ``swap_kb`` per region and ``events``.
 
 Region addresses are fixed at load time so the emulator and the oracle place every
 region at the same address: a cursor starts at ``REGION_BASE``; each mmap step takes the
@@ -28,7 +29,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 
-from kmm import sysfs
+from kmm import madvise, mmap, mprotect, sysfs
 from kmm.machine import MachineConfig  # the [machine] table
 
 REGION_BASE = 0x2000_0000_0000
@@ -41,14 +42,13 @@ _SIZE_RE = re.compile(r"(\d+)(KiB|MiB|GiB|TiB)?")
 # Names appear in report keys as "proc/region", so no slashes or blanks.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
-ADVICE = ("hugepage", "nohugepage", "dontneed", "collapse", "pageout", "cold", "free")
-PROT = ("none", "r", "rw")
+# The one table of advice and protection names: the program API checks against the
+# same (kmm.workload), the kernel's numbers beside them (kmm.madvise, kmm.mprotect).
+ADVICE = tuple(sorted(madvise.ADVICE, key=("hugepage", "nohugepage", "dontneed", "collapse",
+                                           "pageout", "cold", "free").index))
+PROT = tuple(mprotect.PROT)
 TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "hugetlb", "steps")
-# mmap backing (issue 12): anon is MAP_PRIVATE|MAP_ANONYMOUS; shmem MAP_SHARED|
-# MAP_ANONYMOUS; memfd memfd_create + ftruncate(size) + MAP_SHARED; memfd_private the
-# same file mapped MAP_PRIVATE (writes COW into anonymous memory); (issue 13) hugetlb
-# MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB, hugetlb_shared with MAP_SHARED
-BACKING = ("anon", "shmem", "memfd", "memfd_private", "hugetlb", "hugetlb_shared")
+BACKING = mmap.BACKINGS  # the mmap kinds (kmm.mmap.BACKINGS says which flags each is)
 MEMFD_BACKINGS = ("memfd", "memfd_private")
 # [hugetlb]: /proc/sys/vm/nr_hugepages and nr_overcommit_hugepages, set before the steps
 HUGETLB_KEYS = ("nr_hugepages", "nr_overcommit_hugepages")
@@ -71,7 +71,7 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     "fork": {"child": True},
     "exit": {},
     "khugepaged": {"full_scans": False},
-    # issue 3: split every THP mapped in a range (the kernel's debugfs split_huge_pages),
+    # split every THP mapped in a range (the kernel's debugfs split_huge_pages),
     # and memory pressure on the scenario's processes (the shrinkers; see the oracle)
     "split": {"region": True, "offset": False, "length": False},
     "reclaim": {},
@@ -253,6 +253,18 @@ def _load_toml(path: str) -> dict:
         raise ScenarioError(path, None, None, msg, line=line) from None
 
 
+MIN_MEMORY = 16 << 20  # the emulated machine's smallest (kmm.machine.Machine)
+
+
+def machine_size_error(key: str, n: int) -> str | None:
+    """What is wrong with a machine's ``memory`` or ``swap`` size, if anything."""
+    if key == "memory" and (n < MIN_MEMORY or n % PAGE_SIZE):
+        return f"must be a multiple of 4KiB and at least 16MiB, got {n}"
+    if key == "swap" and n and (n < 2 * PAGE_SIZE or n % PAGE_SIZE):
+        return f"must be 0 (no swap) or a multiple of 4KiB of at least 8KiB, got {n}"
+    return None
+
+
 def _machine(table: object, file: str) -> MachineConfig:
     if not isinstance(table, dict):
         raise ScenarioError(file, None, "machine", f"must be a table, not {_show(table)}")
@@ -263,8 +275,9 @@ def _machine(table: object, file: str) -> MachineConfig:
                 kw[key] = parse_size(v, file=file, step=None, key=key)
             except ScenarioError as e:
                 raise ScenarioError(file, None, key, e.message, table="machine") from None
-            if key == "memory" and kw[key] == 0:
-                raise ScenarioError(file, None, key, "must be above 0", table="machine")
+            why = machine_size_error(key, kw[key])
+            if why:
+                raise ScenarioError(file, None, key, why, table="machine")
         elif key == "cpus":
             kw[key] = _int(v, lo=1, hi=None, file=file, step=None, key=key, table="machine")
         elif key == "seed":
@@ -444,6 +457,9 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
     raw_steps = doc.get("steps", [])
     if not isinstance(raw_steps, list):
         raise ScenarioError(file, None, "steps", "must be an array of tables ([[steps]])")
+    if not raw_steps:  # an empty file runs nothing: surely not what was meant
+        raise ScenarioError(file, None, "steps", "no steps: a scenario needs at least one "
+                            "[[steps]] table (docs/scenario-format.md)")
     ns = _Namespace()
     cursor = [REGION_BASE]
     steps = tuple(_step(raw, i, file, ns, cursor) for i, raw in enumerate(raw_steps, start=1))

@@ -18,7 +18,8 @@ import pathlib
 import pytest
 
 from kmm import (
-    atomic, daemon, khugepaged, khugepaged_collapse, page_alloc, rmap, swap, sysfs, testing,
+    atomic, daemon, errno_name, khugepaged, khugepaged_collapse, page_alloc, rmap, swap, sysfs,
+    testing,
 )
 from kmm.khugepaged import ScanResult as R
 from kmm.mm_types import PG_anon_exclusive, PG_lru
@@ -306,7 +307,7 @@ def test_busy_folio_is_refused_and_madvise_collapse_says_eagain(how, expect):
         async def collapser():
             await m.sched.sleep(MSEC)
             assert await scan(m, p, a) == expect
-            assert await p.madvise(a, 2 * MiB, "collapse") == "EAGAIN"
+            assert await errno_name(p.madvise(a, 2 * MiB, "collapse")) == "EAGAIN"
 
         await testing.together(m, holder=holder, collapser=collapser)
         assert smaps_range(m, p.task.mm, a, a + 2 * MiB) == (16, 0)
@@ -419,7 +420,7 @@ def test_isolate_failure_puts_everything_back(monkeypatch):
         before = list(m.physmem.tables[table_pfn(pmd_at(m, mm, a)[1])])
         free = m.zone.nr_free
         monkeypatch.setattr(khugepaged, "is_refcount_suitable", flaky)
-        assert await p.madvise(a, 2 * MiB, "collapse") == "EAGAIN"
+        assert await errno_name(p.madvise(a, 2 * MiB, "collapse")) == "EAGAIN"
         assert last(m, "mm_collapse_huge_page_isolate")["status"] == "not_suitable_page_count"
         assert list(m.physmem.tables[table_pfn(pmd_at(m, mm, a)[1])]) == before
         for e in before:
@@ -453,7 +454,7 @@ def test_range_changed_while_allocating(monkeypatch, change, result):
         monkeypatch.setattr(khugepaged_collapse, "alloc_charge_folio", slow_alloc)
 
         async def collapser():
-            assert await p.madvise(a, 2 * MiB, "collapse") == "EINVAL"
+            assert await errno_name(p.madvise(a, 2 * MiB, "collapse")) == "EINVAL"
 
         async def other():
             await m.sched.sleep(MSEC // 2)
@@ -485,7 +486,7 @@ def test_allocation_failure(monkeypatch):
     async def fn(m, k):
         p, a = await small_pages(k)
         monkeypatch.setattr(page_alloc, "alloc_pages", no_thp)
-        assert await p.madvise(a, 2 * MiB, "collapse") == "ENOMEM"
+        assert await errno_name(p.madvise(a, 2 * MiB, "collapse")) == "ENOMEM"
         assert last(m, "mm_collapse_huge_page")["status"] == "alloc_huge_page_failed"
         m.sysfs.write("khugepaged/defrag", 0)
         assert await scan(m, p, a) == R.SCAN_ALLOC_HUGE_PAGE_FAIL
@@ -503,7 +504,7 @@ def test_madvise_collapse_ignores_enabled_but_not_nohugepage():
         p, a = await small_pages(k, size=4 * MiB)
         assert await p.madvise(a, 2 * MiB, "collapse") == 0
         await p.madvise(a + 2 * MiB, 2 * MiB, "nohugepage")
-        assert await p.madvise(a + 2 * MiB, 2 * MiB, "collapse") == "EINVAL"
+        assert await errno_name(p.madvise(a + 2 * MiB, 2 * MiB, "collapse")) == "EINVAL"
         assert smaps_range(m, p.task.mm, a, a + 4 * MiB) == (4096, 2048)
     run(fn)
 
@@ -544,7 +545,7 @@ def test_mremap_moves_ptes_and_huge_pmds():
         assert await p.verify() == []
         b = await p.mmap(2 * MiB, 1 << 32)
         await p.madvise(b, MiB, "hugepage")
-        assert await p.mremap(b, 2 * MiB, 2 * MiB, 5 << 30) == "EFAULT"
+        assert await errno_name(p.mremap(b, 2 * MiB, 2 * MiB, 5 << 30)) == "EFAULT"
     run(fn)
 
 

@@ -163,7 +163,7 @@ def test_failure_file_replays_and_is_minimal(toy, tmp_path, capsys):
     trace = tmp_path / "replay.jsonl"
     rc = cli.main(["replay", str(out), "--last", "5", "--trace", str(trace)])
     text = capsys.readouterr().out
-    assert rc == 0, text
+    assert rc == 1, text  # the violation is there again: as explore, exit 1
     assert "reproduced" in text and "violation: assertion" in text
     lines = [ln for ln in text.splitlines() if ln.strip().split(" ")[0].isdigit()]
     assert len(lines) == 5 and "load" in lines[-1]

@@ -1,6 +1,7 @@
 """A race program cannot ignore what the call under test returned: a call that fails
-(an errno) and that the program never examines with ``k.expect`` is reported by the
-explorer as the program's assertion (kmm.workload.Kernel.expect / unexamined)."""
+raises KmmError (uncaught: the program's error); turned into its errno name
+(``errno_name``) and never examined with ``k.expect``, it is reported by the explorer
+as the program's assertion (kmm.workload.Kernel.expect / unexamined)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,40 @@ import pytest
 from kmm.tools import explore as ex
 
 IGNORES = '''
+from kmm import errno_name
+
 async def main(k):
     p = await k.process("main")
     a = await p.mmap(1 << 21)
-    await p.munmap(a + 4096, 0)          # EINVAL, not looked at
+    await errno_name(p.munmap(a + 4096, 0))          # EINVAL, not looked at
     return {"lost_bytes": len(await p.verify())}
 '''
 
-EXAMINES = '''
+RAISES = '''
 async def main(k):
     p = await k.process("main")
     a = await p.mmap(1 << 21)
-    k.expect(await p.munmap(a + 4096, 0), "EINVAL", what="munmap of nothing")
+    await p.munmap(a + 4096, 0)          # EINVAL, raised, not caught
+'''
+
+EXAMINES = '''
+from kmm import errno_name
+
+async def main(k):
+    p = await k.process("main")
+    a = await p.mmap(1 << 21)
+    k.expect(await errno_name(p.munmap(a + 4096, 0)), "EINVAL", what="munmap of nothing")
     k.expect(await p.munmap(a, 4096), what="munmap")
     return {"lost_bytes": len(await p.verify())}
 '''
 
 WRONG = '''
+from kmm import errno_name
+
 async def main(k):
     p = await k.process("main")
     a = await p.mmap(1 << 21)
-    k.expect(await p.munmap(a + 4096, 0), "ENOMEM", what="munmap of nothing")
+    k.expect(await errno_name(p.munmap(a + 4096, 0)), "ENOMEM", what="munmap of nothing")
 '''
 
 
@@ -43,6 +57,12 @@ def test_an_ignored_failed_call_is_a_violation(tmp_path):
     out = _run(tmp_path, IGNORES)
     assert (out.kind, out.message) == (
         "assertion", "the program ignored failed calls: main: munmap -> EINVAL")
+
+
+def test_an_uncaught_failed_call_is_the_programs_error(tmp_path):
+    out = _run(tmp_path, RAISES)
+    assert out.kind == "program-error"
+    assert "KmmError: EINVAL: munmap(" in out.message and "prog.py" in out.message
 
 
 def test_an_examined_failure_is_not(tmp_path):
