@@ -597,7 +597,7 @@ check("hugetlb", "always")(checks_hugetlb.hugetlb_errors)
 def page_cache_errors(ctx: Checker) -> list[str]:
     """Every shmem inode's page cache: each index names a live folio of that mapping
     covering it; nrpages adds up; an unmapped page-cache folio holds exactly the
-    cache's references and is on an LRU list (issue 12)."""
+    cache's references and is on an LRU list."""
     m = ctx.m
     st = m.__dict__.get("shmem")
     if st is None:

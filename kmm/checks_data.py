@@ -108,7 +108,7 @@ def data_errors(ctx) -> list[str]:
 
 def file_errors(m, k) -> list[str]:
     """Bytes written through shared file mappings read back from the page cache (or
-    its swap entries), whoever maps the file now (issue 12)."""
+    its swap entries), whoever maps the file now."""
     st = m.__dict__.get("shmem")
     errs = []
     for (ino, off), want in getattr(k, "file_shadow", {}).items():

@@ -1,4 +1,4 @@
-"""The invariant checks of large anonymous folios (issue 11, mTHP): registered with
+"""The invariant checks of large anonymous folios (mTHP): registered with
 kmm.checks like every other check, and run by kmm.testing's checker.
 
 A large folio, mapped by PTEs (an mTHP, a PTE-mapped THP) or by a PMD, mapped or not:
@@ -28,7 +28,7 @@ def large_folio_check(ctx: Checker) -> list[str]:
 
 
 def large_folio_errors(m) -> list[str]:
-    """Large (PTE-mapped or PMD-mapped) anonymous folios, mapped or not (issue 11):
+    """Large (PTE-mapped or PMD-mapped) anonymous folios, mapped or not:
     every page's compound head; large mapcount = entire mapcount + the pages' PTE
     mapcounts; nr_pages_mapped = pages with a PTE mapping; PG_partially_mapped only on
     a folio queued for deferred split (or in a shrinker's batch); queue membership

@@ -11,7 +11,7 @@ fault path (huge_memory.do_huge_pmd_anonymous_page).
 
 The stats are counted where the kernel counts them (count_mthp_stat / mod_mthp_stat)
 and kept per order on ``m.vmstat.mthp``; ``mthp_report`` gives the report's ``mthp``
-section (design.md section 5, extended: the change of every file that moved).
+section (docs/report-format.md: the change of every file that moved).
 Left out: shmem/file sizes (their knobs are stored only), zswap (zswpout never moves),
 memcg charging (anon_fault_fallback_charge and swpin_fallback_charge never move).
 """

@@ -38,7 +38,7 @@ async def do_mremap(m, task, addr: int, old_len: int, new_len: int,
         vma = mm.vma_lookup(addr)
         if vma is not None and vma.hugetlb_file is not None:
             raise NotImplementedError("mremap of hugetlb mappings (move_hugetlb_page_tables)"
-                                      " is not modelled (issue 13)")
+                                      " is not modelled")
         await munmap_locked(m, mm, new_addr, new_addr + new_len)
         if old_len > new_len:
             await munmap_locked(m, mm, addr + new_len, addr + old_len)

@@ -17,7 +17,7 @@ not suitable (no fallback is counted for it); a failed allocation counts
 The fault (``shmem_fault`` -> ``shmem_get_folio_gfp`` with SGP_CACHE) returns the folio
 locked with a reference; the caller maps it (memory_file.finish_fault) and unlocks.
 Truncation and hole punching (``shmem_setattr``, ``shmem_fallocate``) are in
-truncate.py. Left out: swap (shmem_writeout/swapin: priority 5 of issue 12), tmpfs
+truncate.py. Left out: swap (shmem_writeout/swapin: not modelled yet), tmpfs
 mounts and their huge= options, quotas, userfaultfd, fallocate preallocation,
 ``shmem_unused_huge_shrink`` (huge folios beyond i_size: scenarios never leave any).
 """

@@ -1,5 +1,5 @@
 """Memory bloat vs faults vs TLB reach, for 4 KiB pages, 16 KiB and 64 KiB mTHPs and
-2 MiB THPs, on the same access pattern (issue 11).
+2 MiB THPs, on the same access pattern.
 
 The pattern: a 256 MiB MADV_HUGEPAGE region holding 1,000 objects at seeded random
 64 KiB-aligned slots; each object is written at 4 random offsets within its first

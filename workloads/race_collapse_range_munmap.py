@@ -15,6 +15,8 @@ outside a VMA, and every byte still mapped reads back.
     kmm explore workloads/race_collapse_range_munmap.py --schedules 10000 --mode pct
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN, ...) as a result
+
 MACHINE = {"memory": "256MiB"}
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -31,7 +33,7 @@ async def main(k):
         await p.touch(a, SIZE, value=4, stride=128 << 10)
 
         async def collapser(cpu, a=a):
-            return await p.on(cpu).madvise(a, SIZE, "collapse")
+            return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
         async def unmapper(cpu, a=a, loads=loads):
             q = p.on(cpu)
@@ -54,7 +56,7 @@ async def main(k):
         await p.touch(a, 2 * MiB, value=6, stride=128 << 10)
 
         async def collapser2(cpu, a=a):
-            return await p.on(cpu).madvise(a, 2 * MiB, "collapse")
+            return await errno_name(p.on(cpu).madvise(a, 2 * MiB, "collapse"))
 
         async def remapper(cpu, a=a, loads=loads):
             q = p.on(cpu)

@@ -23,7 +23,7 @@ a migration against MADV_DONTNEED of the page it moves.
     kmm explore workloads/race_collapse_rmap.py --schedules 10000 --mode pct
 """
 
-from kmm import migrate, page_alloc, pagewalk, pgtable, swap, vmscan
+from kmm import errno_name, migrate, page_alloc, pagewalk, pgtable, swap, vmscan
 
 MACHINE = {"memory": "256MiB", "swap": "64MiB"}
 MiB = 1 << 20
@@ -64,7 +64,7 @@ async def main(k):
     a = blocks[0]
 
     async def collapser(cpu, a=a):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def mover(cpu, a=a):
         q = p.on(cpu)
@@ -83,7 +83,7 @@ async def main(k):
     b = blocks[1]
 
     async def collapser2(cpu, b=b):
-        return await p.on(cpu).madvise(b, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(b, SIZE, "collapse"))
 
     async def reclaimer(cpu):
         return await vmscan.try_to_free_mem_cgroup_pages(k.machine, 64, 100)

@@ -90,7 +90,7 @@ def _events(expected: dict, actual: dict) -> list[str]:
 
 
 def _mthp(expected: dict | None, actual: dict) -> list[str]:
-    """The ``mthp`` extension (issue 11). A recording made before it existed has no
+    """The ``mthp`` extension. A recording made before it existed has no
     ``mthp`` key; sizes below PMD size were "never" on the host then, so only those must
     not have moved in the emulator (PMD-size stats are not compared against it)."""
     out = []

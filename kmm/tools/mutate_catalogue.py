@@ -2,7 +2,7 @@
 
 Each mutant is one edit of one kernel function in kmm/ (a textual replacement inside
 that function's source, every ``old`` text occurring exactly once there), applied to a
-copy of the tree, never to the working tree. The classes follow issue 18: removed
+copy of the tree, never to the working tree. The classes: removed
 rechecks after re-taking a lock (pmd_same, pmd_none, pte_same, pte_none), removed TLB
 flushes, removed lock/unlock pairs, removed references (folio_get / folio_try_get),
 removed revalidations after a relock, a swapped lock order, a removed refcount freeze.

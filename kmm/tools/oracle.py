@@ -764,9 +764,9 @@ def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[st
     figures = {"rss_kb": rss, "anon_huge_kb": huge}
     if swap:
         figures["swap_kb"] = swapped
-    if shpmd:  # extension (issue 12): shmem THPs mapped by PMD, only when nonzero
+    if shpmd:  # extension: shmem THPs mapped by PMD, only when nonzero
         figures["shmem_pmd_mapped_kb"] = shpmd
-    if priv:  # extension (issue 13): hugetlb mappings, only when nonzero
+    if priv:  # extension: hugetlb mappings, only when nonzero
         figures["private_hugetlb_kb"] = priv
     if shared:
         figures["shared_hugetlb_kb"] = shared
@@ -1046,7 +1046,7 @@ class _Run:
             for name, (addr, size) in w.regions.items():
                 fig = out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
                 folios = oracle_mthp.region_folio_kb(w.pid, addr, size)
-                if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+                if folios:  # extension: kB mapped by mTHPs, per folio size
                     fig["mthp_kb"] = folios
             # Self-check: a worker must never fault huge pages of its own (its interpreter
             # heap under enabled=always), or the counters would not be the scenario's.
@@ -1133,12 +1133,12 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             }
             if run.swap:  # extension: swap traffic of a run with swap
                 report["events"] = {n: events1[n] - events0[n] for n in SWAP_EVENTS}
-            # extension (issue 12): shared-memory/file THP meminfo lines that moved
+            # extension: shared-memory/file THP meminfo lines that moved
             moved = {k: shmem1[k] - shmem0[k] for k in SHMEM_MEMINFO_KEYS
                      if shmem1.get(k, 0) != shmem0.get(k, 0)}
             if moved:
                 report.setdefault("meminfo", {}).update(moved)
-            # extension (issue 13): the hugetlb pool's change over the run, what moved
+            # extension: the hugetlb pool's change over the run, what moved
             meminfo = hugetlb_changes(meminfo0, meminfo1, MEMINFO_KEYS)
             if meminfo:
                 report.setdefault("meminfo", {}).update(meminfo)
@@ -1146,7 +1146,7 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             if htlb:
                 report["hugetlb_events"] = htlb
             mthp = huge_memory_mthp.mthp_report(mthp0, mthp1)
-            if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+            if mthp:  # extension: hugepages-<size>kB/stats/ files that moved
                 report["mthp"] = mthp
         finally:
             with _no_interrupts():

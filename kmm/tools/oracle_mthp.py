@@ -1,4 +1,4 @@
-"""The oracle's mTHP measurements on the host (issue 11).
+"""The oracle's mTHP measurements on the host.
 
 ``read_mthp_stats`` reads every /sys/kernel/mm/transparent_hugepage/hugepages-<size>kB/
 stats/ file; the report's ``mthp`` is the change over the run of those that moved

@@ -56,7 +56,7 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             if m.swap_info is not None:  # extension: scenarios with a swap device
                 fig["swap_kb"] = task_mmu.smaps_swap_kb(m, task.mm, addr, addr + size)
             shpmd = task_mmu.smaps_shmem_pmd_kb(m, task.mm, addr, addr + size)
-            if shpmd:  # extension (issue 12): smaps ShmemPmdMapped, only when nonzero
+            if shpmd:  # extension: smaps ShmemPmdMapped, only when nonzero
                 fig["shmem_pmd_mapped_kb"] = shpmd
             priv, shared = task_mmu.smaps_hugetlb_kb(m, task.mm, addr, addr + size)
             if priv:  # extension: hugetlb mappings (smaps Private_/Shared_Hugetlb)
@@ -64,7 +64,7 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             if shared:
                 fig["shared_hugetlb_kb"] = shared
             folios = huge_memory_mthp.region_folio_kb(m, task.mm, addr, addr + size)
-            if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+            if folios:  # extension: kB mapped by mTHPs, per folio size
                 fig["mthp_kb"] = folios
     rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
@@ -86,15 +86,15 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
     meminfo = shmem.shmem_meminfo(m)
-    if meminfo:  # extension (issue 12): meminfo lines of shmem/file THPs that moved
+    if meminfo:  # extension: meminfo lines of shmem/file THPs that moved
         rep.setdefault("meminfo", {}).update(meminfo)
-    htlb = hugetlb_report(m)  # extension (issue 13): HugePages_* lines, htlb events
+    htlb = hugetlb_report(m)  # extension: HugePages_* lines, htlb events
     if "meminfo" in htlb:
         rep.setdefault("meminfo", {}).update(htlb["meminfo"])
     if "hugetlb_events" in htlb:
         rep["hugetlb_events"] = htlb["hugetlb_events"]
     mthp = huge_memory_mthp.mthp_report({}, huge_memory_mthp.mthp_stats(m))
-    if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+    if mthp:  # extension: hugepages-<size>kB/stats/ files that moved
         rep["mthp"] = mthp
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results

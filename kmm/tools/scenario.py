@@ -75,7 +75,7 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     # and memory pressure on the scenario's processes (the shrinkers; see the oracle)
     "split": {"region": True, "offset": False, "length": False},
     "reclaim": {},
-    # issue 12: fallocate(PUNCH_HOLE|KEEP_SIZE) and ftruncate of a memfd region's file
+    # fallocate(PUNCH_HOLE|KEEP_SIZE) and ftruncate of a memfd region's file
     # (offsets are file offsets: the region maps the file from 0)
     "punch_hole": {"region": True, "offset": False, "length": False},
     "ftruncate": {"region": True, "size": True},
@@ -319,7 +319,7 @@ def _knobs(doc: dict, file: str) -> dict[str, object]:
 
 
 def _size_knobs(folder: str, t: object, file: str) -> dict[str, object]:
-    """[thp.hugepages-<size>kB]: the per-size knobs of one sysfs folder (issue 11)."""
+    """[thp.hugepages-<size>kB]: the per-size knobs of one sysfs folder."""
     table = f"thp.{folder}"
     if folder not in sysfs.SIZE_DIRS:
         key = next(iter(t)) if isinstance(t, dict) and t else None

@@ -21,8 +21,8 @@ def test_table_has_a_column_per_configuration_and_a_row_per_figure(tmp_path):
     path.write_text('description = "2 MiB written"\n[[steps]]\nop = "mmap"\nregion = "a"\n'
                     'size = "2MiB"\n[[steps]]\nop = "touch"\nregion = "a"\n')
     res = compare.compare(str(path), memory=64 * MiB, fragmented=False)
-    assert list(res["configs"]) == ["thp_never", "thp_madvise", "thp_always", "hugetlb"]
-    assert res["skipped"] == {"mthp": "no mTHP (per-size knobs) in this tree"}
+    assert list(res["configs"]) == ["thp_never", "thp_madvise", "thp_always", "mthp", "hugetlb"]
+    assert res["skipped"] == {}
     text = compare.format_table(res).splitlines()
     assert text[3].split() == list(res["configs"])
     assert [line[:31].strip() for line in text[4:4 + len(compare.ROWS)]] == \
