@@ -198,7 +198,7 @@ def test_keep_going_groups_violations_by_kind_and_site(tmp_path, capsys):
     assert out_file.exists() and (tmp_path / "F-2.jsonl").exists()
     summ = ex.explore(ex.Config(program=prog), 16, keep_going=True)
     kinds = {d["kind"]: d for d in summ.distinct}
-    assert set(kinds) == {"assertion", "kernel-bug"}
+    assert set(kinds) == {"assertion", "program-error"}
     assert sum(d["count"] for d in summ.distinct) == 16
     assert min(d["first"] for d in summ.distinct) == 0
 
