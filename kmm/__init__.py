@@ -8,7 +8,8 @@ does not import the whole emulator to start.
 
 import importlib
 
-_PUBLIC = {"OutOfMemory": "kmm.fault", "Segv": "kmm.fault", "KernelBug": "kmm.machine",
+_PUBLIC = {"OutOfMemory": "kmm.fault", "Segv": "kmm.fault", "Sigbus": "kmm.fault",
+           "KernelBug": "kmm.machine",
            "Machine": "kmm.machine", "MachineConfig": "kmm.machine",
            "Kernel": "kmm.workload", "Proc": "kmm.workload"}
 

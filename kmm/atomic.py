@@ -28,6 +28,7 @@ entry_read                     READ_ONCE(*ptep), pmdp_get                <level>
 entry_set                      WRITE_ONCE, set_pte_at, set_pmd_at        set_<level>
 entry_get_and_clear            xchg: ptep/pmdp_get_and_clear             <level>p_get_and_clear
 entry_cmpxchg                  cmpxchg on an entry                       <level>_cmpxchg
+set_ptes                       set_ptes of an mTHP, PTE lock held        set_ptes
 set_ptes_table                 set_ptes into a withdrawn table           step set_ptes
 entry_set_unwalked             set_pte_at, a table no walker reaches     step set_<level>
 step, step_owned, step_locked  tracepoint; owned page; op before unlock  step <event>
@@ -78,7 +79,8 @@ from kmm.runtime.sched import Scheduler
 
 __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
-    "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes_table",
+    "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes",
+    "set_ptes_table",
     "entry_set_unwalked", "step", "step_owned", "step_locked",
     "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
     "folio_try_get", "folio_ref_unfreeze",
@@ -205,6 +207,19 @@ async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int)
     return True
 
 
+async def set_ptes(m, table: int, idx: int, entry: int, nr: int) -> None:
+    """set_ptes: nr consecutive PTEs from idx mapping consecutive pfns from ``entry``
+    (an mTHP mapped whole: do_anonymous_page, a large swap-in), PTE lock held. One
+    point: the PTE lock keeps faults out, and a hardware walk sees each PTE either none
+    or set, which is all the kernel promises."""
+    sched = m.sched
+    if not ticked(sched, COST_ENTRY):
+        await sched.point("set_ptes", COST_ENTRY, pt=table, i=idx, nr=nr)
+    t = m.tables[table]
+    for i in range(nr):
+        t[idx + i] = entry + (i << 12)
+
+
 def set_ptes_table(m, table: int, entries, pmd_tbl: int) -> None:
     """set_ptes over a whole table withdrawn from behind a PMD (the split): no walker
     reaches it until pmd_populate links it, so the fill is a recorded step, not a
@@ -311,9 +326,23 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
         folio.large_mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
         m.vmstat.mod_node_page_state("nr_anon_pages", folio.nr_pages)
+    elif folio.order:
+        # an mTHP mapped whole by nr PTEs (do_anonymous_page, a large swap-in): every
+        # page mapped once and exclusive, in the same step
+        nr = folio.nr_pages
+        pm = m.physmem
+        for p in range(folio.pfn, folio.pfn + nr):
+            page = pm.page(p)
+            page.mapcount = 1
+            page.flags |= PG_anon_exclusive
+        folio.large_mapcount = nr
+        folio.nr_pages_mapped = nr
+        m.vmstat.mod_node_page_state("nr_anon_pages", nr)
     else:
         folio.mapcount = 1
         m.vmstat.mod_node_page_state("nr_anon_pages", 1)
+    if folio.order and folio.page_type != "hugetlb":  # hugepages-<size>kB/stats/nr_anon
+        m.vmstat.mod_mthp_stat(folio.order, "nr_anon", 1)  # (hugetlb_add_new_anon_rmap: not)
 
 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:

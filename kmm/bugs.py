@@ -123,6 +123,30 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "and is freed while still mapped",
         "race_cow_split.py",
         "InvariantError: refcount below the mappings, or a mapped page on a free list"),
+    Bug("mthp_no_pte_range_recheck",
+        "do_anonymous_page (pte_range_none under the PTE lock)",
+        "after allocating an mTHP for a block found all none without the lock, take the "
+        "PTE lock and map it only if every PTE of the block is still none (else free it "
+        "and refault)",
+        "alloc_anon_folio reads the block's PTEs locklessly; a fault on another CPU may "
+        "map a page inside the block (the zero page, then a COW copy) before the PTE "
+        "lock is taken. Without the recheck set_ptes overwrites that PTE: the other "
+        "page stays counted as mapped with no PTE, and the byte written to it is lost "
+        "(the same allocate-outside, install-into-still-empty pattern as 7.3.1, over "
+        "a range)",
+        "race_mthp_fault.py",
+        "InvariantError: a page with a mapcount but not mapped; lost_bytes > 0"),
+    Bug("hugetlb_fault_no_mutex",
+        "hugetlb_fault (hugetlb_fault_mutex_table)",
+        "take the fault mutex hashed from (mapping, index) before reading the entry, and "
+        "hold it until the page is mapped",
+        "two faults on one hugetlb page would both go to hugetlb_no_page: the first "
+        "consumes the page's reservation and takes the pool's only page; the second, "
+        "finding the reservation consumed and the pool empty, fails the allocation and, "
+        "the entry still being none, sends SIGBUS although the page is being mapped "
+        "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
+        "race_hugetlb_fault.py",
+        "AssertionError: a writer died: Sigbus"),
     Bug("shmem_fault_no_truncate_recheck",
         "shmem_get_folio_gfp",
         "after folio_lock, check that the folio is still in this mapping and still "

@@ -29,8 +29,8 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable
 
-from kmm import checks_cross, checks_data, swap, swapfile
-from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache
+from kmm import checks_cross, checks_data, checks_hugetlb, swap, swapfile
+from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache, PGTY_hugetlb
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
     is_pmd_migration_entry, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
@@ -226,6 +226,8 @@ def _pmd_summary(m, t: int, base: int) -> tuple[Counter, int, list[tuple[int, in
     for n in compress(range(len(tbl)), tbl):
         e = tbl[n]
         if pmd_trans_huge(e) or not pmd_present(e):
+            if checks_hugetlb.is_hugetlb_pmd(m, e):
+                continue  # counted by the hugetlb check, in no RSS counter
             if not pmd_present(e) and not is_pmd_migration_entry(e):
                 bad.append((base + n * PMD_SIZE, e))
             if pmd_present(e):
@@ -358,7 +360,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 huge = sum(1 for e in compress(tbl, tbl)
                            if is_pmd_migration_entry(e) or pmd_trans_huge(e) and (
                                m.is_huge_zero_pfn(pmd_pfn(e))
-                               or _mapping_of(pm, pmd_pfn(e)) is None))
+                               or _mapping_of(pm, pmd_pfn(e)) is None)
+                           and not checks_hugetlb.is_hugetlb_pmd(m, e))
                 dep = len(pg.pt_deposit or ()) if pg else 0
                 deposited += dep
                 if dep != huge:
@@ -486,7 +489,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
         if page is not None:
             if page.mapcount and p not in st.pte_maps:
                 e.append(f"pfn {p:#x}: mapcount {page.mapcount} but not mapped")
-            if page.entire_mapcount and p not in st.pmd_maps:
+            if (page.entire_mapcount and p not in st.pmd_maps
+                    and page.page_type != PGTY_hugetlb):  # (the hugetlb check's)
                 e.append(f"folio {p:#x}: entire mapcount {page.entire_mapcount} but "
                          f"not PMD-mapped")
         if e:
@@ -585,6 +589,9 @@ def swap_errors(ctx: Checker) -> list[str]:
                         "swap PTEs")
     return errs
 
+
+# hugetlb folios and pools: kmm/checks_hugetlb.py
+check("hugetlb", "always")(checks_hugetlb.hugetlb_errors)
 
 @check("page_cache", "always")
 def page_cache_errors(ctx: Checker) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kmm import checks_data, pagewalk, rcupdate, swapfile
+from kmm import checks_data, checks_hugetlb, pagewalk, rcupdate, swapfile
 from kmm.mm_types import PG_anon_exclusive, PG_swapcache
 from kmm.pgtable import (
     HPAGE_PMD_NR, PMD_SIZE, SWP_MIGRATION_READ_EXCLUSIVE, TASK_SIZE, _PAGE_SWP_EXCLUSIVE,
@@ -160,8 +160,12 @@ def cross_process_errors(m, k) -> list[str]:
             continue
         lazy = k.lazy.get(name, {})
         unknown = k.unknown.get(name, ())
+        # shared hugetlb mappings show other processes' bytes by design
+        skip = checks_hugetlb.unchecked_ranges(task)
         for addr, other in writer.items():
             if addr in shadow or addr in lazy or addr in unknown:
+                continue
+            if skip and any(lo <= addr < hi for lo, hi in skip):
                 continue
             got = checks_data.read_mapped_byte(m, task.mm, addr)
             if got not in (None, 0):

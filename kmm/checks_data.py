@@ -9,7 +9,7 @@ changes (the byte itself is read again at every check).
 
 from __future__ import annotations
 
-from kmm import swapfile
+from kmm import checks_hugetlb, swapfile
 from kmm.memory import pmd_lookup
 from kmm.pgtable import (
     is_migration_entry, is_pmd_migration_entry, migration_entry_pfn, pgd_index, pmd_index,
@@ -86,8 +86,9 @@ def data_errors(ctx) -> list[str]:
         if task is None or not task.alive:
             continue
         unknown = k.unknown.get(name, ())  # written while its fork ran: either value
+        skip = checks_hugetlb.unchecked_ranges(task)
         for addr, want in shadow.items():
-            if addr in unknown:
+            if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
                 continue
             got = read(task, addr)
             if got is not None and got != want:
@@ -168,8 +169,9 @@ def _data_errors(m, k) -> list[str]:
         if task is None or not task.alive:
             continue
         unknown = k.unknown.get(name, ())
+        skip = checks_hugetlb.unchecked_ranges(task)
         for addr, want in shadow.items():
-            if addr in unknown:
+            if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
                 continue
             got = read_mapped_byte(m, task.mm, addr)
             if got is not None and got != want:

@@ -265,8 +265,9 @@ async def _putback_movable_pages(m, cc: CompactControl) -> None:
 
 async def isolate_migratepages_block(m, cc: CompactControl, low_pfn: int,
                                      end_pfn: int) -> None:
-    """isolate_migratepages_block: isolate LRU order-0 folios in [low_pfn, end_pfn),
-    skipping free blocks and large folios, up to COMPACT_CLUSTER_MAX unless the block
+    """isolate_migratepages_block: isolate LRU folios in [low_pfn, end_pfn): order-0
+    ones and mTHPs below the target order (skip_isolation_on_order), skipping free
+    blocks and larger folios, up to COMPACT_CLUSTER_MAX pages unless the block
     is to be finished. Async direct compaction gives up on a cc->order block at the
     first page it cannot isolate and puts back what it took there."""
     zone = cc.zone
@@ -297,14 +298,16 @@ async def isolate_migratepages_block(m, cc: CompactControl, low_pfn: int,
                 skip = head.pfn + head.nr_pages - low_pfn - 1
                 low_pfn += skip
                 nr_scanned += skip
-        elif page.flags & PG_head:
-            if skip_isolation_on_order(page.order, cc.order):
-                skip = page.nr_pages - 1
-                low_pfn += skip
-                nr_scanned += skip
+        elif page.flags & PG_head and skip_isolation_on_order(page.order, cc.order):
+            skip = page.nr_pages - 1
+            low_pfn += skip
+            nr_scanned += skip
+        elif page.flags & PG_head and page.order < 2:
+            pass  # order-1 folios are not anonymous THPs here: nothing makes them
         elif not page.flags & PG_lru:
             pass  # page tables, kernel allocations, isolated folios: unmovable here
-        elif not page.flags & PG_swapcache and page.refcount > page.mapcount:
+        elif not page.flags & PG_swapcache and page.refcount > (
+                page.large_mapcount if page.order else page.mapcount):
             pass  # pinned, or mid-fault: migration would fail
         elif cc.mode == MIGRATE_ASYNC and page.flags & PG_writeback:
             pass
@@ -313,11 +316,13 @@ async def isolate_migratepages_block(m, cc: CompactControl, low_pfn: int,
             pass  # async isolation needs folio_trylock for a dirty folio
         else:
             ok = await swap.folio_isolate_lru(m, page)
-        if ok:
+        if ok:  # an mTHP below the target order moves whole (6.18 isolates it too)
+            nr = page.nr_pages
             cc.migratepages.append(page)
-            cc.nr_migratepages += 1
-            nr_isolated += 1
-            low_pfn += 1
+            cc.nr_migratepages += nr
+            nr_isolated += nr
+            nr_scanned += nr - 1
+            low_pfn += nr
             if cc.nr_migratepages >= COMPACT_CLUSTER_MAX and not cc.finish_pageblock \
                     and not cc.contended:
                 break

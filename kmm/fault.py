@@ -37,7 +37,7 @@ class Segv(Exception):
 
 class Sigbus(Exception):
     """The access killed the process with SIGBUS (VM_FAULT_SIGBUS: e.g. a shmem fault
-    at or beyond the end of the file)."""
+    at or beyond the end of the file, a hugetlb fault with no huge page to be had)."""
 
     signal = "SIGBUS"
 

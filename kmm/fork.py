@@ -8,8 +8,8 @@ before its mmap_lock is released, as the kernel does.
 
 from __future__ import annotations
 
-from kmm import khugepaged, memory, mmap, rmap, shmem, tlb
-from kmm.mm_types import VmArea
+from kmm import hugetlb_resv, khugepaged, memory, mmap, rmap, shmem, tlb
+from kmm.mm_types import VM_HUGETLB, VmArea
 
 
 async def dup_mmap(m, mm, oldmm) -> bool:
@@ -20,6 +20,8 @@ async def dup_mmap(m, mm, oldmm) -> bool:
     try:
         for vma in oldmm.vmas:
             new = VmArea(mm, vma.start, vma.end, vma.flags, vma.pgoff)
+            if vma.flags & VM_HUGETLB:
+                hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=True)
             mm.vmas.append(new)
             if vma.vm_file is not None:  # get_file + vma_link_file
                 await shmem.vma_link_file(m, new, vma.vm_file)

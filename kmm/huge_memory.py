@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbers
 
-from kmm import atomic, mmdebug, page_alloc, pgtable_generic as pgg, rmap, swap
+from kmm import atomic, huge_memory_mthp, mmdebug, page_alloc, pgtable_generic as pgg, rmap, swap
 from kmm.mm_types import (
     PG_active, PG_anon_exclusive, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped,
     PG_referenced, PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGEPAGE,
-    VM_NOHUGEPAGE, VM_WRITE,
+    VM_HUGETLB, VM_WRITE,
 )
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE,
@@ -42,27 +42,16 @@ def thp_vma_allowable_order(m, vma, tva: str) -> bool:
     """thp_vma_allowable_order(vma, vm_flags, tva, PMD_ORDER) for an anonymous VMA.
 
     tva is "smaps", "pagefault", "khugepaged" or "forced_collapse" (enum tva_type).
-    hugepages-2048kB/enabled is "inherit", so the global ``enabled`` decides. A shmem
-    VMA follows shmem's policy (shmem.shmem_thp_vma_allowable).
+    The PMD size's own knob (hugepages-2048kB/enabled, "inherit" by default: then the
+    global ``enabled`` decides) says whether PMD THPs may be made. A shmem VMA follows
+    shmem's policy (shmem.shmem_thp_vma_allowable).
     """
     if vma.vm_file is not None:
         from kmm import shmem
         return shmem.shmem_thp_vma_allowable(m, vma, tva)
-    flags = vma.flags
-    if tva != "forced_collapse":
-        enabled = m.sysfs.enabled
-        if not (enabled == "always" or (flags & VM_HUGEPAGE and enabled != "never")):
-            return False
-    if flags & VM_NOHUGEPAGE:
+    if vma.flags & VM_HUGETLB:  # hugetlb VMAs are never THP-eligible
         return False
-    if tva != "pagefault":
-        # outside faults the VMA must hold a whole aligned 2 MiB block
-        haddr = (vma.end - HPAGE_PMD_SIZE) & HPAGE_PMD_MASK
-        if haddr < vma.start:
-            return False
-        if tva != "smaps" and vma.anon_vma is None:
-            return False
-    return True
+    return bool(huge_memory_mthp.thp_vma_allowable_orders(m, vma, tva, 1 << HPAGE_PMD_ORDER))
 
 
 def thp_vma_suitable_order(vma, addr: int) -> bool:
@@ -182,6 +171,7 @@ async def vma_alloc_anon_folio_pmd(m, vma, haddr: int) -> int:
                                            vma, haddr)
     if pfn < 0:
         m.vmstat.count_vm_event("thp_fault_fallback")
+        huge_memory_mthp.count_mthp_stat(m, HPAGE_PMD_ORDER, "anon_fault_fallback")
         return -1
     atomic.step_owned(m, "folio_zero_user", COST_CLEAR_HUGE, pfn)
     return pfn
@@ -209,6 +199,7 @@ async def map_anon_folio_pmd(m, pfn: int, pmd_tbl: int, idx: int, vma, haddr: in
     await map_anon_folio_pmd_nopf(m, pfn, pmd_tbl, idx, vma, haddr)
     vma.mm.rss_anon += HPAGE_PMD_NR
     m.vmstat.count_vm_event("thp_fault_alloc")
+    huge_memory_mthp.count_mthp_stat(m, HPAGE_PMD_ORDER, "anon_fault_alloc")
 
 
 async def __do_huge_pmd_anonymous_page(m, vmf, haddr: int) -> int:
@@ -632,6 +623,8 @@ async def deferred_split_folio(m, folio, partially_mapped: bool) -> None:
     if partially_mapped and not atomic.folio_test_set_flags_locked(folio, PG_partially_mapped):
         if folio.order == HPAGE_PMD_ORDER:
             m.vmstat.count_vm_event("thp_deferred_split_page")
+        huge_memory_mthp.count_mthp_stat(m, folio.order, "split_deferred")
+        huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon_partially_mapped", 1)
     atomic.ds_queue_add_locked(m, folio)
     await m.split_queue_lock.unlock()
 
@@ -689,7 +682,8 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
         return -EINVAL
     if m.is_huge_zero_pfn(folio.pfn) or folio.flags & PG_writeback:
         return -EBUSY
-    pmd_order = folio.order == HPAGE_PMD_ORDER
+    order = folio.order
+    pmd_order = order == HPAGE_PMD_ORDER
     anon_vma = folio.anon_vma
     if anon_vma is None:  # folio_get_anon_vma failed
         ret = -EBUSY
@@ -700,6 +694,7 @@ async def __folio_split(m, folio, lst: list | None, new_order: int) -> int:
         await rwsem.up_write()
     if pmd_order:
         m.vmstat.count_vm_event("thp_split_page" if ret == 0 else "thp_split_page_failed")
+    huge_memory_mthp.count_mthp_stat(m, order, "split" if ret == 0 else "split_failed")
     await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=ret)
     return ret
 
@@ -720,7 +715,10 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
         atomic.folio_ref_freeze_locked(folio)
         if folio.on_deferred_list:
             atomic.ds_queue_del_locked(m, folio)
-        atomic.folio_clear_flags_locked(folio, PG_partially_mapped)
+        huge_memory_mthp.folio_clear_partially_mapped(m, folio)
+        # __split_unmapped_folio: one anon folio of the old order less (order 0 is not
+        # counted); counted at the freeze, the point after which the split cannot fail
+        huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", -1)
     await m.split_queue_lock.unlock()
     if not frozen:
         await migrate.remove_migration_ptes(m, folio, folio)
@@ -843,8 +841,8 @@ async def deferred_split_scan(m, nr_to_scan: int) -> int:
             batch.append(folio)
             # the invariant checker counts this reference until the folio_put below
             m.split_scan_pins[pfn] = m.split_scan_pins.get(pfn, 0) + 1
-        else:
-            atomic.folio_clear_flags_locked(folio, PG_partially_mapped)
+        else:  # lost the race with folio_put
+            huge_memory_mthp.folio_clear_partially_mapped(m, folio)
         atomic.ds_queue_del_locked(m, folio)
         nr_to_scan -= 1
         if not nr_to_scan or len(batch) >= 31:  # PAGEVEC_SIZE
@@ -906,7 +904,7 @@ def thp_shrinker_init(m) -> None:
 # ------------------------------------------------------------ debugfs
 async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
     """split_huge_pages_pid (/sys/kernel/debug/split_huge_pages "pid,start,end"):
-    split every anonymous PMD-size THP mapped in [start, end), page by page; a folio
+    split every anonymous THP or mTHP mapped in [start, end), page by page; a folio
     that cannot be locked or has extra references is skipped. Returns the number
     split. Context: takes the mmap lock for read, then folio locks."""
     from kmm import pagewalk
@@ -918,6 +916,9 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
         vma = mm.vma_lookup(addr)
         if vma is None:
             break
+        if vma.flags & VM_HUGETLB:  # vma_not_suitable_for_thp_split
+            addr = vma.end
+            continue
         folio = None
         for _a, level, entry in pagewalk.walk_leaves(m, mm, addr, addr + PAGE_SIZE):
             if level == "pmd" and pmd_present(entry):
@@ -929,7 +930,8 @@ async def split_huge_pages_pid(m, task, start: int, end: int) -> int:
             if not m.is_huge_zero_pfn(pfn & ~(HPAGE_PMD_NR - 1)):
                 folio = m.physmem.folio(pfn)
         await m.sched.point("folio_walk_start", addr=addr)
-        if (folio is not None and folio.order == HPAGE_PMD_ORDER
+        # is_transparent_hugepage: any large rmappable folio, mTHPs included
+        if (folio is not None and folio.order >= 2 and folio.anon_vma is not None
                 and can_split_folio(m, folio, 0)):
             lk = m.folio_lock_of(folio)
             if await lk.trylock("split_huge_pages_pid"):

@@ -145,6 +145,7 @@ def khugepaged_init(m) -> None:
     m.sysfs.on_store("khugepaged/scan_sleep_millisecs", sleep_store)
     m.sysfs.on_store("khugepaged/alloc_sleep_millisecs", sleep_store)
     m.sysfs.on_store("enabled", enabled_store)
+    m.sysfs.on_store("hugepages-2048kB/enabled", enabled_store)  # start_stop_khugepaged
     m.sysfs.readonly["khugepaged/full_scans"] = lambda: scan.full_scans
     m.sysfs.readonly["khugepaged/pages_collapsed"] = lambda: scan.pages_collapsed
 
@@ -174,10 +175,13 @@ async def trace_event(m, name: str, **fields) -> None:
 
 # ------------------------------------------------------------ registration
 def hugepage_pmd_enabled(m) -> bool:
-    """hugepage_pmd_enabled: PMD-size anon THPs may be made (hugepages-2048kB is
-    "inherit", so the global ``enabled``), or PMD-size shmem THPs may; the khugepaged
-    thread runs iff this holds."""
-    if m.sysfs.enabled != "never":
+    """hugepage_pmd_enabled: PMD-size anon THPs may be made (hugepages-2048kB/enabled
+    always or madvise, or inherit with the global ``enabled`` not never), or PMD-size
+    shmem THPs may; the khugepaged thread runs iff this holds."""
+    s = m.sysfs
+    bit = 1 << 9
+    if (s.anon_orders_always & bit or s.anon_orders_madvise & bit
+            or (s.anon_orders_inherit & bit and s.enabled != "never")):
         return True
     from kmm import shmem
     return shmem.shmem_hpage_pmd_enabled(m)

@@ -24,6 +24,8 @@ ORDER: tuple[str, ...] = (
     "i_rwsem",
     "mmap_lock",
     "invalidate_lock",
+    "hugetlb_fault_mutex",  # rmap.c: hugetlbfs PageHuge() take locks in this order
+    "hugetlb_vma_lock",
     "folio_lock",
     "i_mmap_rwsem",
     "anon_vma",
@@ -35,6 +37,7 @@ ORDER: tuple[str, ...] = (
     "swap_info_lock",
     "split_queue_lock",
     "lru_lock",
+    "hugetlb_lock",
     "zone_lock",
 )
 RANK = {name: i for i, name in enumerate(ORDER)}

@@ -17,9 +17,10 @@ shared. COLLAPSE comes with the khugepaged issue.
 from __future__ import annotations
 
 from kmm import atomic, huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
-from kmm import swapfile, tlb, vmscan
+from kmm import hugetlb_fault, swapfile, tlb, vmscan
 from kmm.mm_types import (
-    PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE,
+    PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_HUGETLB, VM_LOCKED,
+    VM_NOHUGEPAGE,
 )
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SOFT_DIRTY, HPAGE_PMD_MASK,
@@ -64,7 +65,11 @@ async def do_madvise(m, task, start: int, length: int, advice: str) -> int | str
             if vma.start > covered:
                 hole = True
             s, e = max(start, vma.start), min(end, vma.end)
-            if write:
+            if vma.flags & VM_HUGETLB:
+                err = await hugetlb_fault.madvise_hugetlb(m, vma, s, e, advice)
+                if err:
+                    return err
+            elif write:
                 await hugepage_madvise(m, vma, s, e, advice)
             elif advice == "dontneed":
                 await madvise_dontneed_single_vma(m, vma, s, e)

@@ -9,20 +9,22 @@ another actor may have changed it, and backs out (returns 0, the CPU refaults) i
 
 ``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
 splitting a huge PMD where the range covers only part of it. Left out: file and shared
-mappings, userfaultfd, NUMA hinting, mTHP orders below PMD (disabled by default), KSM,
-per-VMA locks (faults take mmap_lock for read). PT_RECLAIM of empty PTE tables is
-in madvise.py; the tables it detaches are freed after an RCU grace period (rcupdate.py).
+mappings, userfaultfd, NUMA hinting, KSM, per-VMA locks (faults take mmap_lock for
+read). PT_RECLAIM of empty PTE tables is in madvise.py; the tables it detaches are freed
+after an RCU grace period (rcupdate.py). mTHP orders below PMD are chosen in
+memory_anon.alloc_anon_folio; large-folio swap-in is memory_swapin.py.
 """
 
 from __future__ import annotations
 
 from kmm import (
-    atomic, huge_memory, migrate, mmdebug, page_alloc, rcupdate, rmap, swap, swap_state,
-    swapfile, tlb,
+    atomic, huge_memory, huge_memory_mthp, hugetlb_fault, memory_anon, memory_swapin,
+    migrate, mmdebug, page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
 from kmm.mm_types import (
-    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_SHARED, VM_WRITE, MmStruct, VmArea,
+    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct,
+    VmArea,
 )
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
@@ -165,6 +167,8 @@ async def handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
     mmdebug.mmap_assert_locked(m, vma.mm, "handle_mm_fault")
     m.vmstat.count_vm_event("pgfault")
     atomic.step(m.sched, "handle_mm_fault", 1, addr=addr, write=write)  # a tracepoint
+    if vma.flags & VM_HUGETLB:  # is_vm_hugetlb_page
+        return await hugetlb_fault.hugetlb_fault(m, vma, addr, write)
     return await __handle_mm_fault(m, vma, addr, write)
 
 
@@ -272,12 +276,15 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         return 0
     if not await rmap.anon_vma_prepare(m, vma):
         return VM_FAULT_OOM
-    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
-    if pfn < 0:
+    folio = await memory_anon.alloc_anon_folio(m, vmf)  # an mTHP or one page, zeroed
+    if folio is memory_anon.EAGAIN:
+        return 0
+    if folio is None:
         return VM_FAULT_OOM
-    atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, pfn)
-    folio = m.physmem.page(pfn)
-    entry = pfn_pte(pfn, vma.page_prot)
+    nr = folio.nr_pages
+    addr = vmf.address & ~(nr * PAGE_SIZE - 1)
+    idx = pte_index(addr)
+    entry = pfn_pte(folio.pfn, vma.page_prot)
     if vma.flags & VM_WRITE:
         entry = pte_mkwrite(pte_mkdirty(entry))
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
@@ -285,14 +292,26 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         await swap.folio_put(m, folio)
         return 0
     tbl, ptl = res
-    if not pte_none(await atomic.entry_read(m, "pte", tbl, idx)):
+    if nr == 1:
+        changed = not pte_none(await atomic.entry_read(m, "pte", tbl, idx))
+    elif m.bugs and "mthp_no_pte_range_recheck" in m.bugs:  # kmm.bugs
+        changed = False
+    else:
+        changed = not await memory_anon.pte_range_none(m, tbl, idx, nr)
+    if changed:
         await ptl.unlock()
-        await swap.folio_put(m, folio)  # a racing fault mapped it first
+        await swap.folio_put(m, folio)  # a racing fault mapped (part of) the range first
         return 0
-    mm.rss_anon += 1
-    await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+    if nr > 1:
+        await atomic.folio_ref_add(m, folio, nr - 1)  # one reference per PTE mapping
+    mm.rss_anon += nr
+    huge_memory_mthp.count_mthp_stat(m, folio.order, "anon_fault_alloc")
+    await rmap.folio_add_new_anon_rmap(m, folio, vma, addr, pmd=False)
     await swap.folio_add_lru(m, folio)  # folio_add_lru_vma
-    await atomic.entry_set(m, "pte", tbl, idx, entry)
+    if nr == 1:
+        await atomic.entry_set(m, "pte", tbl, idx, entry)
+    else:
+        await atomic.set_ptes(m, tbl, idx, entry, nr)
     await ptl.unlock()
     return 0
 
@@ -442,6 +461,8 @@ async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int
 
     Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
     """
+    if vma.flags & VM_HUGETLB:  # unmap_single_vma
+        return await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, start, end)
     mm = vma.mm
     if not tlbg.i_mmap_locked:
         mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
@@ -473,7 +494,8 @@ async def zap_pmd_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, addr: int
 async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int,
                         addr: int, end: int) -> None:
     """zap_pte_range: clear PTEs under the PTE lock; rmap removal now, the references
-    after the TLB flush (the mmu_gather)."""
+    after the TLB flush (the mmu_gather). The PTEs of one large folio go as a batch
+    (zap_present_ptes), so a folio unmapped whole is never seen partially mapped."""
     res = await pte_offset_map_lock(m, pmd_tbl, pidx)
     if res is None:
         return
@@ -484,27 +506,34 @@ async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int
     while a < end:
         i = pte_index(a)
         ent = await atomic.entry_read(m, "pte", tbl, i)
+        nr = 1
         if ent and not tlbg.even_cows and (
                 not pte_present(ent) or pte_special(ent)
                 or m.physmem.folio(pte_pfn(ent)).mapping is None):
             ent = 0  # should_zap_folio / should_zap_cows: a private COW's page stays
         if ent:
-            await atomic.entry_get_and_clear(m, "pte", tbl, i)
-            if pte_present(ent):
+            if pte_present(ent) and not pte_special(ent):
                 pfn = pte_pfn(ent)
-                if not pte_special(ent):
-                    folio = m.physmem.folio(pfn)
-                    if pte_dirty(ent):
-                        atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
-                    if folio.mapping is not None:
-                        mm.rss_shmem -= 1
-                    else:
-                        mm.rss_anon -= 1
-                    await rmap.folio_remove_rmap_ptes(m, folio, pfn, 1)
-                    tlbg.folios.append((folio, 1))
+                folio = m.physmem.folio(pfn)
+                dirty = pte_dirty(ent)
+                if folio.order and folio.mapping is None:
+                    nr, dirty = await memory_anon.folio_pte_batch(
+                        m, tbl, i, (end - a) // PAGE_SIZE, folio, ent)
+                for j in range(nr):
+                    await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
+                if dirty:
+                    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
+                if folio.mapping is not None:
+                    mm.rss_shmem -= nr
+                else:
+                    mm.rss_anon -= nr
+                await rmap.folio_remove_rmap_ptes(m, folio, pfn, nr)
+                tlbg.folios.append((folio, nr))
             else:
-                await zap_nonpresent_ptes(m, mm, ent)
-        a += PAGE_SIZE
+                await atomic.entry_get_and_clear(m, "pte", tbl, i)
+                if not pte_present(ent):
+                    await zap_nonpresent_ptes(m, mm, ent)
+        a += nr * PAGE_SIZE
     await ptl.unlock()
 
 
@@ -555,6 +584,8 @@ async def copy_page_range(m, dst_vma: VmArea, src_vma: VmArea) -> bool:
 
     Context: both mmap_locks held for write.
     """
+    if src_vma.flags & VM_HUGETLB:
+        return await hugetlb_fault.copy_hugetlb_page_range(m, dst_vma, src_vma)
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     addr = src_vma.start
     while addr < src_vma.end:
@@ -663,7 +694,8 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     if folio is None:
         if (m.swap_info.flags & swapfile.SWP_SYNCHRONOUS_IO
                 and swapfile.__swap_count(m, entry) == 1):
-            res = await swap_state.swapin_direct(m, entry)  # skip the swap cache
+            # skip the swap cache; an mTHP when its block was swapped out whole
+            res, entry = await memory_swapin.swapin_direct(m, vmf, entry)
             if isinstance(res, int):  # another fault is swapping it in: relax, refault
                 await m.sched.sleep(swap_state.JIFFY_NS)
                 return 0
@@ -682,16 +714,28 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     lk = m.folio_lock_of(folio)
     await lk.lock("do_swap_page")  # folio_lock_or_retry
     res = None
+    # how many PTEs the folio maps at once: a large folio read in directly, or a large
+    # swap-cache folio whose PTEs are all still its swap entries (memory_swapin)
+    nr, pte_idx = memory_swapin.folio_span(vmf, folio, entry, direct)
     if swapcache is None or swap_state.folio_matches_swap_entry(folio, entry):
         res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
-        if res is not None and await atomic.entry_read(m, "pte", res[0], vmf.pte_idx) != orig:
-            await res[1].unlock()  # out_nomap: another fault mapped it first
-            res = None
+        if res is not None:
+            same = await atomic.entry_read(m, "pte", res[0], vmf.pte_idx) == orig
+            if same and nr > 1:
+                first = memory_swapin.pte_move_swp_offset(orig, pte_idx - vmf.pte_idx)
+                if await memory_swapin.swap_pte_batch(m, res[0], pte_idx, nr, first) != nr:
+                    if direct:
+                        same = False  # the block changed since it was read: refault
+                    else:
+                        nr, pte_idx = 1, vmf.pte_idx  # check_folio: this page alone
+            if not same:
+                await res[1].unlock()  # out_nomap: another fault mapped it first
+                res = None
     if res is None:
         await lk.unlock()
         await swap.folio_put(m, folio)
         if direct:
-            await swapfile.swapcache_clear(m, entry)
+            await swapfile.swapcache_clear(m, entry, folio.nr_pages)
         return 0
     tbl, ptl = res
     # exclusive: certainly for a page the swap cache never saw; else the swap PTE's
@@ -703,14 +747,17 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         exclusive = True
     elif exclusive and (swapfile.__swap_count(m, entry) != 1 or rmap.folio_mapped(folio)):
         exclusive = False
-    await swapfile.swap_free_nr(m, entry, 1)
+    # the page (or the folio's first) and its slot, before the swap cache may let go
+    pfn, slot = folio.pfn, entry
+    if nr > 1 and swapcache is not None:
+        slot = folio.swap
+    elif nr == 1 and swapcache is not None and folio.order:
+        pfn += swp_offset(entry) - swp_offset(folio.swap)
+    await swapfile.swap_free_nr(m, slot, nr)
     if swap_state.should_try_to_free_swap(m, folio, vma, vmf.write):
         await swapfile.folio_free_swap(m, folio)
-    mm.rss_anon += 1
-    mm.swapents -= 1
-    pfn = folio.pfn
-    if swapcache is not None and folio.order:
-        pfn += swp_offset(entry) - swp_offset(folio.swap)
+    mm.rss_anon += nr
+    mm.swapents -= nr
     pte = pfn_pte(pfn, vma.page_prot)
     if orig & _PAGE_SWP_SOFT_DIRTY:
         pte |= _PAGE_SOFT_DIRTY
@@ -722,15 +769,21 @@ async def do_swap_page(m, vmf: Vmf) -> int:
                 pte = pte_mkdirty(pte)
                 write_done = True
         exclusive = True
-    # the reference we hold becomes the mapping's
+    # the reference we hold becomes the mapping's (one per PTE for a large folio)
+    if nr > 1:
+        await atomic.folio_ref_add(m, folio, nr - 1)
     if folio.anon_vma is None:
-        await rmap.folio_add_new_anon_rmap(m, folio, vma, vmf.address, pmd=False)
+        address = vmf.address & ~(nr * PAGE_SIZE - 1)
+        await rmap.folio_add_new_anon_rmap(m, folio, vma, address, pmd=False)
         if not exclusive:  # __folio_set_anon: a shared folio takes the oldest anon_vma
             atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma.root)
             atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
     else:
-        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, 1, exclusive)
-    await atomic.entry_set(m, "pte", tbl, vmf.pte_idx, pte)
+        await rmap.folio_add_anon_rmap_ptes(m, folio, pfn, nr, exclusive)
+    if nr == 1:
+        await atomic.entry_set(m, "pte", tbl, vmf.pte_idx, pte)
+    else:
+        await atomic.set_ptes(m, tbl, pte_idx, pte, nr)
     await lk.unlock()
     ret = 0
     if vmf.write and not write_done:
@@ -738,8 +791,8 @@ async def do_swap_page(m, vmf: Vmf) -> int:
         ret = await do_wp_page(m, vmf)  # drops the PTE lock
     else:
         await ptl.unlock()
-    if direct:  # the slot's claim goes only after the PTE lock (need_clear_cache)
-        await swapfile.swapcache_clear(m, entry)
+    if direct:  # the slots' claim goes only after the PTE lock (need_clear_cache)
+        await swapfile.swapcache_clear(m, entry, folio.nr_pages)
     return ret
 
 

@@ -6,15 +6,15 @@ it changes. A fault on such an entry sleeps until the folio is unlocked
 (``migration_entry_wait``) and then retries. ``remove_migration_ptes`` turns the entries
 back into present PTEs, pointing at the same pages (after a split) or at the new ones
 (after a move), with the write, dirty, young and exclusive state the entries kept.
-``migrate_pages`` moves order-0 folios to new frames, for compaction.
+``migrate_pages`` moves order-0 folios and mTHPs to new frames, for compaction.
 """
 
 from __future__ import annotations
 
 from kmm import atomic, mmdebug, swap
 from kmm.mm_types import (
-    PG_active, PG_dirty, PG_isolated, PG_referenced, PG_swapbacked, PG_swapcache,
-    PG_uptodate, PG_writeback, VM_LOCKED,
+    PG_active, PG_dirty, PG_head, PG_isolated, PG_partially_mapped, PG_referenced,
+    PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_LOCKED,
 )
 from kmm.pgtable import (
     PAGE_SIZE, SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, is_migration_entry,
@@ -96,7 +96,7 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
 
 
 async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[int, int]:
-    """migrate_pages (MIGRATE_ASYNC, order-0 anonymous folios): move each isolated
+    """migrate_pages (MIGRATE_ASYNC, anonymous order-0 folios and mTHPs): move each isolated
     folio to a frame from ``get_new_folio(folio) -> pfn | -1``. The mappings are frozen
     into migration entries (try_to_migrate), the contents and flags copied, and the
     entries pointed at the new page (remove_migration_ptes). A folio that is locked by
@@ -107,20 +107,25 @@ async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[in
     """
     from kmm import swap
     ok = failed = 0
+    ok_pages = failed_pages = 0  # the vm events count pages (an mTHP counts its nr)
     for folio in folios:
+        nr = folio.nr_pages
         if folio.refcount == 1:
             # freed under us (only the isolation reference is left): done
             atomic.folio_clear_flags_locked(folio, PG_isolated)
             await swap.folio_put(m, folio)
             ok += 1
+            ok_pages += nr
             continue
         if await _migrate_one(m, folio, get_new_folio):
             ok += 1
+            ok_pages += nr
         else:
             failed += 1
+            failed_pages += nr
             await swap.folio_putback_lru(m, folio)
-    m.vmstat.count_vm_event("pgmigrate_success", ok)
-    m.vmstat.count_vm_event("pgmigrate_fail", failed)
+    m.vmstat.count_vm_event("pgmigrate_success", ok_pages)
+    m.vmstat.count_vm_event("pgmigrate_fail", failed_pages)
     await m.sched.point("mm_migrate_pages", succeeded=ok, failed=failed, reason=reason)
     return ok, failed
 
@@ -132,20 +137,25 @@ def move_to_new_folio(m, dst, src) -> None:
                           "move_to_new_folio: !folio_test_locked(src)")
     mmdebug.VM_BUG_ON_FOLIO(m, not mmdebug.folio_test_locked(dst), dst,
                           "move_to_new_folio: !folio_test_locked(dst)")
-    m.physmem.copy(dst.pfn, src.pfn)  # folio_copy
+    for i in range(src.nr_pages):  # folio_copy (an mTHP: every page)
+        m.physmem.copy(dst.pfn + i, src.pfn + i)
     # folio_migrate_flags, __folio_migrate_mapping: the new folio is still ours alone;
     # like the source it is off the LRU with our reference until it is put back (an
     # isolated folio to the invariant checker, which may run once it is mapped)
-    atomic.init_page(dst, flags=src.flags & (PG_dirty | PG_swapbacked | PG_active
-                                             | PG_referenced | PG_uptodate)
+    atomic.init_page(dst, flags=(dst.flags & PG_head) | src.flags & (
+                         PG_dirty | PG_swapbacked | PG_active | PG_referenced | PG_uptodate)
                      | PG_isolated, anon_vma=src.anon_vma, index=src.index)
 
 
 async def _migrate_one(m, folio, get_new_folio) -> bool:
-    """migrate_folio_unmap + migrate_folio_move for one order-0 anonymous folio."""
-    from kmm import rmap, swap
-    if folio.order or folio.flags & (PG_swapcache | PG_writeback) or folio.anon_vma is None:
+    """migrate_folio_unmap + migrate_folio_move for one anonymous folio: order 0, or
+    an mTHP (PTE-mapped; its new folio is prepared at the same order by
+    get_new_folio). Returns True when moved."""
+    from kmm import huge_memory, huge_memory_mthp, rmap, swap
+    if folio.flags & (PG_swapcache | PG_writeback) or folio.anon_vma is None:
         return False
+    if folio.order and (folio.order >= 9 or folio.entire_mapcount):
+        return False  # PMD-mapped THPs are split to migrate, not moved whole here
     lk = m.folio_lock_of(folio)
     if not await lk.trylock("migrate_folio_unmap"):
         return False
@@ -166,8 +176,17 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     if rmap.folio_mapped(folio):
         await rmap.try_to_migrate(m, folio, split_pmd=False)
     moved = not rmap.folio_mapped(folio) and folio.refcount == 1  # folio_ref_freeze
+    requeue = None
     if moved:
         move_to_new_folio(m, new, folio)
+        if folio.order:
+            huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", 1)
+            if folio.on_deferred_list:  # the source leaves the queue; the target joins
+                requeue = bool(folio.flags & PG_partially_mapped)
+                await m.split_queue_lock.lock("__folio_migrate_mapping")
+                atomic.ds_queue_del_locked(m, folio)
+                huge_memory_mthp.folio_clear_partially_mapped(m, folio)
+                await m.split_queue_lock.unlock()
         await remove_migration_ptes(m, folio, new)
     else:
         await remove_migration_ptes(m, folio, folio)
@@ -180,6 +199,8 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
         return False
     atomic.folio_clear_flags_locked(folio, PG_isolated)
     await swap.folio_put(m, folio)  # the old frame goes back to the buddy
+    if requeue is not None:  # migrate_folio_move: requeue the destination
+        await huge_memory.deferred_split_folio(m, new, requeue)
     # onto the LRU, dropping the allocation's reference; the mappings keep theirs
     await swap.folio_putback_lru(m, new)
     return True

@@ -30,6 +30,7 @@ PGTY_none = ""
 PGTY_buddy = "buddy"
 PGTY_table = "table"
 PGTY_zero = "zero"
+PGTY_hugetlb = "hugetlb"  # a hugetlb folio (in the pool or in use): never on the LRU
 
 # vm_flags (include/linux/mm.h)
 VM_READ = 1 << 0
@@ -41,6 +42,8 @@ VM_MAYWRITE = 1 << 5
 VM_MAYEXEC = 1 << 6
 VM_MAYSHARE = 1 << 7
 VM_LOCKED = 1 << 13
+VM_NORESERVE = 1 << 21
+VM_HUGETLB = 1 << 22
 VM_HUGEPAGE = 1 << 29
 VM_NOHUGEPAGE = 1 << 30
 
@@ -106,7 +109,7 @@ class VmArea:
     """struct vm_area_struct for an anonymous private mapping."""
 
     __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot",
-                 "vm_file")
+                 "vm_file", "vm_private_data", "hugetlb_file")
 
     def __init__(self, mm: "MmStruct", start: int, end: int, flags: int, pgoff: int) -> None:
         self.mm = mm
@@ -117,6 +120,8 @@ class VmArea:
         self.anon_vma: AnonVma | None = None
         self.avc: list[AnonVma] = []  # anon_vma_chain: every anon_vma linked to this VMA
         self.vm_file = None          # shmem: the shmem.ShmemFile mapped (pgoff in file pages)
+        self.hugetlb_file = None     # hugetlb: the hugetlbfs file (kmm.hugetlb_resv.HugetlbFile)
+        self.vm_private_data = None  # hugetlb: reservation map and HPAGE_RESV_* flags
         from kmm.pgtable import vm_page_prot
         self.page_prot = vm_page_prot(flags)
 

@@ -10,9 +10,9 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, khugepaged, memory, mmdebug, rmap, shmem
+from kmm import huge_memory, hugetlb_resv, khugepaged, memory, mmdebug, rmap, shmem
 from kmm.mm_types import (
-    VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
+    VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
     MmStruct, VmArea,
 )
 from kmm.pgtable import PAGE_SIZE, TASK_SIZE, vm_page_prot
@@ -46,6 +46,8 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     rmap.anon_vma_clone(new, vma)
     if vma.vm_file is not None:
         await shmem.vma_link_file(m, new, vma.vm_file)
+    if vma.flags & VM_HUGETLB:
+        hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=False)
     vma.end = addr
     _insert(vma.mm, new)
     await m.sched.point("split_vma", mm=vma.mm.id, addr=addr)
@@ -54,6 +56,7 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
 
 def _mergeable(a: VmArea, b: VmArea) -> bool:
     return (a.end == b.start and a.flags == b.flags
+            and a.hugetlb_file is b.hugetlb_file is None
             and b.pgoff == a.pgoff + ((b.start - a.start) >> 12)
             and a.vm_file is b.vm_file
             and (a.anon_vma is None or b.anon_vma is None or a.anon_vma is b.anon_vma))
@@ -94,11 +97,14 @@ async def vma_modify_flags(m, vma: VmArea, start: int, end: int, flags: int) -> 
     return vma_merge_around(vma.mm, vma)
 
 
-async def do_mmap(m, task, addr: int, length: int, backing: str = "anon") -> int | str:
+async def do_mmap(m, task, addr: int, length: int, backing: str = "anon",
+                  noreserve: bool = False) -> int | str:
     """mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|
     MAP_FIXED_NOREPLACE): the start address, or an errno name. ``backing`` "shmem" is
     MAP_SHARED|MAP_ANONYMOUS (shmem_zero_setup), "memfd" a new memfd of the length
-    mapped MAP_SHARED, "memfd_private" the same mapped MAP_PRIVATE."""
+    mapped MAP_SHARED, "memfd_private" the same mapped MAP_PRIVATE; "hugetlb" adds
+    MAP_HUGETLB, "hugetlb_shared" MAP_HUGETLB with MAP_SHARED; ``noreserve`` is
+    MAP_NORESERVE (hugetlb_resv.hugetlb_mmap)."""
     if length <= 0 or addr & (PAGE_SIZE - 1):
         return "EINVAL"
     length = page_align(length)
@@ -109,6 +115,14 @@ async def do_mmap(m, task, addr: int, length: int, backing: str = "anon") -> int
     try:
         if vmas_in(mm, addr, addr + length):
             return "EEXIST"
+        if backing in ("hugetlb", "hugetlb_shared"):
+            vma = await hugetlb_resv.hugetlb_mmap(m, mm, addr, length,
+                                                  backing == "hugetlb_shared", noreserve)
+            if isinstance(vma, str):
+                return vma
+            _insert(mm, vma)
+            await m.sched.point("mmap_region", mm=mm.id, start=addr, end=vma.end)
+            return addr
         flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
         if backing in ("shmem", "memfd"):
             flags |= VM_SHARED | VM_MAYSHARE
@@ -138,6 +152,9 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     floor = prev[-1].end if prev else 0
     ceiling = nxt[0].start if nxt else TASK_SIZE
     await tlbg.finish(m)
+    for vma in victims:  # remove_vma -> vma_close
+        if vma.flags & VM_HUGETLB:
+            await hugetlb_resv.hugetlb_vm_op_close(m, vma)
     # free_pgtables: each VMA leaves its anon_vma chains (under the anon_vma lock, so
     # an rmap walk in progress finishes first) before its page tables go
     for vma in victims:
@@ -161,6 +178,11 @@ async def do_munmap(m, task, start: int, length: int) -> int | str:
     await mm.mmap_lock.down_write("do_vmi_munmap")
     try:
         victims = []
+        for vma in vmas_in(mm, start, end):  # vm_ops->may_split, before any change
+            for cut in (start, end):
+                if vma.flags & VM_HUGETLB and vma.start < cut < vma.end:
+                    if hugetlb_resv.hugetlb_vm_op_split(vma, cut):
+                        return "EINVAL"
         for vma in vmas_in(mm, start, end):
             if vma.start < start:
                 vma = await split_vma(m, vma, start)

@@ -9,8 +9,8 @@ are PageAnonExclusive become writable at once when write permission returns
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, memory, mmap, tlb
-from kmm.mm_types import PG_anon_exclusive, VM_READ, VM_WRITE
+from kmm import atomic, huge_memory, hugetlb_fault, hugetlb_resv, memory, mmap, tlb
+from kmm.mm_types import PG_anon_exclusive, VM_HUGETLB, VM_READ, VM_WRITE
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none, pmd_trans_huge,
     pte_index, pte_mkwrite, pte_modify, pte_pfn, pte_present, pte_special, pte_write,
@@ -41,6 +41,8 @@ async def do_mprotect(m, task, start: int, length: int, prot: str) -> int | str:
             newflags = (vma.flags & ~(VM_READ | VM_WRITE)) | PROT[prot]
             tmp = min(vma.end, end)
             vma = await mprotect_fixup(m, vma, nstart, tmp, newflags)
+            if isinstance(vma, str):
+                return vma
             # vma_iter_end: past the VMA the range was merged into, which may have
             # swallowed the next one (already of the new flags)
             nstart = min(vma.end, end)
@@ -56,6 +58,10 @@ async def do_mprotect(m, task, start: int, length: int, prot: str) -> int | str:
 async def mprotect_fixup(m, vma, start: int, end: int, newflags: int):
     if newflags == vma.flags:
         return vma
+    for cut in (start, end):  # vm_ops->may_split (hugetlb_vm_op_split)
+        if vma.flags & VM_HUGETLB and vma.start < cut < vma.end:
+            if hugetlb_resv.hugetlb_vm_op_split(vma, cut):
+                return "EINVAL"
     vma = await mmap.vma_modify_flags(m, vma, start, end, newflags)
     await change_protection(m, vma, start, end, bool(newflags & VM_WRITE))
     return vma
@@ -65,6 +71,8 @@ async def change_protection(m, vma, start: int, end: int, try_writable: bool) ->
     """change_protection -> change_pmd_range -> change_huge_pmd / change_pte_range."""
     mm = vma.mm
     newprot = vm_page_prot(vma.flags)
+    if vma.flags & VM_HUGETLB:
+        return await hugetlb_fault.hugetlb_change_protection(m, vma, start, end, newprot)
     addr = start
     changed = False
     while addr < end:

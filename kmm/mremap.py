@@ -35,6 +35,10 @@ async def do_mremap(m, task, addr: int, old_len: int, new_len: int,
     mm = task.mm
     await mm.mmap_lock.down_write("do_mremap")
     try:
+        vma = mm.vma_lookup(addr)
+        if vma is not None and vma.hugetlb_file is not None:
+            raise NotImplementedError("mremap of hugetlb mappings (move_hugetlb_page_tables)"
+                                      " is not modelled (issue 13)")
         await munmap_locked(m, mm, new_addr, new_addr + new_len)
         if old_len > new_len:
             await munmap_locked(m, mm, addr + new_len, addr + old_len)

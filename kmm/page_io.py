@@ -10,7 +10,7 @@ at all: its slots are marked in the zeromap, and reading them back just zero-fil
 
 from __future__ import annotations
 
-from kmm import atomic
+from kmm import atomic, huge_memory_mthp
 from kmm.mm_types import PG_uptodate, PG_writeback, Page
 from kmm.pgtable import HPAGE_PMD_NR, swp_offset
 from kmm.cost import COST_SWAP_WRITE, COST_SWAP_READ
@@ -23,6 +23,7 @@ def count_swpout_vm_event(m, folio: Page) -> None:
     """count_swpout_vm_event: thp_swpout for a PMD-size folio, pswpout per page."""
     if folio.nr_pages >= HPAGE_PMD_NR:
         m.vmstat.count_vm_event("thp_swpout")
+    huge_memory_mthp.count_mthp_stat(m, folio.order, "swpout")
     m.vmstat.count_vm_event("pswpout", folio.nr_pages)
 
 
@@ -96,6 +97,7 @@ async def swap_read_folio(m, folio: Page) -> None:
                 pm.clear(folio.pfn + i)
             else:
                 pm.data[folio.pfn + i] = bytearray(data)
+        huge_memory_mthp.count_mthp_stat(m, folio.order, "swpin")
         m.vmstat.count_vm_event("pswpin", nr)
     atomic.folio_set_flags_locked(folio, PG_uptodate)
     await m.folio_lock_of(folio).unlock()

@@ -10,7 +10,7 @@ Each mapcount change is a preemption point.
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, swap, tlb
+from kmm import atomic, huge_memory, huge_memory_mthp, swap, tlb
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,

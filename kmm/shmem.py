@@ -507,7 +507,8 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     atomic.folio_set_flags_locked(folio, PG_uptodate | PG_dirty)
     await swap.folio_add_lru(m, folio)
     await swapfile.swap_free_nr(m, entry, nr)
-    await swapfile.swapcache_clear(m, entry, 1)  # the claim swapcache_prepare made
+    await swapfile.swapcache_clear(m, entry, nr)  # the claim swapcache_prepare made
+    # (on all nr slots: swapcache_prepare claims a large folio's slots all or none)
     return folio
 
 

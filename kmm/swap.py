@@ -14,7 +14,7 @@ lists at once, which the kernel's lru_add_drain gives too.
 
 from __future__ import annotations
 
-from kmm import atomic, page_alloc
+from kmm import atomic, huge_memory_mthp, hugetlb, page_alloc
 from kmm.atomic import folio_clear_flags_locked as _clear, folio_set_flags_locked as _set
 from kmm.mm_types import (
     PG_active, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_unevictable, Page,
@@ -169,6 +169,8 @@ async def __folio_put(m, folio: Page) -> None:
 
 
 async def _free_folio(m, folio: Page) -> None:
+    if hugetlb.folio_test_hugetlb(folio):  # a hugetlb folio goes back to its pool
+        return await hugetlb.free_huge_folio(m, folio)
     if folio.flags & PG_lru:  # page_cache_release / __page_cache_release
         lk = m.lruvec.lru_lock
         await lk.lock("__page_cache_release")
@@ -177,7 +179,10 @@ async def _free_folio(m, folio: Page) -> None:
     if folio.on_deferred_list:
         await m.split_queue_lock.lock("__folio_unqueue_deferred_split")
         atomic.ds_queue_del_locked(m, folio)
+        huge_memory_mthp.folio_clear_partially_mapped(m, folio)
         await m.split_queue_lock.unlock()
+    if folio.order and folio.anon_vma is not None:  # free_pages_prepare: PageAnon
+        huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", -1)
     await page_alloc.free_pages(m, folio.pfn, folio.order)
 
 

@@ -325,14 +325,13 @@ async def cluster_alloc_swap_entry(m, si: SwapInfo, folio: Page) -> int:
 
 async def folio_alloc_swap(m, folio: Page) -> bool:
     """folio_alloc_swap (mm/swapfile.c). The folio gets contiguous, naturally aligned
-    slots (a whole free cluster for a PMD-size folio) and joins the swap cache; False
+    slots (a whole free cluster for a PMD-size folio; an mTHP shares a cluster with
+    folios of its order) and joins the swap cache; False
     when the device has no room for its order (the caller splits a large folio and
     retries with its pages). Context: folio locked; takes cluster locks and si->lock."""
     si = m.swap_info
     if si is None:
         return False
-    if folio.order not in (0, HPAGE_PMD_ORDER):
-        m.bug(f"folio_alloc_swap: order {folio.order} (only 4K and PMD folios exist)")
     if folio.flags & PG_swapcache:
         m.bug(f"folio_alloc_swap: {folio!r} is already in the swap cache")
     await m.sched.point("folio_alloc_swap", pfn=folio.pfn, order=folio.order)
@@ -447,13 +446,15 @@ async def swapcache_prepare(m, entry: int, nr: int = 1) -> int:
     ci = si.clusters[off // SWAPFILE_CLUSTER]
     lk = si.cluster_lock(ci)
     await lk.lock("swapcache_prepare")
-    v = si.swap_map[off]
-    if v & SWAP_HAS_CACHE:
+    # __swapcache_set over nr slots (a large swap-in claims them all or none)
+    vals = si.swap_map[off:off + nr]
+    if any(v & SWAP_HAS_CACHE for v in vals):
         ret = -EEXIST
-    elif not v:
+    elif not all(vals):
         ret = -ENOENT
     else:
-        si.swap_map[off] = v | SWAP_HAS_CACHE
+        for o in range(off, off + nr):
+            si.swap_map[o] |= SWAP_HAS_CACHE
         ret = 0
     await lk.unlock()
     return ret

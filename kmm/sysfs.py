@@ -16,6 +16,24 @@ UINT_MAX = 2**32 - 1
 
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 ENABLED = ("always", "madvise", "never")
+# hugepages-<size>kB/enabled and shmem_enabled (thpsize_enabled_store,
+# thpsize_shmem_enabled_store): "inherit" follows the global knob.
+MTHP_ENABLED = ("always", "inherit", "madvise", "never")
+MTHP_SHMEM_ENABLED = ("always", "inherit", "within_size", "advise", "never")
+HPAGE_PMD_ORDER = 9
+# THP_ORDERS_ALL_ANON: orders 2..PMD_ORDER (order 1 cannot be an anonymous THP: a
+# folio needs its second tail page for the deferred list); THP_ORDERS_ALL_FILE_DEFAULT
+# starts at order 1, so hugepages-8kB has shmem_enabled only (as on the host).
+ANON_ORDERS = tuple(range(2, HPAGE_PMD_ORDER + 1))
+SHMEM_ORDERS = tuple(range(1, HPAGE_PMD_ORDER + 1))
+
+
+def size_dir(order: int) -> str:
+    """The sysfs folder of one THP order: hugepages-<size>kB."""
+    return f"hugepages-{4 << order}kB"
+
+
+SIZE_DIRS = {size_dir(o): o for o in SHMEM_ORDERS}
 DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
 # shmem_enabled (shmem_enabled_store, mm/shmem.c): the huge= policy of the internal shm
 # mount (MAP_SHARED|MAP_ANONYMOUS, memfd); deny and force are the emergency overrides
@@ -123,6 +141,16 @@ KNOBS: dict[str, Knob] = {
         Knob("khugepaged/defrag", 1, _flag),
     )
 }
+# Per-size knobs: PMD size "inherit" (so the global knob decides, as before mTHP), every
+# smaller size "never" (the kernel's defaults without a thp_anon= boot parameter).
+for _o in ANON_ORDERS:
+    _n = size_dir(_o) + "/enabled"
+    KNOBS[_n] = Knob(_n, "inherit" if _o == HPAGE_PMD_ORDER else "never",
+                     _choice(*MTHP_ENABLED), MTHP_ENABLED)
+for _o in SHMEM_ORDERS:
+    _n = size_dir(_o) + "/shmem_enabled"
+    KNOBS[_n] = Knob(_n, "inherit" if _o == HPAGE_PMD_ORDER else "never",
+                     _choice(*MTHP_SHMEM_ENABLED), MTHP_SHMEM_ENABLED)
 
 # The scenario tables map onto these directories (design.md section 4).
 TABLES = {"thp": "", "khugepaged": "khugepaged/"}
@@ -148,6 +176,7 @@ class Sysfs:
         self._values: dict[str, object] = {n: k.default for n, k in KNOBS.items()}
         self.readonly: dict[str, Callable[[], object]] = {}
         self._store_hooks: dict[str, list[Callable[[object], None]]] = {}
+        self._anon_orders()
 
     def on_store(self, name: str, hook: Callable[[object], None]) -> None:
         """Call ``hook(value)`` after each accepted write to the knob ``name``."""
@@ -163,11 +192,23 @@ class Sysfs:
         if name in self.readonly:
             raise KnobError("read-only")
         self._values[name] = validate(name, value)
+        if name.endswith("/enabled"):
+            self._anon_orders()
         for hook in self._store_hooks.get(name, ()):
             hook(self._values[name])
 
     def items(self):
         return self._values.items()
+
+    def _anon_orders(self) -> None:
+        # huge_anon_orders_{always,madvise,inherit}: one bit per order, set by each
+        # size's store handler (each size is in exactly one of the three, or none)
+        masks = {"always": 0, "madvise": 0, "inherit": 0, "never": 0}
+        for o in ANON_ORDERS:
+            masks[self._values[size_dir(o) + "/enabled"]] |= 1 << o  # type: ignore[index]
+        self.anon_orders_always = masks["always"]
+        self.anon_orders_madvise = masks["madvise"]
+        self.anon_orders_inherit = masks["inherit"]
 
     # The fault path reads these on every fault; plain attributes keep that cheap.
     @property

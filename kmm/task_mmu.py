@@ -8,6 +8,7 @@ AnonHugePages counts each anonymous PMD mapping as 2 MiB (PTE-mapped THPs do not
 from __future__ import annotations
 
 from kmm import pagewalk
+from kmm.mm_types import VM_HUGETLB
 from kmm.pgtable import (
     HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, pmd_pfn,
     pmd_present, pte_present, pte_special,
@@ -19,7 +20,7 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
     rss = huge = 0
     for vma in mm.vmas:
         s, e = max(start, vma.start), min(end, vma.end)
-        if s >= e:
+        if s >= e or vma.flags & VM_HUGETLB:  # hugetlb: smaps_hugetlb_range, not Rss
             continue
         for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
             if level == "pmd":
@@ -72,3 +73,18 @@ def smaps_shmem_pmd_kb(m, mm, start: int, end: int) -> int:
                     and m.physmem.page(pmd_pfn(entry)).mapping is not None:
                 kb += HPAGE_PMD_SIZE // 1024
     return kb
+
+
+def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
+    """smaps "Private_Hugetlb" and "Shared_Hugetlb" (kB) over the hugetlb VMAs of mm
+    inside [start, end)."""
+    from kmm import hugetlb_fault
+    private = shared = 0
+    for vma in mm.vmas:
+        # as the oracle sums smaps: the VMAs wholly inside the range (a hugetlb VMA
+        # rounded up to 2 MiB past a region's size is not the region's)
+        if vma.flags & VM_HUGETLB and vma.start >= start and vma.end <= end:
+            p, s = hugetlb_fault.smaps_hugetlb_range(m, mm, vma, start, end)
+            private += p
+            shared += s
+    return private, shared

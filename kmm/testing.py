@@ -25,7 +25,7 @@ re-checking only what changed.
 
 from __future__ import annotations
 
-from kmm import checks
+from kmm import checks, checks_mthp  # noqa: F401 - checks_mthp registers its checks
 from kmm.checks_data import _data_errors, read_mapped_byte  # noqa: F401 - its API
 
 

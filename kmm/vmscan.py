@@ -24,7 +24,7 @@ import enum
 from dataclasses import dataclass, field
 from itertools import islice
 
-from kmm import atomic, huge_memory, page_io, rmap, swap, swapfile, wait
+from kmm import atomic, huge_memory, huge_memory_mthp, page_io, rmap, swap, swapfile, wait
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced, PG_swapbacked,
     PG_swapcache, PG_unevictable, PG_writeback, Page,
@@ -360,6 +360,7 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                         break
                     if order == HPAGE_PMD_ORDER:
                         m.vmstat.count_vm_event("thp_swpout_fallback")
+                    huge_memory_mthp.count_mthp_stat(m, order, "swpout_fallback")
                     if not await swapfile.folio_alloc_swap(m, folio):
                         outcome = Outcome.ACTIVATE_LOCKED_SPLIT
                         break

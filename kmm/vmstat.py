@@ -81,13 +81,33 @@ OTHER_EVENTS: tuple[str, ...] = (
     "kswapd_high_wmark_hit_quickly",
     "pageoutrun",
     "allocstall_normal",
+    # hugetlb pool growth from the buddy allocator (mm/hugetlb.c)
+    "htlb_buddy_alloc_success",
+    "htlb_buddy_alloc_fail",
 )
+
+
+# hugepages-<size>kB/stats/ (mm/huge_memory.c's mthp_stats), as the host lists them for
+# an anonymous-capable size; order 1 (hugepages-8kB) has the file/shmem and swap ones.
+MTHP_ANON_STATS: tuple[str, ...] = (
+    "anon_fault_alloc", "anon_fault_declined", "anon_fault_fallback",
+    "anon_fault_fallback_charge", "nr_anon", "nr_anon_partially_mapped", "shmem_alloc",
+    "shmem_fallback", "shmem_fallback_charge", "split", "split_deferred", "split_failed",
+    "swpin", "swpin_fallback", "swpin_fallback_charge", "swpout", "swpout_fallback",
+    "zswpout",
+)
+MTHP_FILE_STATS: tuple[str, ...] = (
+    "shmem_alloc", "shmem_fallback", "shmem_fallback_charge", "split", "split_failed",
+    "swpin", "swpin_fallback", "swpin_fallback_charge", "swpout", "swpout_fallback",
+    "zswpout",
+)
+MTHP_MAX_ORDER = 9  # PMD order: the highest folder
 
 
 class VmStat:
     """The machine's event counters (vm_event_states) and node stats (vm_node_stat)."""
 
-    __slots__ = ("events", "node")
+    __slots__ = ("events", "node", "mthp")
 
     def __init__(self) -> None:
         self.events: dict[str, int] = dict.fromkeys(THP_EVENTS + OTHER_EVENTS, 0)
@@ -103,6 +123,19 @@ class VmStat:
             "nr_file_hugepages": 0,
             "nr_file_pmdmapped": 0,
         }
+        # mthp_stats: order -> the files of hugepages-<size>kB/stats/ (huge_memory_mthp)
+        self.mthp: dict[int, dict[str, int]] = {}
+
+    def mod_mthp_stat(self, order: int, item: str, delta: int) -> None:
+        """mod_mthp_stat / count_mthp_stat: one file of hugepages-<size>kB/stats/;
+        orders 0 and above PMD order have no folder."""
+        if order <= 0 or order > MTHP_MAX_ORDER:
+            return
+        stats = self.mthp.get(order)
+        if stats is None:
+            names = MTHP_FILE_STATS if order == 1 else MTHP_ANON_STATS
+            stats = self.mthp[order] = dict.fromkeys(names, 0)
+        stats[item] += delta
 
     def count_vm_event(self, item: str, delta: int = 1) -> None:
         """count_vm_event / count_vm_events: bump one named event."""

@@ -125,7 +125,8 @@ class Kernel:
 
     def set_knob(self, name: str, value) -> None:
         """Write a /sys/kernel/mm/transparent_hugepage knob ("defrag",
-        "khugepaged/max_ptes_none", ...), validated as the kernel's store handler does."""
+        "khugepaged/max_ptes_none", "hugepages-64kB/enabled", ...), validated as the
+        kernel's store handler does."""
         self.machine.sysfs.write(name, value)
 
     def knob(self, name: str):
@@ -140,6 +141,24 @@ class Kernel:
         z = self.machine.zone
         return {"nr_free": z.nr_free, "min": z.wmark["min"], "low": z.wmark["low"],
                 "high": z.wmark["high"], "managed": z.managed, "present": z.nr_pages}
+
+    async def set_hugetlb_pool(self, nr_hugepages: int | None = None,
+                               nr_overcommit_hugepages: int | None = None) -> None:
+        """Write /proc/sys/vm/nr_overcommit_hugepages and nr_hugepages (the 2 MiB
+        hstate): the pool grows from the buddy allocator as far as it can."""
+        from kmm import hugetlb
+        m = self.machine
+        h = m.hugetlb.default
+        if nr_overcommit_hugepages is not None:
+            await hugetlb.set_nr_overcommit_huge_pages(m, h, nr_overcommit_hugepages)
+        if nr_hugepages is not None:
+            await hugetlb.set_max_huge_pages(m, h, nr_hugepages)
+
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo's hugetlb lines: HugePages_Total, _Free, _Rsvd, _Surp,
+        Hugepagesize and Hugetlb (kB)."""
+        from kmm import hugetlb
+        return hugetlb.hugetlb_report_meminfo(self.machine)
 
     def buddyinfo(self) -> list[int]:
         """/proc/buddyinfo: free blocks per order, 0..10."""
@@ -197,6 +216,24 @@ class Kernel:
         return [f"{proc}: {call} -> {errno}" for proc, call, errno in self.failed]
 
 
+def _inherited(m, task, shadow: dict[int, int]) -> dict[int, int]:
+    """The bytes a forked child inherits: all the parent wrote, except in hugetlb pages
+    a parent's COW took from it (unmap_ref_private): those are gone from the parent,
+    and the child (its VMA no longer marked) will fault fresh zeroed pages there."""
+    from kmm import hugetlb_resv, memory
+    from kmm.pgtable import pmd_index
+    gone = [v for v in task.mm.vmas if v.hugetlb_file is not None and
+            hugetlb_resv.is_vma_resv_set(v, hugetlb_resv.HPAGE_RESV_UNMAPPED)]
+    if not gone:
+        return dict(shadow)
+
+    def mapped(a: int) -> bool:  # a hugetlb page is one PMD leaf
+        t = memory.pmd_lookup(m, task.mm, a)
+        return t >= 0 and m.physmem.tables[t][pmd_index(a)] != 0
+    return {a: b for a, b in shadow.items()
+            if not any(v.start <= a < v.end for v in gone) or mapped(a)}
+
+
 class Proc:
     """A process as seen from one CPU; ``on(cpu)`` gives the same process on another."""
 
@@ -217,14 +254,17 @@ class Proc:
         if not self.task.alive:
             raise ProcessLookupError(f"process {self.name} has exited")
 
-    async def mmap(self, size: int, addr: int | None = None, backing: str = "anon") -> int:
+    async def mmap(self, size: int, addr: int | None = None, backing: str = "anon",
+                   noreserve: bool = False) -> int:
         """A read-write mapping; returns its address (or errno name). ``backing``:
         "anon" (MAP_PRIVATE|MAP_ANONYMOUS), "shmem" (MAP_SHARED|MAP_ANONYMOUS),
-        "memfd" (a new memfd of the size, MAP_SHARED), "memfd_private" (MAP_PRIVATE)."""
+        "memfd" (a new memfd of the size, MAP_SHARED), "memfd_private" (MAP_PRIVATE),
+        "hugetlb" (MAP_HUGETLB), "hugetlb_shared" (MAP_HUGETLB|MAP_SHARED); ``noreserve``
+        adds MAP_NORESERVE."""
         self._alive()
         if addr is None:
             addr = self._free_area(size)
-        r = await mmap.do_mmap(self.m, self.task, addr, size, backing)
+        r = await mmap.do_mmap(self.m, self.task, addr, size, backing, noreserve)
         self.k._done()
         return self.k._returned(self.name, "mmap", r)
 
@@ -291,7 +331,10 @@ class Proc:
         self._alive()
         r = await madvise.do_madvise(self.m, self.task, addr, length, advice)
         if r in (0, "ENOMEM") and advice == "dontneed":
-            self._forget(addr, length)  # private anonymous memory reads back as zeros
+            # private anonymous memory reads back as zeros; in a hugetlb VMA only the
+            # whole huge pages (the kernel rounds the end down)
+            for lo, hi in self._zapped(addr, addr + length):
+                self._forget(lo, hi - lo)
         elif r in (0, "ENOMEM") and advice == "free":
             sh, lazy = self.k.shadow[self.name], self.k.lazy[self.name]
             for a in [a for a in sh if addr <= a < addr + length]:
@@ -322,6 +365,20 @@ class Proc:
         r = await huge_memory.split_huge_pages_pid(self.m, self.task, addr, addr + length)
         self.k._done()
         return r
+
+    def _zapped(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) MADV_DONTNEED empties: all of it, but in hugetlb
+        VMAs up to the last huge page boundary."""
+        out, at = [], start
+        for v in self.task.mm.vmas:
+            if v.hugetlb_file is None or v.end <= start or v.start >= end:
+                continue
+            s, e = max(start, v.start), min(end, v.end)
+            out.append((at, s))
+            out.append((s, e & ~(v.hugetlb_file.hstate.size - 1)))
+            at = e
+        out.append((at, end))
+        return [(lo, hi) for lo, hi in out if hi > lo]
 
     def _forget(self, addr: int, length: int) -> None:
         end = addr + length
@@ -360,7 +417,7 @@ class Proc:
                 del k.forking[self.name]
         if isinstance(t, str):
             raise fault.OutOfMemory(f"fork: {t}")
-        k.shadow[child] = dict(k.shadow[self.name])
+        k.shadow[child] = _inherited(self.m, self.task, k.shadow[self.name])
         k.lazy[child] = dict(k.lazy[self.name])
         unknown = racing | k.unknown.get(self.name, set())
         if unknown:

@@ -20,6 +20,7 @@ OWN_TEST = {"khugepaged_compound_extreme.py": "tests/selftests/test_khugepaged.p
             "khugepaged_dontneed_refill.py": "tests/mm/test_khugepaged.py",
             "khugepaged_collapse_cost.py": "tests/mm/test_khugepaged.py",
             "memory_pressure.py": "tests/mm/test_vmscan.py",
+            "mthp_tradeoff.py": "tests/mm/test_mthp.py",
             "promote_hot.py": "tests/daemons/test_hawkeye.py",
             "redis_snapshot.py": "tests/test_workloads.py",
             "split_race.py": "tests/mm/test_split.py"}

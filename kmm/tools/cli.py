@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kmm.tools.scenario import ScenarioError
+from kmm.tools.scenario import ScenarioError, parse_size
 
 
 def summary(report: dict, title: str) -> str:
@@ -23,6 +23,7 @@ def summary(report: dict, title: str) -> str:
     out.extend(f"  {k:<28} {v}" for k, v in moved.items())
     if not moved:
         out.append("  (no thp_* counter moved)")
+    out.extend(_mthp_table(report.get("mthp") or {}))
     other = {k: v for k, v in (report.get("vm_events") or {}).items() if v}
     if other:
         out.append("\nother vm events (swap, reclaim, compaction, faults)")
@@ -35,11 +36,23 @@ def summary(report: dict, title: str) -> str:
         out.append(f"  {name:<28} {r['rss_kb']:>8} kB {r['anon_huge_kb']:>8} kB"
                    + (f" {r.get('swap_kb', 0):>8} kB" if swap else "")
                    + (f" {r.get('shmem_pmd_mapped_kb', 0):>8} kB" if shpmd else ""))
+        if r.get("mthp_kb"):
+            out.append(f"  {'':<28} mTHP-mapped: " + ", ".join(
+                f"{size} {kb} kB" for size, kb in r["mthp_kb"].items()))
     if not report["regions"]:
         out.append("  (no live process has a region)")
     if report.get("meminfo"):
         out.append("\nmeminfo (change over the run)")
         out.extend(f"  {k:<28} {v}" for k, v in report["meminfo"].items())
+    htlb = {n: (r.get("private_hugetlb_kb", 0), r.get("shared_hugetlb_kb", 0))
+            for n, r in report["regions"].items()
+            if r.get("private_hugetlb_kb") or r.get("shared_hugetlb_kb")}
+    if htlb:
+        out.append("\nhugetlb regions                   Private_Hugetlb  Shared_Hugetlb")
+        out.extend(f"  {n:<28} {p:>12} kB {sh:>12} kB" for n, (p, sh) in htlb.items())
+    if report.get("hugetlb_events"):
+        out.append("\nhugetlb events (change over the run): " + ", ".join(
+            f"{k} {v:+d}" for k, v in report["hugetlb_events"].items()))
     locks = [r for r in report.get("locks", []) if r["acquisitions"]]
     if locks:
         out.append("\nlock_stat (emulated us)     acquisitions  contentions  "
@@ -62,14 +75,37 @@ def summary(report: dict, title: str) -> str:
                    f"{kh['pages_collapsed']}; PMD scans ended with")
         for who, results in kh["scan_results"].items():
             out.append(f"  {who:<11} " + ", ".join(f"{r} {n}" for r, n in results.items()))
-    if report.get("result") is not None:
-        out.append(f"\nprogram result: {report['result']}")
+    result = report.get("result")
+    if isinstance(result, dict) and isinstance(result.get("table"), list):
+        out.append("\nprogram result:")  # a program's own table, one line per row
+        out.extend(f"  {line}" for line in result["table"])
+    elif result is not None:
+        out.append(f"\nprogram result: {result}")
     run = report.get("run")
     if run:
         out.append(f"\nrun: seed {run['seed']}, {run['mode']} scheduler, {run['events']} events, "
                    f"{run['emulated_ns'] / 1e6:.3f} ms emulated, trace sha256 "
                    f"{run['trace_sha256'][:16]}")
     return "\n".join(out)
+
+
+def _mthp_table(mthp: dict) -> list[str]:
+    """The report's ``mthp`` as a table: one row per size, one column per stat file
+    that moved for some size."""
+    if not mthp:
+        return []
+    cols: list[str] = []
+    for stats in mthp.values():
+        cols += [n for n in stats if n not in cols]
+    width = {c: max(len(c), 6) for c in cols}
+    out = ["\nmTHP (hugepages-<size>kB/stats/, change over the run)",
+           "  " + f"{'size':<10}" + " ".join(f"{c:>{width[c]}}" for c in cols)]
+    order = sorted(mthp, key=lambda f: int(f[len("hugepages-"):-2]))
+    for folder in order:
+        stats = mthp[folder]
+        out.append("  " + f"{folder[len('hugepages-'):]:<10}"
+                   + " ".join(f"{stats.get(c, 0):>{width[c]}}" for c in cols))
+    return out
 
 
 def cmd_run(args) -> int:
@@ -340,6 +376,11 @@ def cmd_mutate(args) -> int:
     return mutate.cli(args)
 
 
+def cmd_compare(args) -> int:
+    from kmm.tools import compare
+    return compare.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kmm", description="Emulate Linux 6.18 THP.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -444,6 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--program", help="with --spawn: the program (default "
                    "workloads/redis_snapshot.py)")
     b.set_defaults(fn=cmd_bench)
+    cp = sub.add_parser("compare", help="one access pattern under THP (never, madvise, "
+                        "always, mTHP) and hugetlb, side by side")
+    cp.add_argument("workload", help="a preset (buffer_pool, sequential) or a scenario "
+                    "file whose mmap/touch/check/munmap steps are the pattern")
+    cp.add_argument("--json", action="store_true", help="print the figures as JSON")
+    cp.add_argument("--memory", type=lambda v: parse_size(v, file="--memory", step=None,
+                                                          key="memory"),
+                    default=512 << 20, help="emulated RAM (512MiB)")
+    cp.set_defaults(fn=cmd_compare)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -62,7 +62,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from kmm import sysfs, vmstat
+from kmm import huge_memory_mthp, sysfs, vmstat
+from kmm.tools import oracle_mthp
 from kmm.tools.conformance import compare
 from kmm.tools.scenario import (
     PAGE_SIZE,
@@ -85,12 +86,21 @@ DECOY_ADDR = 0x1000_0000_0000
 # mmap flags of each scenario backing (the worker's default is the "anon" one); the
 # memfd backings map a fresh memfd_create file ftruncate'd to the region's size
 MAP_PRIVATE, MAP_SHARED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x01, 0x20, 0x100000
+MAP_NORESERVE, MAP_HUGETLB = 0x4000, 0x40000
 MAP_BACKING = {"anon": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                "shmem": MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
                "memfd": MAP_SHARED | MAP_FIXED_NOREPLACE,
-               "memfd_private": MAP_PRIVATE | MAP_FIXED_NOREPLACE}
+               "memfd_private": MAP_PRIVATE | MAP_FIXED_NOREPLACE,
+               "hugetlb": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | MAP_HUGETLB,
+               "hugetlb_shared": MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE | MAP_HUGETLB}
 # /proc/meminfo lines of shared-memory and file THPs (kB), reported as their change
 SHMEM_MEMINFO_KEYS = ("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped")
+# the hugetlb pool (/proc/sys/vm): set for a run with a [hugetlb] table or hugetlb
+# mappings, and always put back to 0 afterwards (HostKnobs.restore)
+HUGETLB_SYSCTL = {"nr_hugepages": "/proc/sys/vm/nr_hugepages",
+                  "nr_overcommit_hugepages": "/proc/sys/vm/nr_overcommit_hugepages"}
+MEMINFO_KEYS = ("HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "HugePages_Surp")
+HUGETLB_EVENTS = ("htlb_buddy_alloc_success", "htlb_buddy_alloc_fail")
 
 MADV = {"hugepage": 14, "nohugepage": 15, "dontneed": 4, "collapse": 25, "pageout": 21,
         "cold": 20, "free": 8}
@@ -221,6 +231,12 @@ class HostKnobs:
 
     def restore(self, keep_file: bool = False) -> None:
         errors = []
+        if "hugetlb" in self.held:  # the pool first: overcommit, then nr_hugepages, to 0
+            try:
+                hugetlb_pool_release()
+                del self.held["hugetlb"]
+            except OSError as e:
+                errors.append(f"hugetlb pool: {e}")
         # The memory cgroup first (its tasks are gone), then swap (nothing left uses it),
         # debugfs last.
         for kind, release in (("memcg", _memcg_release), ("zram", _zram_release),
@@ -389,6 +405,42 @@ def _memcg_release(path: object) -> None:
                 raise
         time.sleep(0.02)
     os.rmdir(path)
+
+
+def hugetlb_pool_set(pool: dict[str, int], knobs: "HostKnobs") -> None:
+    """The scenario's [hugetlb] pool on the host (noted as held first, so every exit
+    path, a killed run's successor included, puts it back to 0). A pool the host
+    cannot fully allocate is an error: the run would not be the scenario's."""
+    knobs.hold("hugetlb", 1)
+    over = pool.get("nr_overcommit_hugepages", 0)
+    nr = pool.get("nr_hugepages", 0)
+    _write(HUGETLB_SYSCTL["nr_overcommit_hugepages"], f"{over}\n")
+    _write(HUGETLB_SYSCTL["nr_hugepages"], f"{nr}\n")
+    got = int(_read(HUGETLB_SYSCTL["nr_hugepages"]))
+    if got != nr:
+        raise HostLacks(f"the host allocated {got} of the {nr} huge pages asked for")
+
+
+def hugetlb_pool_release(_held: object = None) -> None:
+    """Put /proc/sys/vm/nr_overcommit_hugepages and nr_hugepages back to 0."""
+    for name in ("nr_overcommit_hugepages", "nr_hugepages"):
+        if _read(HUGETLB_SYSCTL[name]) != "0":
+            _write(HUGETLB_SYSCTL[name], "0\n")
+
+
+def read_meminfo() -> dict[str, int]:
+    """/proc/meminfo's HugePages_* counts."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in MEMINFO_KEYS:
+                out[name] = int(rest.split()[0])
+    return out
+
+
+def hugetlb_changes(before: dict[str, int], after: dict[str, int], keys) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in keys if after[k] != before[k]}
 
 
 def split_huge_pages(pid: int, start: int, end: int) -> tuple[int, int]:
@@ -655,17 +707,21 @@ def read_thp_vmstat() -> dict[str, int]:
 _VMA_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 
 
-def read_smaps(pid: int) -> list[tuple[int, int, int, int, int]]:
-    """(start, end, Rss kB, AnonHugePages kB, Swap kB, ShmemPmdMapped kB) for each VMA
-    of the process."""
+def read_smaps(pid: int) -> list[tuple[int, ...]]:
+    """(start, end, Rss kB, AnonHugePages kB, Swap kB, ShmemPmdMapped kB,
+    Private_Hugetlb kB, Shared_Hugetlb kB) for each VMA of the process."""
     vmas: list[list[int]] = []
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             m = _VMA_RE.match(line)
             if m:
-                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0, 0])
+                vmas.append([int(m.group(1), 16), int(m.group(2), 16), 0, 0, 0, 0, 0, 0])
             elif line.startswith("ShmemPmdMapped:"):
                 vmas[-1][5] = int(line.split()[1])
+            elif line.startswith("Private_Hugetlb:"):
+                vmas[-1][6] = int(line.split()[1])
+            elif line.startswith("Shared_Hugetlb:"):
+                vmas[-1][7] = int(line.split()[1])
             elif line.startswith("Rss:"):
                 vmas[-1][2] = int(line.split()[1])
             elif line.startswith("AnonHugePages:"):
@@ -678,7 +734,7 @@ def read_smaps(pid: int) -> list[tuple[int, int, int, int, int]]:
 def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[str, int]:
     """smaps sums over the region's VMAs; ``swap_kb`` only for a run with swap."""
     end = addr + round_up(size, PAGE_SIZE)
-    rss = huge = swapped = shpmd = 0
+    rss = huge = swapped = shpmd = priv = shared = 0
     for v in vmas:
         start, stop = v[0], v[1]
         if start >= addr and stop <= end:
@@ -686,11 +742,17 @@ def region_figures(vmas, addr: int, size: int, *, swap: bool = False) -> dict[st
             huge += v[3]
             swapped += v[4]
             shpmd += v[5]
+            priv += v[6]
+            shared += v[7]
     figures = {"rss_kb": rss, "anon_huge_kb": huge}
     if swap:
         figures["swap_kb"] = swapped
     if shpmd:  # extension (issue 12): shmem THPs mapped by PMD, only when nonzero
         figures["shmem_pmd_mapped_kb"] = shpmd
+    if priv:  # extension (issue 13): hugetlb mappings, only when nonzero
+        figures["private_hugetlb_kb"] = priv
+    if shared:
+        figures["shared_hugetlb_kb"] = shared
     return figures
 
 
@@ -761,6 +823,29 @@ def _no_interrupts():
     finally:
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP during a run: raised so every finally restores the host."""
+
+
+@contextlib.contextmanager
+def _terminating_raises():
+    """SIGTERM and SIGHUP raise Terminated while a run holds host state (SIGINT already
+    raises KeyboardInterrupt), so the knobs and the hugetlb pool are put back."""
+    def handler(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
+    old = {}
+    try:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread: nothing to install
+        pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
@@ -870,7 +955,8 @@ class _Run:
             if step.backing in ("memfd", "memfd_private"):
                 status, err, _ = call(w, OP_MMAP_MEMFD, addr, size, MAP_BACKING[step.backing])
             else:
-                status, err, _ = call(w, OP_MMAP, addr, size, MAP_BACKING[step.backing])
+                flags = MAP_BACKING[step.backing] | (MAP_NORESERVE if step.noreserve else 0)
+                status, err, _ = call(w, OP_MMAP, addr, size, flags)
         elif op == "fork":
             try:
                 self.workers.fork(w, step.child, self.slots[step.child])  # type: ignore[arg-type]
@@ -926,7 +1012,10 @@ class _Run:
                 continue
             vmas = read_smaps(w.pid)
             for name, (addr, size) in w.regions.items():
-                out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
+                fig = out[f"{w.name}/{name}"] = region_figures(vmas, addr, size, swap=self.swap)
+                folios = oracle_mthp.region_folio_kb(w.pid, addr, size)
+                if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+                    fig["mthp_kb"] = folios
             # Self-check: a worker must never fault huge pages of its own (its interpreter
             # heap under enabled=always), or the counters would not be the scenario's.
             own = sum(v[3] for v in vmas if not any(
@@ -940,7 +1029,7 @@ class _Run:
 def run_oracle(scenario: Scenario) -> dict:
     """Run the scenario on the host kernel; return the report (design.md section 5)."""
     _check_host()
-    with _run_lock():
+    with _run_lock(), _terminating_raises():
         knobs = HostKnobs()
         khugepaged = Khugepaged()
         decoy: Workers | None = None
@@ -968,6 +1057,9 @@ def run_oracle(scenario: Scenario) -> dict:
                 _zram_swap_on(scenario.machine.swap, knobs)
             if any(step.op == "split" for step in scenario.steps):
                 _debugfs_mount(knobs)
+            if scenario.hugetlb is not None or any(
+                    step.op == "mmap" and step.backing != "anon" for step in scenario.steps):
+                hugetlb_pool_set(scenario.hugetlb or {}, knobs)
             memcg = None
             if any(step.op == "reclaim" for step in scenario.steps):
                 memcg = _memcg_create(knobs)
@@ -991,12 +1083,16 @@ def run_oracle(scenario: Scenario) -> dict:
             # the run. Set after the workers were spawned: execve keeps the flag.
             with _thp_disabled_here():
                 before = read_thp_vmstat()
-                events0 = read_vmstat(SWAP_EVENTS)
+                events0 = read_vmstat(SWAP_EVENTS + HUGETLB_EVENTS)
+                mthp0 = oracle_mthp.read_mthp_stats()
                 shmem0 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
+                meminfo0 = read_meminfo()
                 results = [run.step(step) for step in scenario.steps]
                 after = read_thp_vmstat()
-                events1 = read_vmstat(SWAP_EVENTS)
+                events1 = read_vmstat(SWAP_EVENTS + HUGETLB_EVENTS)
+                mthp1 = oracle_mthp.read_mthp_stats()
                 shmem1 = read_meminfo_keys(SHMEM_MEMINFO_KEYS)
+                meminfo1 = read_meminfo()
             report = {
                 "vmstat": {n: after[n] - before[n] for n in vmstat.THP_EVENTS},
                 "regions": run.regions(),
@@ -1009,6 +1105,16 @@ def run_oracle(scenario: Scenario) -> dict:
                      if shmem1.get(k, 0) != shmem0.get(k, 0)}
             if moved:
                 report.setdefault("meminfo", {}).update(moved)
+            # extension (issue 13): the hugetlb pool's change over the run, what moved
+            meminfo = hugetlb_changes(meminfo0, meminfo1, MEMINFO_KEYS)
+            if meminfo:
+                report.setdefault("meminfo", {}).update(meminfo)
+            htlb = hugetlb_changes(events0, events1, HUGETLB_EVENTS)
+            if htlb:
+                report["hugetlb_events"] = htlb
+            mthp = huge_memory_mthp.mthp_report(mthp0, mthp1)
+            if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+                report["mthp"] = mthp
         finally:
             with _no_interrupts():
                 try:

@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, khugepaged, madvise, shmem, task_mmu
+from kmm import bugs, fault, huge_memory_mthp, hugetlb, khugepaged, madvise, shmem, task_mmu
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -55,6 +55,14 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             shpmd = task_mmu.smaps_shmem_pmd_kb(m, task.mm, addr, addr + size)
             if shpmd:  # extension (issue 12): smaps ShmemPmdMapped, only when nonzero
                 fig["shmem_pmd_mapped_kb"] = shpmd
+            priv, shared = task_mmu.smaps_hugetlb_kb(m, task.mm, addr, addr + size)
+            if priv:  # extension: hugetlb mappings (smaps Private_/Shared_Hugetlb)
+                fig["private_hugetlb_kb"] = priv
+            if shared:
+                fig["shared_hugetlb_kb"] = shared
+            folios = huge_memory_mthp.region_folio_kb(m, task.mm, addr, addr + size)
+            if folios:  # extension (issue 11): kB mapped by mTHPs, per folio size
+                fig["mthp_kb"] = folios
     rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
         "regions": regions,
@@ -77,6 +85,14 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     meminfo = shmem.shmem_meminfo(m)
     if meminfo:  # extension (issue 12): meminfo lines of shmem/file THPs that moved
         rep.setdefault("meminfo", {}).update(meminfo)
+    htlb = hugetlb_report(m)  # extension (issue 13): HugePages_* lines, htlb events
+    if "meminfo" in htlb:
+        rep.setdefault("meminfo", {}).update(htlb["meminfo"])
+    if "hugetlb_events" in htlb:
+        rep["hugetlb_events"] = htlb["hugetlb_events"]
+    mthp = huge_memory_mthp.mthp_report({}, huge_memory_mthp.mthp_stats(m))
+    if mthp:  # extension (issue 11): hugepages-<size>kB/stats/ files that moved
+        rep["mthp"] = mthp
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
         rep["khugepaged"] = kh
@@ -84,6 +100,35 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")
+
+
+def hugetlb_report(m: Machine) -> dict[str, Any]:
+    """Extension: ``meminfo`` (the change over the run of HugePages_Total, _Free, _Rsvd,
+    _Surp) and ``hugetlb_events`` (htlb_buddy_alloc_success / _fail), each key only when
+    it moved, each section only when not empty."""
+    base = m.hugetlb.baseline
+    now = hugetlb.snapshot(m)
+    out: dict[str, Any] = {}
+    meminfo = {k: now[k] - base.get(k, 0) for k in hugetlb.MEMINFO_KEYS
+               if now[k] != base.get(k, 0)}
+    events = {k: now[k] - base.get(k, 0) for k in hugetlb.EVENTS if now[k] != base.get(k, 0)}
+    if meminfo:
+        out["meminfo"] = meminfo
+    if events:
+        out["hugetlb_events"] = events
+    return out
+
+
+async def hugetlb_setup(m: Machine, pool: dict[str, int] | None) -> None:
+    """The scenario's [hugetlb] pool, set before the steps as the oracle sets the
+    host's /proc/sys/vm knobs; the report's changes count from here."""
+    h = m.hugetlb.default
+    if pool:
+        if "nr_overcommit_hugepages" in pool:
+            await hugetlb.set_nr_overcommit_huge_pages(m, h, pool["nr_overcommit_hugepages"])
+        if "nr_hugepages" in pool:
+            await hugetlb.set_max_huge_pages(m, h, pool["nr_hugepages"])
+    m.hugetlb.baseline = hugetlb.snapshot(m)
 
 
 async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
@@ -94,7 +139,7 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         return {**res, "ok": False, "error": "no such process"}
     p = Proc(k, task, 0)
     if step.op == "mmap":
-        r = await p.mmap(step.size, step.addr, step.backing)
+        r = await p.mmap(step.size, step.addr, step.backing, step.noreserve)
         # the region is reported even if the mmap failed (zeros), as the oracle does
         task.regions[step.region] = (step.addr, step.size)
         if isinstance(r, str):
@@ -115,7 +160,9 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "khugepaged":
         if not khugepaged.hugepage_pmd_enabled(m):  # the host has no khugepaged thread then
             raise ScenarioError(scenario.path, step.index, "op",
-                                "khugepaged does not run with [thp] enabled = \"never\"")
+                                "khugepaged does not run when PMD-size THPs are off ([thp] "
+                                "enabled = \"never\" with hugepages-2048kB inherit, or "
+                                "hugepages-2048kB never)")
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
     addr, size = task.regions[step.region]
@@ -254,6 +301,7 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
         await k.process("main")
         if any(step.op == "khugepaged" for step in scenario.steps):
             await khugepaged_setup(k)
+        await hugetlb_setup(m, scenario.hugetlb)
         for step in scenario.steps:
             steps.append(await run_step(k, step, scenario))
             if check is not None:

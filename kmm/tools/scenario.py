@@ -43,16 +43,19 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
 ADVICE = ("hugepage", "nohugepage", "dontneed", "collapse", "pageout", "cold", "free")
 PROT = ("none", "r", "rw")
-TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "steps")
+TOP_LEVEL = ("description", "machine", "thp", "khugepaged", "hugetlb", "steps")
 # mmap backing (issue 12): anon is MAP_PRIVATE|MAP_ANONYMOUS; shmem MAP_SHARED|
 # MAP_ANONYMOUS; memfd memfd_create + ftruncate(size) + MAP_SHARED; memfd_private the
-# same file mapped MAP_PRIVATE (writes COW into anonymous memory)
-BACKING = ("anon", "shmem", "memfd", "memfd_private")
+# same file mapped MAP_PRIVATE (writes COW into anonymous memory); (issue 13) hugetlb
+# MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB, hugetlb_shared with MAP_SHARED
+BACKING = ("anon", "shmem", "memfd", "memfd_private", "hugetlb", "hugetlb_shared")
 MEMFD_BACKINGS = ("memfd", "memfd_private")
+# [hugetlb]: /proc/sys/vm/nr_hugepages and nr_overcommit_hugepages, set before the steps
+HUGETLB_KEYS = ("nr_hugepages", "nr_overcommit_hugepages")
 
 # The keys each op accepts besides "op" and "proc"; True marks a required key.
 OP_KEYS: dict[str, dict[str, bool]] = {
-    "mmap": {"region": True, "size": True, "backing": False},
+    "mmap": {"region": True, "size": True, "backing": False, "noreserve": False},
     "munmap": {"region": True, "offset": False, "length": False},
     "mprotect": {"region": True, "offset": False, "length": False, "prot": True},
     "madvise": {"region": True, "advice": True, "offset": False, "length": False},
@@ -135,6 +138,7 @@ class Step:
     full_scans: int | None = None  # khugepaged
     addr: int | None = None  # mmap: the region's start address
     backing: str = "anon"  # mmap: one of BACKING
+    noreserve: bool = False  # mmap: MAP_NORESERVE
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class Scenario:
     machine: MachineConfig
     knobs: dict[str, object]  # kmm.sysfs.KNOBS name -> validated value, as set by the file
     steps: tuple[Step, ...]
+    hugetlb: dict[str, int] | None = None  # [hugetlb]: HUGETLB_KEYS -> value, if given
 
     def regions(self) -> dict[str, int]:
         """Region name -> size, in mmap order.
@@ -284,6 +289,9 @@ def _knobs(doc: dict, file: str) -> dict[str, object]:
             if n.startswith(prefix) and "/" not in n[len(prefix):]
         ]
         for key, v in t.items():
+            if table == "thp" and key.startswith("hugepages-"):
+                knobs.update(_size_knobs(key, v, file))
+                continue
             if key not in allowed:
                 raise ScenarioError(
                     file, None, key, f"unknown knob (allowed: {', '.join(allowed)})", table=table
@@ -295,6 +303,29 @@ def _knobs(doc: dict, file: str) -> dict[str, object]:
             except sysfs.KnobError as e:
                 raise ScenarioError(file, None, key, str(e), table=table) from None
     return knobs
+
+
+def _size_knobs(folder: str, t: object, file: str) -> dict[str, object]:
+    """[thp.hugepages-<size>kB]: the per-size knobs of one sysfs folder (issue 11)."""
+    table = f"thp.{folder}"
+    if folder not in sysfs.SIZE_DIRS:
+        key = next(iter(t)) if isinstance(t, dict) and t else None
+        raise ScenarioError(file, None, key, f"unknown size folder {folder} (the kernel has "
+                            f"{', '.join(sysfs.SIZE_DIRS)})", table=table)
+    if not isinstance(t, dict):
+        raise ScenarioError(file, None, folder, f"must be a table, not {_show(t)}", table="thp")
+    allowed = [n[len(folder) + 1:] for n in sysfs.KNOBS if n.startswith(folder + "/")]
+    out: dict[str, object] = {}
+    for key, v in t.items():
+        if key not in allowed:
+            raise ScenarioError(file, None, key, f"unknown knob (allowed: {', '.join(allowed)})",
+                                table=table)
+        name = f"{folder}/{key}"
+        try:
+            out[name] = sysfs.validate(name, v)
+        except sysfs.KnobError as e:
+            raise ScenarioError(file, None, key, str(e), table=table) from None
+    return out
 
 
 class _Namespace:
@@ -355,6 +386,13 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         kw["write"] = raw["write"]
     if "advice" in raw:
         kw["advice"] = _word(raw["advice"], ADVICE, file=file, step=index, key="advice")
+    if "backing" in raw:
+        kw["backing"] = _word(raw["backing"], BACKING, file=file, step=index, key="backing")
+    if "noreserve" in raw:
+        if not isinstance(raw["noreserve"], bool):
+            raise ScenarioError(file, index, "noreserve",
+                                f"must be true or false, not {_show(raw['noreserve'])}")
+        kw["noreserve"] = raw["noreserve"]
     if "prot" in raw:
         kw["prot"] = _word(raw["prot"], PROT, file=file, step=index, key="prot")
     if "backing" in raw:
@@ -402,13 +440,30 @@ def load_scenario(path: str | os.PathLike) -> Scenario:
         raise ScenarioError(file, None, "description", f"must be a string, not {_show(description)}")
     machine = _machine(doc.get("machine", {}), file)
     knobs = _knobs(doc, file)
+    hugetlb = _hugetlb(doc.get("hugetlb"), file)
     raw_steps = doc.get("steps", [])
     if not isinstance(raw_steps, list):
         raise ScenarioError(file, None, "steps", "must be an array of tables ([[steps]])")
     ns = _Namespace()
     cursor = [REGION_BASE]
     steps = tuple(_step(raw, i, file, ns, cursor) for i, raw in enumerate(raw_steps, start=1))
-    return Scenario(path=file, description=description, machine=machine, knobs=knobs, steps=steps)
+    return Scenario(path=file, description=description, machine=machine, knobs=knobs,
+                    steps=steps, hugetlb=hugetlb)
+
+
+def _hugetlb(table: object, file: str) -> dict[str, int] | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ScenarioError(file, None, "hugetlb", f"must be a table, not {_show(table)}")
+    out = {}
+    for key, v in table.items():
+        if key not in HUGETLB_KEYS:
+            raise ScenarioError(file, None, key,
+                                f"unknown key (allowed: {', '.join(HUGETLB_KEYS)})",
+                                table="hugetlb")
+        out[key] = _int(v, lo=0, hi=1 << 20, file=file, step=None, key=key, table="hugetlb")
+    return out
 
 
 def step_range(step: Step, size: int) -> tuple[int, int]:

@@ -114,7 +114,7 @@ def test_race_dontneed_fault_pct_schedule_that_read_a_freed_table():
     place: kmm/checks_data.py forgets every place whose path changed.)"""
     cfg = ex.Config(program=str(ROOT / "workloads" / "race_dontneed_fault.py"), mode="pct",
                     depth=3)
-    cfg.n = ex.measure(cfg)
+    cfg.n, _ = ex.measure(cfg)
     mode, seed, params = ex.schedule_params(cfg, 202)
     out = ex.run_schedule(cfg, mode, seed, params)
     assert (out.kind, out.message) == (None, "")

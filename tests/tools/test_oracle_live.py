@@ -327,3 +327,63 @@ def test_split_uses_debugfs_or_says_why_not(tmp_path):
     assert report["vmstat"]["thp_split_page"] == 1
     assert report["vmstat"]["thp_split_pmd"] == 1
     assert report["regions"]["main/a"]["anon_huge_kb"] == 2048
+
+
+# ----------------------------------------------------------------- hugetlb pool
+POOLED = """
+description = "a hugetlb pool for the run"
+[hugetlb]
+nr_hugepages = 2
+nr_overcommit_hugepages = 1
+[[steps]]
+op = "mmap"
+region = "a"
+size = "2MiB"
+backing = "hugetlb"
+[[steps]]
+op = "touch"
+region = "a"
+"""
+
+
+def _pool() -> tuple[str, str]:
+    return (oracle._read(oracle.HUGETLB_SYSCTL["nr_hugepages"]),
+            oracle._read(oracle.HUGETLB_SYSCTL["nr_overcommit_hugepages"]))
+
+
+def test_hugetlb_pool_set_for_the_run_and_put_back_to_zero(tmp_path, monkeypatch):
+    path = tmp_path / "pooled.toml"
+    path.write_text(POOLED)
+    seen = []
+    real_step = oracle._Run.step
+
+    def step(self, st):
+        seen.append(_pool())
+        return real_step(self, st)
+
+    monkeypatch.setattr(oracle._Run, "step", step)
+    report = oracle.run_oracle(load_scenario(path))
+    assert seen[0] == ("2", "1")
+    assert _pool() == ("0", "0")
+    assert report["meminfo"] == {"HugePages_Free": -1}
+    assert report["regions"]["main/a"]["private_hugetlb_kb"] == 2048
+
+
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SIGTERM"])
+def test_hugetlb_pool_put_back_to_zero_after_an_interrupt(tmp_path, monkeypatch, how):
+    import signal
+    path = tmp_path / "pooled.toml"
+    path.write_text(POOLED)
+
+    def boom(self, st):
+        assert _pool() == ("2", "1")
+        if how == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oracle._Run, "step", boom)
+    with pytest.raises(oracle.Terminated if how == "SIGTERM" else KeyboardInterrupt):
+        oracle.run_oracle(load_scenario(path))
+    assert _pool() == ("0", "0")
+    assert not os.path.exists(oracle.SAVED_PATH)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

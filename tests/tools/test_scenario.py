@@ -49,17 +49,22 @@ def test_corpus_file_has_a_recording(path):
     swap = sc.machine.swap > 0
     # A run with swap extends the report with events and each region with swap_kb.
     # issue 12: "meminfo" (shmem/file THP lines that moved) and a region's
-    # shmem_pmd_mapped_kb appear only when nonzero
-    extra = ["meminfo"] if "meminfo" in report else []
-    assert list(report) == ["vmstat", "regions", "steps"] + (["events"] if swap else []) + extra
+    # shmem_pmd_mapped_kb appear only when nonzero; issue 13 adds HugePages_* lines to
+    # "meminfo", "hugetlb_events" and a region's private_/shared_hugetlb_kb, the same way;
+    # issue 11: "mthp" (hugepages-*/stats files that moved) and a region's mthp_kb
+    extra = [k for k in ("meminfo", "hugetlb_events", "mthp") if k in report]
+    assert sorted(report) == sorted(["vmstat", "regions", "steps"]
+                                    + (["events"] if swap else []) + extra)
+    assert list(report)[:3] == ["vmstat", "regions", "steps"]
     assert list(report["vmstat"]) == list(vmstat.THP_EVENTS)
     assert len(report["steps"]) == len(sc.steps)
     fields = ["rss_kb", "anon_huge_kb"] + (["swap_kb"] if swap else [])
-    assert all([f for f in r if f != "shmem_pmd_mapped_kb"] == fields
-               for r in report["regions"].values())
-    assert all(v for r in report["regions"].values() for f, v in r.items()
-               if f == "shmem_pmd_mapped_kb")
+    opt = ("shmem_pmd_mapped_kb", "private_hugetlb_kb", "shared_hugetlb_kb", "mthp_kb")
+    assert all([f for f in r if f not in opt] == fields for r in report["regions"].values())
+    assert all(v for r in report["regions"].values() for f, v in r.items() if f in opt)
     assert all(report.get("meminfo", {}).values())
+    assert all(report.get("hugetlb_events", {}).values())
+    assert all(stats and all(stats.values()) for stats in report.get("mthp", {}).values())
     if swap:
         assert list(report["events"]) == ["pswpin", "pswpout"]
 

@@ -1,0 +1,102 @@
+"""The hugetlb check of kmm.checks: pools, mappings and references of hugetlb folios.
+
+Emulator-only (CONFIG_DEBUG_VM's twin). The mapping check leaves hugetlb PMD leaves
+out (they count in no RSS counter, have no deposited table and are never on the LRU);
+this check counts them from the hugetlb VMAs and compares:
+
+- per hstate: free_huge_pages is the free list's length; nr_huge_pages the hugetlb
+  folios that exist; resv_huge_pages at most the free pages (6.18 can take it below
+  zero, see hugetlb_report_meminfo); surplus within the pool;
+- per hugetlb folio: not on the LRU, the deferred split queue or a buddy free list; a
+  free one unreferenced and unmapped; a mapped one with entire (and large) mapcount
+  equal to its PMD mappings and refcount equal to them plus its page-cache reference.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kmm.memory import pmd_lookup
+from kmm.mm_types import PG_isolated, PG_lru, PGTY_hugetlb
+from kmm.pgtable import pmd_index, pmd_pfn, pmd_trans_huge
+
+
+def is_hugetlb_pmd(m, e: int) -> bool:
+    """A PMD leaf mapping a hugetlb folio."""
+    if not (e and pmd_trans_huge(e)):
+        return False
+    pg = m.physmem.pages.get(pmd_pfn(e))
+    return pg is not None and pg.page_type == PGTY_hugetlb
+
+
+def hugetlb_errors(ctx) -> list[str]:
+    m = ctx.m
+    pm = m.physmem
+    errs: list[str] = []
+    maps: Counter = Counter()
+    cached: set[int] = set()
+    for task in m.tasks.values():
+        mm = task.mm
+        if not task.alive or mm.pgd < 0:
+            continue
+        for vma in mm.vmas:
+            if vma.hugetlb_file is None:
+                continue
+            cached.update(vma.hugetlb_file.cache.values())
+            size = vma.hugetlb_file.hstate.size
+            for addr in range(vma.start, vma.end, size):
+                t = pmd_lookup(m, mm, addr)
+                if t < 0:
+                    continue
+                e = pm.tables[t][pmd_index(addr)]
+                if not e:
+                    continue
+                if not is_hugetlb_pmd(m, e):
+                    errs.append(f"{task.name}: hugetlb VMA entry {e:#x} at {addr:#x} maps "
+                                "no hugetlb folio")
+                    continue
+                maps[pmd_pfn(e)] += 1
+    folios = [p for p in pm.pages.values() if p.page_type == PGTY_hugetlb]
+    for h in m.hugetlb.hstates:
+        mine = [f for f in folios if f.order == h.order]
+        free = set(h.freelist)
+        if len(free) != len(h.freelist) or len(free) != h.free_huge_pages:
+            errs.append(f"{h.name}: free_huge_pages {h.free_huge_pages} != free list "
+                        f"{len(h.freelist)}")
+        if len(mine) != h.nr_huge_pages:
+            errs.append(f"{h.name}: nr_huge_pages {h.nr_huge_pages} != {len(mine)} "
+                        "hugetlb folios")
+        if h.resv_huge_pages > h.free_huge_pages:
+            errs.append(f"{h.name}: resv_huge_pages {h.resv_huge_pages} above "
+                        f"free {h.free_huge_pages}")
+        if not 0 <= h.surplus_huge_pages <= h.nr_huge_pages:
+            errs.append(f"{h.name}: surplus {h.surplus_huge_pages} outside the pool")
+        for f in mine:
+            if f.flags & (PG_lru | PG_isolated) or f.on_deferred_list:
+                errs.append(f"hugetlb folio {f.pfn:#x} on the LRU or deferred split queue")
+            if m.zone.is_free(f.pfn):
+                errs.append(f"hugetlb folio {f.pfn:#x} is on a buddy free list")
+            n = maps.get(f.pfn, 0)
+            if f.pfn in free:
+                if f.refcount or f.entire_mapcount or n:
+                    errs.append(f"free hugetlb folio {f.pfn:#x} in use: {f!r}")
+                continue
+            if f.entire_mapcount != n or f.large_mapcount != n:
+                errs.append(f"hugetlb folio {f.pfn:#x}: mapcount {f.entire_mapcount} != "
+                            f"{n} mappings")
+            want = n + (1 if f.pfn in cached else 0)
+            if want and f.refcount != want:  # (an unmapped one is being allocated or freed)
+                errs.append(f"hugetlb folio {f.pfn:#x}: refcount {f.refcount} != {n} "
+                            f"mappings + {want - n} page cache")
+    return errs
+
+
+def unchecked_ranges(task) -> list[tuple[int, int]]:
+    """The data check's exceptions: a shared hugetlb mapping (another process may have
+    written the byte since: no private shadow holds it) and a private one whose page a
+    parent's COW took (unmap_ref_private: the next access is SIGBUS)."""
+    from kmm import hugetlb_resv
+    from kmm.mm_types import VM_SHARED
+    return [(v.start, v.end) for v in task.mm.vmas
+            if v.hugetlb_file is not None and (v.flags & VM_SHARED or hugetlb_resv.is_vma_resv_set(
+                v, hugetlb_resv.HPAGE_RESV_UNMAPPED))]
