@@ -11,6 +11,8 @@ the table it would have used is gone. No byte may be lost.
     kmm explore workloads/race_shmem_collapse_fault.py --schedules 200 --jobs 1
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -22,7 +24,7 @@ async def main(k):
     await p.touch(a, SIZE, value=1, stride=64 << 10)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def toucher(cpu):
         q = p.on(cpu)
