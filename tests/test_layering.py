@@ -149,7 +149,7 @@ def test_import_cycles_are_the_kernels_own():
                  "khugepaged", "khugepaged_collapse", "memory",
                  "memory_anon", "memory_swapin",  # parts of mm/memory.c (issue 11)
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
-                 "swapfile", "vmscan",
+                 "swapfile", "vmscan", "vmscan_node",  # vmscan_node: mm/vmscan.c's node side
                  # issue 12: shmem.c, filemap.c, truncate.c, memory.c's file faults and
                  # khugepaged.c's collapse_file call into the fault path and back
                  "filemap", "khugepaged_file", "memory_file", "shmem", "truncate"}

@@ -23,7 +23,7 @@ a migration against MADV_DONTNEED of the page it moves.
     kmm explore workloads/race_collapse_rmap.py --schedules 10000 --mode pct
 """
 
-from kmm import errno_name, migrate, page_alloc, pagewalk, pgtable, swap, vmscan
+from kmm import errno_name, migrate, page_alloc, pagewalk, pgtable, swap, vmscan_node
 
 MACHINE = {"memory": "256MiB", "swap": "64MiB"}
 MiB = 1 << 20
@@ -86,7 +86,7 @@ async def main(k):
         return await errno_name(p.on(cpu).madvise(b, SIZE, "collapse"))
 
     async def reclaimer(cpu):
-        return await vmscan.try_to_free_mem_cgroup_pages(k.machine, 64, 100)
+        return await vmscan_node.try_to_free_mem_cgroup_pages(k.machine, 64, 100)
 
     collapsed2, _ = await k.parallel(collapser2, reclaimer)
     k.expect(collapsed2, *COLLAPSE_OK[1:], what="MADV_COLLAPSE vs reclaim")

@@ -15,7 +15,7 @@ lost. Exposes the injected bug ``split_pmd_no_tlb_flush`` (kmm/bugs.py):
     kmm explore workloads/race_reclaim_split.py --schedules 10000
 """
 
-from kmm import vmscan
+from kmm import vmscan_node
 
 MiB = 1 << 20
 
@@ -35,7 +35,7 @@ async def main(k):
             await q.store(a + i * (8 << 10), bytes([1 + i]))
 
     async def reclaimer(cpu):
-        await vmscan.memcg_reclaim(k.machine)
+        await vmscan_node.memcg_reclaim(k.machine)
 
     await k.parallel(writer, reclaimer)
     split = k.vmstat().get("thp_underused_split_page", 0)
