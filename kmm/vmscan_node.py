@@ -83,9 +83,9 @@ def should_continue_reclaim(m, nr_reclaimed: int, sc: vmscan.ScanControl) -> boo
     z = m.zone
     if z.zone_watermark_ok(sc.order, z.wmark["min"]) or _compaction_suitable(m, sc.order):
         return False
-    inactive = m.lruvec.nr_pages[INACTIVE_FILE]
+    inactive = m.lruvec.nr_pages[vmscan.INACTIVE_FILE]
     if vmscan.can_reclaim_anon_pages(m):
-        inactive += m.lruvec.nr_pages[INACTIVE_ANON]
+        inactive += m.lruvec.nr_pages[vmscan.INACTIVE_ANON]
     return inactive > compact_gap(sc.order)
 
 
@@ -169,9 +169,9 @@ async def try_to_free_pages(m, order: int, gfp) -> int:
     bits or a GFP_* name). Returns the pages reclaimed (1 when compaction may proceed
     instead). Context: the allocating task, no locks held."""
     allow_direct_reclaim(m)
-    sc = vmscan.ScanControl(nr_to_reclaim=vmscan.SWAP_CLUSTER_MAX, gfp_mask=vmscan._gfp(gfp), order=order,
-                     priority=vmscan.DEF_PRIORITY, may_writepage=True, may_unmap=True,
-                     may_swap=True)
+    sc = vmscan.ScanControl(nr_to_reclaim=vmscan.SWAP_CLUSTER_MAX, gfp_mask=vmscan._gfp(gfp),
+                            order=order, priority=vmscan.DEF_PRIORITY, may_writepage=True,
+                            may_unmap=True, may_swap=True)
     await m.sched.point("mm_vmscan_direct_reclaim_begin", order=order)
     nr = await do_try_to_free_pages(m, sc)
     await m.sched.point("mm_vmscan_direct_reclaim_end", nr_reclaimed=nr)
@@ -181,9 +181,10 @@ async def try_to_free_pages(m, order: int, gfp) -> int:
 async def try_to_free_mem_cgroup_pages(m, nr_pages: int, swappiness: int) -> int:
     """try_to_free_mem_cgroup_pages: reclaim for the cgroup holding every process (its
     memory.swappiness given); memcg-aware shrinkers only."""
-    sc = vmscan.ScanControl(nr_to_reclaim=max(nr_pages, vmscan.SWAP_CLUSTER_MAX), gfp_mask=GFP_KERNEL,
-                     priority=vmscan.DEF_PRIORITY, may_writepage=True, may_unmap=True,
-                     may_swap=True, target_mem_cgroup=True, swappiness=swappiness)
+    sc = vmscan.ScanControl(nr_to_reclaim=max(nr_pages, vmscan.SWAP_CLUSTER_MAX),
+                            gfp_mask=GFP_KERNEL, priority=vmscan.DEF_PRIORITY,
+                            may_writepage=True, may_unmap=True, may_swap=True,
+                            target_mem_cgroup=True, swappiness=swappiness)
     return await do_try_to_free_pages(m, sc)
 
 
@@ -208,13 +209,14 @@ def pgdat_balanced(m, order: int) -> bool:
 def prepare_kswapd_sleep(m, order: int) -> bool:
     """prepare_kswapd_sleep: may kswapd sleep? Yes on a hopeless node (left to direct
     reclaim) or a balanced one."""
-    return vmscan.NODE_DATA(m).kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES or pgdat_balanced(m, order)
+    return (vmscan.NODE_DATA(m).kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES
+            or pgdat_balanced(m, order))
 
 
 async def kswapd_age_node(m, sc: vmscan.ScanControl) -> None:
     """kswapd_age_node: deactivate some anon pages while the inactive list is low."""
-    if vmscan.can_age_anon_pages(m) and vmscan.inactive_is_low(m, INACTIVE_ANON):
-        await vmscan.shrink_active_list(m, vmscan.SWAP_CLUSTER_MAX, sc, ACTIVE_ANON)
+    if vmscan.can_age_anon_pages(m) and vmscan.inactive_is_low(m, vmscan.INACTIVE_ANON):
+        await vmscan.shrink_active_list(m, vmscan.SWAP_CLUSTER_MAX, sc, vmscan.ACTIVE_ANON)
 
 
 async def kswapd_shrink_node(m, sc: vmscan.ScanControl) -> bool:
