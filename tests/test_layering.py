@@ -161,7 +161,7 @@ def test_import_cycles_are_the_kernels_own():
     waitqueues, the costs and the facades are outside every circle."""
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
                  "khugepaged", "khugepaged_collapse", "memory",
-                 "memory_anon", "memory_swapin",  # parts of mm/memory.c (issue 11)
+                 "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
                  "swapfile", "vmscan", "vmscan_node",  # vmscan_node: mm/vmscan.c's node side
                  # issue 12: shmem.c, filemap.c, truncate.c, memory.c's file faults and
