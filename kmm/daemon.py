@@ -343,14 +343,14 @@ class DaemonContext:
         debugfs split_huge_pages file does (its PMD is split first; thp_split_page
         counts). Returns how many folios were split (0: none there, or it was pinned or
         locked). Context: the mmap lock for read, the folio lock, the anon_vma lock."""
-        from kmm import huge_memory
+        from kmm import huge_memory_split
         from kmm.pgtable import HPAGE_PMD_MASK, HPAGE_PMD_SIZE as SIZE
         m = self._m
         task = next((t for t in m.tasks.values() if t.pid == pid and t.alive), None)
         if task is None:
             return 0
         haddr = addr & HPAGE_PMD_MASK
-        return await huge_memory.split_huge_pages_pid(m, task, haddr, haddr + SIZE)
+        return await huge_memory_split.split_huge_pages_pid(m, task, haddr, haddr + SIZE)
 
     async def try_to_free_pages(self, order: int = 0) -> int:
         """try_to_free_pages: one round of direct reclaim (GFP_KERNEL) for an allocation

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from kmm import (
-    atomic, huge_memory, hugetlb, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan,
+    atomic, huge_memory_split, hugetlb, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
 from kmm.locking import FolioLock, Locks
@@ -108,7 +108,7 @@ class Machine:
         # registered shrinkers (shrinker_register): objects with count_objects(m) and
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
-        huge_memory.thp_shrinker_init(self)
+        huge_memory_split.thp_shrinker_init(self)
         hugetlb.hugetlb_init(self)  # m.hugetlb: hstates, pools, hugetlb_lock
         self.waitqueues: dict[str, tuple] = {}  # wait_queue_head_t by name (kmm.wait)
         # behaviours that differ between 6.18 point releases, chosen per run

@@ -17,7 +17,8 @@ shared. COLLAPSE comes with the khugepaged issue.
 from __future__ import annotations
 
 from kmm import (
-    atomic, huge_memory, khugepaged, memory, memory_zap, mmap, pgtable_generic, rmap, swap,
+    atomic, huge_memory, huge_memory_split, khugepaged, memory, memory_zap, mmap, pgtable_generic,
+    rmap, swap,
 )
 from kmm import hugetlb_fault, swapfile, tlb, vmscan
 from kmm.mm_types import (
@@ -197,7 +198,7 @@ async def _split_folio_unlocked(m, folio) -> int:
     """folio_get; (PTE or PMD lock dropped by the caller); split_folio; folio_put.
     Context: the folio lock held by the caller."""
     await atomic.folio_ref_add(m, folio, 1)
-    err = await huge_memory.split_folio_to_list(m, folio, None)
+    err = await huge_memory_split.split_folio_to_list(m, folio, None)
     await m.folio_lock_of(folio).unlock()
     await swap.folio_put(m, folio)
     return err
@@ -264,7 +265,7 @@ async def madvise_cold_or_pageout_pte_range(m, vma, pmd_tbl: int, addr: int, end
         await atomic.folio_ref_add(m, folio, 1)
         lk = m.folio_lock_of(folio)
         await lk.lock("madvise_cold_or_pageout_pte_range")
-        err = await huge_memory.split_folio_to_list(m, folio, None)
+        err = await huge_memory_split.split_folio_to_list(m, folio, None)
         await lk.unlock()
         await swap.folio_put(m, folio)
         if err:

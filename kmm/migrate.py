@@ -151,7 +151,7 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     """migrate_folio_unmap + migrate_folio_move for one anonymous folio: order 0, or
     an mTHP (PTE-mapped; its new folio is prepared at the same order by
     get_new_folio). Returns True when moved."""
-    from kmm import huge_memory, huge_memory_mthp, rmap, swap
+    from kmm import huge_memory_mthp, huge_memory_split, rmap, swap
     if folio.flags & (PG_swapcache | PG_writeback) or folio.anon_vma is None:
         return False
     if folio.order and (folio.order >= 9 or folio.entire_mapcount):
@@ -200,7 +200,7 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     atomic.folio_clear_flags_locked(folio, PG_isolated)
     await swap.folio_put(m, folio)  # the old frame goes back to the buddy
     if requeue is not None:  # migrate_folio_move: requeue the destination
-        await huge_memory.deferred_split_folio(m, new, requeue)
+        await huge_memory_split.deferred_split_folio(m, new, requeue)
     # onto the LRU, dropping the allocation's reference; the mappings keep theirs
     await swap.folio_putback_lru(m, new)
     return True

@@ -10,7 +10,7 @@ Each mapcount change is a preemption point.
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, huge_memory_mthp, swap, tlb
+from kmm import atomic, huge_memory, huge_memory_mthp, huge_memory_split, swap, tlb
 from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,
@@ -111,7 +111,7 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     # __folio_remove_rmap: pages became unmapped while others stay PTE-mapped, and no
     # PMD mapping covers the whole folio any more
     if unmapped and folio.nr_pages_mapped and not folio.entire_mapcount:
-        await huge_memory.deferred_split_folio(m, folio, True)
+        await huge_memory_split.deferred_split_folio(m, folio, True)
 
 
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
@@ -125,7 +125,7 @@ async def folio_remove_rmap_pmd(m, folio: Page) -> None:
                                      folio.nr_pages_mapped - folio.nr_pages)
         if folio.nr_pages_mapped and folio.nr_pages_mapped < folio.nr_pages:
             # the last PMD mapping went while only some pages stay PTE-mapped
-            await huge_memory.deferred_split_folio(m, folio, True)
+            await huge_memory_split.deferred_split_folio(m, folio, True)
 
 
 async def folio_try_dup_anon_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
@@ -155,7 +155,7 @@ def folio_mapping_mms(m, folio: Page) -> set[int]:
         hi = min(vma.end, vma.address_of(last))
         if lo >= hi or vma.mm.id in mms:
             continue
-        if any(lo <= a < hi for a in huge_memory.mapped_addresses(m, vma.mm, folio, lo, hi)):
+        if any(lo <= a < hi for a in huge_memory_split.mapped_addresses(m, vma.mm, folio, lo, hi)):
             mms.add(vma.mm.id)
     return mms
 

@@ -25,7 +25,7 @@ import enum
 from dataclasses import dataclass, field
 from itertools import islice
 
-from kmm import atomic, huge_memory, huge_memory_mthp, page_io, rmap, swap, swapfile
+from kmm import atomic, huge_memory_mthp, huge_memory_split, page_io, rmap, swap, swapfile
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced, PG_swapbacked,
     PG_swapcache, PG_unevictable, PG_writeback, Page,
@@ -342,13 +342,13 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                 if not sc.gfp_mask & __GFP_IO:
                     break
                 if folio.order:
-                    if not huge_memory.can_split_folio(m, folio, 1):
+                    if not huge_memory_split.can_split_folio(m, folio, 1):
                         outcome = Outcome.ACTIVATE_LOCKED
                         break
                     # split partially mapped folios right away: free the unmapped
                     # pages without IO
                     if (folio.on_deferred_list and folio.flags & PG_partially_mapped
-                            and await huge_memory.split_folio_to_list(m, folio, folio_list)):
+                            and await huge_memory_split.split_folio_to_list(m, folio, folio_list)):
                         outcome = Outcome.ACTIVATE_LOCKED
                         break
                 if not await swapfile.folio_alloc_swap(m, folio):
@@ -356,7 +356,7 @@ async def shrink_folio_list(m, folio_list: list[Page], sc: ScanControl, stat: Re
                         outcome = Outcome.ACTIVATE_LOCKED_SPLIT
                         break
                     order = folio.order
-                    if await huge_memory.split_folio_to_list(m, folio, folio_list):
+                    if await huge_memory_split.split_folio_to_list(m, folio, folio_list):
                         outcome = Outcome.ACTIVATE_LOCKED
                         break
                     if order == HPAGE_PMD_ORDER:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable
 
-from kmm import (fault, fork, huge_memory, madvise, mmap, mprotect, mremap, oom_kill, swap,
+from kmm import (fault, fork, huge_memory_split, madvise, mmap, mprotect, mremap, oom_kill, swap,
                  task_mmu)
 from kmm.mm_types import VM_SHARED
 from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
@@ -475,7 +475,7 @@ class Proc:
         self._alive()
         addr = _ulong("split_huge_page", addr, "addr")
         length = _ulong("split_huge_page", length, "length")
-        r = await huge_memory.split_huge_pages_pid(self.m, self.task, addr, addr + length)
+        r = await huge_memory_split.split_huge_pages_pid(self.m, self.task, addr, addr + length)
         self.k._done()
         return r
 

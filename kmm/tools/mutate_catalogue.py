@@ -135,7 +135,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "the anon_vma write lock over the PMD switch and the isolation: rmap walkers "
            "(migration, reclaim) reach the pages while the collapse takes them",
            ("race_collapse_rmap.py", "race_reclaim_split.py"), ("tests/mm/test_khugepaged.py",)),
-    Mutant("deferred_split_queue_unlocked", "lock", "kmm/huge_memory.py",
+    Mutant("deferred_split_queue_unlocked", "lock", "kmm/huge_memory_split.py",
            "deferred_split_folio",
            (('    await m.split_queue_lock.lock("deferred_split_folio")\n', ''),
             ('    await m.split_queue_lock.unlock()\n', '')),
@@ -151,7 +151,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "the folio_get before sleeping on the folio lock with the PMD lock dropped: "
            "the THP may be split or freed while the fault waits for its lock",
            ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
-    Mutant("deferred_split_no_try_get", "reference", "kmm/huge_memory.py",
+    Mutant("deferred_split_no_try_get", "reference", "kmm/huge_memory_split.py",
            "deferred_split_scan",
            (('        if folio.refcount > 0:  # folio_try_get', '        if True:'),),
            "folio_try_get in deferred_split_scan: the shrinker takes a reference on a "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmm import huge_memory, khugepaged, memory, memory_zap, migrate, mmap
+from kmm import huge_memory, huge_memory_split, khugepaged, memory, memory_zap, migrate, mmap
 from kmm import pgtable_generic as pgg
 from kmm.machine import KernelBug
 from kmm.pgtable import HPAGE_PMD_MASK, pmd_index, pmd_pfn
@@ -78,7 +78,7 @@ def test_folio_split_asserts_the_folio_lock():
     """__folio_split: VM_BUG_ON_FOLIO(!folio_test_locked(folio), folio)."""
     async def split(m, k, p, a):
         folio = m.physmem.page(pmd_pfn(pmd_at(m, p.task.mm, a)[1]))
-        await huge_memory.split_folio_to_list(m, folio, None)
+        await huge_memory_split.split_folio_to_list(m, folio, None)
 
     _raises(split, r"VM_BUG_ON_FOLIO\(__folio_split: !folio_test_locked")
 

@@ -258,7 +258,7 @@ def test_split_of_an_mthp_counts_split_or_split_failed_for_its_size_only():
     """__folio_split: mTHP split / split_failed for the folio's order, never
     thp_split_page(_failed) (those are PMD-order only); a successful split drops
     nr_anon of the size, the pages stay mapped as order-0 folios."""
-    from kmm import huge_memory
+    from kmm import huge_memory_split
 
     async def drive(m, k):
         k.set_knob("hugepages-64kB/enabled", "madvise")
@@ -271,9 +271,9 @@ def test_split_of_an_mthp_counts_split_or_split_failed_for_its_size_only():
         await atomic.folio_ref_add(m, folio, 1)   # a pin
         await lk.lock("test")
         await atomic.folio_ref_add(m, folio, 1)   # the caller's reference
-        assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
+        assert await huge_memory_split.split_folio_to_list(m, folio) == -huge_memory_split.EAGAIN
         await swap.folio_put(m, folio)          # the pin goes
-        assert await huge_memory.split_folio_to_list(m, folio) == 0
+        assert await huge_memory_split.split_folio_to_list(m, folio) == 0
         await lk.unlock()
         await swap.folio_put(m, folio)
         # split_deferred: the unmap into migration entries goes PTE by PTE, so the folio

@@ -12,7 +12,7 @@ import pathlib
 
 import pytest
 
-from kmm import atomic, huge_memory, swap, testing
+from kmm import atomic, huge_memory, huge_memory_split, swap, testing
 from kmm.mm_types import PG_anon_exclusive, PG_lru
 from kmm.pgtable import HPAGE_PMD_NR, PAGE_SIZE, pmd_pfn, pmd_trans_huge, pte_pfn
 from kmm.task_mmu import smaps_range
@@ -109,7 +109,7 @@ def test_split_refused_with_an_extra_pin():
         lk = m.folio_lock_of(folio)
         await lk.lock("test")
         await atomic.folio_ref_add(m, folio, 1)   # the caller's reference
-        assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
+        assert await huge_memory_split.split_folio_to_list(m, folio) == -huge_memory_split.EAGAIN
         await lk.unlock()
         await swap.folio_put(m, folio, 2)
         assert (ev(m, "thp_split_page"), ev(m, "thp_split_page_failed"),
@@ -137,7 +137,8 @@ def test_split_pin_taken_after_unmap_leaves_the_thp_pte_mapped():
             lk = m.folio_lock_of(folio)
             await lk.lock("test")
             await atomic.folio_ref_add(m, folio, 1)
-            assert await huge_memory.split_folio_to_list(m, folio) == -huge_memory.EAGAIN
+            err = await huge_memory_split.split_folio_to_list(m, folio)
+            assert err == -huge_memory_split.EAGAIN
             await lk.unlock()
         finally:
             huge_memory.rmap.try_to_migrate = orig
@@ -184,9 +185,9 @@ def test_deferred_split_scan_splits_partially_mapped_thp_and_frees_the_rest():
         p, a = await thp_region(k)
         assert await p.munmap(a + 1 * MiB, 1 * MiB) == 0
         assert ev(m, "thp_deferred_split_page") == 1
-        assert huge_memory.DeferredSplitShrinker().count_objects(m) == 1
+        assert huge_memory_split.DeferredSplitShrinker().count_objects(m) == 1
         free_before = m.zone.nr_free
-        assert await huge_memory.deferred_split_scan(m, 128) == 1
+        assert await huge_memory_split.deferred_split_scan(m, 128) == 1
         assert ev(m, "thp_split_page") == 1
         assert m.zone.nr_free == free_before + NR // 2
         assert not m.deferred_split_queue
@@ -206,7 +207,7 @@ def test_underused_thp_split_honours_max_ptes_none():
             await p.madvise(a, 2 * MiB, "hugepage")
             await p.touch(a, 1, value=3)
             assert len(m.deferred_split_queue) == 1  # shrink_underused queues every THP
-            assert await huge_memory.deferred_split_scan(m, 128) == expect
+            assert await huge_memory_split.deferred_split_scan(m, 128) == expect
             assert ev(m, "thp_underused_split_page") == expect
             assert ev(m, "thp_deferred_split_page") == 0
             rss = smaps_range(m, p.task.mm, a, a + 2 * MiB)
@@ -223,7 +224,7 @@ def test_underused_needs_more_zero_pages_than_max_ptes_none():
         a = await p.mmap(2 * MiB)
         await p.madvise(a, 2 * MiB, "hugepage")
         await p.touch(a, 103 * PAGE_SIZE, value=3)
-        assert await huge_memory.deferred_split_scan(m, 128) == 0
+        assert await huge_memory_split.deferred_split_scan(m, 128) == 0
         assert ev(m, "thp_underused_split_page") == 0
         assert not m.deferred_split_queue   # dropped: neither partial nor underused
     run(fn, knobs={"khugepaged/max_ptes_none": 409})

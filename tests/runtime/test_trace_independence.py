@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from kmm import huge_memory
+from kmm import huge_memory_split
 from kmm.machine import Machine, MachineConfig
 from kmm.runtime.trace import Trace
 from kmm.workload import Kernel
@@ -23,7 +23,7 @@ async def _program(m, k) -> None:
     await p.munmap(a + 1 * MiB, 1 * MiB)          # partially mapped: queued for split
     c = await p.fork("child")
     await c.touch(a + 2 * MiB, 64 << 10, value=7)  # COW of a PMD-mapped THP
-    await huge_memory.deferred_split_scan(m, 128)
+    await huge_memory_split.deferred_split_scan(m, 128)
     b = await p.mmap(256 << 10)
     await p.madvise(b, 256 << 10, "nohugepage")
     await p.touch(b, 256 << 10)
