@@ -11,10 +11,18 @@ of a folio the range cuts, splits a large one (``thp_split_page``) and drops the
 that fell inside. New faults cannot map a folio meanwhile: they map under the folio
 lock, which truncation holds, and recheck ``folio.mapping``.
 
-Deviation from 6.18: a page-cache folio is split uniformly to order 0 here; 6.18's
-``try_folio_split_to_order`` splits non-uniformly (the pages away from the cut stay in
-folios of decreasing orders). Rss, the vmstat counters and meminfo agree either way in
-the recorded scenarios, which touch every page they read back.
+The split (``try_folio_split_to_order``) is non-uniform as in 6.18: the folio is halved
+and only the half holding the cut is halved again, leaving folios of orders 0, 0, 1, 2,
+..., order-1 around it; then the folio holding the page at offset+length is cut there
+too, so the folios inside the range can be dropped whole. A folio in the swap cache is
+split uniformly to order 0, and so is every page-cache split asked for through
+``__folio_split`` (reclaim). Each split counts the old order's mTHP ``split`` (and
+``thp_split_page`` at PMD order), which the host recordings pin
+(memfd_punch_hole_then_write: one 2 MiB split and one 64 KiB split).
+
+Deviation from 6.18: shmem_undo_range's last pass restarts whenever a folio it split
+changed order (6.18 restarts only when the folio left to it is order 0 and otherwise
+goes on from the next index); the same folios end up dropped.
 """
 
 from __future__ import annotations
