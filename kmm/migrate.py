@@ -204,3 +204,29 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     # onto the LRU, dropping the allocation's reference; the mappings keep theirs
     await swap.folio_putback_lru(m, new)
     return True
+
+
+async def do_move_page(m, task, addr: int) -> str:
+    """mm/migrate.c do_pages_move for one order-0 page (add_page_for_migration, then
+    migrate_pages with the mmap lock dropped): "moved", "busy" (not isolated, or the
+    migration failed) or "absent" (no present PTE there). A one-node machine has no
+    other node to move to, so the page moves to a new frame, as a migration between
+    nodes would.
+    Context: takes and drops mmap_lock for read."""
+    from kmm import page_alloc, pagewalk
+    from kmm.pgtable import pte_pfn, pte_present
+    mm = task.mm
+    await mm.mmap_lock.down_read("add_page_for_migration")
+    folio = None
+    for _, level, e in pagewalk.walk_leaves(m, mm, addr, addr + PAGE_SIZE):
+        if level == "pte" and pte_present(e):
+            folio = m.physmem.folio(pte_pfn(e))
+    ok = folio is not None and not folio.order and await swap.folio_isolate_lru(m, folio)
+    await mm.mmap_lock.up_read()
+    if folio is None:
+        return "absent"
+    if not ok:
+        return "busy"
+    new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    moved, _ = await migrate_pages(m, [folio], lambda f: new, "syscall")
+    return "moved" if moved else "busy"

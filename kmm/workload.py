@@ -232,6 +232,24 @@ class Kernel:
         m = self.machine
         await swap.folio_put(m, m.physmem.page(pfn))
 
+    async def memory_reclaim(self, nr_pages: int, swappiness: int = 100) -> int:
+        """Write ``nr_pages`` pages to cgroup v2 memory.reclaim of the group holding every
+        process (try_to_free_mem_cgroup_pages, with that memory.swappiness): the pages
+        reclaimed."""
+        from kmm import vmscan
+        if isinstance(nr_pages, bool) or not isinstance(nr_pages, int) or nr_pages < 1:
+            raise ValueError(f"memory_reclaim: nr_pages must be a positive int, not {nr_pages!r}")
+        if isinstance(swappiness, bool) or not isinstance(swappiness, int) \
+                or not 0 <= swappiness <= 200:
+            raise ValueError(f"memory_reclaim: swappiness must be 0..200, not {swappiness!r}")
+        return await vmscan.try_to_free_mem_cgroup_pages(self.machine, nr_pages, swappiness)
+
+    async def force_empty(self) -> None:
+        """cgroup v1 memory.force_empty of the group holding every process (swappiness 0):
+        what a scenario's ``reclaim`` step does."""
+        from kmm import vmscan
+        await vmscan.memcg_reclaim(self.machine)
+
     def _done(self) -> None:
         if self.after_op is not None:
             self.after_op()
@@ -440,6 +458,16 @@ class Proc:
         self.k._done()
         return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}",
                       self)
+
+    async def move_page(self, addr: int) -> str:
+        """move_pages(2) of the order-0 page mapped at ``addr``: "moved", "busy" (it could
+        not be isolated or migrated) or "absent" (nothing present there)."""
+        from kmm import migrate
+        self._alive()
+        addr = _ulong("move_page", addr, "addr")
+        r = await migrate.do_move_page(self.m, self.task, addr)
+        self.k._done()
+        return r
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing

@@ -6,6 +6,8 @@ import ast
 import pathlib
 import re
 
+import kmm
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,18 @@ def test_daemons_see_only_the_daemon_api():
     for f in (ROOT / "daemons").rglob("*.py"):
         bad = {i for i in imports(f) if i.startswith("kmm") and i != "kmm.daemon"}
         assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+
+
+def test_workloads_see_only_the_program_api():
+    """Programs are written against kmm.workload (and kmm's public names) alone, as a
+    user's are; mechanism they need is a program API call (move_page, memory_reclaim)."""
+    for f in (ROOT / "workloads").rglob("*.py"):
+        bad = {i for i in imports(f) if i.startswith("kmm") and i not in ("kmm", "kmm.workload")}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "kmm":
+                names = {a.name for a in node.names}
+                assert names <= set(kmm.__all__), f"{f.relative_to(ROOT)} imports {names}"
 
 
 def test_runtime_imports_no_mechanism():

@@ -23,34 +23,13 @@ a migration against MADV_DONTNEED of the page it moves.
     kmm explore workloads/race_collapse_rmap.py --schedules 10000 --mode pct
 """
 
-from kmm import errno_name, migrate, page_alloc, pagewalk, pgtable, swap, vmscan
+from kmm import errno_name
 
 MACHINE = {"memory": "256MiB", "swap": "64MiB"}
 MiB = 1 << 20
 SIZE = 2 * MiB
 STRIDE = 64 << 10
 COLLAPSE_OK = (0, "EAGAIN", "EINVAL", "EBUSY", "ENOMEM")
-
-
-async def move_page(k, p, addr):
-    """move_pages(2) of the page at addr (add_page_for_migration, then migrate_pages
-    with the mmap lock dropped): "moved", "busy" (not isolated or not migrated) or
-    "absent" (no present PTE there)."""
-    m, mm = k.machine, p.task.mm
-    await mm.mmap_lock.down_read("add_page_for_migration")
-    folio = None
-    for _, level, e in pagewalk.walk_leaves(m, mm, addr, addr + 4096):
-        if level == "pte" and pgtable.pte_present(e):
-            folio = m.physmem.folio(pgtable.pte_pfn(e))
-    ok = folio is not None and not folio.order and await swap.folio_isolate_lru(m, folio)
-    await mm.mmap_lock.up_read()
-    if folio is None:
-        return "absent"
-    if not ok:
-        return "busy"
-    new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
-    moved, _ = await migrate.migrate_pages(m, [folio], lambda f: new, "syscall")
-    return "moved" if moved else "busy"
 
 
 async def main(k):
@@ -71,7 +50,7 @@ async def main(k):
         out = []
         for i in (3, 17):
             await q.load(a + i * STRIDE)
-            out.append(await move_page(k, q, a + i * STRIDE))
+            out.append(await q.move_page(a + i * STRIDE))
         return out
 
     collapsed, moved = await k.parallel(collapser, mover)
@@ -86,7 +65,7 @@ async def main(k):
         return await errno_name(p.on(cpu).madvise(b, SIZE, "collapse"))
 
     async def reclaimer(cpu):
-        return await vmscan.try_to_free_mem_cgroup_pages(k.machine, 64, 100)
+        return await k.memory_reclaim(64, swappiness=100)
 
     collapsed2, _ = await k.parallel(collapser2, reclaimer)
     k.expect(collapsed2, *COLLAPSE_OK[1:], what="MADV_COLLAPSE vs reclaim")
@@ -116,7 +95,7 @@ async def main(k):
     await p.touch(d, 64 << 10, value=0x55)
 
     async def mover2(cpu):
-        return await move_page(k, p.on(cpu), d + 2 * 4096)
+        return await p.on(cpu).move_page(d + 2 * 4096)
 
     async def dropper(cpu):
         q = p.on(cpu)

@@ -15,7 +15,6 @@ lost. Exposes the injected bug ``split_pmd_no_tlb_flush`` (kmm/bugs.py):
     kmm explore workloads/race_reclaim_split.py --schedules 10000
 """
 
-from kmm import vmscan
 
 MiB = 1 << 20
 
@@ -35,7 +34,7 @@ async def main(k):
             await q.store(a + i * (8 << 10), bytes([1 + i]))
 
     async def reclaimer(cpu):
-        await vmscan.memcg_reclaim(k.machine)
+        await k.force_empty()
 
     await k.parallel(writer, reclaimer)
     split = k.vmstat().get("thp_underused_split_page", 0)

@@ -11,6 +11,8 @@ the table it would have used is gone. No byte may be lost.
     kmm explore workloads/race_shmem_collapse_fault.py --schedules 200 --jobs 1
 """
 
+from kmm import errno_name  # MADV_COLLAPSE's refusal (EAGAIN) as a result
+
 MiB = 1 << 20
 SIZE = 2 * MiB
 
@@ -22,7 +24,7 @@ async def main(k):
     await p.touch(a, SIZE, value=1, stride=64 << 10)
 
     async def collapser(cpu):
-        return await p.on(cpu).madvise(a, SIZE, "collapse")
+        return await errno_name(p.on(cpu).madvise(a, SIZE, "collapse"))
 
     async def toucher(cpu):
         q = p.on(cpu)
@@ -32,5 +34,8 @@ async def main(k):
                 await q.load(a + off)
 
     collapsed, _ = await k.parallel(collapser, toucher)
+    # a racing fault may hold a small folio's lock or a reference (SCAN_PAGE_LOCK,
+    # SCAN_PAGE_COUNT): MADV_COLLAPSE then fails with EAGAIN, as on the kernel
+    k.expect(collapsed, "EAGAIN", what="MADV_COLLAPSE")
     rss, huge = k.smaps(p, a, SIZE)
     return {"madvise": collapsed, "rss_kb": rss, "lost_bytes": len(await p.verify())}

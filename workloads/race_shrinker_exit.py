@@ -20,7 +20,6 @@ LRU and free-list checks).
     kmm explore workloads/race_shrinker_exit.py --schedules 10000 --mode pct
 """
 
-from kmm import vmscan
 
 MACHINE = {"memory": "256MiB"}
 MiB = 1 << 20
@@ -51,7 +50,7 @@ async def main(k):
         return await q.munmap(a, MiB)
 
     async def shrinker(cpu):
-        await vmscan.memcg_reclaim(k.machine)
+        await k.force_empty()
 
     unmapped, _ = await k.parallel(unmapper, shrinker)
     assert unmapped == 0, f"munmap returned {unmapped}"

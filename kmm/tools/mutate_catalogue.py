@@ -32,12 +32,8 @@ class Mutant:
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant("anon_write_no_pte_none_recheck", "recheck", "kmm/memory.py", "do_anonymous_page",
-           (('    if not pte_none(await m.entry_read("pte", tbl, idx)):\n'
-             '        await ptl.unlock()\n'
-             '        await m.folio_put(folio)  # a racing fault mapped it first',
-             '    if False:\n'
-             '        await ptl.unlock()\n'
-             '        await m.folio_put(folio)  # a racing fault mapped it first'),),
+           (('        changed = not pte_none(await m.entry_read("pte", tbl, idx))',
+             '        changed = False'),),
            "do_anonymous_page's pte_none recheck under the PTE lock (vmf_pte_changed): two "
            "write faults on one PTE both allocate; the second overwrites the first's page",
            ("race_pte_fault.py",), ("tests/mm/test_fault_concurrency.py",)),
@@ -92,9 +88,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("race_fault_collapse.py", "race_munmap_collapse.py", "race_pte_fault.py"),
            ("tests/mm/test_khugepaged.py",)),
     Mutant("swapin_no_pte_same", "recheck", "kmm/memory.py", "do_swap_page",
-           (('        if res is not None and await m.entry_read("pte", res[0], vmf.pte_idx)'
-             ' != orig:',
-             '        if False:'),),
+           (('            same = await m.entry_read("pte", res[0], vmf.pte_idx) == orig',
+             '            same = True'),),
            "do_swap_page's pte_same under the PTE lock: another fault (or the collapse's "
            "swap-in) mapped the page first; the second maps it again",
            ("race_collapse_rmap.py",), ("tests/mm/test_swap.py",)),
