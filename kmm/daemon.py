@@ -134,15 +134,15 @@ class DaemonContext:
         """prepare_kswapd_sleep: may kswapd sleep? The zone is balanced for ``order``
         (free pages above the high watermark), or the node is hopeless (reclaim failed
         MAX_RECLAIM_RETRIES times in a row)."""
-        from kmm import vmscan
-        return vmscan.prepare_kswapd_sleep(self._m, order)
+        from kmm import vmscan_node
+        return vmscan_node.prepare_kswapd_sleep(self._m, order)
 
     async def balance_pgdat(self, order: int) -> int:
         """balance_pgdat: reclaim, at falling priority, until the zone is balanced for
         ``order``; returns the order reclaim finished at (0 when a high-order goal was
         dropped for fragmentation)."""
-        from kmm import vmscan
-        return await vmscan.balance_pgdat(self._m, order)
+        from kmm import vmscan_node
+        return await vmscan_node.balance_pgdat(self._m, order)
 
     def count_vm_event(self, item: str) -> None:
         """count_vm_event for the daemon's own events: the kernel's that daemons count
@@ -355,8 +355,8 @@ class DaemonContext:
     async def try_to_free_pages(self, order: int = 0) -> int:
         """try_to_free_pages: one round of direct reclaim (GFP_KERNEL) for an allocation
         of ``order``; returns the pages reclaimed."""
-        from kmm import vmscan
-        return await vmscan.try_to_free_pages(self._m, order, "GFP_KERNEL")
+        from kmm import vmscan_node
+        return await vmscan_node.try_to_free_pages(self._m, order, "GFP_KERNEL")
 
 
 def start_daemon(m, daemon: Daemon) -> None:

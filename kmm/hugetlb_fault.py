@@ -19,7 +19,7 @@ entries, PMD sharing.
 
 from __future__ import annotations
 
-from kmm import atomic, hugetlb, hugetlb_resv, memory, rmap, swap, tlb
+from kmm import atomic, hugetlb, hugetlb_resv, memory, memory_zap, rmap, swap, tlb
 from kmm.cost import COST_CLEAR_HUGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, VM_MAYSHARE, VM_MAYWRITE, VM_SHARED, VM_WRITE,
@@ -298,7 +298,7 @@ async def unmap_ref_private(m, vma, folio, address: int) -> None:
                               - (iter_vma.pgoff << 12))
         if not iter_vma.start <= a < iter_vma.end:
             continue
-        tlbg = memory.MmuGather(iter_vma.mm)
+        tlbg = memory_zap.MmuGather(iter_vma.mm)
         await __unmap_hugepage_range(m, tlbg, iter_vma, a, a + file.hstate.size, folio)
         await tlbg.finish(m)
 
@@ -447,7 +447,7 @@ async def madvise_hugetlb(m, vma, start: int, end: int, advice: str) -> int | st
     end &= ~(h.size - 1)
     if end <= start:
         return 0
-    tlbg = memory.MmuGather(vma.mm)
+    tlbg = memory_zap.MmuGather(vma.mm)
     await unmap_hugepage_range(m, tlbg, vma, start, end)
     await tlbg.finish(m)
     return 0

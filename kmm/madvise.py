@@ -16,7 +16,9 @@ shared. COLLAPSE comes with the khugepaged issue.
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, khugepaged, memory, mmap, pgtable_generic, rmap, swap
+from kmm import (
+    atomic, huge_memory, khugepaged, memory, memory_zap, mmap, pgtable_generic, rmap, swap,
+)
 from kmm import hugetlb_fault, swapfile, tlb, vmscan
 from kmm.mm_types import (
     PG_dirty, PG_lru, PG_referenced, PG_swapcache, VM_HUGEPAGE, VM_HUGETLB, VM_LOCKED,
@@ -106,8 +108,8 @@ async def hugepage_madvise(m, vma, start: int, end: int, advice: str) -> None:
 
 async def madvise_dontneed_single_vma(m, vma, start: int, end: int) -> None:
     """zap_page_range_single_batched(..., reclaim_pt = true)."""
-    tlbg = memory.MmuGather(vma.mm)
-    await memory.unmap_page_range(m, tlbg, vma, start, end)
+    tlbg = memory_zap.MmuGather(vma.mm)
+    await memory_zap.unmap_page_range(m, tlbg, vma, start, end)
     await tlbg.finish(m)
     await reclaim_empty_pte_tables(m, vma, start, end)
 

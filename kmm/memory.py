@@ -3,36 +3,33 @@
 ``handle_mm_fault`` walks down the levels as ``__handle_mm_fault`` does, allocating
 tables outside locks and installing them only if the slot is still empty; at the PMD
 level it hands eligible faults to ``create_huge_pmd`` (huge_memory.py), and at the PTE
-level it runs ``do_anonymous_page``, ``do_wp_page`` or the access-flag update. Every
-path re-reads its entry under the lock (``pte_same``/``pmd_same``) after any point where
-another actor may have changed it, and backs out (returns 0, the CPU refaults) if so.
+level it runs ``do_anonymous_page``, ``do_wp_page`` (memory_wp.py) or the access-flag
+update. Every path re-reads its entry under the lock (``pte_same``/``pmd_same``) after
+any point where another actor may have changed it, and backs out (returns 0, the CPU
+refaults) if so.
 
-``unmap_page_range`` (zap) and ``copy_page_range`` (fork) walk ranges the same way,
-splitting a huge PMD where the range covers only part of it. Left out: file and shared
-mappings, userfaultfd, NUMA hinting, KSM, per-VMA locks (faults take mmap_lock for
-read). PT_RECLAIM of empty PTE tables is in madvise.py; the tables it detaches are freed
-after an RCU grace period (rcupdate.py). mTHP orders below PMD are chosen in
+``copy_page_range`` (fork) walks ranges the same way as ``unmap_page_range`` (zap, in
+memory_zap.py), splitting a huge PMD where the range covers only part of it. Left out:
+file and shared mappings, userfaultfd, NUMA hinting, KSM, per-VMA locks (faults take
+mmap_lock for read). PT_RECLAIM of empty PTE tables is in madvise.py; the tables it
+detaches are freed after an RCU grace period (rcupdate.py). mTHP orders below PMD are chosen in
 memory_anon.alloc_anon_folio; large-folio swap-in is memory_swapin.py.
 """
 
 from __future__ import annotations
 
 from kmm import (
-    atomic, huge_memory, huge_memory_mthp, hugetlb_fault, memory_anon, memory_swapin,
-    migrate, mmdebug, page_alloc, rcupdate, rmap, swap, swap_state, swapfile, tlb,
+    atomic, huge_memory, huge_memory_mthp, hugetlb_fault, memory_anon, memory_swapin, memory_wp,
+    migrate, mmdebug, rcupdate, rmap, swap, swap_state, swapfile,
 )
-from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE
-from kmm.mm_types import (
-    PG_anon_exclusive, PG_dirty, PG_swapcache, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct,
-    VmArea,
-)
+from kmm.mm_types import PG_anon_exclusive, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct, VmArea
 from kmm.pgtable import (
-    PAGE_SIZE, PMD_SIZE, PUD_SIZE, PGDIR_SIZE, mk_table_entry, pfn_pte, pmd_index,
-    pmd_none, pmd_present, pmd_trans_huge, pte_dirty, pte_index, pte_mkdirty,
-    pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none, pte_pfn, pte_present, pte_special,
-    pte_write, pud_index, pgd_index, table_pfn, is_pmd_migration_entry, is_swap_pmd,
-    pmd_write, pte_mkold, pte_wrprotect, is_migration_entry,
-    swp_offset, _PAGE_SOFT_DIRTY, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY, _PAGE_SWP_UFFD_WP,
+    PAGE_SIZE, PMD_SIZE, PUD_SIZE, mk_table_entry, pfn_pte, pmd_index, pmd_none, pmd_present,
+    pmd_trans_huge, pte_index, pte_mkdirty, pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none,
+    pte_pfn, pte_present, pte_special, pte_write, pud_index, pgd_index, table_pfn,
+    is_pmd_migration_entry, is_swap_pmd, pmd_write, pte_mkold, pte_wrprotect,
+    is_migration_entry, swp_offset, _PAGE_SOFT_DIRTY, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
 )
 
 VM_FAULT_OOM = 0x1
@@ -232,7 +229,7 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         return 0
     if vmf.write:
         if not pte_write(entry):
-            return await do_wp_page(m, vmf)  # drops the ptl
+            return await memory_wp.do_wp_page(m, vmf)  # drops the ptl
         entry = pte_mkdirty(entry)
     entry = pte_mkyoung(entry)
     if entry != orig:
@@ -314,267 +311,6 @@ async def do_anonymous_page(m, vmf: Vmf) -> int:
         await atomic.set_ptes(m, tbl, idx, entry, nr)
     await ptl.unlock()
     return 0
-
-
-# ---------------------------------------------------------------- COW
-async def do_wp_page(m, vmf: Vmf) -> int:
-    """do_wp_page: a write to a present read-only PTE. Reuse the page if this mapping
-    is its only user (PageAnonExclusive, or the folio's only reference), else copy.
-
-    Context: PTE lock held on entry; released on return.
-    """
-    vma = vmf.vma
-    orig = vmf.orig_pte
-    pfn = pte_pfn(orig)
-    if vma.flags & VM_SHARED:  # wp_page_shared: no COW in a shared mapping
-        return await wp_page_reuse(m, vmf)
-    if not pte_special(orig):
-        page = m.physmem.page(pfn)
-        folio = m.physmem.folio(pfn)
-        if folio.anon_vma is not None and (rmap.page_anon_exclusive(page) or
-                                           await wp_can_reuse_anon_folio(m, folio, vma)):
-            atomic.folio_set_flags_locked(page, PG_anon_exclusive)
-            return await wp_page_reuse(m, vmf)
-        await atomic.folio_ref_add(m, folio, 1)  # held across the copy
-    else:
-        folio = None
-    await vmf.ptl.unlock()
-    return await wp_page_copy(m, vmf, folio)
-
-
-async def wp_can_reuse_anon_folio(m, folio, vma: VmArea) -> bool:
-    """wp_can_reuse_anon_folio: only this mapping references the folio.
-
-    A large folio may be reused when every reference is a mapping in this mm
-    (__wp_can_reuse_large_anon_folio); a small one when its refcount is 1.
-    """
-    if folio.order:
-        if folio.large_mapcount != folio.refcount:
-            return False
-        return rmap.folio_mapping_mms(m, folio) <= {vma.mm.id}
-    if folio.refcount > 1:
-        return False
-    lk = m.folio_lock_of(folio)
-    if not await lk.trylock("wp_can_reuse_anon_folio"):
-        return False
-    ok = folio.refcount == 1
-    if ok:
-        atomic.folio_set_field_locked(folio, "anon_vma", vma.anon_vma)  # folio_move_anon_rmap
-    await lk.unlock()
-    return ok
-
-
-async def wp_page_reuse(m, vmf: Vmf) -> int:
-    entry = pte_mkyoung(vmf.orig_pte)
-    entry = pte_mkwrite(pte_mkdirty(entry))
-    await atomic.entry_set(m, "pte", vmf.pte_tbl, vmf.pte_idx, entry)  # ptep_set_access_flags
-    await vmf.ptl.unlock()
-    return 0
-
-
-async def wp_page_copy(m, vmf: Vmf, old_folio) -> int:
-    """wp_page_copy: copy the page (or zero-fill, from the zero page), then swap the
-    PTE under the lock if it is still the one we faulted on.
-
-    Context: called without the PTE lock; old_folio carries an extra reference.
-    """
-    vma = vmf.vma
-    mm = vma.mm
-    old_pfn = pte_pfn(vmf.orig_pte)
-    if not await rmap.anon_vma_prepare(m, vma):
-        return VM_FAULT_OOM
-    new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
-    if new < 0:
-        if old_folio is not None:
-            await swap.folio_put(m, old_folio)
-        return VM_FAULT_OOM
-    if old_folio is None:
-        atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, new)
-    else:
-        await m.sched.point("copy_page", COST_COPY_PAGE, dst=new, src=old_pfn)
-        m.physmem.copy(new, old_pfn)
-    new_folio = m.physmem.page(new)
-    res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
-    if res is not None:
-        tbl, ptl = res
-        if await atomic.entry_read(m, "pte", tbl, vmf.pte_idx) == vmf.orig_pte:
-            if old_folio is None:
-                mm.rss_anon += 1
-            elif old_folio.mapping is not None:  # a page-cache page's COW: file -> anon
-                mm.rss_shmem -= 1
-                mm.rss_anon += 1
-            entry = pte_mkwrite(pte_mkdirty(pfn_pte(new, vma.page_prot)))
-            # ptep_clear_flush: no CPU may keep writing through the old translation
-            await atomic.entry_get_and_clear(m, "pte", tbl, vmf.pte_idx)
-            await tlb.flush_tlb_page(m, mm, vmf.address)
-            await rmap.folio_add_new_anon_rmap(m, new_folio, vma, vmf.address, pmd=False)
-            await swap.folio_add_lru(m, new_folio)  # folio_add_lru_vma
-            await atomic.entry_set(m, "pte", tbl, vmf.pte_idx, entry)
-            if old_folio is not None:
-                await rmap.folio_remove_rmap_ptes(m, old_folio, old_pfn, 1)
-                await swap.folio_put(m, old_folio)  # the reference the old PTE held
-            new_folio = None
-        await ptl.unlock()
-    if new_folio is not None:
-        await swap.folio_put(m, new_folio)  # lost the race: the new page is not needed
-    if old_folio is not None:
-        await swap.folio_put(m, old_folio)
-    return 0
-
-
-# ------------------------------------------------------------------- zap
-class MmuGather:
-    """struct mmu_gather: pages are freed only after the TLB flush of the range."""
-
-    __slots__ = ("mm", "start", "end", "folios", "tables", "even_cows", "i_mmap_locked")
-
-    def __init__(self, mm: MmStruct, even_cows: bool = True) -> None:
-        self.mm = mm
-        self.even_cows = even_cows  # zap_details: False keeps a private file COW's pages
-        # unmap_mapping_range zaps under the file's i_mmap_rwsem, not the mmap_lock
-        self.i_mmap_locked = False
-        self.start = 1 << 63
-        self.end = 0
-        self.folios: list = []
-        self.tables: list[int] = []
-
-    def track(self, start: int, end: int) -> None:
-        self.start = min(self.start, start)
-        self.end = max(self.end, end)
-
-    async def finish(self, m) -> None:
-        """tlb_finish_mmu: flush, then drop the references the mappings held."""
-        if self.end > self.start:
-            await tlb.flush_tlb_mm_range(m, self.mm, self.start, self.end)
-        for folio, n in self.folios:  # free_pages_and_swap_cache
-            if folio.flags & PG_swapcache:
-                await swap_state.free_swap_cache(m, folio)
-            await swap.folio_put(m, folio, n)
-        for t in self.tables:
-            await m.pte_free(self.mm, t)
-        self.folios.clear()
-        self.tables.clear()
-
-
-async def unmap_page_range(m, tlbg: MmuGather, vma: VmArea, start: int, end: int) -> None:
-    """unmap_page_range: clear every mapping in [start, end) of vma.
-
-    Context: mmap_lock held (read suffices for MADV_DONTNEED, write for munmap).
-    """
-    if vma.flags & VM_HUGETLB:  # unmap_single_vma
-        return await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, start, end)
-    mm = vma.mm
-    if not tlbg.i_mmap_locked:
-        mmdebug.mmap_assert_locked(m, mm, "unmap_page_range")
-    addr = start
-    while addr < end:
-        nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
-        pmd_tbl = pmd_lookup(m, mm, addr)
-        if pmd_tbl < 0:
-            addr = min((addr + PUD_SIZE) & ~(PUD_SIZE - 1), end)
-            continue
-        await zap_pmd_range(m, tlbg, vma, pmd_tbl, addr, nxt)
-        addr = nxt
-
-
-async def zap_pmd_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, addr: int,
-                        nxt: int) -> None:
-    idx = pmd_index(addr)
-    pmdval = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
-    if is_swap_pmd(pmdval) or pmd_trans_huge(pmdval):
-        if nxt - addr != PMD_SIZE:
-            await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
-        elif await huge_memory.zap_huge_pmd(m, tlbg, vma, pmd_tbl, idx, addr):
-            return
-    if pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
-        return
-    await zap_pte_range(m, tlbg, vma, pmd_tbl, idx, addr, nxt)
-
-
-async def zap_pte_range(m, tlbg: MmuGather, vma: VmArea, pmd_tbl: int, pidx: int,
-                        addr: int, end: int) -> None:
-    """zap_pte_range: clear PTEs under the PTE lock; rmap removal now, the references
-    after the TLB flush (the mmu_gather). The PTEs of one large folio go as a batch
-    (zap_present_ptes), so a folio unmapped whole is never seen partially mapped."""
-    res = await pte_offset_map_lock(m, pmd_tbl, pidx)
-    if res is None:
-        return
-    tbl, ptl = res
-    mm = vma.mm
-    tlbg.track(addr, end)
-    a = addr
-    while a < end:
-        i = pte_index(a)
-        ent = await atomic.entry_read(m, "pte", tbl, i)
-        nr = 1
-        if ent and not tlbg.even_cows and (
-                not pte_present(ent) or pte_special(ent)
-                or m.physmem.folio(pte_pfn(ent)).mapping is None):
-            ent = 0  # should_zap_folio / should_zap_cows: a private COW's page stays
-        if ent:
-            if pte_present(ent) and not pte_special(ent):
-                pfn = pte_pfn(ent)
-                folio = m.physmem.folio(pfn)
-                dirty = pte_dirty(ent)
-                if folio.order and folio.mapping is None:
-                    nr, dirty = await memory_anon.folio_pte_batch(
-                        m, tbl, i, (end - a) // PAGE_SIZE, folio, ent)
-                for j in range(nr):
-                    await atomic.entry_get_and_clear(m, "pte", tbl, i + j)
-                if dirty:
-                    atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty
-                if folio.mapping is not None:
-                    mm.rss_shmem -= nr
-                else:
-                    mm.rss_anon -= nr
-                await rmap.folio_remove_rmap_ptes(m, folio, pfn, nr)
-                tlbg.folios.append((folio, nr))
-            else:
-                await atomic.entry_get_and_clear(m, "pte", tbl, i)
-                if not pte_present(ent):
-                    await zap_nonpresent_ptes(m, mm, ent)
-        a += nr * PAGE_SIZE
-    await ptl.unlock()
-
-
-async def free_pgtables(m, mm: MmStruct, start: int, end: int, floor: int,
-                        ceiling: int) -> None:
-    """free_pgtables / free_pgd_range: free the tables that only mapped [start, end).
-
-    [floor, ceiling) is the hole the unmapped VMAs leave (the neighbouring VMAs' ends):
-    a table is freed only if all the address space it maps lies in the hole. Walks the
-    tables that exist, level by level, so a whole-address-space teardown costs what is
-    mapped, not 2^47 bytes' worth of slots.
-    """
-    tables = m.physmem.tables
-    pgd = tables[mm.pgd]
-    for gi in range(pgd_index(start), pgd_index(end - 1) + 1):
-        if not pgd[gi]:
-            continue
-        pud_tbl = table_pfn(pgd[gi])
-        g0 = gi * PGDIR_SIZE
-        pud = tables[pud_tbl]
-        for ui in range(pud_index(max(start, g0)), pud_index(min(end, g0 + PGDIR_SIZE) - 1) + 1):
-            if not pud[ui]:
-                continue
-            pmd_tbl = table_pfn(pud[ui])
-            u0 = g0 + ui * PUD_SIZE
-            pmd = tables[pmd_tbl]
-            lo, hi = max(start, u0), min(end, u0 + PUD_SIZE)
-            for pi in range(pmd_index(lo), pmd_index(hi - 1) + 1):
-                e = pmd[pi]
-                a0 = u0 + pi * PMD_SIZE
-                if (e and pmd_present(e) and not pmd_trans_huge(e)
-                        and a0 >= floor and a0 + PMD_SIZE <= ceiling):
-                    await atomic.entry_get_and_clear(m, "pmd", pmd_tbl, pi)
-                    mm.nr_ptes -= 1
-                    await m.pte_free(mm, table_pfn(e))
-            if u0 >= floor and u0 + PUD_SIZE <= ceiling and not any(pmd):
-                await atomic.entry_get_and_clear(m, "pud", pud_tbl, ui)
-                await m.pte_free(mm, pmd_tbl)
-        if g0 >= floor and g0 + PGDIR_SIZE <= ceiling and not any(pud):
-            await atomic.entry_get_and_clear(m, "pgd", mm.pgd, gi)
-            await m.pte_free(mm, pud_tbl)
 
 
 # ---------------------------------------------------------------- fork
@@ -788,26 +524,12 @@ async def do_swap_page(m, vmf: Vmf) -> int:
     ret = 0
     if vmf.write and not write_done:
         vmf.orig_pte, vmf.pte_tbl, vmf.ptl = pte, tbl, ptl
-        ret = await do_wp_page(m, vmf)  # drops the PTE lock
+        ret = await memory_wp.do_wp_page(m, vmf)  # drops the PTE lock
     else:
         await ptl.unlock()
     if direct:  # the slots' claim goes only after the PTE lock (need_clear_cache)
         await swapfile.swapcache_clear(m, entry, folio.nr_pages)
     return ret
-
-
-async def zap_nonpresent_ptes(m, mm: MmStruct, entry: int) -> None:
-    """zap_nonpresent_ptes: a migration entry is simply dropped (it holds no reference
-    of its own; the rmap walk that made it keeps the page); a swap entry gives its
-    slot reference back (free_swap_and_cache: the slot is freed, and its swap cache
-    folio dropped, once nothing references it). Context: PTE lock held."""
-    if is_migration_entry(entry):
-        mm.rss_anon -= 1
-        return
-    if not swapfile.is_swap_entry(m, entry):
-        m.bug(f"zap of unknown non-present PTE {entry:#x}")
-    mm.swapents -= 1
-    await swapfile.free_swap_and_cache(m, swapfile.pte_to_swp_entry(entry))
 
 
 async def copy_nonpresent_pte(m, dst_mm: MmStruct, src_mm: MmStruct, entry: int,

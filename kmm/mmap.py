@@ -10,7 +10,7 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, hugetlb_resv, khugepaged, memory, mmdebug, rmap, shmem
+from kmm import huge_memory, hugetlb_resv, khugepaged, memory, memory_zap, mmdebug, rmap, shmem
 from kmm.mm_types import (
     VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
     MmStruct, VmArea,
@@ -152,9 +152,9 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
 
     Context: mmap_lock held for write; the victims are already off mm.vmas.
     """
-    tlbg = memory.MmuGather(mm)
+    tlbg = memory_zap.MmuGather(mm)
     for vma in victims:
-        await memory.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
+        await memory_zap.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
     prev = [v for v in mm.vmas if v.end <= start]
     nxt = [v for v in mm.vmas if v.start >= end]
     floor = prev[-1].end if prev else 0
@@ -174,7 +174,7 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
         rmap.unlink_anon_vmas(vma)
         for root in roots.values():
             await root.rwsem.up_write()
-    await memory.free_pgtables(m, mm, start, end, floor, ceiling)
+    await memory_zap.free_pgtables(m, mm, start, end, floor, ceiling)
 
 
 async def do_munmap(m, task, start: int, length: int) -> int | str:

@@ -410,14 +410,14 @@ async def wake_all_kswapds(m, order: int, gfp: int) -> None:
     """wake_all_kswapds -> wakeup_kswapd (mm/vmscan.c), which hands a high-order
     request that may not stall to kcompactd when kswapd cannot help (node balanced or
     hopeless)."""
-    from kmm import vmscan
-    await vmscan.wakeup_kswapd(m, order, gfp)
+    from kmm import vmscan_node
+    await vmscan_node.wakeup_kswapd(m, order, gfp)
 
 
 async def __perform_reclaim(m, order: int, gfp: int) -> int:
     """__perform_reclaim: try_to_free_pages in the allocating task; pages reclaimed."""
-    from kmm import vmscan
-    return await vmscan.try_to_free_pages(m, order, gfp)
+    from kmm import vmscan_node
+    return await vmscan_node.try_to_free_pages(m, order, gfp)
 
 
 async def __alloc_pages_direct_reclaim(m, order: int, gfp: int, alloc_flags: int,

@@ -27,7 +27,7 @@ goes on from the next index); the same folios end up dropped.
 
 from __future__ import annotations
 
-from kmm import atomic, filemap, memory, swap
+from kmm import atomic, filemap, memory_zap, swap
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_head, PG_isolated, PG_lru, PG_referenced, PG_swapbacked,
     PG_uptodate, Page,
@@ -59,9 +59,9 @@ async def unmap_mapping_pages(m, mapping, first: int, last: int, even_cows: bool
         if lo >= hi:
             continue
         start, end = vma.address_of(lo), vma.address_of(hi)
-        tlbg = memory.MmuGather(vma.mm, even_cows)  # zap_page_range_single
+        tlbg = memory_zap.MmuGather(vma.mm, even_cows)  # zap_page_range_single
         tlbg.i_mmap_locked = True  # the VMA is kept alive by i_mmap_rwsem
-        await memory.unmap_page_range(m, tlbg, vma, start, end)
+        await memory_zap.unmap_page_range(m, tlbg, vma, start, end)
         await tlbg.finish(m)
     await lk.up_read()
 

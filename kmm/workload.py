@@ -236,19 +236,19 @@ class Kernel:
         """Write ``nr_pages`` pages to cgroup v2 memory.reclaim of the group holding every
         process (try_to_free_mem_cgroup_pages, with that memory.swappiness): the pages
         reclaimed."""
-        from kmm import vmscan
+        from kmm import vmscan_node
         if isinstance(nr_pages, bool) or not isinstance(nr_pages, int) or nr_pages < 1:
             raise ValueError(f"memory_reclaim: nr_pages must be a positive int, not {nr_pages!r}")
         if isinstance(swappiness, bool) or not isinstance(swappiness, int) \
                 or not 0 <= swappiness <= 200:
             raise ValueError(f"memory_reclaim: swappiness must be 0..200, not {swappiness!r}")
-        return await vmscan.try_to_free_mem_cgroup_pages(self.machine, nr_pages, swappiness)
+        return await vmscan_node.try_to_free_mem_cgroup_pages(self.machine, nr_pages, swappiness)
 
     async def force_empty(self) -> None:
         """cgroup v1 memory.force_empty of the group holding every process (swappiness 0):
         what a scenario's ``reclaim`` step does."""
-        from kmm import vmscan
-        await vmscan.memcg_reclaim(self.machine)
+        from kmm import vmscan_node
+        await vmscan_node.memcg_reclaim(self.machine)
 
     def _done(self) -> None:
         if self.after_op is not None:

@@ -161,9 +161,9 @@ def test_import_cycles_are_the_kernels_own():
     waitqueues, the costs and the facades are outside every circle."""
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
                  "khugepaged", "khugepaged_collapse", "memory",
-                 "memory_anon", "memory_swapin",  # parts of mm/memory.c (issue 11)
+                 "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
-                 "swapfile", "vmscan",
+                 "swapfile", "vmscan", "vmscan_node",  # vmscan_node: mm/vmscan.c's node side
                  # issue 12: shmem.c, filemap.c, truncate.c, memory.c's file faults and
                  # khugepaged.c's collapse_file call into the fault path and back
                  "filemap", "khugepaged_file", "memory_file", "shmem", "truncate"}

@@ -133,7 +133,7 @@ def run_config(steps: list[Step], config: str, *, memory: int, pool: int | None 
     """Run the pattern under one configuration on a fresh machine with swap; return
     the measured figures. ``fragmented``: before anything (the hugetlb pool too), one
     unmovable page is pinned in every 2 MiB block, so no 2 MiB page can be had."""
-    from kmm import vmscan
+    from kmm import vmscan_node
     from kmm.machine import MachineConfig
     from kmm.tools import runner
     from kmm.workload import Kernel
@@ -188,7 +188,7 @@ def run_config(steps: list[Step], config: str, *, memory: int, pool: int | None 
         fig["meminfo"] = hugetlb.hugetlb_report_meminfo(m)
         if pressure:
             ev1 = dict(m.vmstat.events)
-            await vmscan.mem_cgroup_force_empty(m, swappiness=60)
+            await vmscan_node.mem_cgroup_force_empty(m, swappiness=60)
             rss, _, htlb = region_kb()
             fig["pressure"] = {
                 "rss_kb_after": rss, "hugetlb_kb_after": htlb,

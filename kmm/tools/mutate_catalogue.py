@@ -47,7 +47,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "the read fault's pte_none recheck: the zero page replaces a page a racing "
            "write fault just mapped",
            ("race_pte_fault.py",), ("tests/mm/test_fault_concurrency.py",)),
-    Mutant("wp_copy_no_pte_same", "recheck", "kmm/memory.py", "wp_page_copy",
+    Mutant("wp_copy_no_pte_same", "recheck", "kmm/memory_wp.py", "wp_page_copy",
            (('        if await m.entry_read("pte", tbl, vmf.pte_idx) == vmf.orig_pte:',
              '        if True:'),),
            "wp_page_copy's pte_same after re-taking the PTE lock: the copy replaces an "
@@ -93,13 +93,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "do_swap_page's pte_same under the PTE lock: another fault (or the collapse's "
            "swap-in) mapped the page first; the second maps it again",
            ("race_collapse_rmap.py",), ("tests/mm/test_swap.py",)),
-    Mutant("wp_copy_no_tlb_flush", "tlb-flush", "kmm/memory.py", "wp_page_copy",
+    Mutant("wp_copy_no_tlb_flush", "tlb-flush", "kmm/memory_wp.py", "wp_page_copy",
            (('            await tlb.flush_tlb_page(m, mm, vmf.address)\n',
              ''),),
            "ptep_clear_flush in wp_page_copy: another CPU of the process keeps writing "
            "through the old translation into the page it no longer maps",
            ("race_fork_reuse.py", "race_cow_split.py"), ("tests/mm/test_fault_concurrency.py",)),
-    Mutant("zap_no_tlb_flush", "tlb-flush", "kmm/memory.py", "MmuGather.finish",
+    Mutant("zap_no_tlb_flush", "tlb-flush", "kmm/memory_zap.py", "MmuGather.finish",
            (('            await tlb.flush_tlb_mm_range(m, self.mm, self.start, self.end)',
              '            pass'),),
            "tlb_finish_mmu's flush before the pages are freed (munmap, MADV_DONTNEED, "

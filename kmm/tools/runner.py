@@ -267,9 +267,9 @@ async def khugepaged_step(m: Machine, rounds: int) -> None:
 
 async def reclaim_step(m: Machine) -> None:
     """The ``reclaim`` step: memory-cgroup pressure on the scenario's processes, as the
-    oracle applies it (vmscan.memcg_reclaim)."""
-    from kmm import vmscan
-    await vmscan.memcg_reclaim(m)
+    oracle applies it (vmscan_node.memcg_reclaim)."""
+    from kmm import vmscan_node
+    await vmscan_node.memcg_reclaim(m)
 
 
 # The reclaim daemons run on every machine, as on the kernel: they sleep until the page

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from conftest import run as crun
 
-from kmm import daemon, swapfile, testing, vmscan
+from kmm import daemon, swapfile, testing, vmscan, vmscan_node
 from kmm.daemons.kswapd import Kswapd
 from kmm.pgtable import PAGE_SIZE
 
@@ -54,11 +54,11 @@ def test_kswapd_woken_at_the_low_watermark_reclaims_to_the_high_one():
         assert ev(m, "pageoutrun") == 0
         end = await fill_below_low(m, p, a, a + 64 * MiB)
         z = m.zone
-        assert z.nr_free < z.wmark["low"] and not vmscan.pgdat_balanced(m, 0)
+        assert z.nr_free < z.wmark["low"] and not vmscan_node.pgdat_balanced(m, 0)
         testing.check_invariants(m, k)
-        await vmscan.wakeup_kswapd(m, 0)
+        await vmscan_node.wakeup_kswapd(m, 0)
         await m.sched.sleep(1_000_000_000)  # one emulated second: kswapd runs meanwhile
-        assert vmscan.pgdat_balanced(m, 0) and z.nr_free > z.wmark["high"]
+        assert vmscan_node.pgdat_balanced(m, 0) and z.nr_free > z.wmark["high"]
         # every page was just written (young): the first balance_pgdat mostly marks
         # them referenced (FOLIOREF_KEEP) down to priority 1 and the zone is still
         # unbalanced, so kswapd does not sleep (high watermark "hit quickly") and a
@@ -83,7 +83,7 @@ def test_kswapd_stays_asleep_while_the_zone_is_balanced():
         a = await p.mmap(MiB)
         await p.touch(a, MiB, value=1)
         await m.sched.sleep(1_000_000)
-        await vmscan.wakeup_kswapd(m, 0)
+        await vmscan_node.wakeup_kswapd(m, 0)
         await m.sched.sleep(1_000_000_000)
         assert ev(m, "pageoutrun") == 0 and ev(m, "pswpout") == 0
         assert vmscan.NODE_DATA(m).kswapd_order == 0
@@ -98,15 +98,15 @@ def test_a_wakeup_during_kswapds_nap_counts_low_wmark_hit_quickly():
         a = await p.mmap(64 * MiB)
         await m.sched.sleep(NAP_NS)
         nxt = await fill_below_low(m, p, a, a + 64 * MiB)
-        await vmscan.wakeup_kswapd(m, 0)
+        await vmscan_node.wakeup_kswapd(m, 0)
         await m.sched.sleep(1_000_000)  # kswapd balances, then starts its nap
         runs = ev(m, "pageoutrun")
-        assert runs and vmscan.pgdat_balanced(m, 0)
+        assert runs and vmscan_node.pgdat_balanced(m, 0)
         assert ev(m, "kswapd_low_wmark_hit_quickly") == 0
         await fill_below_low(m, p, nxt, a + 64 * MiB)
-        await vmscan.wakeup_kswapd(m, 0)
+        await vmscan_node.wakeup_kswapd(m, 0)
         await m.sched.sleep(1_000_000_000)
         assert ev(m, "kswapd_low_wmark_hit_quickly") == 1
-        assert ev(m, "pageoutrun") > runs and vmscan.pgdat_balanced(m, 0)
+        assert ev(m, "pageoutrun") > runs and vmscan_node.pgdat_balanced(m, 0)
         testing.check_invariants(m, k)
     run(fn)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 from conftest import run as crun
 
-from kmm import compaction, gfp, page_alloc, swap, testing, vmscan
+from kmm import compaction, gfp, page_alloc, swap, testing, vmscan, vmscan_node
 from kmm.compaction import CompactResult
 from kmm.daemon import start_daemon
 from kmm.daemons.kcompactd import Kcompactd
@@ -103,8 +103,8 @@ def spy_slow_path(monkeypatch, log):
         log.append(("try_to_free_pages", order))
         return 0
 
-    monkeypatch.setattr(vmscan, "wakeup_kswapd", wakeup_kswapd)
-    monkeypatch.setattr(vmscan, "try_to_free_pages", try_to_free_pages)
+    monkeypatch.setattr(vmscan_node, "wakeup_kswapd", wakeup_kswapd)
+    monkeypatch.setattr(vmscan_node, "try_to_free_pages", try_to_free_pages)
     monkeypatch.setattr(vmscan, "zone_reclaimable_pages", lambda m: 0)
     real = compaction.try_to_compact_pages
 
@@ -181,7 +181,7 @@ def test_order0_allocation_reclaims_then_retries(monkeypatch):
                 await swap.folio_put(m, m.physmem.page(pfn))
             del held[len(held) - n:]
             return n
-        monkeypatch.setattr(vmscan, "try_to_free_pages", try_to_free_pages)
+        monkeypatch.setattr(vmscan_node, "try_to_free_pages", try_to_free_pages)
         assert await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "t") >= 0
         assert log == [("wakeup_kswapd", 0), ("wakeup_kswapd", 0), ("try_to_free_pages", 0)]
         while (pfn := await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "t")) >= 0:

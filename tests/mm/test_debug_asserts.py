@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmm import huge_memory, khugepaged, memory, migrate, mmap
+from kmm import huge_memory, khugepaged, memory, memory_zap, migrate, mmap
 from kmm import pgtable_generic as pgg
 from kmm.machine import KernelBug
 from kmm.pgtable import HPAGE_PMD_MASK, pmd_index, pmd_pfn
@@ -109,8 +109,8 @@ def test_fault_and_zap_assert_the_mmap_lock():
     _raises(fault, r"handle_mm_fault: mmap_assert_locked\(mmap_lock:main\)")
 
     async def zap(m, k, p, a):
-        tlbg = memory.MmuGather(p.task.mm)
-        await memory.unmap_page_range(m, tlbg, p.task.mm.vma_lookup(a), a, a + 2 * MiB)
+        tlbg = memory_zap.MmuGather(p.task.mm)
+        await memory_zap.unmap_page_range(m, tlbg, p.task.mm.vma_lookup(a), a, a + 2 * MiB)
 
     _raises(zap, r"unmap_page_range: mmap_assert_locked")
 

@@ -106,8 +106,8 @@ def test_hugetlb_folio_is_a_pmd_leaf_off_the_lru_and_never_split():
         t = pmd_lookup(m, p.task.mm, a)
         folio = m.physmem.page(pmd_pfn(m.physmem.tables[t][pmd_index(a)]))
         split = await p.split_huge_page(a, 2 * MiB)
-        from kmm import vmscan
-        await vmscan.memcg_reclaim(m)
+        from kmm import vmscan_node
+        await vmscan_node.memcg_reclaim(m)
         return (folio.page_type, folio.order, folio.entire_mapcount, bool(folio.flags & PG_lru),
                 m.physmem.tables[t][pmd_index(a)] != 0, split,
                 len(m.physmem.pages[t].pt_deposit or ()),

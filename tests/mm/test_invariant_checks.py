@@ -5,7 +5,9 @@ and to stay silent on the correct kernel.
 
 from __future__ import annotations
 
-from kmm import atomic, checks_cross, fork, memory, rcupdate, rmap, swap, testing
+from kmm import (
+    atomic, checks_cross, fork, memory, memory_wp, memory_zap, rcupdate, rmap, swap, testing,
+)
 from kmm.mm_types import PG_anon_exclusive
 from kmm.machine import Machine, MachineConfig
 from kmm.pgtable import pmd_index, pte_index, pte_pfn, table_pfn
@@ -87,7 +89,7 @@ def test_vma_check_finds_a_mapping_munmap_left_behind(monkeypatch):
     """A zap that stops one page short (a removed safeguard: the range end) leaves a
     PTE where no VMA is: refcounts, mapcounts and the written bytes still agree (the
     bytes were forgotten with the munmap), so only the VMA check sees it."""
-    real = memory.unmap_page_range
+    real = memory_zap.unmap_page_range
 
     async def short_zap(m, tlbg, vma, start, end):
         await real(m, tlbg, vma, start, end - 4096)
@@ -95,7 +97,7 @@ def test_vma_check_finds_a_mapping_munmap_left_behind(monkeypatch):
     clean = _errors_after(_unmap_one_page)
     assert clean == {c.__name__: [] for c in MINE} | {"others": []}
     bad = _errors_after(_unmap_one_page, monkeypatch,
-                        [(memory, "unmap_page_range", short_zap)])
+                        [(memory_zap, "unmap_page_range", short_zap)])
     assert len(bad["vma_errors"]) == 1
     assert "lies in no VMA" in bad["vma_errors"][0]
     assert bad["others"] == [] and bad["anon_exclusive_errors"] == []
@@ -149,7 +151,7 @@ def test_cross_process_check_finds_a_write_that_shows_in_the_other_process(monke
 
     clean = _errors_after(body)
     assert clean["cross_process_errors"] == [] and clean["others"] == []
-    bad = _errors_after(body, monkeypatch, [(memory, "wp_can_reuse_anon_folio", always_reuse)])
+    bad = _errors_after(body, monkeypatch, [(memory_wp, "wp_can_reuse_anon_folio", always_reuse)])
     errs = bad["cross_process_errors"]
     assert len(errs) == 1
     assert "main: byte at" in errs[0] and "reads 7, but main never wrote it" in errs[0]

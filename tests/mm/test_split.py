@@ -243,7 +243,7 @@ def test_split_races_with_writes_on_another_cpu(seed):
 
 
 UNDERUSED_RECLAIM = """
-from kmm import vmscan
+from kmm import vmscan_node
 
 
 async def main(k):
@@ -253,7 +253,7 @@ async def main(k):
     await p.madvise(a, 4 << 20, "hugepage")
     await p.store(a, b"\\x01")                  # underused: split
     await p.touch(a + (2 << 20), 2 << 20)        # fully used: dropped from the queue
-    await vmscan.memcg_reclaim(k.machine)
+    await vmscan_node.memcg_reclaim(k.machine)
     return k.vmstat()["thp_underused_split_page"]
 """
 

@@ -13,7 +13,7 @@ import functools
 
 from conftest import run as crun
 
-from kmm import swap, swapfile, testing, vmscan
+from kmm import swap, swapfile, testing, vmscan, vmscan_node
 from kmm.memory import pmd_lookup
 from kmm.mm_types import PG_active, PG_dirty, PG_referenced, PG_swapbacked
 from kmm.pgtable import (
@@ -169,7 +169,7 @@ def test_reclaim_discards_clean_lazyfree_pages_and_keeps_redirtied_ones():
         await p.touch(a, 32 * KiB, value=9)
         await p.madvise(a, 32 * KiB, "free")
         await p.touch(a + 3 * PAGE_SIZE, 1, value=4)  # redirtied
-        await vmscan.memcg_reclaim(m)
+        await vmscan_node.memcg_reclaim(m)
         assert ev(m, "pglazyfreed") == 7 and ev(m, "pswpout") == 0
         mm = p.task.mm
         kept = m.physmem.folio(pte_of(m, mm, a + 3 * PAGE_SIZE) >> 12 & ((1 << 40) - 1))
@@ -215,7 +215,7 @@ def test_direct_reclaim_takes_cold_inactive_pages_before_referenced_ones():
         await p.touch(a, 256 * KiB, value=1)
         await p.madvise(a, 256 * KiB, "cold")  # clears A's young bits
         mm = p.task.mm
-        nr = await vmscan.try_to_free_pages(m, 0, "GFP_HIGHUSER_MOVABLE")
+        nr = await vmscan_node.try_to_free_pages(m, 0, "GFP_HIGHUSER_MOVABLE")
         assert nr >= vmscan.SWAP_CLUSTER_MAX
         assert ev(m, "pgsteal_direct") == nr and ev(m, "allocstall_normal") == 1
         swapped_a = sum(1 for i in range(64)
@@ -238,7 +238,7 @@ def test_without_swap_reclaim_scans_no_anon_but_runs_the_shrinkers():
         await p.madvise(a + MiB, MiB, "dontneed")
         assert ev(m, "thp_deferred_split_page") == 1
         free = m.zone.nr_free
-        nr = await vmscan.try_to_free_pages(m, 0, "GFP_HIGHUSER_MOVABLE")
+        nr = await vmscan_node.try_to_free_pages(m, 0, "GFP_HIGHUSER_MOVABLE")
         assert ev(m, "pgscan_anon") == 0 and ev(m, "pswpout") == 0
         assert ev(m, "thp_split_page") == 1 and m.zone.nr_free >= free + 256
         assert nr == 0  # shrinkers' frees are not LRU pages reclaimed
@@ -269,12 +269,12 @@ def test_do_shrink_slab_scans_in_batches_and_defers_the_rest():
     all of it."""
     async def fn(m, k):
         big = FakeShrinker(1000)
-        assert await vmscan.do_shrink_slab(m, big, 12, False) == 0 and big.calls == []
-        await vmscan.do_shrink_slab(m, big, 0, False)  # delta 2000, capped at 2000
+        assert await vmscan_node.do_shrink_slab(m, big, 12, False) == 0 and big.calls == []
+        await vmscan_node.do_shrink_slab(m, big, 0, False)  # delta 2000, capped at 2000
         assert big.calls == [128] * 15
         assert vmscan.NODE_DATA(m).nr_deferred[(id(big), False)] == 2000 - 15 * 128
         small = FakeShrinker(10)
-        await vmscan.do_shrink_slab(m, small, 1, False)  # delta 10 >= freeable
+        await vmscan_node.do_shrink_slab(m, small, 1, False)  # delta 10 >= freeable
         assert small.calls == [10]
         assert ev(m, "slabs_scanned") == 15 * 128 + 10
     run(fn)

@@ -12,7 +12,7 @@ import ctypes
 import re
 import time
 
-from kmm.tools import oracle
+from kmm.tools import oracle, oracle_host
 
 PAGE, HPAGE, NR = 4096, 2 << 20, 512
 BASE = 1 << 30
@@ -75,12 +75,12 @@ def collapse_compound_extreme(context: str) -> dict:
             raise OSError(ctypes.get_errno(), f"madvise {advice}")
 
     with oracle._run_lock():
-        knobs = oracle.HostKnobs()
+        knobs = oracle_host.HostKnobs()
         knobs.save()
         try:
             for name, value in SETTINGS:
-                oracle.write_knob(name, value)
-            before = oracle.read_thp_vmstat()
+                oracle_host.write_knob(name, value)
+            before = oracle_host.read_thp_vmstat()
             if libc.mmap(BASE, HPAGE, PROT_RW, MAP_PRIVATE_ANONYMOUS, -1, 0) != BASE:
                 raise OSError(ctypes.get_errno(), "mmap at BASE_ADDR")
             for i in range(NR):
@@ -101,24 +101,24 @@ def collapse_compound_extreme(context: str) -> dict:
                 madvise(p, HPAGE, MADV_HUGEPAGE)
                 # wait_for_scan: two full scans, driven pass by pass the way the
                 # oracle drives a khugepaged step (kmm.tools.oracle.Khugepaged.kick)
-                kh = oracle.Khugepaged()
-                target = oracle.full_scans() + 2
+                kh = oracle_host.Khugepaged()
+                target = oracle_host.full_scans() + 2
                 deadline = time.monotonic() + oracle.KHUGEPAGED_TIMEOUT
-                while anon_huge_kb(p, HPAGE) != 2048 and oracle.full_scans() < target:
+                while anon_huge_kb(p, HPAGE) != 2048 and oracle_host.full_scans() < target:
                     if time.monotonic() > deadline:
                         raise oracle.OracleError("khugepaged did not scan within the timeout")
                     kh.kick(deadline)
                 madvise(p, HPAGE, MADV_NOHUGEPAGE)
                 collapsed = anon_huge_kb(p, HPAGE) == 2048
             else:  # __madvise_collapse
-                oracle.write_knob("enabled", "never")
+                oracle_host.write_knob("enabled", "never")
                 madvise(p, HPAGE, MADV_HUGEPAGE)
                 r = libc.madvise(p, HPAGE, MADV_COLLAPSE)
                 if r and ctypes.get_errno() == EAGAIN:
                     r = libc.madvise(p, HPAGE, MADV_COLLAPSE)
-                oracle.write_knob("enabled", "madvise")
+                oracle_host.write_knob("enabled", "madvise")
                 collapsed = r == 0 and anon_huge_kb(p, HPAGE) == 2048
-            after = oracle.read_thp_vmstat()
+            after = oracle_host.read_thp_vmstat()
             bad = corrupted_pages(p)
             libc.munmap(p, HPAGE)
         finally:

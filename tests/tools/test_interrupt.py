@@ -188,10 +188,10 @@ def _children_of(ppid: int) -> list[tuple[int, str]]:
 
 def _host_knobs() -> dict[str, str] | None:
     from kmm import sysfs
-    from kmm.tools import oracle
+    from kmm.tools import oracle_host
     if not os.path.isdir(sysfs.THP_DIR) or os.geteuid() != 0:
         return None
-    return {n: oracle.read_knob(n) for n in list(sysfs.KNOBS) + oracle._mthp_knobs()}
+    return {n: oracle_host.read_knob(n) for n in list(sysfs.KNOBS) + oracle_host._mthp_knobs()}
 
 
 @pytest.mark.skipif(_host_knobs() is None, reason="the oracle needs root and THP")

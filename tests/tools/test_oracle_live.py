@@ -17,7 +17,7 @@ import pathlib
 import pytest
 
 from kmm import sysfs
-from kmm.tools import oracle
+from kmm.tools import oracle, oracle_host
 from kmm.tools.conformance import compare
 from kmm.tools.scenario import load_scenario
 
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.skipif(_host_problem() is not None, reason=str(_host_pr
 
 
 def _all_knobs() -> dict[str, str]:
-    names = list(sysfs.KNOBS) + oracle._mthp_knobs()
-    return {n: oracle.read_knob(n) for n in names}
+    names = list(sysfs.KNOBS) + oracle_host._mthp_knobs()
+    return {n: oracle_host.read_knob(n) for n in names}
 
 
 def _run(scenario):
@@ -201,20 +201,20 @@ def _zram_devices() -> set[str]:
 
 def _host_resources() -> tuple:
     """Everything a run may set up: swaps, zram devices, debugfs, the memory cgroup."""
-    return (oracle.active_swaps(), _zram_devices(), oracle._debugfs_mounted(),
-            os.path.isdir(oracle.MEMCG_PATH), _all_knobs())
+    return (oracle_host.active_swaps(), _zram_devices(), oracle_host._debugfs_mounted(),
+            os.path.isdir(oracle_host.MEMCG_PATH), _all_knobs())
 
 
 def _needs(*what: str) -> None:
     if "zram" in what:
-        if not os.path.isdir(oracle.ZRAM_CONTROL):
-            pytest.skip(f"{oracle.ZRAM_CONTROL} does not exist (no zram module)")
-        if oracle.active_swaps():
-            pytest.skip(f"another swap is active: {oracle.active_swaps()}")
-        if oracle.zswap_enabled():
+        if not os.path.isdir(oracle_host.ZRAM_CONTROL):
+            pytest.skip(f"{oracle_host.ZRAM_CONTROL} does not exist (no zram module)")
+        if oracle_host.active_swaps():
+            pytest.skip(f"another swap is active: {oracle_host.active_swaps()}")
+        if oracle_host.zswap_enabled():
             pytest.skip("zswap is enabled")
-    if "memcg" in what and not os.path.exists(oracle.MEMCG_ROOT + "/memory.limit_in_bytes"):
-        pytest.skip(f"{oracle.MEMCG_ROOT} is not a cgroup-v1 memory controller")
+    if "memcg" in what and not os.path.exists(oracle_host.MEMCG_ROOT + "/memory.limit_in_bytes"):
+        pytest.skip(f"{oracle_host.MEMCG_ROOT} is not a cgroup-v1 memory controller")
 
 
 def _held() -> dict:
@@ -231,20 +231,20 @@ def test_swap_and_memcg_set_up_for_the_run_and_released(tmp_path, monkeypatch):
 
     def step(self, st):
         if not seen:
-            seen["swaps"] = oracle.active_swaps()
+            seen["swaps"] = oracle_host.active_swaps()
             seen["held"] = _held()
             seen["cgroup"] = pathlib.Path(f"/proc/{self.workers.by_name['main'].pid}/cgroup").read_text()
-            seen["swappiness"] = pathlib.Path(oracle.MEMCG_PATH, "memory.swappiness").read_text()
+            seen["swappiness"] = pathlib.Path(oracle_host.MEMCG_PATH, "memory.swappiness").read_text()
         return real_step(self, st)
 
     monkeypatch.setattr(oracle._Run, "step", step)
     report = oracle.run_oracle(load_scenario(path))
     n = seen["held"]["zram"]
     assert seen["swaps"] == [f"/dev/zram{n}"]
-    assert seen["held"]["memcg"] == oracle.MEMCG_PATH
+    assert seen["held"]["memcg"] == oracle_host.MEMCG_PATH
     assert ":memory:/kmm-oracle\n" in seen["cgroup"]
     assert seen["swappiness"].strip() == "0"
-    assert not oracle.zswap_enabled()
+    assert not oracle_host.zswap_enabled()
     # All released: no swap, the device removed, no cgroup, knobs as they were.
     assert _host_resources() == before
     assert not os.path.exists(f"/sys/block/zram{n}")
@@ -280,12 +280,12 @@ def test_killed_run_is_repaired(tmp_path, monkeypatch, repair):
     path.write_text(SWAP_AND_RECLAIM)
     before = _host_resources()
     with monkeypatch.context() as m:
-        m.setattr(oracle.HostKnobs, "restore", lambda self, keep_file=False: None)
+        m.setattr(oracle_host.HostKnobs, "restore", lambda self, keep_file=False: None)
         oracle.run_oracle(load_scenario(path))
     held = _held()
     assert set(held) == {"zram", "memcg"}
-    assert oracle.active_swaps() == [f"/dev/zram{held['zram']}"]
-    assert os.path.isdir(oracle.MEMCG_PATH)
+    assert oracle_host.active_swaps() == [f"/dev/zram{held['zram']}"]
+    assert os.path.isdir(oracle_host.MEMCG_PATH)
     if repair == "next_run":
         plain = tmp_path / "plain.toml"
         plain.write_text('[[steps]]\nop = "mmap"\nregion = "a"\nsize = 4096\n')
@@ -301,7 +301,7 @@ def test_refuses_when_another_swap_is_active(tmp_path, monkeypatch):
     path = tmp_path / "swap.toml"
     path.write_text(SWAP_AND_RECLAIM)
     before = _host_resources()
-    monkeypatch.setattr(oracle, "active_swaps", lambda: ["/swapfile"])
+    monkeypatch.setattr(oracle_host, "active_swaps", lambda: ["/swapfile"])
     with pytest.raises(oracle.HostLacks, match=r"swap is already active \(/swapfile\)"):
         oracle.run_oracle(load_scenario(path))
     monkeypatch.undo()
@@ -347,8 +347,8 @@ region = "a"
 
 
 def _pool() -> tuple[str, str]:
-    return (oracle._read(oracle.HUGETLB_SYSCTL["nr_hugepages"]),
-            oracle._read(oracle.HUGETLB_SYSCTL["nr_overcommit_hugepages"]))
+    return (oracle_host._read(oracle_host.HUGETLB_SYSCTL["nr_hugepages"]),
+            oracle_host._read(oracle_host.HUGETLB_SYSCTL["nr_overcommit_hugepages"]))
 
 
 def test_hugetlb_pool_set_for_the_run_and_put_back_to_zero(tmp_path, monkeypatch):
