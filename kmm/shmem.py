@@ -68,12 +68,11 @@ def vma_is_anon_shmem(vma) -> bool:
 
 class ShmemState:
     """The internal shm mount: its live inodes, the next inode number, and the per-size
-    shmem stats (hugepages-<size>kB/stats/shmem_*)."""
+    shmem stats (counted in hugepages-<size>kB/stats/ by huge_memory_mthp)."""
 
     def __init__(self) -> None:
         self.inodes: dict[int, ShmemInode] = {}
         self.next_ino = 1
-        self.stats: dict[tuple[int, str], int] = {}
 
 
 def shmem_state(m) -> ShmemState:
@@ -144,23 +143,25 @@ def shmem_get_orders_within_size(inode: ShmemInode, orders: int, index: int,
 
 
 def shmem_huge_global_enabled(m, inode: ShmemInode, index: int, write_end: int,
-                              force: bool, vm_flags: int) -> int:
+                              force: bool, vm_flags: int, vma=None) -> int:
     """shmem_huge_global_enabled: the orders the mount's huge= (the global knob)
-    allows."""
+    allows. A fault in a mapping (vma) gets the PMD order only, having no write size
+    to size a smaller folio by; the write path (no vma) every file order."""
     huge = m.sysfs["shmem_enabled"]
     if huge == "deny":
         return 0
     if force or huge == "force":
         return PMD_ORDER_BIT
+    orders = PMD_ORDER_BIT if vma is not None else ALL_FILE_ORDERS
     if huge == "always":
-        return ALL_FILE_ORDERS
+        return orders
     if huge == "within_size":
-        w = shmem_get_orders_within_size(inode, ALL_FILE_ORDERS, index, write_end)
+        w = shmem_get_orders_within_size(inode, orders, index, write_end)
         if w:
             return w
         huge = "advise"
     if huge == "advise" and vm_flags & VM_HUGEPAGE:
-        return ALL_FILE_ORDERS
+        return PMD_ORDER_BIT
     return 0
 
 
@@ -171,7 +172,8 @@ def shmem_allowable_huge_orders(m, inode: ShmemInode, vma, index: int, write_end
     vm_flags = vma.flags if vma is not None else 0
     if vm_flags & VM_NOHUGEPAGE:  # vma_thp_disabled
         return 0
-    global_orders = shmem_huge_global_enabled(m, inode, index, write_end, force, vm_flags)
+    global_orders = shmem_huge_global_enabled(m, inode, index, write_end, force, vm_flags,
+                                              vma)
     if vma is None or not inode.anon:
         return global_orders  # tmpfs and memfd: the mount's policy only
     huge = m.sysfs["shmem_enabled"]
@@ -229,9 +231,8 @@ def shmem_suitable_orders(m, inode: ShmemInode, vma, addr: int, index: int,
 # ---------------------------------------------------------------- allocation
 def count_shmem_stat(m, order: int, item: str) -> None:
     """count_mthp_stat(order, MTHP_STAT_SHMEM_*): per-size stats (hugepages-*/stats)."""
-    st = shmem_state(m).stats
-    key = (order, item)
-    st[key] = st.get(key, 0) + 1
+    from kmm import huge_memory_mthp
+    huge_memory_mthp.count_mthp_stat(m, order, item)
 
 
 async def shmem_alloc_folio(m, gfp: int, order: int, vma, addr: int) -> Page | None:

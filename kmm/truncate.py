@@ -11,18 +11,26 @@ of a folio the range cuts, splits a large one (``thp_split_page``) and drops the
 that fell inside. New faults cannot map a folio meanwhile: they map under the folio
 lock, which truncation holds, and recheck ``folio.mapping``.
 
-Deviation from 6.18: a page-cache folio is split uniformly to order 0 here; 6.18's
-``try_folio_split_to_order`` splits non-uniformly (the pages away from the cut stay in
-folios of decreasing orders). Rss, the vmstat counters and meminfo agree either way in
-the recorded scenarios, which touch every page they read back.
+The split (``try_folio_split_to_order``) is non-uniform as in 6.18: the folio is halved
+and only the half holding the cut is halved again, leaving folios of orders 0, 0, 1, 2,
+..., order-1 around it; then the folio holding the page at offset+length is cut there
+too, so the folios inside the range can be dropped whole. A folio in the swap cache is
+split uniformly to order 0, and so is every page-cache split asked for through
+``__folio_split`` (reclaim). Each split counts the old order's mTHP ``split`` (and
+``thp_split_page`` at PMD order), which the host recordings pin
+(memfd_punch_hole_then_write: one 2 MiB split and one 64 KiB split).
+
+Deviation from 6.18: shmem_undo_range's last pass restarts whenever a folio it split
+changed order (6.18 restarts only when the folio left to it is order 0 and otherwise
+goes on from the next index); the same folios end up dropped.
 """
 
 from __future__ import annotations
 
 from kmm import atomic, filemap, memory_zap, swap
 from kmm.mm_types import (
-    PG_active, PG_dirty, PG_isolated, PG_lru, PG_referenced, PG_swapbacked, PG_uptodate,
-    Page,
+    PG_active, PG_dirty, PG_head, PG_isolated, PG_lru, PG_referenced, PG_swapbacked,
+    PG_uptodate, Page,
 )
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 
@@ -107,7 +115,23 @@ async def truncate_inode_partial_folio(m, folio: Page, lstart: int, lend: int) -
     _zero(m, folio, offset, length)
     if not folio.order:
         return True
-    if await split_file_folio(m, folio, 0) == 0:
+    base = folio.pfn  # the pages stay where they are whatever the split makes of them
+    split_at = base + (offset >> PAGE_SHIFT)
+    if await try_folio_split_to_order(m, folio, split_at, 0) == 0:
+        # a second cut at offset+length, so that the folios inside the range can go
+        # whole (no large folio straddling its end is left to pin them)
+        if offset + length == size:
+            return True
+        split_at2 = base + ((offset + length) >> PAGE_SHIFT)
+        folio2 = m.physmem.folio(split_at2)
+        if not await filemap.folio_try_get(m, folio2):
+            return True
+        lk2 = m.folio_lock_of(folio2)
+        if await lk2.trylock("truncate_inode_partial_folio"):
+            if folio2.order and folio2.mapping is folio.mapping:
+                await try_folio_split_to_order(m, folio2, split_at2, 0)  # result unused
+            await lk2.unlock()
+        await swap.folio_put(m, folio2)
         return True
     if folio.flags & PG_dirty:
         return False
@@ -181,10 +205,12 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
             folio = await _lock_get(m, mapping, max(folio.index, start))
             if folio is None:
                 continue
-            if not folio.order:
+            was = folio.order
+            if not was:
                 await truncate_inode_folio(m, mapping, folio)
-            elif await truncate_inode_partial_folio(m, folio, lstart, lend) and not folio.order:
-                again = True  # split: pick up the new small folios
+            elif (await truncate_inode_partial_folio(m, folio, lstart, lend)
+                  and folio.order != was):
+                again = True  # split: pick up the new smaller folios
             await _unlock_put(m, folio)
             if again:
                 break
@@ -234,21 +260,60 @@ async def shmem_fallocate_punch_hole(m, inode, offset: int, length: int) -> int 
 
 
 # ------------------------------------------------------- page-cache split
-async def split_file_folio(m, folio: Page, new_order: int) -> int:
-    """__folio_split of a page-cache folio, uniformly to order 0: every mapping is
-    removed first (unmap_folio: try_to_unmap, a PMD zapped), the references frozen
-    (only the page cache's and the caller's may remain: -EAGAIN otherwise), then each
-    page becomes its own folio in the page cache, on the LRU beside the old head.
-    Counts thp_split_page / thp_split_page_failed for a PMD-size folio.
+def split_layout(head: int, order: int, split_at: int | None) -> list[tuple[int, int]]:
+    """The (pfn, order) of the folios __split_unmapped_folio makes of a folio of this
+    order: uniform (split_at None) every page alone; non-uniform the folio is halved,
+    and only the half holding split_at is halved again, down to order 0, which leaves
+    orders 0, 0, 1, 2, ..., order-1 around split_at. In pfn order."""
+    if split_at is None:
+        return [(p, 0) for p in range(head, head + (1 << order))]
+    out = []
+    lo = head
+    for o in range(order - 1, -1, -1):
+        half = 1 << o
+        if split_at < lo + half:
+            out.append((lo + half, o))  # the upper half stays whole
+        else:
+            out.append((lo, o))
+            lo += half
+    out.append((lo, 0))
+    return sorted(out)
+
+
+def non_uniform_split_supported(folio: Page) -> bool:
+    """non_uniform_split_supported: not for a folio in the swap cache (shmem's swap
+    cache is split uniformly); a shmem mapping takes folios of any order."""
+    from kmm.mm_types import PG_swapcache
+    return not folio.flags & PG_swapcache
+
+
+async def try_folio_split_to_order(m, folio: Page, split_at: int, new_order: int) -> int:
+    """try_folio_split_to_order: folio_split (non-uniform, at the page split_at, the
+    caller's lock and reference kept on the folio of the old head) when the folio
+    allows it, else a uniform split to new_order."""
+    if not non_uniform_split_supported(folio):
+        return await split_file_folio(m, folio, new_order)
+    return await split_file_folio(m, folio, new_order, split_at)
+
+
+async def split_file_folio(m, folio: Page, new_order: int,
+                           split_at: int | None = None) -> int:
+    """__folio_split of a page-cache folio to order 0, uniformly (split_at None) or
+    non-uniformly at the page split_at: every mapping is removed first (unmap_folio:
+    try_to_unmap, a PMD zapped), the references frozen (only the page cache's and the
+    caller's may remain: -EAGAIN otherwise), then the new folios take the old one's
+    place in the page cache and on the LRU, beside the old head, which keeps the
+    caller's lock and reference. Counts the old order's mTHP split / split_failed,
+    and thp_split_page / thp_split_page_failed for a PMD-size folio.
     Context: folio locked, caller's reference held; takes i_mmap_rwsem (read), the
     i_pages lock and the lru lock."""
-    from kmm import rmap
+    from kmm import huge_memory_mthp, rmap
     if new_order != 0 or not folio.order:
         return -EINVAL
     mapping = folio.mapping
     if mapping is None:
         return -EBUSY
-    pmd_order = folio.order == HPAGE_PMD_ORDER
+    order = folio.order
     if rmap.folio_mapped(folio):
         await unmap_mapping_folio(m, folio)  # unmap_folio
     await mapping.i_mmap_rwsem.down_read("__folio_split")
@@ -258,19 +323,21 @@ async def split_file_folio(m, folio: Page, new_order: int) -> int:
           and folio.refcount == folio.nr_pages + 1 + isolated)
     if ok:
         atomic.folio_ref_freeze_locked(folio)  # folio_ref_freeze: lookups now retry
-        await _split_locked(m, folio)
+        await _split_locked(m, folio, split_layout(folio.pfn, order, split_at))
     await mapping.i_pages_lock.unlock()
     await mapping.i_mmap_rwsem.up_read()
-    if pmd_order:
+    if order == HPAGE_PMD_ORDER:
         m.vmstat.count_vm_event("thp_split_page" if ok else "thp_split_page_failed")
+    huge_memory_mthp.count_mthp_stat(m, order, "split" if ok else "split_failed")
     await m.sched.point("mm_split_huge_page", pfn=folio.pfn, ret=0 if ok else -EAGAIN)
     return 0 if ok else -EAGAIN
 
 
-async def _split_locked(m, folio: Page) -> None:
-    """__split_unmapped_folio + the page-cache side of __folio_split: new order-0
-    folios, each with its page-cache reference (the head keeps the caller's too), at
-    their indices; NR_SHMEM_THPS drops. Context: i_pages lock held, refs frozen."""
+async def _split_locked(m, folio: Page, layout: list[tuple[int, int]]) -> None:
+    """__split_unmapped_folio + the page-cache side of __folio_split: the new folios
+    of the layout, each with its page-cache references (one a page; the old head's
+    keeps the caller's too), at their indices; NR_SHMEM(_THPS) follow the new orders.
+    Context: i_pages lock held, refs frozen."""
     head, nr, index, mapping = folio.pfn, folio.nr_pages, folio.index, folio.mapping
     filemap.shmem_stat(m, folio, -1)
     lk = m.lruvec.lru_lock
@@ -284,28 +351,35 @@ async def _split_locked(m, folio: Page) -> None:
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_uptodate | PG_isolated)
     pm = m.physmem
-    pages = []
-    for p in range(head, head + nr):  # __split_folio_to_order, on the frozen folio
-        page = atomic.init_page(
-            pm.page(p), head=p, order=0, flags=keep, mapping=mapping, index=index + p - head,
-            entire_mapcount=0, large_mapcount=0, nr_pages_mapped=0, on_deferred_list=False,
-            refcount=1 + (p == head))  # the page cache's; the head keeps the caller's
-        mapping.i_pages[page.index] = p
-        pages.append(page)
-    for page in pages:
-        filemap.shmem_stat(m, page, +1)
-    if on_lru:  # lru_add_split_folio: the tails follow the head
-        name = swap.folio_lru_list(pages[0])
+    new = []
+    for start, o in layout:  # __split_folio_to_order, on the frozen folio
+        n = 1 << o
+        for p in range(start + 1, start + n):  # the tails point at their new head
+            atomic.init_page(pm.page(p), head=start, order=0, flags=0, refcount=0,
+                             mapping=None, index=0, entire_mapcount=0, large_mapcount=0,
+                             nr_pages_mapped=0, on_deferred_list=False)
+        folio_ = atomic.init_page(
+            pm.page(start), head=start, order=o, flags=keep | (PG_head if o else 0),
+            mapping=mapping, index=index + start - head, entire_mapcount=0,
+            large_mapcount=0, nr_pages_mapped=0, on_deferred_list=False,
+            refcount=n + (start == head))  # the page cache's; the old head: the caller's
+        for i in range(folio_.index, folio_.index + n):
+            mapping.i_pages[i] = start
+        new.append(folio_)
+    for folio_ in new:
+        filemap.shmem_stat(m, folio_, +1)
+    if on_lru:  # lru_add_split_folio: the new folios follow the old head
+        name = swap.folio_lru_list(new[0])
         lst = m.lruvec.lists[name]
         at = order.index(head)
-        new_order = order[:at + 1] + list(range(head + 1, head + nr)) + order[at + 1:]
-        atomic.lru_splice_locked(lst, new_order)
-        for page in pages:
-            atomic.folio_set_flags_locked(page, PG_lru)
+        heads = [f.pfn for f in new]
+        atomic.lru_splice_locked(lst, order[:at] + heads + order[at + 1:])
+        for folio_ in new:
+            atomic.folio_set_flags_locked(folio_, PG_lru)
         m.lruvec.nr_pages[name] += nr
     elif keep & PG_isolated:
-        for page in pages[1:]:
-            atomic.folio_clear_flags_locked(page, PG_isolated)
-            swap.lruvec_add_folio(m, page)
+        for folio_ in new[1:]:
+            atomic.folio_clear_flags_locked(folio_, PG_isolated)
+            swap.lruvec_add_folio(m, folio_)
     await lk.unlock()
     await m.sched.point("__split_unmapped_folio", pfn=head, nr=nr)

@@ -77,14 +77,64 @@ def test_punch_hole_splits_the_page_cache_thp_and_drops_the_hole():
         r = await p.fallocate_punch_hole(a, MiB, 64 << 10)
         inode = p.task.files[a]
         mp = inode.mapping
-        orders = {m.physmem.page(pfn).order for pfn in mp.i_pages.values()}
         hole = [i for i in range(256, 272) if i in mp.i_pages]
         cached = mp.nrpages
+        layout = _layout(m, mp)
         back = (await p.load(a + MiB))[0], (await p.load(a))[0]
-        return (r, orders, hole, cached, m.vmstat.events["thp_split_page"],
-                m.vmstat.node["nr_shmem_hugepages"], back)
+        return (r, layout, hole, cached, m.vmstat.events["thp_split_page"],
+                m.vmstat.node["nr_shmem_hugepages"], back, _splits(m))
     _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
-    assert r == (0, {0}, [], HPAGE_PMD_NR - 16, 1, 0, (0, 4))
+    # non-uniform (try_folio_split_to_order): the 2 MiB folio halved down to page 256,
+    # then the order-4 folio holding page 272 (offset+length) halved down to it; the
+    # host counts one split of each size (memfd_punch_hole_then_write.oracle.json)
+    assert r == (0, [(0, 8), (272, 0), (273, 0), (274, 1), (276, 2), (280, 3), (288, 5),
+                     (320, 6), (384, 7)], [], HPAGE_PMD_NR - 16, 1, 0, (0, 4),
+                 {2048: 1, 64: 1})
+
+
+def _layout(m, mp) -> list[tuple[int, int]]:
+    """The page cache as (index, order) of each folio."""
+    seen = {}
+    for i in sorted(mp.i_pages):
+        f = m.physmem.page(mp.i_pages[i])
+        assert f.index <= i < f.index + f.nr_pages
+        seen.setdefault(f.pfn, (f.index, f.order))
+    return sorted(seen.values())
+
+
+def _splits(m) -> dict[int, int]:
+    """hugepages-<size>kB/stats/split, by size in KiB, where nonzero."""
+    return {4 << o: st["split"] for o, st in sorted(m.vmstat.mthp.items()) if st.get("split")}
+
+
+def test_folios_left_by_a_non_uniform_split_map_by_ptes_and_truncate_again():
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        await p.touch(a, 2 * MiB, value=5, stride=4096)
+        await p.fallocate_punch_hole(a, 0, 64 << 10)
+        mp = p.task.files[a].mapping
+        first = _layout(m, mp)
+        await p.touch(a, 2 * MiB, value=6, stride=4096)  # refault: PTEs into the folios
+        big = m.physmem.page(mp.i_pages[256])  # the order-8 folio, mapped by 256 PTEs
+        refs = (big.order, big.refcount, big.large_mapcount,
+                m.physmem.page(big.pfn + 255).head == big.pfn)
+        await p.ftruncate(a, 1536 << 10)  # cuts the order-8 folio: split at page 384
+        second = _layout(m, mp)
+        back = (await p.load(a))[0], (await p.load(a + MiB))[0]
+        await p.ftruncate(a, 0)
+        return (first, refs, second, back, mp.nrpages, m.vmstat.node["nr_shmem"],
+                _splits(m))
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"})
+    first, refs, second, back, nrpages, nr_shmem, splits = r
+    assert first == [(16, 0), (17, 0), (18, 1), (20, 2), (24, 3), (32, 5), (64, 6),
+                     (128, 7), (256, 8)]
+    # the page cache's 256 references and one a PTE mapping; the tails point at it
+    assert refs == (8, 256 + 256, 256, True)
+    # the order-8 folio [256, 512) cut at 384: [256, 384) stays as an order-7 folio
+    assert second[-1] == (256, 7) and all(i < 384 for i, _ in second)
+    assert back == (6, 6) and nrpages == 0 and nr_shmem == 0
+    assert splits == {2048: 1, 64: 1, 1024: 1}
 
 
 def test_ftruncate_shrinks_and_the_inode_dies_with_its_last_user():
@@ -120,7 +170,9 @@ def test_madvise_collapse_replaces_small_folios_and_maps_the_pmd():
 
 def test_order_policy_matches_the_kernel_table():
     """shmem_allowable_huge_orders for anonymous shmem and for a memfd (the global knob
-    only, every file order), as the recordings show under each mode."""
+    only: the PMD order for a fault in a mapping, every file order for the write path),
+    as the recordings show under each mode (memfd_within_size_unaligned: a 2 MiB folio
+    and no 1 MiB one beyond it)."""
     async def fn(m, k):
         p = await k.process("main")
         a = await p.mmap(3 * MiB, backing="shmem")
@@ -133,20 +185,22 @@ def test_order_policy_matches_the_kernel_table():
             out[mode] = tuple(
                 shmem.shmem_allowable_huge_orders(m, v.vm_file, v, idx, 0, False)
                 for v in (va, vb) for idx in (0, 512))
+            out[mode] += (shmem.shmem_allowable_huge_orders(m, vb.vm_file, None, 0, 0, False),)
         return out
     _, r = run_machine(fn)
     pmd, allf = 1 << 9, shmem.ALL_FILE_ORDERS
-    within = shmem.shmem_get_orders_within_size  # 768 pages: order 8 fits at 512
-    assert r["always"] == (pmd, pmd, allf, allf)
-    assert r["never"] == (0, 0, 0, 0)
-    assert r["deny"] == (0, 0, 0, 0)
-    assert r["force"] == (pmd, pmd, pmd, pmd)
-    assert r["advise"] == (0, 0, 0, 0)  # not madvised
-    # anonymous shmem: the global within_size allows (order 8 fits at 512), so the
-    # inherited PMD order is allowed too; the fault drops it as unsuitable for the VMA
-    assert r["within_size"][0] == pmd and r["within_size"][1] == pmd
-    assert r["within_size"][3] & (1 << 8) and not r["within_size"][3] & pmd
-    assert within
+    assert r["always"] == (pmd, pmd, pmd, pmd, allf)
+    assert r["never"] == (0, 0, 0, 0, 0)
+    assert r["deny"] == (0, 0, 0, 0, 0)
+    assert r["force"] == (pmd, pmd, pmd, pmd, pmd)
+    assert r["advise"] == (0, 0, 0, 0, 0)  # not madvised
+    # anonymous shmem: the global within_size looks at the PMD order only in a fault,
+    # which fits at 0 (the inherited PMD order allowed) and not at 512 (nothing)
+    assert r["within_size"][0] == pmd and r["within_size"][1] == 0
+    # a memfd fault at 512: the PMD block would end beyond i_size (768 pages), and the
+    # smaller orders are for the write path only (order 8 fits there)
+    assert r["within_size"][2] == pmd and r["within_size"][3] == 0
+    assert r["within_size"][4] == allf  # the write path at 0: every order fits
 
 
 def test_pageout_swaps_shmem_out_and_a_fault_reads_it_back_whole():
