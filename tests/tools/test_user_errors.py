@@ -192,7 +192,7 @@ def test_run_into_a_closed_pipe_exits_quietly():
 
 def test_handshake_honours_child_timeout(tmp_path):
     r = kmm("run", W / "two_cpu_fault.py", "--daemon",
-            f"exec:{sys.executable} -c 'import time; time.sleep(60)'",
+            f"exec:{sys.executable} -c 'import signal; signal.pause()'",  # never says Hello
             "--child-timeout", "0.5", timeout=30)
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1
@@ -201,7 +201,7 @@ def test_handshake_honours_child_timeout(tmp_path):
 
 def test_a_daemon_printing_to_stdout_gets_a_hint():
     r = kmm("run", W / "two_cpu_fault.py", "--daemon",
-            "exec:python -c 'print(\"hello world\"); import time; time.sleep(30)'")
+            "exec:python -c 'print(\"hello world\", flush=True); import signal; signal.pause()'")
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1
     assert "it begins 'hello world'" in r.stderr
