@@ -16,7 +16,7 @@ from errno import EAGAIN, EBUSY, EINVAL  # the host is Linux: the kernel's numbe
 
 from kmm import atomic, huge_memory_mthp, mmdebug, rmap, swap
 from kmm.mm_types import (
-    PG_active, PG_dirty, PG_isolated, PG_lru, PG_partially_mapped, PG_referenced,
+    PG_active, PG_dirty, PG_isolated, PG_partially_mapped, PG_referenced,
     PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_HUGETLB,
 )
 from kmm.pgtable import (
@@ -147,12 +147,7 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
     pm = m.physmem
     lk = m.lruvec.lru_lock
     await lk.lock("__folio_split")
-    on_lru = bool(folio.flags & PG_lru)
-    lru_order = None
-    if on_lru:
-        name = swap.folio_lru_list(folio)
-        lru_order = list(m.lruvec.lists[name])
-        swap.lruvec_del_folio(m, folio)
+    lru_order = swap.lruvec_del_folio_for_split(m, folio)
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_swapcache | PG_uptodate | PG_isolated)
     new = []
@@ -173,15 +168,8 @@ async def _folio_split_locked(m, folio, lst: list | None) -> int:
             atomic.init_page(page, swap=swp_entry(swp_type(folio.swap),
                                                   swp_offset(folio.swap) + p - head))
         new.append(page)
-    if on_lru:  # lru_add_split_folio: the tails follow the head on its list
-        name = swap.folio_lru_list(new[0])
-        lst_ = m.lruvec.lists[name]
-        at = lru_order.index(head)
-        order = lru_order[:at + 1] + [p for p in range(head + 1, head + nr)] + lru_order[at + 1:]
-        atomic.lru_splice_locked(lst_, order)
-        for page in new:
-            atomic.folio_set_flags_locked(page, PG_lru)
-        m.lruvec.nr_pages[name] += nr
+    if lru_order is not None:  # the tails follow the head on its list
+        swap.lru_add_split_folio(m, lru_order, head, new)
     elif lst is not None:  # reclaim's isolated folio: the tails join its list
         for page in new[1:]:
             atomic.folio_ref_add_locked(page)

@@ -58,6 +58,30 @@ def lruvec_del_folio(m, folio: Page) -> None:
     lv.nr_pages[name] -= folio.nr_pages
 
 
+def lruvec_del_folio_for_split(m, folio: Page) -> list[int] | None:
+    """The first half of lru_add_split_folio's bargain: a folio about to be split
+    leaves its LRU list, and the list's order is kept so the new folios can take its
+    place; None when it was on no LRU. Context: lru_lock held."""
+    if not folio.flags & PG_lru:
+        return None
+    order = list(m.lruvec.lists[folio_lru_list(folio)])
+    lruvec_del_folio(m, folio)
+    return order
+
+
+def lru_add_split_folio(m, order: list[int], head: int, new: list[Page]) -> None:
+    """lru_add_split_folio (mm/huge_memory.c): the folios a split made of the folio at
+    ``head`` take its place on its list, in pfn order (``order`` from
+    lruvec_del_folio_for_split). Context: lru_lock held."""
+    name = folio_lru_list(new[0])
+    at = order.index(head)
+    atomic.lru_splice_locked(m.lruvec.lists[name],
+                             order[:at] + [f.pfn for f in new] + order[at + 1:])
+    for f in new:
+        _set(f, PG_lru)
+    m.lruvec.nr_pages[name] += sum(f.nr_pages for f in new)
+
+
 async def folio_add_lru(m, folio: Page) -> None:
     """folio_add_lru / folio_add_lru_vma: a new anonymous folio joins the inactive list
     (PG_swapbacked: it can only be reclaimed through swap)."""

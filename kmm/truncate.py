@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from kmm import atomic, filemap, memory_zap, swap
 from kmm.mm_types import (
-    PG_active, PG_dirty, PG_head, PG_isolated, PG_lru, PG_referenced, PG_swapbacked,
+    PG_active, PG_dirty, PG_head, PG_isolated, PG_referenced, PG_swapbacked,
     PG_uptodate, Page,
 )
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
@@ -342,12 +342,7 @@ async def _split_locked(m, folio: Page, layout: list[tuple[int, int]]) -> None:
     filemap.shmem_stat(m, folio, -1)
     lk = m.lruvec.lru_lock
     await lk.lock("__folio_split")
-    on_lru = bool(folio.flags & PG_lru)
-    order = None
-    if on_lru:
-        name = swap.folio_lru_list(folio)
-        order = list(m.lruvec.lists[name])
-        swap.lruvec_del_folio(m, folio)
+    order = swap.lruvec_del_folio_for_split(m, folio)
     keep = folio.flags & (PG_dirty | PG_swapbacked | PG_active | PG_referenced
                           | PG_uptodate | PG_isolated)
     pm = m.physmem
@@ -368,15 +363,8 @@ async def _split_locked(m, folio: Page, layout: list[tuple[int, int]]) -> None:
         new.append(folio_)
     for folio_ in new:
         filemap.shmem_stat(m, folio_, +1)
-    if on_lru:  # lru_add_split_folio: the new folios follow the old head
-        name = swap.folio_lru_list(new[0])
-        lst = m.lruvec.lists[name]
-        at = order.index(head)
-        heads = [f.pfn for f in new]
-        atomic.lru_splice_locked(lst, order[:at] + heads + order[at + 1:])
-        for folio_ in new:
-            atomic.folio_set_flags_locked(folio_, PG_lru)
-        m.lruvec.nr_pages[name] += nr
+    if order is not None:  # the new folios take the old head's place
+        swap.lru_add_split_folio(m, order, head, new)
     elif keep & PG_isolated:
         for folio_ in new[1:]:
             atomic.folio_clear_flags_locked(folio_, PG_isolated)
