@@ -140,6 +140,7 @@ def cmd_run(args) -> int:
                    child_startup=args.child_timeout,
                    warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
     trace = open(args.trace, "w") if args.trace else None
+    watching = _watch(f"run {args.file}")  # a bar on a terminal, for long runs
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
@@ -162,6 +163,7 @@ def cmd_run(args) -> int:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
+        watching.close()
         if trace:
             trace.close()
     if args.json:
@@ -169,6 +171,15 @@ def cmd_run(args) -> int:
     else:
         print(summary(rep, title))
     return 0
+
+
+def _watch(what: str, total: int | None = None):
+    """kmm.tools.progress.watch, entered: close() ends it."""
+    import contextlib
+    from kmm.tools import progress
+    stack = contextlib.ExitStack()
+    stack.enter_context(progress.watch(what, total))
+    return stack
 
 
 def daemon_names(plugins) -> list[str]:
@@ -275,10 +286,20 @@ def _explore_cli(args) -> int:
                     inject=list(args.inject or ()), check=args.check,
                     max_points=args.max_points or 0, focus=list(args.focus or ()))
     ex.runner.load_program(args.program)  # a broken program is one error line, early
-    prog = ex.Progress(args.schedules, enabled=not args.quiet)
-    summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
-                      determinism=args.check_determinism, progress=prog,
-                      keep_going=args.keep_going)
+    from kmm.tools import executors
+    try:
+        executor = executors.make(ray=args.ray) if args.ray is not None else None
+        if args.ray not in (None, "auto"):
+            executors.check_address(args.ray)
+        prog = ex.Progress(args.schedules, enabled=not args.quiet)
+        summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
+                          determinism=args.check_determinism, progress=prog,
+                          keep_going=args.keep_going, executor=executor)
+    except executors.ExecutorError as e:
+        print(f"kmm explore: {e}", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        args.jobs = summ.workers  # the summary line names the Ray CPUs that ran them
     if args.keep_going:
         return _keep_going_report(args, cfg, summ)
     rate = summ.schedules / max(summ.seconds, 1e-9)
@@ -340,12 +361,14 @@ def _keep_going_report(args, cfg, summ) -> int:
 def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
     sink = open(args.trace, "w") if args.trace else None
+    watching = _watch(f"replay {args.file}", _recorded_events(args.file))
     try:
         ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
     except ex.ExploreError as e:
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
+        watching.close()
         if sink:
             sink.close()
     mini = head["minimized"] or {}
@@ -366,6 +389,17 @@ def _replay_cli(args) -> int:
     print(f"trace sha256 {out.digest[:16]}: {why}")
     # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
     return 1 if out.kind else 0
+
+
+def _recorded_events(path: str) -> int | None:
+    """The event count a failure file recorded for its minimized run (the replay's
+    progress total), if the file says."""
+    from kmm.tools import explore as ex
+    try:
+        head, _ = ex.read_failure(path)
+        return int((head.get("minimized") or {}).get("events") or 0) or None
+    except Exception:  # noqa: BLE001 - a bad file is replay's to report, in one line
+        return None
 
 
 def cmd_locks(args) -> int:
@@ -400,6 +434,12 @@ def cmd_mutate(args) -> int:
 def cmd_compare(args) -> int:
     from kmm.tools import compare
     return compare.main(args)
+
+
+def cmd_sweep(args) -> int:
+    """kmm sweep: a scenario or program over a grid of knobs and seeds (kmm.tools.sweep)."""
+    from kmm.tools import sweep_cli
+    return sweep_cli.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random (seeded), pct (with --depth) or preempt (bounded)")
     e.add_argument("--depth", type=int, help="pct bug depth (3) / preempt bound (2)")
     e.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
+    e.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="spread the schedules over a Ray cluster's CPUs as tasks (auto: "
+                        "RAY_ADDRESS or a local cluster, else a fresh local Ray); needs "
+                        "pip install 'kmm[ray]'")
     e.add_argument("--seed", type=int, default=1, help="schedule i uses seed SEED+i")
     e.add_argument("--inject", action="append", metavar="BUG",
                    help="turn on an injected bug (repeatable)")
@@ -522,7 +566,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                           key="memory"),
                     default=512 << 20, help="emulated RAM (512MiB)")
     cp.set_defaults(fn=cmd_compare)
-    for sp in (r, e, rp, o, b, mu, cp):
+    sw = sub.add_parser("sweep", help="a scenario or program over a grid of knobs, machine "
+                        "sizes, daemons and seeds; one table, CSV, JSON lines and plots")
+    sw.add_argument("file", help="a scenario (.toml) or a program (.py)")
+    sw.add_argument("--set", action="append", metavar="NAME=V1,V2,...",
+                    help="a swept knob (thp.enabled, khugepaged.max_ptes_none, "
+                         "thp.hugepages-64kB.enabled, ...) or machine size (machine.memory, "
+                         "machine.cpus, machine.swap) and its values; repeatable")
+    sw.add_argument("--seeds", default="1", help="seeds of each grid point: 1..20, 1,5,9 (1)")
+    sw.add_argument("--daemon", metavar="NAME[,NAME...]",
+                    help="swept plug-in daemon: an installed name (hawkeye) or module:Class; "
+                         "none for no plug-in")
+    sw.add_argument("--mode", default="free", choices=("free", "random"),
+                    help="scheduler, as kmm run (free)")
+    sw.add_argument("--jobs", type=int, default=1, help="local worker processes (1)")
+    sw.add_argument("--ray", metavar="auto|ADDRESS",
+                    help="run on a Ray cluster as tasks (auto: RAY_ADDRESS or a local "
+                         "cluster, else a fresh local Ray); needs pip install 'kmm[ray]'")
+    sw.add_argument("--out", metavar="DIR", help="write sweep.csv, sweep.jsonl and the plots here")
+    sw.add_argument("--plot", nargs="+", action="extend", metavar="FIGURE",
+                    help="figures to plot against the swept knob: rss, AnonHugePages, a "
+                         "vmstat counter (thp_fault_alloc), a report path "
+                         "(khugepaged.pages_collapsed)")
+    sw.add_argument("--x", metavar="NAME", help="the plots' x axis (default: the first "
+                    "--set with several values)")
+    sw.add_argument("--runs", action="store_true",
+                    help="the terminal table with one row per run (default: per grid point)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    sw.set_defaults(fn=cmd_sweep)
+    for sp in (r, e, rp, o, b, mu, cp, sw):
         sp.add_argument("--traceback", action="store_true",
                         help="on an error, print the full Python stack (kmm's frames too)")
     return p
