@@ -25,7 +25,6 @@ a module-level function (pickled by reference), its arguments plain data.
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any, Callable
 
@@ -129,9 +128,10 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as e:
-        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise ExecutorError(f"--ray {address}: cannot reach a Ray cluster there ({why} "
-                            f"within {timeout:g}s)") from None
+        why = (f"no answer within {timeout:g}s" if isinstance(e, TimeoutError)
+               else (e.strerror or str(e)))
+        raise ExecutorError(f"--ray {address}: cannot reach a Ray cluster there ({why})") \
+            from None
 
 
 def ray_connect(address: str) -> bool:
@@ -224,4 +224,4 @@ def make(jobs: int = 1, ray: str | None = None):
         return RayExecutor(ray)
     if jobs <= 1:
         return InlineExecutor()
-    return LocalExecutor(min(jobs, max(os.cpu_count() or 1, 1) * 4))
+    return LocalExecutor(jobs)

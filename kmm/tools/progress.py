@@ -132,20 +132,20 @@ def watch(what: str, total_events: int | None = None, *, stream=None, console=No
     runner.MACHINE_HOOKS.append(_seen)
     stop = threading.Event()
     drawn: dict = {}
+    t0 = time.perf_counter()
+
+    def draw() -> None:
+        sched = _machines[-1].sched
+        if "bar" not in drawn:
+            drawn["bar"], drawn["task"] = _event_bar(what, total_events, stream, console)
+        rate = sched.seq / max(time.perf_counter() - t0, 1e-9)
+        drawn["bar"].update(drawn["task"], completed=sched.seq,
+                            rate=f"{rate:,.0f} events/s, {sched.now / 1e6:.3f} ms emulated")
 
     def poll() -> None:
-        t0 = time.perf_counter()
-        bar = task = None
-        while not stop.wait(interval if bar else min(interval, delay)):
-            if not _machines or time.perf_counter() - t0 < delay:
-                continue
-            sched = _machines[-1].sched
-            if bar is None:
-                bar, task = _event_bar(what, total_events, stream, console)
-                drawn["bar"] = bar
-            rate = sched.seq / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, completed=sched.seq,
-                       rate=f"{rate:,.0f} events/s, {sched.now / 1e6:.3f} ms emulated")
+        while not stop.wait(interval):
+            if _machines and time.perf_counter() - t0 >= delay:
+                draw()
 
     thread = threading.Thread(target=poll, name="kmm-progress", daemon=True)
     thread.start()
@@ -155,6 +155,8 @@ def watch(what: str, total_events: int | None = None, *, stream=None, console=No
         stop.set()
         thread.join()
         runner.MACHINE_HOOKS.remove(_seen)
+        if delay <= 0 and _machines:  # asked to show at once: the last state at least
+            draw()
         _machines.clear()
         if "bar" in drawn:
             drawn["bar"].stop()

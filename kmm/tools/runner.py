@@ -486,17 +486,23 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         run_machine(m, driver)
     except Exception as e:
         failure = program_failure(e, path)
+        program_regions(m)
         failure.partial_report = partial_report(m, k, [])  # kmm sweep reports a failed run
         if failure is e:
             raise
         raise failure from e
     unspawned(m, warn)
-    for task in m.tasks.values():
-        if task.alive and not task.regions:
-            task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}
+    program_regions(m)
     rep = report(m, k, [])
     rep["result"] = result.get("value")
     return rep
+
+
+def program_regions(m: Machine) -> None:
+    """A program's processes' mappings, reported as regions named by address."""
+    for task in m.tasks.values():
+        if task.alive and not task.regions:
+            task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}
 
 
 __all__ = ["run_scenario", "run_program", "report", "NotSupported", "KernelBug",
