@@ -171,8 +171,17 @@ class RayExecutor:
 
     def __enter__(self) -> "RayExecutor":
         ray = _ray()
-        self._started = ray_connect(self.address)
-        self.workers = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        was_running = ray.is_initialized()
+        try:
+            self._started = ray_connect(self.address)
+            self.workers = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        except BaseException:  # Ctrl-C while Ray starts: no half-started Ray stays
+            if not was_running:
+                try:
+                    ray.shutdown()
+                except Exception:  # noqa: BLE001 - nothing was started
+                    pass
+            raise
         return self
 
     def __exit__(self, kind, exc, tb) -> None:

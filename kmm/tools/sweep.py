@@ -294,10 +294,9 @@ def sweep(plan: Plan, executor=None, progress: Progress | None = None,
     try:
         with executor as ex:
             res.workers = ex.workers
-            # a few runs per task: enough tasks to keep every worker busy to the end
-            size = 1 if ex.workers <= 1 else max(1, min(8, len(jobs) // (ex.workers * 4)))
-            numbered = list(enumerate(jobs))
-            batches = [numbered[i:i + size] for i in range(0, len(jobs), size)]
+            # one run per task: a run (tenths of a second and more) outweighs a task's
+            # overhead, and Ctrl-C keeps every run that finished
+            batches = [[(i, j)] for i, j in enumerate(jobs)]
             pending = {}
             nxt = 0
             while nxt < len(batches) or pending:
