@@ -252,3 +252,43 @@ def test_sweep_table_rich_and_plain():
     sweep_cli.print_table(plan, rows, ["rss_kb"], per_run=True,
                           console=Console(file=buf, force_terminal=True, width=100))
     assert "┃" in buf.getvalue() and "66" in buf.getvalue()
+
+
+def test_sigterm_to_a_pool_sweep_keeps_the_finished_runs(tmp_path):
+    """SIGTERM from outside to `kmm sweep --jobs 2` once a run has finished (its first
+    progress line): exit 143, both pool workers ended, the finished runs in the CSV."""
+    import subprocess
+    import sys
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "kmm", "sweep", REFILL, "--set",
+                          "khugepaged.max_ptes_none=0,64,409,511", "--seeds", "1..10",
+                          "--jobs", "2", "--out", str(out)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()  # "sweep: 4/40 runs, ...": the pool is running
+    assert line.startswith("sweep: "), line
+    done = int(line.split()[1].split("/")[0])
+    workers = [pid for pid in _children_of(p.pid)]
+    assert len(workers) >= 2
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "kmm: terminated (SIGTERM)"
+    assert "Traceback" not in err
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), f"pool worker {pid} outlived the sweep"
+    rows = (out / "sweep.csv").read_text().splitlines()[1:]
+    assert done <= len(rows) < 40 and all(",ok," in r for r in rows)
+    assert f"interrupted: {len(rows)} of 40 runs finished" in err
+
+
+def _children_of(ppid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = pathlib.Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == ppid:
+                out.append(int(d))
+    return out
