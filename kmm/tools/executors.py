@@ -25,6 +25,7 @@ a module-level function (pickled by reference), its arguments plain data.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable
 
@@ -144,6 +145,9 @@ def ray_connect(address: str) -> bool:
     quiet = dict(include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     if address == "auto":
+        env = os.environ.get("RAY_ADDRESS")
+        if env and env not in ("auto", "local"):
+            check_address(env)  # the cluster RAY_ADDRESS names must answer too
         try:
             ray.init(address="auto", **quiet)
             return True

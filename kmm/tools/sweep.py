@@ -328,13 +328,15 @@ SHORT = {"rss": "rss_kb", "Rss": "rss_kb", "rss_kb": "rss_kb",
          "full_scans": "khugepaged.full_scans", "events": "run.events",
          "emulated_ns": "run.emulated_ns", "nr_free": "zone.nr_free"}
 REPORT_KEYS = ("vmstat", "regions", "vm_events", "zone", "lru", "run", "khugepaged",
-               "meminfo", "mthp", "events", "hugetlb_events", "deferred_split_queue")
+               "meminfo", "mthp", "events", "hugetlb_events", "deferred_split_queue",
+               "result")  # result: a program's own returned dict
 
 
 def check_figure(name: str) -> str:
     """A figure's column name (``--plot``): a short name (SHORT), a /proc/vmstat
     counter (``thp_fault_alloc``, ``pgfault``), or a dotted path into the report
-    (``regions.main/heap.anon_huge_kb``, ``khugepaged.pages_collapsed``)."""
+    (``regions.main/heap.anon_huge_kb``, ``khugepaged.pages_collapsed``, a program's
+    ``result.KEY``)."""
     from kmm import vmstat
     if name in SHORT:
         return SHORT[name]
