@@ -66,7 +66,7 @@ def main(args) -> int:
         where = f"; files: {', '.join(paths)}"
     on = f"{res.workers} Ray worker" if args.ray is not None else f"{res.workers} job"
     print(f"{plan.path}: {len(res.rows)} runs ({len(plan.points())} grid points x "
-          f"{len(plan.seeds)} seeds) in {res.seconds:.1f}s on {on}"
+          f"{len(plan.seeds)} seed{'s' if len(plan.seeds) != 1 else ''}) in {res.seconds:.1f}s on {on}"
           f"{'s' if res.workers != 1 else ''}, {len(failed)} failed{where}")
     sys.stdout.flush()
     return 1 if failed else 0
