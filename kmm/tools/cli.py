@@ -140,7 +140,6 @@ def cmd_run(args) -> int:
                    child_startup=args.child_timeout,
                    warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
     trace = open(args.trace, "w") if args.trace else None
-    watching = _watch(f"run {args.file}")  # a bar on a terminal, for long runs
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
@@ -163,7 +162,6 @@ def cmd_run(args) -> int:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
-        watching.close()
         if trace:
             trace.close()
     if args.json:
@@ -171,15 +169,6 @@ def cmd_run(args) -> int:
     else:
         print(summary(rep, title))
     return 0
-
-
-def _watch(what: str, total: int | None = None):
-    """kmm.tools.progress.watch, entered: close() ends it."""
-    import contextlib
-    from kmm.tools import progress
-    stack = contextlib.ExitStack()
-    stack.enter_context(progress.watch(what, total))
-    return stack
 
 
 def daemon_names(plugins) -> list[str]:
@@ -361,14 +350,12 @@ def _keep_going_report(args, cfg, summ) -> int:
 def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
     sink = open(args.trace, "w") if args.trace else None
-    watching = _watch(f"replay {args.file}", _recorded_events(args.file))
     try:
         ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
     except ex.ExploreError as e:
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
-        watching.close()
         if sink:
             sink.close()
     mini = head["minimized"] or {}
@@ -389,17 +376,6 @@ def _replay_cli(args) -> int:
     print(f"trace sha256 {out.digest[:16]}: {why}")
     # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
     return 1 if out.kind else 0
-
-
-def _recorded_events(path: str) -> int | None:
-    """The event count a failure file recorded for its minimized run (the replay's
-    progress total), if the file says."""
-    from kmm.tools import explore as ex
-    try:
-        head, _ = ex.read_failure(path)
-        return int((head.get("minimized") or {}).get("events") or 0) or None
-    except Exception:  # noqa: BLE001 - a bad file is replay's to report, in one line
-        return None
 
 
 def cmd_locks(args) -> int:
@@ -616,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.become_subreaper()
     saved = interrupt.install()
     try:
-        rc = _dispatch(args)
+        with _watched(args):  # run, replay: a progress bar on a terminal (long runs)
+            rc = _dispatch(args)
         if not interrupt.caught():
             sys.stdout.flush()
     except BrokenPipeError:  # `kmm run ... | head`: the reader has gone; so do we
@@ -639,6 +616,28 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return interrupt.exit_code()
     return rc
+
+
+def _watched(args):
+    """kmm.tools.progress.watch for ``kmm run`` and ``kmm replay`` (the replay's total:
+    the events its failure file recorded); nothing for the other commands."""
+    import contextlib
+    from kmm.tools import progress
+    if args.cmd == "run":
+        return progress.watch(f"run {args.file}")
+    if args.cmd == "replay":
+        return progress.watch(f"replay {args.file}", _recorded_events(args.file))
+    return contextlib.nullcontext()
+
+
+def _recorded_events(path: str) -> int | None:
+    """The event count a failure file recorded for its minimized run, if it says."""
+    from kmm.tools import explore as ex
+    try:
+        head, _ = ex.read_failure(path)
+        return int((head.get("minimized") or {}).get("events") or 0) or None
+    except Exception:  # noqa: BLE001 - a bad file is replay's to report, in one line
+        return None
 
 
 def _quiet_stdout() -> None:
