@@ -19,7 +19,7 @@ import signal
 
 import pytest
 
-from kmm.tools import cli, executors, progress, runner, sweep as sw, sweep_cli
+from kmm.tools import cli, executors, interrupt, progress, runner, sweep as sw, sweep_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 W = ROOT / "workloads"
@@ -170,6 +170,9 @@ def test_ctrl_c_cancels_the_rest_and_writes_what_finished(tmp_path, monkeypatch,
         return orig(plan, job)
 
     monkeypatch.setattr(sw, "run_job", run_job)
+    # the command remembers its interruption (kmm.tools.interrupt.caught); the tests
+    # after this one must not see it
+    monkeypatch.setattr(interrupt, "_caught", None)
     out = tmp_path / "o"
     rc = cli.main(["sweep", REFILL, "--set", "khugepaged.max_ptes_none=0,64,409,511",
                    "--out", str(out), "--quiet"])
