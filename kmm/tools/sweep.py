@@ -291,6 +291,7 @@ def sweep(plan: Plan, executor=None, progress: Progress | None = None,
         res.seconds = time.perf_counter() - t0
         return res
 
+    _warm()
     try:
         with executor as ex:
             res.workers = ex.workers
@@ -318,6 +319,14 @@ def sweep(plan: Plan, executor=None, progress: Progress | None = None,
     prog.update(len(done), sum(1 for r in done.values() if r["status"] != "ok"),
                 final=True)
     return finish()
+
+
+def _warm() -> None:
+    """Load what every run needs (the mechanism, the built-in daemons' entry points)
+    once, before a pool forks its workers, instead of once in each worker."""
+    from kmm import daemon
+    from kmm.tools import runner
+    daemon.load_daemons([*runner.DEFAULT_DAEMONS, "khugepaged"])
 
 
 # --------------------------------------------------------------------- figures
