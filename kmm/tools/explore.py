@@ -416,8 +416,9 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
     """Run schedules 0 .. schedules-1; the result does not depend on ``jobs`` or the
     ``executor`` (kmm.tools.executors: a Ray cluster's tasks run ranges of schedules as
     the pool's workers do): the first violation is the lowest failing index, and without
-    ``all_`` only the schedules up to it are counted. ``keep_going`` runs them all and fills ``distinct``: one entry per
-    (kind, site), with its first schedule and how many schedules showed it."""
+    ``all_`` only the schedules up to it are counted. ``keep_going`` runs them all and
+    fills ``distinct``: one entry per (kind, site), with its first schedule and how many
+    schedules showed it."""
     t0 = time.perf_counter()
     summ = Summary()
     all_ = all_ or keep_going
