@@ -55,6 +55,7 @@ ds_queue_add/del_locked        list_add_tail/list_del_init, ds lock      -
 lru_add/del/splice_locked      lruvec_add/del_folio under lru_lock       -
 waitqueue_add/remove/pop       add/remove_wait_queue, __wake_up          -
 pt_deposit/withdraw_locked     pmd_huge_pte list, PMD lock held          -
+ptdesc_pmd_pts_inc/dec         ptdesc_pmd_pts_inc/dec (atomic_inc/dec)   pt_share_count_mod
 prep_new_page                  prep_new_page, prep_compound_page         -
 init_page                      __split_folio_to_order, ctor, migration   -
 =============================  ========================================  ======================
@@ -93,7 +94,8 @@ __all__ = [
     "pages_clear_flags_locked",
     "ds_queue_add_locked", "ds_queue_del_locked", "lru_add_locked", "lru_del_locked",
     "lru_splice_locked", "waitqueue_add", "waitqueue_remove", "waitqueue_pop",
-    "pt_deposit_locked", "pt_withdraw_locked", "prep_new_page", "init_page",
+    "pt_deposit_locked", "pt_withdraw_locked", "ptdesc_pmd_pts_inc", "ptdesc_pmd_pts_dec",
+    "prep_new_page", "init_page",
     "folio_set_field_locked",
 ]
 
@@ -591,6 +593,26 @@ def pt_deposit_locked(page: Page, pgtable: int) -> None:
 def pt_withdraw_locked(page: Page) -> int:
     """The pmd_huge_pte list: take a table back; PMD lock held."""
     return page.pt_deposit.pop()
+
+
+async def ptdesc_pmd_pts_inc(m, page: Page) -> None:
+    """ptdesc_pmd_pts_inc: one more mm's PUD entry maps this hugetlb PMD table
+    (huge_pmd_share). A table that is no page table any more (freed meanwhile) is a
+    use-after-free: KernelBug."""
+    await m.sched.point("pt_share_count_mod", pfn=page.pfn, nr=1)
+    if page.page_type != "table" or page.pt_level != "pmd":
+        raise KernelBug(f"ptdesc_pmd_pts_inc: page {page.pfn:#x} is no PMD table "
+                        f"(freed while being shared): {page!r}")
+    page.pt_share_count += 1
+
+
+async def ptdesc_pmd_pts_dec(m, page: Page) -> None:
+    """ptdesc_pmd_pts_dec: one sharer's PUD entry no longer maps the table
+    (huge_pmd_unshare, or huge_pmd_share losing the race to populate)."""
+    await m.sched.point("pt_share_count_mod", pfn=page.pfn, nr=-1)
+    if page.pt_share_count <= 0:
+        raise KernelBug(f"ptdesc_pmd_pts_dec: PMD table {page.pfn:#x} is not shared")
+    page.pt_share_count -= 1
 
 
 # ----------------------------------------------------------- the owner's door

@@ -214,6 +214,9 @@ class Machine:
         pg = self.physmem.page(pfn)
         if pg.pt_deposit:
             self.bug(f"freeing PMD table {pfn:#x} with deposited tables")
+        if pg.pt_share_count:  # huge_pmd_unshare must have dropped every other sharer
+            self.bug(f"freeing PMD table {pfn:#x} still shared by {pg.pt_share_count} "
+                     "more mm(s)")
         if any(self.physmem.tables[pfn]):
             self.bug(f"freeing non-empty page table {pfn:#x}")
         self.physmem.drop_table(pfn)

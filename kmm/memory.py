@@ -92,6 +92,17 @@ async def pmd_alloc(m, mm: MmStruct, addr: int) -> int:
     return await _alloc_table(m, mm, pud, pud_index(addr), "pud", "pmd", "__pmd_alloc")
 
 
+async def pud_alloc(m, mm: MmStruct, addr: int) -> int:
+    """pud_alloc: the PUD table for addr (-1: out of memory)."""
+    return await _alloc_table(m, mm, mm.pgd, pgd_index(addr), "pgd", "pud", "__pud_alloc")
+
+
+async def pmd_alloc_pud(m, mm: MmStruct, pud: int, addr: int) -> int:
+    """pmd_alloc(mm, pud, addr): the PMD table the PUD table's entry for addr names,
+    allocated if none (-1: out of memory)."""
+    return await _alloc_table(m, mm, pud, pud_index(addr), "pud", "pmd", "__pmd_alloc")
+
+
 def pmd_lookup(m, mm: MmStruct, addr: int) -> int:
     """mm_find_pmd without points: the PMD table covering addr, or -1 (for walkers
     that already hold the locks that keep tables alive)."""

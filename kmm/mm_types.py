@@ -55,7 +55,7 @@ class Page:
         "pfn", "flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
         "large_mapcount", "nr_pages_mapped", "anon_vma", "index", "lock", "ptl",
         "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
-        "mapping",
+        "mapping", "pt_share_count",
     )
 
     def __init__(self, pfn: int, head: int = -1) -> None:
@@ -81,6 +81,8 @@ class Page:
                                    # swap entry (pgtable.swp_entry), for a swap-cache folio
         self.mapping = None        # folio->mapping of a page-cache folio (filemap.AddressSpace);
                                    # index is then its page offset in the file
+        self.pt_share_count = 0    # ptdesc->pt_share_count of a PMD table: how many more
+                                   # PUD entries than its own mm's map it (hugetlb sharing)
 
     @property
     def nr_pages(self) -> int:

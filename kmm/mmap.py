@@ -10,7 +10,10 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, hugetlb_resv, khugepaged, memory, memory_zap, mmdebug, rmap, shmem
+from kmm import (
+    huge_memory, hugetlb_fault, hugetlb_pmd_share, hugetlb_resv, khugepaged, memory, memory_zap,
+    mmdebug, rmap, shmem,
+)
 from kmm.mm_types import (
     VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
     MmStruct, VmArea,
@@ -42,6 +45,8 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     """
     mmdebug.mmap_assert_write_locked(m, vma.mm, "__split_vma (vma_start_write)")
     await huge_memory.vma_adjust_trans_huge(m, vma, addr, addr, None)
+    if vma.flags & VM_HUGETLB:  # a split inside a shared PUD range ends the sharing
+        await hugetlb_pmd_share.hugetlb_split(m, vma, addr)
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
     rmap.anon_vma_clone(new, vma)
     if vma.vm_file is not None:
@@ -154,7 +159,10 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     """
     tlbg = memory_zap.MmuGather(mm)
     for vma in victims:
-        await memory_zap.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
+        if vma.flags & VM_HUGETLB:  # the final zap: a shared VMA's lock goes with it
+            await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, vma.start, vma.end, True)
+        else:
+            await memory_zap.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
     prev = [v for v in mm.vmas if v.end <= start]
     nxt = [v for v in mm.vmas if v.start >= end]
     floor = prev[-1].end if prev else 0
