@@ -160,6 +160,7 @@ def test_import_cycles_are_the_kernels_own():
     headers mm_types.h/pgtable.h. The shared-state layer (atomic), the locks, the
     waitqueues, the costs and the facades are outside every circle."""
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
+                 "hugetlb_pmd_share",  # mm/hugetlb.c's PMD table sharing
                  "huge_memory_split",  # mm/huge_memory.c's folio split side
                  "khugepaged", "khugepaged_collapse", "memory",
                  "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
