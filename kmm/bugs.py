@@ -146,6 +146,20 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
         "race_hugetlb_fault.py",
         "AssertionError: a writer died: Sigbus"),
+    Bug("hugetlb_pmd_share_no_i_mmap_lock",
+        "huge_pmd_share",
+        "hold the file's i_mmap_rwsem for read from the i_mmap lookup of another VMA's "
+        "PMD table to the populate of this mm's PUD entry",
+        "the other VMA's final zap (munmap, exit) and its free_pgtables take the "
+        "i_mmap_rwsem for write, and the zap frees the VMA's hugetlb lock so "
+        "page_table_shareable refuses it afterwards; without the read lock the whole "
+        "munmap can run between the lookup and the share-count increment: the zap finds "
+        "the table unshared, clears it and free_pgtables frees it, and the sharer then "
+        "takes a reference on a freed page table (or the table is freed while shared) "
+        "and maps its PUD to it",
+        "race_hugetlb_pmd_share.py",
+        "KernelBug: ptdesc_pmd_pts_inc: page ... is no PMD table (freed while being "
+        "shared), or: freeing PMD table ... still shared"),
     Bug("shmem_fault_no_truncate_recheck",
         "shmem_get_folio_gfp",
         "after folio_lock, check that the folio is still in this mapping and still "

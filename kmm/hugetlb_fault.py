@@ -321,8 +321,7 @@ async def unmap_hugepage_range(m, tlbg, vma, start: int, end: int,
     free."""
     lk = hugetlb_resv.hugetlb_vma_lock(vma)
     imm = vma.hugetlb_file.i_mmap_rwsem
-    nolock = "hugetlb_zap_no_vma_lock" in m.bugs and not final  # kmm.bugs
-    if lk is not None and not nolock:
+    if lk is not None:
         await lk.down_write("hugetlb_zap_begin")
     await imm.down_write("hugetlb_zap_begin")
     try:
@@ -330,7 +329,7 @@ async def unmap_hugepage_range(m, tlbg, vma, start: int, end: int,
     finally:
         if final and vma.flags & VM_MAYSHARE:
             vma.vm_private_data = None  # hugetlb_vma_lock_free
-        if lk is not None and not nolock:
+        if lk is not None:
             await lk.up_write()
         await imm.up_write()
 
