@@ -178,3 +178,43 @@ def test_mremap_of_hugetlb_matches_the_host(name):
     _, (err, got, after, end) = run_machine(fn)
     assert err == want["errno_name"]
     assert (got, after, end) == (want["read"], want["free_rsvd_after"], want["free_rsvd_end"])
+
+
+# ------------------------------------------------------- page-table accounting (host)
+SHARE_PROBE = json.loads((HERE / "hugetlb_pmd_share.host.json").read_text())["stages"]
+
+
+def test_vmpte_and_pool_follow_the_host_through_share_and_unshare():
+    """VmPTE (mm_pgtables_bytes: mm_inc_nr_pmds in huge_pmd_share, mm_dec_nr_pmds in
+    huge_pmd_unshare) and HugePages_Free/Rsvd at each stage of the host probe
+    tests/mm/hugetlb_pmd_share_probe.py: a parent populating a PUD-aligned shared 1 GiB
+    gains a PUD and a PMD table; its child's first touch gains a PUD table and the
+    shared PMD table; the child's MADV_DONTNEED of 2 MiB gives the PMD table back."""
+    def host(a, b):
+        return SHARE_PROBE[b]["VmPTE"] - SHARE_PROBE[a]["VmPTE"]
+
+    def pool(k):
+        mi = k.meminfo()
+        return mi["HugePages_Free"], mi["HugePages_Rsvd"]
+
+    async def fn(m, k):
+        await k.set_hugetlb_pool(512)
+        p = await k.process("main")
+        a = await p.mmap(GiB, addr=BASE, backing="hugetlb_shared")
+        kb = {"parent_mapped": (p.task.mm.pgtables_bytes >> 10, pool(k))}
+        await p.touch(a, GiB, stride=2 * MiB, value=5)
+        kb["parent_populated"] = (p.task.mm.pgtables_bytes >> 10, pool(k))
+        c = await p.fork("child")
+        kb["child_forked"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        await c.load(a)
+        kb["child_touched"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        await c.madvise(a + 2 * MiB, 2 * MiB, "dontneed")
+        kb["child_dontneed"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        return kb
+    _, kb = run_machine(fn, memory=3 * GiB, check=lambda m, k: None)
+    for a, b in (("parent_mapped", "parent_populated"), ("child_forked", "child_touched"),
+                 ("child_touched", "child_dontneed")):
+        assert kb[b][0] - kb[a][0] == host(a, b), (a, b)
+    for stage, (_, got) in kb.items():
+        assert got == (SHARE_PROBE[stage]["HugePages_Free"],
+                       SHARE_PROBE[stage]["HugePages_Rsvd"]), stage
