@@ -439,8 +439,10 @@ class Proc:
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
-        new address. KmmError EINVAL (bad or overlapping ranges), EFAULT (the source is
-        not one mapped VMA). The bytes written move with their pages."""
+        new address. KmmError EINVAL (bad or overlapping ranges; for a hugetlb mapping
+        also an address or length not huge-page aligned, or a new length above the
+        old), EFAULT (the source is not one mapped VMA). The bytes written move with
+        their pages."""
         self._alive()
         addr = _ulong("mremap", addr, "addr")
         old_len = _ulong("mremap", old_len, "old_len")
