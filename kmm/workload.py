@@ -121,6 +121,12 @@ class Kernel:
         /proc/PID/smaps sums them."""
         return task_mmu.smaps_range(self.machine, proc.task.mm, addr, addr + length)
 
+    def smaps_hugetlb(self, proc: "Proc", addr: int, length: int) -> tuple[int, int]:
+        """(Private_Hugetlb kB, Shared_Hugetlb kB) of the process over the hugetlb VMAs
+        inside [addr, addr+length), as /proc/PID/smaps sums them (a page of a shared
+        PMD table counts as shared)."""
+        return task_mmu.smaps_hugetlb_kb(self.machine, proc.task.mm, addr, addr + length)
+
     def proc(self, name: str) -> "Proc":
         """The process named ``name`` (one this program created or forked), on CPU 0."""
         task = self.machine.tasks.get(name) if isinstance(name, str) else None

@@ -39,8 +39,12 @@ async def main(k):
     await p.store(a, b"\xa1")
     c = await p.fork("child")
 
+    seen = {}
+
     async def child_fault(cpu):
         await c.on(cpu).store(a + 2 * MiB, b"\xc2")
+        # the parent's page 0 shows in the child only through a shared PMD table
+        seen["shared_kb"] = k.smaps_hugetlb(c, a, GiB)[1]
 
     async def child_unshare(cpu):
         await c.on(cpu).madvise(a + 4 * MiB, 2 * MiB, "dontneed")
@@ -55,4 +59,6 @@ async def main(k):
     mi = k.meminfo()
     # every page left the page cache with the file's last mapping: the pool is whole
     assert (mi["HugePages_Total"], mi["HugePages_Free"], mi["HugePages_Rsvd"]) == (4, 4, 0), mi
-    return {"free": mi["HugePages_Free"]}
+    # which order the schedule took: the child's fault shared the parent's table
+    # (then unshared by its DONTNEED or not), or found the parent's VMA gone
+    return {"free": mi["HugePages_Free"], "child_shared": seen["shared_kb"] > 2048}
