@@ -213,9 +213,12 @@ class Kernel:
 
     def meminfo(self) -> dict[str, int]:
         """/proc/meminfo's hugetlb lines: HugePages_Total, _Free, _Rsvd, _Surp,
-        Hugepagesize and Hugetlb (kB)."""
+        Hugepagesize and Hugetlb (kB); and PageTables (kB: every page-table page once,
+        a PMD table shared between processes too)."""
         from kmm import hugetlb
-        return hugetlb.hugetlb_report_meminfo(self.machine)
+        mi = hugetlb.hugetlb_report_meminfo(self.machine)
+        mi["PageTables"] = self.machine.vmstat.node["nr_page_table_pages"] * 4
+        return mi
 
     def buddyinfo(self) -> list[int]:
         """/proc/buddyinfo: free blocks per order, 0..10."""
@@ -551,6 +554,11 @@ class Proc:
             k.unknown[child] = unknown
         k._done()
         return Proc(k, t, self.cpu)
+
+    def status(self) -> dict[str, int]:
+        """/proc/PID/status's VmPTE (kB): the process's page tables (mm_pgtables_bytes),
+        a PMD table it shares with other processes included."""
+        return {"VmPTE": self.task.mm.pgtables_bytes >> 10}
 
     async def exit(self) -> None:
         """exit(): the process's address space is torn down."""

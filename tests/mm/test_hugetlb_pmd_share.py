@@ -46,17 +46,16 @@ def test_child_fault_shares_the_parents_pmd_table_and_accounts_it_once():
     the node's NR_PAGETABLE (meminfo PageTables) does not count it again."""
     async def fn(m, k):
         p, c, a = await shared_pair(k, touch_child=False)
-        pt0 = m.vmstat.node["nr_page_table_pages"]
-        cb0 = c.task.mm.pgtables_bytes
+        pt0 = k.meminfo()["PageTables"]
+        cb0 = c.status()["VmPTE"]
         await c.load(a)
         t = pmd_lookup(m, p.task.mm, a)
         return (t == pmd_lookup(m, c.task.mm, a), m.physmem.page(t).pt_share_count,
-                c.task.mm.pgtables_bytes - cb0,
-                m.vmstat.node["nr_page_table_pages"] - pt0)
+                c.status()["VmPTE"] - cb0, k.meminfo()["PageTables"] - pt0)
     _, got = run_machine(fn)
-    # the child allocated a PUD table and shares the PMD table: two pages of VmPTE,
-    # one new page-table page on the node
-    assert got == (True, 1, 2 * PAGE_SIZE, 1)
+    # the child allocated a PUD table and shares the PMD table: two pages (8 kB) of
+    # VmPTE, one new page-table page (4 kB) on the node
+    assert got == (True, 1, 8, 4)
 
 
 def test_dontneed_unshares_only_the_callers_pud_entry():
@@ -201,15 +200,15 @@ def test_vmpte_and_pool_follow_the_host_through_share_and_unshare():
         await k.set_hugetlb_pool(512)
         p = await k.process("main")
         a = await p.mmap(GiB, addr=BASE, backing="hugetlb_shared")
-        kb = {"parent_mapped": (p.task.mm.pgtables_bytes >> 10, pool(k))}
+        kb = {"parent_mapped": (p.status()["VmPTE"], pool(k))}
         await p.touch(a, GiB, stride=2 * MiB, value=5)
-        kb["parent_populated"] = (p.task.mm.pgtables_bytes >> 10, pool(k))
+        kb["parent_populated"] = (p.status()["VmPTE"], pool(k))
         c = await p.fork("child")
-        kb["child_forked"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        kb["child_forked"] = (c.status()["VmPTE"], pool(k))
         await c.load(a)
-        kb["child_touched"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        kb["child_touched"] = (c.status()["VmPTE"], pool(k))
         await c.madvise(a + 2 * MiB, 2 * MiB, "dontneed")
-        kb["child_dontneed"] = (c.task.mm.pgtables_bytes >> 10, pool(k))
+        kb["child_dontneed"] = (c.status()["VmPTE"], pool(k))
         return kb
     _, kb = run_machine(fn, memory=3 * GiB, check=lambda m, k: None)
     for a, b in (("parent_mapped", "parent_populated"), ("child_forked", "child_touched"),
