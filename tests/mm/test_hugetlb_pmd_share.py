@@ -217,3 +217,38 @@ def test_vmpte_and_pool_follow_the_host_through_share_and_unshare():
     for stage, (_, got) in kb.items():
         assert got == (SHARE_PROBE[stage]["HugePages_Free"],
                        SHARE_PROBE[stage]["HugePages_Rsvd"]), stage
+
+
+def test_partial_mprotect_splits_the_vma_and_unshares_first():
+    """hugetlb_split (__split_vma): an mprotect of the first 2 MiB splits the child's
+    VMA inside the shared PUD range, so its PMD table is unshared before the split;
+    neither half covers the PUD, so the next fault gets a table of its own."""
+    async def fn(m, k):
+        p, c, a = await shared_pair(k)
+        t = pmd_lookup(m, p.task.mm, a)
+        await c.mprotect(a, 2 * MiB, "r")
+        gone = (pmd_lookup(m, c.task.mm, a), m.physmem.page(t).pt_share_count)
+        await c.load(a + 2 * MiB)
+        return gone, pmd_lookup(m, c.task.mm, a) not in (-1, t)
+    _, got = run_machine(fn)
+    assert got == ((-1, 0), True)
+
+
+def test_copy_hugetlb_page_range_copies_nothing_into_a_shared_table():
+    """copy_hugetlb_page_range: when huge_pte_alloc gives the child a shared PMD table
+    (a shared mapping: dup_mmap itself never copies one, it has no anon_vma), nothing
+    is copied and no page gains a reference or a mapping."""
+    from kmm import hugetlb_fault
+
+    async def fn(m, k):
+        p, c, a = await shared_pair(k, touch_child=False)
+        src = p.task.mm.vma_lookup(a)
+        dst = c.task.mm.vma_lookup(a)
+        t = pmd_lookup(m, p.task.mm, a)
+        folio = m.physmem.folio(pmd_pfn(m.physmem.tables[t][0]))
+        before = (folio.refcount, folio.entire_mapcount)
+        ok = await hugetlb_fault.copy_hugetlb_page_range(m, dst, src)
+        return (ok, pmd_lookup(m, c.task.mm, a) == t, m.physmem.page(t).pt_share_count,
+                (folio.refcount, folio.entire_mapcount) == before)
+    _, got = run_machine(fn)
+    assert got == (True, True, 1, True)
