@@ -80,13 +80,6 @@ def ptdesc_pmd_is_shared(m, pmd_tbl: int) -> bool:
     return m.physmem.pages[pmd_tbl].pt_share_count > 0
 
 
-def hugetlb_pmd_shared(m, mm, addr: int) -> bool:
-    """hugetlb_pmd_shared: the PMD table mapping addr in mm is shared (smaps counts its
-    pages Shared_Hugetlb)."""
-    t = memory.pmd_lookup(m, mm, addr)
-    return t >= 0 and ptdesc_pmd_is_shared(m, t)
-
-
 def _pud_of(m, mm, addr: int) -> int:
     """The PUD table covering addr (it exists: a PMD table hangs below it)."""
     return table_pfn(m.physmem.tables[mm.pgd][pgd_index(addr)])
@@ -256,4 +249,4 @@ def shared_pmd_tables(m) -> dict[int, int]:
 
 __all__ = ["want_pmd_share", "huge_pte_alloc", "huge_pmd_share", "huge_pmd_unshare",
            "hugetlb_unshare_pmds", "hugetlb_unshare_all_pmds", "hugetlb_split",
-           "adjust_range_if_pmd_sharing_possible", "hugetlb_pmd_shared"]
+           "adjust_range_if_pmd_sharing_possible", "ptdesc_pmd_is_shared"]
