@@ -72,6 +72,12 @@ def _check(name: str, r, args: str, proc: "Proc | None" = None, label: str = "")
     return r
 
 
+def _errname(r: int):
+    """A negative errno as the name _check raises; anything else as it is."""
+    import errno
+    return errno.errorcode.get(-r, str(-r)) if r < 0 else r
+
+
 class UnexpectedResult(AssertionError):
     """A call under test returned what the program does not accept (Kernel.expect):
     the program's own assertion, wherever it is raised."""
@@ -468,6 +474,40 @@ class Proc:
         r = await migrate.do_move_page(self.m, self.task, addr)
         self.k._done()
         return r
+
+    async def move_pages(self, pages, nodes=None, move_all: bool = False):
+        """move_pages(0, len(pages), pages, nodes, status, flags): with ``nodes`` (one
+        node per address) each page's folio moves there, a THP whole (MPOL_MF_MOVE, or
+        MPOL_MF_MOVE_ALL with ``move_all``); without, only where each page is. Returns
+        (the call's value: 0 or how many pages were not migrated, the status list: a
+        node or a negative errno per address). KmmError ENODEV (a node without
+        memory), EINVAL (bad flags)."""
+        from kmm import migrate_syscalls as ms
+        self._alive()
+        pages = [_ulong("move_pages", a, "pages[]") for a in pages]
+        if nodes is not None:
+            for n in nodes:  # int nodes[]: a negative node is the kernel's -ENODEV
+                _ulong("move_pages", n, "nodes[]")
+            nodes = list(nodes)
+            if len(nodes) != len(pages):
+                raise ValueError("move_pages: nodes must have one node per page")
+        flags = ms.MPOL_MF_MOVE_ALL if move_all else ms.MPOL_MF_MOVE
+        r, status = await ms.kernel_move_pages(self.m, self.task, pages, nodes, flags)
+        self.k._done()
+        _check("move_pages", _errname(r), f"{len(pages)} pages", self)
+        return r, status
+
+    async def migrate_pages(self, old_nodes, new_nodes) -> int:
+        """migrate_pages(0, maxnode, old_nodes, new_nodes): every folio of the process
+        on an old node moves to the new node at the same position; returns how many
+        were not migrated. KmmError EINVAL (no new node has memory)."""
+        from kmm import migrate_syscalls as ms
+        self._alive()
+        old = [_ulong("migrate_pages", n, "old_nodes[]") for n in old_nodes]
+        new = [_ulong("migrate_pages", n, "new_nodes[]") for n in new_nodes]
+        r = await ms.kernel_migrate_pages(self.m, self.task, old, new)
+        self.k._done()
+        return _check("migrate_pages", _errname(r), f"{old}, {new}", self)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing

@@ -98,6 +98,7 @@ MAP_BACKING = {"anon": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
 SHMEM_MEMINFO_KEYS = ("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped")
 MEMINFO_KEYS = ("HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "HugePages_Surp")
 HUGETLB_EVENTS = ("htlb_buddy_alloc_success", "htlb_buddy_alloc_fail")
+MIGRATE_EVENTS = ("pgmigrate_success", "pgmigrate_fail")
 
 MADV = {"hugepage": 14, "nohugepage": 15, "dontneed": 4, "collapse": 25, "pageout": 21,
         "cold": 20, "free": 8}
@@ -116,6 +117,8 @@ OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXI
     range(1, 10)
 )
 OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
+OP_MOVE_PAGES, OP_MOVE_STATUS, OP_MIGRATE_PAGES = 13, 14, 15
+MPOL_MF_MOVE, MPOL_MF_MOVE_ALL = 1 << 1, 1 << 2
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -477,6 +480,24 @@ class _Run:
         elif op == "exit":
             call(w, OP_EXIT)
             return {"op": op, "ok": True}
+        elif op == "migrate_pages":
+            old = sum(1 << n for n in step.from_nodes)
+            new = sum(1 << n for n in step.to_nodes)
+            status, err, value = call(w, OP_MIGRATE_PAGES, old, new)
+            if status == 0:
+                return {"op": op, "ok": True, "not_migrated": value}
+        elif op == "move_pages":
+            addr, size = w.regions[step.region]  # type: ignore[index]
+            start, end = step_range(step, size)
+            flags = MPOL_MF_MOVE_ALL if step.move_all else MPOL_MF_MOVE
+            node = -1 if step.node is None else step.node
+            if step.node is not None and step.node < 0:  # the worker's -1 is "nodes NULL"
+                return _errno_result(op, errno_mod.ENODEV)  # do_pages_move: node < 0
+            status, err, n = call(w, OP_MOVE_PAGES, addr + start, addr + end, step.stride,
+                                  node, flags)
+            if status == 0:
+                out = [call(w, OP_MOVE_STATUS, i)[2] for i in range(n)]
+                return {"op": op, "ok": True, "not_migrated": err, "status": out}
         else:
             addr, size = w.regions[step.region]  # type: ignore[index]
             start, end = step_range(step, size)
@@ -595,13 +616,15 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             # the run. Set after the workers were spawned: execve keeps the flag.
             with _thp_disabled_here():
                 before = oracle_host.read_thp_vmstat()
-                events0 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS)
+                events0 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS
+                                                  + MIGRATE_EVENTS)
                 mthp0 = oracle_mthp.read_mthp_stats()
                 shmem0 = oracle_host.read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo0 = oracle_host.read_meminfo()
                 results = [run.step(step) for step in scenario.steps]
                 after = oracle_host.read_thp_vmstat()
-                events1 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS)
+                events1 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS
+                                                  + MIGRATE_EVENTS)
                 mthp1 = oracle_mthp.read_mthp_stats()
                 shmem1 = oracle_host.read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo1 = oracle_host.read_meminfo()
@@ -621,6 +644,9 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             meminfo = oracle_host.hugetlb_changes(meminfo0, meminfo1, MEMINFO_KEYS)
             if meminfo:
                 report.setdefault("meminfo", {}).update(meminfo)
+            migr = oracle_host.hugetlb_changes(events0, events1, MIGRATE_EVENTS)
+            if migr:  # extension: page migration that happened (move_pages, compaction)
+                report["migrate_events"] = migr
             htlb = oracle_host.hugetlb_changes(events0, events1, HUGETLB_EVENTS)
             if htlb:
                 report["hugetlb_events"] = htlb

@@ -85,6 +85,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    migr = {n: m.vmstat.events[n] for n in MIGRATE_EVENTS if m.vmstat.events[n]}
+    if migr:  # extension: page migration that happened (move_pages, compaction, NUMA)
+        rep["migrate_events"] = migr
     meminfo = shmem.shmem_meminfo(m)
     if meminfo:  # extension: meminfo lines of shmem/file THPs that moved
         rep.setdefault("meminfo", {}).update(meminfo)
@@ -103,6 +106,7 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")
+MIGRATE_EVENTS = ("pgmigrate_success", "pgmigrate_fail")
 
 
 def hugetlb_report(m: Machine) -> dict[str, Any]:
@@ -169,7 +173,22 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
                                 "hugepages-2048kB never)")
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
+    if step.op == "migrate_pages":
+        try:
+            n = await p.migrate_pages(list(step.from_nodes), list(step.to_nodes))
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True, "not_migrated": n}
     addr, size = task.regions[step.region]
+    if step.op == "move_pages":
+        lo, hi = step_range(step, size)
+        pages = list(range(addr + lo, addr + hi, step.stride))
+        nodes = None if step.node is None else [step.node] * len(pages)
+        try:
+            n, status = await p.move_pages(pages, nodes, step.move_all)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True, "not_migrated": n, "status": status}
     if step.op == "ftruncate":
         try:
             await p.ftruncate(addr, step.size)

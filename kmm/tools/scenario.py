@@ -79,6 +79,11 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     # (offsets are file offsets: the region maps the file from 0)
     "punch_hole": {"region": True, "offset": False, "length": False},
     "ftruncate": {"region": True, "size": True},
+    # move_pages(2) of one address per stride (node absent: only where each page is)
+    # and migrate_pages(2) of the process (kmm.migrate_syscalls)
+    "move_pages": {"region": True, "offset": False, "length": False, "stride": False,
+                   "node": False, "move_all": False},
+    "migrate_pages": {"from_nodes": True, "to_nodes": True},
 }
 OPS = tuple(OP_KEYS)
 
@@ -139,6 +144,10 @@ class Step:
     addr: int | None = None  # mmap: the region's start address
     backing: str = "anon"  # mmap: one of BACKING
     noreserve: bool = False  # mmap: MAP_NORESERVE
+    node: int | None = None  # move_pages: the target node (None: query only)
+    move_all: bool = False  # move_pages: MPOL_MF_MOVE_ALL
+    from_nodes: tuple[int, ...] = ()  # migrate_pages
+    to_nodes: tuple[int, ...] = ()  # migrate_pages
 
 
 @dataclass(frozen=True)
@@ -414,6 +423,20 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         if ns.backing.get((proc, kw["region"]), "anon") not in MEMFD_BACKINGS:
             raise ScenarioError(file, index, "region",
                                 f"{op} needs a memfd region (backing = \"memfd\")")
+    if "node" in raw:  # any int: a node that does not exist is the kernel's ENODEV
+        kw["node"] = _int(raw["node"], lo=None, hi=None, file=file, step=index, key="node")
+    if "move_all" in raw:
+        if not isinstance(raw["move_all"], bool):
+            raise ScenarioError(file, index, "move_all",
+                                f"must be true or false, not {_show(raw['move_all'])}")
+        kw["move_all"] = raw["move_all"]
+    for key in ("from_nodes", "to_nodes"):
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, list) or not v:
+                raise ScenarioError(file, index, key,
+                                    f"must be a non-empty list of node numbers, not {_show(v)}")
+            kw[key] = tuple(_int(n, lo=0, hi=63, file=file, step=index, key=key) for n in v)
     if op == "khugepaged":
         kw["full_scans"] = _int(raw.get("full_scans", 1), lo=1, hi=None, file=file, step=index,
                                 key="full_scans")
