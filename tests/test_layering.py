@@ -161,6 +161,7 @@ def test_import_cycles_are_the_kernels_own():
     waitqueues, the costs and the facades are outside every circle."""
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
                  "huge_memory_split",  # mm/huge_memory.c's folio split side
+                 "huge_memory_migrate",  # mm/huge_memory.c's PMD migration entries
                  "khugepaged", "khugepaged_collapse", "memory",
                  "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
