@@ -382,8 +382,9 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
     ret = 1
     if is_swap_pmd(pmd):
         if is_pmd_migration_entry(pmd):
-            if is_writable_migration_entry(pmd):
-                # make_readable_migration_entry: both sides must fault to write
+            if swp_type(pmd) != SWP_MIGRATION_READ:  # !is_readable_migration_entry
+                # make_readable_migration_entry: both sides must fault to write, and a
+                # readable-exclusive entry is shared now too
                 pmd = swp_entry(SWP_MIGRATION_READ, swp_offset(pmd))
                 await atomic.entry_set(m, "pmd", src_pmd, idx, pmd)
             dst_mm.rss_anon += HPAGE_PMD_NR

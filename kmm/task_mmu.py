@@ -10,7 +10,8 @@ from __future__ import annotations
 from kmm import pagewalk
 from kmm.mm_types import VM_HUGETLB
 from kmm.pgtable import (
-    HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, pmd_pfn,
+    HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, migration_entry_pfn,
+    pmd_pfn,
     pmd_present, pte_present, pte_special,
 )
 
@@ -31,7 +32,10 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
                     if m.physmem.page(pmd_pfn(entry)).mapping is None:  # not ShmemPmdMapped
                         huge += HPAGE_PMD_SIZE
                 elif is_pmd_migration_entry(entry):
+                    # smaps_pmd_entry: the migration entry's folio, anonymous THP too
                     rss += HPAGE_PMD_SIZE
+                    if m.physmem.folio(migration_entry_pfn(entry)).mapping is None:
+                        huge += HPAGE_PMD_SIZE
             elif pte_present(entry):
                 if not pte_special(entry):
                     rss += PAGE_SIZE
