@@ -155,6 +155,8 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             # access possible (a page-table entry no fault handler can resolve)
             m.bug(f"watchdog: BUG: soft lockup - CPU#{cpu_id} stuck: {faults} faults "
                   f"at {addr:#x} ({'write' if write else 'read'}) without progress")
+        if len(m.node_data) > 1:  # numa_node_id() in the fault: the CPU it runs on
+            m.running_cpu[sched.current] = cpu_id
         await do_user_addr_fault(m, task, addr, write)
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import trio
 
 from kmm import (
-    atomic, huge_memory_split, hugetlb, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan,
+    atomic, huge_memory_split, hugetlb, khugepaged, mmzone, page_alloc, rcupdate, swap, swapfile,
+    vmscan,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
 from kmm.locking import FolioLock, Locks
@@ -43,6 +44,9 @@ class MachineConfig:
     swap: int = 0
     cpus: int = 2
     seed: int = 1
+    nodes: int = 1                 # NUMA nodes (kmm.mmzone)
+    node_memory: tuple = ()        # bytes per node; empty: memory split evenly
+    node_cpus: tuple = ()          # CPUs per node; empty: CPUs split evenly
 
 
 class Task:
@@ -86,7 +90,21 @@ class Machine:
         self.sysfs = Sysfs()
         self.physmem = PhysMem(config.memory >> PAGE_SHIFT)
         self.tables = self.physmem.tables  # the page-table frames (hot: kmm.atomic)
-        self.zone = page_alloc.Zone(self, self.physmem.nr_pages)
+        layout = mmzone.node_layout(self.physmem.nr_pages, config.nodes, config.node_memory)
+        self.cpu_node = mmzone.cpu_layout(config.cpus, config.nodes, config.node_cpus)
+        self.node_starts = [start for start, _ in layout]
+        # NODE_DATA(nid): each node's pglist_data with its one zone
+        self.node_data = [vmscan.PgData(nid) for nid in range(config.nodes)]
+        for pg, (start, nr) in zip(self.node_data, layout):
+            pg.zone = page_alloc.Zone(self, nr, start, pg.node_id)
+            pg.zonelist = mmzone.build_zonelists(config.nodes, pg.node_id)
+        if config.nodes > 1:
+            total = sum(pg.zone.managed for pg in self.node_data)
+            for pg in self.node_data:
+                pg.zone.set_watermarks(True, total, config.nodes)
+        self.zone = self.node_data[0].zone  # node 0's zone (the one zone of one node)
+        self.running_cpu: dict = {}  # actor -> the CPU its user access runs on (numa)
+        self.actor_node: dict[str, int] = {}  # per-node kernel thread -> its node
         self.cpus = [Cpu(i) for i in range(config.cpus)]
         self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU
         # empty_zero_page: a reserved frame, never freed
@@ -104,7 +122,7 @@ class Machine:
         khugepaged.khugepaged_init(self)  # m.khugepaged_scan: the mm_slot list and cursor
         self.lruvec = swap.Lruvec(self.locks)
         self.swap_info = swapfile.swapon(self, config.swap)
-        self.pgdat = vmscan.PgData()  # NODE_DATA(0): kswapd and reclaim state
+        self.pgdat = self.node_data[0]  # NODE_DATA(0): kswapd and reclaim state
         # registered shrinkers (shrinker_register): objects with count_objects(m) and
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from errno import EACCES, EBUSY, EFAULT, EINVAL, ENODEV, ENOENT
 
-from kmm import atomic, memory, page_alloc, rmap, swap
+from kmm import atomic, memory, mmzone, page_alloc, rmap, swap
 from kmm.pgtable import (
     HPAGE_PMD_ORDER, pmd_index, pmd_pfn, pmd_trans_huge, pte_index, pte_pfn,
     pte_present, pte_special,
@@ -35,27 +35,26 @@ ZERO = "zero"  # folio_walk_start found the shared zero page or the huge zero fo
 
 
 # --------------------------------------------------------------- node view
-def node_states_memory(m) -> list[int]:
-    """node_states[N_MEMORY]: the nodes that have memory."""
-    return list(range(getattr(m, "nr_nodes", 1)))
+def node_states_memory(m) -> range:
+    """node_states[N_MEMORY]: every node of the machine has memory."""
+    return range(mmzone.nr_node_ids(m))
 
 
 def folio_nid(m, folio) -> int:
-    """folio_nid: the node the folio's memory is on."""
-    f = getattr(m, "pfn_to_nid", None)
-    return f(folio.pfn) if f is not None else 0
+    """folio_nid (kmm.mmzone)."""
+    return mmzone.folio_nid(m, folio)
 
 
 async def alloc_migration_target(m, src, nid: int) -> int:
-    """alloc_migration_target (mtc.nid = nid, __GFP_THISNODE): a folio of the source's
-    order on that node, GFP_TRANSHUGE without the reclaim bits for a large one."""
-    from kmm.gfp import GFP, __GFP_THISNODE
-    gfp = (GFP["GFP_TRANSHUGE"] if src.order else GFP["GFP_HIGHUSER_MOVABLE"]) | __GFP_THISNODE
-    f = getattr(page_alloc, "alloc_pages_node", None)
+    """alloc_migration_target (mtc.nid = nid, GFP_HIGHUSER_MOVABLE | __GFP_THISNODE):
+    a folio of the source's order on that node only; a large one with GFP_TRANSHUGE
+    less the reclaim bits ("consistent with regular THP allocations")."""
+    from kmm.gfp import GFP, __GFP_RECLAIM, __GFP_THISNODE
+    gfp = GFP["GFP_HIGHUSER_MOVABLE"] | __GFP_THISNODE
+    if src.order:
+        gfp = (gfp & ~__GFP_RECLAIM) | GFP["GFP_TRANSHUGE"]
     purpose = "thp" if src.order == HPAGE_PMD_ORDER else "anon"
-    if f is not None:
-        return await f(m, nid, src.order, gfp, purpose)
-    return await page_alloc.alloc_pages(m, src.order, gfp, purpose)
+    return await page_alloc.alloc_pages(m, src.order, gfp, purpose, nid)
 
 
 # ------------------------------------------------------------ folio_walk

@@ -162,6 +162,9 @@ class Kernel:
             return
         (cls,) = daemon.load_daemons([name])
         daemon.start_daemon(self.machine, cls())
+        if name in daemon.PER_NODE_DAEMONS:  # kswapdN, kcompactdN of the other nodes
+            for nid in range(1, len(self.machine.node_data)):
+                daemon.start_daemon(self.machine, cls(), nid)
 
     def cpu_relax(self) -> None:
         """The pause of a busy-wait loop (the kernel's cpu_relax): call it once per

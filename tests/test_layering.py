@@ -168,7 +168,10 @@ def test_import_cycles_are_the_kernels_own():
                  "swapfile", "vmscan", "vmscan_node",  # vmscan_node: mm/vmscan.c's node side
                  # issue 12: shmem.c, filemap.c, truncate.c, memory.c's file faults and
                  # khugepaged.c's collapse_file call into the fault path and back
-                 "filemap", "khugepaged_file", "memory_file", "shmem", "truncate"}
+                 "filemap", "khugepaged_file", "memory_file", "shmem", "truncate",
+                 # issue 14: mempolicy.c's vma_alloc_folio is the fault path's allocator
+                 # and its MPOL_MF_MOVE calls migration
+                 "mempolicy"}
     cycles = _cycles(_kmm_graph())
     assert sorted(map(sorted, cycles)) == sorted([sorted(mm_circle),
                                                   ["mm_types", "pgtable"]])

@@ -291,11 +291,69 @@ def _machine(table: object, file: str) -> MachineConfig:
             kw[key] = _int(v, lo=1, hi=None, file=file, step=None, key=key, table="machine")
         elif key == "seed":
             kw[key] = _int(v, lo=0, hi=None, file=file, step=None, key=key, table="machine")
+        elif key in NUMA_MACHINE_KEYS:
+            kw[key] = numa_machine_value(key, v, file, "machine")
         else:
             raise ScenarioError(
-                file, None, key, "unknown key (allowed: memory, swap, cpus, seed)", table="machine"
+                file, None, key, "unknown key (allowed: memory, swap, cpus, seed, nodes, "
+                "node_memory, node_cpus)", table="machine"
             )
+    numa_machine_check(kw, file, "machine")
     return MachineConfig(**kw)
+
+
+# [machine] keys of a NUMA machine (kmm.mmzone): the node count, and optionally each
+# node's memory (sizes, their sum the machine's memory) and CPU count
+NUMA_MACHINE_KEYS = ("nodes", "node_memory", "node_cpus")
+
+
+def numa_machine_value(key: str, v: object, file: str, table: str | None):
+    """One of NUMA_MACHINE_KEYS, parsed: nodes an int 1..64, node_memory a list of
+    sizes, node_cpus a list of CPU counts (>= 0)."""
+    from kmm import mmzone
+    where = dict(file=file, step=None, key=key, table=table)
+    if key == "nodes":
+        return _int(v, lo=1, hi=mmzone.MAX_NUMNODES, **where)
+    if not isinstance(v, list) or not v:
+        raise ScenarioError(file, None, key, f"must be a non-empty array, one entry per "
+                            f"node, not {_show(v)}", table=table)
+    if key == "node_memory":
+        out = []
+        for x in v:
+            try:
+                out.append(parse_size(x, file=file, step=None, key=key))
+            except ScenarioError as e:
+                raise ScenarioError(file, None, key, e.message, table=table) from None
+        return tuple(out)
+    return tuple(_int(x, lo=0, hi=None, **where) for x in v)
+
+
+def numa_machine_check(kw: dict, file: str, table: str | None) -> None:
+    """The node layout the keys describe is possible (kmm.mmzone.node_layout and
+    cpu_layout); node_memory also fixes the machine's memory (given too, it must
+    match). Raises ScenarioError naming the key at fault."""
+    from kmm import mmzone
+    nodes = kw.get("nodes", 1)
+    for key in ("node_memory", "node_cpus"):
+        if key in kw and len(kw[key]) != nodes:
+            raise ScenarioError(file, None, key, f"has {len(kw[key])} entries, the machine "
+                                f"has {nodes} nodes", table=table)
+    if "node_memory" in kw:
+        total = sum(kw["node_memory"])
+        if "memory" in kw and kw["memory"] != total:
+            raise ScenarioError(file, None, "node_memory", f"adds up to {total} bytes, "
+                                f"memory is {kw['memory']}", table=table)
+        kw["memory"] = total
+    memory = kw.get("memory", MachineConfig.memory)
+    try:
+        mmzone.node_layout(memory // PAGE_SIZE, nodes, kw.get("node_memory", ()))
+    except ValueError as e:
+        key = "node_memory" if "node_memory" in kw else "nodes"
+        raise ScenarioError(file, None, key, str(e), table=table) from None
+    try:
+        mmzone.cpu_layout(kw.get("cpus", MachineConfig.cpus), nodes, kw.get("node_cpus", ()))
+    except ValueError as e:
+        raise ScenarioError(file, None, "node_cpus", str(e), table=table) from None
 
 
 def _knobs(doc: dict, file: str) -> dict[str, object]:
