@@ -28,7 +28,7 @@ from kmm.pgtable import (
     is_pmd_migration_entry, is_swap_pmd, is_writable_migration_entry,
     make_migration_entry, migration_entry_pfn, mk_table_entry, pfn_pmd, pfn_pte,
     pmd_dirty, pmd_mkdirty, pmd_mkold, pmd_mkwrite, pmd_mkyoung, pmd_modify, pmd_none,
-    pmd_pfn, pmd_present, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
+    pmd_pfn, pmd_present, pmd_protnone, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
     pmd_young, pte_mkdirty, pte_mkold, pte_mkspecial, pte_mkwrite, swp_offset,
     SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, SWP_MIGRATION_READ_EXCLUSIVE, swp_entry,
     swp_type,
@@ -605,7 +605,8 @@ async def change_huge_pmd(m, vma, pmd_tbl: int, idx: int, addr: int, newprot: in
             await atomic.entry_set(m, "pmd", pmd_tbl, idx, new)
     elif not pmd_trans_huge(cur):
         ret = 0
-    elif not prot_numa or not (is_huge_zero_pmd(m, cur) or hmm.prot_numa_skip(m, vma, cur)):
+    elif not prot_numa or not (is_huge_zero_pmd(m, cur) or pmd_protnone(cur) or
+                               hmm.prot_numa_skip(m, vma, m.physmem.page(pmd_pfn(cur)))):
         old = await pgg.pmdp_invalidate(m, vma, addr, pmd_tbl, idx)  # pmdp_invalidate_ad
         entry = pmd_modify(old, newprot)
         if try_writable and not pmd_write(entry) and not pmd_special(entry):

@@ -13,7 +13,7 @@ and smaps each know the entry. The NUMA hinting fault on a huge PMD,
 from __future__ import annotations
 
 from kmm import atomic, mmdebug, pgtable_generic as pgg, rmap, swap
-from kmm.mm_types import PG_anon_exclusive, PG_dirty
+from kmm.mm_types import PG_anon_exclusive, PG_dirty, VM_WRITE
 from kmm.pgtable import (
     SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, SWP_MIGRATION_READ_EXCLUSIVE,
     is_pmd_migration_entry, is_writable_migration_entry, make_migration_entry,
@@ -75,3 +75,67 @@ def pmd_migration_readable(ent: int, anon: bool) -> int:
         return ent
     return swp_entry(SWP_MIGRATION_READ_EXCLUSIVE if anon else SWP_MIGRATION_READ,
                      swp_offset(ent))
+
+
+def prot_numa_skip(m, vma, folio) -> bool:
+    """prot_numa_skip (mm/mprotect.c, MM_CP_PROT_NUMA): leave a folio alone that a
+    hinting fault could not or need not move: shared copy-on-write, or already on the
+    node the (single-threaded) task runs on (target_node = numa_node_id())."""
+    from kmm import mmzone
+    from kmm.mm_types import VM_MAYWRITE, VM_SHARED
+    if vma.flags & VM_MAYWRITE and not vma.flags & VM_SHARED and \
+            rmap.folio_maybe_mapped_shared(m, folio):  # is_cow_mapping
+        return True
+    return mmzone.folio_nid(m, folio) == mmzone.numa_node_id(m)
+
+
+async def do_huge_pmd_numa_page(m, vmf) -> int:
+    """do_huge_pmd_numa_page: a NUMA hinting fault on a PROT_NONE huge PMD. Under the
+    PMD lock, recheck that the PMD is still the one the fault read (pmd_same), ask
+    numa_migrate_check where the THP belongs; to move it, isolate it
+    (migrate_misplaced_folio_prepare), drop the lock and migrate it whole
+    (migrate_misplaced_folio: a PMD migration entry meanwhile). Otherwise, or if the
+    migration fails and the PMD is still unchanged, restore the PMD's protection
+    (young, writable if it may be). Context: mmap_lock held for read; takes the PMD
+    lock."""
+    from kmm import migrate, mmzone, numa_balancing as nb
+    from kmm.pgtable import HPAGE_PMD_MASK, HPAGE_PMD_NR, pmd_modify, pmd_mkyoung, pmd_pfn
+    vma = vmf.vma
+    haddr = vmf.address & HPAGE_PMD_MASK
+    ptl = m.table_lock(vmf.pmd_tbl)
+    await ptl.lock("do_huge_pmd_numa_page")
+    old = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
+    if old != vmf.orig_pmd and (not m.bugs or "numa_huge_no_pmd_same" not in m.bugs):
+        await ptl.unlock()  # pmd_same failed: split, zapped, collapsed or fixed meanwhile
+        return 0
+    pmd = pmd_modify(old, vma.page_prot)
+    folio = m.physmem.folio(pmd_pfn(pmd))
+    # can_change_pmd_writable: an exclusive anonymous THP in a writable VMA
+    writable = bool(vma.flags & VM_WRITE and folio.flags & PG_anon_exclusive)
+    nid = mmzone.folio_nid(m, folio)
+    task = m.tasks.get(vma.mm.owner)
+    target, flags, last = nb.numa_migrate_check(m, task, folio, vma, haddr)
+    if target != mmzone.NUMA_NO_NODE:
+        if await migrate.migrate_misplaced_folio_prepare(m, folio, vma, target) == 0:
+            await ptl.unlock()  # the folio is isolated: the isolation holds a reference
+            if await migrate.migrate_misplaced_folio(m, folio, target) == 0:
+                nb.task_numa_fault(m, task, last, target, HPAGE_PMD_NR,
+                                   flags | nb.TNF_MIGRATED)
+                return 0
+            flags |= nb.TNF_MIGRATE_FAIL
+            writable = False
+            await ptl.lock("do_huge_pmd_numa_page")
+            if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != vmf.orig_pmd:
+                await ptl.unlock()
+                return 0
+        else:
+            flags |= nb.TNF_MIGRATE_FAIL
+    # out_map: restore the PMD
+    entry = pmd_mkyoung(pmd_modify(await atomic.entry_read(m, "pmd", vmf.pmd_tbl,
+                                                          vmf.pmd_idx), vma.page_prot))
+    if writable:
+        entry = pmd_mkwrite(entry)
+    await atomic.entry_set(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx, entry)
+    await ptl.unlock()
+    nb.task_numa_fault(m, task, last, nid, HPAGE_PMD_NR, flags)
+    return 0

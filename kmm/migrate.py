@@ -12,7 +12,7 @@ back into present PTEs, pointing at the same pages (after a split) or at the new
 from __future__ import annotations
 
 from kmm import atomic, mmdebug, swap
-from errno import EAGAIN, EBUSY, ENOMEM  # the host is Linux: the kernel's numbers
+from errno import EACCES, EAGAIN, EBUSY, ENOMEM  # the host is Linux: the kernel's numbers
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_head, PG_isolated, PG_partially_mapped, PG_referenced,
     PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_LOCKED,
@@ -265,6 +265,9 @@ async def _migrate_one(m, folio, get_new_folio) -> int:
     requeue = None
     if moved:
         move_to_new_folio(m, new, folio)
+        if m.__dict__.get("numab") is not None:  # folio_migrate_flags: the last cpupid
+            from kmm import numa_balancing
+            numa_balancing.folio_migrate_cpupid(m, new, folio)
         if folio.order:
             huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", 1)
             if folio.on_deferred_list:  # the source leaves the queue; the target joins
@@ -315,3 +318,50 @@ async def do_move_page(m, task, addr: int) -> str:
     new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     moved, _ = await migrate_pages(m, [folio], lambda f: new, "syscall")
     return "moved" if moved else "busy"
+
+
+# ------------------------------------------------------------ NUMA misplaced
+async def migrate_misplaced_folio_prepare(m, folio, vma, node: int) -> int:
+    """migrate_misplaced_folio_prepare: 0 once the folio is isolated for a move to
+    node; -EAGAIN when the node is nearly full (migrate_balanced_pgdat: free pages
+    above its high watermark plus the folio) or the folio is not on the LRU; -EACCES
+    for a shared folio of an executable mapping.
+    Context: the page-table lock mapping the folio is held."""
+    from kmm import mmzone, rmap
+    from kmm.mm_types import VM_EXEC
+    if vma.flags & VM_EXEC and rmap.folio_maybe_mapped_shared(m, folio):
+        return -EACCES
+    zone = mmzone.NODE_DATA(m, node).zone
+    if not zone.zone_watermark_ok(0, zone.wmark["high"] + folio.nr_pages):
+        return -EAGAIN
+    if not await swap.folio_isolate_lru(m, folio):
+        return -EAGAIN
+    return 0
+
+
+async def alloc_misplaced_dst_folio(m, src, node: int) -> int:
+    """alloc_misplaced_dst_folio: a folio of the source's order on node only
+    (__GFP_THISNODE); a large one GFP_TRANSHUGE_LIGHT (no reclaim, no compaction
+    stall), a small one without reclaim retries or reserves."""
+    from kmm import page_alloc
+    from kmm.gfp import GFP, __GFP_NORETRY, __GFP_THISNODE
+    from kmm.pgtable import HPAGE_PMD_ORDER
+    if src.order:
+        gfp = GFP["GFP_TRANSHUGE_LIGHT"] | __GFP_THISNODE
+    else:
+        gfp = GFP["GFP_HIGHUSER_MOVABLE"] | __GFP_THISNODE | __GFP_NORETRY
+    purpose = "thp" if src.order == HPAGE_PMD_ORDER else "anon"
+    return await page_alloc.alloc_pages(m, src.order, gfp, purpose, node)
+
+
+async def migrate_misplaced_folio(m, folio, node: int) -> int:
+    """migrate_misplaced_folio: migrate the isolated folio to node (MIGRATE_ASYNC,
+    MR_NUMA_MISPLACED: a THP is never split for it); numa_pages_migrated counts the
+    pages moved. 0, or -EAGAIN (it stays, back on the LRU).
+    Context: no page-table lock held; the folio is isolated."""
+    ok, _ = await migrate_pages(m, [folio], lambda f: alloc_misplaced_dst_folio(m, f, node),
+                                "numa_misplaced")
+    if ok:
+        m.vmstat.count_vm_event("numa_pages_migrated", folio.nr_pages)
+        return 0
+    return -EAGAIN

@@ -188,6 +188,13 @@ class Kernel:
         kernel's store handler does."""
         self.machine.sysfs.write(name, value)
 
+    def set_sysctl(self, name: str, value: int) -> None:
+        """Write a NUMA balancing knob: "kernel.numa_balancing" (0/1) and
+        "numa_balancing_scan_delay_ms", "_scan_period_min_ms", "_scan_period_max_ms",
+        "_scan_size_mb" (kmm.numa_balancing); ValueError outside the kernel's range."""
+        from kmm import numa_balancing
+        numa_balancing.set_sysctl(self.machine, name, value)
+
     def knob(self, name: str):
         """Read a /sys/kernel/mm/transparent_hugepage knob (as ``set_knob`` names it)."""
         return self.machine.sysfs[name]
@@ -330,6 +337,17 @@ class Proc:
         if not 0 <= cpu < self.k.cpus:
             raise ValueError(f"on: cpu {cpu} is not one of the machine's 0..{self.k.cpus - 1}")
         return Proc(self.k, self.task, cpu)
+
+    def on_node(self, nid: int) -> "Proc":
+        """The same thread moved to node ``nid`` (sched_setaffinity to the node's
+        CPUs): the process as seen from the first CPU of that node; its faults then
+        allocate there and NUMA hinting faults count it as the task's node."""
+        from kmm import mmzone
+        cpus = [c for c in range(self.k.cpus) if mmzone.cpu_to_node(self.m, c) == nid]
+        if not cpus:
+            raise ValueError(f"on_node: node {nid} has no CPU (the machine's nodes: "
+                             f"0..{mmzone.nr_node_ids(self.m) - 1})")
+        return self.on(cpus[0])
 
     def _alive(self) -> None:
         if not self.task.alive:

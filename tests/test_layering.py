@@ -162,6 +162,10 @@ def test_import_cycles_are_the_kernels_own():
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
                  "huge_memory_split",  # mm/huge_memory.c's folio split side
                  "huge_memory_migrate",  # mm/huge_memory.c's PMD migration entries
+                 # NUMA balancing: the hinting faults (memory.c, huge_memory.c) ask
+                 # sched/fair.c's filter; fair.c's task_numa_work calls change_prot_numa
+                 # -> mprotect.c's change_protection -> huge_memory.c, memory.c
+                 "memory_numa", "numa_balancing", "mprotect", "mmap",  # mprotect.c <-> vma.c
                  "khugepaged", "khugepaged_collapse", "memory",
                  "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
