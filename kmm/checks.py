@@ -184,7 +184,8 @@ def _leaf_tables(m, task) -> tuple[list[tuple[str, int]], list[tuple[int, int]],
                 e = pmd[n]
                 if pmd_present(e) and not pmd_trans_huge(e):
                     every.append(("pte", table_pfn(e)))
-                    ptes.append((table_pfn(e), base_u + n * PMD_SIZE))
+                    if table_pfn(e) in m.physmem.tables:  # else: "not a page-table page"
+                        ptes.append((table_pfn(e), base_u + n * PMD_SIZE))
     return every, pmds, ptes
 
 

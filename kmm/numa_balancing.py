@@ -215,7 +215,7 @@ async def task_tick_numa(m, task) -> None:
         await task_numa_work(m, task)
 
 
-async def task_numa_work(m, task) -> None:
+async def task_numa_work(m, task, force: bool = False) -> None:
     """task_numa_work: make the next scan_size_mb of the address space PROT_NONE
     (change_prot_numa), VMA by VMA from mm->numa_scan_offset, each window ending on a
     PMD boundary; at the end of the address space start again (numa_scan_seq + 1).
@@ -226,7 +226,7 @@ async def task_numa_work(m, task) -> None:
     st = mm_numa(m, mm)
     k = state(m).knobs
     now = m.sched.now
-    if now < st.next_scan:
+    if now < st.next_scan and not force:  # force: the program asked (Proc.numa_scan)
         return
     if not st.scan_period:  # task_scan_start
         st.scan_period = k["numa_balancing_scan_period_min_ms"]

@@ -349,6 +349,20 @@ class Proc:
                              f"0..{mmzone.nr_node_ids(self.m) - 1})")
         return self.on(cpus[0])
 
+    async def numa_scan(self) -> int:
+        """Run NUMA balancing's task_numa_work for this process now, from this CPU, as
+        if its scan time had come (kernel.numa_balancing need not be on): the next
+        scan_size_mb window becomes PROT_NONE. Returns the pages it changed
+        (numa_pte_updates)."""
+        from kmm import numa_balancing
+        self._alive()
+        before = self.m.vmstat.events["numa_pte_updates"]
+        if len(self.m.node_data) > 1:  # the scan's numa_node_id() is this CPU's node
+            self.m.running_cpu[self.m.sched.current] = self.cpu
+        await numa_balancing.task_numa_work(self.m, self.task, force=True)
+        self.k._done()
+        return self.m.vmstat.events["numa_pte_updates"] - before
+
     def _alive(self) -> None:
         if not self.task.alive:
             how = f"was killed by {self.task.signal}" if self.task.signal else "has exited"
