@@ -61,9 +61,12 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
         mm = vma.mm
         async for addr, nxt, pmd_tbl, idx, pmdval in rmap._pmd_steps(m, vma, lo, hi):
             if is_pmd_migration_entry(pmdval):
-                if first <= migration_entry_pfn(pmdval) < last:
-                    await _remove_migration_pmd_at(m, vma, pmd_tbl, idx, addr, pmdval, dst)
-                continue
+                if not first <= migration_entry_pfn(pmdval) < last:
+                    continue
+                if await _remove_migration_pmd_at(m, vma, pmd_tbl, idx, addr, pmdval, dst):
+                    continue
+                # page_vma_mapped_walk: split meanwhile (its PTEs are migration
+                # entries now): walk the table
             res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
             if res is None:
                 continue
@@ -99,17 +102,20 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
 
 
 async def _remove_migration_pmd_at(m, vma, pmd_tbl: int, idx: int, addr: int, pmdval: int,
-                                   dst) -> None:
+                                   dst) -> bool:
     """remove_migration_pte's PMD case: under the PMD lock, if the entry is still
-    there, remove_migration_pmd to the head of ``dst``."""
+    there, remove_migration_pmd to the head of ``dst``. False if it changed meanwhile
+    (a split made it a table of PTE migration entries: the caller walks those)."""
     from kmm import huge_memory_migrate
     from kmm.pgtable import HPAGE_PMD_MASK
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("remove_migration_pte")
-    if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
+    same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+    if same:
         await huge_memory_migrate.remove_migration_pmd(m, vma, addr & HPAGE_PMD_MASK,
                                                        pmd_tbl, idx, dst)
     await ptl.unlock()
+    return same
 
 
 async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[int, int]:

@@ -231,16 +231,18 @@ async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr
 
 
 async def _set_pmd_migration_entry_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr: int,
-                                      pmdval: int, folio: Page) -> None:
+                                      pmdval: int, folio: Page) -> bool:
     """page_vma_mapped_walk found the THP's PMD: under the PMD lock, if it is still the
-    PMD the walk saw, set_pmd_migration_entry."""
+    PMD the walk saw, set_pmd_migration_entry. False if it changed meanwhile."""
     from kmm import huge_memory_migrate
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("try_to_migrate_one")
-    if await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval:
+    same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+    if same:
         await huge_memory_migrate.set_pmd_migration_entry(m, vma, addr & HPAGE_PMD_MASK,
                                                           pmd_tbl, idx, folio)
     await ptl.unlock()
+    return same
 
 
 def _maps(folio: Page, pfn: int) -> bool:
@@ -274,8 +276,10 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
             if pmd_pfn(pmdval) != folio.pfn:
                 continue
             if not split_pmd:  # a PMD-mapped THP migrates whole: one PMD migration entry
-                await _set_pmd_migration_entry_at(m, vma, pmd_tbl, idx, addr, pmdval, folio)
-                continue
+                if await _set_pmd_migration_entry_at(m, vma, pmd_tbl, idx, addr, pmdval,
+                                                     folio):
+                    continue
+                # page_vma_mapped_walk: split meanwhile, walk its PTEs instead
             await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval, True,
                                             "try_to_migrate_one")
             if "split_pmd_ends_walk" in m.quirks:

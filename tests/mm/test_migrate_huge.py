@@ -404,3 +404,25 @@ def test_fault_on_a_pmd_migration_entry_waits_for_the_folio_lock():
         assert pmd_trans_huge(m.physmem.tables[box["t"]][(a >> 21) & 511])
         assert await p.verify() == []
     run(fn, cpus=2)
+
+
+def test_split_of_a_pmd_migration_entry_then_restore():
+    """__split_huge_pmd_locked on a PMD migration entry (MADV_DONTNEED of one page
+    mid-migration): 512 PTE migration entries carrying the entry's write/exclusive
+    state; the zap drops one; remove_migration_ptes then walks the PTE table
+    (page_vma_mapped_walk after a split) and restores the other 511 (no migration
+    entry is left behind for a fault to spin on)."""
+    async def fn(m, k):
+        p, a = await thp_region(k, value=2)
+
+        async def body(cpu, t, folio):
+            assert await p.on(cpu).madvise(a + 4096, 4096, "dontneed") == 0
+            assert ev(m, "thp_split_pmd") == 1
+        await _while_frozen(m, k, p, a, body)
+        from kmm import pagewalk
+        from kmm.pgtable import is_migration_entry
+        leaves = list(pagewalk.walk_leaves(m, p.task.mm, a, a + 2 * MiB))
+        assert len(leaves) == 511 and not any(is_migration_entry(e) for _, _, e in leaves)
+        assert smaps_range(m, p.task.mm, a, a + 2 * MiB) == (2044, 0)
+        assert await p.load(a) == b"\x02" and await p.verify() == []
+    run(fn, cpus=2)
