@@ -116,6 +116,11 @@ OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXI
     range(1, 10)
 )
 OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
+OP_SET_MEMPOLICY, OP_MBIND = 13, 14
+# include/uapi/linux/mempolicy.h
+MPOL = {"default": 0, "preferred": 1, "bind": 2, "interleave": 3, "local": 4}
+MPOL_MF = {"strict": 1, "move": 2, "move_all": 4}
+NODEMASK_BITS = 64  # the worker passes one unsigned long of nodemask
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -419,6 +424,17 @@ def _setup_decoy() -> Workers:
     return decoy
 
 
+def _nodemask(step: Step) -> int:
+    """A step's nodes as the bits of one unsigned long (as a signed 64-bit value)."""
+    bits = 0
+    for n in step.nodes:
+        if n >= NODEMASK_BITS:
+            raise OracleError(f"step {step.index}: node {n}: the oracle passes node ids "
+                              f"below {NODEMASK_BITS} only")
+        bits |= 1 << n
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
 def _errno_result(op: str, err: int) -> dict:
     return {"op": op, "ok": False, "errno": errno_mod.errorcode.get(err, str(err))}
 
@@ -477,6 +493,9 @@ class _Run:
         elif op == "exit":
             call(w, OP_EXIT)
             return {"op": op, "ok": True}
+        elif op == "set_mempolicy":
+            status, err, _ = call(w, OP_SET_MEMPOLICY, MPOL[step.mode], _nodemask(step),
+                                  NODEMASK_BITS + 1)
         else:
             addr, size = w.regions[step.region]  # type: ignore[index]
             start, end = step_range(step, size)
@@ -498,6 +517,10 @@ class _Run:
                 status, err, _ = call(w, OP_PUNCH_HOLE, addr, start, end - start)
             elif op == "ftruncate":
                 status, err, _ = call(w, OP_FTRUNCATE, addr, step.size)
+            elif op == "mbind":
+                flags = sum(MPOL_MF[f] for f in step.flags)
+                status, err, _ = call(w, OP_MBIND, a, b - a, MPOL[step.mode], _nodemask(step),
+                                      NODEMASK_BITS + 1, flags)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:

@@ -33,6 +33,7 @@ clone_flags = int(sys.argv[4])
 cmd_fd = fds[2 * slot]
 res_fd = fds[2 * slot + 1]
 memfds = {}  # region address -> the memfd mapped there (shmem scenarios)
+nodemask = ctypes.c_long(0)  # set_mempolicy / mbind: one word of nodemask
 
 # Keep the interpreter's own anonymous memory (heap, arenas, stack) out of THP: under
 # enabled=always khugepaged would otherwise collapse it during a khugepaged step.
@@ -137,3 +138,9 @@ while True:
             reply(-1, err.errno, 0)
     elif op == 12:  # fallocate(memfd of region a, PUNCH_HOLE | KEEP_SIZE, b, c)
         result(libc.fallocate(memfds[a], 3, b, c))
+    elif op == 13:  # set_mempolicy(mode a, nodemask b (one word), maxnode c)
+        nodemask.value = b
+        result(libc.syscall(238, a, ctypes.addressof(nodemask), c, 0, 0))
+    elif op == 14:  # mbind(start a, len b, mode c, nodemask d, maxnode e, flags f)
+        nodemask.value = d
+        result(libc.syscall(237, a, b, c, ctypes.addressof(nodemask), e, f))
