@@ -517,7 +517,7 @@ class Proc:
         ``flags`` a list of "strict", "move", "move_all" (MPOL_MF_*): 0. KmmError EINVAL
         (bad mode or nodes, unaligned addr), EFAULT (a hole in the range), EIO (strict:
         pages left on other nodes)."""
-        from kmm import mempolicy
+        from kmm import mempolicy, mempolicy_mbind
         self._alive()
         addr, length = _ulong("mbind", addr, "addr"), _ulong("mbind", length, "length")
         mode = _word("mbind", mode, "mode", tuple(mempolicy.MODES))
@@ -526,8 +526,8 @@ class Proc:
             raise TypeError("mbind: flags must be a list of str (strict, move, move_all)")
         for f in flags:
             _word("mbind", f, "flag", tuple(mempolicy.FLAGS))
-        r = await mempolicy.do_mbind(self.m, self.task, addr, length, mode, nodes,
-                                     list(flags))
+        r = await mempolicy_mbind.do_mbind(self.m, self.task, addr, length, mode, nodes,
+                                           list(flags))
         self.k._done()
         return _check("mbind", r, f"{addr:#x}, {length:#x}, {mode!r}, {nodes!r}, "
                       f"{list(flags)!r}", self)
