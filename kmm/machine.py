@@ -52,7 +52,8 @@ class MachineConfig:
 class Task:
     """A process (task_struct, reduced to what mm needs): a name, a pid and an mm."""
 
-    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions", "files")
+    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions", "files", "mempolicy",
+                 "il_prev")
 
     def __init__(self, name: str, pid: int, mm: MmStruct) -> None:
         self.name = name
@@ -62,6 +63,8 @@ class Task:
         self.signal: str | None = None
         self.regions: dict[str, tuple[int, int]] = {}  # scenario name -> (addr, size)
         self.files: dict[int, object] = {}  # fd table: region address -> open memfd file
+        self.mempolicy = None  # set_mempolicy: kmm.mempolicy.Mempolicy (None: local)
+        self.il_prev = 0       # the last node an interleave policy used (MPOL_INTERLEAVE)
 
 
 class Cpu:

@@ -160,6 +160,49 @@ def node_wq(name: str, nid: int) -> str:
     return f"{name}:{nid}" if nid else name
 
 
+class AllZones:
+    """The zones of a machine of several nodes seen as one buddy allocator, for the
+    invariant checker (kmm.checks): their free blocks, untouched ranges, is_free and
+    check. ``all_zones`` gives node 0's zone itself on a one-node machine."""
+
+    def __init__(self, m) -> None:
+        self.m = m
+        self.zones = [pg.zone for pg in m.node_data]
+
+    @property
+    def free_order(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for z in self.zones:
+            out.update(z.free_order)
+        return out
+
+    @property
+    def untouched(self) -> tuple:
+        return tuple(z.untouched for z in self.zones)
+
+    @property
+    def untouched_end(self) -> tuple:
+        return tuple(z.untouched_end for z in self.zones)
+
+    @property
+    def nr_free(self) -> int:
+        return sum(z.nr_free for z in self.zones)
+
+    def is_free(self, pfn: int) -> bool:
+        return page_zone(self.m, pfn).is_free(pfn)
+
+    def free_block_at(self, pfn: int):
+        return page_zone(self.m, pfn).free_block_at(pfn)
+
+    def check(self) -> list[str]:
+        return [f"node {z.nid}: {e}" for z in self.zones for e in z.check()]
+
+
+def all_zones(m):
+    """Node 0's zone on a one-node machine, else an AllZones over every node's."""
+    return m.zone if len(m.node_data) == 1 else AllZones(m)
+
+
 # --------------------------------------------------------------- statistics
 def zone_statistics(m, preferred_zone, z, nr_account: int = 1) -> None:
     """zone_statistics: a hit on the preferred node, else a miss on the zone used and a

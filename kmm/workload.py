@@ -51,6 +51,14 @@ def _ulong(name: str, value, arg: str) -> int:
     return value & ULONG
 
 
+def _nodes(name: str, value) -> list[int]:
+    """A nodemask argument: a list of node ids (ints)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise TypeError(f"{name}: nodes must be a list of node ids (int)")
+    return list(value)
+
+
 def _word(name: str, value, arg: str, table) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name}: {arg} must be a str (one of {', '.join(table)}), "
@@ -110,6 +118,28 @@ class Kernel:
     def cpus(self) -> int:
         """How many emulated CPUs the machine has."""
         return len(self.machine.cpus)
+
+    @property
+    def nodes(self) -> int:
+        """How many NUMA nodes the machine has (``MACHINE["nodes"]``; 1 by default)."""
+        return len(self.machine.node_data)
+
+    def cpu_to_node(self, cpu: int) -> int:
+        """cpu_to_node: the node CPU ``cpu`` belongs to."""
+        return self.machine.cpu_node[cpu]
+
+    def page_to_nid(self, pfn: int) -> int:
+        """page_to_nid: the node whose memory holds frame ``pfn``."""
+        from kmm import mmzone
+        return mmzone.page_to_nid(self.machine, pfn)
+
+    def numastat(self, node: int | None = None) -> dict[str, int]:
+        """The numa_* lines of /proc/vmstat (numa_hit, numa_miss, numa_foreign,
+        numa_interleave, numa_local, numa_other), or one node's numastat."""
+        from kmm import mmzone
+        if node is None:
+            return mmzone.numa_vmstat(self.machine)
+        return dict(self.machine.node_data[node].zone.numa_events)
 
     async def process(self, name: str = "main") -> "Proc":
         """A new process with an empty address space (exec)."""
@@ -203,9 +233,9 @@ class Kernel:
         """Every /proc/vmstat event the machine counts, by name."""
         return dict(self.machine.vmstat.events)
 
-    def zoneinfo(self) -> dict[str, int]:
-        """/proc/zoneinfo's figures for the one zone: free pages, watermarks, size."""
-        z = self.machine.zone
+    def zoneinfo(self, node: int = 0) -> dict[str, int]:
+        """/proc/zoneinfo's figures for a node's zone: free pages, watermarks, size."""
+        z = self.machine.node_data[node].zone
         return {"nr_free": z.nr_free, "min": z.wmark["min"], "low": z.wmark["low"],
                 "high": z.wmark["high"], "managed": z.managed, "present": z.nr_pages}
 
@@ -227,21 +257,28 @@ class Kernel:
         from kmm import hugetlb
         return hugetlb.hugetlb_report_meminfo(self.machine)
 
-    def buddyinfo(self) -> list[int]:
-        """/proc/buddyinfo: free blocks per order, 0..10."""
-        return self.machine.zone.buddyinfo()
+    def buddyinfo(self, node: int = 0) -> list[int]:
+        """/proc/buddyinfo: a node's free blocks per order, 0..10."""
+        return self.machine.node_data[node].zone.buddyinfo()
 
-    async def alloc_kernel_pages(self, order: int, reserves: bool = False) -> int:
+    async def alloc_kernel_pages(self, order: int, reserves: bool = False,
+                                 node: int | None = None) -> int:
         """A kernel allocation of 2^order pages that stays put (unmovable: compaction
         cannot move it): its pfn, or -1. GFP_KERNEL may reclaim; ``reserves``
         (__GFP_MEMALLOC without reclaim) takes what is free, below the min watermark
-        too, so a program can hold every free block."""
+        too, so a program can hold every free block. ``node``: on that node only
+        (__alloc_pages_node with __GFP_THISNODE)."""
         from kmm import gfp, page_alloc
         if reserves:
             mask = getattr(gfp, "__GFP_MEMALLOC") | getattr(gfp, "__GFP_NOWARN")
         else:
             mask = getattr(gfp, "GFP_KERNEL") | getattr(gfp, "__GFP_NOWARN")
-        return await page_alloc.alloc_pages(self.machine, order, mask, "unmovable")
+        if node is not None:
+            if not 0 <= node < self.nodes:
+                raise ValueError(f"alloc_kernel_pages: node {node} is not one of the "
+                                 f"machine's 0..{self.nodes - 1}")
+            mask |= getattr(gfp, "__GFP_THISNODE")
+        return await page_alloc.alloc_pages(self.machine, order, mask, "unmovable", node)
 
     async def free_kernel_pages(self, pfn: int) -> None:
         """Free an allocation alloc_kernel_pages made."""
@@ -499,6 +536,46 @@ class Proc:
         self.k._done()
         return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}",
                       self)
+
+    async def set_mempolicy(self, mode: str, nodes=()) -> int:
+        """set_mempolicy(2): the process's NUMA policy, ``mode`` one of default, local,
+        preferred, bind, interleave, on ``nodes`` (node ids): 0. KmmError EINVAL as the
+        kernel returns it (nodes with default/local, no existing node for bind,
+        interleave or preferred, a node id beyond MAX_NUMNODES)."""
+        from kmm import mempolicy
+        self._alive()
+        mode = _word("set_mempolicy", mode, "mode", tuple(mempolicy.MODES))
+        nodes = _nodes("set_mempolicy", nodes)
+        r = await mempolicy.do_set_mempolicy(self.m, self.task, mode, nodes)
+        self.k._done()
+        return _check("set_mempolicy", r, f"{mode!r}, {nodes!r}", self)
+
+    async def mbind(self, addr: int, length: int, mode: str, nodes=(), flags=()) -> int:
+        """mbind(2): the NUMA policy of [addr, addr+length) (modes as set_mempolicy),
+        ``flags`` a list of "strict", "move", "move_all" (MPOL_MF_*): 0. KmmError EINVAL
+        (bad mode or nodes, unaligned addr), EFAULT (a hole in the range), EIO (strict:
+        pages left on other nodes)."""
+        from kmm import mempolicy, mempolicy_mbind
+        self._alive()
+        addr, length = _ulong("mbind", addr, "addr"), _ulong("mbind", length, "length")
+        mode = _word("mbind", mode, "mode", tuple(mempolicy.MODES))
+        nodes = _nodes("mbind", nodes)
+        if isinstance(flags, str) or not all(isinstance(f, str) for f in flags):
+            raise TypeError("mbind: flags must be a list of str (strict, move, move_all)")
+        for f in flags:
+            _word("mbind", f, "flag", tuple(mempolicy.FLAGS))
+        r = await mempolicy_mbind.do_mbind(self.m, self.task, addr, length, mode, nodes,
+                                           list(flags))
+        self.k._done()
+        return _check("mbind", r, f"{addr:#x}, {length:#x}, {mode!r}, {nodes!r}, "
+                      f"{list(flags)!r}", self)
+
+    def numa_maps(self, addr: int, length: int) -> dict:
+        """/proc/PID/numa_maps over [addr, addr+length): ``pages`` per node (N<node>=,
+        a PMD-mapped THP counting 512) and ``huge`` (PMD-mapped THPs per node), node ids
+        as strings."""
+        from kmm import task_mmu
+        return task_mmu.show_numa_map(self.m, self.task.mm, addr, addr + length)
 
     async def move_page(self, addr: int) -> str:
         """move_pages(2) of the order-0 page mapped at ``addr``: "moved", "busy" (it could

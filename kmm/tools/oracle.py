@@ -117,8 +117,12 @@ OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXI
     range(1, 10)
 )
 OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
-OP_MOVE_PAGES, OP_MOVE_STATUS, OP_MIGRATE_PAGES = 13, 14, 15
-MPOL_MF_MOVE, MPOL_MF_MOVE_ALL = 1 << 1, 1 << 2
+OP_SET_MEMPOLICY, OP_MBIND = 13, 14
+# include/uapi/linux/mempolicy.h
+MPOL = {"default": 0, "preferred": 1, "bind": 2, "interleave": 3, "local": 4}
+MPOL_MF = {"strict": 1, "move": 2, "move_all": 4}
+NODEMASK_BITS = 64  # the worker passes one unsigned long of nodemask
+OP_MOVE_PAGES, OP_MOVE_STATUS, OP_MIGRATE_PAGES = 15, 16, 17
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -422,6 +426,17 @@ def _setup_decoy() -> Workers:
     return decoy
 
 
+def _nodemask(step: Step) -> int:
+    """A step's nodes as the bits of one unsigned long (as a signed 64-bit value)."""
+    bits = 0
+    for n in step.nodes:
+        if n >= NODEMASK_BITS:
+            raise OracleError(f"step {step.index}: node {n}: the oracle passes node ids "
+                              f"below {NODEMASK_BITS} only")
+        bits |= 1 << n
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
 def _errno_result(op: str, err: int) -> dict:
     return {"op": op, "ok": False, "errno": errno_mod.errorcode.get(err, str(err))}
 
@@ -480,6 +495,9 @@ class _Run:
         elif op == "exit":
             call(w, OP_EXIT)
             return {"op": op, "ok": True}
+        elif op == "set_mempolicy":
+            status, err, _ = call(w, OP_SET_MEMPOLICY, MPOL[step.mode], _nodemask(step),
+                                  NODEMASK_BITS + 1)
         elif op == "migrate_pages":
             old = sum(1 << n for n in step.from_nodes)
             new = sum(1 << n for n in step.to_nodes)
@@ -489,7 +507,7 @@ class _Run:
         elif op == "move_pages":
             addr, size = w.regions[step.region]  # type: ignore[index]
             start, end = step_range(step, size)
-            flags = MPOL_MF_MOVE_ALL if step.move_all else MPOL_MF_MOVE
+            flags = MPOL_MF["move_all" if step.move_all else "move"]
             node = -1 if step.node is None else step.node
             if step.node is not None and step.node < 0:  # the worker's -1 is "nodes NULL"
                 return _errno_result(op, errno_mod.ENODEV)  # do_pages_move: node < 0
@@ -519,6 +537,10 @@ class _Run:
                 status, err, _ = call(w, OP_PUNCH_HOLE, addr, start, end - start)
             elif op == "ftruncate":
                 status, err, _ = call(w, OP_FTRUNCATE, addr, step.size)
+            elif op == "mbind":
+                flags = sum(MPOL_MF[f] for f in step.flags)
+                status, err, _ = call(w, OP_MBIND, a, b - a, MPOL[step.mode], _nodemask(step),
+                                      NODEMASK_BITS + 1, flags)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:

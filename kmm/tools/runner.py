@@ -176,6 +176,12 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "reclaim":
         await reclaim_step(m)
         return {**res, "ok": True}
+    if step.op == "set_mempolicy":
+        try:
+            await p.set_mempolicy(step.mode, list(step.nodes))
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     if step.op == "khugepaged":
         if not khugepaged.hugepage_pmd_enabled(m):  # the host has no khugepaged thread then
             raise ScenarioError(scenario.path, step.index, "op",
@@ -217,9 +223,11 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         except KmmError as e:
             return {**res, "ok": False, "errno": e.errno_name}
         return {**res, "ok": True}
-    if step.op in ("munmap", "mprotect", "madvise"):
+    if step.op in ("munmap", "mprotect", "madvise", "mbind"):
         try:
-            if step.op == "munmap":
+            if step.op == "mbind":
+                await p.mbind(start, length, step.mode, list(step.nodes), list(step.flags))
+            elif step.op == "munmap":
                 await p.munmap(start, length)
             elif step.op == "mprotect":
                 await p.mprotect(start, length, step.prot)

@@ -84,7 +84,15 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     "move_pages": {"region": True, "offset": False, "length": False, "stride": False,
                    "node": False, "move_all": False},
     "migrate_pages": {"from_nodes": True, "to_nodes": True},
+    # NUMA memory policy (kmm.mempolicy): set_mempolicy(2) of the process, mbind(2) of
+    # a range of a region; mode one of MPOL_MODES, nodes an array of node ids, flags an
+    # array of MBIND_FLAGS
+    "set_mempolicy": {"mode": True, "nodes": False},
+    "mbind": {"region": True, "offset": False, "length": False, "mode": True,
+              "nodes": False, "flags": False},
 }
+MPOL_MODES = ("default", "local", "preferred", "bind", "interleave")
+MBIND_FLAGS = ("strict", "move", "move_all")
 OPS = tuple(OP_KEYS)
 
 
@@ -148,6 +156,9 @@ class Step:
     move_all: bool = False  # move_pages: MPOL_MF_MOVE_ALL
     from_nodes: tuple[int, ...] = ()  # migrate_pages
     to_nodes: tuple[int, ...] = ()  # migrate_pages
+    mode: str | None = None  # set_mempolicy, mbind: one of MPOL_MODES
+    nodes: tuple = ()  # set_mempolicy, mbind: node ids
+    flags: tuple = ()  # mbind: MBIND_FLAGS
 
 
 @dataclass(frozen=True)
@@ -475,6 +486,23 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         kw["noreserve"] = raw["noreserve"]
     if "prot" in raw:
         kw["prot"] = _word(raw["prot"], PROT, file=file, step=index, key="prot")
+    if "mode" in raw:
+        kw["mode"] = _word(raw["mode"], MPOL_MODES, file=file, step=index, key="mode")
+    if "nodes" in raw:
+        # an id the kernel's bitmap cannot hold is the kernel's EINVAL, not an input error
+        v = raw["nodes"]
+        if not isinstance(v, list):
+            raise ScenarioError(file, index, "nodes", f"must be an array of node ids, not "
+                                f"{_show(v)}")
+        kw["nodes"] = tuple(_int(n, lo=0, hi=None, file=file, step=index, key="nodes")
+                            for n in v)
+    if "flags" in raw:
+        v = raw["flags"]
+        if not isinstance(v, list):
+            raise ScenarioError(file, index, "flags", f"must be an array of "
+                                f"{', '.join(MBIND_FLAGS)}, not {_show(v)}")
+        kw["flags"] = tuple(_word(f, MBIND_FLAGS, file=file, step=index, key="flags")
+                            for f in v)
     if "backing" in raw:
         kw["backing"] = _word(raw["backing"], BACKING, file=file, step=index, key="backing")
     if op in ("punch_hole", "ftruncate"):
