@@ -426,3 +426,16 @@ def test_split_of_a_pmd_migration_entry_then_restore():
         assert smaps_range(m, p.task.mm, a, a + 2 * MiB) == (2044, 0)
         assert await p.load(a) == b"\x02" and await p.verify() == []
     run(fn, cpus=2)
+
+
+def test_compaction_never_isolates_a_pmd_thp():
+    """mm/compaction.c skip_isolation_on_order (6.18): a folio of order >=
+    pageblock_order (9 on x86) is never isolated for migration, even by global
+    compaction (order -1, is_via_compact_memory): compaction cannot move a THP, so
+    thp_migration_* stay 0 however it runs (the THP moves only through move_pages,
+    migrate_pages, mbind MPOL_MF_MOVE or NUMA balancing)."""
+    from kmm import compaction
+    assert compaction.skip_isolation_on_order(9, 9)
+    assert compaction.skip_isolation_on_order(9, -1)
+    assert not compaction.skip_isolation_on_order(4, -1)
+    assert not compaction.skip_isolation_on_order(4, 9)
