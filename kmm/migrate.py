@@ -5,8 +5,15 @@ that mapped it becomes a migration entry naming the page, so no CPU can reach it
 it changes. A fault on such an entry sleeps until the folio is unlocked
 (``migration_entry_wait``) and then retries. ``remove_migration_ptes`` turns the entries
 back into present PTEs, pointing at the same pages (after a split) or at the new ones
-(after a move), with the write, dirty, young and exclusive state the entries kept.
-``migrate_pages`` moves order-0 folios and mTHPs to new frames, for compaction.
+(after a move), with the write, dirty, young and exclusive state the entries kept; a
+PMD migration entry (kmm.huge_memory_migrate) becomes a huge PMD again.
+``migrate_pages`` moves order-0 folios, mTHPs and PMD-mapped THPs (whole) to new
+frames, for compaction, the migration syscalls (kmm.migrate_syscalls) and NUMA
+balancing (``migrate_misplaced_folio``); a large folio without a target is split.
+Left out: file and hugetlb folios, MIGRATE_SYNC's waiting for locks and writeback (every
+caller migrates as MIGRATE_ASYNC does), the retry passes (a busy folio fails at once),
+the batched unmap/move with one TLB flush for the batch, and -ENOMEM aborting the rest
+of a batch of small folios.
 """
 
 from __future__ import annotations
