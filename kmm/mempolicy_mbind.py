@@ -13,7 +13,7 @@ from kmm import mmzone
 from kmm.gfp import GFP, __GFP_COMP, __GFP_RETRY_MAYFAIL
 from kmm.mempolicy import (
     FLAGS, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT,
-    MPOL_MF_VALID, Mempolicy, alloc_pages_mpol, get_nodes, get_task_policy,
+    MPOL_MF_VALID, MPOL_MAX, Mempolicy, alloc_pages_mpol, get_nodes, get_task_policy,
     get_vma_policy, mode_number, mpol_new,
 )
 from kmm.pgtable import PAGE_SIZE
@@ -29,6 +29,9 @@ async def do_mbind(m, task, start: int, length: int, mode, nodes=(), flags=0) ->
     EFAULT when the range has a hole. Context: takes mmap_lock for write."""
     from kmm import mmap as mmap_mod, swap
     mode = mode_number(mode)
+    nodes = get_nodes(nodes)  # kernel_mbind: sanitize_mpol_flags, get_nodes
+    if not 0 <= mode < MPOL_MAX or isinstance(nodes, str):
+        return "EINVAL"
     if isinstance(flags, (list, tuple, set, frozenset)):
         bits = 0
         for f in flags:
@@ -44,14 +47,11 @@ async def do_mbind(m, task, start: int, length: int, mode, nodes=(), flags=0) ->
     end = start + length
     if end < start:
         return "EINVAL"
-    nodes = get_nodes(nodes)
-    if isinstance(nodes, str):
-        return nodes
+    if end == start:
+        return 0
     new = mpol_new(m, mode, nodes)
     if isinstance(new, str):
         return new
-    if end == start:
-        return 0
     mm = task.mm
     await mm.mmap_lock.down_write("do_mbind")
     try:
