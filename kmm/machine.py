@@ -215,7 +215,14 @@ class Machine:
         PMD and PTE tables carry their split ptlock. Returns the pfn, or -1 when memory
         is exhausted.
         """
-        pfn = await page_alloc.alloc_pages(self, 0, "GFP_PGTABLE_USER", "pgtable")
+        if len(self.node_data) > 1:  # alloc_pages: the current (owning) task's policy
+            from kmm import mempolicy
+            task = self.tasks.get(mm.owner)
+            pfn = await mempolicy.alloc_pages_mpol(
+                self, page_alloc.GFP["GFP_PGTABLE_USER"], 0, mempolicy.get_task_policy(task),
+                mempolicy.NO_INTERLEAVE_INDEX, mmzone.numa_node_id(self), "pgtable", task)
+        else:
+            pfn = await page_alloc.alloc_pages(self, 0, "GFP_PGTABLE_USER", "pgtable")
         if pfn < 0:
             return -1
         self.physmem.new_table(pfn)

@@ -12,7 +12,9 @@ the policy (``alloc_pages_mpol``: a PMD-size folio of a non-interleave policy th
 allows the local or preferred node is first tried there alone, __GFP_THISNODE |
 __GFP_NORETRY).
 
-mbind's side (do_mbind, queue_pages_range and the moves) is kmm/mempolicy_mbind.py.
+Page tables (alloc_pages outside a VMA) follow the owning task's policy, interleave
+by its il_prev in turn. mbind's side (do_mbind, queue_pages_range and the moves) is
+kmm/mempolicy_mbind.py.
 
 Nodemasks are Python sets (or None: no mask). The syscalls take a list of node ids
 where the kernel takes a bitmap: an id outside 0..MAX_NUMNODES-1 is EINVAL as a bit
@@ -162,14 +164,15 @@ def interleave_nodes(m, pol: Mempolicy, task=None) -> int:
     """interleave_nodes: the task's next node after il_prev, round robin (an
     allocation outside a VMA: NO_INTERLEAVE_INDEX; the fault path always has one)."""
     nodes = sorted(pol.nodes)
-    prev = getattr(task, "il_prev", -1) if task is not None else -1
+    prev = getattr(task, "il_prev", -1) if task is not None else mmzone.MAX_NUMNODES
     nid = next((n for n in nodes if n > prev), nodes[0])  # next_node_in
     if task is not None:
         task.il_prev = nid
     return nid
 
 
-def policy_nodemask(m, gfp: int, pol: Mempolicy, ilx: int, nid: int) -> tuple[set | None, int]:
+def policy_nodemask(m, gfp: int, pol: Mempolicy, ilx: int, nid: int,
+                    task=None) -> tuple[set | None, int]:
     """policy_nodemask: the nodemask the allocation is confined to (BIND's nodes;
     None otherwise) and the preferred node (PREFERRED's node, INTERLEAVE's node for
     ilx, else the given one). Returns (nodemask, nid)."""
@@ -178,20 +181,20 @@ def policy_nodemask(m, gfp: int, pol: Mempolicy, ilx: int, nid: int) -> tuple[se
     if pol.mode == MPOL_BIND:
         return set(pol.nodes), nid
     if pol.mode == MPOL_INTERLEAVE:
-        return None, (interleave_nodes(m, pol) if ilx == NO_INTERLEAVE_INDEX
+        return None, (interleave_nodes(m, pol, task) if ilx == NO_INTERLEAVE_INDEX
                       else interleave_nid(pol, ilx))
     return None, nid
 
 
 async def alloc_pages_mpol(m, gfp: int, order: int, pol: Mempolicy, ilx: int, nid: int,
-                           purpose: str) -> int:
+                           purpose: str, task=None) -> int:
     """alloc_pages_mpol: allocate following the policy. A PMD-order folio of a policy
     that is not interleave and allows ``nid`` is first tried on that node alone without
     reclaim ("don't reclaim unnecessarily, just compact"); only a mask that allows
     direct reclaim then tries again the ordinary way (any node of the zonelist within
     the mask). An interleaved page that landed on its node counts numa_interleave.
     Returns the pfn, or -1."""
-    nodemask, nid = policy_nodemask(m, gfp, pol, ilx, nid)
+    nodemask, nid = policy_nodemask(m, gfp, pol, ilx, nid, task)
     if order == HPAGE_PMD_ORDER and ilx != NO_INTERLEAVE_INDEX:
         if pol.mode != MPOL_INTERLEAVE and (nodemask is None or nid in nodemask):
             pfn = await page_alloc.alloc_pages(m, order, gfp | __GFP_THISNODE | __GFP_NORETRY,

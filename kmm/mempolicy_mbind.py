@@ -13,7 +13,7 @@ from kmm import mmzone
 from kmm.gfp import GFP, __GFP_COMP, __GFP_RETRY_MAYFAIL
 from kmm.mempolicy import (
     FLAGS, MPOL_DEFAULT, MPOL_INTERLEAVE, MPOL_MF_MOVE, MPOL_MF_MOVE_ALL, MPOL_MF_STRICT,
-    MPOL_MF_VALID, Mempolicy, alloc_pages_mpol, get_nodes, get_task_policy,
+    MPOL_MF_VALID, MPOL_MAX, Mempolicy, alloc_pages_mpol, get_nodes, get_task_policy,
     get_vma_policy, mode_number, mpol_new,
 )
 from kmm.pgtable import PAGE_SIZE
@@ -29,6 +29,9 @@ async def do_mbind(m, task, start: int, length: int, mode, nodes=(), flags=0) ->
     EFAULT when the range has a hole. Context: takes mmap_lock for write."""
     from kmm import mmap as mmap_mod, swap
     mode = mode_number(mode)
+    nodes = get_nodes(nodes)  # kernel_mbind: sanitize_mpol_flags, get_nodes
+    if not 0 <= mode < MPOL_MAX or isinstance(nodes, str):
+        return "EINVAL"
     if isinstance(flags, (list, tuple, set, frozenset)):
         bits = 0
         for f in flags:
@@ -44,14 +47,11 @@ async def do_mbind(m, task, start: int, length: int, mode, nodes=(), flags=0) ->
     end = start + length
     if end < start:
         return "EINVAL"
-    nodes = get_nodes(nodes)
-    if isinstance(nodes, str):
-        return nodes
+    if end == start:
+        return 0
     new = mpol_new(m, mode, nodes)
     if isinstance(new, str):
         return new
-    if end == start:
-        return 0
     mm = task.mm
     await mm.mmap_lock.down_write("do_mbind")
     try:
@@ -63,10 +63,10 @@ async def do_mbind(m, task, start: int, length: int, mode, nodes=(), flags=0) ->
         queued, nr_failed = _queue_pages(m, vmas, start, end, nodes, flags)
         misplaced = []
         for vma, addr, folio in queued:  # migrate_folio_add: isolate under the lock
-            if not folio.order and await swap.folio_isolate_lru(m, folio):
+            if mbind_can_move(folio) and await swap.folio_isolate_lru(m, folio):
                 misplaced.append((vma, addr, folio))
             else:
-                nr_failed += 1  # a large folio: not moved whole (yet)
+                nr_failed += 1
         for vma in vmas:  # mbind_range -> vma_modify_policy
             s, e = max(start, vma.start), min(end, vma.end)
             if vma.start < s:
@@ -133,19 +133,36 @@ def _queue_pages(m, vmas: list, start: int, end: int, nodes: set, flags: int):
     return out, failed
 
 
+def mbind_can_move(folio) -> bool:
+    """Which folios MPOL_MF_MOVE moves: order-0 ones (kmm.migrate.migrate_pages does not
+    move a PMD-size THP whole yet; once it does, this says yes to them and
+    alloc_migration_target_by_mpol below already allocates at the folio's order)."""
+    return not folio.order
+
+
+async def alloc_migration_target_by_mpol(m, src, pol: Mempolicy, vma, addr: int) -> int:
+    """alloc_migration_target_by_mpol: the destination of ``src`` under the new policy
+    (its interleave index; GFP_TRANSHUGE for a large folio, else GFP_HIGHUSER_MOVABLE |
+    __GFP_RETRY_MAYFAIL), preferring the running CPU's node. The pfn, or -1."""
+    order = src.order
+    ilx = get_vma_policy(m, vma, addr, order)[1] if pol.mode == MPOL_INTERLEAVE else 0
+    if order:
+        gfp = GFP["GFP_TRANSHUGE"]
+    else:
+        gfp = GFP["GFP_HIGHUSER_MOVABLE"] | __GFP_RETRY_MAYFAIL | __GFP_COMP
+    return await alloc_pages_mpol(m, gfp, order, pol, ilx, mmzone.numa_node_id(m),
+                                  "thp" if order else "anon")
+
+
 async def migrate_misplaced_to_policy(m, queued: list, pol: Mempolicy) -> int:
     """The migrate half of do_mbind (after mmap_lock is dropped, as there): move each
-    isolated order-0 folio to a folio that ``pol`` allocates
-    (alloc_migration_target_by_mpol: the folio's interleave index,
-    GFP_HIGHUSER_MOVABLE | __GFP_RETRY_MAYFAIL) with kmm.migrate.migrate_pages (reason
-    "mempolicy_mbind"). Returns the folios not moved."""
+    isolated folio to the folio alloc_migration_target_by_mpol gives, with
+    kmm.migrate.migrate_pages (reason "mempolicy_mbind"). Returns the folios not
+    moved."""
     from kmm import migrate, swap
     failed = 0
     for vma, addr, folio in queued:
-        _, ilx = get_vma_policy(m, vma, addr, folio.order) if pol.mode == MPOL_INTERLEAVE \
-            else (pol, 0)
-        gfp = GFP["GFP_HIGHUSER_MOVABLE"] | __GFP_RETRY_MAYFAIL | __GFP_COMP
-        new = await alloc_pages_mpol(m, gfp, 0, pol, ilx, mmzone.numa_node_id(m), "anon")
+        new = await alloc_migration_target_by_mpol(m, folio, pol, vma, addr)
         used = []
 
         def get_new_folio(_src, pfn=new, used=used):

@@ -87,6 +87,7 @@ class ScanControl:
     file_cost: int = 0
     nr_scanned: int = 0
     nr_reclaimed: int = 0
+    nid: int = 0  # the node being reclaimed (kswapd's; direct reclaim: node 0)
 
 
 @dataclass(slots=True)

@@ -91,8 +91,9 @@ def should_continue_reclaim(m, nr_reclaimed: int, sc: vmscan.ScanControl) -> boo
 
 async def shrink_node(m, sc: vmscan.ScanControl) -> None:
     """shrink_node: one pass over the node's LRU lists and shrinkers at sc.priority
-    (again while a high-order reclaim should continue). Progress revives kswapd."""
-    pg = vmscan.NODE_DATA(m)
+    (again while a high-order reclaim should continue). Progress revives the node's
+    kswapd (sc.nid)."""
+    pg = vmscan.NODE_DATA(m, sc.nid)
     while True:
         nr_reclaimed = sc.nr_reclaimed
         vmscan.prepare_scan_control(m, sc)
@@ -241,7 +242,8 @@ async def balance_pgdat(m, order: int, nid: int = 0) -> int:
     memory, and its balance is its own zone's watermark."""
     pg = vmscan.NODE_DATA(m, nid)
     m.vmstat.count_vm_event("pageoutrun")
-    sc = vmscan.ScanControl(gfp_mask=GFP_KERNEL, order=order, may_unmap=True, is_kswapd=True)
+    sc = vmscan.ScanControl(gfp_mask=GFP_KERNEL, order=order, may_unmap=True, is_kswapd=True,
+                            nid=nid)
     while True:
         sc.priority = vmscan.DEF_PRIORITY
         balanced = False

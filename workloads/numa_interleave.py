@@ -10,7 +10,8 @@ A process on CPU 0 (node 0) maps 16 MiB under enabled=always three ways:
   (remote to the CPU) but numa_hit (the preferred node was node 1).
 - ``interleave_task_4k``: set_mempolicy(MPOL_INTERLEAVE, {0, 1}) and a MADV_NOHUGEPAGE
   mapping: the task policy interleaves order-0 pages by their page index, so the 4 KiB
-  pages alternate too (the page tables come from the local node, outside the policy).
+  pages alternate too, and so do the page tables (allocated outside a VMA: the task's
+  il_prev round robin).
 
 The result: numa_maps per mapping and the numa_* counters each phase moved.
 

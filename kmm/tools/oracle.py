@@ -293,6 +293,17 @@ def _check_host() -> None:
         raise OracleError("kmm oracle needs root to set /sys/kernel/mm/transparent_hugepage knobs")
 
 
+def _check_nodes(scenario: Scenario) -> None:
+    """A scenario of N NUMA nodes needs a host of N nodes (its results depend on them)."""
+    want = scenario.machine.nodes
+    if want > 1:
+        have = len([d for d in os.listdir("/sys/devices/system/node")
+                    if d.startswith("node") and d[4:].isdigit()])
+        if have != want:
+            raise HostLacks(f"the scenario's machine has {want} NUMA nodes, this host "
+                            f"{have}")
+
+
 @contextlib.contextmanager
 def _run_lock(timeout: float = 300.0, waiting=None):
     """One oracle run at a time on this machine: runs share the knobs and the counters.
@@ -584,6 +595,7 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
     """Run the scenario on the host kernel; return the report (docs/report-format.md).
     ``waiting(text)`` hears it once if another run holds the lock."""
     _check_host()
+    _check_nodes(scenario)
     with _run_lock(waiting=waiting), _terminating_raises():
         knobs = oracle_host.HostKnobs()
         khugepaged = oracle_host.Khugepaged()

@@ -227,3 +227,18 @@ def test_free_goes_back_to_the_pages_node():
         return before, mid, z1.nr_free, mmzone.page_to_nid(m, pfn)
     _, (before, mid, after, nid) = two_nodes(fn)
     assert nid == 1 and mid == before - 1 and after == before
+
+
+def test_kcompactd_request_is_per_node():
+    """wakeup_kcompactd(pgdat, order): the order is recorded in that node's pgdat
+    (kcompactd_max_order) and only its kcompactd has work (kcompactd_work_requested)."""
+    from kmm import compaction
+    from kmm.daemon import DaemonContext
+
+    async def fn(m, k):
+        compaction.wakeup_kcompactd(m, 9, 1)
+        return (compaction.kcompactd_work_requested(m, 0),
+                DaemonContext(m, "kcompactd1", 1).kcompactd_work_requested(),
+                m.node_data[1].zone.kcompactd_max_order)
+    _, got = two_nodes(fn)
+    assert got == (False, True, 9)
