@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kmm import hugetlb_pmd_share
+from kmm import hugetlb_pmd_share, mmzone
 from kmm.memory import pmd_lookup
 from kmm.mm_types import PG_isolated, PG_lru, PGTY_hugetlb
 from kmm.pgtable import PUD_SIZE, pmd_index, pmd_pfn, pmd_trans_huge
@@ -84,7 +84,7 @@ def hugetlb_errors(ctx) -> list[str]:
         for f in mine:
             if f.flags & (PG_lru | PG_isolated) or f.on_deferred_list:
                 errs.append(f"hugetlb folio {f.pfn:#x} on the LRU or deferred split queue")
-            if m.zone.is_free(f.pfn):
+            if mmzone.all_zones(m).is_free(f.pfn):
                 errs.append(f"hugetlb folio {f.pfn:#x} is on a buddy free list")
             n = maps.get(f.pfn, 0)
             if f.pfn in free:
@@ -129,7 +129,7 @@ def shared_pmd_errors(m) -> list[str]:
                                 f"reaches shared PMD table {t:#x}")
     for pfn, pg in pm.pages.items():
         if pg.pt_share_count and (pg.page_type != "table" or pg.pt_level != "pmd"
-                                  or m.zone.is_free(pfn) or pfn not in refs):
+                                  or mmzone.all_zones(m).is_free(pfn) or pfn not in refs):
             errs.append(f"page {pfn:#x} has pt_share_count {pg.pt_share_count} but is "
                         "no live PMD table (freed while shared)")
     return errs

@@ -83,6 +83,7 @@ async def move_vma(m, vma: VmArea, old_addr: int, old_len: int, new_len: int,
     mm = vma.mm
     new_pgoff = vma.pgoff + ((old_addr - vma.start) >> PAGE_SHIFT)
     new_vma = VmArea(mm, new_addr, new_addr + new_len, vma.flags, new_pgoff)  # copy_vma
+    new_vma.vm_policy = vma.vm_policy
     rmap.anon_vma_clone(new_vma, vma)
     if vma.hugetlb_file is not None:  # vm_area_dup: the file, the VMA lock or resv map
         hugetlb_resv.hugetlb_vma_copy(m, new_vma, vma, fork=False)
