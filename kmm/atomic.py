@@ -110,7 +110,9 @@ ticked = Scheduler.ticked
 async def point(sched, event: str, cost: int = 1, **fields) -> None:
     """One point of an operation that is not itself a shared-state change (an
     allocator reply, a scanner step, a user access): the same fast path."""
-    if not ticked(sched, cost):
+    if sched.quiet:
+        sched.tick(cost, event, **fields)
+    else:
         await sched.point(event, cost, **fields)
 
 
@@ -175,7 +177,9 @@ def entry_set_unwalked(m, level: str, table: int, idx: int, val: int) -> None:
 async def entry_read(m, level: str, table: int, idx: int) -> int:
     """READ_ONCE of a page-table entry (ptep_get, pmdp_get_lockless)."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.quiet:
+        sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
+    else:
         await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
     return m.tables[table][idx]
 
@@ -183,14 +187,20 @@ async def entry_read(m, level: str, table: int, idx: int) -> int:
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     """WRITE_ONCE of a page-table entry (set_pte_at, set_pmd_at, pmd_populate)."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.quiet:
+        sched.tick(COST_ENTRY, "set_" + level, pt=table, i=idx, val=val)
+    else:
         await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
     m.tables[table][idx] = val
 
 
 async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
     """xchg(entry, 0): ptep_get_and_clear / pmdp_huge_get_and_clear."""
-    await m.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(COST_ENTRY, level + "p_get_and_clear", pt=table, i=idx)
+    else:
+        await sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
     t = m.tables[table]
     old = t[idx]
     t[idx] = 0
@@ -199,7 +209,11 @@ async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
 
 async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
     """cmpxchg on an entry (ptep_set_access_flags' try_cmpxchg, the hardware A/D update)."""
-    await m.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(COST_ENTRY, level + "_cmpxchg", pt=table, i=idx, val=new)
+    else:
+        await sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
     t = m.tables[table]
     if t[idx] != old:
         return False
@@ -213,7 +227,9 @@ async def set_ptes(m, table: int, idx: int, entry: int, nr: int) -> None:
     point: the PTE lock keeps faults out, and a hardware walk sees each PTE either none
     or set, which is all the kernel promises."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.quiet:
+        sched.tick(COST_ENTRY, "set_ptes", pt=table, i=idx, nr=nr)
+    else:
         await sched.point("set_ptes", COST_ENTRY, pt=table, i=idx, nr=nr)
     t = m.tables[table]
     for i in range(nr):
@@ -244,7 +260,11 @@ def set_ptes_table(m, table: int, entries, pmd_tbl: int) -> None:
 # ------------------------------------------------------------------ refcounts
 async def folio_ref_add(m, folio: Page, n: int) -> None:
     """folio_ref_add / folio_get: an atomic_add on the refcount."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=n)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
     folio.refcount += n
 
 
@@ -254,7 +274,11 @@ async def folio_put_testzero(m, folio: Page, n: int = 1, dropped=None) -> bool:
     at once, or a batch after dropping its lock). ``dropped()`` runs with the
     decrement: bookkeeping of who held the reference (the invariant checker's) changes
     at that instant, not at the point before."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=-n)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
     folio.refcount -= n
     if dropped is not None:
         dropped()
@@ -280,7 +304,11 @@ def folio_ref_sub_locked(folio: Page, n: int = 1) -> None:
 async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
     """folio_ref_freeze: atomic_cmpxchg(refcount, count, 0); True if it held exactly
     ``count`` and is now frozen (the caller owns the folio)."""
-    await m.sched.point("page_ref_freeze", pfn=folio.pfn)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_freeze", pfn=folio.pfn)
+    else:
+        await sched.point("page_ref_freeze", pfn=folio.pfn)
     if folio.refcount != count:
         return False
     folio.refcount = 0
@@ -290,7 +318,11 @@ async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
 async def folio_try_get(m, folio: Page) -> bool:
     """folio_try_get: atomic_add_unless(refcount, 1, 0); False for a folio being freed
     or frozen."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=1)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
     if folio.refcount <= 0:
         return False
     folio.refcount += 1
@@ -299,7 +331,11 @@ async def folio_try_get(m, folio: Page) -> bool:
 
 async def folio_ref_unfreeze(m, folio: Page, count: int) -> None:
     """folio_ref_unfreeze: atomic_set(refcount, count) on a frozen folio."""
-    await m.sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    else:
+        await sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
     if folio.refcount:
         raise KernelBug(f"folio_ref_unfreeze of a folio not frozen: {folio!r}")
     folio.refcount = count
@@ -316,7 +352,9 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
     """__folio_add_new_anon_rmap: first mapping of a folio no one else can see, with
     its NR_ANON_MAPPED / NR_ANON_THPS accounting (__lruvec_stat_mod_folio)."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
     folio.anon_vma = anon_vma
     folio.index = index
@@ -348,7 +386,9 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:
     """__folio_add_rmap for nr PTEs of pages pfn..: returns how many pages became mapped."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="add_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
     if not folio.order:
         folio.mapcount += 1
@@ -372,7 +412,9 @@ async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) 
 async def mapcount_remove_ptes(m, folio: Page, pfn: int, nr: int) -> int:
     """__folio_remove_rmap for nr PTEs: returns how many pages became unmapped."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
     if not folio.order:
         folio.mapcount -= 1
@@ -400,7 +442,9 @@ async def mapcount_remove_ptes(m, folio: Page, pfn: int, nr: int) -> int:
 async def mapcount_add_pmd(m, folio: Page, exclusive: bool) -> None:
     """__folio_add_rmap for one PMD mapping."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="add_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
@@ -412,7 +456,9 @@ async def mapcount_remove_pmd(m, folio: Page) -> int:
     """__folio_remove_rmap for one PMD mapping: returns the entire mapcount left; the
     last PMD mapping of a folio no PTE maps any more clears its exclusivity."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="remove_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
     folio.entire_mapcount -= 1
     folio.large_mapcount -= 1
@@ -426,7 +472,9 @@ async def mapcount_remove_pmd(m, folio: Page) -> int:
 async def mapcount_dup_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """__folio_try_dup_anon_rmap for nr PTEs (fork): the pages become shared."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="dup_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
     if not folio.order:
         folio.mapcount += 1
@@ -443,7 +491,9 @@ async def mapcount_dup_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 async def mapcount_dup_pmd(m, folio: Page) -> None:
     """__folio_try_dup_anon_rmap for a PMD (fork of a PMD-mapped THP)."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="dup_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
@@ -458,7 +508,9 @@ async def mapcount_dup_pmd(m, folio: Page) -> None:
 async def folio_set_flags(m, folio: Page, bits: int) -> None:
     """set_bit on folio->flags (folio_set_*), where another actor may race: one point."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "set_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("set_bit", pfn=folio.pfn, bits=bits)
     folio.flags |= bits
 
@@ -466,7 +518,9 @@ async def folio_set_flags(m, folio: Page, bits: int) -> None:
 async def folio_clear_flags(m, folio: Page, bits: int) -> None:
     """clear_bit on folio->flags (folio_clear_*): one point."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "clear_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("clear_bit", pfn=folio.pfn, bits=bits)
     folio.flags &= ~bits
 
@@ -474,7 +528,9 @@ async def folio_clear_flags(m, folio: Page, bits: int) -> None:
 async def folio_test_set_flags(m, folio: Page, bits: int) -> bool:
     """test_and_set_bit (folio_test_set_*): True if every bit was set already."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "test_and_set_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("test_and_set_bit", pfn=folio.pfn, bits=bits)
     old = folio.flags
     folio.flags = old | bits

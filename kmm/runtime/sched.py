@@ -333,6 +333,25 @@ class Scheduler:
         if self._sleepers and self._sleepers[0][0] <= now:
             self._wake_sleepers()
 
+    def tick_fields(self, cost: int, event: str, fields: dict) -> None:
+        """``tick`` with the fields as a dict already built (a lock's)."""
+        self.seq = seq = self.seq + 1
+        self.now = now = self.now + cost
+        tr = self._trace
+        if tr is not None:
+            tr.fold(seq, now, self.current.name, event, fields)
+        if self._sleepers and self._sleepers[0][0] <= now:
+            self._wake_sleepers()
+
+    def advance(self, cost: int) -> None:
+        """Emulated time passes with no event (a user access that hits the TLB in free
+        mode: no kernel entry, and no other actor can run at it, so it is neither a
+        point nor a trace line; docs/points.md). Sleepers due by then wake, as at a
+        point, so the next choice sees the same runnable actors."""
+        self.now = now = self.now + cost
+        if self._sleepers and self._sleepers[0][0] <= now:
+            self._wake_sleepers()
+
     def ticked(self, cost: int) -> bool:
         """The fast path of a point, decided once for every caller (kmm.atomic.ticked):
         when ``fast``, the point is the clock tick, done here without a further call,
@@ -381,7 +400,9 @@ class Scheduler:
             self._over_bound(cur, event, fields)
         # a spin: the same point again and again (every mode that may switch, so a
         # replay in preempt mode sees the defaults the recorded run saw)
-        what = (event, tuple(fields.get(k) for k in _WHAT))
+        g = fields.get  # _WHAT, spelled out (a generator per point cost more)
+        what = (event, g("site"), g("lock"), g("addr"), g("pt"), g("i"), g("pfn"),
+                g("mode"))
         if what == cur.spin_ev:
             cur.spin_n += 1
             if cur.spin_n >= SPIN_REPEAT:
