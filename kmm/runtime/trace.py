@@ -57,11 +57,11 @@ class Trace:
 
     def _flush(self) -> None:
         """Fold the batch: its events pickled in fast mode (values only, no memo) into
-        the running sha256."""
+        the running sha256. The batch list itself is kept (the scheduler's tick
+        appends to it directly)."""
         buf = self._buf
         if not buf:
             return
-        self._buf = []
         out = io.BytesIO()
         p = pickle.Pickler(out, 5)
         p.fast = True  # no memo: equal values give equal bytes, shared or not
@@ -75,6 +75,7 @@ class Trace:
                     for seq, t, actor, event, fields in buf])
         self._sha.update(out.getbuffer())
         self._count += len(buf)
+        buf.clear()
 
     @property
     def count(self) -> int:
