@@ -3,9 +3,11 @@ another actor may see (the kernel's READ_ONCE / WRITE_ONCE / xchg / cmpxchg, ato
 bitops and list operations).
 
 Emulator-only in form, kernel in meaning: each *atomic* operation here is exactly one
-preemption point (``await sched.point(event, ...)``, or ``sched.tick(cost)`` when the
-scheduler is in its fast mode: that choice is written once, ``ticked``), so what is
-atomic is what the kernel makes atomic, not whatever code sits between two awaits.
+preemption point (``await sched.point(event, ...)``, or, when the scheduler is
+``quiet`` (free mode, no hook: no other actor can be chosen there), the synchronous
+``sched.tick(cost, event, **fields)``: the same sequence number, clock and digest
+without a coroutine), so what is atomic is what the kernel makes atomic, not whatever
+code sits between two awaits.
 Several field changes the kernel makes as ONE atomic step stay one point (e.g.
 ``folio_add_anon_rmap_ptes`` updating the per-page mapcounts, the large mapcount and
 ``nr_pages_mapped`` together, as the kernel does under the folio's mapcount atomics).
@@ -99,11 +101,12 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ the point, once
-# The fast path of a point, written once: in the scheduler's fast mode (free, no trace,
-# no hook) a point is only a clock tick. ``ticked(sched, cost)`` ticks and returns True
-# then; callers write ``if not ticked(sched, c): await sched.point(event, c, ...)`` so
-# the fast path builds neither a coroutine nor the event's fields, at one call (the
-# scheduler's own method, so the tick stays the scheduler's business).
+# The fast path of a point: when the scheduler is quiet (free mode, no hook, at most
+# the digest) no other actor can be chosen at a point, so the operations below write
+# ``if sched.quiet: sched.tick(cost, event, **fields) else: await sched.point(...)``:
+# the tick folds the event into the digest (if there is one) with no coroutine frame.
+# ``ticked(sched, cost)`` is the older, narrower fast path (fast mode: no trace at
+# all), still used by the recorded steps, which are synchronous anyway.
 ticked = Scheduler.ticked
 
 

@@ -308,7 +308,7 @@ class _Lines:
 
 
 def test_digest_is_the_same_in_every_process():
-    """The digest hashes interned ids and ints, never a str's per-process hash: two
+    """The digest hashes the events' values (pickled), never a str's per-process hash: two
     processes with different hash seeds report the same digest."""
     import os
     import subprocess
