@@ -180,7 +180,9 @@ def entry_set_unwalked(m, level: str, table: int, idx: int, val: int) -> None:
 async def entry_read(m, level: str, table: int, idx: int) -> int:
     """READ_ONCE of a page-table entry (ptep_get, pmdp_get_lockless)."""
     sched = m.sched
-    if sched.quiet:
+    if sched.fast:  # no trace at all: the tick alone, not even the fields
+        sched.ticked(COST_ENTRY)
+    elif sched.quiet:
         sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
     else:
         await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
@@ -190,7 +192,9 @@ async def entry_read(m, level: str, table: int, idx: int) -> int:
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     """WRITE_ONCE of a page-table entry (set_pte_at, set_pmd_at, pmd_populate)."""
     sched = m.sched
-    if sched.quiet:
+    if sched.fast:  # no trace at all: the tick alone, not even the fields
+        sched.ticked(COST_ENTRY)
+    elif sched.quiet:
         sched.tick(COST_ENTRY, "set_" + level, pt=table, i=idx, val=val)
     else:
         await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
