@@ -30,6 +30,7 @@ entry_read                     READ_ONCE(*ptep), pmdp_get                <level>
 entry_set                      WRITE_ONCE, set_pte_at, set_pmd_at        set_<level>
 entry_get_and_clear            xchg: ptep/pmdp_get_and_clear             <level>p_get_and_clear
 entry_cmpxchg                  cmpxchg on an entry                       <level>_cmpxchg
+entry_read/cmpxchg_quiet       the same, scheduler quiet (no coroutine)  the same
 set_ptes                       set_ptes of an mTHP, PTE lock held        set_ptes
 set_ptes_table                 set_ptes into a withdrawn table           step set_ptes
 entry_set_unwalked             set_pte_at, a table no walker reaches     step set_<level>
@@ -82,6 +83,7 @@ from kmm.runtime.sched import Scheduler
 __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes",
+    "entry_read_quiet", "entry_cmpxchg_quiet",
     "set_ptes_table",
     "entry_set_unwalked", "step", "step_owned", "step_locked",
     "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
@@ -189,6 +191,17 @@ async def entry_read(m, level: str, table: int, idx: int) -> int:
     return m.tables[table][idx]
 
 
+def entry_read_quiet(m, level: str, table: int, idx: int) -> int:
+    """entry_read when the scheduler is quiet (no actor can be chosen at the point):
+    the same point, as a tick, with no coroutine (the hardware walker's fast path)."""
+    sched = m.sched
+    if sched.fast:
+        sched.ticked(COST_ENTRY)
+    else:
+        sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
+    return m.tables[table][idx]
+
+
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     """WRITE_ONCE of a page-table entry (set_pte_at, set_pmd_at, pmd_populate)."""
     sched = m.sched
@@ -221,6 +234,16 @@ async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int)
         sched.tick(COST_ENTRY, level + "_cmpxchg", pt=table, i=idx, val=new)
     else:
         await sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
+    t = m.tables[table]
+    if t[idx] != old:
+        return False
+    t[idx] = new
+    return True
+
+
+def entry_cmpxchg_quiet(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
+    """entry_cmpxchg when the scheduler is quiet: the same point, as a tick."""
+    m.sched.tick(COST_ENTRY, level + "_cmpxchg", pt=table, i=idx, val=new)
     t = m.tables[table]
     if t[idx] != old:
         return False
