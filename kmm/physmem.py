@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import weakref
 
 from kmm.mm_types import Page
 from kmm.pgtable import PAGE_SIZE, PTRS_PER_TABLE
@@ -34,9 +35,16 @@ _POOL: list[memoryview] = []  # chunks of machines gone, for the next ones
 _POOL_MAX = 256        # at most this much host memory (512 MiB) kept for reuse
 
 
+def _recycle(chunks: dict) -> None:
+    """The chunks of a machine gone, to the pool (as many as it keeps)."""
+    room = _POOL_MAX - len(_POOL)
+    if room > 0:
+        _POOL.extend(list(chunks.values())[:room])
+
+
 class PhysMem:
     __slots__ = ("nr_pages", "pages", "data", "tables", "page_cls", "table_cls", "chunks",
-                 "_arena", "_arena_next")
+                 "_arena", "_arena_next", "__weakref__")
 
     def __init__(self, nr_pages: int) -> None:
         self.nr_pages = nr_pages
@@ -106,6 +114,8 @@ class PhysMem:
         key = pfn >> 9
         if key in self.chunks:
             return
+        if not self.chunks:  # the first: its chunks go to the pool when self goes
+            weakref.finalize(self, _recycle, self.chunks)
         if _POOL:
             self.chunks[key] = _POOL.pop()
             return
@@ -122,13 +132,6 @@ class PhysMem:
         self._arena_next = i + 1
         self.chunks[key] = self._arena[i * _CHUNK:(i + 1) * _CHUNK]
 
-    def __del__(self) -> None:
-        try:
-            room = _POOL_MAX - len(_POOL)
-            if room > 0 and self.chunks:
-                _POOL.extend(list(self.chunks.values())[:room])
-        except Exception:  # noqa: BLE001 - at interpreter exit the pool may be gone
-            pass
 
     def clear(self, pfn: int, nr: int = 1) -> None:
         """clear_page / folio_zero_user: lazily, by forgetting the frames."""

@@ -35,7 +35,7 @@ class Trace:
     """Folds events into the digest; writes JSON lines to ``sink`` if there is one, and
     keeps the last ``keep`` events (for a failure file) if asked."""
 
-    BATCH = 4096
+    BATCH = 256  # small enough that a batch is still in the cache when it is pickled
 
     def __init__(self, sink: IO[str] | None = None, keep: int = 0) -> None:
         self.sink = sink
