@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from kmm import mmzone
 from kmm.memory import pmd_lookup
 from kmm.mm_types import PG_isolated, PG_lru, PGTY_hugetlb
 from kmm.pgtable import pmd_index, pmd_pfn, pmd_trans_huge
@@ -74,7 +75,7 @@ def hugetlb_errors(ctx) -> list[str]:
         for f in mine:
             if f.flags & (PG_lru | PG_isolated) or f.on_deferred_list:
                 errs.append(f"hugetlb folio {f.pfn:#x} on the LRU or deferred split queue")
-            if m.zone.is_free(f.pfn):
+            if mmzone.all_zones(m).is_free(f.pfn):
                 errs.append(f"hugetlb folio {f.pfn:#x} is on a buddy free list")
             n = maps.get(f.pfn, 0)
             if f.pfn in free:

@@ -164,6 +164,12 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
     sched = m.sched
     stats = m.tlb_stats
     faults = 0
+    if m.__dict__.get("numab") is not None:  # task_tick_numa's task_work, back to user
+        from kmm import numa_balancing
+        if numa_balancing.enabled(m):
+            if len(m.node_data) > 1:
+                m.running_cpu[sched.current] = cpu_id
+            await numa_balancing.task_tick_numa(m, task)
     while True:
         e = _tlb_lookup(cpu, mm.id, addr)
         if e is not None and (not write or (e[1] and e[2])):
@@ -199,6 +205,8 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             # access possible (a page-table entry no fault handler can resolve)
             m.bug(f"watchdog: BUG: soft lockup - CPU#{cpu_id} stuck: {faults} faults "
                   f"at {addr:#x} ({'write' if write else 'read'}) without progress")
+        if len(m.node_data) > 1:  # numa_node_id() in the fault: the CPU it runs on
+            m.running_cpu[sched.current] = cpu_id
         await do_user_addr_fault(m, task, addr, write)
 
 

@@ -109,7 +109,7 @@ class VmArea:
     """struct vm_area_struct for an anonymous private mapping."""
 
     __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot",
-                 "vm_file", "vm_private_data", "hugetlb_file")
+                 "vm_file", "vm_private_data", "hugetlb_file", "vm_policy")
 
     def __init__(self, mm: "MmStruct", start: int, end: int, flags: int, pgoff: int) -> None:
         self.mm = mm
@@ -122,6 +122,7 @@ class VmArea:
         self.vm_file = None          # shmem: the shmem.ShmemFile mapped (pgoff in file pages)
         self.hugetlb_file = None     # hugetlb: the hugetlbfs file (kmm.hugetlb_resv.HugetlbFile)
         self.vm_private_data = None  # hugetlb: reservation map and HPAGE_RESV_* flags
+        self.vm_policy = None        # mbind: the VMA's kmm.mempolicy.Mempolicy (None: the task's)
         from kmm.pgtable import vm_page_prot
         self.page_prot = vm_page_prot(flags)
 

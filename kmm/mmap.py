@@ -43,6 +43,7 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     mmdebug.mmap_assert_write_locked(m, vma.mm, "__split_vma (vma_start_write)")
     await huge_memory.vma_adjust_trans_huge(m, vma, addr, addr, None)
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
+    new.vm_policy = vma.vm_policy  # vma_dup_policy
     rmap.anon_vma_clone(new, vma)
     if vma.vm_file is not None:
         await shmem.vma_link_file(m, new, vma.vm_file)
@@ -58,7 +59,7 @@ def _mergeable(a: VmArea, b: VmArea) -> bool:
     return (a.end == b.start and a.flags == b.flags
             and a.hugetlb_file is b.hugetlb_file is None
             and b.pgoff == a.pgoff + ((b.start - a.start) >> 12)
-            and a.vm_file is b.vm_file
+            and a.vm_file is b.vm_file and a.vm_policy == b.vm_policy
             and (a.anon_vma is None or b.anon_vma is None or a.anon_vma is b.anon_vma))
 
 

@@ -74,6 +74,7 @@ async def move_vma(m, vma: VmArea, old_addr: int, old_len: int, new_len: int,
     mm = vma.mm
     new_pgoff = vma.pgoff + ((old_addr - vma.start) >> PAGE_SHIFT)
     new_vma = VmArea(mm, new_addr, new_addr + new_len, vma.flags, new_pgoff)  # copy_vma
+    new_vma.vm_policy = vma.vm_policy
     rmap.anon_vma_clone(new_vma, vma)
     mm.vmas.append(new_vma)
     mm.vmas.sort(key=lambda v: v.start)

@@ -282,7 +282,8 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
     mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
-                                swap=spec.get("swap", 0), cpus=cpus, seed=seed)
+                                swap=spec.get("swap", 0), cpus=cpus, seed=seed,
+                                **runner.program_numa(spec, cpus))
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
     trace = Trace(sink, keep) if digest or keep or sink is not None else None
     m.sched.trace = trace

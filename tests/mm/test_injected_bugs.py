@@ -32,6 +32,9 @@ CASES = {
     "split_pmd_no_tlb_flush": ("race_reclaim_split.py", 1, InvariantError,
                                "reads 0, was written"),
     "split_no_ref_freeze": ("race_cow_split.py", 3, KernelBug, "freeing in-use page"),
+    # the hinting fault "restores" the split PMD's table pointer through pmd_modify
+    "numa_huge_no_pmd_same": ("race_numa_fault_split.py", 2, InvariantError,
+                              "is not a page-table page"),
     # the program's own assert fails: reported as the program's error (kmm.tools.errors)
     "hugetlb_fault_no_mutex": ("race_hugetlb_fault.py", 5, ProgramError,
                                "a writer died: ProcessLookupError, Sigbus"),
