@@ -31,6 +31,7 @@ from kmm import atomic, mmzone
 from kmm.atomic import ticked
 from math import isqrt
 
+from kmm.locking import FolioLock, SpinLock
 from kmm.gfp import (
     GFP, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM,
     __GFP_MEMALLOC,
@@ -355,9 +356,10 @@ def might_sleep(m, where: str) -> None:
     """might_sleep (CONFIG_DEBUG_ATOMIC_SLEEP): a caller that may sleep (an allocation
     that may enter direct reclaim) holds no spinlock; else the kernel's splat, as a
     KernelBug naming the spinlocks held."""
-    from kmm.locking import FolioLock, SpinLock
-    held = [h for h in m.sched.current.held
-            if isinstance(h.lock, SpinLock) and not isinstance(h.lock, FolioLock)]
+    held = m.sched.current.held
+    if held:
+        held = [h for h in held
+                if isinstance(h.lock, SpinLock) and not isinstance(h.lock, FolioLock)]
     if held:
         actor = m.sched.current
         m.bug(f"BUG: sleeping function called from invalid context at {where}: "

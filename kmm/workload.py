@@ -38,6 +38,7 @@ from kmm import (fault, fork, huge_memory_split, madvise, mmap, mprotect, mremap
 from kmm.mm_types import VM_SHARED
 from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
 from kmm.pgtable import PAGE_SIZE
+from kmm.runtime.sched import FREE
 
 __all__ = ["Kernel", "Proc", "KmmError", "OomKilled", "errno_name"]
 
@@ -802,8 +803,8 @@ class Proc:
         try:
             while True:
                 try:
-                    if write and m.sched.quiet and not files:  # (shared files: the slow
-                        # path below keeps their bytes in file_shadow)
+                    if write and m.sched.mode is FREE and not files:  # (shared files: the
+                        # slow path below keeps their bytes in file_shadow)
                         # the stores that hit the TLB need no coroutine each
                         # (fault.store_run); a miss takes the whole access path
                         while a < end:

@@ -56,7 +56,7 @@ granularities:
 - ``end``: once, after the run; the fastest.
 
 The trace of an explored run is never rendered: kmm.runtime.trace.Trace folds each
-event into its digest as a compact record of integers (interned names), the digest
+event into its digest (batches pickled by value into a running sha256), the digest
 ``kmm run`` reports too, the same in every process and with or without a trace file.
 A schedule is run without any trace unless its digest is used (``--check-determinism``,
 the minimized run of a failure, replay): the schedule and its checks are the same.
