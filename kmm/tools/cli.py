@@ -139,7 +139,10 @@ def cmd_run(args) -> int:
     spawned = dict(spawn=spawn, child_timeout=args.child_timeout,
                    child_startup=args.child_timeout,
                    warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
-    trace = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
+    trace = rec.sink
+    rep = None
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
@@ -162,12 +165,18 @@ def cmd_run(args) -> int:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
-        if trace:
-            trace.close()
+        rec.close()
+        if rep is None:  # a bug or bad input: the timeline of the trace so far, if any
+            line = rec.finish(args.file)
+            if line:
+                print(line, file=sys.stderr)
+    line = rec.finish(args.file, rep["zone"]["nr_free"])
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
         print(summary(rep, title))
+    if line:
+        print(line, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -339,15 +348,17 @@ def _keep_going_report(args, cfg, summ) -> int:
 
 def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
-    sink = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
     try:
-        ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
+        ok, head, out, why = ex.replay(args.file, trace_sink=rec.sink, last=args.last)
     except ex.ExploreError as e:
+        rec.finish(args.file)
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
-        if sink:
-            sink.close()
+        rec.close()
+    line = rec.finish(args.file)
     mini = head["minimized"] or {}
     print(f"{head['program']}: schedule {head['schedule']} of {head['mode']} seed "
           f"{head['base_seed']}, {mini.get('count', '?')} preemptions, inject "
@@ -364,6 +375,8 @@ def _replay_cli(args) -> int:
     else:
         print("no violation this time")
     print(f"trace sha256 {out.digest[:16]}: {why}")
+    if line:
+        print(line)
     # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
     return 1 if out.kind else 0
 
@@ -379,6 +392,18 @@ def cmd_locks(args) -> int:
     print(json.dumps(st.to_json(), indent=1) if args.json
           else locks.format_study(st, args.file))
     return 0
+
+
+def cmd_timeline(args) -> int:
+    """kmm timeline: a trace as a trace-event file for Perfetto's UI (kmm/tools/timeline.py)."""
+    from kmm.tools import timeline
+    return timeline.cmd_timeline(args)
+
+
+def cmd_plot(args) -> int:
+    """kmm plot: PNG plots of a run (kmm/tools/plot.py)."""
+    from kmm.tools import plot
+    return plot.cmd_plot(args)
 
 
 def cmd_bugs(args) -> int:
@@ -414,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the JSON report")
     r.add_argument("--seed", type=int, help="scheduler seed (default: the scenario's)")
     r.add_argument("--trace", help="write the event trace (JSON lines) here")
+    r.add_argument("--timeline", metavar="FILE", help="write a timeline Perfetto's UI "
+                   "opens (trace-event JSON, docs/timeline.md) here")
     r.add_argument("--mode", default="free", choices=("free", "random"),
                    help="scheduler: free (run each actor until it blocks) or random")
     r.add_argument("--cpus", type=int, help="emulated CPUs")
@@ -471,7 +498,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="a failure file written by kmm explore")
     rp.add_argument("--trace", help="write the replayed run's trace (JSON lines) here")
     rp.add_argument("--last", type=int, default=30, help="events to print (30)")
+    rp.add_argument("--timeline", metavar="FILE", help="write the replayed run as a "
+                    "timeline Perfetto's UI opens (docs/timeline.md) here")
     rp.set_defaults(fn=cmd_replay)
+    tl = sub.add_parser("timeline", help="a trace (kmm run --trace) as a timeline "
+                        "Perfetto's UI opens (trace-event JSON, docs/timeline.md)")
+    tl.add_argument("trace", help="a trace written by kmm run --trace (JSON lines)")
+    tl.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="the timeline to write (.json)")
+    tl.add_argument("--report", metavar="REPORT.json", help="the run's report (kmm run "
+                    "--json), to show free pages as a count rather than a change")
+    tl.add_argument("--all-points", action="store_true",
+                    help="mark every preemption point, not only the tracepoints")
+    tl.set_defaults(fn=cmd_timeline)
+    pl = sub.add_parser("plot", help="plots of a run (PNG): memory over time, fault "
+                        "latencies, lock waits")
+    pl.add_argument("run", help="a trace (kmm run --trace, JSON lines) or a report "
+                    "(kmm run --json)")
+    pl.add_argument("--report", metavar="REPORT.json",
+                    help="with a trace: its report, to anchor free memory")
+    pl.add_argument("-o", "--output", metavar="PREFIX",
+                    help="where the PNGs go: PREFIX-memory.png ... (default: beside RUN)")
+    pl.set_defaults(fn=cmd_plot)
     lk = sub.add_parser("locks", help="lock_stat, lock-order graph and waits of a traced run")
     lk.add_argument("file", help="a trace written by kmm run --trace (JSON lines)")
     lk.add_argument("--json", action="store_true", help="print the study as JSON")
