@@ -135,8 +135,7 @@ class _Builder:
         self.pairs: dict[tuple[str, str], list[tuple[int, dict]]] = {}
         self.holds: dict[str, list[Slice]] = {}   # lock instance -> its hold slices
         self.pfn_alloc: dict[int, tuple[int, str]] = {}  # pfn -> (order, purpose)
-        self.thp_allocs: dict[int, list] = {}  # pfn -> [t, zeroed] of its last thp alloc
-        self.collapse_allocs: list[int] = []
+        self.anon: set[int] = set()  # head pfns of anonymous folios (AnonHugePages)
         self.fault_open: dict[str, list] = {}   # actor -> [start, huge]
         self.values: dict[str, int] = {FREE: 0, RSS: 0, AHP: 0}
         self.values.update((c, 0) for c in THP_COUNTERS)
@@ -154,14 +153,15 @@ class _Builder:
                 series.append((t, v))
 
     def mapcount(self, t: int, e: dict) -> None:
-        nr, pmds = _MAPCOUNT.get(e.get("how"), (0, 0))
+        how, pfn = e.get("how"), e.get("pfn")
+        nr, pmds = _MAPCOUNT.get(how, (0, 0))
+        if how in ("new_anon", "new_anon_pmd"):
+            self.anon.add(pfn)
         if nr is None:
-            if e.get("how") == "new_anon":
-                nr = 1 << self.pfn_alloc.get(e.get("pfn"), (0, ""))[0]
-            else:
-                nr = e.get("nr", 1)
+            nr = 1 << self.pfn_alloc.get(pfn, (0, ""))[0] if how == "new_anon" else e["nr"]
         self.bump(t, RSS, 4 * nr)
-        self.bump(t, AHP, 2048 * pmds)
+        if pfn in self.anon:  # a shmem PMD is ShmemPmdMapped, not AnonHugePages
+            self.bump(t, AHP, 2048 * pmds)
 
     # ------------------------------------------------------------------ locks
     def site_open(self, actor: str, site: str, t: int) -> None:
@@ -240,23 +240,23 @@ class _Builder:
                 self.bump(t, FREE, -(1 << e.get("order", 0)))
         elif ev == "mm_page_free":
             self.bump(t, FREE, 1 << e.get("order", 0))
+            self.anon.discard(e.get("pfn"))
         elif ev == "mm_page_alloc":
-            pfn, order, purpose = e.get("pfn"), e.get("order", 0), e.get("purpose", "")
-            self.pfn_alloc[pfn] = (order, purpose)
-            if purpose == "thp" and order == 9:
-                self.thp_allocs[pfn] = [t, False]
-        elif ev == "folio_zero_user":
-            a = self.thp_allocs.get(e.get("pfn"))
-            if a is not None and not a[1]:
-                a[1] = True  # zeroed for a fault (vma_alloc_anon_folio_pmd)
-                self.bump(t, "thp_fault_alloc", 1)
+            self.pfn_alloc[e.get("pfn")] = (e.get("order", 0), e.get("purpose", ""))
         elif ev == "mapcount":
             self.mapcount(t, e)
             if e.get("how") == "new_anon_pmd" and actor in self.fault_open:
                 self.fault_open[actor][1] = True
+                self.bump(t, "thp_fault_alloc", 1)  # map_anon_folio_pmd counts it
+        elif ev == "mm_collapse_huge_page":
+            # collapse_huge_page allocates first; the tracepoint ends every attempt
+            if e.get("status") != "alloc_huge_page_failed":
+                self.bump(t, "thp_collapse_alloc", 1)
         elif ev == "mm_split_huge_page":
-            self.bump(t, "thp_split_page" if e.get("ret", 0) == 0
-                      else "thp_split_page_failed", 1)
+            # thp_split_page* count PMD-sized folios only (an mTHP's split has its own)
+            if self.pfn_alloc.get(e.get("pfn"), (9, ""))[0] == 9:
+                self.bump(t, "thp_split_page" if e.get("ret", 0) == 0
+                          else "thp_split_page_failed", 1)
         elif ev == "set_ptes" and e.get("nr") == HPAGE_PMD_NR:
             self.bump(t, "thp_split_pmd", 1)  # __split_huge_pmd_locked's table fill
         elif ev in PAIRS:
@@ -275,12 +275,6 @@ class _Builder:
 
     def finish(self) -> Run:
         run, end = self.run, self.run.end
-        # thp allocations never zeroed by a fault: the collapse's (alloc_charge_folio)
-        for pfn, (t, zeroed) in self.thp_allocs.items():
-            if not zeroed:
-                self.collapse_allocs.append(t)
-        for t in sorted(self.collapse_allocs):
-            self.bump_at(t, "thp_collapse_alloc")
         # what is still held or waited for when the trace stops ends with it
         for actor, sites in self.sites.items():
             for site, (start, _) in sorted(sites.items()):
@@ -314,12 +308,6 @@ class _Builder:
                 merged.append(s)
         run.slices = merged + [s for s in run.slices if s.track]
 
-    def bump_at(self, t: int, name: str) -> None:
-        """A counter step found after the pass (kept in time order)."""
-        series = self.run.counters[name]
-        v = series[-1][1] + 1
-        series.append((t, v))
-
 
 def build(events: Iterable[dict], *, all_points: bool = False,
           final_free: int | None = None) -> Run:
@@ -331,9 +319,12 @@ def build(events: Iterable[dict], *, all_points: bool = False,
     try:
         for e in events:
             b.feed(e)
-    except (KeyError, TypeError, ValueError) as err:
+    except KeyError as err:
         raise BadEvent(f"event seq {e.get('seq', '?')} ({e.get('event', '?')}): "
-                       f"field {err} missing or of the wrong type") from None
+                       f"no field {err}") from None
+    except (TypeError, ValueError):
+        raise BadEvent(f"event seq {e.get('seq', '?')} ({e.get('event', '?')}): "
+                       "a field of the wrong type") from None
     run = b.finish()
     if final_free is not None:
         base = final_free - b.values[FREE]
