@@ -18,6 +18,8 @@ read off the structure the trace already has; no event is added to the mechanism
   ``__folio_split``, a syscall ``do_mmap`` / ``do_madvise``, reclaim ``shrink_inactive_list``...
 - **begin/end tracepoints**: ``mm_compaction_begin``/``_end`` (compact_zone) and
   ``mm_vmscan_direct_reclaim_begin``/``_end`` (the direct reclaim of try_to_free_pages).
+- **timed points**: a page clear or copy (``folio_zero_user``, ``clear_page``, ...)
+  costs emulated time at its own point, so it is the slice ending at its line.
 
 Counters are integrated from the events that change them (page allocator lines for free
 pages, mapcount lines for mapped and PMD-mapped pages, tracepoints for the thp_* events);
@@ -48,6 +50,12 @@ NOISY = frozenset((
     "copy_mc_user_highpage", "rmqueue", "mm_page_alloc", "mm_page_free", "set_pte",
     "ptep_get_and_clear", "folio_walk_start", "isolate_free_page", "folio_unlock",
 ))
+
+# Points whose own cost is the work they model (clearing or copying a page): a point
+# advances the emulated clock by its cost before its line is written, and nothing else
+# runs in between, so the work is the slice from the previous event's time to its own.
+TIMED = frozenset(("folio_zero_user", "clear_page", "clear_user_highpage",
+                   "copy_mc_user_highpage", "copy_page"))
 
 # counter series, in the order their tracks are listed
 FREE = "free pages"
@@ -224,6 +232,8 @@ class _Builder:
         t, actor, ev = e["t"], e["actor"], e["event"]
         run = self.run
         run.events += 1
+        if ev in TIMED and t > run.end:
+            self.function(actor, ev, run.end, t)
         run.end = t
         if actor not in self.seen:
             self.seen.add(actor)

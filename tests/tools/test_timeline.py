@@ -11,6 +11,7 @@ import pathlib
 
 import pytest
 
+from kmm import cost
 from kmm.tools import cli, timeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -211,6 +212,12 @@ def test_replayed_race_opens_as_a_timeline(tmp_path, monkeypatch, capsys):
     assert all(tl.around(e) == ["do_user_addr_fault"] for e in huge)
     assert tl.counters["thp_fault_alloc"][-1] == 2
     assert tl.counters["AnonHugePages kB"] == [0, 2048, 4096]
+    # each CPU clears its own 2 MiB (vma_alloc_anon_folio_pmd's folio_zero_user) inside
+    # its fault: the point's cost, COST_CLEAR_HUGE, is the slice
+    zero = tl.named("folio_zero_user")
+    assert sorted(tl.proc[e["pid"]] for e in zero) == ["cpu0.4", "cpu1.5"]
+    assert all(tl.around(e) == ["do_user_addr_fault"] for e in zero)
+    assert {round(e["dur"] * 1000) for e in zero} == {cost.COST_CLEAR_HUGE}
     again = tmp_path / "r2.json"
     assert cli.main(["replay", str(fail), "--last", "0", "--timeline", str(again)]) == 1
     assert again.read_bytes() == (tmp_path / "r.json").read_bytes()
