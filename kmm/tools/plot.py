@@ -113,7 +113,7 @@ def plot_locks(run: tm.Run, path: str, title: str) -> str:
     for ax, d, what in ((lw, waits, "wait"), (lh, holds, "hold")):
         if d:
             names = sorted(d)
-            ax.boxplot([d[n] for n in names], vert=False, whis=(0, 100))
+            ax.boxplot([d[n] for n in names], orientation="horizontal", whis=(0, 100))
             ax.set_yticks(range(1, len(names) + 1),
                           [f"{n} ({len(d[n])})" for n in names])
             ax.set_xscale("log")
