@@ -293,14 +293,68 @@ class _Builder:
             for t0, _ in stack:
                 self.function(actor, PAIRS[ev][1], t0, end, open_at_end=True)
         self.merge_functions()
+        into = self.merge_holds()
         for w in run.waits:
             t0 = w.slice.start
             for owner in w.owners:
                 for h in self.holds.get(w.lock, ()):
                     if h.actor == owner and h.start <= t0 <= h.end:
-                        w.holds.append(h)
+                        w.holds.append(into.get(id(h), h))
                         break
         return run
+
+    def merge_holds(self) -> dict[int, Slice]:
+        """Holds of one class by one actor that overlap without nesting (the 512 folio
+        locks __collapse_huge_page_isolate takes hand over hand, released after the
+        copy) become one slice, ``hold N CLASS``, with the locks in its args: one lane,
+        not one per lock. Returns what each merged hold became (for the flows)."""
+        run = self.run
+        holds = sorted((s for s in run.slices if s.track and s.name.startswith("hold ")),
+                       key=lambda s: (s.actor, s.track, s.start, -s.end))
+        out: list[Slice] = []
+        into: dict[int, Slice] = {}
+        group: list[Slice] = []
+
+        def nests() -> bool:
+            stack: list[int] = []
+            for g in group:  # sorted by start, longest first
+                while stack and stack[-1] <= g.start:
+                    stack.pop()
+                if stack and g.end > stack[-1]:
+                    return False
+                stack.append(g.end)
+            return True
+
+        def close() -> None:
+            if nests():
+                out.extend(group)
+            else:
+                first = group[0]
+                u = Slice(first.actor, first.track, f"hold {len(group)} {first.track}",
+                          first.start, max(g.end for g in group),
+                          {"locks": [g.args.get("lock") for g in group],
+                           "sites": sorted({str(g.args.get("site")) for g in group})})
+                out.append(u)
+                for g in group:
+                    into[id(g)] = u
+            group.clear()
+
+        group_end = 0
+        for h in holds:
+            if group and (h.actor, h.track) == (group[0].actor, group[0].track) \
+                    and h.start < group_end:
+                group.append(h)
+                group_end = max(group_end, h.end)
+            else:
+                if group:
+                    close()
+                group.append(h)
+                group_end = h.end
+        if group:
+            close()
+        run.slices = [s for s in run.slices if not (s.track and s.name.startswith("hold "))]
+        run.slices += out
+        return into
 
     def merge_functions(self) -> None:
         """Overlapping slices of one function in one actor are one call seen through

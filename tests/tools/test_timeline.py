@@ -255,3 +255,24 @@ def test_pack_puts_overlapping_holds_on_lanes():
     c = Slice("cpu0", "folio_lock", "hold folio:3", 11, 12)
     timeline.pack([a, b, c])
     assert (a.lane, b.lane, c.lane) == (0, 1, 0)
+
+
+def test_hand_over_hand_holds_are_one_slice():
+    """Locks of one class an actor takes hand over hand (lock A, lock B, unlock A,
+    unlock B: __collapse_huge_page_isolate's folio locks) do not nest: their holds become
+    one slice ``hold 2 folio_lock`` naming both locks; a nested pair stays two slices."""
+    from kmm.tools import timeline_model as tm
+
+    def ev(seq, t, event, lock, **f):
+        return {"seq": seq, "t": t, "actor": "khugepaged", "event": event, "lock": lock,
+                "class": "folio_lock", "site": "__collapse_huge_page_isolate", **f}
+    run = tm.build([ev(1, 0, "lock", "folio:1"), ev(2, 10, "lock", "folio:2"),
+                    ev(3, 20, "unlock", "folio:1", hold=20), ev(4, 30, "unlock", "folio:2", hold=20),
+                    ev(5, 40, "lock", "folio:3"), ev(6, 50, "lock", "folio:4"),
+                    ev(7, 60, "unlock", "folio:4", hold=10), ev(8, 70, "unlock", "folio:3", hold=30)])
+    holds = sorted((s.name, s.start, s.end, s.args.get("locks")) for s in run.slices
+                   if s.track == "folio_lock")
+    assert holds == [("hold 2 folio_lock", 0, 30, ["folio:1", "folio:2"]),
+                     ("hold folio:3", 40, 70, None), ("hold folio:4", 50, 60, None)]
+    fn = sorted((s.name, s.start, s.end) for s in run.slices if not s.track)
+    assert fn == [("__collapse_huge_page_isolate", 0, 30), ("__collapse_huge_page_isolate", 40, 70)]
