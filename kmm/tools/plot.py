@@ -105,11 +105,9 @@ def plot_locks(run: tm.Run, path: str, title: str) -> str:
     plt = _plt()
     fig, (lw, lh) = plt.subplots(1, 2, figsize=SIZE)
     waits: dict[str, list[float]] = {}
-    holds: dict[str, list[float]] = {}
-    for s in run.slices:
-        if s.track:
-            d = waits if s.name.startswith("wait ") else holds
-            d.setdefault(s.track, []).append(max(s.end - s.start, 1) / 1000)
+    for w in run.waits:  # a 0 ns wait or hold is drawn at 1 ns (a log scale)
+        waits.setdefault(w.slice.track, []).append(max(w.slice.end - w.slice.start, 1) / 1000)
+    holds = {cls: [max(ns, 1) / 1000 for ns in v] for cls, v in run.hold_ns.items()}
     for ax, d, what in ((lw, waits, "wait"), (lh, holds, "hold")):
         if d:
             names = sorted(d)

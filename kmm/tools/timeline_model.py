@@ -122,12 +122,10 @@ class Run:
     marks: list[tuple[int, str, str, dict]] = field(default_factory=list)  # t, actor, name, args
     counters: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
+    hold_ns: dict[str, list[int]] = field(default_factory=dict)  # class -> every hold
     events: int = 0
     end: int = 0
     free_anchored: bool = False
-
-    def hold_slices(self) -> list[Slice]:
-        return [s for s in self.slices if s.track and s.name.startswith("hold ")]
 
 
 class _Builder:
@@ -198,6 +196,7 @@ class _Builder:
         self.run.slices.append(Slice(actor, "", name, start, end, args))
 
     def unlock(self, t: int, actor: str, e: dict) -> None:
+        run = self.run
         lock, cls = e["lock"], e["class"]
         key = (actor, lock)
         if "hold" not in e:
@@ -220,6 +219,7 @@ class _Builder:
                   {"lock": lock, "site": e.get("site"), "hold_ns": hold})
         self.run.slices.append(h)
         self.holds.setdefault(lock, []).append(h)
+        run.hold_ns.setdefault(cls, []).append(hold)
         if e.get("contended"):
             w = Slice(actor, cls, f"wait {lock}{mode}", t_acq - wait, t_acq,
                       {"lock": lock, "site": e.get("site"), "wait_ns": wait,
