@@ -99,16 +99,17 @@ def draw_timeline(path: pathlib.Path, out: pathlib.Path, title: str) -> None:
     ax.set_yticks(range(len(rows)), [f"{proc[p]} / {thread[(p, t)]}" for p, t in rows])
     ax.invert_yaxis()
     ax.set_title(title)
-    counters: dict[str, list] = {}
+    counters: dict[str, list] = {}  # "NAME KEY", as Perfetto names counter tracks
     for e in evs:
         if e["ph"] == "C":
-            counters.setdefault(e["name"], []).append((e["ts"], e["args"]["value"]))
+            for key, v in e["args"].items():
+                counters.setdefault(f"{e['name']} {key}", []).append((e["ts"], v))
     end = max(e["ts"] + e["dur"] for e in xs)
-    for name in ("AnonHugePages kB", "thp_fault_alloc"):
+    for name in ("AnonHugePages kB", "vmstat thp_fault_alloc"):
         pts = counters.get(name, [(0, 0)])
         scale = 1 / 1024 if name.endswith("kB") else 1
         cx.step([t for t, _ in pts] + [end], [v * scale for _, v in pts] + [pts[-1][1] * scale],
-                where="post", label=name.replace(" kB", " (MiB)"))
+                where="post", label=name.replace(" kB", " (MiB)").replace("vmstat ", ""))
     cx.legend(loc="upper left")
     cx.set_xlabel("emulated time (us)")
     fig.tight_layout()

@@ -66,8 +66,10 @@ def pack(slices: list[Slice]) -> None:
 
 
 def _us(ns: int) -> float:
-    """The trace-event format's microseconds, exact to the emulated nanosecond."""
-    return round(ns / 1000, 3)
+    """The trace-event format's microseconds for ``ns``. Perfetto truncates ``ts * 1000``
+    to an integer: half a nanosecond more lands it on ``ns`` exactly (a rounded value,
+    243 ns as 0.243, may truncate to 242 and break a slice's nesting)."""
+    return (ns + 0.5) / 1000
 
 
 def to_chrome(run: Run, *, title: str = "") -> dict:
@@ -121,12 +123,14 @@ def to_chrome(run: Run, *, title: str = "") -> dict:
                          "cat": "lock", "pid": pid[h.actor],
                          "tid": tids[(h.actor, h.track, h.lane)],
                          "ts": _us(min(max(at, h.start), h.end))})
-    names = [tm.FREE if run.free_anchored else tm.FREE + " (change)", tm.RSS, tm.AHP,
-             *tm.THP_COUNTERS]
-    for name, key in zip(names, [tm.FREE, tm.RSS, tm.AHP, *tm.THP_COUNTERS]):
-        for t, v in run.counters[key]:
+    # Perfetto names a counter track "NAME KEY" (each key of a C event's args is one)
+    tracks = [(tm.FREE, "free", "pages" if run.free_anchored else "pages (change)"),
+              (tm.RSS, "Rss", "kB"), (tm.AHP, "AnonHugePages", "kB")]
+    tracks += [(c, "vmstat", c) for c in tm.THP_COUNTERS]
+    for series, name, key in tracks:
+        for t, v in run.counters[series]:
             body.append({"ph": "C", "name": name, "pid": mem_pid, "tid": 0,
-                         "ts": _us(t), "args": {"value": v}})
+                         "ts": _us(t), "args": {key: v}})
     body.sort(key=lambda ev: ev["ts"])  # stable: slices stay parent-first at a tie
     return {"traceEvents": meta + body, "displayTimeUnit": "ns",
             "otherData": {"generator": "kmm timeline", "source": title,
@@ -150,7 +154,7 @@ def counts(doc: dict) -> dict:
         "slices": sum(1 for e in evs if e["ph"] == "X"),
         "marks": sum(1 for e in evs if e["ph"] == "i"),
         "flows": sum(1 for e in evs if e["ph"] == "s"),
-        "counter_tracks": len({e["name"] for e in evs if e["ph"] == "C"}),
+        "counter_tracks": len({(e["name"], *e["args"]) for e in evs if e["ph"] == "C"}),
     }
 
 

@@ -33,10 +33,11 @@ class Timeline:
                        if e["ph"] == "M" and e["name"] == "thread_name"}
         self.slices = [e for e in evs if e["ph"] == "X"]
         self.flows = [e for e in evs if e["ph"] in "sf"]
-        self.counters: dict[str, list] = {}
+        self.counters: dict[str, list] = {}  # named as Perfetto names them: NAME KEY
         for e in evs:
             if e["ph"] == "C":
-                self.counters.setdefault(e["name"], []).append(e["args"]["value"])
+                for key, v in e["args"].items():
+                    self.counters.setdefault(f"{e['name']} {key}", []).append(v)
 
     def track(self, e) -> tuple[str, str]:
         return self.proc[e["pid"]], self.thread[(e["pid"], e["tid"])]
@@ -47,9 +48,19 @@ class Timeline:
 
     def around(self, e) -> list[str]:
         """The names of the slices enclosing ``e`` on its thread, outermost first."""
+        a, b = span(e)
         return [o["name"] for o in self.slices if o is not e and o["pid"] == e["pid"]
-                and o["tid"] == e["tid"] and o["ts"] <= e["ts"]
-                and e["ts"] + e["dur"] <= o["ts"] + o["dur"]]
+                and o["tid"] == e["tid"] and span(o)[0] <= a and b <= span(o)[1]]
+
+
+def ns(us: float) -> int:
+    """A timestamp as Perfetto's JSON importer reads it: int(us * 1000), truncated."""
+    return int(us * 1000.0)
+
+
+def span(e) -> tuple[int, int]:
+    """A complete event's [start, end] in ns, as Perfetto places it."""
+    return ns(e["ts"]), ns(e["ts"]) + ns(e["dur"])
 
 
 def assert_nested(tl: Timeline) -> None:
@@ -57,8 +68,7 @@ def assert_nested(tl: Timeline) -> None:
     Perfetto stacks a thread's slices)."""
     by: dict[tuple, list] = {}
     for e in tl.slices:
-        by.setdefault((e["pid"], e["tid"]), []).append((round(e["ts"] * 1000),
-                                                         round((e["ts"] + e["dur"]) * 1000)))
+        by.setdefault((e["pid"], e["tid"]), []).append(span(e))
     for track, spans in by.items():
         open_: list[int] = []
         for a, b in sorted(spans, key=lambda s: (s[0], -s[1])):
@@ -148,9 +158,9 @@ def test_waits_have_flows_to_their_holders(known):
     for i, s in starts.items():
         f = ends[i]
         wait = [w for w in waits if (w["pid"], w["tid"]) == (s["pid"], s["tid"])
-                and w["ts"] <= s["ts"] <= w["ts"] + w["dur"]]
+                and span(w)[0] <= ns(s["ts"]) <= span(w)[1]]
         hold = [h for h in tl.slices if (h["pid"], h["tid"]) == (f["pid"], f["tid"])
-                and h["name"].startswith("hold ") and h["ts"] <= f["ts"] <= h["ts"] + h["dur"]]
+                and h["name"].startswith("hold ") and span(h)[0] <= ns(f["ts"]) <= span(h)[1]]
         assert len(wait) == 1 and len(hold) == 1
         assert tl.proc[f["pid"]] in wait[0]["args"]["owners"]
         assert tl.track(wait[0])[1] == tl.track(hold[0])[1] == "page_table_lock"
@@ -162,15 +172,16 @@ def test_counters_follow_the_run(known, capsys):
     counting both CPUs' allocations (the loser's too, as vma_alloc_anon_folio_pmd counts)."""
     tl = Timeline(known / "t.json")
     assert sorted(tl.counters) == sorted(
-        ["free pages", "Rss kB", "AnonHugePages kB", "thp_fault_alloc", "thp_collapse_alloc",
-         "thp_split_page", "thp_split_page_failed", "thp_split_pmd"])
+        ["free pages", "Rss kB", "AnonHugePages kB", "vmstat thp_fault_alloc",
+         "vmstat thp_collapse_alloc", "vmstat thp_split_page", "vmstat thp_split_page_failed",
+         "vmstat thp_split_pmd"])
     capsys.readouterr()
     cli.main(RUN + ["--json"])
     rep = json.loads(capsys.readouterr().out)
     assert tl.counters["free pages"][-1] == rep["zone"]["nr_free"]
     assert tl.counters["Rss kB"][-1] == rep["regions"]["main/0x200000200000"]["rss_kb"]
     assert tl.counters["AnonHugePages kB"] == [0, 2048]
-    assert tl.counters["thp_fault_alloc"][-1] == rep["vmstat"]["thp_fault_alloc"]
+    assert tl.counters["vmstat thp_fault_alloc"][-1] == rep["vmstat"]["thp_fault_alloc"]
 
 
 def test_timeline_command_matches_run_timeline(known, capsys):
@@ -188,7 +199,7 @@ def test_timeline_command_matches_run_timeline(known, capsys):
     b = json.loads((known / "t.json").read_text())["traceEvents"]
     assert a == b
     assert cli.main(["timeline", str(known / "t.jsonl"), "-o", str(out)]) == 0
-    assert "free pages (change)" in Timeline(out).counters
+    assert "free pages (change)" in Timeline(out).counters  # no report: no anchor
 
 
 def test_replayed_race_opens_as_a_timeline(tmp_path, monkeypatch, capsys):
@@ -210,14 +221,14 @@ def test_replayed_race_opens_as_a_timeline(tmp_path, monkeypatch, capsys):
     huge = tl.named("__do_huge_pmd_anonymous_page")
     assert sorted(tl.proc[e["pid"]] for e in huge) == ["cpu0.4", "cpu1.5"]
     assert all(tl.around(e) == ["do_user_addr_fault"] for e in huge)
-    assert tl.counters["thp_fault_alloc"][-1] == 2
+    assert tl.counters["vmstat thp_fault_alloc"][-1] == 2
     assert tl.counters["AnonHugePages kB"] == [0, 2048, 4096]
     # each CPU clears its own 2 MiB (vma_alloc_anon_folio_pmd's folio_zero_user) inside
     # its fault: the point's cost, COST_CLEAR_HUGE, is the slice
     zero = tl.named("folio_zero_user")
     assert sorted(tl.proc[e["pid"]] for e in zero) == ["cpu0.4", "cpu1.5"]
     assert all(tl.around(e) == ["do_user_addr_fault"] for e in zero)
-    assert {round(e["dur"] * 1000) for e in zero} == {cost.COST_CLEAR_HUGE}
+    assert {ns(e["dur"]) for e in zero} == {cost.COST_CLEAR_HUGE}
     again = tmp_path / "r2.json"
     assert cli.main(["replay", str(fail), "--last", "0", "--timeline", str(again)]) == 1
     assert again.read_bytes() == (tmp_path / "r.json").read_bytes()
