@@ -156,20 +156,19 @@ def cmd_run(args) -> int:
             title = f"{args.file}: {sc.description}"
     except KernelBug as e:
         print(f"kmm: kernel BUG: {e}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.ChildDied as e:  # an oops: the report, and the trace so far is kept
         kept = f" (trace kept in {args.trace})" if args.trace else ""
         print(f"kmm: {e}{kept}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.SpawnError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
-        rec.close()
-        if rep is None:  # a bug or bad input: the timeline of the trace so far, if any
-            line = rec.finish(args.file)
-            if line:
-                print(line, file=sys.stderr)
+        if rep is None:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
     line = rec.finish(args.file, rep["zone"]["nr_free"])
     if args.json:
         print(json.dumps(rep, indent=1))
@@ -350,14 +349,16 @@ def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
     from kmm.tools.timeline import Recorder
     rec = Recorder(args.trace, args.timeline)
+    done = False
     try:
         ok, head, out, why = ex.replay(args.file, trace_sink=rec.sink, last=args.last)
+        done = True
     except ex.ExploreError as e:
-        rec.finish(args.file)
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
-        rec.close()
+        if not done:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
     line = rec.finish(args.file)
     mini = head["minimized"] or {}
     print(f"{head['program']}: schedule {head['schedule']} of {head['mode']} seed "

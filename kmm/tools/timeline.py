@@ -205,6 +205,8 @@ class Recorder:
         self.timeline = timeline_path
         self.trace_path = trace_path
         self.tmp = None
+        if timeline_path:  # a path that cannot be written is bad input before the run
+            open(timeline_path, "w").close()
         if trace_path:
             self.sink = open(trace_path, "w")
         elif timeline_path:
@@ -217,6 +219,22 @@ class Recorder:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+
+    def discard(self) -> None:
+        """Close the sink and drop the temporary trace: no timeline (bad input, Ctrl-C)."""
+        import os
+        self.close()
+        if self.tmp is not None:
+            os.unlink(self.tmp.name)
+            self.tmp = None
+        self.timeline = None
+
+    def finish_partial(self, title: str) -> None:
+        """After a kernel BUG or a dead child: the timeline of the trace so far."""
+        import sys
+        line = self.finish(title)
+        if line:
+            print(line, file=sys.stderr)
 
     def finish(self, title: str, final_free: int | None = None) -> str | None:
         """Convert the run's trace; the summary line, or None without --timeline."""
