@@ -287,3 +287,39 @@ def test_hand_over_hand_holds_are_one_slice():
                      ("hold folio:3", 40, 70, None), ("hold folio:4", 50, 60, None)]
     fn = sorted((s.name, s.start, s.end) for s in run.slices if not s.track)
     assert fn == [("__collapse_huge_page_isolate", 0, 30), ("__collapse_huge_page_isolate", 40, 70)]
+
+
+def test_khugepaged_collapse_scenario(tmp_path, capsys):
+    """A built-in scenario, selftests/mm/khugepaged.c collapse_single_pte_entry: one
+    present PTE and 511 none collapse into a THP. On khugepaged's track the collapse is
+    a collapse_huge_page slice holding one copy_mc_user_highpage (the present page) and
+    511 clear_user_highpage (__collapse_huge_page_copy: none PTEs read zero), marked by
+    mm_collapse_huge_page "succeeded"; the counters end where the report does."""
+    tl_path = tmp_path / "c.json"
+    toml = str(W / "khugepaged_collapse_single_pte_entry.toml")
+    assert cli.main(["run", toml, "--json", "--timeline", str(tl_path)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    tl = Timeline(tl_path)
+    assert "khugepaged" in tl.proc.values()
+    assert_nested(tl)
+    # collapse_huge_page takes mmap_lock for read briefly (hugepage_vma_revalidate),
+    # then for write around the isolate and the copy: the long slice
+    collapse = max(tl.named("collapse_huge_page", "khugepaged"), key=lambda e: e["dur"])
+    inside = [e["name"] for e in tl.slices if tl.proc[e["pid"]] == "khugepaged"
+              and span(collapse)[0] <= span(e)[0] and span(e)[1] <= span(collapse)[1]]
+    assert inside.count("copy_mc_user_highpage") == 1
+    assert inside.count("clear_user_highpage") == 511
+    marks = [e for e in tl.doc["traceEvents"] if e["ph"] == "i"
+             and e["name"] == "mm_collapse_huge_page"]
+    assert [m["args"]["status"] for m in marks] == ["succeeded"]
+    assert tl.counters["vmstat thp_collapse_alloc"][-1] == rep["vmstat"]["thp_collapse_alloc"] == 1
+    assert tl.counters["AnonHugePages kB"][-1] == rep["regions"]["main/p"]["anon_huge_kb"]
+    assert tl.counters["free pages"][-1] == rep["zone"]["nr_free"]
+
+
+def test_timeline_path_that_cannot_be_written(tmp_path, capsys):
+    """--timeline into a missing directory: one line and exit 2, before the run."""
+    bad = tmp_path / "no" / "t.json"
+    assert cli.main(RUN + ["--timeline", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err
