@@ -395,18 +395,6 @@ def cmd_locks(args) -> int:
     return 0
 
 
-def cmd_timeline(args) -> int:
-    """kmm timeline: a trace as a trace-event file for Perfetto's UI (kmm/tools/timeline.py)."""
-    from kmm.tools import timeline
-    return timeline.cmd_timeline(args)
-
-
-def cmd_plot(args) -> int:
-    """kmm plot: PNG plots of a run (kmm/tools/plot.py)."""
-    from kmm.tools import plot
-    return plot.cmd_plot(args)
-
-
 def cmd_bugs(args) -> int:
     """kmm bugs: the injectable bugs (kmm.bugs), each with the safeguard it removes."""
     import textwrap
@@ -502,25 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--timeline", metavar="FILE", help="write the replayed run as a "
                     "timeline Perfetto's UI opens (docs/timeline.md) here")
     rp.set_defaults(fn=cmd_replay)
-    tl = sub.add_parser("timeline", help="a trace (kmm run --trace) as a timeline "
-                        "Perfetto's UI opens (trace-event JSON, docs/timeline.md)")
-    tl.add_argument("trace", help="a trace written by kmm run --trace (JSON lines)")
-    tl.add_argument("-o", "--output", required=True, metavar="FILE",
-                    help="the timeline to write (.json)")
-    tl.add_argument("--report", metavar="REPORT.json", help="the run's report (kmm run "
-                    "--json), to show free pages as a count rather than a change")
-    tl.add_argument("--all-points", action="store_true",
-                    help="mark every preemption point, not only the tracepoints")
-    tl.set_defaults(fn=cmd_timeline)
-    pl = sub.add_parser("plot", help="plots of a run (PNG): memory over time, fault "
-                        "latencies, lock waits")
-    pl.add_argument("run", help="a trace (kmm run --trace, JSON lines) or a report "
-                    "(kmm run --json)")
-    pl.add_argument("--report", metavar="REPORT.json",
-                    help="with a trace: its report, to anchor free memory")
-    pl.add_argument("-o", "--output", metavar="PREFIX",
-                    help="where the PNGs go: PREFIX-memory.png ... (default: beside RUN)")
-    pl.set_defaults(fn=cmd_plot)
+    from kmm.tools import plot, timeline
+    timeline.add_parser(sub)
+    plot.add_parser(sub)
     lk = sub.add_parser("locks", help="lock_stat, lock-order graph and waits of a traced run")
     lk.add_argument("file", help="a trace written by kmm run --trace (JSON lines)")
     lk.add_argument("--json", action="store_true", help="print the study as JSON")

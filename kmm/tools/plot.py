@@ -180,6 +180,19 @@ def _load_report(path: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and "vmstat" in doc and "seq" not in doc else None
 
 
+def add_parser(sub) -> None:
+    """``kmm plot``'s arguments (kmm/tools/cli.py)."""
+    pl = sub.add_parser("plot", help="plots of a run (PNG): memory over time, fault "
+                        "latencies, lock waits")
+    pl.add_argument("run", help="a trace (kmm run --trace, JSON lines) or a report "
+                    "(kmm run --json)")
+    pl.add_argument("--report", metavar="REPORT.json",
+                    help="with a trace: its report, to anchor free memory")
+    pl.add_argument("-o", "--output", metavar="PREFIX",
+                    help="where the PNGs go: PREFIX-memory.png ... (default: beside RUN)")
+    pl.set_defaults(fn=cmd_plot)
+
+
 def cmd_plot(args) -> int:
     """kmm plot RUN [--report REPORT.json] [-o PREFIX]."""
     from kmm.tools import locks

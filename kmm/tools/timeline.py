@@ -254,6 +254,20 @@ class Recorder:
             self.timeline = None  # once
 
 
+def add_parser(sub) -> None:
+    """``kmm timeline``'s arguments (kmm/tools/cli.py)."""
+    tl = sub.add_parser("timeline", help="a trace (kmm run --trace) as a timeline "
+                        "Perfetto's UI opens (trace-event JSON, docs/timeline.md)")
+    tl.add_argument("trace", help="a trace written by kmm run --trace (JSON lines)")
+    tl.add_argument("-o", "--output", required=True, metavar="FILE",
+                    help="the timeline to write (.json)")
+    tl.add_argument("--report", metavar="REPORT.json", help="the run's report (kmm run "
+                    "--json), to show free pages as a count rather than a change")
+    tl.add_argument("--all-points", action="store_true",
+                    help="mark every preemption point, not only the tracepoints")
+    tl.set_defaults(fn=cmd_timeline)
+
+
 def summary_line(path: str, c: dict) -> str:
     return (f"timeline {path}: {c['processes'] - 1} actors, {c['threads']} tracks, "
             f"{c['slices']} slices, {c['flows']} flows, {c['counter_tracks']} counters "
