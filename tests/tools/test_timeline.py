@@ -200,6 +200,10 @@ def test_timeline_command_matches_run_timeline(known, capsys):
     assert a == b
     assert cli.main(["timeline", str(known / "t.jsonl"), "-o", str(out)]) == 0
     assert "free pages (change)" in Timeline(out).counters  # no report: no anchor
+    # --all-points: every event of the trace is a mark on its actor's thread
+    assert cli.main(["timeline", str(known / "t.jsonl"), "-o", str(out), "--all-points"]) == 0
+    marks = [e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "i"]
+    assert len(marks) == len((known / "t.jsonl").read_text().splitlines())
 
 
 def test_replayed_race_opens_as_a_timeline(tmp_path, monkeypatch, capsys):
