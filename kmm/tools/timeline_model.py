@@ -129,6 +129,9 @@ class Run:
 
 
 class _Builder:
+    """One pass over the events: open lock requests and site slices per actor, begin
+    tracepoints waiting for their end, and the counters' running values."""
+
     def __init__(self, all_points: bool) -> None:
         self.run = Run()
         self.all_points = all_points
