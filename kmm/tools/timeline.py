@@ -140,7 +140,9 @@ def to_chrome(run: Run, *, title: str = "") -> dict:
 def write(run: Run, out: IO[str], *, title: str = "") -> dict:
     """Write the Run's trace-event JSON; returns its counts (docs/timeline.md)."""
     doc = to_chrome(run, title=title)
-    json.dump(doc, out, sort_keys=True, separators=(",", ":"))
+    # dumps, not dump: one string from the C encoder, several times faster than
+    # json.dump's chunked pure-Python encoder
+    out.write(json.dumps(doc, sort_keys=True, separators=(",", ":")))
     out.write("\n")
     return counts(doc)
 
