@@ -218,8 +218,10 @@ def cmd_plot(args) -> int:
             run = tm.build(locks.read_events(path), final_free=final_free)
             made = plot_trace(run, prefix, title)
     except locks.TraceError as e:
-        print(f"kmm plot: {e} (give a trace, kmm run --trace, or a report, kmm run "
-              f"--json)", file=sys.stderr)
+        from kmm.tools.timeline import failure_hint
+        hint = failure_hint(path, plot=True) or (" (give a trace, kmm run --trace, or a report, "
+                                      "kmm run --json)")
+        print(f"kmm plot: {e}{hint}", file=sys.stderr)
         return 2
     except tm.BadEvent as e:
         print(f"kmm plot: {path}: not a kmm trace: {e}", file=sys.stderr)

@@ -185,7 +185,7 @@ def cmd_timeline(args) -> int:
         c = convert(locks.read_events(args.trace), args.output, title=args.trace,
                     final_free=final_free, all_points=args.all_points)
     except locks.TraceError as e:
-        print(f"kmm timeline: {e}", file=sys.stderr)
+        print(f"kmm timeline: {e}{failure_hint(args.trace, args.output)}", file=sys.stderr)
         return 2
     except tm.BadEvent as e:
         print(f"kmm timeline: {args.trace}: not a kmm trace: {e}", file=sys.stderr)
@@ -254,6 +254,21 @@ class Recorder:
                 os.unlink(self.tmp.name)
                 self.tmp = None
             self.timeline = None  # once
+
+
+def failure_hint(path: str, out: str = "OUT.json", plot: bool = False) -> str:
+    """For a failure file of kmm explore given where a trace is wanted: what to run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return ""
+    if isinstance(head, dict) and str(head.get("format", "")).startswith("kmm-failure/"):
+        if plot:
+            return (f" (a failure file of kmm explore: kmm replay {path} --trace OUT.jsonl, "
+                    "then kmm plot OUT.jsonl)")
+        return f" (a failure file of kmm explore: kmm replay {path} --timeline {out})"
+    return ""
 
 
 def add_parser(sub) -> None:

@@ -233,6 +233,10 @@ def test_replayed_race_opens_as_a_timeline(tmp_path, monkeypatch, capsys):
     assert sorted(tl.proc[e["pid"]] for e in zero) == ["cpu0.4", "cpu1.5"]
     assert all(tl.around(e) == ["do_user_addr_fault"] for e in zero)
     assert {ns(e["dur"]) for e in zero} == {cost.COST_CLEAR_HUGE}
+    # the failure file itself is no trace: the message says how to get its timeline
+    assert cli.main(["timeline", str(fail), "-o", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"kmm replay {fail} --timeline x.json" in err
     again = tmp_path / "r2.json"
     assert cli.main(["replay", str(fail), "--last", "0", "--timeline", str(again)]) == 1
     assert again.read_bytes() == (tmp_path / "r.json").read_bytes()
