@@ -266,10 +266,15 @@ class _Builder:
             if e.get("status") != "alloc_huge_page_failed":
                 self.bump(t, "thp_collapse_alloc", 1)
         elif ev == "mm_split_huge_page":
-            # thp_split_page* count PMD-sized folios only (an mTHP's split has its own)
-            if self.pfn_alloc.get(e.get("pfn"), (9, ""))[0] == 9:
+            # thp_split_page* count PMD-sized folios only (an mTHP's split has its own);
+            # a folio the trace did not see allocated, or one a split made, has no
+            # known order and is not counted
+            pfn = e.get("pfn")
+            if self.pfn_alloc.get(pfn, (0, ""))[0] == 9:
                 self.bump(t, "thp_split_page" if e.get("ret", 0) == 0
                           else "thp_split_page_failed", 1)
+            if e.get("ret", 0) == 0:
+                self.pfn_alloc.pop(pfn, None)
         elif ev == "set_ptes" and e.get("nr") == HPAGE_PMD_NR:
             self.bump(t, "thp_split_pmd", 1)  # __split_huge_pmd_locked's table fill
         elif ev in PAIRS:
