@@ -277,6 +277,8 @@ class _Builder:
                 self.pfn_alloc.pop(pfn, None)
         elif ev == "set_ptes" and e.get("nr") == HPAGE_PMD_NR:
             self.bump(t, "thp_split_pmd", 1)  # __split_huge_pmd_locked's table fill
+        elif ev == "pmdp_get_and_clear" and "__split_huge_pmd" in self.sites.get(actor, ()):
+            self.bump(t, "thp_split_pmd", 1)  # a file PMD's split only clears it
         elif ev in PAIRS:
             self.pairs.setdefault((actor, ev), []).append((t, e))
         elif ev in _ENDS:
