@@ -57,6 +57,10 @@ NOISY = frozenset((
 TIMED = frozenset(("folio_zero_user", "clear_page", "clear_user_highpage",
                    "copy_mc_user_highpage", "copy_page"))
 
+# PMD-lock sites whose clearing of a PMD is a split of it (split_huge_pmd, and reclaim's
+# TTU_SPLIT_HUGE_PMD): a file or shmem PMD's split clears it, with no table to fill
+_SPLIT_PMD_SITES = frozenset(("__split_huge_pmd", "try_to_unmap_one"))
+
 # counter series, in the order their tracks are listed
 FREE = "free pages"
 RSS = "Rss kB"
@@ -163,6 +167,8 @@ class _Builder:
 
     def mapcount(self, t: int, e: dict) -> None:
         how, pfn = e.get("how"), e.get("pfn")
+        if self.pfn_alloc.get(pfn, (0, ""))[1] == "hugetlb":
+            return  # smaps counts hugetlb pages in *_Hugetlb, not Rss or AnonHugePages
         nr, pmds = _MAPCOUNT.get(how, (0, 0))
         if how in ("new_anon", "new_anon_pmd"):
             self.anon.add(pfn)
@@ -258,7 +264,8 @@ class _Builder:
             self.pfn_alloc[e.get("pfn")] = (e.get("order", 0), e.get("purpose", ""))
         elif ev == "mapcount":
             self.mapcount(t, e)
-            if e.get("how") == "new_anon_pmd" and actor in self.fault_open:
+            if e.get("how") == "new_anon_pmd" and actor in self.fault_open \
+                    and self.pfn_alloc.get(e.get("pfn"), (0, ""))[1] != "hugetlb":
                 self.fault_open[actor][1] = True
                 self.bump(t, "thp_fault_alloc", 1)  # map_anon_folio_pmd counts it
         elif ev == "mm_collapse_huge_page":
@@ -277,7 +284,8 @@ class _Builder:
                 self.pfn_alloc.pop(pfn, None)
         elif ev == "set_ptes" and e.get("nr") == HPAGE_PMD_NR:
             self.bump(t, "thp_split_pmd", 1)  # __split_huge_pmd_locked's table fill
-        elif ev == "pmdp_get_and_clear" and "__split_huge_pmd" in self.sites.get(actor, ()):
+        elif ev == "pmdp_get_and_clear" and not self.sites.get(actor, {}).keys().isdisjoint(
+                _SPLIT_PMD_SITES):
             self.bump(t, "thp_split_pmd", 1)  # a file PMD's split only clears it
         elif ev in PAIRS:
             self.pairs.setdefault((actor, ev), []).append((t, e))
