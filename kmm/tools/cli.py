@@ -152,7 +152,10 @@ def cmd_run(args) -> int:
     spawned = dict(spawn=spawn, child_timeout=args.child_timeout,
                    child_startup=args.child_timeout,
                    warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
-    trace = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
+    trace = rec.sink
+    rep = None
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
@@ -166,21 +169,26 @@ def cmd_run(args) -> int:
             title = f"{args.file}: {sc.description}"
     except KernelBug as e:
         print(f"kmm: kernel BUG: {e}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.ChildDied as e:  # an oops: the report, and the trace so far is kept
         kept = f" (trace kept in {args.trace})" if args.trace else ""
         print(f"kmm: {e}{kept}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.SpawnError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
-        if trace:
-            trace.close()
+        if rep is None:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
+    line = rec.finish(args.file, rep["zone"]["nr_free"])
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
         print(summary(rep, title))
+    if line:
+        print(line, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -362,15 +370,19 @@ def _keep_going_report(args, cfg, summ) -> int:
 
 def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
-    sink = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
+    done = False
     try:
-        ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
+        ok, head, out, why = ex.replay(args.file, trace_sink=rec.sink, last=args.last)
+        done = True
     except ex.ExploreError as e:
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
-        if sink:
-            sink.close()
+        if not done:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
+    line = rec.finish(args.file)
     mini = head["minimized"] or {}
     print(f"{head['program']}: schedule {head['schedule']} of {head['mode']} seed "
           f"{head['base_seed']}, {mini.get('count', '?')} preemptions, inject "
@@ -387,6 +399,8 @@ def _replay_cli(args) -> int:
     else:
         print("no violation this time")
     print(f"trace sha256 {out.digest[:16]}: {why}")
+    if line:
+        print(line)
     # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
     return 1 if out.kind else 0
 
@@ -443,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the JSON report")
     r.add_argument("--seed", type=int, help="scheduler seed (default: the scenario's)")
     r.add_argument("--trace", help="write the event trace (JSON lines) here")
+    r.add_argument("--timeline", metavar="FILE", help="write a timeline Perfetto's UI "
+                   "opens (trace-event JSON, docs/timeline.md) here")
     r.add_argument("--mode", default="free", choices=("free", "random"),
                    help="scheduler: free (run each actor until it blocks) or random")
     r.add_argument("--cpus", type=int, help="emulated CPUs")
@@ -504,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="a failure file written by kmm explore")
     rp.add_argument("--trace", help="write the replayed run's trace (JSON lines) here")
     rp.add_argument("--last", type=int, default=30, help="events to print (30)")
+    rp.add_argument("--timeline", metavar="FILE", help="write the replayed run as a "
+                    "timeline Perfetto's UI opens (docs/timeline.md) here")
     rp.set_defaults(fn=cmd_replay)
+    from kmm.tools import plot, timeline
+    timeline.add_parser(sub)
+    plot.add_parser(sub)
     lk = sub.add_parser("locks", help="lock_stat, lock-order graph and waits of a traced run")
     lk.add_argument("file", help="a trace written by kmm run --trace (JSON lines)")
     lk.add_argument("--json", action="store_true", help="print the study as JSON")
