@@ -325,10 +325,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
     dp = ctx.dirty_pages
     tabchk = st.tabchk
     visited: set[int] = set()
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm maps pages until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         name = task.name
         walked = st.walks.get(name)
         if (walked is None or walked[0] != mm.pgd
@@ -574,8 +572,8 @@ def swap_errors(ctx: Checker) -> list[str]:
     if m.swap_info is not None or st is None:
         return swapfile.check(m)
     errs = []
-    for task in m.tasks.values():
-        if task.name not in st.leaves or not task.alive or task.mm.pgd < 0:
+    for task in m.tasks_with_tables():
+        if task.name not in st.leaves:
             continue
         pmds, ptes = st.leaves[task.name]
         found = [(a, 0, e) for t, _ in pmds for a, e in st.sums[t][4]]

@@ -35,10 +35,8 @@ def hugetlb_errors(ctx) -> list[str]:
     errs: list[str] = []
     maps: Counter = Counter()
     cached: set[int] = set()
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm's tables count until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         for vma in mm.vmas:
             if vma.hugetlb_file is None:
                 continue

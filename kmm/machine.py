@@ -175,6 +175,14 @@ class Machine:
         self.tasks[name] = t
         return t
 
+    def tasks_with_tables(self):
+        """The tasks whose mm still has page tables: the live ones and those exiting.
+        do_exit marks a task dead before exit_mmap zaps its mappings, and until then
+        every page it maps still counts them (mapcount, refcount, swap count), as in the
+        kernel, where an exiting mm's tables are an mm like any other until
+        exit_mmap: the invariant checks walk these, not only the live tasks."""
+        return [t for t in self.tasks.values() if t.mm.pgd >= 0]
+
     def new_anon_vma_id(self) -> int:
         i = self._next_anon_vma
         self._next_anon_vma += 1
