@@ -81,7 +81,7 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
     "lru": _fp_lru,
     "mms": _fp_mms,
     "queue": lambda m, k: tuple(m.deferred_split_queue),
-    "pins": lambda m, k: tuple(m.split_scan_pins.items()),
+    "pins": lambda m, k: (tuple(m.split_scan_pins.items()), tuple(m.putback_pins.items())),
     # "tables" and "pages" are the Checker's own generation counters
 }
 
@@ -469,9 +469,10 @@ def mapping_errors(ctx: Checker) -> list[str]:
         heads.add(p)
         if page is not None:
             heads.add(page.head)
-    pins = m.split_scan_pins
+    pins = {h: (m.split_scan_pins.get(h, 0), m.putback_pins.get(h, 0))
+            for h in m.split_scan_pins.keys() | m.putback_pins.keys()}
     heads.update(h for h in pins.keys() | st.pins.keys() if pins.get(h) != st.pins.get(h))
-    st.pins = dict(pins)
+    st.pins = pins
     for h in heads:
         n = st.folios.get(h, 0) + st.pmd_maps.get(h, 0)
         if not n:
@@ -519,6 +520,8 @@ def _folio_errors(m, head: int, n: int) -> list[str]:
     pcache = folio.nr_pages if folio.mapping is not None else 0
     # a deferred split scan in progress holds a reference on each folio of its batch
     isolated += m.split_scan_pins.get(head, 0)
+    # an isolated folio put back on its LRU holds its reference until folio_put
+    isolated += m.putback_pins.get(head, 0)
     if folio.refcount != n + isolated + cache + pcache:
         errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
                     + (" + 1 isolation" if isolated else "")

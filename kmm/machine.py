@@ -119,6 +119,9 @@ class Machine:
         # references deferred_split_scan holds on its batch (head pfn -> count), so the
         # invariant checker can tell them from a leaked reference
         self.split_scan_pins: dict[int, int] = {}
+        # isolation references folio_putback_lru is about to drop (head pfn -> count):
+        # the folio is back on its LRU list, its reference goes at the folio_put after
+        self.putback_pins: dict[int, int] = {}
         # read-side nesting per actor and callbacks waiting for a grace period
         self.rcu = rcupdate.RcuState()
         # actors inside __folio_put (refcount 0, not yet back in the buddy): swap.__folio_put
