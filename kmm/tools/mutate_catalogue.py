@@ -213,6 +213,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "the order anon_vma rwsem, then the PMD lock: a sleeping lock taken under a "
            "spinlock, against the order every rmap walker uses",
            ("race_fault_collapse.py", "race_collapse_rmap.py"), ("tests/mm/test_khugepaged.py",)),
+    # Survives here, an equivalent mutant of this model: only order-0 folios reach
+    # _migrate_one (do_move_page takes order 0 only; compaction isolates order-0 LRU
+    # folios), and every other holder of a reference on one either excludes migration
+    # (the LRU isolation of reclaim, compaction, MADV_PAGEOUT; the folio lock of the
+    # split paths) or only reads the page and then finds its PTE changed (wp_page_copy)
+    # or only drops it (the mmu_gather of a zap). The kernel's check guards GUP pins and,
+    # for a large folio, the deferred-split shrinker's reference (the freeze in
+    # __folio_migrate_mapping): neither reaches migration in kmm yet.
     Mutant("migrate_no_ref_freeze", "freeze", "kmm/migrate.py", "_migrate_one",
            (('    moved = not rmap.folio_mapped(folio) and folio.refcount == 1  '
              '# folio_ref_freeze',
