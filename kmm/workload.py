@@ -240,6 +240,14 @@ class Kernel:
         """Every /proc/vmstat event the machine counts, by name."""
         return dict(self.machine.vmstat.events)
 
+    def mthp_stats(self, size: str) -> dict[str, int]:
+        """/sys/kernel/mm/transparent_hugepage/hugepages-<size>/stats/: every file of
+        one folder by name (``size`` as the folder names it: "64kB", "2048kB"), e.g.
+        ``nr_anon`` (anonymous folios of that size now), ``nr_anon_partially_mapped``,
+        ``split_deferred``. KeyError for a size without a folder."""
+        from kmm import huge_memory_mthp
+        return dict(huge_memory_mthp.mthp_stats(self.machine)[f"hugepages-{size}"])
+
     def zoneinfo(self, node: int = 0) -> dict[str, int]:
         """/proc/zoneinfo's figures for a node's zone: free pages, watermarks, size."""
         z = self.machine.node_data[node].zone
