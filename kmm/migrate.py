@@ -12,8 +12,10 @@ frames, for compaction, the migration syscalls (kmm.migrate_syscalls) and NUMA
 balancing (``migrate_misplaced_folio``); a large folio without a target is split.
 Left out: file and hugetlb folios, MIGRATE_SYNC's waiting for locks and writeback (every
 caller migrates as MIGRATE_ASYNC does), the retry passes (a busy folio fails at once),
-the batched unmap/move with one TLB flush for the batch, and -ENOMEM aborting the rest
-of a batch of small folios.
+the batched unmap/move with one TLB flush for the batch, -ENOMEM aborting the rest
+of a batch of small folios, and migrate_pages_batch's split of a source that is queued
+for deferred split and partially mapped (kmm moves it whole, then requeues the
+destination).
 """
 
 from __future__ import annotations

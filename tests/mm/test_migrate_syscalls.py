@@ -71,3 +71,33 @@ def test_migrate_pages_moves_every_folio_of_the_old_node():
             await p.migrate_pages([0], [5])
         assert await p.verify() == []
     _two_nodes(fn)
+
+
+def test_a_migrated_partially_mapped_mthp_stays_queued_for_deferred_split():
+    """A 64 KiB mTHP with half of it unmapped is queued (deferred_split_folio: the
+    hugepages-64kB/stats/ files split_deferred and nr_anon_partially_mapped count it).
+    After move_pages to node 1 the folio that maps its pages is still on the deferred
+    split queue (migrate_folio_move requeues the destination of a queued source,
+    a2e0c0668a34), so the next reclaim's shrinker splits it: no 64 KiB folio is left
+    (nr_anon 0, nr_anon_partially_mapped 0) and the mapped half reads back."""
+    async def fn(m, k):
+        k.set_knob("hugepages-64kB/enabled", "madvise")
+        p = await k.process("main")
+        r = await p.mmap(128 << 10)
+        await p.madvise(r, 128 << 10, "hugepage")
+        a = (r + (64 << 10) - 1) & ~((64 << 10) - 1)
+        await p.touch(a, 64 << 10, value=9)
+        assert k.mthp_stats("64kB")["nr_anon"] == 1
+        assert await p.munmap(a + (32 << 10), 32 << 10) == 0
+        st = k.mthp_stats("64kB")
+        assert (st["split_deferred"], st["nr_anon_partially_mapped"]) == (1, 1)
+        left, status = await p.move_pages([a], [1])
+        assert left == 0 and status == [1]
+        assert p.numa_maps(a, 4096)["pages"] == {"1": 1}
+        await k.force_empty()
+        st = k.mthp_stats("64kB")
+        assert (st["nr_anon"], st["nr_anon_partially_mapped"]) == (0, 0)
+        assert await p.verify() == []
+        with pytest.raises(KeyError):
+            k.mthp_stats("12kB")
+    _two_nodes(fn)

@@ -67,3 +67,15 @@ def test_a_survivor_is_reported_as_such():
                                            explored=23)])
     assert "killed 1/2 (50%)" in table
     assert "explore p.py pct, schedule 3 (23 run in all): data" in table
+
+
+def test_the_removed_migration_refcount_freeze_is_killed(capsys):
+    """migrate_no_ref_freeze (folio_ref_freeze in __folio_migrate_mapping): moving a
+    folio the deferred-split shrinker holds leaves its destination off the queue, which
+    race_migrate_shrinker.py sees (a 64 KiB folio is left after a quiet reclaim)."""
+    rc = cli.main(["mutate", "migrate_no_ref_freeze", "--budget", "10", "--no-tests",
+                   "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "explore race_migrate_shrinker.py random, schedule" in out
+    assert "killed 1/1 (100%)" in out
