@@ -51,7 +51,9 @@ def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
                 if pmd_trans_huge(pmd) or not pmd_present(pmd):
                     yield base_m, "pmd", pmd
                     continue
-                pte_t = tables[table_pfn(pmd)]
+                pte_t = tables.get(table_pfn(pmd))
+                if pte_t is None:  # no page table behind it: the mapping check says so
+                    continue
                 for n in _slots(base_m, PMD_SIZE, pte_index, start, last):
                     pte = pte_t[n]
                     if pte:

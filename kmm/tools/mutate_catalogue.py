@@ -179,7 +179,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '        result = R.SCAN_SUCCEED'),),
            "check_pmd_still_valid after the relock: the PMD found before the allocation "
            "may be gone (munmap freed the table) or be a THP now",
-           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           ("race_collapse_dontneed.py", "race_collapse_range_munmap.py",
+            "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
     Mutant("madvise_collapse_no_revalidate", "revalidate", "kmm/khugepaged.py",
            "madvise_collapse",
