@@ -188,7 +188,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '            result, v = R.SCAN_SUCCEED, mm.find_vma(addr)'),),
            "madvise_collapse's revalidation of the VMA when it re-takes the mmap lock "
            "for the next block",
-           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           ("race_collapse_tail_munmap.py", "race_collapse_range_munmap.py",
+            "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
     Mutant("collapse_ptl_before_anon_vma", "lock-order", "kmm/khugepaged_collapse.py",
            "_collapse_write_locked",
