@@ -123,6 +123,10 @@ class Machine:
         self.rcu = rcupdate.RcuState()
         # actors inside __folio_put (refcount 0, not yet back in the buddy): swap.__folio_put
         self.freeing: dict[object, int] = {}
+        # actors waiting for a folio's unlock without a reference, as the kernel lets
+        # migration_entry_wait_on_locked do (the migration holds one; the waiter never
+        # touches the folio once woken): page_alloc's free check excuses them
+        self.unref_waiters: set = set()
         if self.strict:
             atomic.make_strict(self)
 

@@ -62,7 +62,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '                await lk.unlock()'),),
            "do_huge_pmd_wp_page's pmd_same after sleeping on the folio lock with the PMD "
            "lock dropped: the split that held the folio lock replaced the PMD meanwhile",
-           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+           ("race_wp_lock_zap.py", "race_cow_split.py", "race_fork_reuse.py"),
+           ("tests/mm/test_split.py",)),
     Mutant("huge_fault_no_pmd_none_recheck_src", "recheck", "kmm/huge_memory.py",
            "__do_huge_pmd_anonymous_page",
            (('    if (not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx))\n'
@@ -150,7 +151,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '                await lk.unlock()\n                return 0\n')),
            "the folio_get before sleeping on the folio lock with the PMD lock dropped: "
            "the THP may be split or freed while the fault waits for its lock",
-           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+           ("race_wp_lock_zap.py", "race_cow_split.py", "race_fork_reuse.py"),
+           ("tests/mm/test_split.py",)),
     Mutant("deferred_split_no_try_get", "reference", "kmm/huge_memory_split.py",
            "deferred_split_scan",
            (('        if folio.refcount > 0:  # folio_try_get', '        if True:'),),
