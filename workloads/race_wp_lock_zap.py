@@ -35,7 +35,7 @@ async def main(k):
 
     async def splitter(cpu):
         q = p.on(cpu)
-        split = await q.split_huge_page(a, 2 * MiB)
+        split = await q.split_huge_page(a, 4096)
         return split, await q.madvise(a, 2 * MiB, "dontneed")
 
     _, (split, zapped) = await k.parallel(writer, splitter)
