@@ -180,7 +180,8 @@ MUTANTS: tuple[Mutant, ...] = (
            (('        result = check_pmd_still_valid(m, mm, address, pmd_tbl)',
              '        result = R.SCAN_SUCCEED'),),
            "check_pmd_still_valid after the relock: the PMD found before the allocation "
-           "may be gone (munmap freed the table) or be a THP now",
+           "may be gone (munmap freed the table, MADV_DONTNEED's pt_reclaim emptied it) "
+           "or be a THP now",
            ("race_collapse_dontneed.py", "race_collapse_range_munmap.py",
             "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
@@ -189,7 +190,10 @@ MUTANTS: tuple[Mutant, ...] = (
            (('            result, v = hugepage_vma_revalidate(m, mm, addr, False, cc)',
              '            result, v = R.SCAN_SUCCEED, mm.find_vma(addr)'),),
            "madvise_collapse's revalidation of the VMA when it re-takes the mmap lock "
-           "for the next block",
+           "for the next block: the VMA is looked up again but not checked, so a range "
+           "whose rest was unmapped meanwhile has none there (a NULL dereference). "
+           "Keeping the old VMA instead (the kernel's use after free) shows nothing in "
+           "kmm, whose VMAs are never freed and whose collapse revalidates by itself",
            ("race_collapse_tail_munmap.py", "race_collapse_range_munmap.py",
             "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
