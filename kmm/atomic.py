@@ -3,9 +3,11 @@ another actor may see (the kernel's READ_ONCE / WRITE_ONCE / xchg / cmpxchg, ato
 bitops and list operations).
 
 Emulator-only in form, kernel in meaning: each *atomic* operation here is exactly one
-preemption point (``await sched.point(event, ...)``, or ``sched.tick(cost)`` when the
-scheduler is in its fast mode: that choice is written once, ``ticked``), so what is
-atomic is what the kernel makes atomic, not whatever code sits between two awaits.
+preemption point (``await sched.point(event, ...)``, or, when the scheduler is
+``quiet`` (free mode, no hook: no other actor can be chosen there), the synchronous
+``sched.tick(cost, event, **fields)``: the same sequence number, clock and digest
+without a coroutine), so what is atomic is what the kernel makes atomic, not whatever
+code sits between two awaits.
 Several field changes the kernel makes as ONE atomic step stay one point (e.g.
 ``folio_add_anon_rmap_ptes`` updating the per-page mapcounts, the large mapcount and
 ``nr_pages_mapped`` together, as the kernel does under the folio's mapcount atomics).
@@ -28,6 +30,7 @@ entry_read                     READ_ONCE(*ptep), pmdp_get                <level>
 entry_set                      WRITE_ONCE, set_pte_at, set_pmd_at        set_<level>
 entry_get_and_clear            xchg: ptep/pmdp_get_and_clear             <level>p_get_and_clear
 entry_cmpxchg                  cmpxchg on an entry                       <level>_cmpxchg
+entry_read/cmpxchg_quiet       the same, scheduler quiet (no coroutine)  the same
 set_ptes                       set_ptes of an mTHP, PTE lock held        set_ptes
 set_ptes_table                 set_ptes into a withdrawn table           step set_ptes
 entry_set_unwalked             set_pte_at, a table no walker reaches     step set_<level>
@@ -55,6 +58,7 @@ ds_queue_add/del_locked        list_add_tail/list_del_init, ds lock      -
 lru_add/del/splice_locked      lruvec_add/del_folio under lru_lock       -
 waitqueue_add/remove/pop       add/remove_wait_queue, __wake_up          -
 pt_deposit/withdraw_locked     pmd_huge_pte list, PMD lock held          -
+ptdesc_pmd_pts_inc/dec         ptdesc_pmd_pts_inc/dec (atomic_inc/dec)   pt_share_count_mod
 prep_new_page                  prep_new_page, prep_compound_page         -
 init_page                      __split_folio_to_order, ctor, migration   -
 =============================  ========================================  ======================
@@ -80,6 +84,7 @@ from kmm.runtime.sched import Scheduler
 __all__ = [
     "StrictError", "KernelBug", "ticked", "point", "strict_default",
     "entry_read", "entry_set", "entry_get_and_clear", "entry_cmpxchg", "set_ptes",
+    "entry_read_quiet", "entry_cmpxchg_quiet",
     "set_ptes_table",
     "entry_set_unwalked", "step", "step_owned", "step_locked",
     "folio_ref_add", "folio_put_testzero", "folio_ref_add_locked", "folio_ref_freeze",
@@ -93,24 +98,28 @@ __all__ = [
     "pages_clear_flags_locked",
     "ds_queue_add_locked", "ds_queue_del_locked", "lru_add_locked", "lru_del_locked",
     "lru_splice_locked", "waitqueue_add", "waitqueue_remove", "waitqueue_pop",
-    "pt_deposit_locked", "pt_withdraw_locked", "prep_new_page", "init_page",
+    "pt_deposit_locked", "pt_withdraw_locked", "ptdesc_pmd_pts_inc", "ptdesc_pmd_pts_dec",
+    "prep_new_page", "init_page",
     "folio_set_field_locked",
 ]
 
 
 # ------------------------------------------------------------------ the point, once
-# The fast path of a point, written once: in the scheduler's fast mode (free, no trace,
-# no hook) a point is only a clock tick. ``ticked(sched, cost)`` ticks and returns True
-# then; callers write ``if not ticked(sched, c): await sched.point(event, c, ...)`` so
-# the fast path builds neither a coroutine nor the event's fields, at one call (the
-# scheduler's own method, so the tick stays the scheduler's business).
+# The fast path of a point: when the scheduler is quiet (free mode, no hook, at most
+# the digest) no other actor can be chosen at a point, so the operations below write
+# ``if sched.quiet: sched.tick(cost, event, **fields) else: await sched.point(...)``:
+# the tick folds the event into the digest (if there is one) with no coroutine frame.
+# ``ticked(sched, cost)`` is the older, narrower fast path (fast mode: no trace at
+# all), still used by the recorded steps, which are synchronous anyway.
 ticked = Scheduler.ticked
 
 
 async def point(sched, event: str, cost: int = 1, **fields) -> None:
     """One point of an operation that is not itself a shared-state change (an
     allocator reply, a scanner step, a user access): the same fast path."""
-    if not ticked(sched, cost):
+    if sched.quiet:
+        sched.tick(cost, event, **fields)
+    else:
         await sched.point(event, cost, **fields)
 
 
@@ -175,22 +184,45 @@ def entry_set_unwalked(m, level: str, table: int, idx: int, val: int) -> None:
 async def entry_read(m, level: str, table: int, idx: int) -> int:
     """READ_ONCE of a page-table entry (ptep_get, pmdp_get_lockless)."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.fast:  # no trace at all: the tick alone, not even the fields
+        sched.ticked(COST_ENTRY)
+    elif sched.quiet:
+        sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
+    else:
         await sched.point(level + "_read", COST_ENTRY, pt=table, i=idx)
+    return m.tables[table][idx]
+
+
+def entry_read_quiet(m, level: str, table: int, idx: int) -> int:
+    """entry_read when the scheduler is quiet (no actor can be chosen at the point):
+    the same point, as a tick, with no coroutine (the hardware walker's fast path)."""
+    sched = m.sched
+    if sched.fast:
+        sched.ticked(COST_ENTRY)
+    else:
+        sched.tick(COST_ENTRY, level + "_read", pt=table, i=idx)
     return m.tables[table][idx]
 
 
 async def entry_set(m, level: str, table: int, idx: int, val: int) -> None:
     """WRITE_ONCE of a page-table entry (set_pte_at, set_pmd_at, pmd_populate)."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.fast:  # no trace at all: the tick alone, not even the fields
+        sched.ticked(COST_ENTRY)
+    elif sched.quiet:
+        sched.tick(COST_ENTRY, "set_" + level, pt=table, i=idx, val=val)
+    else:
         await sched.point("set_" + level, COST_ENTRY, pt=table, i=idx, val=val)
     m.tables[table][idx] = val
 
 
 async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
     """xchg(entry, 0): ptep_get_and_clear / pmdp_huge_get_and_clear."""
-    await m.sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(COST_ENTRY, level + "p_get_and_clear", pt=table, i=idx)
+    else:
+        await sched.point(level + "p_get_and_clear", COST_ENTRY, pt=table, i=idx)
     t = m.tables[table]
     old = t[idx]
     t[idx] = 0
@@ -199,7 +231,21 @@ async def entry_get_and_clear(m, level: str, table: int, idx: int) -> int:
 
 async def entry_cmpxchg(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
     """cmpxchg on an entry (ptep_set_access_flags' try_cmpxchg, the hardware A/D update)."""
-    await m.sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(COST_ENTRY, level + "_cmpxchg", pt=table, i=idx, val=new)
+    else:
+        await sched.point(level + "_cmpxchg", COST_ENTRY, pt=table, i=idx, val=new)
+    t = m.tables[table]
+    if t[idx] != old:
+        return False
+    t[idx] = new
+    return True
+
+
+def entry_cmpxchg_quiet(m, level: str, table: int, idx: int, old: int, new: int) -> bool:
+    """entry_cmpxchg when the scheduler is quiet: the same point, as a tick."""
+    m.sched.tick(COST_ENTRY, level + "_cmpxchg", pt=table, i=idx, val=new)
     t = m.tables[table]
     if t[idx] != old:
         return False
@@ -213,7 +259,9 @@ async def set_ptes(m, table: int, idx: int, entry: int, nr: int) -> None:
     point: the PTE lock keeps faults out, and a hardware walk sees each PTE either none
     or set, which is all the kernel promises."""
     sched = m.sched
-    if not ticked(sched, COST_ENTRY):
+    if sched.quiet:
+        sched.tick(COST_ENTRY, "set_ptes", pt=table, i=idx, nr=nr)
+    else:
         await sched.point("set_ptes", COST_ENTRY, pt=table, i=idx, nr=nr)
     t = m.tables[table]
     for i in range(nr):
@@ -244,7 +292,11 @@ def set_ptes_table(m, table: int, entries, pmd_tbl: int) -> None:
 # ------------------------------------------------------------------ refcounts
 async def folio_ref_add(m, folio: Page, n: int) -> None:
     """folio_ref_add / folio_get: an atomic_add on the refcount."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=n)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=n)
     folio.refcount += n
 
 
@@ -254,7 +306,11 @@ async def folio_put_testzero(m, folio: Page, n: int = 1, dropped=None) -> bool:
     at once, or a batch after dropping its lock). ``dropped()`` runs with the
     decrement: bookkeeping of who held the reference (the invariant checker's) changes
     at that instant, not at the point before."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=-n)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=-n)
     folio.refcount -= n
     if dropped is not None:
         dropped()
@@ -280,7 +336,11 @@ def folio_ref_sub_locked(folio: Page, n: int = 1) -> None:
 async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
     """folio_ref_freeze: atomic_cmpxchg(refcount, count, 0); True if it held exactly
     ``count`` and is now frozen (the caller owns the folio)."""
-    await m.sched.point("page_ref_freeze", pfn=folio.pfn)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_freeze", pfn=folio.pfn)
+    else:
+        await sched.point("page_ref_freeze", pfn=folio.pfn)
     if folio.refcount != count:
         return False
     folio.refcount = 0
@@ -290,7 +350,11 @@ async def folio_ref_freeze(m, folio: Page, count: int) -> bool:
 async def folio_try_get(m, folio: Page) -> bool:
     """folio_try_get: atomic_add_unless(refcount, 1, 0); False for a folio being freed
     or frozen."""
-    await m.sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_mod", pfn=folio.pfn, nr=1)
+    else:
+        await sched.point("page_ref_mod", pfn=folio.pfn, nr=1)
     if folio.refcount <= 0:
         return False
     folio.refcount += 1
@@ -299,7 +363,11 @@ async def folio_try_get(m, folio: Page) -> bool:
 
 async def folio_ref_unfreeze(m, folio: Page, count: int) -> None:
     """folio_ref_unfreeze: atomic_set(refcount, count) on a frozen folio."""
-    await m.sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    sched = m.sched
+    if sched.quiet:
+        sched.tick(1, "page_ref_unfreeze", pfn=folio.pfn, nr=count)
+    else:
+        await sched.point("page_ref_unfreeze", pfn=folio.pfn, nr=count)
     if folio.refcount:
         raise KernelBug(f"folio_ref_unfreeze of a folio not frozen: {folio!r}")
     folio.refcount = count
@@ -316,7 +384,9 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
     """__folio_add_new_anon_rmap: first mapping of a folio no one else can see, with
     its NR_ANON_MAPPED / NR_ANON_THPS accounting (__lruvec_stat_mod_folio)."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="new_anon_pmd" if pmd else "new_anon")
     folio.anon_vma = anon_vma
     folio.index = index
@@ -348,7 +418,9 @@ async def mapcount_new_anon(m, folio: Page, anon_vma, index: int, pmd: bool) -> 
 async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) -> int:
     """__folio_add_rmap for nr PTEs of pages pfn..: returns how many pages became mapped."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="add_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=nr, how="add_ptes")
     if not folio.order:
         folio.mapcount += 1
@@ -372,7 +444,9 @@ async def mapcount_add_ptes(m, folio: Page, pfn: int, nr: int, exclusive: bool) 
 async def mapcount_remove_ptes(m, folio: Page, pfn: int, nr: int) -> int:
     """__folio_remove_rmap for nr PTEs: returns how many pages became unmapped."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=-nr, how="remove_ptes")
     if not folio.order:
         folio.mapcount -= 1
@@ -400,7 +474,9 @@ async def mapcount_remove_ptes(m, folio: Page, pfn: int, nr: int) -> int:
 async def mapcount_add_pmd(m, folio: Page, exclusive: bool) -> None:
     """__folio_add_rmap for one PMD mapping."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="add_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="add_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
@@ -412,7 +488,9 @@ async def mapcount_remove_pmd(m, folio: Page) -> int:
     """__folio_remove_rmap for one PMD mapping: returns the entire mapcount left; the
     last PMD mapping of a folio no PTE maps any more clears its exclusivity."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="remove_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="remove_pmd")
     folio.entire_mapcount -= 1
     folio.large_mapcount -= 1
@@ -426,7 +504,9 @@ async def mapcount_remove_pmd(m, folio: Page) -> int:
 async def mapcount_dup_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     """__folio_try_dup_anon_rmap for nr PTEs (fork): the pages become shared."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=pfn, nr=nr, how="dup_ptes")
+    else:
         await sched.point("mapcount", pfn=pfn, nr=nr, how="dup_ptes")
     if not folio.order:
         folio.mapcount += 1
@@ -443,7 +523,9 @@ async def mapcount_dup_ptes(m, folio: Page, pfn: int, nr: int) -> None:
 async def mapcount_dup_pmd(m, folio: Page) -> None:
     """__folio_try_dup_anon_rmap for a PMD (fork of a PMD-mapped THP)."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "mapcount", pfn=folio.pfn, how="dup_pmd")
+    else:
         await sched.point("mapcount", pfn=folio.pfn, how="dup_pmd")
     folio.entire_mapcount += 1
     folio.large_mapcount += 1
@@ -458,7 +540,9 @@ async def mapcount_dup_pmd(m, folio: Page) -> None:
 async def folio_set_flags(m, folio: Page, bits: int) -> None:
     """set_bit on folio->flags (folio_set_*), where another actor may race: one point."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "set_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("set_bit", pfn=folio.pfn, bits=bits)
     folio.flags |= bits
 
@@ -466,7 +550,9 @@ async def folio_set_flags(m, folio: Page, bits: int) -> None:
 async def folio_clear_flags(m, folio: Page, bits: int) -> None:
     """clear_bit on folio->flags (folio_clear_*): one point."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "clear_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("clear_bit", pfn=folio.pfn, bits=bits)
     folio.flags &= ~bits
 
@@ -474,7 +560,9 @@ async def folio_clear_flags(m, folio: Page, bits: int) -> None:
 async def folio_test_set_flags(m, folio: Page, bits: int) -> bool:
     """test_and_set_bit (folio_test_set_*): True if every bit was set already."""
     sched = m.sched
-    if not ticked(sched, 1):
+    if sched.quiet:
+        sched.tick(1, "test_and_set_bit", pfn=folio.pfn, bits=bits)
+    else:
         await sched.point("test_and_set_bit", pfn=folio.pfn, bits=bits)
     old = folio.flags
     folio.flags = old | bits
@@ -591,6 +679,26 @@ def pt_deposit_locked(page: Page, pgtable: int) -> None:
 def pt_withdraw_locked(page: Page) -> int:
     """The pmd_huge_pte list: take a table back; PMD lock held."""
     return page.pt_deposit.pop()
+
+
+async def ptdesc_pmd_pts_inc(m, page: Page) -> None:
+    """ptdesc_pmd_pts_inc: one more mm's PUD entry maps this hugetlb PMD table
+    (huge_pmd_share). A table that is no page table any more (freed meanwhile) is a
+    use-after-free: KernelBug."""
+    await m.sched.point("pt_share_count_mod", pfn=page.pfn, nr=1)
+    if page.page_type != "table" or page.pt_level != "pmd":
+        raise KernelBug(f"ptdesc_pmd_pts_inc: page {page.pfn:#x} is no PMD table "
+                        f"(freed while being shared): {page!r}")
+    page.pt_share_count += 1
+
+
+async def ptdesc_pmd_pts_dec(m, page: Page) -> None:
+    """ptdesc_pmd_pts_dec: one sharer's PUD entry no longer maps the table
+    (huge_pmd_unshare, or huge_pmd_share losing the race to populate)."""
+    await m.sched.point("pt_share_count_mod", pfn=page.pfn, nr=-1)
+    if page.pt_share_count <= 0:
+        raise KernelBug(f"ptdesc_pmd_pts_dec: PMD table {page.pfn:#x} is not shared")
+    page.pt_share_count -= 1
 
 
 # ----------------------------------------------------------- the owner's door

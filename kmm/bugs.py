@@ -146,6 +146,32 @@ BUGS: dict[str, Bug] = {b.name: b for b in (
         "(the 'false unable to allocate errors' hugetlb_no_page's comment names)",
         "race_hugetlb_fault.py",
         "AssertionError: a writer died: Sigbus"),
+    Bug("hugetlb_pmd_share_no_i_mmap_lock",
+        "huge_pmd_share",
+        "hold the file's i_mmap_rwsem for read from the i_mmap lookup of another VMA's "
+        "PMD table to the populate of this mm's PUD entry",
+        "the other VMA's final zap (munmap, exit) and its free_pgtables take the "
+        "i_mmap_rwsem for write, and the zap frees the VMA's hugetlb lock so "
+        "page_table_shareable refuses it afterwards; without the read lock the whole "
+        "munmap can run between the lookup and the share-count increment: the zap finds "
+        "the table unshared, clears it and free_pgtables frees it, and the sharer then "
+        "takes a reference on a freed page table (or the table is freed while shared) "
+        "and maps its PUD to it",
+        "race_hugetlb_pmd_share.py",
+        "KernelBug: ptdesc_pmd_pts_inc: page ... is no PMD table (freed while being "
+        "shared), or: freeing PMD table ... still shared"),
+    Bug("numa_huge_no_pmd_same",
+        "do_huge_pmd_numa_page",
+        "pmd_same(old_pmd, vmf->orig_pmd) right after taking the PMD lock (back out if "
+        "the PMD changed since __handle_mm_fault read it)",
+        "the NUMA hinting fault read the PROT_NONE huge PMD without its lock; a "
+        "MADV_DONTNEED or split_huge_page on another CPU (mmap lock held for read too) "
+        "may have split it into a PTE table meanwhile, or zapped it. Without the recheck "
+        "the fault treats the table pointer as a huge PMD: it \"restores\" it with "
+        "pmd_modify (losing the table's pfn bits) or migrates whatever page that names",
+        "race_numa_fault_split.py",
+        "InvariantError or KernelBug: a PMD that is neither a table nor a huge mapping of "
+        "a THP, PTEs and mapcounts no table holds, bytes that no longer read back"),
     Bug("shmem_fault_no_truncate_recheck",
         "shmem_get_folio_gfp",
         "after folio_lock, check that the folio is still in this mapping and still "

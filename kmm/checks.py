@@ -29,7 +29,7 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any, Callable
 
-from kmm import checks_cross, checks_data, checks_hugetlb, swap, swapfile
+from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
 from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache, PGTY_hugetlb
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
@@ -59,7 +59,12 @@ def check(name: str, *deps: str):
 
 # --------------------------------------------------------------- fingerprints
 def _fp_zone(m, k) -> Any:
-    z = m.zone
+    if len(m.node_data) > 1:
+        return tuple(_fp_one_zone(pg.zone) for pg in m.node_data)
+    return _fp_one_zone(m.zone)
+
+
+def _fp_one_zone(z) -> Any:
     return (z.untouched, z.untouched_end, z.nr_free,
             tuple(tuple(a) for a in z.free_area), tuple(z.free_order.items()))
 
@@ -184,7 +189,8 @@ def _leaf_tables(m, task) -> tuple[list[tuple[str, int]], list[tuple[int, int]],
                 e = pmd[n]
                 if pmd_present(e) and not pmd_trans_huge(e):
                     every.append(("pte", table_pfn(e)))
-                    ptes.append((table_pfn(e), base_u + n * PMD_SIZE))
+                    if table_pfn(e) in m.physmem.tables:  # else: "not a page-table page"
+                        ptes.append((table_pfn(e), base_u + n * PMD_SIZE))
     return every, pmds, ptes
 
 
@@ -302,7 +308,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
     """Page tables against struct pages: every table a live table page; deposits; mm
     counters; every mapping counted in the struct pages it maps, and nothing else."""
     m = ctx.m
-    pm, zone = m.physmem, m.zone
+    pm, zone = m.physmem, mmzone.all_zones(m)
     st: _MapState = ctx.state.get("mappings") or ctx.state.setdefault("mappings",
                                                                        _MapState())
     st.leaves = {}
@@ -318,8 +324,11 @@ def mapping_errors(ctx: Checker) -> list[str]:
     if st.zone is None:
         ranges.append((0, pm.nr_pages))
     elif st.zone != (zone.untouched, zone.untouched_end):
-        for a, b in zip(st.zone, (zone.untouched, zone.untouched_end)):
-            ranges.append((min(a, b), max(a, b)))
+        if len(m.node_data) > 1:  # some node's untouched tail moved: look at it all
+            ranges.append((0, pm.nr_pages))
+        else:
+            for a, b in zip(st.zone, (zone.untouched, zone.untouched_end)):
+                ranges.append((min(a, b), max(a, b)))
     if ranges:
         st.free = dict(free)
         st.zone = (zone.untouched, zone.untouched_end)
@@ -550,14 +559,15 @@ def deferred_split_queue_errors(ctx: Checker) -> list[str]:
     errs = []
     for pfn in m.deferred_split_queue:
         f = m.physmem.pages.get(pfn)
-        if f is None or not f.on_deferred_list or not f.order or m.zone.is_free(pfn):
+        if f is None or not f.on_deferred_list or not f.order or \
+                mmzone.all_zones(m).is_free(pfn):
             errs.append(f"deferred split queue holds {pfn:#x}, not a queued large folio")
     return errs
 
 
 @check("buddy", "zone", "pages")
 def buddy_errors(ctx: Checker) -> list[str]:
-    return ctx.m.zone.check()
+    return mmzone.all_zones(ctx.m).check()
 
 
 @check("lru", "lru", "pages")
@@ -605,7 +615,7 @@ def page_cache_errors(ctx: Checker) -> list[str]:
         return []
     ms = ctx.state.get("mappings")
     mapped = set(ms.folios) | set(ms.pmd_maps) if ms is not None else set()
-    pm, zone = m.physmem, m.zone
+    pm, zone = m.physmem, mmzone.all_zones(m)
     errs = []
     for inode in st.inodes.values():
         mapping = inode.mapping

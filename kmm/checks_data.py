@@ -40,8 +40,10 @@ def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
     if is_pmd_migration_entry(e):
         return (pgd, pud, pmd), migration_entry_pfn(e) + sub
     pte = table_pfn(e)
-    p = tables[pte][pte_index(addr)]
     path = (pgd, pud, pmd, pte)
+    if pte not in tables:  # a PMD pointing at no table (mapping_errors reports it)
+        return path, -1
+    p = tables[pte][pte_index(addr)]
     if not p:
         return path, -1
     if swapfile.is_swap_entry(m, p):

@@ -9,16 +9,22 @@ this check counts them from the hugetlb VMAs and compares:
   zero, see hugetlb_report_meminfo); surplus within the pool;
 - per hugetlb folio: not on the LRU, the deferred split queue or a buddy free list; a
   free one unreferenced and unmapped; a mapped one with entire (and large) mapcount
-  equal to its PMD mappings and refcount equal to them plus its page-cache reference.
+  equal to its PMD mappings and refcount equal to them plus its page-cache reference
+  (an entry of a shared PMD table is one mapping, however many mms reach it);
+- per PMD table of a hugetlb VMA (PMD sharing, kmm.hugetlb_pmd_share): its
+  pt_share_count is the number of live mms whose PUD entry points at it, less one; a
+  table with a share count is a live PMD table (not freed, not on a free list), and a
+  shared table is only reached through shared hugetlb VMAs.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from kmm import hugetlb_pmd_share, mmzone
 from kmm.memory import pmd_lookup
 from kmm.mm_types import PG_isolated, PG_lru, PGTY_hugetlb
-from kmm.pgtable import pmd_index, pmd_pfn, pmd_trans_huge
+from kmm.pgtable import PUD_SIZE, pmd_index, pmd_pfn, pmd_trans_huge
 
 
 def is_hugetlb_pmd(m, e: int) -> bool:
@@ -35,6 +41,7 @@ def hugetlb_errors(ctx) -> list[str]:
     errs: list[str] = []
     maps: Counter = Counter()
     cached: set[int] = set()
+    slots: set[tuple[int, int]] = set()  # (PMD table, index): a shared entry counts once
     for task in m.tasks.values():
         mm = task.mm
         if not task.alive or mm.pgd < 0:
@@ -55,7 +62,10 @@ def hugetlb_errors(ctx) -> list[str]:
                     errs.append(f"{task.name}: hugetlb VMA entry {e:#x} at {addr:#x} maps "
                                 "no hugetlb folio")
                     continue
-                maps[pmd_pfn(e)] += 1
+                if (t, pmd_index(addr)) not in slots:
+                    slots.add((t, pmd_index(addr)))
+                    maps[pmd_pfn(e)] += 1
+    errs.extend(shared_pmd_errors(m))
     folios = [p for p in pm.pages.values() if p.page_type == PGTY_hugetlb]
     for h in m.hugetlb.hstates:
         mine = [f for f in folios if f.order == h.order]
@@ -74,7 +84,7 @@ def hugetlb_errors(ctx) -> list[str]:
         for f in mine:
             if f.flags & (PG_lru | PG_isolated) or f.on_deferred_list:
                 errs.append(f"hugetlb folio {f.pfn:#x} on the LRU or deferred split queue")
-            if m.zone.is_free(f.pfn):
+            if mmzone.all_zones(m).is_free(f.pfn):
                 errs.append(f"hugetlb folio {f.pfn:#x} is on a buddy free list")
             n = maps.get(f.pfn, 0)
             if f.pfn in free:
@@ -88,6 +98,40 @@ def hugetlb_errors(ctx) -> list[str]:
             if want and f.refcount != want:  # (an unmapped one is being allocated or freed)
                 errs.append(f"hugetlb folio {f.pfn:#x}: refcount {f.refcount} != {n} "
                             f"mappings + {want - n} page cache")
+    return errs
+
+
+def shared_pmd_errors(m) -> list[str]:
+    """pt_share_count against the PUD entries that reach each PMD table; a table
+    shared must be alive (never freed while shared) and reached only through shared
+    hugetlb VMAs."""
+    from kmm.mm_types import VM_MAYSHARE
+    errs = []
+    refs = hugetlb_pmd_share.shared_pmd_tables(m)
+    pm = m.physmem
+    for t, n in refs.items():
+        pg = pm.pages.get(t)
+        cnt = pg.pt_share_count if pg is not None else 0
+        if cnt != n - 1:
+            errs.append(f"PMD table {t:#x}: pt_share_count {cnt} but {n} PUD entries "
+                        "map it")
+    for task in m.tasks.values():
+        mm = task.mm
+        if not task.alive or mm.pgd < 0:
+            continue
+        for vma in mm.vmas:
+            if vma.hugetlb_file is None or vma.flags & VM_MAYSHARE:
+                continue
+            for base in range(vma.start & ~(PUD_SIZE - 1), vma.end, PUD_SIZE):
+                t = pmd_lookup(m, mm, base)
+                if t >= 0 and t in refs and refs[t] > 1:
+                    errs.append(f"{task.name}: private hugetlb VMA at {vma.start:#x} "
+                                f"reaches shared PMD table {t:#x}")
+    for pfn, pg in pm.pages.items():
+        if pg.pt_share_count and (pg.page_type != "table" or pg.pt_level != "pmd"
+                                  or mmzone.all_zones(m).is_free(pfn) or pfn not in refs):
+            errs.append(f"page {pfn:#x} has pt_share_count {pg.pt_share_count} but is "
+                        "no live PMD table (freed while shared)")
     return errs
 
 

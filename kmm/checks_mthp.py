@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from kmm import mmzone
 from kmm.checks import Checker, FINGERPRINTS, check
 from kmm.mm_types import PG_partially_mapped
 
@@ -36,7 +37,7 @@ def large_folio_errors(m) -> list[str]:
     to the live anonymous folios counted."""
     errs: list[str] = []
     pm = m.physmem
-    zone = m.zone
+    zone = mmzone.all_zones(m)
     nr_anon: Counter = Counter()
     partial: Counter = Counter()
     for head, folio in list(pm.pages.items()):

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from enum import IntEnum
 
-from kmm import atomic, migrate, page_alloc, swap, wait
+from kmm import atomic, migrate, mmzone, page_alloc, swap, wait
 from kmm.cost import COST_SCAN_PFN
 from kmm.gfp import GFP_KERNEL, PAGE_ALLOC_COSTLY_ORDER, gfp_compaction_allowed
 from kmm.mm_types import PG_head, PG_lru, PG_swapcache, PG_dirty, PG_writeback
@@ -591,11 +591,11 @@ async def compact_zone(m, cc: CompactControl) -> CompactResult:
 
 
 async def compact_zone_order(m, order: int, gfp_mask: int, prio: CompactPriority,
-                             alloc_flags: int) -> CompactResult:
-    """compact_zone_order: direct compaction at a priority (async, or sync-light;
-    sync-full scans the whole zone and every block)."""
+                             alloc_flags: int, zone=None) -> CompactResult:
+    """compact_zone_order: direct compaction of a zone (node 0's by default) at a
+    priority (async, or sync-light; sync-full scans the whole zone and every block)."""
     full = prio == MIN_COMPACT_PRIORITY
-    cc = CompactControl(m.zone, order, gfp_mask,
+    cc = CompactControl(zone or m.zone, order, gfp_mask,
                         MIGRATE_ASYNC if prio == CompactPriority.COMPACT_PRIO_ASYNC
                         else MIGRATE_SYNC_LIGHT,
                         alloc_flags, direct_compaction=True, whole_zone=full,
@@ -604,60 +604,65 @@ async def compact_zone_order(m, order: int, gfp_mask: int, prio: CompactPriority
 
 
 async def try_to_compact_pages(m, order: int, gfp_mask: int, alloc_flags: int,
-                               prio: CompactPriority) -> CompactResult:
-    """try_to_compact_pages: direct compaction for the slow path. Deferred at all but
-    the highest priority while recent runs failed; a failed sync run defers the next."""
+                               prio: CompactPriority, zones=None) -> CompactResult:
+    """try_to_compact_pages: direct compaction for the slow path, zone by zone of the
+    allocation's zonelist (``zones``; node 0's zone by default) until one succeeds.
+    Deferred at all but the highest priority while recent runs failed; a failed sync
+    run defers the next."""
     if not gfp_compaction_allowed(gfp_mask):
         return CR.COMPACT_SKIPPED
-    zone = m.zone
     rc = CR.COMPACT_SKIPPED
     await atomic.point(m.sched, "mm_compaction_try_to_compact_pages", 1, order=order,
                        prio=prio.name)
-    if prio > MIN_COMPACT_PRIORITY and compaction_deferred(zone, order):
-        return max(CR.COMPACT_DEFERRED, rc)
-    status = await compact_zone_order(m, order, gfp_mask, prio, alloc_flags)
-    rc = max(status, rc)
-    if status == CR.COMPACT_SUCCESS:
-        compaction_defer_reset(zone, order, False)
-    elif prio != CompactPriority.COMPACT_PRIO_ASYNC and status in (
-            CR.COMPACT_COMPLETE, CR.COMPACT_PARTIAL_SKIPPED):
-        defer_compaction(zone, order)
+    for zone in zones or (m.zone,):
+        if prio > MIN_COMPACT_PRIORITY and compaction_deferred(zone, order):
+            rc = max(CR.COMPACT_DEFERRED, rc)
+            continue
+        status = await compact_zone_order(m, order, gfp_mask, prio, alloc_flags, zone)
+        rc = max(status, rc)
+        if status == CR.COMPACT_SUCCESS:
+            compaction_defer_reset(zone, order, False)
+            break
+        if prio != CompactPriority.COMPACT_PRIO_ASYNC and status in (
+                CR.COMPACT_COMPLETE, CR.COMPACT_PARTIAL_SKIPPED):
+            defer_compaction(zone, order)
     return rc
 
 
 # ---------------------------------------------------------------- kcompactd
-def kcompactd_work_requested(m) -> bool:
-    """kcompactd_work_requested: an order is waiting for kcompactd."""
-    return m.zone.kcompactd_max_order > 0
+def kcompactd_work_requested(m, nid: int = 0) -> bool:
+    """kcompactd_work_requested: an order is waiting for node ``nid``'s kcompactd."""
+    return m.node_data[nid].zone.kcompactd_max_order > 0
 
 
-def kcompactd_node_suitable(m) -> bool:
+def kcompactd_node_suitable(m, nid: int = 0) -> bool:
     """kcompactd_node_suitable: compaction at the requested order could run."""
-    z = m.zone
+    z = m.node_data[nid].zone
     return compaction_suit_allocation_order(z, z.kcompactd_max_order, ALLOC_WMARK_MIN,
                                             False, True) == CR.COMPACT_CONTINUE
 
 
-def wakeup_kcompactd(m, order: int) -> None:
-    """wakeup_kcompactd: record the order, and wake kcompactd if it sleeps and the
-    node could be compacted for it."""
+def wakeup_kcompactd(m, order: int, nid: int = 0) -> None:
+    """wakeup_kcompactd: record the order, and wake node ``nid``'s kcompactd if it
+    sleeps and the node could be compacted for it."""
     if not order:
         return
-    z = m.zone
+    z = m.node_data[nid].zone
     if z.kcompactd_max_order < order:
         z.kcompactd_max_order = order
-    if not wait.wq_has_sleeper(m, KCOMPACTD_WAIT):
+    wq = mmzone.node_wq(KCOMPACTD_WAIT, nid)
+    if not wait.wq_has_sleeper(m, wq):
         return
-    if not kcompactd_node_suitable(m):
+    if not kcompactd_node_suitable(m, nid):
         return
-    wait.wake_up(m, KCOMPACTD_WAIT)
+    wait.wake_up(m, wq)
 
 
-async def kcompactd_do_work(m) -> CompactResult:
-    """kcompactd_do_work: one sync-light compaction of the zone for the requested
-    order, unless deferred or unsuitable; then the request is done. Counts
+async def kcompactd_do_work(m, nid: int = 0) -> CompactResult:
+    """kcompactd_do_work: one sync-light compaction of node ``nid``'s zone for the
+    requested order, unless deferred or unsuitable; then the request is done. Counts
     compact_daemon_wake and the compact_daemon_*_scanned events."""
-    z = m.zone
+    z = m.node_data[nid].zone
     cc = CompactControl(z, z.kcompactd_max_order, GFP_KERNEL, MIGRATE_SYNC_LIGHT,
                         ALLOC_WMARK_MIN, direct_compaction=False)
     ev = m.vmstat

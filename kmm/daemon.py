@@ -21,7 +21,7 @@ lists every call with its kernel counterpart.
 
 from __future__ import annotations
 
-from kmm import atomic, page_idle, wait
+from kmm import atomic, mmzone, page_idle, wait
 from kmm.page_idle import PmdView
 import functools
 
@@ -93,9 +93,10 @@ class DaemonContext:
     """One daemon's handle on the machine (in-process; the same calls go over the wire
     when a daemon runs in its own process)."""
 
-    def __init__(self, m, name: str) -> None:
+    def __init__(self, m, name: str, nid: int = 0) -> None:
         self._m = m
         self.name = name
+        self.nid = nid  # the node of a per-node thread (kswapdN, kcompactdN)
 
     @property
     def now(self) -> int:
@@ -108,6 +109,8 @@ class DaemonContext:
 
     async def wait(self, queue: str, timeout_ns: int | None = None) -> bool:
         """wait_event(_timeout) on a named waitqueue: True if woken, False on timeout."""
+        if self.nid:  # a per-node thread waits on its own node's waitqueue
+            queue = mmzone.node_wq(queue, self.nid)
         return await wait.wait_event(self._m, queue, timeout_ns)
 
     def knob(self, name: str):
@@ -115,7 +118,8 @@ class DaemonContext:
         return self._m.sysfs[name]
 
     def zone(self) -> ZoneState:
-        z = self._m.zone
+        """The zone of the daemon's node (node 0 for a daemon that is not per node)."""
+        z = self._m.node_data[self.nid].zone
         return ZoneState(z.nr_free, z.wmark["min"], z.wmark["low"], z.wmark["high"],
                          z.managed)
 
@@ -123,26 +127,26 @@ class DaemonContext:
     def kswapd_order(self) -> int:
         """READ_ONCE(pgdat->kswapd_order): the highest order wakeup_kswapd asked for."""
         from kmm import vmscan
-        return vmscan.NODE_DATA(self._m).kswapd_order
+        return vmscan.NODE_DATA(self._m, self.nid).kswapd_order
 
     def set_kswapd_order(self, order: int) -> None:
         """WRITE_ONCE(pgdat->kswapd_order, order)."""
         from kmm import vmscan
-        vmscan.NODE_DATA(self._m).kswapd_order = order
+        vmscan.NODE_DATA(self._m, self.nid).kswapd_order = order
 
     def prepare_kswapd_sleep(self, order: int) -> bool:
         """prepare_kswapd_sleep: may kswapd sleep? The zone is balanced for ``order``
         (free pages above the high watermark), or the node is hopeless (reclaim failed
         MAX_RECLAIM_RETRIES times in a row)."""
         from kmm import vmscan_node
-        return vmscan_node.prepare_kswapd_sleep(self._m, order)
+        return vmscan_node.prepare_kswapd_sleep(self._m, order, self.nid)
 
     async def balance_pgdat(self, order: int) -> int:
         """balance_pgdat: reclaim, at falling priority, until the zone is balanced for
         ``order``; returns the order reclaim finished at (0 when a high-order goal was
         dropped for fragmentation)."""
         from kmm import vmscan_node
-        return await vmscan_node.balance_pgdat(self._m, order)
+        return await vmscan_node.balance_pgdat(self._m, order, self.nid)
 
     def count_vm_event(self, item: str) -> None:
         """count_vm_event for the daemon's own events: the kernel's that daemons count
@@ -161,20 +165,20 @@ class DaemonContext:
         """kcompactd_work_requested: an allocation asked kcompactd for an order
         (wakeup_kcompactd); the request stands until kcompactd_do_work serves it."""
         from kmm import compaction
-        return compaction.kcompactd_work_requested(self._m)
+        return compaction.kcompactd_work_requested(self._m, self.nid)
 
     async def kcompactd_do_work(self) -> str:
         """kcompactd_do_work: compact the zone (MIGRATE_SYNC_LIGHT) until a free block
         of the requested order exists or the scanners meet, unless compaction is
         deferred or cannot help. Returns the enum compact_result name."""
         from kmm import compaction
-        return (await compaction.kcompactd_do_work(self._m)).name
+        return (await compaction.kcompactd_do_work(self._m, self.nid)).name
 
     def wakeup_kcompactd(self, order: int) -> None:
         """wakeup_kcompactd: ask kcompactd for a free block of ``order`` (kswapd does
         before it sleeps: reclaim freed pages, compaction makes them a block)."""
         from kmm import compaction
-        compaction.wakeup_kcompactd(self._m, order)
+        compaction.wakeup_kcompactd(self._m, order, self.nid)
 
     # -- khugepaged (mm/khugepaged.c): the mm_slot list, its cursor and the scan
     def hugepage_pmd_enabled(self) -> bool:
@@ -359,16 +363,23 @@ class DaemonContext:
         return await vmscan_node.try_to_free_pages(self._m, order, "GFP_KERNEL")
 
 
-def start_daemon(m, daemon: Daemon) -> None:
-    """Run a daemon as a daemon actor of the machine (the run ends without it)."""
+def start_daemon(m, daemon: Daemon, nid: int = 0) -> None:
+    """Run a daemon as a daemon actor of the machine (the run ends without it). A
+    per-node thread (kswapd, kcompactd) of node ``nid`` > 0 is named with the node
+    (kswapd1) and runs in-process, on its node."""
     from kmm.runtime import remote  # kmm run --spawn: its code runs in a child process
-    ctx = DaemonContext(m, daemon.name)
-    run = remote.daemon_runner(m, daemon) or daemon.run
-    m.sched.spawn(m.sched.nursery, daemon.name, run, ctx, kind="daemon",
+    name = f"{daemon.name}{nid}" if nid else daemon.name
+    ctx = DaemonContext(m, name, nid)
+    run = (remote.daemon_runner(m, daemon) if not nid else None) or daemon.run
+    if nid:
+        m.actor_node[name] = nid
+    m.sched.spawn(m.sched.nursery, name, run, ctx, kind="daemon",
                   daemon=True)
 
 
 ENTRY_POINT_GROUP = "kmm.daemons"
+# the kernel's per-node threads: a machine of N nodes runs one per node (kmm.mmzone)
+PER_NODE_DAEMONS = ("kswapd", "kcompactd")
 
 
 class DaemonLoadError(Exception):

@@ -10,7 +10,7 @@ the access is retried. An access outside any VMA, or not allowed by it, is SIGSE
 from __future__ import annotations
 
 from kmm import atomic, memory, tlb
-from kmm.atomic import ticked
+from kmm.runtime.sched import FREE
 from kmm.mm_types import VM_EXEC, VM_READ, VM_WRITE
 from kmm.pgtable import (
     _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER,
@@ -93,6 +93,43 @@ async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
     return True
 
 
+def _walk_quiet(m, cpu, mm, addr: int, write: bool) -> bool | None:
+    """_walk when the scheduler is quiet (free mode, no hook): no other actor can run
+    during the walk, so it is the same reads, points (as ticks) and fill, written
+    without a coroutine per level. Keep the two in step: a trace with a sink walks
+    through _walk and one without through this, and their digests must be equal
+    (tests/runtime/test_sched.py)."""
+    pgde = e = atomic.entry_read_quiet(m, "pgd", mm.pgd, pgd_index(addr))
+    if not _usable(e, write):
+        return False
+    pude = e = atomic.entry_read_quiet(m, "pud", table_pfn(e), pud_index(addr))
+    if not _usable(e, write):
+        return False
+    tbl, idx = table_pfn(e), pmd_index(addr)
+    pmde = e = atomic.entry_read_quiet(m, "pmd", tbl, idx)
+    if not _usable(e, write):
+        return False
+    huge = bool(e & _PAGE_PSE)
+    if not huge:
+        tbl, idx = table_pfn(e), pte_index(addr)
+        try:
+            e = atomic.entry_read_quiet(m, "pte", tbl, idx)
+        except KeyError:
+            return None  # the PTE table was freed during the walk (see _walk)
+        if not _usable(e, write):
+            return False
+    want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    if want != e and not atomic.entry_cmpxchg_quiet(m, "pmd" if huge else "pte", tbl, idx,
+                                                    e, want):
+        return None
+    if not _path_is(m, mm, addr, pgde, pude, pmde if not huge else want,
+                    None if huge else want):
+        return None
+    pfn = pmd_pfn(want) if huge else pte_pfn(want)
+    tlb.tlb_fill(cpu, mm, addr, pfn, bool(want & _PAGE_RW), bool(want & _PAGE_DIRTY), huge)
+    return True
+
+
 def _path_is(m, mm, addr: int, pgde: int, pude: int, pmde: int, ptee: int | None) -> bool:
     """The walk's entries are still in the tables (read without points).
 
@@ -127,25 +164,38 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
     sched = m.sched
     stats = m.tlb_stats
     faults = 0
+    if m.__dict__.get("numab") is not None:  # task_tick_numa's task_work, back to user
+        from kmm import numa_balancing
+        if numa_balancing.enabled(m):
+            if len(m.node_data) > 1:
+                m.running_cpu[sched.current] = cpu_id
+            await numa_balancing.task_tick_numa(m, task)
     while True:
         e = _tlb_lookup(cpu, mm.id, addr)
         if e is not None and (not write or (e[1] and e[2])):
             pfn = e[0]
             off = addr & 4095
-            if write:
-                if not ticked(sched, COST_ACCESS):
-                    await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
-                    if _tlb_lookup(cpu, mm.id, addr) != e:
-                        continue  # shot down before the store: translate again
-                m.physmem.write(pfn, off, data)
-                return b""
-            if not ticked(sched, COST_ACCESS):
+            if sched.mode is FREE:
+                # a TLB hit enters no kernel and, in free mode, no other actor can run
+                # at it: time passes, no point (docs/points.md, class 5)
+                sched.advance(COST_ACCESS)
+            elif write:
+                await sched.point("store", COST_ACCESS, addr=addr, pfn=pfn, nr=len(data))
+                if _tlb_lookup(cpu, mm.id, addr) != e:
+                    continue  # shot down before the store: translate again
+            else:
                 await sched.point("load", COST_ACCESS, addr=addr, pfn=pfn, nr=n)
                 if _tlb_lookup(cpu, mm.id, addr) != e:
                     continue  # shot down before the load: translate again
+            if write:
+                m.physmem.write(pfn, off, data)
+                return b""
             return m.physmem.read(pfn, off, n)
         stats[cpu_id] += 1
-        if await _walk(m, cpu, mm, addr, write) is not False:
+        if sched.quiet:
+            if _walk_quiet(m, cpu, mm, addr, write) is not False:
+                continue
+        elif await _walk(m, cpu, mm, addr, write) is not False:
             continue
         faults += 1
         if faults > 1:  # the last fault did not make the access possible: a retry loop
@@ -155,41 +205,57 @@ async def user_access(m, task, cpu_id: int, addr: int, write: bool,
             # access possible (a page-table entry no fault handler can resolve)
             m.bug(f"watchdog: BUG: soft lockup - CPU#{cpu_id} stuck: {faults} faults "
                   f"at {addr:#x} ({'write' if write else 'read'}) without progress")
+        if len(m.node_data) > 1:  # numa_node_id() in the fault: the CPU it runs on
+            m.running_cpu[sched.current] = cpu_id
         await do_user_addr_fault(m, task, addr, write)
 
 
 def store_run(m, task, cpu_id: int, addr: int, end: int, stride: int, data: bytes,
               shadow: dict, lazy: dict) -> int:
-    """Stores of ``data`` at addr, addr + stride, ... below end, each one point, for as
-    long as the CPU's TLB holds a writable, dirty translation (what user_access does
-    on a TLB hit); returns the address of the first store it did not make (a TLB miss:
-    the caller takes user_access, which walks or faults). Only with ``sched.quiet``: no
-    other actor can run between these points, so none can shoot the TLB down. Each
-    store is recorded in the workload's ``shadow`` (and leaves ``lazy``)."""
-    sched = m.sched
+    """Stores of ``data`` at addr, addr + stride, ... below end for as long as the CPU's
+    TLB holds a writable, dirty translation (what user_access does on a TLB hit in free
+    mode: no kernel entry, no point, only emulated time); returns the address of the
+    first store it did not make (a TLB miss: the caller takes user_access, which walks
+    or faults). Only in free mode: no other actor can run between these stores, so
+    none can shoot the TLB down. Each store is recorded in the workload's ``shadow``
+    (and leaves ``lazy``)."""
     cpu = m.cpus[cpu_id]
     tlb4k, tlb2m = cpu.tlb4k, cpu.tlb2m
     mm_id = task.mm.id
-    write = m.physmem.write
+    pm = m.physmem
+    frames, new_frame = pm.data, pm.new_frame
     value = data[0]
-    nr = len(data)
+    start = addr
+    huge = None  # the 2 MiB translation last used: (its 2 MiB page number, pfn)
     while addr < end:
-        e = tlb4k.get((mm_id, addr >> PAGE_SHIFT))
+        vpn = addr >> PAGE_SHIFT
+        e = tlb4k.get((mm_id, vpn))
         if e is None:
-            e = tlb2m.get((mm_id, addr >> PMD_SHIFT))
-            if e is None or not (e[1] and e[2]):
-                return addr
-            pfn = e[0] + ((addr >> PAGE_SHIFT) & 511)
+            if huge is not None and vpn >> 9 == huge[0]:
+                pfn = huge[1] + (vpn & 511)
+            else:
+                e = tlb2m.get((mm_id, addr >> PMD_SHIFT))
+                if e is None or not (e[1] and e[2]):
+                    break
+                huge = (vpn >> 9, e[0])  # the 2 MiB entry stays: nothing runs meanwhile
+                pm.huge_backing(e[0])  # its frames share one host THP (kmm/physmem.py)
+                pfn = e[0] + (vpn & 511)
         elif not (e[1] and e[2]):
-            return addr
+            break
         else:
             pfn = e[0]
-        sched.tick(COST_ACCESS, "store", addr=addr, pfn=pfn, nr=nr)
-        write(pfn, addr & 4095, data)
+        # PhysMem.write of one byte, inline (a zero into a zero frame needs no frame)
+        frame = frames.get(pfn)
+        if frame is None and value:
+            frame = new_frame(pfn)
+        if frame is not None:
+            frame[addr & 4095] = value
         shadow[addr] = value
         if lazy:
             lazy.pop(addr, None)
         addr += stride
+    if addr != start:
+        m.sched.advance(COST_ACCESS * ((addr - start) // stride))
     return addr
 
 

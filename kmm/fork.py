@@ -20,6 +20,7 @@ async def dup_mmap(m, mm, oldmm) -> bool:
     try:
         for vma in oldmm.vmas:
             new = VmArea(mm, vma.start, vma.end, vma.flags, vma.pgoff)
+            new.vm_policy = vma.vm_policy  # vma_dup_policy
             if vma.flags & VM_HUGETLB:
                 hugetlb_resv.hugetlb_vma_copy(m, new, vma, fork=True)
             mm.vmas.append(new)
@@ -49,6 +50,7 @@ async def copy_process(m, parent, child_name: str):
     child = m.new_task(child_name, mm)
     child.regions = dict(parent.regions)
     child.files = dict(parent.files)  # dup_fd: the child holds the memfds too
+    child.mempolicy = parent.mempolicy  # mpol_dup: the child inherits the policy
     for f in child.files.values():
         shmem.ihold(f)
     return child

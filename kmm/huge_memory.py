@@ -28,7 +28,7 @@ from kmm.pgtable import (
     is_pmd_migration_entry, is_swap_pmd, is_writable_migration_entry,
     make_migration_entry, migration_entry_pfn, mk_table_entry, pfn_pmd, pfn_pte,
     pmd_dirty, pmd_mkdirty, pmd_mkold, pmd_mkwrite, pmd_mkyoung, pmd_modify, pmd_none,
-    pmd_pfn, pmd_present, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
+    pmd_pfn, pmd_present, pmd_protnone, pmd_special, pmd_trans_huge, pmd_write, pmd_wrprotect,
     pmd_young, pte_mkdirty, pte_mkold, pte_mkspecial, pte_mkwrite, swp_offset,
     SWP_MIG_DIRTY, SWP_MIG_YOUNG, SWP_MIGRATION_READ, SWP_MIGRATION_READ_EXCLUSIVE, swp_entry,
     swp_type,
@@ -387,8 +387,9 @@ async def copy_huge_pmd(m, dst_vma, src_vma, dst_pmd: int, src_pmd: int, idx: in
     ret = 1
     if is_swap_pmd(pmd):
         if is_pmd_migration_entry(pmd):
-            if is_writable_migration_entry(pmd):
-                # make_readable_migration_entry: both sides must fault to write
+            if swp_type(pmd) != SWP_MIGRATION_READ:  # !is_readable_migration_entry
+                # make_readable_migration_entry: both sides must fault to write, and a
+                # readable-exclusive entry is shared now too
                 pmd = swp_entry(SWP_MIGRATION_READ, swp_offset(pmd))
                 await atomic.entry_set(m, "pmd", src_pmd, idx, pmd)
             dst_mm.rss_anon += HPAGE_PMD_NR
@@ -592,21 +593,32 @@ async def vma_adjust_trans_huge(m, vma, start: int, end: int, nxt) -> None:
 
 # -------------------------------------------------------------- mprotect
 async def change_huge_pmd(m, vma, pmd_tbl: int, idx: int, addr: int, newprot: int,
-                          try_writable: bool) -> bool:
+                          try_writable: bool, prot_numa: bool = False) -> int:
     """change_huge_pmd: new protection for a whole huge PMD (invalidate, then set, so
-    lockless readers never see it none). False if it is no longer huge."""
+    lockless readers never see it none): HPAGE_PMD_NR when it changed, 1 when handled
+    unchanged (a PMD migration entry loses write; MM_CP_PROT_NUMA skips the huge zero
+    PMD, a PROT_NONE one and a folio kmm.huge_memory_migrate.prot_numa_skip names), 0
+    if it is no longer huge."""
+    from kmm import huge_memory_migrate as hmm
     ptl = m.table_lock(pmd_tbl)
     await ptl.lock("change_huge_pmd")
     cur = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
-    if not pmd_trans_huge(cur):
-        await ptl.unlock()
-        return False
-    old = await pgg.pmdp_invalidate(m, vma, addr, pmd_tbl, idx)  # pmdp_invalidate_ad
-    entry = pmd_modify(old, newprot)
-    if try_writable and not pmd_write(entry) and not pmd_special(entry):
-        folio = m.physmem.page(pmd_pfn(entry))
-        if folio.flags & PG_anon_exclusive:  # can_change_pmd_writable
-            entry = pmd_mkwrite(entry)
-    await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
+    ret = 1
+    if is_pmd_migration_entry(cur):
+        new = hmm.pmd_migration_readable(cur, vma.vm_file is None)
+        if new != cur:
+            await atomic.entry_set(m, "pmd", pmd_tbl, idx, new)
+    elif not pmd_trans_huge(cur):
+        ret = 0
+    elif not prot_numa or not (is_huge_zero_pmd(m, cur) or pmd_protnone(cur) or
+                               hmm.prot_numa_skip(m, vma, m.physmem.page(pmd_pfn(cur)))):
+        old = await pgg.pmdp_invalidate(m, vma, addr, pmd_tbl, idx)  # pmdp_invalidate_ad
+        entry = pmd_modify(old, newprot)
+        if try_writable and not pmd_write(entry) and not pmd_special(entry):
+            folio = m.physmem.page(pmd_pfn(entry))
+            if folio.flags & PG_anon_exclusive:  # can_change_pmd_writable
+                entry = pmd_mkwrite(entry)
+        await atomic.entry_set(m, "pmd", pmd_tbl, idx, entry)
+        ret = HPAGE_PMD_NR
     await ptl.unlock()
-    return True
+    return ret

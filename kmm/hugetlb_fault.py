@@ -12,20 +12,25 @@ one lives in the file's page cache (one reference) and is mapped with the file r
 Only the entire mapcount counts hugetlb mappings. Pages count in no RSS counter
 (smaps shows them as Private_Hugetlb / Shared_Hugetlb instead).
 
+The PMD table a fault walks to may be shared with other processes (huge_pte_alloc,
+kmm.hugetlb_pmd_share); every zap and protection change unshares it first.
+
 Left out: the folio lock of hugetlb_no_page (the fault mutex already serialises every
 path the model has to a page not yet mapped), userfaultfd, migration and hwpoison
-entries, PMD sharing.
+entries.
 """
 
 from __future__ import annotations
 
-from kmm import atomic, hugetlb, hugetlb_resv, memory, memory_zap, rmap, swap, tlb
+from kmm import (
+    atomic, hugetlb, hugetlb_pmd_share, hugetlb_resv, memory, memory_zap, rmap, swap, tlb,
+)
 from kmm.cost import COST_CLEAR_HUGE, COST_COPY_PAGE
 from kmm.mm_types import (
     PG_anon_exclusive, PG_dirty, VM_MAYSHARE, VM_MAYWRITE, VM_SHARED, VM_WRITE,
 )
 from kmm.pgtable import (
-    PAGE_SIZE, pfn_pmd, pmd_dirty, pmd_index, pmd_mkdirty, pmd_mkwrite, pmd_mkyoung,
+    PAGE_SIZE, PUD_SIZE, pfn_pmd, pmd_dirty, pmd_index, pmd_mkdirty, pmd_mkwrite, pmd_mkyoung,
     pmd_modify, pmd_none, pmd_pfn, pmd_write, pmd_wrprotect,
 )
 
@@ -115,7 +120,7 @@ async def hugetlb_fault(m, vma, addr: int, write: bool) -> int:
         await mutex.down_write("hugetlb_fault")
     await hugetlb_resv.hugetlb_vma_lock_read(vma)
     try:
-        vmf.pmd_tbl = await memory.pmd_alloc(m, vma.mm, vmf.address)  # huge_pte_alloc
+        vmf.pmd_tbl = await hugetlb_pmd_share.huge_pte_alloc(m, vma.mm, vma, vmf.address)
         if vmf.pmd_tbl < 0:
             return memory.VM_FAULT_OOM
         vmf.orig_pte = await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx)
@@ -289,6 +294,7 @@ async def unmap_ref_private(m, vma, folio, address: int) -> None:
     Context: called without the PMD lock."""
     file = vma.hugetlb_file
     pgoff = hugetlb_resv.vma_hugecache_offset(vma, address)
+    await file.i_mmap_rwsem.down_write("unmap_ref_private")
     for iter_vma in list(file.i_mmap):
         if iter_vma is vma or iter_vma.mm.pgd < 0:
             continue
@@ -301,17 +307,31 @@ async def unmap_ref_private(m, vma, folio, address: int) -> None:
         tlbg = memory_zap.MmuGather(iter_vma.mm)
         await __unmap_hugepage_range(m, tlbg, iter_vma, a, a + file.hstate.size, folio)
         await tlbg.finish(m)
+    await file.i_mmap_rwsem.up_write()
 
 
 # -------------------------------------------------------------------- zap
-async def unmap_hugepage_range(m, tlbg, vma, start: int, end: int) -> None:
-    """__unmap_hugepage_range_final (unmap_single_vma, MADV_DONTNEED): zap with the
-    hugetlb VMA lock held for write (hugetlb_zap_begin / hugetlb_zap_end)."""
-    await hugetlb_resv.hugetlb_vma_lock_write(vma)
+async def unmap_hugepage_range(m, tlbg, vma, start: int, end: int,
+                               final: bool = False) -> None:
+    """unmap_single_vma of a hugetlb VMA (munmap, exit, MADV_DONTNEED): zap with the
+    hugetlb VMA lock and the file's i_mmap_rwsem held for write (hugetlb_zap_begin /
+    hugetlb_zap_end). A ``final`` zap (the VMA is going: ZAP_FLAG_UNMAP) frees a shared
+    VMA's lock before the i_mmap_rwsem is dropped (__hugetlb_vma_unlock_write_free):
+    from then on no huge_pmd_share finds this VMA's PMD table, which free_pgtables may
+    free."""
+    lk = hugetlb_resv.hugetlb_vma_lock(vma)
+    imm = vma.hugetlb_file.i_mmap_rwsem
+    if lk is not None:
+        await lk.down_write("hugetlb_zap_begin")
+    await imm.down_write("hugetlb_zap_begin")
     try:
         await __unmap_hugepage_range(m, tlbg, vma, start, end, None)
     finally:
-        await hugetlb_resv.hugetlb_vma_unlock_write(vma)
+        if final and vma.flags & VM_MAYSHARE:
+            vma.vm_private_data = None  # hugetlb_vma_lock_free
+        if lk is not None:
+            await lk.up_write()
+        await imm.up_write()
 
 
 async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) -> None:
@@ -322,15 +342,23 @@ async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) 
     marked HPAGE_RESV_UNMAPPED (unmap_ref_private)."""
     h = vma.hugetlb_file.hstate
     mm = vma.mm
+    last_addr_mask = hugetlb_pmd_share.hugetlb_mask_last_page(h)
     addr = start & ~(h.size - 1)
     while addr < end:
         pmd_tbl = memory.pmd_lookup(m, mm, addr)  # hugetlb_walk
         if pmd_tbl < 0:
-            addr += h.size
+            addr = (addr | last_addr_mask) + h.size
             continue
         idx = pmd_index(addr)
         ptl = m.table_lock(pmd_tbl)
         await ptl.lock("__unmap_hugepage_range")
+        if await hugetlb_pmd_share.huge_pmd_unshare(m, mm, vma, addr, pmd_tbl):
+            # the whole PUD range leaves this mm; the other sharers keep the pages
+            await ptl.unlock()
+            base = addr & ~(PUD_SIZE - 1)
+            tlbg.track(base, base + PUD_SIZE)  # tlb_flush_pmd_range, force_flush
+            addr = (addr | last_addr_mask) + h.size
+            continue
         pte = await atomic.entry_read(m, "pmd", pmd_tbl, idx)
         if pmd_none(pte):
             await ptl.unlock()
@@ -363,8 +391,11 @@ async def __unmap_hugepage_range(m, tlbg, vma, start: int, end: int, ref_folio) 
 # -------------------------------------------------------------------- fork
 async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
     """copy_hugetlb_page_range: the child maps the same pages; a private (COW) mapping
-    write-protects both entries, and the page stops being exclusive. False when the
-    child's page tables cannot be allocated. Context: both mmap_locks held for write."""
+    write-protects both entries, and the page stops being exclusive. Where the child's
+    table is a shared PMD table there is nothing to copy (dup_mmap calls this only for
+    VMAs with an anon_vma, so a shared mapping is never copied: the child's faults share
+    the parent's table instead). False when the child's page tables cannot be
+    allocated. Context: both mmap_locks held for write."""
     cow = src_vma.flags & (VM_SHARED | VM_MAYWRITE) == VM_MAYWRITE  # is_cow_mapping
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     h = src_vma.hugetlb_file.hstate
@@ -375,11 +406,15 @@ async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
         while addr < src_vma.end:
             src_pmd = memory.pmd_lookup(m, src_mm, addr)
             if src_pmd < 0:
-                addr += h.size
+                addr = (addr | hugetlb_pmd_share.hugetlb_mask_last_page(h)) + h.size
                 continue
-            dst_pmd = await memory.pmd_alloc(m, dst_mm, addr)
+            dst_pmd = await hugetlb_pmd_share.huge_pte_alloc(m, dst_mm, dst_vma, addr)
             if dst_pmd < 0:
                 return False
+            if hugetlb_pmd_share.ptdesc_pmd_is_shared(m, dst_pmd):
+                # the child shares the PMD table: nothing to copy, no references to take
+                addr = (addr | hugetlb_pmd_share.hugetlb_mask_last_page(h)) + h.size
+                continue
             idx = pmd_index(addr)
             dst_ptl = m.table_lock(dst_pmd)
             src_ptl = m.table_lock(src_pmd)
@@ -410,27 +445,41 @@ async def copy_hugetlb_page_range(m, dst_vma, src_vma) -> bool:
 async def hugetlb_change_protection(m, vma, start: int, end: int, newprot: int) -> None:
     """hugetlb_change_protection: each huge entry of [start, end) gets the new
     protection under its PMD lock (never made writable here: a write faults), with the
-    hugetlb VMA lock held for write; then one TLB flush of the range."""
+    hugetlb VMA lock and the i_mmap_rwsem held for write; a shared PMD table is
+    unshared instead (its whole PUD range leaves this mm, to be refaulted with the new
+    protection); then one TLB flush of the range (of the whole PUDs if it unshared)."""
     h = vma.hugetlb_file.hstate
-    changed = False
+    changed = shared_pmd = False
+    last_addr_mask = hugetlb_pmd_share.hugetlb_mask_last_page(h)
+    flush = hugetlb_pmd_share.adjust_range_if_pmd_sharing_possible(vma, start, end)
+    imm = vma.hugetlb_file.i_mmap_rwsem
     await hugetlb_resv.hugetlb_vma_lock_write(vma)
+    await imm.down_write("hugetlb_change_protection")
     addr = start & ~(h.size - 1)
     while addr < end:
         t = memory.pmd_lookup(m, vma.mm, addr)
-        if t >= 0:
-            ptl = m.table_lock(t)
-            await ptl.lock("hugetlb_change_protection")
-            old = await atomic.entry_read(m, "pmd", t, pmd_index(addr))
-            if not pmd_none(old):
-                new = pmd_wrprotect(pmd_modify(old, newprot))  # huge_pte_modify
-                if new != old:
-                    await atomic.entry_set(m, "pmd", t, pmd_index(addr), new)
-                    changed = True
+        if t < 0:
+            addr = (addr | last_addr_mask) + h.size
+            continue
+        ptl = m.table_lock(t)
+        await ptl.lock("hugetlb_change_protection")
+        if await hugetlb_pmd_share.huge_pmd_unshare(m, vma.mm, vma, addr, t):
             await ptl.unlock()
+            shared_pmd = changed = True
+            addr = (addr | last_addr_mask) + h.size
+            continue
+        old = await atomic.entry_read(m, "pmd", t, pmd_index(addr))
+        if not pmd_none(old):
+            new = pmd_wrprotect(pmd_modify(old, newprot))  # huge_pte_modify
+            if new != old:
+                await atomic.entry_set(m, "pmd", t, pmd_index(addr), new)
+                changed = True
+        await ptl.unlock()
         addr += h.size
-    await hugetlb_resv.hugetlb_vma_unlock_write(vma)
     if changed:
-        await tlb.flush_tlb_mm_range(m, vma.mm, start, end)
+        await tlb.flush_tlb_mm_range(m, vma.mm, *(flush if shared_pmd else (start, end)))
+    await imm.up_write()
+    await hugetlb_resv.hugetlb_vma_unlock_write(vma)
 
 
 # ------------------------------------------------------------------ madvise
@@ -456,7 +505,8 @@ async def madvise_hugetlb(m, vma, start: int, end: int, advice: str) -> int | st
 # ------------------------------------------------------------------- smaps
 def smaps_hugetlb_range(m, mm, vma, start: int, end: int) -> tuple[int, int]:
     """smaps_hugetlb_range: (Private_Hugetlb kB, Shared_Hugetlb kB); a page is shared
-    when it may be mapped more than once (folio_maybe_mapped_shared)."""
+    when it may be mapped more than once (folio_maybe_mapped_shared) or its PMD table
+    is shared (hugetlb_pmd_shared)."""
     h = vma.hugetlb_file.hstate
     private = shared = 0
     addr = max(start, vma.start) & ~(h.size - 1)
@@ -466,7 +516,7 @@ def smaps_hugetlb_range(m, mm, vma, start: int, end: int) -> tuple[int, int]:
             e = m.physmem.tables[t][pmd_index(addr)]
             if e:
                 folio = m.physmem.folio(pmd_pfn(e))
-                if folio.entire_mapcount > 1:
+                if folio.entire_mapcount > 1 or hugetlb_pmd_share.ptdesc_pmd_is_shared(m, t):
                     shared += h.size
                 else:
                     private += h.size

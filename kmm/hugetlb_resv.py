@@ -48,7 +48,8 @@ class HugetlbFile:
     """The struct file and inode of hugetlb_file_setup: size, page cache (shared
     mappings' folios by index), the inode's region map, references, i_mmap."""
 
-    __slots__ = ("id", "hstate", "size", "cache", "resv_map", "count", "i_mmap")
+    __slots__ = ("id", "hstate", "size", "cache", "resv_map", "count", "i_mmap",
+                 "i_mmap_rwsem")
 
     def __init__(self, m, hstate, size: int) -> None:
         self.id = m.hugetlb.next_file
@@ -59,6 +60,7 @@ class HugetlbFile:
         self.resv_map = ResvMap(m, f"inode{self.id}")
         self.count = 0                      # f_count: one per VMA mapping the file
         self.i_mmap: list[VmArea] = []      # mapping->i_mmap
+        self.i_mmap_rwsem = m.locks.rwsem("i_mmap_rwsem", f"i_mmap_rwsem:hugetlb{self.id}")
 
 
 class HugetlbVmaData:
@@ -263,8 +265,10 @@ async def fput(m, vma) -> None:
     """fput: the last reference evicts the inode (hugetlbfs_evict_inode): the page
     cache folios are released, then the remaining reservations."""
     file = vma.hugetlb_file
-    if vma in file.i_mmap:
+    if vma in file.i_mmap:  # unlink_file_vma, under i_mmap_rwsem (huge_pmd_share reads)
+        await file.i_mmap_rwsem.down_write("unlink_file_vma")
         file.i_mmap.remove(vma)
+        await file.i_mmap_rwsem.up_write()
     file.count -= 1
     if file.count:
         return

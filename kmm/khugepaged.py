@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kmm import atomic, huge_memory, mmdebug, wait
+from kmm import atomic, huge_memory, mmdebug, mmzone, wait
 from kmm.mm_types import PG_lru, PG_referenced
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_SIZE, PMD_SHIFT, is_swap_pte,
@@ -93,6 +93,10 @@ class CollapseControl:
     limits and wants young pages; MADV_COLLAPSE does neither."""
 
     is_khugepaged: bool
+    # hpage_collapse_scan_pmd's tally of the scanned pages' nodes (cc->node_load) and
+    # the nodes the collapse may allocate on (cc->alloc_nmask)
+    node_load: dict = field(default_factory=dict)
+    alloc_nmask: set = field(default_factory=set)
 
 
 class MmSlot:
@@ -442,6 +446,9 @@ async def hpage_collapse_scan_pmd(m, mm, vma, address: int,
     from kmm import khugepaged_collapse, memory
     result, pmd_tbl = find_pmd_or_thp_or_none(m, mm, address)
     referenced = none_or_zero = shared = unmapped = 0
+    cc.node_load.clear()  # memset(cc->node_load); nodes_clear(cc->alloc_nmask)
+    cc.alloc_nmask.clear()
+    node_load = cc.node_load
     pfn = -1
     mmap_locked = True
     if result == R.SCAN_SUCCEED:
@@ -487,6 +494,9 @@ async def hpage_collapse_scan_pmd(m, mm, vma, address: int,
                         result = R.SCAN_EXCEED_SHARED_PTE
                         m.vmstat.count_vm_event("thp_scan_exceed_share_pte")
                         break
+                # the node each page is on: the collapse allocates on the busiest
+                nid = mmzone.folio_nid(m, folio)
+                node_load[nid] = node_load.get(nid, 0) + 1
                 if not folio.flags & PG_lru:
                     result = R.SCAN_PAGE_LRU
                     break

@@ -27,6 +27,21 @@ from kmm.pgtable import (
 R = khugepaged.ScanResult
 
 
+def hpage_collapse_find_target_node(m, cc) -> int:
+    """hpage_collapse_find_target_node: the first node holding the most of the scanned
+    pages; every node that ties with it goes into cc->alloc_nmask (the allocation may
+    fall back to those only). With no tally (a file collapse here) that is node 0 and
+    every node."""
+    load = cc.node_load
+    target, best = 0, 0
+    for nid in sorted(load):
+        if load[nid] > best:
+            target, best = nid, load[nid]
+    cc.alloc_nmask.clear()
+    cc.alloc_nmask.update(n for n in range(len(m.node_data)) if load.get(n, 0) == best)
+    return target
+
+
 async def alloc_charge_folio(m, mm, cc) -> tuple[khugepaged.ScanResult, object]:
     """alloc_charge_folio: the order-9 folio to collapse into. khugepaged may reclaim
     and compact only with khugepaged/defrag set; MADV_COLLAPSE always may. Counts
@@ -35,7 +50,8 @@ async def alloc_charge_folio(m, mm, cc) -> tuple[khugepaged.ScanResult, object]:
         gfp = "GFP_TRANSHUGE_LIGHT"
     else:
         gfp = "GFP_TRANSHUGE"
-    pfn = await page_alloc.alloc_pages(m, HPAGE_PMD_ORDER, gfp, "thp")
+    node = hpage_collapse_find_target_node(m, cc)
+    pfn = await page_alloc.alloc_pages(m, HPAGE_PMD_ORDER, gfp, "thp", node, cc.alloc_nmask)
     if pfn < 0:
         m.vmstat.count_vm_event("thp_collapse_alloc_failed")
         return R.SCAN_ALLOC_HUGE_PAGE_FAIL, None

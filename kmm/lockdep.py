@@ -63,13 +63,30 @@ class Lockdep:
     edges: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     succ: dict[str, set[str]] = field(default_factory=dict)
     enabled: bool = True
+    # lockdep's chain cache (lookup_chain_cache): (class, subclass, the held (class,
+    # subclass) stack) already validated, with no lock of that class held
+    chains: set = field(default_factory=set)
 
     def check_acquire(self, actor, lock, site: str, subclass: int = 0,
                       read: bool = False) -> None:
         """Validate ``actor`` taking ``lock`` at ``site`` against what it holds."""
         if not self.enabled:
             return
+        held = actor.held
+        if not held:
+            return  # nothing held: no order to check, nothing to recurse on
         cls = lock.cls
+        key = None
+        if len(held) <= 4:
+            stack = tuple([(h.lock.cls, h.subclass) for h in held])
+            key = (cls, subclass, stack)
+            if key in self.chains:
+                return  # the same chain passed before: the same verdict, edges known
+        self._validate(actor, lock, site, subclass, cls)
+        if key is not None and all(c != cls for c, _ in key[2]):
+            self.chains.add(key)  # (a held lock of the class: check the instance again)
+
+    def _validate(self, actor, lock, site: str, subclass: int, cls: str) -> None:
         seen = set()  # the class checks once per held (class, subclass): a collapse
         for h in actor.held:  # holds 512 folio locks
             hcls = h.lock.cls

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kmm.atomic import ticked
 from kmm.lockdep import HeldLock, Lockdep
 from kmm.cost import COST_LOCK
 
@@ -219,7 +218,11 @@ class SpinLock(_Lock):
         """spin_lock / spin_lock_nested. Context: returns with the lock held."""
         sched = self.world.sched
         actor = sched.current
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "lock", self._fields(site, None))
+        else:
             await sched.point("lock", COST_LOCK, **self._fields(site, None))
         self.world.lockdep.check_acquire(actor, self, site, subclass)
         waited = None
@@ -237,7 +240,11 @@ class SpinLock(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "trylock", self._fields(site, None))
+        else:
             await sched.point("trylock", COST_LOCK, **self._fields(site, None))
         if self.owner is not None:
             return False
@@ -250,7 +257,11 @@ class SpinLock(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK  # the unlock line's time: the hold ends there
         rec = self._end_hold(actor, t)
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "unlock", self._release_fields(rec, t))
+        else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t))
         if self.owner is not actor:
             raise RuntimeError(f"{actor.name} unlocks {self.name} owned by "
@@ -284,9 +295,13 @@ class RwSem(_Lock):
     async def _down(self, site: str, write: bool, subclass: int) -> None:
         sched = self.world.sched
         actor = sched.current
-        if not ticked(sched, COST_LOCK):
-            await sched.point("lock", COST_LOCK,
-                              **self._fields(site, "write" if write else "read"))
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "lock",
+                              self._fields(site, "write" if write else "read"))
+        else:
+            await sched.point("lock", COST_LOCK, **self._fields(site, "write" if write else "read"))
         self.world.lockdep.check_acquire(actor, self, site, subclass, read=not write)
         free = self.writer is None and (not self.readers if write else not self.waiters)
         waited = None
@@ -312,7 +327,11 @@ class RwSem(_Lock):
         sched = self.world.sched
         actor = sched.current
         seq = sched.seq + 1
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "trylock", self._fields(site, "read"))
+        else:
             await sched.point("trylock", COST_LOCK, **self._fields(site, "read"))
         if self.writer is not None or self.waiters:
             return False
@@ -325,7 +344,11 @@ class RwSem(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "unlock", self._release_fields(rec, t, "read"))
+        else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "read"))
         self.readers.remove(actor)
         self._released(actor)
@@ -336,7 +359,11 @@ class RwSem(_Lock):
         actor = sched.current
         t = sched.now + COST_LOCK
         rec = self._end_hold(actor, t)
-        if not ticked(sched, COST_LOCK):
+        if sched.fast:
+            sched.ticked(COST_LOCK)
+        elif sched.quiet:
+            sched.tick_fields(COST_LOCK, "unlock", self._release_fields(rec, t, "write"))
+        else:
             await sched.point("unlock", COST_LOCK, **self._release_fields(rec, t, "write"))
         if self.writer is not actor:
             raise RuntimeError(f"{actor.name} up_write of {self.name} it does not own")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import trio
 
 from kmm import (
-    atomic, huge_memory_split, hugetlb, khugepaged, page_alloc, rcupdate, swap, swapfile, vmscan,
+    atomic, huge_memory_split, hugetlb, khugepaged, mmzone, page_alloc, rcupdate, swap, swapfile,
+    vmscan,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
 from kmm.locking import FolioLock, Locks
@@ -43,12 +44,16 @@ class MachineConfig:
     swap: int = 0
     cpus: int = 2
     seed: int = 1
+    nodes: int = 1                 # NUMA nodes (kmm.mmzone)
+    node_memory: tuple = ()        # bytes per node; empty: memory split evenly
+    node_cpus: tuple = ()          # CPUs per node; empty: CPUs split evenly
 
 
 class Task:
     """A process (task_struct, reduced to what mm needs): a name, a pid and an mm."""
 
-    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions", "files")
+    __slots__ = ("name", "pid", "mm", "alive", "signal", "regions", "files", "mempolicy",
+                 "il_prev")
 
     def __init__(self, name: str, pid: int, mm: MmStruct) -> None:
         self.name = name
@@ -58,6 +63,8 @@ class Task:
         self.signal: str | None = None
         self.regions: dict[str, tuple[int, int]] = {}  # scenario name -> (addr, size)
         self.files: dict[int, object] = {}  # fd table: region address -> open memfd file
+        self.mempolicy = None  # set_mempolicy: kmm.mempolicy.Mempolicy (None: local)
+        self.il_prev = 0       # the last node an interleave policy used (MPOL_INTERLEAVE)
 
 
 class Cpu:
@@ -86,7 +93,21 @@ class Machine:
         self.sysfs = Sysfs()
         self.physmem = PhysMem(config.memory >> PAGE_SHIFT)
         self.tables = self.physmem.tables  # the page-table frames (hot: kmm.atomic)
-        self.zone = page_alloc.Zone(self, self.physmem.nr_pages)
+        layout = mmzone.node_layout(self.physmem.nr_pages, config.nodes, config.node_memory)
+        self.cpu_node = mmzone.cpu_layout(config.cpus, config.nodes, config.node_cpus)
+        self.node_starts = [start for start, _ in layout]
+        # NODE_DATA(nid): each node's pglist_data with its one zone
+        self.node_data = [vmscan.PgData(nid) for nid in range(config.nodes)]
+        for pg, (start, nr) in zip(self.node_data, layout):
+            pg.zone = page_alloc.Zone(self, nr, start, pg.node_id)
+            pg.zonelist = mmzone.build_zonelists(config.nodes, pg.node_id)
+        if config.nodes > 1:
+            total = sum(pg.zone.managed for pg in self.node_data)
+            for pg in self.node_data:
+                pg.zone.set_watermarks(True, total, config.nodes)
+        self.zone = self.node_data[0].zone  # node 0's zone (the one zone of one node)
+        self.running_cpu: dict = {}  # actor -> the CPU its user access runs on (numa)
+        self.actor_node: dict[str, int] = {}  # per-node kernel thread -> its node
         self.cpus = [Cpu(i) for i in range(config.cpus)]
         self.tlb_stats = [0] * config.cpus  # dTLB misses (page walks) per CPU
         # empty_zero_page: a reserved frame, never freed
@@ -104,7 +125,7 @@ class Machine:
         khugepaged.khugepaged_init(self)  # m.khugepaged_scan: the mm_slot list and cursor
         self.lruvec = swap.Lruvec(self.locks)
         self.swap_info = swapfile.swapon(self, config.swap)
-        self.pgdat = vmscan.PgData()  # NODE_DATA(0): kswapd and reclaim state
+        self.pgdat = self.node_data[0]  # NODE_DATA(0): kswapd and reclaim state
         # registered shrinkers (shrinker_register): objects with count_objects(m) and
         # async scan_objects(m, nr_to_scan) -> freed, run by shrink_slab in reclaim
         self.shrinkers: list = []
@@ -211,7 +232,14 @@ class Machine:
         PMD and PTE tables carry their split ptlock. Returns the pfn, or -1 when memory
         is exhausted.
         """
-        pfn = await page_alloc.alloc_pages(self, 0, "GFP_PGTABLE_USER", "pgtable")
+        if len(self.node_data) > 1:  # alloc_pages: the current (owning) task's policy
+            from kmm import mempolicy
+            task = self.tasks.get(mm.owner)
+            pfn = await mempolicy.alloc_pages_mpol(
+                self, page_alloc.GFP["GFP_PGTABLE_USER"], 0, mempolicy.get_task_policy(task),
+                mempolicy.NO_INTERLEAVE_INDEX, mmzone.numa_node_id(self), "pgtable", task)
+        else:
+            pfn = await page_alloc.alloc_pages(self, 0, "GFP_PGTABLE_USER", "pgtable")
         if pfn < 0:
             return -1
         self.physmem.new_table(pfn)
@@ -231,6 +259,9 @@ class Machine:
         pg = self.physmem.page(pfn)
         if pg.pt_deposit:
             self.bug(f"freeing PMD table {pfn:#x} with deposited tables")
+        if pg.pt_share_count:  # huge_pmd_unshare must have dropped every other sharer
+            self.bug(f"freeing PMD table {pfn:#x} still shared by {pg.pt_share_count} "
+                     "more mm(s)")
         if any(self.physmem.tables[pfn]):
             self.bug(f"freeing non-empty page table {pfn:#x}")
         self.physmem.drop_table(pfn)

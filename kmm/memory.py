@@ -22,14 +22,16 @@ from kmm import (
     atomic, huge_memory, huge_memory_mthp, hugetlb_fault, memory_anon, memory_swapin, memory_wp,
     migrate, mmdebug, rcupdate, rmap, swap, swap_state, swapfile,
 )
-from kmm.mm_types import PG_anon_exclusive, VM_HUGETLB, VM_SHARED, VM_WRITE, MmStruct, VmArea
+from kmm.mm_types import (
+    PG_anon_exclusive, VM_EXEC, VM_HUGETLB, VM_READ, VM_SHARED, VM_WRITE, MmStruct, VmArea,
+)
 from kmm.pgtable import (
     PAGE_SIZE, PMD_SIZE, PUD_SIZE, mk_table_entry, pfn_pte, pmd_index, pmd_none, pmd_present,
     pmd_trans_huge, pte_index, pte_mkdirty, pte_mkspecial, pte_mkwrite, pte_mkyoung, pte_none,
     pte_pfn, pte_present, pte_special, pte_write, pud_index, pgd_index, table_pfn,
     is_pmd_migration_entry, is_swap_pmd, pmd_write, pte_mkold, pte_wrprotect,
     is_migration_entry, swp_offset, _PAGE_SOFT_DIRTY, _PAGE_SWP_EXCLUSIVE, _PAGE_SWP_SOFT_DIRTY,
-    _PAGE_SWP_UFFD_WP,
+    _PAGE_SWP_UFFD_WP, pmd_protnone, pte_protnone,
 )
 
 VM_FAULT_OOM = 0x1
@@ -89,6 +91,17 @@ async def pmd_alloc(m, mm: MmStruct, addr: int) -> int:
     pud = await _alloc_table(m, mm, mm.pgd, pgd_index(addr), "pgd", "pud", "__pud_alloc")
     if pud < 0:
         return -1
+    return await _alloc_table(m, mm, pud, pud_index(addr), "pud", "pmd", "__pmd_alloc")
+
+
+async def pud_alloc(m, mm: MmStruct, addr: int) -> int:
+    """pud_alloc: the PUD table for addr (-1: out of memory)."""
+    return await _alloc_table(m, mm, mm.pgd, pgd_index(addr), "pgd", "pud", "__pud_alloc")
+
+
+async def pmd_alloc_pud(m, mm: MmStruct, pud: int, addr: int) -> int:
+    """pmd_alloc(mm, pud, addr): the PMD table the PUD table's entry for addr names,
+    allocated if none (-1: out of memory)."""
     return await _alloc_table(m, mm, pud, pud_index(addr), "pud", "pmd", "__pmd_alloc")
 
 
@@ -188,6 +201,9 @@ async def __handle_mm_fault(m, vma: VmArea, addr: int, write: bool) -> int:
                 await huge_memory.pmd_migration_entry_wait(m, vmf)
             return 0
         if pmd_trans_huge(orig):
+            if pmd_protnone(orig) and vma.flags & (VM_READ | VM_WRITE | VM_EXEC):
+                from kmm import huge_memory_migrate  # vma_is_accessible: a hinting fault
+                return await huge_memory_migrate.do_huge_pmd_numa_page(m, vmf)
             if write and not pmd_write(orig):
                 ret = await huge_memory.wp_huge_pmd(m, vmf)
                 if not ret & VM_FAULT_FALLBACK:
@@ -219,6 +235,9 @@ async def handle_pte_fault(m, vmf: Vmf) -> int:
         return await do_pte_missing(m, vmf)
     if not pte_present(orig):
         return await do_swap_page(m, vmf)
+    if pte_protnone(orig) and vmf.vma.flags & (VM_READ | VM_WRITE | VM_EXEC):
+        from kmm import memory_numa  # vma_is_accessible: a NUMA hinting fault
+        return await memory_numa.do_numa_page(m, vmf)
     res = await pte_offset_map_lock(m, vmf.pmd_tbl, vmf.pmd_idx)
     if res is None:
         return 0

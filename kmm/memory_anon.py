@@ -98,7 +98,7 @@ async def alloc_anon_folio(m, vmf):
                 mthp.count_mthp_stat(m, order, "anon_fault_fallback")
                 orders, order = mthp.next_order(orders, order)
     # folio_prealloc(mm, vma, addr, true): one zeroed page
-    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    pfn = await page_alloc.vma_alloc_folio(m, "GFP_HIGHUSER_MOVABLE", 0, vma, vmf.address)
     if pfn < 0:
         return None
     atomic.step_owned(m, "clear_page", COST_CLEAR_PAGE, pfn)

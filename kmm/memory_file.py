@@ -95,7 +95,7 @@ async def do_cow_fault(m, vmf) -> int:
     vma = vmf.vma
     if not await rmap.anon_vma_prepare(m, vma):
         return memory.VM_FAULT_OOM
-    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    pfn = await page_alloc.vma_alloc_folio(m, "GFP_HIGHUSER_MOVABLE", 0, vma, vmf.address)
     if pfn < 0:
         return memory.VM_FAULT_OOM
     cow = m.physmem.page(pfn)

@@ -114,7 +114,7 @@ async def alloc_swap_folio(m, vmf, entry: int) -> Page | None:
                     return m.physmem.page(pfn)
                 mthp.count_mthp_stat(m, order, "swpin_fallback")
                 orders, order = mthp.next_order(orders, order)
-    pfn = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    pfn = await page_alloc.vma_alloc_folio(m, "GFP_HIGHUSER_MOVABLE", 0, vma, vmf.address)
     return m.physmem.page(pfn) if pfn >= 0 else None
 
 

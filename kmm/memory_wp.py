@@ -81,7 +81,7 @@ async def wp_page_copy(m, vmf: memory.Vmf, old_folio) -> int:
     old_pfn = pte_pfn(vmf.orig_pte)
     if not await rmap.anon_vma_prepare(m, vma):
         return memory.VM_FAULT_OOM
-    new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
+    new = await page_alloc.vma_alloc_folio(m, "GFP_HIGHUSER_MOVABLE", 0, vma, vmf.address)
     if new < 0:
         if old_folio is not None:
             await swap.folio_put(m, old_folio)

@@ -5,13 +5,21 @@ that mapped it becomes a migration entry naming the page, so no CPU can reach it
 it changes. A fault on such an entry sleeps until the folio is unlocked
 (``migration_entry_wait``) and then retries. ``remove_migration_ptes`` turns the entries
 back into present PTEs, pointing at the same pages (after a split) or at the new ones
-(after a move), with the write, dirty, young and exclusive state the entries kept.
-``migrate_pages`` moves order-0 folios and mTHPs to new frames, for compaction.
+(after a move), with the write, dirty, young and exclusive state the entries kept; a
+PMD migration entry (kmm.huge_memory_migrate) becomes a huge PMD again.
+``migrate_pages`` moves order-0 folios, mTHPs and PMD-mapped THPs (whole) to new
+frames, for compaction, the migration syscalls (kmm.migrate_syscalls) and NUMA
+balancing (``migrate_misplaced_folio``); a large folio without a target is split.
+Left out: file and hugetlb folios, MIGRATE_SYNC's waiting for locks and writeback (every
+caller migrates as MIGRATE_ASYNC does), the retry passes (a busy folio fails at once),
+the batched unmap/move with one TLB flush for the batch, and -ENOMEM aborting the rest
+of a batch of small folios.
 """
 
 from __future__ import annotations
 
 from kmm import atomic, mmdebug, swap
+from errno import EACCES, EAGAIN, EBUSY, ENOMEM  # the host is Linux: the kernel's numbers
 from kmm.mm_types import (
     PG_active, PG_dirty, PG_head, PG_isolated, PG_partially_mapped, PG_referenced,
     PG_swapbacked, PG_swapcache, PG_uptodate, PG_writeback, VM_LOCKED,
@@ -60,7 +68,12 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
         mm = vma.mm
         async for addr, nxt, pmd_tbl, idx, pmdval in rmap._pmd_steps(m, vma, lo, hi):
             if is_pmd_migration_entry(pmdval):
-                m.bug("PMD migration entries are not made (THPs are split to migrate)")
+                if not first <= migration_entry_pfn(pmdval) < last:
+                    continue
+                if await _remove_migration_pmd_at(m, vma, pmd_tbl, idx, addr, pmdval, dst):
+                    continue
+                # page_vma_mapped_walk: split meanwhile (its PTEs are migration
+                # entries now): walk the table
             res = await memory.pte_offset_map_lock(m, pmd_tbl, idx)
             if res is None:
                 continue
@@ -95,39 +108,122 @@ async def remove_migration_ptes(m, src, dst, use_zero_page: bool = False) -> Non
             await ptl.unlock()
 
 
+async def _remove_migration_pmd_at(m, vma, pmd_tbl: int, idx: int, addr: int, pmdval: int,
+                                   dst) -> bool:
+    """remove_migration_pte's PMD case: under the PMD lock, if the entry is still
+    there, remove_migration_pmd to the head of ``dst``. False if it changed meanwhile
+    (a split made it a table of PTE migration entries: the caller walks those)."""
+    from kmm import huge_memory_migrate
+    from kmm.pgtable import HPAGE_PMD_MASK
+    ptl = m.table_lock(pmd_tbl)
+    await ptl.lock("remove_migration_pte")
+    same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+    if same:
+        await huge_memory_migrate.remove_migration_pmd(m, vma, addr & HPAGE_PMD_MASK,
+                                                       pmd_tbl, idx, dst)
+    await ptl.unlock()
+    return same
+
+
 async def migrate_pages(m, folios: list, get_new_folio, reason: str) -> tuple[int, int]:
-    """migrate_pages (MIGRATE_ASYNC, anonymous order-0 folios and mTHPs): move each isolated
-    folio to a frame from ``get_new_folio(folio) -> pfn | -1``. The mappings are frozen
-    into migration entries (try_to_migrate), the contents and flags copied, and the
-    entries pointed at the new page (remove_migration_ptes). A folio that is locked by
-    someone else, has extra references or gets no frame stays where it is and goes
-    back on the LRU. Returns (nr_succeeded, nr_failed); counts pgmigrate_success /
-    pgmigrate_fail. Context: the folios are isolated (off the LRU, one reference
-    each); takes folio locks and anon_vma rwsems for read.
+    """migrate_pages -> migrate_pages_batch for anonymous folios: order 0, mTHPs and
+    PMD-mapped THPs (moved whole through a PMD migration entry). Each isolated folio
+    goes to a frame from ``get_new_folio(folio) -> pfn | -1`` (or an awaitable of it);
+    the mappings are frozen into migration entries (try_to_migrate), the contents and
+    flags copied, and the entries pointed at the new folio (remove_migration_ptes). A
+    folio locked by someone else or with extra references stays where it is and goes
+    back on the LRU. A large folio that gets no frame (-ENOMEM) is split
+    (try_split_folio, thp_migration_split) and its pieces migrated once, in a batch of
+    their own, unless the reason is "numa_misplaced" (a NUMA hinting fault never
+    splits). Returns (folios migrated, folios not migrated: a split THP counts as
+    one unless every piece moved) and counts pgmigrate_success / _fail in pages and
+    thp_migration_success / _fail / _split in PMD-order folios, as migrate_pages does.
+    Context: the folios are isolated (off the LRU, one reference each); takes folio
+    locks and anon_vma rwsems for read.
     """
     from kmm import swap
-    ok = failed = 0
-    ok_pages = failed_pages = 0  # the vm events count pages (an mTHP counts its nr)
+    from kmm.pgtable import HPAGE_PMD_ORDER
+    st = {"ok": 0, "failed": 0, "ok_pages": 0, "failed_pages": 0, "thp_ok": 0,
+          "thp_failed": 0, "thp_split": 0}
+    split: list = []
+    nosplit = reason == "numa_misplaced"
     for folio in folios:
         nr = folio.nr_pages
-        if folio.refcount == 1:
-            # freed under us (only the isolation reference is left): done
-            atomic.folio_clear_flags_locked(folio, PG_isolated)
-            await swap.folio_put(m, folio)
-            ok += 1
-            ok_pages += nr
+        is_thp = folio.order == HPAGE_PMD_ORDER
+        rc = await _migrate_folio(m, folio, get_new_folio, st)
+        if rc == 0:
             continue
-        if await _migrate_one(m, folio, get_new_folio):
-            ok += 1
-            ok_pages += nr
+        if rc == -ENOMEM and folio.order and not nosplit:
+            st["failed"] += 1  # the large folio counts as not migrated, split or not
+            st["thp_failed"] += is_thp
+            if await _try_split_folio(m, folio, split) == 0:
+                st["thp_split"] += is_thp
+                continue
         else:
-            failed += 1
-            failed_pages += nr
-            await swap.folio_putback_lru(m, folio)
-    m.vmstat.count_vm_event("pgmigrate_success", ok_pages)
-    m.vmstat.count_vm_event("pgmigrate_fail", failed_pages)
-    await m.sched.point("mm_migrate_pages", succeeded=ok, failed=failed, reason=reason)
-    return ok, failed
+            st["failed"] += 1
+            st["thp_failed"] += is_thp
+        st["failed_pages"] += nr
+        await swap.folio_putback_lru(m, folio)
+    if split:
+        # "Failure isn't counted since all split folios of a large folio is counted as
+        # 1 failure already": the pieces are tried once, their pages counted
+        pieces = dict(st, ok=0)
+        left = 0
+        for folio in split:
+            if await _migrate_folio(m, folio, get_new_folio, pieces) != 0:
+                pieces["failed_pages"] += folio.nr_pages
+                await swap.folio_putback_lru(m, folio)
+                left += 1
+        st.update({k: v for k, v in pieces.items() if k != "ok"})
+        st["ok"] += pieces["ok"]
+        if not left and st["failed"] == st["thp_split"]:
+            st["failed"] = 0  # "Return 0 in case all split folios ... are migrated"
+    m.vmstat.count_vm_event("pgmigrate_success", st["ok_pages"])
+    m.vmstat.count_vm_event("pgmigrate_fail", st["failed_pages"])
+    m.vmstat.count_vm_event("thp_migration_success", st["thp_ok"])
+    m.vmstat.count_vm_event("thp_migration_fail", st["thp_failed"])
+    m.vmstat.count_vm_event("thp_migration_split", st["thp_split"])
+    await m.sched.point("mm_migrate_pages", succeeded=st["ok"], failed=st["failed"],
+                        reason=reason)
+    return st["ok"], st["failed"]
+
+
+async def _migrate_folio(m, folio, get_new_folio, st: dict) -> int:
+    """One folio of migrate_pages_batch: 0 when it moved (or was freed under us: only
+    the isolation reference was left), else the errno of migrate_folio_unmap /
+    migrate_folio_move (-ENOMEM: no new folio; -EAGAIN: locked or referenced)."""
+    from kmm import swap
+    from kmm.pgtable import HPAGE_PMD_ORDER
+    nr = folio.nr_pages
+    is_thp = folio.order == HPAGE_PMD_ORDER
+    if folio.refcount == 1:
+        # migrate_folio_unmap: "Folio was freed from under us. So we are done."
+        atomic.folio_clear_flags_locked(folio, PG_isolated)
+        await swap.folio_put(m, folio)
+        rc = 0
+    else:
+        rc = await _migrate_one(m, folio, get_new_folio)
+    if rc == 0:
+        st["ok"] += 1
+        st["ok_pages"] += nr
+        st["thp_ok"] += is_thp
+    return rc
+
+
+async def _try_split_folio(m, folio, split: list) -> int:
+    """try_split_folio (MIGRATE_ASYNC: folio_trylock): split the isolated large folio;
+    the head and its pieces go on ``split``, each isolated with one reference."""
+    from kmm import huge_memory_split
+    lk = m.folio_lock_of(folio)
+    if not await lk.trylock("try_split_folio"):
+        return -EAGAIN
+    pieces: list = []
+    rc = await huge_memory_split.split_folio_to_list(m, folio, pieces)
+    await lk.unlock()
+    if rc == 0:
+        split.append(folio)
+        split.extend(pieces)
+    return rc
 
 
 def move_to_new_folio(m, dst, src) -> None:
@@ -147,22 +243,25 @@ def move_to_new_folio(m, dst, src) -> None:
                      | PG_isolated, anon_vma=src.anon_vma, index=src.index)
 
 
-async def _migrate_one(m, folio, get_new_folio) -> bool:
-    """migrate_folio_unmap + migrate_folio_move for one anonymous folio: order 0, or
-    an mTHP (PTE-mapped; its new folio is prepared at the same order by
-    get_new_folio). Returns True when moved."""
+async def _migrate_one(m, folio, get_new_folio) -> int:
+    """migrate_folio_unmap + migrate_folio_move for one anonymous folio: order 0, an
+    mTHP (PTE-mapped) or a THP (PMD-mapped: one PMD migration entry per mapping); the
+    new folio comes from get_new_folio at the same order (kmm asks once the source is
+    locked; the kernel just before). 0 when moved; -ENOMEM (no new folio), -EAGAIN
+    (locked by someone else, or referenced beyond its mappings) or -EBUSY (not
+    migratable)."""
     from kmm import huge_memory_mthp, huge_memory_split, rmap, swap
     if folio.flags & (PG_swapcache | PG_writeback) or folio.anon_vma is None:
-        return False
-    if folio.order and (folio.order >= 9 or folio.entire_mapcount):
-        return False  # PMD-mapped THPs are split to migrate, not moved whole here
+        return -EBUSY
     lk = m.folio_lock_of(folio)
     if not await lk.trylock("migrate_folio_unmap"):
-        return False
+        return -EAGAIN
     new_pfn = get_new_folio(folio)
+    if not isinstance(new_pfn, int):
+        new_pfn = await new_pfn
     if new_pfn < 0:
         await lk.unlock()
-        return False
+        return -ENOMEM
     # the new folio is locked too (folio_trylock(dst): it is ours alone, so it never
     # fails) until its mappings are in place: a walker that finds it through a new
     # PTE cannot lock it before remove_migration_ptes has finished
@@ -179,6 +278,9 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     requeue = None
     if moved:
         move_to_new_folio(m, new, folio)
+        if m.__dict__.get("numab") is not None:  # folio_migrate_flags: the last cpupid
+            from kmm import numa_balancing
+            numa_balancing.folio_migrate_cpupid(m, new, folio)
         if folio.order:
             huge_memory_mthp.mod_mthp_stat(m, folio.order, "nr_anon", 1)
             if folio.on_deferred_list:  # the source leaves the queue; the target joins
@@ -194,16 +296,15 @@ async def _migrate_one(m, folio, get_new_folio) -> bool:
     await dst_lk.unlock()
     await lk.unlock()
     if not moved:
-        if new_pfn >= 0:
-            await swap.folio_put(m, m.physmem.page(new_pfn))
-        return False
+        await swap.folio_put(m, m.physmem.page(new_pfn))
+        return -EAGAIN
     atomic.folio_clear_flags_locked(folio, PG_isolated)
     await swap.folio_put(m, folio)  # the old frame goes back to the buddy
     if requeue is not None:  # migrate_folio_move: requeue the destination
         await huge_memory_split.deferred_split_folio(m, new, requeue)
     # onto the LRU, dropping the allocation's reference; the mappings keep theirs
     await swap.folio_putback_lru(m, new)
-    return True
+    return 0
 
 
 async def do_move_page(m, task, addr: int) -> str:
@@ -230,3 +331,50 @@ async def do_move_page(m, task, addr: int) -> str:
     new = await page_alloc.alloc_pages(m, 0, "GFP_HIGHUSER_MOVABLE", "anon")
     moved, _ = await migrate_pages(m, [folio], lambda f: new, "syscall")
     return "moved" if moved else "busy"
+
+
+# ------------------------------------------------------------ NUMA misplaced
+async def migrate_misplaced_folio_prepare(m, folio, vma, node: int) -> int:
+    """migrate_misplaced_folio_prepare: 0 once the folio is isolated for a move to
+    node; -EAGAIN when the node is nearly full (migrate_balanced_pgdat: free pages
+    above its high watermark plus the folio) or the folio is not on the LRU; -EACCES
+    for a shared folio of an executable mapping.
+    Context: the page-table lock mapping the folio is held."""
+    from kmm import mmzone, rmap
+    from kmm.mm_types import VM_EXEC
+    if vma.flags & VM_EXEC and rmap.folio_maybe_mapped_shared(m, folio):
+        return -EACCES
+    zone = mmzone.NODE_DATA(m, node).zone
+    if not zone.zone_watermark_ok(0, zone.wmark["high"] + folio.nr_pages):
+        return -EAGAIN
+    if not await swap.folio_isolate_lru(m, folio):
+        return -EAGAIN
+    return 0
+
+
+async def alloc_misplaced_dst_folio(m, src, node: int) -> int:
+    """alloc_misplaced_dst_folio: a folio of the source's order on node only
+    (__GFP_THISNODE); a large one GFP_TRANSHUGE_LIGHT (no reclaim, no compaction
+    stall), a small one without reclaim retries or reserves."""
+    from kmm import page_alloc
+    from kmm.gfp import GFP, __GFP_NORETRY, __GFP_THISNODE
+    from kmm.pgtable import HPAGE_PMD_ORDER
+    if src.order:
+        gfp = GFP["GFP_TRANSHUGE_LIGHT"] | __GFP_THISNODE
+    else:
+        gfp = GFP["GFP_HIGHUSER_MOVABLE"] | __GFP_THISNODE | __GFP_NORETRY
+    purpose = "thp" if src.order == HPAGE_PMD_ORDER else "anon"
+    return await page_alloc.alloc_pages(m, src.order, gfp, purpose, node)
+
+
+async def migrate_misplaced_folio(m, folio, node: int) -> int:
+    """migrate_misplaced_folio: migrate the isolated folio to node (MIGRATE_ASYNC,
+    MR_NUMA_MISPLACED: a THP is never split for it); numa_pages_migrated counts the
+    pages moved. 0, or -EAGAIN (it stays, back on the LRU).
+    Context: no page-table lock held; the folio is isolated."""
+    ok, _ = await migrate_pages(m, [folio], lambda f: alloc_misplaced_dst_folio(m, f, node),
+                                "numa_misplaced")
+    if ok:
+        m.vmstat.count_vm_event("numa_pages_migrated", folio.nr_pages)
+        return 0
+    return -EAGAIN

@@ -55,7 +55,7 @@ class Page:
         "pfn", "flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
         "large_mapcount", "nr_pages_mapped", "anon_vma", "index", "lock", "ptl",
         "pt_deposit", "page_type", "on_deferred_list", "mm", "pt_level", "swap",
-        "mapping",
+        "mapping", "pt_share_count",
     )
 
     def __init__(self, pfn: int, head: int = -1) -> None:
@@ -81,6 +81,8 @@ class Page:
                                    # swap entry (pgtable.swp_entry), for a swap-cache folio
         self.mapping = None        # folio->mapping of a page-cache folio (filemap.AddressSpace);
                                    # index is then its page offset in the file
+        self.pt_share_count = 0    # ptdesc->pt_share_count of a PMD table: how many more
+                                   # PUD entries than its own mm's map it (hugetlb sharing)
 
     @property
     def nr_pages(self) -> int:
@@ -109,7 +111,7 @@ class VmArea:
     """struct vm_area_struct for an anonymous private mapping."""
 
     __slots__ = ("mm", "start", "end", "flags", "pgoff", "anon_vma", "avc", "page_prot",
-                 "vm_file", "vm_private_data", "hugetlb_file")
+                 "vm_file", "vm_private_data", "hugetlb_file", "vm_policy")
 
     def __init__(self, mm: "MmStruct", start: int, end: int, flags: int, pgoff: int) -> None:
         self.mm = mm
@@ -122,6 +124,7 @@ class VmArea:
         self.vm_file = None          # shmem: the shmem.ShmemFile mapped (pgoff in file pages)
         self.hugetlb_file = None     # hugetlb: the hugetlbfs file (kmm.hugetlb_resv.HugetlbFile)
         self.vm_private_data = None  # hugetlb: reservation map and HPAGE_RESV_* flags
+        self.vm_policy = None        # mbind: the VMA's kmm.mempolicy.Mempolicy (None: the task's)
         from kmm.pgtable import vm_page_prot
         self.page_prot = vm_page_prot(flags)
 

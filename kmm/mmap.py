@@ -10,7 +10,10 @@ re-merges VMAs for mprotect and madvise. Errors are errno names, as the syscalls
 
 from __future__ import annotations
 
-from kmm import huge_memory, hugetlb_resv, khugepaged, memory, memory_zap, mmdebug, rmap, shmem
+from kmm import (
+    huge_memory, hugetlb_fault, hugetlb_pmd_share, hugetlb_resv, khugepaged, memory, memory_zap,
+    mmdebug, rmap, shmem,
+)
 from kmm.mm_types import (
     VM_HUGETLB, VM_MAYEXEC, VM_MAYREAD, VM_MAYSHARE, VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE,
     MmStruct, VmArea,
@@ -42,7 +45,10 @@ async def split_vma(m, vma: VmArea, addr: int) -> VmArea:
     """
     mmdebug.mmap_assert_write_locked(m, vma.mm, "__split_vma (vma_start_write)")
     await huge_memory.vma_adjust_trans_huge(m, vma, addr, addr, None)
+    if vma.flags & VM_HUGETLB:  # a split inside a shared PUD range ends the sharing
+        await hugetlb_pmd_share.hugetlb_split(m, vma, addr)
     new = VmArea(vma.mm, addr, vma.end, vma.flags, vma.pgoff + ((addr - vma.start) >> 12))
+    new.vm_policy = vma.vm_policy  # vma_dup_policy
     rmap.anon_vma_clone(new, vma)
     if vma.vm_file is not None:
         await shmem.vma_link_file(m, new, vma.vm_file)
@@ -58,7 +64,7 @@ def _mergeable(a: VmArea, b: VmArea) -> bool:
     return (a.end == b.start and a.flags == b.flags
             and a.hugetlb_file is b.hugetlb_file is None
             and b.pgoff == a.pgoff + ((b.start - a.start) >> 12)
-            and a.vm_file is b.vm_file
+            and a.vm_file is b.vm_file and a.vm_policy == b.vm_policy
             and (a.anon_vma is None or b.anon_vma is None or a.anon_vma is b.anon_vma))
 
 
@@ -154,7 +160,10 @@ async def unmap_region(m, mm: MmStruct, victims: list[VmArea], start: int,
     """
     tlbg = memory_zap.MmuGather(mm)
     for vma in victims:
-        await memory_zap.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
+        if vma.flags & VM_HUGETLB:  # the final zap: a shared VMA's lock goes with it
+            await hugetlb_fault.unmap_hugepage_range(m, tlbg, vma, vma.start, vma.end, True)
+        else:
+            await memory_zap.unmap_page_range(m, tlbg, vma, vma.start, vma.end)
     prev = [v for v in mm.vmas if v.end <= start]
     nxt = [v for v in mm.vmas if v.start >= end]
     floor = prev[-1].end if prev else 0

@@ -9,12 +9,14 @@ are PageAnonExclusive become writable at once when write permission returns
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, hugetlb_fault, hugetlb_resv, memory, mmap, tlb
+from kmm import (
+    atomic, huge_memory, huge_memory_migrate, hugetlb_fault, hugetlb_resv, memory, mmap, tlb,
+)
 from kmm.mm_types import PG_anon_exclusive, VM_HUGETLB, VM_READ, VM_WRITE
 from kmm.pgtable import (
-    PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none, pmd_trans_huge,
-    pte_index, pte_mkwrite, pte_modify, pte_pfn, pte_present, pte_special, pte_write,
-    vm_page_prot,
+    HPAGE_PMD_NR, PAGE_NONE, PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index,
+    pmd_none, pmd_trans_huge, pte_index, pte_mkwrite, pte_modify, pte_pfn, pte_present,
+    pte_protnone, pte_special, pte_write, vm_page_prot,
 )
 
 PROT = {"none": 0, "r": VM_READ, "rw": VM_READ | VM_WRITE}
@@ -67,13 +69,19 @@ async def mprotect_fixup(m, vma, start: int, end: int, newflags: int):
     return vma
 
 
-async def change_protection(m, vma, start: int, end: int, try_writable: bool) -> None:
-    """change_protection -> change_pmd_range -> change_huge_pmd / change_pte_range."""
+async def change_protection(m, vma, start: int, end: int, try_writable: bool,
+                            prot_numa: bool = False) -> int:
+    """change_protection -> change_pmd_range -> change_huge_pmd / change_pte_range:
+    returns the pages whose entry changed. MM_CP_PROT_NUMA (``prot_numa``) makes them
+    PAGE_NONE for NUMA hinting faults, skipping what prot_numa_skip names, and counts
+    numa_huge_pte_updates for the huge PMDs it changed."""
     mm = vma.mm
-    newprot = vm_page_prot(vma.flags)
+    newprot = PAGE_NONE if prot_numa else vm_page_prot(vma.flags)
     if vma.flags & VM_HUGETLB:
-        return await hugetlb_fault.hugetlb_change_protection(m, vma, start, end, newprot)
+        await hugetlb_fault.hugetlb_change_protection(m, vma, start, end, newprot)
+        return 0
     addr = start
+    pages = nr_huge_updates = 0
     changed = False
     while addr < end:
         nxt = min((addr + PMD_SIZE) & ~(PMD_SIZE - 1), end)
@@ -86,29 +94,55 @@ async def change_protection(m, vma, start: int, end: int, try_writable: bool) ->
         if is_swap_pmd(pmd) or pmd_trans_huge(pmd):
             if nxt - addr != PMD_SIZE:
                 await huge_memory.__split_huge_pmd(m, vma, pmd_tbl, idx, addr, freeze=False)
-            elif await huge_memory.change_huge_pmd(m, vma, pmd_tbl, idx, addr, newprot,
-                                                   try_writable):
-                addr = nxt
-                continue
+            else:
+                ret = await huge_memory.change_huge_pmd(m, vma, pmd_tbl, idx, addr, newprot,
+                                                        try_writable and not prot_numa,
+                                                        prot_numa)
+                if ret:
+                    if ret == HPAGE_PMD_NR:
+                        pages += ret
+                        nr_huge_updates += 1
+                    addr = nxt
+                    continue
         if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
-            changed |= await change_pte_range(m, vma, pmd_tbl, idx, addr, nxt, newprot,
-                                              try_writable)
+            n = await change_pte_range(m, vma, pmd_tbl, idx, addr, nxt, newprot,
+                                       try_writable and not prot_numa, prot_numa)
+            pages += n
+            changed |= bool(n)
         addr = nxt
     if changed:
         await tlb.flush_tlb_mm_range(m, mm, start, end)
+    if nr_huge_updates:  # change_pmd_range
+        m.vmstat.count_vm_event("numa_huge_pte_updates", nr_huge_updates)
+    return pages
+
+
+async def change_prot_numa(m, vma, start: int, end: int) -> int:
+    """change_prot_numa (mm/mempolicy.c): change_protection(MM_CP_PROT_NUMA) of the
+    range; numa_pte_updates counts the pages it made PROT_NONE (a huge PMD: 512).
+    Context: mmap_lock held for read."""
+    nr = await change_protection(m, vma, start, end, False, prot_numa=True)
+    if nr > 0:
+        m.vmstat.count_vm_event("numa_pte_updates", nr)
+    return nr
 
 
 async def change_pte_range(m, vma, pmd_tbl: int, pidx: int, addr: int, end: int,
-                           newprot: int, try_writable: bool) -> bool:
+                           newprot: int, try_writable: bool, prot_numa: bool = False) -> int:
     res = await memory.pte_offset_map_lock(m, pmd_tbl, pidx)
     if res is None:
-        return False
+        return 0
     tbl, ptl = res
-    changed = False
+    pages = 0
     while addr < end:
         i = pte_index(addr)
         old = await atomic.entry_read(m, "pte", tbl, i)
         if pte_present(old):
+            if prot_numa and (pte_special(old) or pte_protnone(old)  # zero page, done
+                              or huge_memory_migrate.prot_numa_skip(
+                                  m, vma, m.physmem.folio(pte_pfn(old)))):
+                addr += PAGE_SIZE
+                continue
             new = pte_modify(old, newprot)
             if try_writable and not pte_write(new) and not pte_special(new):
                 page = m.physmem.page(pte_pfn(new))
@@ -116,7 +150,7 @@ async def change_pte_range(m, vma, pmd_tbl: int, pidx: int, addr: int, end: int,
                     new = pte_mkwrite(new)
             if new != old:
                 await atomic.entry_set(m, "pte", tbl, i, new)
-                changed = True
+                pages += 1
         addr += PAGE_SIZE
     await ptl.unlock()
-    return changed
+    return pages

@@ -6,13 +6,17 @@ length is smaller, then ``move_vma``: a copy of the VMA at the new place (same a
 page offset kept, so the rmap finds the moved pages), ``move_page_tables`` moving PTEs
 (``move_ptes``) and whole huge PMDs with their deposited table (``move_huge_pmd``;
 a huge PMD the move covers only partly is split first), and the old range unmapped.
-A new length above the old grows the new VMA; the grown part starts empty. Left out:
+A new length above the old grows the new VMA; the grown part starts empty. hugetlb
+VMAs: kmm.hugetlb_mremap (aligned, never grown, entries moved whole). Left out:
 in-place resizing (no MREMAP_FIXED), MREMAP_DONTUNMAP, accounting, mlock, uffd.
 """
 
 from __future__ import annotations
 
-from kmm import atomic, huge_memory, memory, mmap, pgtable_generic as pgg, rmap, tlb
+from kmm import (
+    atomic, huge_memory, hugetlb_mremap, hugetlb_resv, memory, mmap, pgtable_generic as pgg, rmap,
+    tlb,
+)
 from kmm.mm_types import VmArea
 from kmm.pgtable import (
     PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE, is_swap_pmd, pmd_index, pmd_none,
@@ -37,8 +41,13 @@ async def do_mremap(m, task, addr: int, old_len: int, new_len: int,
     try:
         vma = mm.vma_lookup(addr)
         if vma is not None and vma.hugetlb_file is not None:
-            raise NotImplementedError("mremap of hugetlb mappings (move_hugetlb_page_tables)"
-                                      " is not modelled")
+            err = hugetlb_mremap.hugetlb_mremap_check(vma, addr, old_len, new_len, new_addr)
+            size = vma.hugetlb_file.hstate.size
+            if err is None and (old_len | new_len) & (size - 1):
+                # the shrink or the unmap would cut a huge page: vm_ops->may_split
+                err = "EINVAL"
+            if err is not None:
+                return err
         await munmap_locked(m, mm, new_addr, new_addr + new_len)
         if old_len > new_len:
             await munmap_locked(m, mm, addr + new_len, addr + old_len)
@@ -74,11 +83,19 @@ async def move_vma(m, vma: VmArea, old_addr: int, old_len: int, new_len: int,
     mm = vma.mm
     new_pgoff = vma.pgoff + ((old_addr - vma.start) >> PAGE_SHIFT)
     new_vma = VmArea(mm, new_addr, new_addr + new_len, vma.flags, new_pgoff)  # copy_vma
+    new_vma.vm_policy = vma.vm_policy
     rmap.anon_vma_clone(new_vma, vma)
+    if vma.hugetlb_file is not None:  # vm_area_dup: the file, the VMA lock or resv map
+        hugetlb_resv.hugetlb_vma_copy(m, new_vma, vma, fork=False)
     mm.vmas.append(new_vma)
     mm.vmas.sort(key=lambda v: v.start)
     await m.sched.point("copy_vma", mm=mm.id, start=new_addr, end=new_addr + new_len)
-    await move_page_tables(m, vma, old_addr, new_vma, new_addr, old_len)
+    if vma.hugetlb_file is not None:
+        await hugetlb_mremap.move_hugetlb_page_tables(m, vma, new_vma, old_addr, new_addr,
+                                                      old_len)
+        hugetlb_mremap.clear_vma_resv_huge_pages(vma)
+    else:
+        await move_page_tables(m, vma, old_addr, new_vma, new_addr, old_len)
     mmap.vma_merge_around(mm, new_vma)
     await munmap_locked(m, mm, old_addr, old_addr + old_len)
 

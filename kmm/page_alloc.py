@@ -27,10 +27,11 @@ capture of a freed page.
 
 from __future__ import annotations
 
-from kmm import atomic
+from kmm import atomic, mmzone
 from kmm.atomic import ticked
 from math import isqrt
 
+from kmm.locking import FolioLock, SpinLock
 from kmm.gfp import (
     GFP, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM, __GFP_HIGH, __GFP_KSWAPD_RECLAIM,
     __GFP_MEMALLOC,
@@ -64,12 +65,12 @@ ALLOC_KSWAPD = 0x800          # __GFP_KSWAPD_RECLAIM: the slow path wakes kswapd
 WMARK_NAMES = ("min", "low", "high")
 
 
-def min_free_kbytes(managed_pages: int, thp_enabled: bool) -> int:
-    """calculate_min_free_kbytes, then khugepaged's set_recommended_min_free_kbytes."""
+def min_free_kbytes(managed_pages: int, thp_enabled: bool, nr_zones: int = 1) -> int:
+    """calculate_min_free_kbytes, then khugepaged's set_recommended_min_free_kbytes
+    (``nr_zones``: the populated zones, one per node)."""
     lowmem_kbytes = managed_pages * PAGE_SIZE // 1024
     kb = max(128, min(isqrt(lowmem_kbytes * 16), 262144))
     if thp_enabled:
-        nr_zones = 1
         recommended = pageblock_nr_pages * nr_zones * 2
         recommended += pageblock_nr_pages * nr_zones * MIGRATE_PCPTYPES * MIGRATE_PCPTYPES
         recommended = min(recommended, managed_pages // 20)  # at most 5% of memory
@@ -78,29 +79,35 @@ def min_free_kbytes(managed_pages: int, thp_enabled: bool) -> int:
 
 
 class Zone:
-    """struct zone (ZONE_NORMAL) with its free_area[], watermarks and the compaction
-    state that mm/compaction.c keeps in it (deferral, cached scanner positions), plus
-    the node's kcompactd request (pgdat->kcompactd_max_order: one node, one zone)."""
+    """struct zone (ZONE_NORMAL) of node ``nid`` with its free_area[], watermarks and the
+    compaction state that mm/compaction.c keeps in it (deferral, cached scanner
+    positions), plus the node's kcompactd request (pgdat->kcompactd_max_order: one zone
+    per node). Node 0's actor and lock keep the one-node names (page_alloc,
+    zone.Normal); node N's are page_allocN and zone.Normal:N."""
 
-    def __init__(self, machine, nr_pages: int) -> None:
+    def __init__(self, machine, nr_pages: int, start_pfn: int = 0, nid: int = 0) -> None:
         self.machine = machine
         self.physmem = machine.physmem
+        self.nid = nid
         self.nr_pages = nr_pages
-        self.zone_start_pfn = 0
+        self.zone_start_pfn = start_pfn
         self.free_area: list[dict[int, None]] = [{} for _ in range(NR_ORDERS)]
         self.free_order: dict[int, int] = {}  # block head pfn -> order, for every free block
-        self.untouched = 0
-        self.untouched_end = nr_pages - nr_pages % MAX_BLOCK
+        self.untouched = start_pfn
+        self.untouched_end = start_pfn + nr_pages - nr_pages % MAX_BLOCK
         self.nr_free = nr_pages
         self.managed = nr_pages
         # the tail beyond the last whole order-10 block goes on the lists at once
         pfn = self.untouched_end
         for order in range(MAX_PAGE_ORDER - 1, -1, -1):
-            if pfn + (1 << order) <= nr_pages:
+            if pfn + (1 << order) <= start_pfn + nr_pages:
                 self._add(pfn, order)
                 pfn += 1 << order
-        self.lock = machine.locks.spinlock("zone_lock", "zone.Normal")
-        self.actor = machine.sched.server("page_alloc", self.handle, kind="allocator")
+        sfx = f":{nid}" if nid else ""
+        self.lock = machine.locks.spinlock("zone_lock", "zone.Normal" + sfx)
+        self.actor = machine.sched.server("page_alloc" + (str(nid) if nid else ""),
+                                          self.handle, kind="allocator")
+        self.numa_events = {item: 0 for item in mmzone.NUMA_EVENTS}
         # compaction (mm/compaction.c): deferral and where the scanners restart
         self.compact_considered = 0
         self.compact_defer_shift = 0
@@ -123,10 +130,13 @@ class Zone:
         self.compact_cached_free_pfn = (self.zone_end_pfn - 1) & ~(pageblock_nr_pages - 1)
 
     # ----------------------------------------------------------- watermarks
-    def set_watermarks(self, thp_enabled: bool) -> None:
-        """__setup_per_zone_wmarks."""
-        self.min_free_kbytes = min_free_kbytes(self.managed, thp_enabled)
-        wmin = self.min_free_kbytes * 1024 // PAGE_SIZE
+    def set_watermarks(self, thp_enabled: bool, lowmem_pages: int | None = None,
+                       nr_zones: int = 1) -> None:
+        """__setup_per_zone_wmarks: the zone's share of min_free_kbytes, in proportion
+        to its managed pages among all zones' (``lowmem_pages``)."""
+        total = self.managed if lowmem_pages is None else lowmem_pages
+        self.min_free_kbytes = min_free_kbytes(total, thp_enabled, nr_zones)
+        wmin = self.min_free_kbytes * 1024 // PAGE_SIZE * self.managed // total
         step = max(wmin // 4, self.managed * WATERMARK_SCALE_FACTOR // 10000)
         self.wmark = {"min": wmin, "low": wmin + step, "high": wmin + 2 * step}
 
@@ -357,9 +367,10 @@ def might_sleep(m, where: str) -> None:
     """might_sleep (CONFIG_DEBUG_ATOMIC_SLEEP): a caller that may sleep (an allocation
     that may enter direct reclaim) holds no spinlock; else the kernel's splat, as a
     KernelBug naming the spinlocks held."""
-    from kmm.locking import FolioLock, SpinLock
-    held = [h for h in m.sched.current.held
-            if isinstance(h.lock, SpinLock) and not isinstance(h.lock, FolioLock)]
+    held = m.sched.current.held
+    if held:
+        held = [h for h in held
+                if isinstance(h.lock, SpinLock) and not isinstance(h.lock, FolioLock)]
     if held:
         actor = m.sched.current
         m.bug(f"BUG: sleeping function called from invalid context at {where}: "
@@ -367,39 +378,74 @@ def might_sleep(m, where: str) -> None:
               + ", ".join(f"{h.lock.name} (taken at {h.site})" for h in held))
 
 
-async def alloc_pages(m, order: int, gfp, purpose: str) -> int:
-    """alloc_pages / __alloc_pages: the fast path (get_page_from_freelist at the low
-    watermark, one message to the zone actor), then __alloc_pages_slowpath in the
-    caller's context. ``gfp`` is a mask or a composite name. Returns the pfn, or -1."""
+class AllocContext:
+    """struct alloc_context: the zones of the zonelist the allocation may use, in
+    fallback order (the preferred node's zonelist filtered by the nodemask), and the
+    preferred zone (the first of them), against which numa_hit/numa_miss count."""
+
+    __slots__ = ("zones", "preferred_zone")
+
+    def __init__(self, zones: list) -> None:
+        self.zones = zones
+        self.preferred_zone = zones[0] if zones else None
+
+
+def prepare_alloc_pages(m, gfp: int, nid: int | None = None,
+                        nodemask=None) -> AllocContext:
+    """prepare_alloc_pages: the zonelist of ``nid`` (the running CPU's node when None),
+    ZONELIST_NOFALLBACK for __GFP_THISNODE, filtered by ``nodemask`` (node ids; None:
+    every node); first_zones_zonelist gives the preferred zone."""
+    if len(m.node_data) == 1:
+        zones = [m.zone]
+    else:
+        if nid is None or nid == mmzone.NUMA_NO_NODE:
+            nid = mmzone.numa_node_id(m)
+        zones = mmzone.node_zonelist(m, nid, gfp)
+    if nodemask is not None:
+        zones = [z for z in zones if z.nid in nodemask]
+    return AllocContext(zones)
+
+
+async def alloc_pages(m, order: int, gfp, purpose: str, nid: int | None = None,
+                      nodemask=None) -> int:
+    """__alloc_pages(gfp, order, preferred_nid, nodemask): the fast path
+    (get_page_from_freelist at the low watermark: one message to each zone actor of the
+    zonelist in turn), then __alloc_pages_slowpath in the caller's context. ``gfp`` is
+    a mask or a composite name; ``nid`` None means the running CPU's node
+    (alloc_pages). Returns the pfn, or -1."""
     if isinstance(gfp, str):
         gfp = GFP[gfp]
     if gfp & __GFP_DIRECT_RECLAIM:
         might_sleep(m, "__alloc_pages")
-    reply = await m.sched.call(m.zone.actor, AllocPages(order, format_gfp(gfp), purpose,
-                                                        ALLOC_WMARK_LOW))
-    if reply.pfn >= 0:
-        return reply.pfn
-    return await __alloc_pages_slowpath(m, order, gfp, purpose)
+    ac = prepare_alloc_pages(m, gfp, nid, nodemask)
+    if not ac.zones:
+        return -1
+    pfn = await get_page_from_freelist(m, order, gfp, ALLOC_WMARK_LOW, purpose, ac)
+    if pfn >= 0:
+        return pfn
+    return await __alloc_pages_slowpath(m, order, gfp, purpose, ac)
 
 
 async def vma_alloc_folio(m, gfp: int, order: int, vma, addr: int) -> int:
-    """vma_alloc_folio -> alloc_pages_mpol (mm/mempolicy.c, the default local policy):
-    a PMD-order folio is first tried on the local node only with __GFP_NORETRY ("don't
-    reclaim unnecessarily, just compact"), and only a mask that allows direct reclaim
-    tries again the ordinary way. Returns the pfn, or -1."""
-    if order == HPAGE_PMD_ORDER:
-        pfn = await alloc_pages(m, order, gfp | __GFP_THISNODE | __GFP_NORETRY, "thp")
-        if pfn >= 0 or not gfp & __GFP_DIRECT_RECLAIM:
-            return pfn
-    return await alloc_pages(m, order, gfp, "thp" if order else "anon")
+    """vma_alloc_folio -> alloc_pages_mpol (mm/mempolicy.c) with the VMA's policy
+    (kmm.mempolicy). Returns the pfn, or -1."""
+    from kmm import mempolicy
+    return await mempolicy.vma_alloc_folio(m, gfp, order, vma, addr)
 
 
 async def get_page_from_freelist(m, order: int, gfp: int, alloc_flags: int,
-                                 purpose: str) -> int:
-    """get_page_from_freelist: one attempt at the watermark alloc_flags names."""
-    reply = await m.sched.call(m.zone.actor, AllocPages(order, format_gfp(gfp), purpose,
-                                                        alloc_flags))
-    return reply.pfn
+                                 purpose: str, ac: AllocContext | None = None) -> int:
+    """get_page_from_freelist: one attempt at the watermark alloc_flags names in each
+    zone of the zonelist, in order; the zone that gives the page counts zone_statistics
+    (done here, in the allocating actor, where rmqueue does it on the allocating CPU)."""
+    zones = ac.zones if ac is not None else (m.zone,)
+    for z in zones:
+        reply = await m.sched.call(z.actor, AllocPages(order, format_gfp(gfp), purpose,
+                                                       alloc_flags))
+        if reply.pfn >= 0:
+            mmzone.zone_statistics(m, ac.preferred_zone if ac is not None else z, z)
+            return reply.pfn
+    return -1
 
 
 def gfp_to_alloc_flags(gfp: int, order: int) -> int:
@@ -417,12 +463,13 @@ def gfp_to_alloc_flags(gfp: int, order: int) -> int:
     return alloc_flags
 
 
-async def wake_all_kswapds(m, order: int, gfp: int) -> None:
-    """wake_all_kswapds -> wakeup_kswapd (mm/vmscan.c), which hands a high-order
-    request that may not stall to kcompactd when kswapd cannot help (node balanced or
-    hopeless)."""
+async def wake_all_kswapds(m, order: int, gfp: int, ac: AllocContext | None = None) -> None:
+    """wake_all_kswapds -> wakeup_kswapd (mm/vmscan.c) of each node of the zonelist,
+    which hands a high-order request that may not stall to kcompactd when kswapd cannot
+    help (node balanced or hopeless)."""
     from kmm import vmscan_node
-    await vmscan_node.wakeup_kswapd(m, order, gfp)
+    for z in (ac.zones if ac is not None else (m.zone,)):
+        await vmscan_node.wakeup_kswapd(m, order, gfp, z.nid)
 
 
 async def __perform_reclaim(m, order: int, gfp: int) -> int:
@@ -432,17 +479,18 @@ async def __perform_reclaim(m, order: int, gfp: int) -> int:
 
 
 async def __alloc_pages_direct_reclaim(m, order: int, gfp: int, alloc_flags: int,
-                                       purpose: str) -> tuple[int, int]:
+                                       purpose: str, ac: AllocContext | None = None
+                                       ) -> tuple[int, int]:
     """__alloc_pages_direct_reclaim: reclaim, then one more attempt if it made progress
     (no per-CPU lists to drain). Returns (pfn or -1, pages reclaimed)."""
     progress = await __perform_reclaim(m, order, gfp)
     if not progress:
         return -1, 0
-    return await get_page_from_freelist(m, order, gfp, alloc_flags, purpose), progress
+    return await get_page_from_freelist(m, order, gfp, alloc_flags, purpose, ac), progress
 
 
 async def __alloc_pages_direct_compact(m, order: int, gfp: int, alloc_flags: int,
-                                       purpose: str, prio):
+                                       purpose: str, prio, ac: AllocContext | None = None):
     """__alloc_pages_direct_compact: try_to_compact_pages, then an allocation attempt.
     compact_stall counts every run that was not skipped (a deferred one too),
     compact_success / compact_fail whether the allocation then succeeded.
@@ -450,14 +498,15 @@ async def __alloc_pages_direct_compact(m, order: int, gfp: int, alloc_flags: int
     from kmm import compaction
     if not order:
         return -1, compaction.CompactResult.COMPACT_SKIPPED
-    result = await compaction.try_to_compact_pages(m, order, gfp, alloc_flags, prio)
+    result = await compaction.try_to_compact_pages(m, order, gfp, alloc_flags, prio,
+                                                   ac.zones if ac is not None else None)
     if result == compaction.CompactResult.COMPACT_SKIPPED:
         return -1, result
     ev = m.vmstat
     ev.count_vm_event("compact_stall")
-    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose, ac)
     if pfn >= 0:
-        compaction.compaction_defer_reset(m.zone, order, True)
+        compaction.compaction_defer_reset(mmzone.page_zone(m, pfn), order, True)
         ev.count_vm_event("compact_success")
     else:
         ev.count_vm_event("compact_fail")
@@ -472,23 +521,28 @@ def zone_reclaimable_pages(m) -> int:
 
 
 def should_reclaim_retry(m, order: int, alloc_flags: int, did_some_progress: bool,
-                         no_progress_loops: int) -> tuple[bool, int]:
+                         no_progress_loops: int, ac: AllocContext | None = None
+                         ) -> tuple[bool, int]:
     """should_reclaim_retry: retry while reclaiming everything reclaimable could meet
-    the min watermark, at most MAX_RECLAIM_RETRIES rounds without progress (costly
-    orders count every round). Returns (retry, no_progress_loops)."""
+    the min watermark in some zone of the zonelist, at most MAX_RECLAIM_RETRIES rounds
+    without progress (costly orders count every round). Returns (retry,
+    no_progress_loops). The reclaimable pages are the machine's (one LRU)."""
     if did_some_progress and order <= PAGE_ALLOC_COSTLY_ORDER:
         no_progress_loops = 0
     else:
         no_progress_loops += 1
     if no_progress_loops > MAX_RECLAIM_RETRIES:
         return False, no_progress_loops
-    z = m.zone
-    available = zone_reclaimable_pages(m) + z.nr_free
-    return z.zone_watermark_ok(order, z.wmark["min"], alloc_flags, available), no_progress_loops
+    reclaimable = zone_reclaimable_pages(m)
+    for z in (ac.zones if ac is not None else (m.zone,)):
+        available = reclaimable + z.nr_free
+        if z.zone_watermark_ok(order, z.wmark["min"], alloc_flags, available):
+            return True, no_progress_loops
+    return False, no_progress_loops
 
 
 def should_compact_retry(m, order: int, alloc_flags: int, compact_result, prio,
-                         retries: int):
+                         retries: int, ac: AllocContext | None = None):
     """should_compact_retry: after a skipped run retry if compaction could now run;
     after a success (lost to a race) retry a few times; after a failure raise the
     priority down to MIN_COMPACT(_COSTLY)_PRIORITY. Returns (retry, prio, retries)."""
@@ -496,9 +550,9 @@ def should_compact_retry(m, order: int, alloc_flags: int, compact_result, prio,
     CR = compaction.CompactResult
     if not order:
         return False, prio, retries
-    if compact_result == CR.COMPACT_SKIPPED:
-        z = m.zone
-        ok = compaction.compaction_suitable(z, order, z.wmark_pages(alloc_flags))
+    if compact_result == CR.COMPACT_SKIPPED:  # compaction_zonelist_suitable
+        ok = any(compaction.compaction_suitable(z, order, z.wmark_pages(alloc_flags))
+                 for z in (ac.zones if ac is not None else (m.zone,)))
         return ok, prio, retries
     if compact_result == CR.COMPACT_SUCCESS:
         max_retries = MAX_COMPACT_RETRIES
@@ -514,7 +568,8 @@ def should_compact_retry(m, order: int, alloc_flags: int, compact_result, prio,
     return False, prio, retries
 
 
-async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
+async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str,
+                                 ac: AllocContext | None = None) -> int:
     """__alloc_pages_slowpath, in the allocating actor's context. Returns pfn or -1."""
     from kmm import compaction
     CR = compaction.CompactResult
@@ -527,8 +582,8 @@ async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
     no_progress_loops = 0
     alloc_flags = gfp_to_alloc_flags(gfp, order)
     if alloc_flags & ALLOC_KSWAPD:
-        await wake_all_kswapds(m, order, gfp)
-    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+        await wake_all_kswapds(m, order, gfp, ac)
+    pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose, ac)
     if pfn >= 0:
         return pfn
     # Costly orders (and unmovable high orders) try compaction before reclaim: there
@@ -536,7 +591,7 @@ async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
     if can_direct_reclaim and can_compact and (
             costly_order or (order > 0 and not gfp & __GFP_MOVABLE)):
         pfn, compact_result = await __alloc_pages_direct_compact(
-            m, order, gfp, alloc_flags, purpose, compaction.INIT_COMPACT_PRIORITY)
+            m, order, gfp, alloc_flags, purpose, compaction.INIT_COMPACT_PRIORITY, ac)
         if pfn >= 0:
             return pfn
         if costly_order and gfp & __GFP_NORETRY:
@@ -547,20 +602,20 @@ async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
             compact_priority = compaction.INIT_COMPACT_PRIORITY  # stay async
     while True:  # retry:
         if alloc_flags & ALLOC_KSWAPD:
-            await wake_all_kswapds(m, order, gfp)
+            await wake_all_kswapds(m, order, gfp, ac)
         if gfp & __GFP_MEMALLOC and not gfp & __GFP_NOMEMALLOC:  # __gfp_pfmemalloc_flags
             alloc_flags = ALLOC_NO_WATERMARKS | alloc_flags & (ALLOC_KSWAPD | ALLOC_CMA)
-        pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose)
+        pfn = await get_page_from_freelist(m, order, gfp, alloc_flags, purpose, ac)
         if pfn >= 0:
             return pfn
         if not can_direct_reclaim:
             return -1
         pfn, progress = await __alloc_pages_direct_reclaim(m, order, gfp, alloc_flags,
-                                                           purpose)
+                                                           purpose, ac)
         if pfn >= 0:
             return pfn
         pfn, compact_result = await __alloc_pages_direct_compact(
-            m, order, gfp, alloc_flags, purpose, compact_priority)
+            m, order, gfp, alloc_flags, purpose, compact_priority, ac)
         if pfn >= 0:
             return pfn
         if gfp & __GFP_NORETRY:
@@ -568,12 +623,12 @@ async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
         if costly_order and (not can_compact or not gfp & __GFP_RETRY_MAYFAIL):
             return -1
         retry, no_progress_loops = should_reclaim_retry(m, order, alloc_flags,
-                                                        progress > 0, no_progress_loops)
+                                                        progress > 0, no_progress_loops, ac)
         if retry:
             continue
         if progress > 0 and can_compact:
             retry, compact_priority, compaction_retries = should_compact_retry(
-                m, order, alloc_flags, compact_result, compact_priority, compaction_retries)
+                m, order, alloc_flags, compact_result, compact_priority, compaction_retries, ac)
             if retry:
                 continue
         return -1  # __alloc_pages_may_oom: no OOM killer in the model
@@ -581,11 +636,11 @@ async def __alloc_pages_slowpath(m, order: int, gfp: int, purpose: str) -> int:
 
 async def free_pages(m, pfn: int, order: int) -> None:
     """__free_pages: the page's last reference is gone; return it to the buddy lists."""
-    await m.sched.call(m.zone.actor, FreePages(pfn, order))
+    await m.sched.call(mmzone.page_zone(m, pfn).actor, FreePages(pfn, order))
 
 
 async def isolate_free_page(m, pfn: int, order: int) -> int:
     """__isolate_free_page, for compaction: a message to the zone actor. The pfn; -1
     if the block was allocated or merged meanwhile, -2 below the watermark."""
-    reply = await m.sched.call(m.zone.actor, IsolateFreePage(pfn, order))
+    reply = await m.sched.call(mmzone.page_zone(m, pfn).actor, IsolateFreePage(pfn, order))
     return reply.pfn

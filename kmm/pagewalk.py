@@ -52,7 +52,7 @@ def walk_leaves(m, mm, start: int, end: int) -> Iterator[tuple[int, str, int]]:
                     yield base_m, "pmd", pmd
                     continue
                 pte_t = tables.get(table_pfn(pmd))
-                if pte_t is None:  # no page table behind it: the mapping check says so
+                if pte_t is None:  # a PMD pointing at no table (a bug the checker names)
                     continue
                 for n in _slots(base_m, PMD_SIZE, pte_index, start, last):
                     pte = pte_t[n]

@@ -142,6 +142,11 @@ def pmd_present(pmd: int) -> bool:
     return bool(pmd & (_PAGE_PRESENT | _PAGE_PROTNONE | _PAGE_PSE))
 
 
+def pmd_protnone(pmd: int) -> bool:
+    """A huge PMD made PROT_NONE for NUMA hinting faults (PROTNONE without PRESENT)."""
+    return pmd & (_PAGE_PRESENT | _PAGE_PROTNONE) == _PAGE_PROTNONE
+
+
 def pmd_trans_huge(pmd: int) -> bool:
     return bool(pmd & _PAGE_PSE)
 

@@ -114,6 +114,17 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
         await huge_memory_split.deferred_split_folio(m, folio, True)
 
 
+async def folio_add_anon_rmap_pmd(m, folio: Page, exclusive: bool) -> None:
+    """folio_add_anon_rmap_pmd: one PMD mapping of an existing anonymous THP (a
+    migration entry restored, remove_migration_pmd); the first PMD mapping counts it
+    in NR_ANON_THPS and its pages no PTE maps in NR_ANON_MAPPED."""
+    await atomic.mapcount_add_pmd(m, folio, exclusive)
+    if folio.entire_mapcount == 1:
+        m.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", 1)
+        m.vmstat.mod_node_page_state("nr_anon_pages",
+                                     folio.nr_pages - folio.nr_pages_mapped)
+
+
 async def folio_remove_rmap_pmd(m, folio: Page) -> None:
     """folio_remove_rmap_pmd: one PMD mapping gone (zap, split)."""
     if folio.mapping is not None:
@@ -219,6 +230,21 @@ async def _split_huge_pmd_locked_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr
     await ptl.unlock()
 
 
+async def _set_pmd_migration_entry_at(m, vma: VmArea, pmd_tbl: int, idx: int, addr: int,
+                                      pmdval: int, folio: Page) -> bool:
+    """page_vma_mapped_walk found the THP's PMD: under the PMD lock, if it is still the
+    PMD the walk saw, set_pmd_migration_entry. False if it changed meanwhile."""
+    from kmm import huge_memory_migrate
+    ptl = m.table_lock(pmd_tbl)
+    await ptl.lock("try_to_migrate_one")
+    same = await atomic.entry_read(m, "pmd", pmd_tbl, idx) == pmdval
+    if same:
+        await huge_memory_migrate.set_pmd_migration_entry(m, vma, addr & HPAGE_PMD_MASK,
+                                                          pmd_tbl, idx, folio)
+    await ptl.unlock()
+    return same
+
+
 def _maps(folio: Page, pfn: int) -> bool:
     return folio.pfn <= pfn < folio.pfn + folio.nr_pages
 
@@ -247,8 +273,13 @@ async def try_to_migrate_one(m, folio: Page, vma: VmArea, lo: int, hi: int,
     mm = vma.mm
     async for addr, nxt, pmd_tbl, idx, pmdval in _pmd_steps(m, vma, lo, hi):
         if pmd_trans_huge(pmdval) and pmd_present(pmdval):
-            if pmd_pfn(pmdval) != folio.pfn or not split_pmd:
+            if pmd_pfn(pmdval) != folio.pfn:
                 continue
+            if not split_pmd:  # a PMD-mapped THP migrates whole: one PMD migration entry
+                if await _set_pmd_migration_entry_at(m, vma, pmd_tbl, idx, addr, pmdval,
+                                                     folio):
+                    continue
+                # page_vma_mapped_walk: split meanwhile, walk its PTEs instead
             await _split_huge_pmd_locked_at(m, vma, pmd_tbl, idx, addr, pmdval, True,
                                             "try_to_migrate_one")
             if "split_pmd_ends_walk" in m.quirks:

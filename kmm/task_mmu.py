@@ -10,8 +10,8 @@ from __future__ import annotations
 from kmm import pagewalk
 from kmm.mm_types import VM_HUGETLB
 from kmm.pgtable import (
-    HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, pmd_pfn,
-    pmd_present, pte_present, pte_special,
+    HPAGE_PMD_SIZE, PAGE_SIZE, is_migration_entry, is_pmd_migration_entry, migration_entry_pfn,
+    pmd_pfn, pmd_present, pte_pfn, pte_present, pte_special,
 )
 
 
@@ -31,7 +31,10 @@ def smaps_range(m, mm, start: int, end: int) -> tuple[int, int]:
                     if m.physmem.page(pmd_pfn(entry)).mapping is None:  # not ShmemPmdMapped
                         huge += HPAGE_PMD_SIZE
                 elif is_pmd_migration_entry(entry):
+                    # smaps_pmd_entry: the migration entry's folio, anonymous THP too
                     rss += HPAGE_PMD_SIZE
+                    if m.physmem.folio(migration_entry_pfn(entry)).mapping is None:
+                        huge += HPAGE_PMD_SIZE
             elif pte_present(entry):
                 if not pte_special(entry):
                     rss += PAGE_SIZE
@@ -88,3 +91,32 @@ def smaps_hugetlb_kb(m, mm, start: int, end: int) -> tuple[int, int]:
             private += p
             shared += s
     return private, shared
+
+
+def show_numa_map(m, mm, start: int, end: int) -> dict:
+    """show_numa_map (/proc/PID/numa_maps) over the VMAs of mm inside [start, end):
+    ``pages``: the N<node>= counts (base pages per node of every present normal page;
+    a PMD-mapped THP counts its 512, as gather_pte_stats does), and ``huge``: the
+    PMD-mapped THPs per node (the model's addition). Node ids as strings; only nodes
+    with pages. The zero pages are special (not counted); hugetlb VMAs are left out."""
+    from kmm import mmzone
+    pages: dict[int, int] = {}
+    huge: dict[int, int] = {}
+    for vma in mm.vmas:
+        s, e = max(start, vma.start), min(end, vma.end)
+        if s >= e or vma.flags & VM_HUGETLB:
+            continue
+        for _addr, level, entry in pagewalk.walk_leaves(m, mm, s, e):
+            if level == "pmd":
+                if not pmd_present(entry) or m.is_huge_zero_pfn(pmd_pfn(entry)):
+                    continue
+                nid = mmzone.page_to_nid(m, pmd_pfn(entry))
+                pages[nid] = pages.get(nid, 0) + HPAGE_PMD_SIZE // PAGE_SIZE
+                huge[nid] = huge.get(nid, 0) + 1
+            elif pte_present(entry) and not pte_special(entry):
+                nid = mmzone.page_to_nid(m, pte_pfn(entry))
+                pages[nid] = pages.get(nid, 0) + 1
+    out: dict = {"pages": {str(n): pages[n] for n in sorted(pages)}}
+    if huge:
+        out["huge"] = {str(n): huge[n] for n in sorted(huge)}
+    return out

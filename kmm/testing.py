@@ -93,13 +93,15 @@ def check_between_ops(m, k) -> None:
 
 def run_machine(fn, *, memory: int = 1 << 30, cpus: int = 1, seed: int = 1,
                 mode: str = "free", knobs: dict | None = None, check=check_invariants,
-                swap: int = 0):
+                swap: int = 0, nodes: int = 1, node_memory: tuple = (),
+                node_cpus: tuple = ()):
     """Run ``await fn(m, k)`` as the driver of a fresh machine, ``check(m, k)`` after
     every workload operation and at the end. Returns (machine, fn's value)."""
     from kmm.machine import Machine, MachineConfig
     from kmm.runtime.trace import Trace
     from kmm.workload import Kernel
-    m = Machine(MachineConfig(memory=memory, swap=swap, cpus=cpus, seed=seed), mode=mode,
+    m = Machine(MachineConfig(memory=memory, swap=swap, cpus=cpus, seed=seed, nodes=nodes,
+                              node_memory=node_memory, node_cpus=node_cpus), mode=mode,
                 trace=Trace())
     for name, value in (knobs or {}).items():
         m.sysfs.write(name, value)

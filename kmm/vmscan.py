@@ -87,6 +87,7 @@ class ScanControl:
     file_cost: int = 0
     nr_scanned: int = 0
     nr_reclaimed: int = 0
+    nid: int = 0  # the node being reclaimed (kswapd's; direct reclaim: node 0)
 
 
 @dataclass(slots=True)
@@ -101,12 +102,17 @@ class ReclaimStat:
 
 
 class PgData:
-    """The node's reclaim state (pglist_data and its lruvec's cost counters)."""
+    """pglist_data: the node's id, its zone (kmm.page_alloc.Zone), its fallback order
+    (node ids, kmm.mmzone.build_zonelists) and its reclaim state (kswapd's order and
+    failures, the lruvec's cost counters, the shrinkers' deferred work)."""
 
-    __slots__ = ("kswapd_order", "kswapd_failures", "anon_cost", "file_cost",
-                 "nr_deferred")
+    __slots__ = ("node_id", "zone", "zonelist", "kswapd_order", "kswapd_failures",
+                 "anon_cost", "file_cost", "nr_deferred")
 
-    def __init__(self) -> None:
+    def __init__(self, node_id: int = 0) -> None:
+        self.node_id = node_id
+        self.zone = None
+        self.zonelist: list[int] = [node_id]
         self.kswapd_order = 0
         self.kswapd_failures = 0
         self.anon_cost = 0
@@ -114,9 +120,9 @@ class PgData:
         self.nr_deferred: dict[tuple[int, bool], int] = {}  # shrinker -> deferred work
 
 
-def NODE_DATA(m) -> PgData:
-    """NODE_DATA(0): the machine's one node."""
-    return m.pgdat
+def NODE_DATA(m, nid: int = 0) -> PgData:
+    """NODE_DATA(nid) (node 0 by default: reclaim's one lruvec belongs to it)."""
+    return m.node_data[nid]
 
 
 def _gfp(gfp) -> int:

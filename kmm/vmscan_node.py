@@ -11,7 +11,7 @@ isolation, ``shrink_folio_list``, pageout and the LRU list scanning.
 
 from __future__ import annotations
 
-from kmm import atomic, vmscan, wait
+from kmm import atomic, mmzone, vmscan, wait
 from kmm.gfp import GFP_KERNEL, PAGE_ALLOC_COSTLY_ORDER, __GFP_DIRECT_RECLAIM
 
 
@@ -91,8 +91,9 @@ def should_continue_reclaim(m, nr_reclaimed: int, sc: vmscan.ScanControl) -> boo
 
 async def shrink_node(m, sc: vmscan.ScanControl) -> None:
     """shrink_node: one pass over the node's LRU lists and shrinkers at sc.priority
-    (again while a high-order reclaim should continue). Progress revives kswapd."""
-    pg = vmscan.NODE_DATA(m)
+    (again while a high-order reclaim should continue). Progress revives the node's
+    kswapd (sc.nid)."""
+    pg = vmscan.NODE_DATA(m, sc.nid)
     while True:
         nr_reclaimed = sc.nr_reclaimed
         vmscan.prepare_scan_control(m, sc)
@@ -200,17 +201,17 @@ async def mem_cgroup_force_empty(m, swappiness: int = 0) -> None:
 
 
 # ----------------------------------------------------------------- kswapd
-def pgdat_balanced(m, order: int) -> bool:
-    """pgdat_balanced: the zone meets the high watermark for ``order``."""
-    z = m.zone
+def pgdat_balanced(m, order: int, nid: int = 0) -> bool:
+    """pgdat_balanced: the node's zone meets the high watermark for ``order``."""
+    z = m.node_data[nid].zone
     return z.zone_watermark_ok(order, z.wmark["high"])
 
 
-def prepare_kswapd_sleep(m, order: int) -> bool:
+def prepare_kswapd_sleep(m, order: int, nid: int = 0) -> bool:
     """prepare_kswapd_sleep: may kswapd sleep? Yes on a hopeless node (left to direct
     reclaim) or a balanced one."""
-    return (vmscan.NODE_DATA(m).kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES
-            or pgdat_balanced(m, order))
+    return (vmscan.NODE_DATA(m, nid).kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES
+            or pgdat_balanced(m, order, nid))
 
 
 async def kswapd_age_node(m, sc: vmscan.ScanControl) -> None:
@@ -219,38 +220,42 @@ async def kswapd_age_node(m, sc: vmscan.ScanControl) -> None:
         await vmscan.shrink_active_list(m, vmscan.SWAP_CLUSTER_MAX, sc, vmscan.ACTIVE_ANON)
 
 
-async def kswapd_shrink_node(m, sc: vmscan.ScanControl) -> bool:
+async def kswapd_shrink_node(m, sc: vmscan.ScanControl, nid: int = 0) -> bool:
     """kswapd_shrink_node: aim at the high watermark; True if enough was scanned
-    (no need to raise the priority)."""
+    (no need to raise the priority). The LRU lists are one for the whole machine (see
+    balance_pgdat): node ``nid`` only sets the target."""
     before = sc.nr_reclaimed
-    sc.nr_to_reclaim = max(m.zone.wmark["high"], vmscan.SWAP_CLUSTER_MAX)
+    sc.nr_to_reclaim = max(m.node_data[nid].zone.wmark["high"], vmscan.SWAP_CLUSTER_MAX)
     await shrink_node(m, sc)
     if sc.order and sc.nr_reclaimed >= compact_gap(sc.order):
         sc.order = 0  # fragmentation: settle for order 0, compaction does the rest
     return max(sc.nr_scanned, sc.nr_reclaimed - before) >= sc.nr_to_reclaim
 
 
-async def balance_pgdat(m, order: int) -> int:
+async def balance_pgdat(m, order: int, nid: int = 0) -> int:
     """balance_pgdat: kswapd's reclaim: passes from DEF_PRIORITY down to 1 until the
     zone meets its high watermark for ``order``, raising the priority when a pass
     scanned too little or freed nothing. A run that freed nothing counts a kswapd
     failure (16 make the node hopeless). Returns the order reclaim finished at.
-    Context: kswapd."""
-    pg = vmscan.NODE_DATA(m)
+    Context: kswapd of node ``nid``. Simplification on a machine of several nodes: the
+    LRU lists are the machine's (not per node), so a node's kswapd reclaims from all
+    memory, and its balance is its own zone's watermark."""
+    pg = vmscan.NODE_DATA(m, nid)
     m.vmstat.count_vm_event("pageoutrun")
-    sc = vmscan.ScanControl(gfp_mask=GFP_KERNEL, order=order, may_unmap=True, is_kswapd=True)
+    sc = vmscan.ScanControl(gfp_mask=GFP_KERNEL, order=order, may_unmap=True, is_kswapd=True,
+                            nid=nid)
     while True:
         sc.priority = vmscan.DEF_PRIORITY
         balanced = False
         while sc.priority >= 1:
-            if pgdat_balanced(m, sc.order):
+            if pgdat_balanced(m, sc.order, nid):
                 balanced = True
                 break
             before = sc.nr_reclaimed
             sc.may_writepage = sc.may_swap = True
             await kswapd_age_node(m, sc)
             sc.nr_scanned = 0
-            raise_priority = not await kswapd_shrink_node(m, sc)
+            raise_priority = not await kswapd_shrink_node(m, sc, nid)
             if raise_priority or not sc.nr_reclaimed - before:
                 sc.priority -= 1
         if balanced:
@@ -265,24 +270,28 @@ async def balance_pgdat(m, order: int) -> int:
     return sc.order
 
 
-async def wakeup_kswapd(m, order: int, gfp=None) -> None:
+async def wakeup_kswapd(m, order: int, gfp=None, nid: int = 0) -> None:
     """wakeup_kswapd: record the order kswapd should reclaim for, and wake it if it
     sleeps on ``kswapd_wait`` and the zone is not balanced for that order. A hopeless
     or balanced node is left alone (and, for a caller that may not direct reclaim,
     kcompactd is woken instead, when the tree has it). Context: the allocator's slow
     path."""
-    pg = vmscan.NODE_DATA(m)
-    await atomic.point(m.sched, "wakeup_kswapd", order=order)
+    pg = vmscan.NODE_DATA(m, nid)
+    if nid:
+        await atomic.point(m.sched, "wakeup_kswapd", order=order, nid=nid)
+    else:
+        await atomic.point(m.sched, "wakeup_kswapd", order=order)
     if pg.kswapd_order < order:
         pg.kswapd_order = order
-    if not wait.wq_has_sleeper(m, "kswapd_wait"):
+    wq = mmzone.node_wq("kswapd_wait", nid)
+    if not wait.wq_has_sleeper(m, wq):
         return
-    if pg.kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES or pgdat_balanced(m, order):
+    if pg.kswapd_failures >= vmscan.MAX_RECLAIM_RETRIES or pgdat_balanced(m, order, nid):
         if gfp is not None and not vmscan._gfp(gfp) & __GFP_DIRECT_RECLAIM:
             from kmm import compaction
-            compaction.wakeup_kcompactd(m, order)
+            compaction.wakeup_kcompactd(m, order, nid)
         return
-    wait.wake_up(m, "kswapd_wait")
+    wait.wake_up(m, wq)
 
 
 async def memcg_reclaim(m) -> None:

@@ -85,6 +85,12 @@ OTHER_EVENTS: tuple[str, ...] = (
     # hugetlb pool growth from the buddy allocator (mm/hugetlb.c)
     "htlb_buddy_alloc_success",
     "htlb_buddy_alloc_fail",
+    # NUMA balancing (CONFIG_NUMA_BALANCING: kmm.numa_balancing), in /proc/vmstat's order
+    "numa_pte_updates",
+    "numa_huge_pte_updates",
+    "numa_hint_faults",
+    "numa_hint_faults_local",
+    "numa_pages_migrated",
 )
 
 

@@ -38,6 +38,7 @@ from kmm import (fault, fork, huge_memory_split, madvise, mmap, mprotect, mremap
 from kmm.mm_types import VM_SHARED
 from kmm.uapi import KmmError, OomKilled, errno_name  # noqa: F401 - the API's errors
 from kmm.pgtable import PAGE_SIZE
+from kmm.runtime.sched import FREE
 
 __all__ = ["Kernel", "Proc", "KmmError", "OomKilled", "errno_name"]
 
@@ -49,6 +50,14 @@ def _ulong(name: str, value, arg: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: {arg} must be an int, not {type(value).__name__}")
     return value & ULONG
+
+
+def _nodes(name: str, value) -> list[int]:
+    """A nodemask argument: a list of node ids (ints)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise TypeError(f"{name}: nodes must be a list of node ids (int)")
+    return list(value)
 
 
 def _word(name: str, value, arg: str, table) -> str:
@@ -70,6 +79,12 @@ def _check(name: str, r, args: str, proc: "Proc | None" = None, label: str = "")
             e._failed = (proc.k, proc.name, label or name, r)
         raise e
     return r
+
+
+def _errname(r: int):
+    """A negative errno as the name _check raises; anything else as it is."""
+    import errno
+    return errno.errorcode.get(-r, str(-r)) if r < 0 else r
 
 
 class UnexpectedResult(AssertionError):
@@ -105,6 +120,28 @@ class Kernel:
         """How many emulated CPUs the machine has."""
         return len(self.machine.cpus)
 
+    @property
+    def nodes(self) -> int:
+        """How many NUMA nodes the machine has (``MACHINE["nodes"]``; 1 by default)."""
+        return len(self.machine.node_data)
+
+    def cpu_to_node(self, cpu: int) -> int:
+        """cpu_to_node: the node CPU ``cpu`` belongs to."""
+        return self.machine.cpu_node[cpu]
+
+    def page_to_nid(self, pfn: int) -> int:
+        """page_to_nid: the node whose memory holds frame ``pfn``."""
+        from kmm import mmzone
+        return mmzone.page_to_nid(self.machine, pfn)
+
+    def numastat(self, node: int | None = None) -> dict[str, int]:
+        """The numa_* lines of /proc/vmstat (numa_hit, numa_miss, numa_foreign,
+        numa_interleave, numa_local, numa_other), or one node's numastat."""
+        from kmm import mmzone
+        if node is None:
+            return mmzone.numa_vmstat(self.machine)
+        return dict(self.machine.node_data[node].zone.numa_events)
+
     async def process(self, name: str = "main") -> "Proc":
         """A new process with an empty address space (exec)."""
         m = self.machine
@@ -120,6 +157,12 @@ class Kernel:
         """(Rss kB, AnonHugePages kB) of the process over [addr, addr+length), as
         /proc/PID/smaps sums them."""
         return task_mmu.smaps_range(self.machine, proc.task.mm, addr, addr + length)
+
+    def smaps_hugetlb(self, proc: "Proc", addr: int, length: int) -> tuple[int, int]:
+        """(Private_Hugetlb kB, Shared_Hugetlb kB) of the process over the hugetlb VMAs
+        inside [addr, addr+length), as /proc/PID/smaps sums them (a page of a shared
+        PMD table counts as shared)."""
+        return task_mmu.smaps_hugetlb_kb(self.machine, proc.task.mm, addr, addr + length)
 
     def proc(self, name: str) -> "Proc":
         """The process named ``name`` (one this program created or forked), on CPU 0."""
@@ -156,6 +199,9 @@ class Kernel:
             return
         (cls,) = daemon.load_daemons([name])
         daemon.start_daemon(self.machine, cls())
+        if name in daemon.PER_NODE_DAEMONS:  # kswapdN, kcompactdN of the other nodes
+            for nid in range(1, len(self.machine.node_data)):
+                daemon.start_daemon(self.machine, cls(), nid)
 
     def cpu_relax(self) -> None:
         """The pause of a busy-wait loop (the kernel's cpu_relax): call it once per
@@ -179,6 +225,13 @@ class Kernel:
         kernel's store handler does."""
         self.machine.sysfs.write(name, value)
 
+    def set_sysctl(self, name: str, value: int) -> None:
+        """Write a NUMA balancing knob: "kernel.numa_balancing" (0/1) and
+        "numa_balancing_scan_delay_ms", "_scan_period_min_ms", "_scan_period_max_ms",
+        "_scan_size_mb" (kmm.numa_balancing); ValueError outside the kernel's range."""
+        from kmm import numa_balancing
+        numa_balancing.set_sysctl(self.machine, name, value)
+
     def knob(self, name: str):
         """Read a /sys/kernel/mm/transparent_hugepage knob (as ``set_knob`` names it)."""
         return self.machine.sysfs[name]
@@ -187,9 +240,9 @@ class Kernel:
         """Every /proc/vmstat event the machine counts, by name."""
         return dict(self.machine.vmstat.events)
 
-    def zoneinfo(self) -> dict[str, int]:
-        """/proc/zoneinfo's figures for the one zone: free pages, watermarks, size."""
-        z = self.machine.zone
+    def zoneinfo(self, node: int = 0) -> dict[str, int]:
+        """/proc/zoneinfo's figures for a node's zone: free pages, watermarks, size."""
+        z = self.machine.node_data[node].zone
         return {"nr_free": z.nr_free, "min": z.wmark["min"], "low": z.wmark["low"],
                 "high": z.wmark["high"], "managed": z.managed, "present": z.nr_pages}
 
@@ -207,25 +260,35 @@ class Kernel:
 
     def meminfo(self) -> dict[str, int]:
         """/proc/meminfo's hugetlb lines: HugePages_Total, _Free, _Rsvd, _Surp,
-        Hugepagesize and Hugetlb (kB)."""
+        Hugepagesize and Hugetlb (kB); and PageTables (kB: every page-table page once,
+        a PMD table shared between processes too)."""
         from kmm import hugetlb
-        return hugetlb.hugetlb_report_meminfo(self.machine)
+        mi = hugetlb.hugetlb_report_meminfo(self.machine)
+        mi["PageTables"] = self.machine.vmstat.node["nr_page_table_pages"] * 4
+        return mi
 
-    def buddyinfo(self) -> list[int]:
-        """/proc/buddyinfo: free blocks per order, 0..10."""
-        return self.machine.zone.buddyinfo()
+    def buddyinfo(self, node: int = 0) -> list[int]:
+        """/proc/buddyinfo: a node's free blocks per order, 0..10."""
+        return self.machine.node_data[node].zone.buddyinfo()
 
-    async def alloc_kernel_pages(self, order: int, reserves: bool = False) -> int:
+    async def alloc_kernel_pages(self, order: int, reserves: bool = False,
+                                 node: int | None = None) -> int:
         """A kernel allocation of 2^order pages that stays put (unmovable: compaction
         cannot move it): its pfn, or -1. GFP_KERNEL may reclaim; ``reserves``
         (__GFP_MEMALLOC without reclaim) takes what is free, below the min watermark
-        too, so a program can hold every free block."""
+        too, so a program can hold every free block. ``node``: on that node only
+        (__alloc_pages_node with __GFP_THISNODE)."""
         from kmm import gfp, page_alloc
         if reserves:
             mask = getattr(gfp, "__GFP_MEMALLOC") | getattr(gfp, "__GFP_NOWARN")
         else:
             mask = getattr(gfp, "GFP_KERNEL") | getattr(gfp, "__GFP_NOWARN")
-        return await page_alloc.alloc_pages(self.machine, order, mask, "unmovable")
+        if node is not None:
+            if not 0 <= node < self.nodes:
+                raise ValueError(f"alloc_kernel_pages: node {node} is not one of the "
+                                 f"machine's 0..{self.nodes - 1}")
+            mask |= getattr(gfp, "__GFP_THISNODE")
+        return await page_alloc.alloc_pages(self.machine, order, mask, "unmovable", node)
 
     async def free_kernel_pages(self, pfn: int) -> None:
         """Free an allocation alloc_kernel_pages made."""
@@ -321,6 +384,31 @@ class Proc:
         if not 0 <= cpu < self.k.cpus:
             raise ValueError(f"on: cpu {cpu} is not one of the machine's 0..{self.k.cpus - 1}")
         return Proc(self.k, self.task, cpu)
+
+    def on_node(self, nid: int) -> "Proc":
+        """The same thread moved to node ``nid`` (sched_setaffinity to the node's
+        CPUs): the process as seen from the first CPU of that node; its faults then
+        allocate there and NUMA hinting faults count it as the task's node."""
+        from kmm import mmzone
+        cpus = [c for c in range(self.k.cpus) if mmzone.cpu_to_node(self.m, c) == nid]
+        if not cpus:
+            raise ValueError(f"on_node: node {nid} has no CPU (the machine's nodes: "
+                             f"0..{mmzone.nr_node_ids(self.m) - 1})")
+        return self.on(cpus[0])
+
+    async def numa_scan(self) -> int:
+        """Run NUMA balancing's task_numa_work for this process now, from this CPU, as
+        if its scan time had come (kernel.numa_balancing need not be on): the next
+        scan_size_mb window becomes PROT_NONE. Returns the pages it changed
+        (numa_pte_updates)."""
+        from kmm import numa_balancing
+        self._alive()
+        before = self.m.vmstat.events["numa_pte_updates"]
+        if len(self.m.node_data) > 1:  # the scan's numa_node_id() is this CPU's node
+            self.m.running_cpu[self.m.sched.current] = self.cpu
+        await numa_balancing.task_numa_work(self.m, self.task, force=True)
+        self.k._done()
+        return self.m.vmstat.events["numa_pte_updates"] - before
 
     def _alive(self) -> None:
         if not self.task.alive:
@@ -439,8 +527,10 @@ class Proc:
 
     async def mremap(self, addr: int, old_len: int, new_len: int, new_addr: int):
         """mremap(addr, old_len, new_len, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr): the
-        new address. KmmError EINVAL (bad or overlapping ranges), EFAULT (the source is
-        not one mapped VMA). The bytes written move with their pages."""
+        new address. KmmError EINVAL (bad or overlapping ranges; for a hugetlb mapping
+        also an address or length not huge-page aligned, or a new length above the
+        old), EFAULT (the source is not one mapped VMA). The bytes written move with
+        their pages."""
         self._alive()
         addr = _ulong("mremap", addr, "addr")
         old_len = _ulong("mremap", old_len, "old_len")
@@ -459,6 +549,46 @@ class Proc:
         return _check("mremap", r, f"{addr:#x}, {old_len:#x}, {new_len:#x}, {new_addr:#x}",
                       self)
 
+    async def set_mempolicy(self, mode: str, nodes=()) -> int:
+        """set_mempolicy(2): the process's NUMA policy, ``mode`` one of default, local,
+        preferred, bind, interleave, on ``nodes`` (node ids): 0. KmmError EINVAL as the
+        kernel returns it (nodes with default/local, no existing node for bind,
+        interleave or preferred, a node id beyond MAX_NUMNODES)."""
+        from kmm import mempolicy
+        self._alive()
+        mode = _word("set_mempolicy", mode, "mode", tuple(mempolicy.MODES))
+        nodes = _nodes("set_mempolicy", nodes)
+        r = await mempolicy.do_set_mempolicy(self.m, self.task, mode, nodes)
+        self.k._done()
+        return _check("set_mempolicy", r, f"{mode!r}, {nodes!r}", self)
+
+    async def mbind(self, addr: int, length: int, mode: str, nodes=(), flags=()) -> int:
+        """mbind(2): the NUMA policy of [addr, addr+length) (modes as set_mempolicy),
+        ``flags`` a list of "strict", "move", "move_all" (MPOL_MF_*): 0. KmmError EINVAL
+        (bad mode or nodes, unaligned addr), EFAULT (a hole in the range), EIO (strict:
+        pages left on other nodes)."""
+        from kmm import mempolicy, mempolicy_mbind
+        self._alive()
+        addr, length = _ulong("mbind", addr, "addr"), _ulong("mbind", length, "length")
+        mode = _word("mbind", mode, "mode", tuple(mempolicy.MODES))
+        nodes = _nodes("mbind", nodes)
+        if isinstance(flags, str) or not all(isinstance(f, str) for f in flags):
+            raise TypeError("mbind: flags must be a list of str (strict, move, move_all)")
+        for f in flags:
+            _word("mbind", f, "flag", tuple(mempolicy.FLAGS))
+        r = await mempolicy_mbind.do_mbind(self.m, self.task, addr, length, mode, nodes,
+                                           list(flags))
+        self.k._done()
+        return _check("mbind", r, f"{addr:#x}, {length:#x}, {mode!r}, {nodes!r}, "
+                      f"{list(flags)!r}", self)
+
+    def numa_maps(self, addr: int, length: int) -> dict:
+        """/proc/PID/numa_maps over [addr, addr+length): ``pages`` per node (N<node>=,
+        a PMD-mapped THP counting 512) and ``huge`` (PMD-mapped THPs per node), node ids
+        as strings."""
+        from kmm import task_mmu
+        return task_mmu.show_numa_map(self.m, self.task.mm, addr, addr + length)
+
     async def move_page(self, addr: int) -> str:
         """move_pages(2) of the order-0 page mapped at ``addr``: "moved", "busy" (it could
         not be isolated or migrated) or "absent" (nothing present there)."""
@@ -468,6 +598,40 @@ class Proc:
         r = await migrate.do_move_page(self.m, self.task, addr)
         self.k._done()
         return r
+
+    async def move_pages(self, pages, nodes=None, move_all: bool = False):
+        """move_pages(0, len(pages), pages, nodes, status, flags): with ``nodes`` (one
+        node per address) each page's folio moves there, a THP whole (MPOL_MF_MOVE, or
+        MPOL_MF_MOVE_ALL with ``move_all``); without, only where each page is. Returns
+        (the call's value: 0 or how many pages were not migrated, the status list: a
+        node or a negative errno per address). KmmError ENODEV (a node without
+        memory), EINVAL (bad flags)."""
+        from kmm import migrate_syscalls as ms
+        self._alive()
+        pages = [_ulong("move_pages", a, "pages[]") for a in pages]
+        if nodes is not None:
+            for n in nodes:  # int nodes[]: a negative node is the kernel's -ENODEV
+                _ulong("move_pages", n, "nodes[]")
+            nodes = list(nodes)
+            if len(nodes) != len(pages):
+                raise ValueError("move_pages: nodes must have one node per page")
+        flags = ms.MPOL_MF_MOVE_ALL if move_all else ms.MPOL_MF_MOVE
+        r, status = await ms.kernel_move_pages(self.m, self.task, pages, nodes, flags)
+        self.k._done()
+        _check("move_pages", _errname(r), f"{len(pages)} pages", self)
+        return r, status
+
+    async def migrate_pages(self, old_nodes, new_nodes) -> int:
+        """migrate_pages(0, maxnode, old_nodes, new_nodes): every folio of the process
+        on an old node moves to the new node at the same position; returns how many
+        were not migrated. KmmError EINVAL (no new node has memory)."""
+        from kmm import migrate_syscalls as ms
+        self._alive()
+        old = [_ulong("migrate_pages", n, "old_nodes[]") for n in old_nodes]
+        new = [_ulong("migrate_pages", n, "new_nodes[]") for n in new_nodes]
+        r = await ms.kernel_migrate_pages(self.m, self.task, old, new)
+        self.k._done()
+        return _check("migrate_pages", _errname(r), f"{old}, {new}", self)
 
     async def split_huge_page(self, addr: int, length: int = 1 << 21) -> int:
         """Split every THP mapped in [addr, addr+length) to 4 KiB pages, as writing
@@ -543,6 +707,11 @@ class Proc:
             k.unknown[child] = unknown
         k._done()
         return Proc(k, t, self.cpu)
+
+    def status(self) -> dict[str, int]:
+        """/proc/PID/status's VmPTE (kB): the process's page tables (mm_pgtables_bytes),
+        a PMD table it shares with other processes included."""
+        return {"VmPTE": self.task.mm.pgtables_bytes >> 10}
 
     async def exit(self) -> None:
         """exit(): the process's address space is torn down."""
@@ -634,8 +803,8 @@ class Proc:
         try:
             while True:
                 try:
-                    if write and m.sched.quiet and not files:  # (shared files: the slow
-                        # path below keeps their bytes in file_shadow)
+                    if write and m.sched.mode is FREE and not files:  # (shared files: the
+                        # slow path below keeps their bytes in file_shadow)
                         # the stores that hit the TLB need no coroutine each
                         # (fault.store_run); a miss takes the whole access path
                         while a < end:

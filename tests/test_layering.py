@@ -160,14 +160,23 @@ def test_import_cycles_are_the_kernels_own():
     headers mm_types.h/pgtable.h. The shared-state layer (atomic), the locks, the
     waitqueues, the costs and the facades are outside every circle."""
     mm_circle = {"compaction", "huge_memory", "hugetlb", "hugetlb_fault", "hugetlb_resv",
+                 "hugetlb_pmd_share",  # mm/hugetlb.c's PMD table sharing
                  "huge_memory_split",  # mm/huge_memory.c's folio split side
+                 "huge_memory_migrate",  # mm/huge_memory.c's PMD migration entries
+                 # NUMA balancing: the hinting faults (memory.c, huge_memory.c) ask
+                 # sched/fair.c's filter; fair.c's task_numa_work calls change_prot_numa
+                 # -> mprotect.c's change_protection -> huge_memory.c, memory.c
+                 "memory_numa", "numa_balancing", "mprotect", "mmap",  # mprotect.c <-> vma.c
                  "khugepaged", "khugepaged_collapse", "memory",
                  "memory_anon", "memory_swapin", "memory_wp", "memory_zap",  # mm/memory.c parts
                  "migrate", "page_alloc", "page_io", "rmap", "swap", "swap_state",
                  "swapfile", "vmscan", "vmscan_node",  # vmscan_node: mm/vmscan.c's node side
                  # issue 12: shmem.c, filemap.c, truncate.c, memory.c's file faults and
                  # khugepaged.c's collapse_file call into the fault path and back
-                 "filemap", "khugepaged_file", "memory_file", "shmem", "truncate"}
+                 "filemap", "khugepaged_file", "memory_file", "shmem", "truncate",
+                 # issue 14: mempolicy.c's vma_alloc_folio is the fault path's allocator
+                 # and its MPOL_MF_MOVE calls migration
+                 "mempolicy"}
     cycles = _cycles(_kmm_graph())
     assert sorted(map(sorted, cycles)) == sorted([sorted(mm_circle),
                                                   ["mm_types", "pgtable"]])

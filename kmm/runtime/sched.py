@@ -84,6 +84,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from kmm.runtime.trace import Trace
+
 FREE, RANDOM, PCT, PREEMPT, REPLAY = "free", "random", "pct", "preempt", "replay"
 MODES = (FREE, RANDOM, PCT, PREEMPT, REPLAY)
 
@@ -103,6 +105,7 @@ class Livelock(SchedError):
     message."""
 
 
+BATCH = Trace.BATCH   # events the digest folds at a time (kmm/runtime/trace.py)
 SPIN_REPEAT = 4          # identical consecutive points of one actor that mean a spin
 LIVELOCK_WINDOW = 400    # events recorded past the bound to find the cycles
 # the fields that say what an event touched (a spin repeats them all)
@@ -297,6 +300,7 @@ class Scheduler:
     # which ``tick(cost, event, **fields)`` makes without a coroutine either.
     def _set_fast(self) -> None:
         tr = self._trace
+        self._fold = tr._buf if tr is not None and hasattr(tr, "_buf") else None
         self.quiet = self.mode is FREE and self._on_point is None and (
             tr is None or tr.cheap)
         self.fast = self.quiet and tr is None
@@ -309,6 +313,7 @@ class Scheduler:
     @trace.setter
     def trace(self, trace) -> None:
         self._trace = trace
+        self._fold = None
         if hasattr(self, "mode"):
             self._set_fast()
 
@@ -327,9 +332,32 @@ class Scheduler:
         ``await point(event, cost, **fields)``."""
         self.seq = seq = self.seq + 1
         self.now = now = self.now + cost
-        tr = self._trace
-        if tr is not None:
-            tr.fold(seq, now, self.current.name, event, fields)
+        buf = self._fold  # Trace.fold, inline: the batch the digest is folded from
+        if buf is not None:
+            buf.append((seq, now, self.current.name, event, fields))
+            if len(buf) >= BATCH:
+                self._trace._flush()
+        if self._sleepers and self._sleepers[0][0] <= now:
+            self._wake_sleepers()
+
+    def tick_fields(self, cost: int, event: str, fields: dict) -> None:
+        """``tick`` with the fields as a dict already built (a lock's)."""
+        self.seq = seq = self.seq + 1
+        self.now = now = self.now + cost
+        buf = self._fold  # Trace.fold, inline: the batch the digest is folded from
+        if buf is not None:
+            buf.append((seq, now, self.current.name, event, fields))
+            if len(buf) >= BATCH:
+                self._trace._flush()
+        if self._sleepers and self._sleepers[0][0] <= now:
+            self._wake_sleepers()
+
+    def advance(self, cost: int) -> None:
+        """Emulated time passes with no event (a user access that hits the TLB in free
+        mode: no kernel entry, and no other actor can run at it, so it is neither a
+        point nor a trace line; docs/points.md). Sleepers due by then wake, as at a
+        point, so the next choice sees the same runnable actors."""
+        self.now = now = self.now + cost
         if self._sleepers and self._sleepers[0][0] <= now:
             self._wake_sleepers()
 
@@ -381,7 +409,9 @@ class Scheduler:
             self._over_bound(cur, event, fields)
         # a spin: the same point again and again (every mode that may switch, so a
         # replay in preempt mode sees the defaults the recorded run saw)
-        what = (event, tuple(fields.get(k) for k in _WHAT))
+        g = fields.get  # _WHAT, spelled out (a generator per point cost more)
+        what = (event, g("site"), g("lock"), g("addr"), g("pt"), g("i"), g("pfn"),
+                g("mode"))
         if what == cur.spin_ev:
             cur.spin_n += 1
             if cur.spin_n >= SPIN_REPEAT:

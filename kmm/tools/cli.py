@@ -39,6 +39,11 @@ def summary(report: dict, title: str) -> str:
         if r.get("mthp_kb"):
             out.append(f"  {'':<28} mTHP-mapped: " + ", ".join(
                 f"{size} {kb} kB" for size, kb in r["mthp_kb"].items()))
+        if "numa_maps" in r:  # numa_maps: N<node>=pages, and THPs per node
+            nm = r["numa_maps"]
+            out.append(f"  {'':<28} numa_maps: " + " ".join(
+                f"N{n}={v}" for n, v in nm["pages"].items()) + "".join(
+                f" thp_N{n}={v}" for n, v in nm.get("huge", {}).items()))
     if not report["regions"]:
         out.append("  (no live process has a region)")
     if report.get("meminfo"):
@@ -65,6 +70,14 @@ def summary(report: dict, title: str) -> str:
         out.append(f"\nbuddyinfo (Normal, orders 0..10): {' '.join(map(str, zone['buddyinfo']))}"
                    f"   free {zone['nr_free']} pages, watermarks "
                    + " ".join(f"{k} {v}" for k, v in zone["watermarks"].items()))
+    numa = report.get("numa")
+    if numa:  # machines of several nodes
+        out.append("numa (/proc/vmstat): " + ", ".join(f"{k} {v}" for k, v in
+                                                       numa["vmstat"].items()))
+        for nid, n in numa["nodes"].items():
+            out.append(f"  node {nid}: cpus {n['cpus']}, free {n['nr_free']} of "
+                       f"{n['present_pages']} pages, buddyinfo "
+                       f"{' '.join(map(str, n['buddyinfo']))}")
     if "lru" in report:
         lru = report["lru"]
         out.append("LRU pages: " + ", ".join(f"{k} {v}" for k, v in lru.items())

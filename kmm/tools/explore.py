@@ -56,7 +56,7 @@ granularities:
 - ``end``: once, after the run; the fastest.
 
 The trace of an explored run is never rendered: kmm.runtime.trace.Trace folds each
-event into its digest as a compact record of integers (interned names), the digest
+event into its digest (batches pickled by value into a running sha256), the digest
 ``kmm run`` reports too, the same in every process and with or without a trace file.
 A schedule is run without any trace unless its digest is used (``--check-determinism``,
 the minimized run of a failure, replay): the schedule and its checks are the same.
@@ -282,7 +282,8 @@ async def run_schedule_async(cfg: Config, mode: str, seed: int, params: dict[str
     mod, spec = _program(cfg.program)
     cpus = cfg.cpus or spec.get("cpus", 2)
     mcfg = runner.MachineConfig(memory=spec.get("memory", 1 << 30),
-                                swap=spec.get("swap", 0), cpus=cpus, seed=seed)
+                                swap=spec.get("swap", 0), cpus=cpus, seed=seed,
+                                **runner.program_numa(spec, cpus))
     m = runner.build_machine(mcfg, seed=seed, mode="free", cpus=cpus, inject=cfg.inject)
     trace = Trace(sink, keep) if digest or keep or sink is not None else None
     m.sched.trace = trace

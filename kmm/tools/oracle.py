@@ -98,6 +98,7 @@ MAP_BACKING = {"anon": MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
 SHMEM_MEMINFO_KEYS = ("ShmemHugePages", "ShmemPmdMapped", "FileHugePages", "FilePmdMapped")
 MEMINFO_KEYS = ("HugePages_Total", "HugePages_Free", "HugePages_Rsvd", "HugePages_Surp")
 HUGETLB_EVENTS = ("htlb_buddy_alloc_success", "htlb_buddy_alloc_fail")
+MIGRATE_EVENTS = ("pgmigrate_success", "pgmigrate_fail")
 
 MADV = {"hugepage": 14, "nohugepage": 15, "dontneed": 4, "collapse": 25, "pageout": 21,
         "cold": 20, "free": 8}
@@ -116,6 +117,12 @@ OP_MMAP, OP_MUNMAP, OP_MPROTECT, OP_MADVISE, OP_TOUCH, OP_CHECK, OP_FORK, OP_EXI
     range(1, 10)
 )
 OP_MMAP_MEMFD, OP_FTRUNCATE, OP_PUNCH_HOLE = 10, 11, 12
+OP_SET_MEMPOLICY, OP_MBIND = 13, 14
+# include/uapi/linux/mempolicy.h
+MPOL = {"default": 0, "preferred": 1, "bind": 2, "interleave": 3, "local": 4}
+MPOL_MF = {"strict": 1, "move": 2, "move_all": 4}
+NODEMASK_BITS = 64  # the worker passes one unsigned long of nodemask
+OP_MOVE_PAGES, OP_MOVE_STATUS, OP_MIGRATE_PAGES = 15, 16, 17
 
 # The worker program lives in oracle_worker.py beside this file; it runs under
 # ``python -I -S`` (no site, no kmm on the path).
@@ -286,6 +293,17 @@ def _check_host() -> None:
         raise OracleError("kmm oracle needs root to set /sys/kernel/mm/transparent_hugepage knobs")
 
 
+def _check_nodes(scenario: Scenario) -> None:
+    """A scenario of N NUMA nodes needs a host of N nodes (its results depend on them)."""
+    want = scenario.machine.nodes
+    if want > 1:
+        have = len([d for d in os.listdir("/sys/devices/system/node")
+                    if d.startswith("node") and d[4:].isdigit()])
+        if have != want:
+            raise HostLacks(f"the scenario's machine has {want} NUMA nodes, this host "
+                            f"{have}")
+
+
 @contextlib.contextmanager
 def _run_lock(timeout: float = 300.0, waiting=None):
     """One oracle run at a time on this machine: runs share the knobs and the counters.
@@ -419,6 +437,17 @@ def _setup_decoy() -> Workers:
     return decoy
 
 
+def _nodemask(step: Step) -> int:
+    """A step's nodes as the bits of one unsigned long (as a signed 64-bit value)."""
+    bits = 0
+    for n in step.nodes:
+        if n >= NODEMASK_BITS:
+            raise OracleError(f"step {step.index}: node {n}: the oracle passes node ids "
+                              f"below {NODEMASK_BITS} only")
+        bits |= 1 << n
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
 def _errno_result(op: str, err: int) -> dict:
     return {"op": op, "ok": False, "errno": errno_mod.errorcode.get(err, str(err))}
 
@@ -477,6 +506,27 @@ class _Run:
         elif op == "exit":
             call(w, OP_EXIT)
             return {"op": op, "ok": True}
+        elif op == "set_mempolicy":
+            status, err, _ = call(w, OP_SET_MEMPOLICY, MPOL[step.mode], _nodemask(step),
+                                  NODEMASK_BITS + 1)
+        elif op == "migrate_pages":
+            old = sum(1 << n for n in step.from_nodes)
+            new = sum(1 << n for n in step.to_nodes)
+            status, err, value = call(w, OP_MIGRATE_PAGES, old, new)
+            if status == 0:
+                return {"op": op, "ok": True, "not_migrated": value}
+        elif op == "move_pages":
+            addr, size = w.regions[step.region]  # type: ignore[index]
+            start, end = step_range(step, size)
+            flags = MPOL_MF["move_all" if step.move_all else "move"]
+            node = -1 if step.node is None else step.node
+            if step.node is not None and step.node < 0:  # the worker's -1 is "nodes NULL"
+                return _errno_result(op, errno_mod.ENODEV)  # do_pages_move: node < 0
+            status, err, n = call(w, OP_MOVE_PAGES, addr + start, addr + end, step.stride,
+                                  node, flags)
+            if status == 0:
+                out = [call(w, OP_MOVE_STATUS, i)[2] for i in range(n)]
+                return {"op": op, "ok": True, "not_migrated": err, "status": out}
         else:
             addr, size = w.regions[step.region]  # type: ignore[index]
             start, end = step_range(step, size)
@@ -498,6 +548,10 @@ class _Run:
                 status, err, _ = call(w, OP_PUNCH_HOLE, addr, start, end - start)
             elif op == "ftruncate":
                 status, err, _ = call(w, OP_FTRUNCATE, addr, step.size)
+            elif op == "mbind":
+                flags = sum(MPOL_MF[f] for f in step.flags)
+                status, err, _ = call(w, OP_MBIND, a, b - a, MPOL[step.mode], _nodemask(step),
+                                      NODEMASK_BITS + 1, flags)
             else:
                 raise OracleError(f"step {step.index}: op {op!r} is not supported")
         if status != 0:
@@ -541,6 +595,7 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
     """Run the scenario on the host kernel; return the report (docs/report-format.md).
     ``waiting(text)`` hears it once if another run holds the lock."""
     _check_host()
+    _check_nodes(scenario)
     with _run_lock(waiting=waiting), _terminating_raises():
         knobs = oracle_host.HostKnobs()
         khugepaged = oracle_host.Khugepaged()
@@ -595,13 +650,15 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             # the run. Set after the workers were spawned: execve keeps the flag.
             with _thp_disabled_here():
                 before = oracle_host.read_thp_vmstat()
-                events0 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS)
+                events0 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS
+                                                  + MIGRATE_EVENTS)
                 mthp0 = oracle_mthp.read_mthp_stats()
                 shmem0 = oracle_host.read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo0 = oracle_host.read_meminfo()
                 results = [run.step(step) for step in scenario.steps]
                 after = oracle_host.read_thp_vmstat()
-                events1 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS)
+                events1 = oracle_host.read_vmstat(oracle_host.SWAP_EVENTS + HUGETLB_EVENTS
+                                                  + MIGRATE_EVENTS)
                 mthp1 = oracle_mthp.read_mthp_stats()
                 shmem1 = oracle_host.read_meminfo_keys(SHMEM_MEMINFO_KEYS)
                 meminfo1 = oracle_host.read_meminfo()
@@ -621,6 +678,9 @@ def run_oracle(scenario: Scenario, waiting=None) -> dict:
             meminfo = oracle_host.hugetlb_changes(meminfo0, meminfo1, MEMINFO_KEYS)
             if meminfo:
                 report.setdefault("meminfo", {}).update(meminfo)
+            migr = oracle_host.hugetlb_changes(events0, events1, MIGRATE_EVENTS)
+            if migr:  # extension: page migration that happened (move_pages, compaction)
+                report["migrate_events"] = migr
             htlb = oracle_host.hugetlb_changes(events0, events1, HUGETLB_EVENTS)
             if htlb:
                 report["hugetlb_events"] = htlb

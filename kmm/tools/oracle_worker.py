@@ -33,6 +33,13 @@ clone_flags = int(sys.argv[4])
 cmd_fd = fds[2 * slot]
 res_fd = fds[2 * slot + 1]
 memfds = {}  # region address -> the memfd mapped there (shmem scenarios)
+nodemask = ctypes.c_long(0)  # set_mempolicy / mbind: one word of nodemask
+# move_pages(2) / migrate_pages(2): a second handle, so syscall can take six arguments
+sc6 = ctypes.CDLL(None, use_errno=True).syscall
+sc6.restype = cl
+sc6.argtypes = (cl, cl, cl, cl, cl, cl, cl)
+NR_MOVE_PAGES, NR_MIGRATE_PAGES = {"aarch64": (239, 238)}.get(os.uname().machine, (279, 256))
+move_status = []  # the status array of the last move_pages, read back by op 16
 
 # Keep the interpreter's own anonymous memory (heap, arenas, stack) out of THP: under
 # enabled=always khugepaged would otherwise collapse it during a khugepaged step.
@@ -137,3 +144,32 @@ while True:
             reply(-1, err.errno, 0)
     elif op == 12:  # fallocate(memfd of region a, PUNCH_HOLE | KEEP_SIZE, b, c)
         result(libc.fallocate(memfds[a], 3, b, c))
+    elif op == 13:  # set_mempolicy(mode a, nodemask b (one word), maxnode c)
+        nodemask.value = b
+        result(libc.syscall(238, a, ctypes.addressof(nodemask), c, 0, 0))
+    elif op == 14:  # mbind(start a, len b, mode c, nodemask d, maxnode e, flags f)
+        nodemask.value = d
+        result(libc.syscall(237, a, b, c, ctypes.addressof(nodemask), e, f))
+    elif op == 15:  # move_pages(0, pages a..b step c, node d (-1: nodes NULL), flags e)
+        addrs = list(range(a, b, c))
+        n = len(addrs)
+        pages = (ctypes.c_void_p * n)(*addrs)
+        nodes = (ctypes.c_int * n)(*([d] * n)) if d >= 0 else None
+        st = (ctypes.c_int * n)()
+        r = sc6(NR_MOVE_PAGES, 0, n, ctypes.addressof(pages),
+                ctypes.addressof(nodes) if nodes is not None else 0, ctypes.addressof(st), e)
+        move_status = list(st)
+        if r < 0:
+            reply(-1, get_errno(), n)
+        else:
+            reply(0, r, n)  # the return value (pages not migrated) in the errno word
+    elif op == 16:  # status[a] of the last move_pages
+        reply(0, 0, move_status[a])
+    elif op == 17:  # migrate_pages(0, 64, &mask a, &mask b)
+        old_m, new_m = ctypes.c_ulong(a), ctypes.c_ulong(b)
+        r = sc6(NR_MIGRATE_PAGES, 0, 64, ctypes.addressof(old_m), ctypes.addressof(new_m),
+                0, 0)
+        if r < 0:
+            reply(-1, get_errno(), 0)
+        else:
+            reply(0, 0, r)

@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from kmm import bugs, fault, huge_memory_mthp, hugetlb, khugepaged, madvise, shmem, task_mmu
+from kmm import (
+    bugs, fault, huge_memory_mthp, hugetlb, khugepaged, madvise, mmzone, shmem, task_mmu,
+)
 from kmm.machine import KernelBug, Machine, MachineConfig
 from kmm.runtime.sched import SchedError
 from kmm.runtime.trace import Trace
@@ -37,7 +39,11 @@ def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
                   knobs: dict | None = None, cpus: int | None = None,
                   inject=()) -> Machine:
     cfg = MachineConfig(memory=config.memory, swap=config.swap,
-                        cpus=cpus or config.cpus, seed=config.seed)
+                        cpus=cpus or config.cpus, seed=config.seed, nodes=config.nodes,
+                        node_memory=config.node_memory,
+                        # --cpus given: the CPUs are split evenly over the nodes
+                        node_cpus=config.node_cpus if not cpus or cpus == config.cpus
+                        else ())
     m = Machine(cfg, mode=mode, seed=seed, trace=Trace(trace_file))
     m.bugs = bugs.validate(inject)
     for name, value in (knobs or {}).items():
@@ -66,6 +72,8 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
             folios = huge_memory_mthp.region_folio_kb(m, task.mm, addr, addr + size)
             if folios:  # extension: kB mapped by mTHPs, per folio size
                 fig["mthp_kb"] = folios
+            if len(m.node_data) > 1:  # extension: numa_maps, on machines of several nodes
+                fig["numa_maps"] = task_mmu.show_numa_map(m, task.mm, addr, addr + size)
     rep: dict[str, Any] = {
         "vmstat": m.vmstat.thp_lines(),
         "regions": regions,
@@ -85,6 +93,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     }
     if m.swap_info is not None:
         rep["events"] = {name: m.vmstat.events[name] for name in SWAP_EVENTS}
+    migr = {n: m.vmstat.events[n] for n in MIGRATE_EVENTS if m.vmstat.events[n]}
+    if migr:  # extension: page migration that happened (move_pages, compaction, NUMA)
+        rep["migrate_events"] = migr
     meminfo = shmem.shmem_meminfo(m)
     if meminfo:  # extension: meminfo lines of shmem/file THPs that moved
         rep.setdefault("meminfo", {}).update(meminfo)
@@ -96,6 +107,9 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
     mthp = huge_memory_mthp.mthp_report({}, huge_memory_mthp.mthp_stats(m))
     if mthp:  # extension: hugepages-<size>kB/stats/ files that moved
         rep["mthp"] = mthp
+    nodes = mmzone.numa_report(m)
+    if nodes is not None:  # extension: machines of several nodes (kmm.mmzone)
+        rep["numa"] = {"vmstat": mmzone.numa_vmstat(m), "nodes": nodes}
     kh = khugepaged.khugepaged_report(m)
     if kh is not None:  # extension: khugepaged's counters and the SCAN_* results
         rep["khugepaged"] = kh
@@ -103,6 +117,7 @@ def report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any]:
 
 
 SWAP_EVENTS = ("pswpin", "pswpout")
+MIGRATE_EVENTS = ("pgmigrate_success", "pgmigrate_fail")
 
 
 def hugetlb_report(m: Machine) -> dict[str, Any]:
@@ -161,6 +176,12 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
     if step.op == "reclaim":
         await reclaim_step(m)
         return {**res, "ok": True}
+    if step.op == "set_mempolicy":
+        try:
+            await p.set_mempolicy(step.mode, list(step.nodes))
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True}
     if step.op == "khugepaged":
         if not khugepaged.hugepage_pmd_enabled(m):  # the host has no khugepaged thread then
             raise ScenarioError(scenario.path, step.index, "op",
@@ -169,7 +190,22 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
                                 "hugepages-2048kB never)")
         await khugepaged_step(m, step.full_scans or 1)
         return {**res, "ok": True}
+    if step.op == "migrate_pages":
+        try:
+            n = await p.migrate_pages(list(step.from_nodes), list(step.to_nodes))
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True, "not_migrated": n}
     addr, size = task.regions[step.region]
+    if step.op == "move_pages":
+        lo, hi = step_range(step, size)
+        pages = list(range(addr + lo, addr + hi, step.stride))
+        nodes = None if step.node is None else [step.node] * len(pages)
+        try:
+            n, status = await p.move_pages(pages, nodes, step.move_all)
+        except KmmError as e:
+            return {**res, "ok": False, "errno": e.errno_name}
+        return {**res, "ok": True, "not_migrated": n, "status": status}
     if step.op == "ftruncate":
         try:
             await p.ftruncate(addr, step.size)
@@ -187,9 +223,11 @@ async def run_step(k: Kernel, step, scenario: Scenario) -> dict[str, Any]:
         except KmmError as e:
             return {**res, "ok": False, "errno": e.errno_name}
         return {**res, "ok": True}
-    if step.op in ("munmap", "mprotect", "madvise"):
+    if step.op in ("munmap", "mprotect", "madvise", "mbind"):
         try:
-            if step.op == "munmap":
+            if step.op == "mbind":
+                await p.mbind(start, length, step.mode, list(step.nodes), list(step.flags))
+            elif step.op == "munmap":
                 await p.munmap(start, length)
             elif step.op == "mprotect":
                 await p.mprotect(start, length, step.prot)
@@ -407,10 +445,12 @@ def program_machine(mod, path: str) -> dict[str, int]:
     """A program's machine: its module-level ``MACHINE`` dict (memory, swap, cpus; sizes
     as in scenarios, e.g. {"memory": "64MiB", "swap": "32MiB"}), else the defaults."""
     from kmm.tools.scenario import parse_size
+    from kmm.tools.scenario import NUMA_MACHINE_KEYS, numa_machine_check, numa_machine_value
     spec = getattr(mod, "MACHINE", {})
-    if not isinstance(spec, dict) or set(spec) - {"memory", "swap", "cpus"}:
-        raise ScenarioError(path, None, "MACHINE",
-                            "must be a dict with keys memory, swap, cpus")
+    if not isinstance(spec, dict) or set(spec) - {"memory", "swap", "cpus",
+                                                  *NUMA_MACHINE_KEYS}:
+        raise ScenarioError(path, None, "MACHINE", "must be a dict with keys memory, swap, "
+                            "cpus, nodes, node_memory, node_cpus")
     out = {}
     from kmm.tools.scenario import machine_size_error
     for key in ("memory", "swap"):
@@ -424,6 +464,21 @@ def program_machine(mod, path: str) -> dict[str, int]:
         if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
             raise ScenarioError(path, None, "MACHINE.cpus", f"must be at least 1, not {cpus!r}")
         out["cpus"] = cpus
+    for key in NUMA_MACHINE_KEYS:
+        if key in spec:
+            v = spec[key]
+            out[key] = numa_machine_value(key, list(v) if isinstance(v, tuple) else v,
+                                          path, "MACHINE")
+    numa_machine_check(out, path, "MACHINE")
+    return out
+
+
+def program_numa(spec: dict, cpus: int) -> dict:
+    """The NUMA keys of a program's machine for MachineConfig (node_cpus only while the
+    CPU count is the program's own)."""
+    out = {k: spec[k] for k in ("nodes", "node_memory") if k in spec}
+    if "node_cpus" in spec and cpus == spec.get("cpus", 2):
+        out["node_cpus"] = spec["node_cpus"]
     return out
 
 
@@ -441,7 +496,8 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     spec = program_machine(mod, path)
     cpus = cpus or spec.get("cpus", 2)
     cfg = MachineConfig(memory=memory or spec.get("memory", 1 << 30),
-                        swap=spec.get("swap", 0), cpus=cpus, seed=seed)
+                        swap=spec.get("swap", 0), cpus=cpus, seed=seed,
+                        **program_numa(spec, cpus))
     m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
                       inject=inject)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote

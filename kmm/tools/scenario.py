@@ -79,7 +79,20 @@ OP_KEYS: dict[str, dict[str, bool]] = {
     # (offsets are file offsets: the region maps the file from 0)
     "punch_hole": {"region": True, "offset": False, "length": False},
     "ftruncate": {"region": True, "size": True},
+    # move_pages(2) of one address per stride (node absent: only where each page is)
+    # and migrate_pages(2) of the process (kmm.migrate_syscalls)
+    "move_pages": {"region": True, "offset": False, "length": False, "stride": False,
+                   "node": False, "move_all": False},
+    "migrate_pages": {"from_nodes": True, "to_nodes": True},
+    # NUMA memory policy (kmm.mempolicy): set_mempolicy(2) of the process, mbind(2) of
+    # a range of a region; mode one of MPOL_MODES, nodes an array of node ids, flags an
+    # array of MBIND_FLAGS
+    "set_mempolicy": {"mode": True, "nodes": False},
+    "mbind": {"region": True, "offset": False, "length": False, "mode": True,
+              "nodes": False, "flags": False},
 }
+MPOL_MODES = ("default", "local", "preferred", "bind", "interleave")
+MBIND_FLAGS = ("strict", "move", "move_all")
 OPS = tuple(OP_KEYS)
 
 
@@ -139,6 +152,13 @@ class Step:
     addr: int | None = None  # mmap: the region's start address
     backing: str = "anon"  # mmap: one of BACKING
     noreserve: bool = False  # mmap: MAP_NORESERVE
+    node: int | None = None  # move_pages: the target node (None: query only)
+    move_all: bool = False  # move_pages: MPOL_MF_MOVE_ALL
+    from_nodes: tuple[int, ...] = ()  # migrate_pages
+    to_nodes: tuple[int, ...] = ()  # migrate_pages
+    mode: str | None = None  # set_mempolicy, mbind: one of MPOL_MODES
+    nodes: tuple = ()  # set_mempolicy, mbind: node ids
+    flags: tuple = ()  # mbind: MBIND_FLAGS
 
 
 @dataclass(frozen=True)
@@ -282,11 +302,69 @@ def _machine(table: object, file: str) -> MachineConfig:
             kw[key] = _int(v, lo=1, hi=None, file=file, step=None, key=key, table="machine")
         elif key == "seed":
             kw[key] = _int(v, lo=0, hi=None, file=file, step=None, key=key, table="machine")
+        elif key in NUMA_MACHINE_KEYS:
+            kw[key] = numa_machine_value(key, v, file, "machine")
         else:
             raise ScenarioError(
-                file, None, key, "unknown key (allowed: memory, swap, cpus, seed)", table="machine"
+                file, None, key, "unknown key (allowed: memory, swap, cpus, seed, nodes, "
+                "node_memory, node_cpus)", table="machine"
             )
+    numa_machine_check(kw, file, "machine")
     return MachineConfig(**kw)
+
+
+# [machine] keys of a NUMA machine (kmm.mmzone): the node count, and optionally each
+# node's memory (sizes, their sum the machine's memory) and CPU count
+NUMA_MACHINE_KEYS = ("nodes", "node_memory", "node_cpus")
+
+
+def numa_machine_value(key: str, v: object, file: str, table: str | None):
+    """One of NUMA_MACHINE_KEYS, parsed: nodes an int 1..64, node_memory a list of
+    sizes, node_cpus a list of CPU counts (>= 0)."""
+    from kmm import mmzone
+    where = dict(file=file, step=None, key=key, table=table)
+    if key == "nodes":
+        return _int(v, lo=1, hi=mmzone.MAX_NUMNODES, **where)
+    if not isinstance(v, list) or not v:
+        raise ScenarioError(file, None, key, f"must be a non-empty array, one entry per "
+                            f"node, not {_show(v)}", table=table)
+    if key == "node_memory":
+        out = []
+        for x in v:
+            try:
+                out.append(parse_size(x, file=file, step=None, key=key))
+            except ScenarioError as e:
+                raise ScenarioError(file, None, key, e.message, table=table) from None
+        return tuple(out)
+    return tuple(_int(x, lo=0, hi=None, **where) for x in v)
+
+
+def numa_machine_check(kw: dict, file: str, table: str | None) -> None:
+    """The node layout the keys describe is possible (kmm.mmzone.node_layout and
+    cpu_layout); node_memory also fixes the machine's memory (given too, it must
+    match). Raises ScenarioError naming the key at fault."""
+    from kmm import mmzone
+    nodes = kw.get("nodes", 1)
+    for key in ("node_memory", "node_cpus"):
+        if key in kw and len(kw[key]) != nodes:
+            raise ScenarioError(file, None, key, f"has {len(kw[key])} entries, the machine "
+                                f"has {nodes} nodes", table=table)
+    if "node_memory" in kw:
+        total = sum(kw["node_memory"])
+        if "memory" in kw and kw["memory"] != total:
+            raise ScenarioError(file, None, "node_memory", f"adds up to {total} bytes, "
+                                f"memory is {kw['memory']}", table=table)
+        kw["memory"] = total
+    memory = kw.get("memory", MachineConfig.memory)
+    try:
+        mmzone.node_layout(memory // PAGE_SIZE, nodes, kw.get("node_memory", ()))
+    except ValueError as e:
+        key = "node_memory" if "node_memory" in kw else "nodes"
+        raise ScenarioError(file, None, key, str(e), table=table) from None
+    try:
+        mmzone.cpu_layout(kw.get("cpus", MachineConfig.cpus), nodes, kw.get("node_cpus", ()))
+    except ValueError as e:
+        raise ScenarioError(file, None, "node_cpus", str(e), table=table) from None
 
 
 def _knobs(doc: dict, file: str) -> dict[str, object]:
@@ -408,12 +486,43 @@ def _step(raw: object, index: int, file: str, ns: _Namespace, cursor: list[int])
         kw["noreserve"] = raw["noreserve"]
     if "prot" in raw:
         kw["prot"] = _word(raw["prot"], PROT, file=file, step=index, key="prot")
+    if "mode" in raw:
+        kw["mode"] = _word(raw["mode"], MPOL_MODES, file=file, step=index, key="mode")
+    if "nodes" in raw:
+        # an id the kernel's bitmap cannot hold is the kernel's EINVAL, not an input error
+        v = raw["nodes"]
+        if not isinstance(v, list):
+            raise ScenarioError(file, index, "nodes", f"must be an array of node ids, not "
+                                f"{_show(v)}")
+        kw["nodes"] = tuple(_int(n, lo=0, hi=None, file=file, step=index, key="nodes")
+                            for n in v)
+    if "flags" in raw:
+        v = raw["flags"]
+        if not isinstance(v, list):
+            raise ScenarioError(file, index, "flags", f"must be an array of "
+                                f"{', '.join(MBIND_FLAGS)}, not {_show(v)}")
+        kw["flags"] = tuple(_word(f, MBIND_FLAGS, file=file, step=index, key="flags")
+                            for f in v)
     if "backing" in raw:
         kw["backing"] = _word(raw["backing"], BACKING, file=file, step=index, key="backing")
     if op in ("punch_hole", "ftruncate"):
         if ns.backing.get((proc, kw["region"]), "anon") not in MEMFD_BACKINGS:
             raise ScenarioError(file, index, "region",
                                 f"{op} needs a memfd region (backing = \"memfd\")")
+    if "node" in raw:  # any int: a node that does not exist is the kernel's ENODEV
+        kw["node"] = _int(raw["node"], lo=None, hi=None, file=file, step=index, key="node")
+    if "move_all" in raw:
+        if not isinstance(raw["move_all"], bool):
+            raise ScenarioError(file, index, "move_all",
+                                f"must be true or false, not {_show(raw['move_all'])}")
+        kw["move_all"] = raw["move_all"]
+    for key in ("from_nodes", "to_nodes"):
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, list) or not v:
+                raise ScenarioError(file, index, key,
+                                    f"must be a non-empty list of node numbers, not {_show(v)}")
+            kw[key] = tuple(_int(n, lo=0, hi=63, file=file, step=index, key=key) for n in v)
     if op == "khugepaged":
         kw["full_scans"] = _int(raw.get("full_scans", 1), lo=1, hi=None, file=file, step=index,
                                 key="full_scans")

@@ -96,7 +96,7 @@ FAULT_EVENTS = ("thp_fault_alloc", "thp_fault_fallback", "compact_stall",
 def spy_slow_path(monkeypatch, log):
     """Record the slow path's calls into reclaim and compaction (reclaim frees
     nothing: all memory is anonymous and there is no swap)."""
-    async def wakeup_kswapd(m, order, gfp=None):
+    async def wakeup_kswapd(m, order, gfp=None, nid=0):
         log.append(("wakeup_kswapd", order))
 
     async def try_to_free_pages(m, order, gfp):
@@ -108,8 +108,8 @@ def spy_slow_path(monkeypatch, log):
     monkeypatch.setattr(vmscan, "zone_reclaimable_pages", lambda m: 0)
     real = compaction.try_to_compact_pages
 
-    async def try_to_compact_pages(m, order, gfp, alloc_flags, prio):
-        r = await real(m, order, gfp, alloc_flags, prio)
+    async def try_to_compact_pages(m, order, gfp, alloc_flags, prio, zones=None):
+        r = await real(m, order, gfp, alloc_flags, prio, zones)
         log.append(("compact", prio.name[len("COMPACT_PRIO_"):], r.name[len("COMPACT_"):]))
         return r
     monkeypatch.setattr(compaction, "try_to_compact_pages", try_to_compact_pages)

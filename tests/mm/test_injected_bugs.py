@@ -32,6 +32,9 @@ CASES = {
     "split_pmd_no_tlb_flush": ("race_reclaim_split.py", 1, InvariantError,
                                "reads 0, was written"),
     "split_no_ref_freeze": ("race_cow_split.py", 3, KernelBug, "freeing in-use page"),
+    # the hinting fault "restores" the split PMD's table pointer through pmd_modify
+    "numa_huge_no_pmd_same": ("race_numa_fault_split.py", 2, InvariantError,
+                              "is not a page-table page"),
     # the program's own assert fails: reported as the program's error (kmm.tools.errors)
     "hugetlb_fault_no_mutex": ("race_hugetlb_fault.py", 5, ProgramError,
                                "a writer died: ProcessLookupError, Sigbus"),
@@ -64,6 +67,14 @@ PCT_CASES = {
                                         "MM_SHMEMPAGES 33 != 32 mapped page-cache pages"),
 }
 
+# bugs whose race needs one preemption at a given opportunity: bug -> (program, explore
+# schedule index of kmm explore --mode preempt --seed 1, a fragment of the violation).
+# Schedule i (1 <= i <= the first run's opportunities) preempts once, at opportunity i-1.
+PREEMPT_CASES = {
+    "hugetlb_pmd_share_no_i_mmap_lock": ("race_hugetlb_pmd_share.py", 109,
+                                         "is no PMD table (freed while being shared)"),
+}
+
 
 def run(program: str, seed: int, inject=(), check=check_between_ops):
     return run_program(str(WORKLOADS / program), mode="random", seed=seed, check=check,
@@ -71,10 +82,10 @@ def run(program: str, seed: int, inject=(), check=check_between_ops):
 
 
 def test_every_bug_has_a_case_and_a_program():
-    assert set(CASES) | set(PCT_CASES) == set(bugs.BUGS)
+    assert set(CASES) | set(PCT_CASES) | set(PREEMPT_CASES) == set(bugs.BUGS)
     for name, bug in bugs.BUGS.items():
         assert (WORKLOADS / bug.program).exists(), name
-        case = CASES.get(name) or PCT_CASES[name]
+        case = CASES.get(name) or PCT_CASES.get(name) or PREEMPT_CASES[name]
         assert case[0] == bug.program
         assert name in (WORKLOADS / case[0]).read_text(), name
 
@@ -91,6 +102,21 @@ def test_pct_bug_breaks_its_race_and_the_same_schedule_runs_clean_without_it(nam
     clean = ex.run_schedule(ex.Config(program=path, mode="pct", seed=1, depth=3, n=n),
                             mode, seed, params)
     assert clean.kind is None and clean.result["lost_bytes"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(PREEMPT_CASES))
+def test_preempt_bug_breaks_its_race_and_the_same_schedule_runs_clean_without_it(name):
+    from kmm.tools import explore as ex
+    program, i, fragment = PREEMPT_CASES[name]
+    path = str(WORKLOADS / program)
+    cfg = ex.Config(program=path, mode="preempt", seed=1, depth=2, n=100000, inject=[name])
+    mode, seed, params = ex.schedule_params(cfg, i)
+    assert params == {"plan": {i - 1}}
+    out = ex.run_schedule(cfg, mode, seed, params)
+    assert out.kind == "kernel-bug" and fragment in out.message
+    clean = ex.run_schedule(ex.Config(program=path, mode="preempt", seed=1, depth=2,
+                                      n=100000), mode, seed, params)
+    assert clean.kind is None and clean.result["free"] == 4
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

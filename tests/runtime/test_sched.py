@@ -286,7 +286,8 @@ def test_trace_file_lines_are_those_the_rendered_trace_wrote(mode, seed):
                     seed=seed, trace=trace)
         assert run(m, Kernel(m), lambda m, k: race(k)) == {"lost_bytes": 0}
         runs.append(m)
-    assert "".join(new.buf) == "".join(ref.buf) and len(ref.buf) > 200
+    # (free mode: the stores that hit the TLB are no events, docs/points.md class 5)
+    assert "".join(new.buf) == "".join(ref.buf) and len(ref.buf) > 100
     assert runs[2].sched.quiet == (mode == "free")  # no sink: a tick and a fold, if free
     assert runs[1].sched.trace.digest() == runs[2].sched.trace.digest()
     assert runs[0].sched.seq == runs[1].sched.seq == runs[2].sched.seq
@@ -307,7 +308,7 @@ class _Lines:
 
 
 def test_digest_is_the_same_in_every_process():
-    """The digest hashes interned ids and ints, never a str's per-process hash: two
+    """The digest hashes the events' values (pickled), never a str's per-process hash: two
     processes with different hash seeds report the same digest."""
     import os
     import subprocess
