@@ -86,7 +86,7 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
     "lru": _fp_lru,
     "mms": _fp_mms,
     "queue": lambda m, k: tuple(m.deferred_split_queue),
-    "pins": lambda m, k: tuple(m.split_scan_pins.items()),
+    "pins": lambda m, k: (tuple(m.split_scan_pins.items()), tuple(m.putback_pins.items())),
     # "tables" and "pages" are the Checker's own generation counters
 }
 
@@ -335,10 +335,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
     dp = ctx.dirty_pages
     tabchk = st.tabchk
     visited: set[int] = set()
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm maps pages until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         name = task.name
         walked = st.walks.get(name)
         if (walked is None or walked[0] != mm.pgd
@@ -481,9 +479,10 @@ def mapping_errors(ctx: Checker) -> list[str]:
         heads.add(p)
         if page is not None:
             heads.add(page.head)
-    pins = m.split_scan_pins
+    pins = {h: (m.split_scan_pins.get(h, 0), m.putback_pins.get(h, 0))
+            for h in m.split_scan_pins.keys() | m.putback_pins.keys()}
     heads.update(h for h in pins.keys() | st.pins.keys() if pins.get(h) != st.pins.get(h))
-    st.pins = dict(pins)
+    st.pins = pins
     for h in heads:
         n = st.folios.get(h, 0) + st.pmd_maps.get(h, 0)
         if not n:
@@ -531,6 +530,8 @@ def _folio_errors(m, head: int, n: int) -> list[str]:
     pcache = folio.nr_pages if folio.mapping is not None else 0
     # a deferred split scan in progress holds a reference on each folio of its batch
     isolated += m.split_scan_pins.get(head, 0)
+    # an isolated folio put back on its LRU holds its reference until folio_put
+    isolated += m.putback_pins.get(head, 0)
     if folio.refcount != n + isolated + cache + pcache:
         errs.append(f"folio {head:#x}: refcount {folio.refcount} != {n} mappings"
                     + (" + 1 isolation" if isolated else "")
@@ -585,8 +586,8 @@ def swap_errors(ctx: Checker) -> list[str]:
     if m.swap_info is not None or st is None:
         return swapfile.check(m)
     errs = []
-    for task in m.tasks.values():
-        if task.name not in st.leaves or not task.alive or task.mm.pgd < 0:
+    for task in m.tasks_with_tables():
+        if task.name not in st.leaves:
             continue
         pmds, ptes = st.leaves[task.name]
         found = [(a, 0, e) for t, _ in pmds for a, e in st.sums[t][4]]

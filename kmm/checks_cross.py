@@ -23,10 +23,9 @@ from kmm.pgtable import (
 )
 
 
-def _live_tasks(m):
-    for task in m.tasks.values():
-        if task.alive and task.mm.pgd >= 0:
-            yield task
+def _mapped_tasks(m):
+    """Every mm with page tables, an exiting one too (Machine.tasks_with_tables)."""
+    return m.tasks_with_tables()
 
 
 def vma_errors(m, k=None) -> list[str]:
@@ -36,7 +35,7 @@ def vma_errors(m, k=None) -> list[str]:
     zap or rmap walk that goes by VMAs, so its page leaks or is read by the wrong
     process later."""
     errs = []
-    for task in _live_tasks(m):
+    for task in _mapped_tasks(m):
         mm = task.mm
         for addr, level, e in pagewalk.walk_leaves(m, mm, 0, TASK_SIZE):
             vma = mm.vma_lookup(addr)
@@ -69,7 +68,7 @@ def anon_exclusive_errors(m, k=None) -> list[str]:
     pmd_n: Counter = Counter()
     claims = []  # exclusive migration entries: (task, addr, pfn, is_pmd)
     slots: dict[int, list] = {}  # swap entry -> [(task, exclusive bit)]
-    for task in _live_tasks(m):
+    for task in _mapped_tasks(m):
         name = task.name
         for addr, level, e in pagewalk.walk_leaves(m, task.mm, 0, TASK_SIZE):
             if level == "pmd":

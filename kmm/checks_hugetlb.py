@@ -42,10 +42,8 @@ def hugetlb_errors(ctx) -> list[str]:
     maps: Counter = Counter()
     cached: set[int] = set()
     slots: set[tuple[int, int]] = set()  # (PMD table, index): a shared entry counts once
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm's tables count until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         for vma in mm.vmas:
             if vma.hugetlb_file is None:
                 continue
@@ -115,10 +113,8 @@ def shared_pmd_errors(m) -> list[str]:
         if cnt != n - 1:
             errs.append(f"PMD table {t:#x}: pt_share_count {cnt} but {n} PUD entries "
                         "map it")
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm's tables count until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         for vma in mm.vmas:
             if vma.hugetlb_file is None or vma.flags & VM_MAYSHARE:
                 continue

@@ -229,12 +229,10 @@ async def hugetlb_split(m, vma, addr: int) -> None:
 
 def shared_pmd_tables(m) -> dict[int, int]:
     """For the checker: every PMD table of a hugetlb VMA and how many live mms' PUD
-    entries map it."""
+    entries map it (an exiting mm's too, until exit_mmap)."""
     refs: dict[int, int] = {}
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm's tables count until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         seen = set()
         for vma in mm.vmas:
             if vma.hugetlb_file is None:

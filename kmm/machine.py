@@ -140,6 +140,9 @@ class Machine:
         # references deferred_split_scan holds on its batch (head pfn -> count), so the
         # invariant checker can tell them from a leaked reference
         self.split_scan_pins: dict[int, int] = {}
+        # isolation references folio_putback_lru is about to drop (head pfn -> count):
+        # the folio is back on its LRU list, its reference goes at the folio_put after
+        self.putback_pins: dict[int, int] = {}
         # read-side nesting per actor and callbacks waiting for a grace period
         self.rcu = rcupdate.RcuState()
         # actors inside __folio_put (refcount 0, not yet back in the buddy): swap.__folio_put
@@ -199,6 +202,14 @@ class Machine:
         self._next_pid += 1
         self.tasks[name] = t
         return t
+
+    def tasks_with_tables(self):
+        """The tasks whose mm still has page tables: the live ones and those exiting.
+        do_exit marks a task dead before exit_mmap zaps its mappings, and until then
+        every page it maps still counts them (mapcount, refcount, swap count), as in the
+        kernel, where an exiting mm's tables are an mm like any other until
+        exit_mmap: the invariant checks walk these, not only the live tasks."""
+        return [t for t in self.tasks.values() if t.mm.pgd >= 0]
 
     def new_anon_vma_id(self) -> int:
         i = self._next_anon_vma

@@ -224,5 +224,6 @@ async def exit_mmap(m, mm: MmStruct) -> None:
     await unmap_region(m, mm, victims, 0, TASK_SIZE)
     huge_memory.mm_put_huge_zero_folio(m, mm)
     await mm.mmap_lock.up_write()
-    await m.pte_free(mm, mm.pgd)
-    mm.pgd = -1
+    # the mm has no tables from here (mm_free_pgd): the PGD's free takes points
+    pgd, mm.pgd = mm.pgd, -1
+    await m.pte_free(mm, pgd)

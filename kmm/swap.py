@@ -109,13 +109,24 @@ async def folio_isolate_lru(m, folio: Page) -> bool:
 
 
 async def folio_putback_lru(m, folio: Page) -> None:
-    """folio_putback_lru: back on the list its flags name, dropping the isolation ref."""
+    """folio_putback_lru: back on the list its flags name (folio_add_lru), then drop the
+    isolation reference (folio_put). Between the two the folio is on its list (another
+    path may isolate it again) and still holds that reference: the invariant checker
+    counts it (``m.putback_pins``) until the decrement itself."""
     lk = m.lruvec.lru_lock
     await lk.lock("folio_putback_lru")
     _clear(folio, PG_isolated)
     lruvec_add_folio(m, folio)
+    pins = m.putback_pins
+    pins[folio.pfn] = pins.get(folio.pfn, 0) + 1
     await lk.unlock()
-    await folio_put(m, folio)
+    await folio_put(m, folio, dropped=lambda: _unpin(pins, folio.pfn))
+
+
+def _unpin(pins: dict, pfn: int) -> None:
+    n = pins.pop(pfn) - 1
+    if n:
+        pins[pfn] = n
 
 
 def folio_mark_accessed(m, folio: Page) -> None:

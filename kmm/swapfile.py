@@ -553,10 +553,8 @@ def check(m) -> list[str]:
     si = m.swap_info
     errs: list[str] = []
     refs: dict[int, int] = {}
-    for task in m.tasks.values():
+    for task in m.tasks_with_tables():  # an exiting mm's tables count until exit_mmap
         mm = task.mm
-        if not task.alive or mm.pgd < 0:
-            continue
         n = 0
         for addr, level, e in pagewalk.walk_leaves(m, mm, 0, TASK_SIZE):
             if level == "pmd":

@@ -152,7 +152,10 @@ def cmd_run(args) -> int:
     spawned = dict(spawn=spawn, child_timeout=args.child_timeout,
                    child_startup=args.child_timeout,
                    warn=lambda text: print(f"kmm: {text}", file=sys.stderr))
-    trace = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
+    trace = rec.sink
+    rep = None
     try:
         if args.file.endswith(".py"):
             rep = runner.run_program(args.file, cpus=args.cpus, seed=args.seed or 1,
@@ -166,21 +169,26 @@ def cmd_run(args) -> int:
             title = f"{args.file}: {sc.description}"
     except KernelBug as e:
         print(f"kmm: kernel BUG: {e}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.ChildDied as e:  # an oops: the report, and the trace so far is kept
         kept = f" (trace kept in {args.trace})" if args.trace else ""
         print(f"kmm: {e}{kept}", file=sys.stderr)
+        rec.finish_partial(args.file)
         return 3
     except remote.SpawnError as e:
         print(f"kmm: {e}", file=sys.stderr)
         return 2
     finally:
-        if trace:
-            trace.close()
+        if rep is None:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
+    line = rec.finish(args.file, rep["zone"]["nr_free"])
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
         print(summary(rep, title))
+    if line:
+        print(line, file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -288,10 +296,20 @@ def _explore_cli(args) -> int:
                     inject=list(args.inject or ()), check=args.check,
                     max_points=args.max_points or 0, focus=list(args.focus or ()))
     ex.runner.load_program(args.program)  # a broken program is one error line, early
-    prog = ex.Progress(args.schedules, enabled=not args.quiet)
-    summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
-                      determinism=args.check_determinism, progress=prog,
-                      keep_going=args.keep_going)
+    from kmm.tools import executors
+    try:
+        executor = executors.make(ray=args.ray) if args.ray is not None else None
+        if args.ray not in (None, "auto"):
+            executors.check_address(args.ray)
+        prog = ex.Progress(args.schedules, enabled=not args.quiet)
+        summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
+                          determinism=args.check_determinism, progress=prog,
+                          keep_going=args.keep_going, executor=executor)
+    except executors.ExecutorError as e:
+        print(f"kmm explore: {e}", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        args.jobs = summ.workers  # the summary line names the Ray CPUs that ran them
     if args.keep_going:
         return _keep_going_report(args, cfg, summ)
     rate = summ.schedules / max(summ.seconds, 1e-9)
@@ -352,15 +370,19 @@ def _keep_going_report(args, cfg, summ) -> int:
 
 def _replay_cli(args) -> int:
     from kmm.tools import explore as ex
-    sink = open(args.trace, "w") if args.trace else None
+    from kmm.tools.timeline import Recorder
+    rec = Recorder(args.trace, args.timeline)
+    done = False
     try:
-        ok, head, out, why = ex.replay(args.file, trace_sink=sink, last=args.last)
+        ok, head, out, why = ex.replay(args.file, trace_sink=rec.sink, last=args.last)
+        done = True
     except ex.ExploreError as e:
         print(f"kmm replay: {e}", file=sys.stderr)
         return 2
     finally:
-        if sink:
-            sink.close()
+        if not done:  # bad input or an interruption: no timeline, no temporary file
+            rec.discard()
+    line = rec.finish(args.file)
     mini = head["minimized"] or {}
     print(f"{head['program']}: schedule {head['schedule']} of {head['mode']} seed "
           f"{head['base_seed']}, {mini.get('count', '?')} preemptions, inject "
@@ -377,6 +399,8 @@ def _replay_cli(args) -> int:
     else:
         print("no violation this time")
     print(f"trace sha256 {out.digest[:16]}: {why}")
+    if line:
+        print(line)
     # as explore: 1 when the replayed run has a violation (reproduced or not), 0 if clean
     return 1 if out.kind else 0
 
@@ -415,6 +439,12 @@ def cmd_compare(args) -> int:
     return compare.main(args)
 
 
+def cmd_sweep(args) -> int:
+    """kmm sweep: a scenario or program over a grid of knobs and seeds (kmm.tools.sweep)."""
+    from kmm.tools import sweep_cli
+    return sweep_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every sub-command and its options (``kmm CMD --help``)."""
     p = argparse.ArgumentParser(
@@ -427,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the JSON report")
     r.add_argument("--seed", type=int, help="scheduler seed (default: the scenario's)")
     r.add_argument("--trace", help="write the event trace (JSON lines) here")
+    r.add_argument("--timeline", metavar="FILE", help="write a timeline Perfetto's UI "
+                   "opens (trace-event JSON, docs/timeline.md) here")
     r.add_argument("--mode", default="free", choices=("free", "random"),
                    help="scheduler: free (run each actor until it blocks) or random")
     r.add_argument("--cpus", type=int, help="emulated CPUs")
@@ -456,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random (seeded), pct (with --depth) or preempt (bounded)")
     e.add_argument("--depth", type=int, help="pct bug depth (3) / preempt bound (2)")
     e.add_argument("--jobs", type=int, default=1, help="worker processes (1)")
+    e.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="spread the schedules over a Ray cluster's CPUs as tasks (auto: "
+                        "RAY_ADDRESS or a local cluster, else a fresh local Ray); needs "
+                        "pip install 'kmm[ray]'")
     e.add_argument("--seed", type=int, default=1, help="schedule i uses seed SEED+i")
     e.add_argument("--inject", action="append", metavar="BUG",
                    help="turn on an injected bug (repeatable)")
@@ -484,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", help="a failure file written by kmm explore")
     rp.add_argument("--trace", help="write the replayed run's trace (JSON lines) here")
     rp.add_argument("--last", type=int, default=30, help="events to print (30)")
+    rp.add_argument("--timeline", metavar="FILE", help="write the replayed run as a "
+                    "timeline Perfetto's UI opens (docs/timeline.md) here")
     rp.set_defaults(fn=cmd_replay)
+    from kmm.tools import plot, timeline
+    timeline.add_parser(sub)
+    plot.add_parser(sub)
     lk = sub.add_parser("locks", help="lock_stat, lock-order graph and waits of a traced run")
     lk.add_argument("file", help="a trace written by kmm run --trace (JSON lines)")
     lk.add_argument("--json", action="store_true", help="print the study as JSON")
@@ -535,7 +576,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                           key="memory"),
                     default=512 << 20, help="emulated RAM (512MiB)")
     cp.set_defaults(fn=cmd_compare)
-    for sp in (r, e, rp, o, b, mu, cp):
+    sw = sub.add_parser("sweep", help="a scenario or program over a grid of knobs, machine "
+                        "sizes, daemons and seeds; one table, CSV, JSON lines and plots")
+    sw.add_argument("file", help="a scenario (.toml) or a program (.py)")
+    sw.add_argument("--set", action="append", metavar="NAME=V1,V2,...",
+                    help="a swept knob (thp.enabled, khugepaged.max_ptes_none, "
+                         "thp.hugepages-64kB.enabled, ...) or machine size (machine.memory, "
+                         "machine.cpus, machine.swap) and its values; repeatable")
+    sw.add_argument("--seeds", default="1", help="seeds of each grid point: 1..20, 1,5,9 (1)")
+    sw.add_argument("--daemon", metavar="NAME[,NAME...]",
+                    help="swept plug-in daemon: an installed name (hawkeye) or module:Class; "
+                         "none for no plug-in")
+    sw.add_argument("--mode", default="free", choices=("free", "random"),
+                    help="scheduler, as kmm run (free)")
+    sw.add_argument("--jobs", type=int, default=1, help="local worker processes (1)")
+    sw.add_argument("--ray", metavar="auto|ADDRESS",
+                    help="run on a Ray cluster as tasks (auto: RAY_ADDRESS or a local "
+                         "cluster, else a fresh local Ray); needs pip install 'kmm[ray]'")
+    sw.add_argument("--out", metavar="DIR", help="write sweep.csv, sweep.jsonl and the plots here")
+    sw.add_argument("--plot", nargs="+", action="extend", metavar="FIGURE",
+                    help="figures to plot against the swept knob: rss, AnonHugePages, a "
+                         "vmstat counter (thp_fault_alloc), a report path "
+                         "(khugepaged.pages_collapsed)")
+    sw.add_argument("--x", metavar="NAME", help="the plots' x axis (default: the first "
+                    "--set with several values)")
+    sw.add_argument("--runs", action="store_true",
+                    help="the terminal table with one row per run (default: per grid point)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    sw.set_defaults(fn=cmd_sweep)
+    for sp in (r, e, rp, o, b, mu, cp, sw):
         sp.add_argument("--traceback", action="store_true",
                         help="on an error, print the full Python stack (kmm's frames too)")
     return p
@@ -557,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.become_subreaper()
     saved = interrupt.install()
     try:
-        rc = _dispatch(args)
+        with _watched(args):  # run, replay: a progress bar on a terminal (long runs)
+            rc = _dispatch(args)
         if not interrupt.caught():
             sys.stdout.flush()
     except BrokenPipeError:  # `kmm run ... | head`: the reader has gone; so do we
@@ -580,6 +650,28 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return interrupt.exit_code()
     return rc
+
+
+def _watched(args):
+    """kmm.tools.progress.watch for ``kmm run`` and ``kmm replay`` (the replay's total:
+    the events its failure file recorded); nothing for the other commands."""
+    import contextlib
+    from kmm.tools import progress
+    if args.cmd == "run":
+        return progress.watch(f"run {args.file}")
+    if args.cmd == "replay":
+        return progress.watch(f"replay {args.file}", _recorded_events(args.file))
+    return contextlib.nullcontext()
+
+
+def _recorded_events(path: str) -> int | None:
+    """The event count a failure file recorded for its minimized run, if it says."""
+    from kmm.tools import explore as ex
+    try:
+        head, _ = ex.read_failure(path)
+        return int((head.get("minimized") or {}).get("events") or 0) or None
+    except Exception:  # noqa: BLE001 - a bad file is replay's to report, in one line
+        return None
 
 
 def _quiet_stdout() -> None:

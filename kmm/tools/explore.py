@@ -84,7 +84,6 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 import traceback
 from collections import Counter
@@ -99,6 +98,7 @@ from kmm.runtime import remote
 from kmm.runtime.sched import Deadlock, Livelock, SchedError, focus_matcher
 from kmm.runtime.trace import Trace
 from kmm.tools import errors, interrupt, runner
+from kmm.tools.progress import Progress  # noqa: F401 - explore's progress (kmm explore)
 from kmm.workload import Kernel, UnexpectedResult
 
 FORMAT = "kmm-failure/1"
@@ -409,38 +409,7 @@ class Summary:
     n: int = 0
     max_points: int = 0
     distinct: list[dict[str, Any]] = field(default_factory=list)  # keep_going
-
-
-class Progress:
-    """schedules run, schedules/s and violations on stderr: in place on a TTY, else a
-    plain line at every tenth of the budget."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True) -> None:
-        self.total = total
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.next_mark = max(total // 10, 1)
-
-    def update(self, done: int, found: int, final: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        rate = done / max(now - self.t0, 1e-9)
-        line = (f"explore: {done}/{self.total} schedules, {rate:.1f} schedules/s, "
-                f"{found} violation{'s' if found != 1 else ''}")
-        if self.tty:
-            if final or now - self.last > 0.2:
-                self.stream.write("\r" + line + ("\n" if final else ""))
-                self.stream.flush()
-                self.last = now
-        elif final or done >= self.next_mark:
-            while self.next_mark <= done:
-                self.next_mark += max(self.total // 10, 1)
-            self.stream.write(line + "\n")
-            self.stream.flush()
+    workers: int = 1  # processes or Ray CPUs that ran schedules
 
 
 def violation_site(kind: str, message: str) -> str:
@@ -456,11 +425,13 @@ def violation_site(kind: str, message: str) -> str:
 
 def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
             determinism: bool = False, progress: Progress | None = None,
-            keep_going: bool = False) -> Summary:
-    """Run schedules 0 .. schedules-1; the result does not depend on ``jobs``: the first
-    violation is the lowest failing index, and without ``all_`` only the schedules up to
-    it are counted. ``keep_going`` runs them all and fills ``distinct``: one entry per
-    (kind, site), with its first schedule and how many schedules showed it."""
+            keep_going: bool = False, executor=None) -> Summary:
+    """Run schedules 0 .. schedules-1; the result does not depend on ``jobs`` or the
+    ``executor`` (kmm.tools.executors: a Ray cluster's tasks run ranges of schedules as
+    the pool's workers do): the first violation is the lowest failing index, and without
+    ``all_`` only the schedules up to it are counted. ``keep_going`` runs them all and
+    fills ``distinct``: one entry per (kind, site), with its first schedule and how many
+    schedules showed it."""
     t0 = time.perf_counter()
     summ = Summary()
     all_ = all_ or keep_going
@@ -482,7 +453,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         fails = [i for i, r in results.items() if r[1] is not None]
         return min(fails) if fails else None
 
-    if jobs <= 1:
+    if jobs <= 1 and executor is None:
         async def loop() -> None:
             for i in range(schedules):
                 r = await run_one_async(cfg, i, determinism)
@@ -492,29 +463,27 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
                     break
         trio.run(loop)
     else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-        chunk = max(1, min(16, schedules // (jobs * 8) or 1))
-        starts = list(range(0, schedules, chunk))
-        ctx = mp.get_context("fork")
-        with interrupt.WorkerPool(jobs, ctx) as pool:
+        from kmm.tools import executors
+        with executor or executors.LocalExecutor(jobs) as ex:
+            summ.workers = ex.workers
+            chunk = max(1, min(16, schedules // (ex.workers * 8) or 1))
+            starts = list(range(0, schedules, chunk))
             pending: dict = {}
             nxt = 0
             while nxt < len(starts) or pending:
                 best = None if all_ else first_fail()
-                while (nxt < len(starts) and len(pending) < jobs * 2
+                while (nxt < len(starts) and len(pending) < ex.workers * 2
                        and (best is None or starts[nxt] < best)):
                     lo = starts[nxt]
-                    fut = pool.submit(run_chunk, cfg, lo, min(lo + chunk, schedules),
-                                      determinism, not all_)
-                    pending[fut] = lo
+                    h = ex.submit(run_chunk, cfg, lo, min(lo + chunk, schedules),
+                                  determinism, not all_)
+                    pending[h] = lo
                     nxt += 1
                 if not pending:
                     break
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    pending.pop(fut)
-                    for r in fut.result():
+                for h in ex.wait(pending):
+                    pending.pop(h)
+                    for r in ex.result(h):
                         results[r[0]] = r
                 prog.update(len(results), found())
     first = first_fail()

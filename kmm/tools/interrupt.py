@@ -129,16 +129,22 @@ def children() -> list[int]:
 
 
 def reap_children() -> None:
-    """At the very end of the command: any child still there is a leak; end and reap it."""
-    for pid in children():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    """At the very end of the command: any child still there is a leak; end and reap it
+    (a few rounds: a killed child's own children, e.g. a local Ray's agents, are
+    orphaned to us, a child subreaper, and are ended in the next round)."""
+    for _ in range(4):
+        pids = children()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 class WorkerPool:

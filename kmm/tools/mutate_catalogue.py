@@ -5,7 +5,8 @@ that function's source, every ``old`` text occurring exactly once there), applie
 copy of the tree, never to the working tree. The classes: removed
 rechecks after re-taking a lock (pmd_same, pmd_none, pte_same, pte_none), removed TLB
 flushes, removed lock/unlock pairs, removed references (folio_get / folio_try_get),
-removed revalidations after a relock, a swapped lock order, a removed refcount freeze.
+removed revalidations after a relock, a swapped lock order, a removed refcount freeze,
+a removed unqueue.
 ``programs`` are the race programs explored first (the ones whose race reaches the
 site), ``tests`` the test files run if exploration does not kill it.
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    kind: str           # recheck, tlb-flush, lock, reference, revalidate, lock-order, freeze
+    kind: str           # recheck, tlb-flush, lock, reference, revalidate, lock-order, freeze,
+                        # unqueue
     file: str           # under the repository root
     function: str       # the function edited ("Class.method" for a method)
     edits: tuple[tuple[str, str], ...]
@@ -93,7 +95,7 @@ MUTANTS: tuple[Mutant, ...] = (
              '            same = True'),),
            "do_swap_page's pte_same under the PTE lock: another fault (or the collapse's "
            "swap-in) mapped the page first; the second maps it again",
-           ("race_collapse_rmap.py",), ("tests/mm/test_swap.py",)),
+           ("race_swapin_shared.py", "race_collapse_rmap.py"), ("tests/mm/test_swap.py",)),
     Mutant("wp_copy_no_tlb_flush", "tlb-flush", "kmm/memory_wp.py", "wp_page_copy",
            (('            await tlb.flush_tlb_page(m, mm, vmf.address)\n',
              ''),),
@@ -136,13 +138,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "the anon_vma write lock over the PMD switch and the isolation: rmap walkers "
            "(migration, reclaim) reach the pages while the collapse takes them",
            ("race_collapse_rmap.py", "race_reclaim_split.py"), ("tests/mm/test_khugepaged.py",)),
-    Mutant("deferred_split_queue_unlocked", "lock", "kmm/huge_memory_split.py",
-           "deferred_split_folio",
-           (('    await m.split_queue_lock.lock("deferred_split_folio")\n', ''),
-            ('    await m.split_queue_lock.unlock()\n', '')),
-           "split_queue_lock around queueing a folio for deferred split: the shrinker's "
-           "scan and the free path race on the queue",
-           ("race_shrinker_exit.py", "race_reclaim_split.py"), ("tests/mm/test_split.py",)),
+    # (was deferred_split_queue_unlocked, split_queue_lock removed from
+    # deferred_split_folio: an equivalent mutant here, since every split_queue_lock
+    # section is one step with no point inside, so the lock orders nothing the list
+    # operations do not; the kernel's lock keeps the list itself from corrupting, which
+    # kmm's queue cannot. What the shrinker's scan vs the free path needs of the queue
+    # in kmm is the free path's unqueue, below.)
+    Mutant("free_no_deferred_unqueue", "unqueue", "kmm/swap.py", "_free_folio",
+           (('    if folio.on_deferred_list:\n'
+             '        await m.split_queue_lock.lock("__folio_unqueue_deferred_split")',
+             '    if False:\n'
+             '        await m.split_queue_lock.lock("__folio_unqueue_deferred_split")'),),
+           "folio_unqueue_deferred_split in __folio_put: a queued folio freed by munmap or "
+           "exit stays on the deferred split queue, and the shrinker's next scan takes "
+           "memory back in the buddy (or reallocated) for a queued THP",
+           ("race_shrinker_last_put.py", "race_shrinker_exit.py"), ("tests/mm/test_split.py",)),
     Mutant("huge_wp_no_folio_get", "reference", "kmm/huge_memory.py", "do_huge_pmd_wp_page",
            (('            await m.folio_ref_add(folio, 1)\n            await ptl.unlock()',
              '            await ptl.unlock()'),
@@ -159,7 +169,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "folio_try_get in deferred_split_scan: the shrinker takes a reference on a "
            "folio whose last reference is being dropped (munmap, exit) and splits freed "
            "memory",
-           ("race_shrinker_exit.py", "race_reclaim_split.py"), ("tests/mm/test_split.py",)),
+           ("race_shrinker_last_put.py", "race_shrinker_exit.py", "race_reclaim_split.py"),
+           ("tests/mm/test_split.py",)),
     Mutant("collapse_isolate_no_refcount_check", "reference", "kmm/khugepaged_collapse.py",
            "__collapse_huge_page_isolate",
            (('            if not khugepaged.is_refcount_suitable(folio):',
@@ -210,6 +221,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "the order anon_vma rwsem, then the PMD lock: a sleeping lock taken under a "
            "spinlock, against the order every rmap walker uses",
            ("race_fault_collapse.py", "race_collapse_rmap.py"), ("tests/mm/test_khugepaged.py",)),
+    # Survives here, an equivalent mutant of this model: only order-0 folios reach
+    # _migrate_one (do_move_page takes order 0 only; compaction isolates order-0 LRU
+    # folios), and every other holder of a reference on one either excludes migration
+    # (the LRU isolation of reclaim, compaction, MADV_PAGEOUT; the folio lock of the
+    # split paths) or only reads the page and then finds its PTE changed (wp_page_copy)
+    # or only drops it (the mmu_gather of a zap). The kernel's check guards GUP pins and,
+    # for a large folio, the deferred-split shrinker's reference (the freeze in
+    # __folio_migrate_mapping): neither reaches migration in kmm yet.
     Mutant("migrate_no_ref_freeze", "freeze", "kmm/migrate.py", "_migrate_one",
            (('    moved = not rmap.folio_mapped(folio) and folio.refcount == 1  '
              '# folio_ref_freeze',

@@ -35,6 +35,11 @@ class NotSupported(ScenarioError):
     """A valid step whose mechanism a later issue brings."""
 
 
+# Called with each machine build_machine makes (kmm.tools.progress follows a long run's
+# event count from a thread; nothing here changes the run).
+MACHINE_HOOKS: list[Callable[[Machine], None]] = []
+
+
 def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
                   knobs: dict | None = None, cpus: int | None = None,
                   inject=()) -> Machine:
@@ -48,6 +53,8 @@ def build_machine(config, *, seed: int | None, mode: str, trace_file=None,
     m.bugs = bugs.validate(inject)
     for name, value in (knobs or {}).items():
         m.sysfs.write(name, value)
+    for hook in MACHINE_HOOKS:
+        hook(m)
     return m
 
 
@@ -377,9 +384,22 @@ def run_scenario(scenario: Scenario, seed: int | None = None, *, mode: str = "fr
             if check is not None:
                 check(m, k)
 
-    run_machine(m, driver)
+    try:
+        run_machine(m, driver)
+    except Exception as e:
+        e.partial_report = partial_report(m, k, steps)  # kmm sweep reports a failed run
+        raise
     unspawned(m, warn)
     return report(m, k, steps)
+
+
+def partial_report(m: Machine, k: Kernel, steps: list[dict]) -> dict[str, Any] | None:
+    """The report of a run that failed half way (a kernel BUG, a program's error), as
+    far as the machine's state still makes one; None when it does not."""
+    try:
+        return report(m, k, steps)
+    except Exception:  # noqa: BLE001 - a broken machine may not report at all
+        return None
 
 
 def unspawned(m: Machine, warn: Callable | None) -> None:
@@ -483,7 +503,7 @@ def program_numa(spec: dict, cpus: int) -> dict:
 
 
 def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str = "free",
-                memory: int | None = None, trace_file=None,
+                memory: int | None = None, trace_file=None, knobs: dict | None = None,
                 check: Callable | None = None, daemons: list | None = None,
                 inject=(), spawn=frozenset(), child_timeout: float | None = None,
                 child_startup: float | None = None, warn: Callable | None = None
@@ -491,7 +511,8 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
     """Run a program; its processes' mappings are reported as regions named by address.
 
     The machine is the program's ``MACHINE`` (program_machine); ``cpus`` and ``memory``
-    given here override it."""
+    given here override it; ``knobs`` (sysfs name -> value, as kmm sweep sets them) are
+    written before the program starts (the program may write them again)."""
     mod = load_program(path)
     spec = program_machine(mod, path)
     cpus = cpus or spec.get("cpus", 2)
@@ -499,7 +520,7 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
                         swap=spec.get("swap", 0), cpus=cpus, seed=seed,
                         **program_numa(spec, cpus))
     m = build_machine(cfg, seed=seed, mode=mode, trace_file=trace_file, cpus=cpus,
-                      inject=inject)
+                      inject=inject, knobs=knobs)
     m.spawn, m.child_timeout = frozenset(spawn), child_timeout  # kmm.runtime.remote
     m.child_startup = child_startup
     k = Kernel(m)
@@ -521,16 +542,23 @@ def run_program(path: str, *, cpus: int | None = None, seed: int = 1, mode: str 
         run_machine(m, driver)
     except Exception as e:
         failure = program_failure(e, path)
+        program_regions(m)
+        failure.partial_report = partial_report(m, k, [])  # kmm sweep reports a failed run
         if failure is e:
             raise
         raise failure from e
     unspawned(m, warn)
-    for task in m.tasks.values():
-        if task.alive and not task.regions:
-            task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}
+    program_regions(m)
     rep = report(m, k, [])
     rep["result"] = result.get("value")
     return rep
+
+
+def program_regions(m: Machine) -> None:
+    """A program's processes' mappings, reported as regions named by address."""
+    for task in m.tasks.values():
+        if task.alive and not task.regions:
+            task.regions = {f"{v.start:#x}": (v.start, v.end - v.start) for v in task.mm.vmas}
 
 
 __all__ = ["run_scenario", "run_program", "report", "NotSupported", "KernelBug",

@@ -55,6 +55,74 @@ def test_checker_never_runs_inside_a_half_finished_free():
     m.run(driver)
 
 
+def test_checker_counts_the_reference_a_putback_is_about_to_drop():
+    """folio_putback_lru puts the folio back on its LRU list (folio_add_lru), then drops
+    the isolation reference (folio_put): in between the folio is on the LRU, no longer
+    isolated, and still holds that reference, as in the kernel. The checker at the
+    folio_put's point used to read "refcount 2 != 1 mappings" (move_page of a page a
+    racing COW fault had just left: the new folio's putback, preempted before its put)."""
+    m, k = _machine()
+    chk = ex.Checker(m, k, "point")
+    seen = []
+
+    def at_point():
+        pins = getattr(m, "putback_pins", None)
+        if pins and testing.quiescent(m):
+            seen.append(dict(pins))
+        chk.at_point()
+
+    async def driver():
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB)
+        await p.madvise(a, 2 * MiB, "nohugepage")
+        await p.touch(a, 4096)
+        folio = _pte_folio(m, p.task.mm, a)
+        assert await swap.folio_isolate_lru(m, folio)
+        m.sched.on_point = at_point
+        await swap.folio_putback_lru(m, folio)
+        m.sched.on_point = None
+        box["pfn"] = folio.pfn
+        assert folio.refcount == 1 and not m.putback_pins
+
+    box = {}
+    m.run(driver)
+    assert seen == [{box["pfn"]: 1}]  # checked once in the window, its reference counted
+    assert testing.invariant_errors(m, k) == []
+
+
+def test_checker_counts_the_mappings_of_an_exiting_mm():
+    """do_exit marks the task dead, then mmput -> exit_mmap zaps its mappings: until the
+    zap, every page it maps still counts that mapping (folio_try_dup_anon_rmap_ptes at
+    fork added it; zap_present_ptes removes it), as an exiting mm is an mm like any
+    other until exit_mmap. The checker used to skip a dead task's tables, so at a
+    quiescent point in that window (before __khugepaged_exit or exit_mmap takes a lock)
+    every shared page read "mapcount 2 != 1 PTE mappings" (race_fork_reuse, pct seed
+    706: the second child exits while the parent faults)."""
+    m, k = _machine()
+    chk = ex.Checker(m, k, "point")
+    seen = []
+
+    def at_point():
+        t = m.tasks.get("child")
+        if t is not None and not t.alive and t.mm.pgd >= 0 and testing.quiescent(m):
+            seen.append(t.mm.rss_anon)  # a check inside the window, the tables still full
+        chk.at_point()
+
+    async def driver():
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB)
+        await p.madvise(a, 2 * MiB, "nohugepage")
+        await p.touch(a, 16 * 1024, value=1)
+        c = await p.fork("child")
+        m.sched.on_point = at_point
+        await c.exit()
+        m.sched.on_point = None
+
+    m.run(driver)
+    assert seen and seen[0] == 4  # checked with the child's four PTEs still mapped
+    assert testing.invariant_errors(m, k) == []
+
+
 # ------------------------------------------------------------------ checks
 def _errors_after(body, monkeypatch=None, patches=()):
     """Run ``await body(m, k)`` on a fresh machine with ``patches`` (module, name,
