@@ -197,8 +197,9 @@ def _leaf_tables(m, task) -> tuple[list[tuple[str, int]], list[tuple[int, int]],
 def _pte_summary(m, name: str, t: int, base: int
                  ) -> tuple[Counter, int, list[str], list[tuple[int, int]]]:
     """A PTE table's leaves: PTE mappings per pfn, Rss pages, errors, and its swap
-    PTEs as (address, entry)."""
-    tbl = m.physmem.tables[t]
+    PTEs as (address, entry). A PMD pointing to a page that is no table (reported by
+    the table-page check) has no leaves."""
+    tbl = m.physmem.tables.get(t, ())
     maps: Counter = Counter()
     rss = 0
     errs = []

@@ -265,8 +265,13 @@ async def migration_entry_wait_on_locked(m, folio) -> None:
     """Wait for the folio lock to be released, without taking it."""
     lk = m.folio_lock_of(folio)
     if lk.owner is not None:
-        await lk.lock("migration_entry_wait_on_locked")
-        await lk.unlock()
+        me = m.sched.current
+        m.unref_waiters.add(me)  # no reference taken: the migration holds one
+        try:
+            await lk.lock("migration_entry_wait_on_locked")
+            await lk.unlock()
+        finally:
+            m.unref_waiters.discard(me)
     else:  # nothing to sleep on: the fault returns and refaults at once (a spin)
         m.sched.yield_spin("migration_entry_wait")
 

@@ -133,17 +133,24 @@ async def _collapse_write_locked(m, mm, address: int, folio, pmd_tbl: int, cc):
     await pmd_ptl.unlock()
     # GUP-fast may still walk the detached table with IRQs off: wait for it
     await tlb.tlb_remove_table_sync_one(m)
+    # pte_offset_map_lock through the saved _pmd: no table behind a none (or huge, or
+    # non-present) entry, which check_pmd_still_valid under the write lock rules out
     pte_tbl = table_pfn(orig_pmd)
-    pte_ptl = m.table_lock(pte_tbl)  # pte_offset_map_lock through the saved _pmd
-    await pte_ptl.lock("collapse_huge_page")
     compound: list = []
-    result = await __collapse_huge_page_isolate(m, vma, address, pte_tbl, cc, compound)
-    await pte_ptl.unlock()
+    if pmd_none(orig_pmd) or pmd_trans_huge(orig_pmd) or not pmd_present(orig_pmd):
+        result = R.SCAN_PMD_NULL
+    else:
+        pte_ptl = m.table_lock(pte_tbl)
+        await pte_ptl.lock("collapse_huge_page")
+        result = await __collapse_huge_page_isolate(m, vma, address, pte_tbl, cc, compound)
+        await pte_ptl.unlock()
     if result != R.SCAN_SUCCEED:
         await pmd_ptl.lock("collapse_huge_page")
         if not pmd_none(await atomic.entry_read(m, "pmd", pmd_tbl, idx)):
             m.bug(f"collapse_huge_page: PMD {pmd_tbl:#x}[{idx}] refilled while cleared")
-        await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pte_tbl))  # pmd_populate
+        # pmd_populate(pmd_pgtable(_pmd)): the table the saved entry names, whatever
+        # it is (the page of pfn 0 for a none entry)
+        await atomic.entry_set(m, "pmd", pmd_tbl, idx, mk_table_entry(pte_tbl))
         await pmd_ptl.unlock()
         await anon_rwsem.up_write()
         return result

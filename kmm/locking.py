@@ -394,9 +394,28 @@ class RwSem(_Lock):
 
 class FolioLock(SpinLock):
     """PG_locked: a sleeping bit lock. Same queue discipline; taken with trylock by
-    khugepaged and reclaim, which must never sleep on it under a spinlock."""
+    khugepaged and reclaim, which must never sleep on it under a spinlock.
 
-    __slots__ = ()
+    ``on_acquire`` (set by the machine) sees each acquisition: folio_lock and
+    folio_trylock want the caller to hold a reference, so the folio must still be
+    live when its lock is had."""
+
+    __slots__ = ("on_acquire",)
+
+    def __init__(self, world: Locks, cls: str, name: str) -> None:
+        super().__init__(world, cls, name)
+        self.on_acquire = None
+
+    async def lock(self, site: str, subclass: int = 0) -> None:
+        await super().lock(site, subclass)
+        if self.on_acquire is not None:
+            self.on_acquire(self)
+
+    async def trylock(self, site: str) -> bool:
+        got = await super().trylock(site)
+        if got and self.on_acquire is not None:
+            self.on_acquire(self)
+        return got
 
     def set_locked_by(self, actor) -> None:
         """__folio_set_locked: set PG_locked on a folio no one else can reach yet (a

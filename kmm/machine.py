@@ -147,6 +147,10 @@ class Machine:
         self.rcu = rcupdate.RcuState()
         # actors inside __folio_put (refcount 0, not yet back in the buddy): swap.__folio_put
         self.freeing: dict[object, int] = {}
+        # actors waiting for a folio's unlock without a reference, as the kernel lets
+        # migration_entry_wait_on_locked do (the migration holds one; the waiter never
+        # touches the folio once woken): page_alloc's free check excuses them
+        self.unref_waiters: set = set()
         if self.strict:
             atomic.make_strict(self)
 
@@ -216,8 +220,21 @@ class Machine:
         lk = folio.lock
         if lk is None:
             lk = FolioLock(self.locks, "folio_lock", f"folio:{folio.pfn:#x}")
+            lk.on_acquire = lambda lk, folio=folio: self._folio_lock_acquired(folio)
             atomic.init_page(folio, lock=lk)  # created on first use, as a field init
         return lk
+
+    def _folio_lock_acquired(self, folio: Page) -> None:
+        """folio_lock / folio_trylock of a folio the caller holds no reference to: it
+        was freed (its struct page now belongs to the buddy or to a new folio) while
+        the caller slept on its lock or before it got there. A migration-entry waiter
+        takes no reference by design (Machine.unref_waiters) and is excused."""
+        if self.physmem.pages.get(folio.pfn) is folio and folio.refcount > 0:
+            return
+        if self.sched.current in self.unref_waiters:
+            return
+        self.bug(f"folio_lock of a freed folio pfn={folio.pfn:#x} by "
+                 f"{self.sched.current.name}: {folio!r}")
 
     # -------------------------------------------------------- page tables
     async def pte_alloc_one(self, mm: MmStruct, level: str) -> int:

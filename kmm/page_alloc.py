@@ -272,6 +272,17 @@ class Zone:
         head = pages.get(pfn)
         if head is not None and (head.refcount or head.mapcount or head.entire_mapcount):
             self.machine.bug(f"freeing in-use page pfn={pfn:#x}: {head!r}")
+        lk = head.lock if head is not None else None
+        if lk is not None and (lk.owner is not None or lk.waiters):
+            # free_page_is_bad: PG_locked is among PAGE_FLAGS_CHECK_AT_FREE; an actor
+            # sleeping in folio_lock holds no reference (folio_lock wants one) and would
+            # wake on whatever page is allocated there next. A migration-entry waiter
+            # (handed the lock by the unlock, not yet run) is excused: see Machine
+            excused = self.machine.unref_waiters
+            who = [a for a in (lk.owner, *lk.waiters) if a is not None and a not in excused]
+            if who:
+                self.machine.bug(f"freeing a locked page pfn={pfn:#x} (its lock held or "
+                                 f"waited for by {[a.name for a in who]}): {head!r}")
         for p in range(pfn, pfn + (1 << order)):
             pages.pop(p, None)
         self.physmem.clear(pfn, 1 << order)

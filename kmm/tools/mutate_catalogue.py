@@ -64,7 +64,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '                await lk.unlock()'),),
            "do_huge_pmd_wp_page's pmd_same after sleeping on the folio lock with the PMD "
            "lock dropped: the split that held the folio lock replaced the PMD meanwhile",
-           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+           ("race_wp_lock_zap.py", "race_cow_split.py", "race_fork_reuse.py"),
+           ("tests/mm/test_split.py",)),
     Mutant("huge_fault_no_pmd_none_recheck_src", "recheck", "kmm/huge_memory.py",
            "__do_huge_pmd_anonymous_page",
            (('    if (not pmd_none(await m.entry_read("pmd", vmf.pmd_tbl, vmf.pmd_idx))\n'
@@ -160,7 +161,8 @@ MUTANTS: tuple[Mutant, ...] = (
              '                await lk.unlock()\n                return 0\n')),
            "the folio_get before sleeping on the folio lock with the PMD lock dropped: "
            "the THP may be split or freed while the fault waits for its lock",
-           ("race_cow_split.py", "race_fork_reuse.py"), ("tests/mm/test_split.py",)),
+           ("race_wp_lock_zap.py", "race_cow_split.py", "race_fork_reuse.py"),
+           ("tests/mm/test_split.py",)),
     Mutant("deferred_split_no_try_get", "reference", "kmm/huge_memory_split.py",
            "deferred_split_scan",
            (('        if folio.refcount > 0:  # folio_try_get', '        if True:'),),
@@ -189,16 +191,22 @@ MUTANTS: tuple[Mutant, ...] = (
            (('        result = check_pmd_still_valid(m, mm, address, pmd_tbl)',
              '        result = R.SCAN_SUCCEED'),),
            "check_pmd_still_valid after the relock: the PMD found before the allocation "
-           "may be gone (munmap freed the table) or be a THP now",
-           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           "may be gone (munmap freed the table, MADV_DONTNEED's pt_reclaim emptied it) "
+           "or be a THP now",
+           ("race_collapse_dontneed.py", "race_collapse_range_munmap.py",
+            "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
     Mutant("madvise_collapse_no_revalidate", "revalidate", "kmm/khugepaged.py",
            "madvise_collapse",
            (('            result, v = hugepage_vma_revalidate(m, mm, addr, False, cc)',
              '            result, v = R.SCAN_SUCCEED, mm.find_vma(addr)'),),
            "madvise_collapse's revalidation of the VMA when it re-takes the mmap lock "
-           "for the next block",
-           ("race_collapse_range_munmap.py", "race_munmap_collapse.py"),
+           "for the next block: the VMA is looked up again but not checked, so a range "
+           "whose rest was unmapped meanwhile has none there (a NULL dereference). "
+           "Keeping the old VMA instead (the kernel's use after free) shows nothing in "
+           "kmm, whose VMAs are never freed and whose collapse revalidates by itself",
+           ("race_collapse_tail_munmap.py", "race_collapse_range_munmap.py",
+            "race_munmap_collapse.py"),
            ("tests/mm/test_khugepaged.py",)),
     Mutant("collapse_ptl_before_anon_vma", "lock-order", "kmm/khugepaged_collapse.py",
            "_collapse_write_locked",
