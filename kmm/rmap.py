@@ -11,7 +11,9 @@ Each mapcount change is a preemption point.
 from __future__ import annotations
 
 from kmm import atomic, huge_memory, huge_memory_mthp, huge_memory_split, swap, tlb
-from kmm.mm_types import PG_anon_exclusive, PG_dirty, PG_swapbacked, AnonVma, Page, VmArea
+from kmm.mm_types import (
+    PG_anon_exclusive, PG_dirty, PG_partially_mapped, PG_swapbacked, AnonVma, Page, VmArea,
+)
 from kmm.pgtable import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, PAGE_SIZE, _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset,
     swp_type,
@@ -109,8 +111,10 @@ async def folio_remove_rmap_ptes(m, folio: Page, pfn: int, nr: int) -> None:
     if unmapped and not folio.entire_mapcount:  # __folio_remove_rmap: NR_ANON_MAPPED
         m.vmstat.mod_node_page_state("nr_anon_pages", -unmapped)
     # __folio_remove_rmap: pages became unmapped while others stay PTE-mapped, and no
-    # PMD mapping covers the whole folio any more
-    if unmapped and folio.nr_pages_mapped and not folio.entire_mapcount:
+    # PMD mapping covers the whole folio any more; a folio flagged partially mapped is
+    # not queued again (the shrinker may hold it off the queue: it requeues it itself)
+    if (unmapped and folio.nr_pages_mapped and not folio.entire_mapcount
+            and not folio.flags & PG_partially_mapped):
         await huge_memory_split.deferred_split_folio(m, folio, True)
 
 
@@ -134,7 +138,8 @@ async def folio_remove_rmap_pmd(m, folio: Page) -> None:
         # the pages no PTE keeps mapped are unmapped now (NR_ANON_MAPPED)
         m.vmstat.mod_node_page_state("nr_anon_pages",
                                      folio.nr_pages_mapped - folio.nr_pages)
-        if folio.nr_pages_mapped and folio.nr_pages_mapped < folio.nr_pages:
+        if (folio.nr_pages_mapped and folio.nr_pages_mapped < folio.nr_pages
+                and not folio.flags & PG_partially_mapped):
             # the last PMD mapping went while only some pages stay PTE-mapped
             await huge_memory_split.deferred_split_folio(m, folio, True)
 

@@ -30,8 +30,23 @@ KiB = 1 << 10
 PAGE = 4096
 MTHP = 64 * KiB
 HALF = MTHP // 2
-DELAYS = (0, 1, 2, 3, 4, 6, 8)
+DELAYS = (0, 4, 8, 16, 32)
+DECOYS = 6  # queued ahead of the moved folio: the shrinker splits them first
 ENOENT = -2
+
+
+async def partially_mapped_mthp(k, p, value):
+    """A 64 KiB mTHP on node 0 whose second half is unmapped: queued for deferred split
+    (at the tail of the queue)."""
+    r = await p.mmap(2 * MTHP)
+    assert await p.madvise(r, 2 * MTHP, "hugepage") == 0
+    a = (r + MTHP - 1) & ~(MTHP - 1)  # a 64 KiB-aligned block inside: one mTHP
+    await p.touch(a, MTHP, value=value)
+    assert p.numa_maps(a, MTHP)["pages"] == {"0": 16}, "the mTHP is not on node 0"
+    partial = k.mthp_stats("64kB")["nr_anon_partially_mapped"]
+    assert await p.munmap(a + HALF, HALF) == 0
+    assert k.mthp_stats("64kB")["nr_anon_partially_mapped"] == partial + 1
+    return a
 
 
 async def main(k):
@@ -41,23 +56,16 @@ async def main(k):
     assert await p.madvise(spare, 64 * KiB, "nohugepage") == 0
     await p.touch(spare, 64 * KiB, value=7)
     for rnd, delay in enumerate(DELAYS):
-        r = await p.mmap(2 * MTHP)
-        assert await p.madvise(r, 2 * MTHP, "hugepage") == 0
-        a = (r + MTHP - 1) & ~(MTHP - 1)  # a 64 KiB-aligned block inside: one mTHP
-        await p.touch(a, MTHP, value=0x20 + rnd)
-        assert p.numa_maps(a, MTHP)["pages"] == {"0": 16}, "the mTHP is not on node 0"
-        # its second half goes: partially mapped, queued for deferred split
-        partial = k.mthp_stats("64kB")["nr_anon_partially_mapped"]
-        assert await p.munmap(a + HALF, HALF) == 0
-        assert k.mthp_stats("64kB")["nr_anon_partially_mapped"] == partial + 1
+        for _ in range(DECOYS + 1):  # the last one is the folio moved
+            a = await partially_mapped_mthp(k, p, 0x20 + rnd)
 
-        async def mover(cpu, a=a):
-            return await p.on(cpu).move_pages([a], nodes=[1])
-
-        async def shrinker(cpu, delay=delay):
+        async def mover(cpu, a=a, delay=delay):
             q = p.on(cpu)
             for _ in range(delay):
                 await q.load(spare)
+            return await q.move_pages([a], nodes=[1])
+
+        async def shrinker(cpu):
             await k.force_empty()
 
         (left, status), _ = await k.parallel(mover, shrinker)
