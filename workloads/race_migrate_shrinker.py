@@ -1,11 +1,12 @@
 """move_pages(2) of a partially mapped mTHP vs the deferred-split shrinker.
 
-Each round faults a 64 KiB mTHP on node 0 and unmaps its second half: the folio is
-partially mapped and deferred_split_folio queues it. CPU 0 then moves it to node 1
-(move_pages: the folio is isolated and migrated whole) while CPU 1 runs reclaim
-(memory.force_empty: the deferred-split shrinker takes each queued folio off the queue
-with folio_try_get under split_queue_lock, then splits it under its folio lock), after 0
-to 8 loads so the scan lands before, inside and after the migration.
+Each round faults four 64 KiB mTHPs on node 0 and unmaps the second half of each: they
+are partially mapped and deferred_split_folio queues them, in order. CPU 1 then runs
+reclaim (memory.force_empty: the deferred-split shrinker takes the queued folios off the
+queue with folio_try_get under split_queue_lock, then splits them one by one under
+their folio locks: the last one waits in the shrinker's batch while the first three are
+split) while CPU 0, after 0 to 24 loads, moves the last one to node 1 (move_pages: the
+folio is isolated and migrated whole).
 
 While the shrinker holds its reference the folio is off the queue, and only the
 migration's refcount freeze (folio_ref_freeze to the expected count, in
@@ -17,12 +18,14 @@ deferred split queue", reached here through the shrinker).
 
 move_pages returns 0 with the folio on node 1 (or only the addressed page, when the
 shrinker split the folio first), or leaves it on node 0 (one page not migrated: locked
-or referenced; or -ENOENT while the shrinker's split has the PTEs as migration entries); every byte reads back; and once reclaim has run again with nothing
-racing, no 64 KiB folio is left: every partially mapped one was on the queue and split
+or referenced; or -ENOENT while the shrinker's split has the PTEs as migration
+entries); every byte reads back; and once reclaim has run again with nothing racing,
+no 64 KiB folio is left: every partially mapped one was on the queue and split
 (hugepages-64kB/stats/nr_anon and nr_anon_partially_mapped back to 0).
 
     kmm run workloads/race_migrate_shrinker.py --cpus 2 --mode random --seed 1
     kmm explore workloads/race_migrate_shrinker.py --schedules 1000 --mode pct
+    kmm mutate migrate_no_ref_freeze     # killed within a few random or pct schedules
 """
 
 MACHINE = {"memory": "64MiB", "nodes": 2}
@@ -30,8 +33,8 @@ KiB = 1 << 10
 PAGE = 4096
 MTHP = 64 * KiB
 HALF = MTHP // 2
-DELAYS = (0, 4, 8, 16, 32)
-DECOYS = 6  # queued ahead of the moved folio: the shrinker splits them first
+DELAYS = (0, 8, 24)
+DECOYS = 3  # queued ahead of the moved folio: the shrinker splits them first
 ENOENT = -2
 
 
