@@ -229,7 +229,10 @@ MUTANTS: tuple[Mutant, ...] = (
     # folio_try_get, so a move meanwhile finds the source unqueued and does not
     # requeue the destination, which stays partially mapped on no queue (and the
     # shrinker splits the old copy). race_migrate_shrinker.py sees the escape: after a
-    # quiet reclaim a 64 KiB folio is left (hugepages-64kB/stats/nr_anon). The others
+    # quiet reclaim a 64 KiB folio is left (hugepages-64kB/stats/nr_anon); random and
+    # pct kill it within 2 schedules, pct-focus in 14 (preempt: survives 60). (kmm used
+    # to requeue a flagged folio on every unmap, which hid the escape; 6.18's
+    # __folio_remove_rmap does not, and neither does rmap.py now.) The others
     # are harmless: the LRU isolation of reclaim, compaction, MADV_PAGEOUT and the other
     # migrations excludes it; the split paths and MADV_COLD/PAGEOUT hold the folio lock
     # or wait for it and then work on an unmapped copy their put frees; wp_page_copy and

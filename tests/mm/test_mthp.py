@@ -338,3 +338,37 @@ def test_compaction_moves_mthps_whole():
     assert out["stats"]["split_deferred"] == 2 * moved  # source at unmap, destination
     assert out["stats"]["nr_anon_partially_mapped"] == moved
     assert out["lost"] == []
+
+
+def test_a_folio_flagged_partially_mapped_is_not_queued_again_by_an_unmap():
+    """__folio_remove_rmap calls deferred_split_folio only for a folio not yet flagged
+    partially mapped (!folio_test_partially_mapped): one the deferred-split shrinker
+    holds in its batch (off the queue, flagged, a reference taken) stays off the queue
+    when more of it is unmapped meanwhile; the shrinker requeues it itself if it cannot
+    split it."""
+    async def drive(m, k):
+        k.set_knob("hugepages-64kB/enabled", "madvise")
+        p = await k.process("main")
+        r = await p.mmap(128 * KiB)
+        await p.madvise(r, 128 * KiB, "hugepage")
+        a = (r + 64 * KiB - 1) & ~(64 * KiB - 1)
+        await p.touch(a, 64 * KiB, value=5)
+        assert await p.munmap(a + 32 * KiB, 32 * KiB) == 0
+        (pfn,) = m.deferred_split_queue
+        folio = m.physmem.page(pfn)
+        # deferred_split_scan's first loop: folio_try_get, off the queue
+        await m.split_queue_lock.lock("test")
+        atomic.folio_ref_add_locked(folio)
+        m.split_scan_pins[pfn] = 1
+        atomic.ds_queue_del_locked(m, folio)
+        await m.split_queue_lock.unlock()
+        assert await p.munmap(a + 16 * KiB, 16 * KiB) == 0
+        assert not folio.on_deferred_list and list(m.deferred_split_queue) == []
+        assert k.mthp_stats("64kB")["split_deferred"] == 1
+        # the shrinker could not lock it: back on the queue, then its reference goes
+        await m.split_queue_lock.lock("test")
+        atomic.ds_queue_add_locked(m, folio)
+        await m.split_queue_lock.unlock()
+        del m.split_scan_pins[pfn]
+        await swap.folio_put(m, folio)
+    run_machine(drive, memory=64 << 20)
