@@ -248,6 +248,18 @@ class Kernel:
         from kmm import huge_memory_mthp
         return dict(huge_memory_mthp.mthp_stats(self.machine)[f"hugepages-{size}"])
 
+    def tlb_misses(self) -> list[int]:
+        """dTLB misses (hardware page walks) so far, one count per CPU."""
+        return list(self.machine.tlb_stats)
+
+    def daemons(self) -> list[str]:
+        """The daemon actors of this run (kswapd, kcompactd, khugepaged, plug-ins), by name."""
+        return [a.name for a in self.machine.sched.actors if a.kind == "daemon"]
+
+    def khugepaged_busy_ns(self) -> int:
+        """Emulated time khugepaged has spent in its scans (khugepaged_do_scan), in ns."""
+        return self.machine.khugepaged_scan.scan_ns
+
     def zoneinfo(self, node: int = 0) -> dict[str, int]:
         """/proc/zoneinfo's figures for a node's zone: free pages, watermarks, size."""
         z = self.machine.node_data[node].zone

@@ -45,6 +45,10 @@ def test_workloads_see_only_the_program_api():
             if isinstance(node, ast.ImportFrom) and node.module == "kmm":
                 names = {a.name for a in node.names}
                 assert names <= set(kmm.__all__), f"{f.relative_to(ROOT)} imports {names}"
+            # k.machine is the emulator's inside: a program that reads it breaks when
+            # mechanism moves, and a spawned program has no machine to read
+            if isinstance(node, ast.Attribute) and node.attr == "machine":
+                raise AssertionError(f"{f.relative_to(ROOT)}:{node.lineno} reads .machine")
 
 
 def test_runtime_imports_no_mechanism():

@@ -51,11 +51,10 @@ async def build(k, p, rounds: int = NR) -> int:
 
 async def khugepaged_collapse(k, p, addr: int) -> bool:
     """wait_for_scan: MADV_HUGEPAGE, then until huge or two more full scans."""
-    sysfs = k.machine.sysfs
     await p.madvise(addr, HPAGE, "hugepage")
-    target = sysfs["khugepaged/full_scans"] + 2
+    target = k.knob("khugepaged/full_scans") + 2
     for _ in range(6):
-        if k.smaps(p, addr, HPAGE)[1] == 2048 or sysfs["khugepaged/full_scans"] >= target:
+        if k.smaps(p, addr, HPAGE)[1] == 2048 or k.knob("khugepaged/full_scans") >= target:
             break
         await k.sleep(TICK)
     await p.madvise(addr, HPAGE, "nohugepage")
@@ -64,21 +63,19 @@ async def khugepaged_collapse(k, p, addr: int) -> bool:
 
 async def madvise_collapse(k, p, addr: int) -> bool:
     """__madvise_collapse: enabled=never, MADV_HUGEPAGE, MADV_COLLAPSE must return 0."""
-    sysfs = k.machine.sysfs
-    sysfs.write("enabled", "never")
+    k.set_knob("enabled", "never")
     await p.madvise(addr, HPAGE, "hugepage")
     r = await errno_name(p.madvise(addr, HPAGE, "collapse"))
-    sysfs.write("enabled", "madvise")
+    k.set_knob("enabled", "madvise")
     return r == 0 and k.smaps(p, addr, HPAGE)[1] == 2048
 
 
 async def main(k):
-    sysfs = k.machine.sysfs
     # the selftest's settings
     for name, value in (("enabled", "madvise"), ("defrag", "always"), ("use_zero_page", 0),
                         ("khugepaged/scan_sleep_millisecs", 10),
                         ("khugepaged/alloc_sleep_millisecs", 10)):
-        sysfs.write(name, value)
+        k.set_knob(name, value)
     k.start_daemon("khugepaged")
     out = {}
     for name, collapse in (("khugepaged", khugepaged_collapse), ("madvise", madvise_collapse)):

@@ -16,9 +16,8 @@ SIZE = 4 * MiB
 
 
 async def main(k):
-    sysfs = k.machine.sysfs
-    sysfs.write("khugepaged/scan_sleep_millisecs", 0)
-    sysfs.write("khugepaged/pages_to_scan", 512)
+    k.set_knob("khugepaged/scan_sleep_millisecs", 0)
+    k.set_knob("khugepaged/pages_to_scan", 512)
     k.start_daemon("khugepaged")
     p = await k.process("main")
     a = await p.mmap(SIZE)
@@ -37,8 +36,8 @@ async def main(k):
                 await q.madvise(a + off + 8192, 4096, "dontneed")
 
     await k.parallel(faulter, writer)
-    sysfs.write("khugepaged/scan_sleep_millisecs", 10)
+    k.set_knob("khugepaged/scan_sleep_millisecs", 10)
     await k.sleep(50_000_000)
     rss, huge = k.smaps(p, a, SIZE)
-    return {"full_scans": sysfs["khugepaged/full_scans"], "anon_huge_kb": huge,
+    return {"full_scans": k.knob("khugepaged/full_scans"), "anon_huge_kb": huge,
             "lost_bytes": len(await p.verify())}

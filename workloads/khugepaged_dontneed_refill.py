@@ -27,12 +27,11 @@ def scattered(block: int, n: int) -> list[int]:
 
 
 async def main(k):
-    sysfs = k.machine.sysfs
-    sysfs.write("khugepaged/scan_sleep_millisecs", 1000)
+    k.set_knob("khugepaged/scan_sleep_millisecs", 1000)
     k.start_daemon("khugepaged")
     out = {}
     for max_none in (0, 64, 409, 511):
-        sysfs.write("khugepaged/max_ptes_none", max_none)
+        k.set_knob("khugepaged/max_ptes_none", max_none)
         p = await k.process(f"alloc{max_none}")
         a = await p.mmap(HEAP)
         await p.madvise(a, HEAP, "hugepage")

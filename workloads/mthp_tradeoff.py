@@ -40,10 +40,10 @@ async def run_one(k, size, offsets):
     faults, write_ns = k.vmstat()["pgfault"] - f0, k.now - t0
     for off in offsets:  # warm the TLB
         await p.load(a + off)
-    w0 = k.machine.tlb_stats[0]
+    w0 = k.tlb_misses()[0]
     for off in offsets:
         await p.load(a + off)
-    misses = k.machine.tlb_stats[0] - w0
+    misses = k.tlb_misses()[0] - w0
     rss, huge = k.smaps(p, a, REGION)
     touched = len({off // (4 * KiB) for off in offsets}) * 4
     await p.exit()

@@ -33,8 +33,7 @@ BASE_DAEMONS = ("kswapd", "kcompactd")
 
 def promotion_daemons(k) -> list[str]:
     """The promotion daemons running besides the reclaim ones (a --daemon plug-in)."""
-    return [a.name for a in k.machine.sched.actors
-            if a.kind == "daemon" and a.name not in BASE_DAEMONS]
+    return [n for n in k.daemons() if n.rstrip("0123456789") not in BASE_DAEMONS]
 
 
 async def main(k):
@@ -56,21 +55,21 @@ async def main(k):
     for b in hot:
         await p.touch(b, BLOCK)
     await p.madvise(a, size, "hugepage")  # khugepaged_enter_vma: the mm is registered
-    tlb0 = list(k.machine.tlb_stats)
+    tlb0 = k.tlb_misses()
     per_epoch = []
     for _ in range(EPOCHS):
-        before = sum(k.machine.tlb_stats)
+        before = sum(k.tlb_misses())
         for b in hot:
             await p.touch(b, BLOCK, write=False)
         for b in sparse:
             await p.touch(b, BLOCK, write=False, stride=stride)
-        per_epoch.append(sum(k.machine.tlb_stats) - before)
+        per_epoch.append(sum(k.tlb_misses()) - before)
         await k.sleep(EPOCH_NS)
     rss_kb, huge_kb = k.smaps(p, a, size)
     huge_blocks = {b for b in sparse + hot if k.smaps(p, b, BLOCK)[1]}
     return {
         "policy": ",".join(policy),
-        "tlb_misses": sum(k.machine.tlb_stats) - sum(tlb0),
+        "tlb_misses": sum(k.tlb_misses()) - sum(tlb0),
         "tlb_misses_per_epoch": per_epoch,
         "rss_kb": rss_kb,
         "anon_huge_kb": huge_kb,

@@ -18,12 +18,11 @@ UPDATE_EVERY = 512 << 10
 
 
 async def main(k):
-    m = k.machine
     redis = await k.process("redis")
     a = await redis.mmap(DATASET)
     await redis.madvise(a, DATASET, "hugepage")
     await redis.touch(a, DATASET, value=0x11)
-    before = dict(m.vmstat.events)
+    before = k.vmstat()
 
     child = await redis.fork("bgsave")
 
@@ -36,13 +35,13 @@ async def main(k):
             await p.store(a + off, bytes([0x22]) * 64)
 
     def moved(since):
-        now = m.vmstat.events
+        now = k.vmstat()
         return {e: now[e] - since[e] for e in since if e.startswith("thp_") and now[e] != since[e]}
 
     mismatches, _ = await k.parallel(serialise, updates)
     during = {name: k.smaps(t, a, DATASET) for name, t in (("redis", redis), ("bgsave", child))}
     during_events = moved(before)
-    at_exit = dict(m.vmstat.events)
+    at_exit = k.vmstat()
     await child.exit()
     after = k.smaps(redis, a, DATASET)
     return {
