@@ -230,7 +230,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # requeue the destination, which stays partially mapped on no queue (and the
     # shrinker splits the old copy). race_migrate_shrinker.py sees the escape: after a
     # quiet reclaim a 64 KiB folio is left (hugepages-64kB/stats/nr_anon); random and
-    # pct kill it within 2 schedules, pct-focus in 14 (preempt: survives 60). (kmm used
+    # pct kill it within 2 schedules, pct-focus in 14 (preempt: survives 300). (kmm used
     # to requeue a flagged folio on every unmap, which hid the escape; 6.18's
     # __folio_remove_rmap does not, and neither does rmap.py now.) The others
     # are harmless: the LRU isolation of reclaim, compaction, MADV_PAGEOUT and the other
