@@ -330,15 +330,7 @@ class Scheduler:
     def tick(self, cost: int, event: str, **fields: Any) -> None:
         """The whole of a point when ``quiet``: the same sequence, time and digest as
         ``await point(event, cost, **fields)``."""
-        self.seq = seq = self.seq + 1
-        self.now = now = self.now + cost
-        buf = self._fold  # Trace.fold, inline: the batch the digest is folded from
-        if buf is not None:
-            buf.append((seq, now, self.current.name, event, fields))
-            if len(buf) >= BATCH:
-                self._trace._flush()
-        if self._sleepers and self._sleepers[0][0] <= now:
-            self._wake_sleepers()
+        self.tick_fields(cost, event, fields)
 
     def tick_fields(self, cost: int, event: str, fields: dict) -> None:
         """``tick`` with the fields as a dict already built (a lock's)."""
