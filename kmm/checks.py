@@ -618,17 +618,28 @@ def page_cache_errors(ctx: Checker) -> list[str]:
     mapped = set(ms.folios) | set(ms.pmd_maps) if ms is not None else set()
     pm, zone = m.physmem, mmzone.all_zones(m)
     errs = []
+    memo = ctx.state.setdefault("page_cache", {})  # inode -> its indices' last verdict
     for inode in st.inodes.values():
         mapping = inode.mapping
-        seen = set()
-        for index, pfn in mapping.i_pages.items():
+        # a THP fills 512 indices with one pfn: judge each folio once, then each index
+        # against its folio's range in one comprehension (this check runs every step)
+        lo: dict[int, int] = {}
+        hi: dict[int, int] = {}
+        for pfn in set(mapping.i_pages.values()):
             folio = pm.pages.get(pfn)
-            if folio is None or zone.is_free(pfn) or folio.mapping is not mapping \
-                    or not folio.index <= index < folio.index + folio.nr_pages:
-                errs.append(f"shmem inode {inode.id}: index {index} -> {pfn:#x}, not a "
-                            "page-cache folio of it")
-                continue
-            seen.add(pfn)
+            if folio is not None and not zone.is_free(pfn) and folio.mapping is mapping:
+                lo[pfn], hi[pfn] = folio.index, folio.index + folio.nr_pages
+        items = tuple(mapping.i_pages.items())
+        last = memo.get(inode.id)
+        if last is not None and last[:3] == (items, lo, hi):
+            bad = last[3]
+        else:
+            bad = [(i, p) for i, p in items if not lo.get(p, 1) <= i < hi.get(p, 0)]
+            memo[inode.id] = (items, lo, hi, bad)
+        for index, pfn in bad:
+            errs.append(f"shmem inode {inode.id}: index {index} -> {pfn:#x}, not a "
+                        "page-cache folio of it")
+        seen = lo.keys()
         if index_clash := set(mapping.i_pages) & set(mapping.swapped):
             errs.append(f"shmem inode {inode.id}: indices {sorted(index_clash)[:4]} hold "
                         "a folio and a swap entry")
