@@ -34,7 +34,7 @@ from kmm.mm_types import PG_isolated, PG_lru, PG_swapcache, PGTY_hugetlb
 from kmm.pgtable import (
     HPAGE_PMD_NR, PAGE_SIZE, PGDIR_SIZE, PMD_SIZE, PUD_SIZE, is_migration_entry,
     is_pmd_migration_entry, pmd_pfn, pmd_present, pmd_trans_huge, pte_pfn, pte_present,
-    pte_special, table_pfn,
+    pte_special, swp_offset, swp_type, table_pfn,
 )
 
 
@@ -121,10 +121,21 @@ class Checker:
         pm = self.m.physmem
         old_t = self._tables
         now_t = pm.tables
-        dt = {t for t, e in now_t.items() if old_t.get(t) != e}
-        dt.update(old_t.keys() - now_t.keys())
-        if dt or self.first:
+        if self.first:
+            dt = set(now_t)  # (against no snapshot: every table changed)
             self._tables = {t: e.copy() for t, e in now_t.items()}
+            self._gen["tables"] += 1
+        elif now_t == old_t:  # (most checks: every list compared in C, nothing copied)
+            dt = set()
+        else:
+            dt = {t for t, e in now_t.items() if old_t.get(t) != e}
+            dt.update(old_t.keys() - now_t.keys())
+            for t in dt:  # copy only the tables that changed
+                e = now_t.get(t)
+                if e is None:
+                    del old_t[t]
+                else:
+                    old_t[t] = e.copy()
             self._gen["tables"] += 1
         old_p = self._pages
         now_p = dict(zip(pm.pages.keys(), map(_PAGE_FIELDS, pm.pages.values())))
@@ -252,6 +263,43 @@ def _mapping_of(pm, pfn: int):
     return None if p is None else p.mapping
 
 
+def _folio_pages(pm, pfn: int) -> tuple[int, ...]:
+    """The struct pages _head_of(pm, pfn) and _mapping_of(pm, pfn) read: the page, its
+    head, or (a tail without a struct page) every head it probes."""
+    p = pm.pages.get(pfn)
+    if p is not None:
+        return pfn, p.head
+    return (pfn, *(pfn & ~((1 << order) - 1) for order in range(1, 11)))
+
+
+def _file_mapped(pm, maps: Counter) -> tuple[set[int], int]:
+    """(the struct pages read, the mappings in ``maps`` of page-cache folios)."""
+    read: set[int] = set()
+    n = 0
+    for pfn, c in maps.items():
+        read.update(_folio_pages(pm, pfn))
+        if _mapping_of(pm, pfn) is not None:
+            n += c
+    return read, n
+
+
+def _deposit_wanted(m, tbl: list[int]) -> tuple[set[int], int]:
+    """(the struct pages read, the PMDs of a PMD table that want a deposited table:
+    migration entries and huge PMDs but page-cache (shmem, none on x86) and hugetlb
+    ones)."""
+    pm = m.physmem
+    read: set[int] = set()
+    huge = 0
+    for e in compress(tbl, tbl):
+        if pmd_trans_huge(e):
+            read.update(_folio_pages(pm, pmd_pfn(e)))
+        if is_pmd_migration_entry(e) or pmd_trans_huge(e) and (
+                m.is_huge_zero_pfn(pmd_pfn(e)) or _mapping_of(pm, pmd_pfn(e)) is None
+        ) and not checks_hugetlb.is_hugetlb_pmd(m, e):
+            huge += 1
+    return read, huge
+
+
 def _head_of(pm, pfn: int) -> int:
     """page_folio(pfn)'s pfn, without creating a struct page (physmem.page's rule)."""
     p = pm.pages.get(pfn)
@@ -282,6 +330,10 @@ class _MapState:
         self.zone: tuple[int, int] | None = None   # the buddy's untouched range
         self.free: dict[int, int] = {}              # and its free blocks, at the last check
         self.pins: dict[int, int] = {}
+        # PMD table -> (huge zero pfn, struct pages read, PMDs wanting a deposit)
+        self.huge: dict[int, tuple] = {}
+        # leaf table -> (its summary, struct pages read, page-cache pages it maps)
+        self.file: dict[int, tuple] = {}
 
 
 def _apply(st: _MapState, t: int, new: tuple | None, touched_pte: set, touched_pmd: set
@@ -334,6 +386,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
         st.zone = (zone.untouched, zone.untouched_end)
     dp = ctx.dirty_pages
     tabchk = st.tabchk
+    hugec = st.huge
+    hz = m.huge_zero_pfn
     visited: set[int] = set()
     for task in m.tasks_with_tables():  # an exiting mm maps pages until exit_mmap
         mm = task.mm
@@ -363,13 +417,13 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 got = tabchk[t] = ((lvl, name), e)
             errs.extend(got[1])
             if lvl == "pmd":
-                tbl = pm.tables[t]
-                # a page-cache (shmem) PMD has no deposited table on x86
-                huge = sum(1 for e in compress(tbl, tbl)
-                           if is_pmd_migration_entry(e) or pmd_trans_huge(e) and (
-                               m.is_huge_zero_pfn(pmd_pfn(e))
-                               or _mapping_of(pm, pmd_pfn(e)) is None)
-                           and not checks_hugetlb.is_hugetlb_pmd(m, e))
+                # the PMDs that want a deposited table, kept while the table, the
+                # struct pages its huge PMDs read and the huge zero pfn stay
+                got = hugec.get(t)
+                if (got is None or got[0] != hz or t in dt
+                        or not got[1].isdisjoint(dp)):
+                    got = hugec[t] = (hz, *_deposit_wanted(m, pm.tables[t]))
+                huge = got[2]
                 dep = len(pg.pt_deposit or ()) if pg else 0
                 deposited += dep
                 if dep != huge:
@@ -385,7 +439,6 @@ def mapping_errors(ctx: Checker) -> list[str]:
             errs.append(f"{name}: pgtables_bytes {mm.pgtables_bytes} != "
                         f"{len(every) + deposited} table pages")
         rss = 0
-        hz = m.huge_zero_pfn
         for lvl, lst in (("pmd", pmds), ("pte", ptes)):
             for t, base in lst:
                 key = (lvl, name, base, hz if lvl == "pmd" else 0)
@@ -401,14 +454,18 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 rss += s[2]
         for t, base in ptes:
             errs.extend(st.sums[t][3])
-        # MM_SHMEMPAGES: the mapped pages of page-cache folios (read afresh: a folio's
-        # mapping is a struct-page field, not a table entry)
+        # MM_SHMEMPAGES: the mapped pages of page-cache folios (a folio's mapping is a
+        # struct-page field, not a table entry: each leaf table's count is kept while
+        # its summary and the struct pages it read stay)
         rss_file = 0
+        filec = st.file
         for lst, per in ((pmds, HPAGE_PMD_NR), (ptes, 1)):
             for t, _base in lst:
-                for pfn, n in st.sums[t][1].items():
-                    if _mapping_of(pm, pfn) is not None:
-                        rss_file += n * per
+                s = st.sums[t]
+                got = filec.get(t)
+                if got is None or got[0] is not s or not got[1].isdisjoint(dp):
+                    got = filec[t] = (s, *_file_mapped(pm, s[1]))
+                rss_file += got[2] * per
         rss -= rss_file
         if rss != mm.rss_anon:
             errs.append(f"{name}: MM_ANONPAGES {mm.rss_anon} != {rss} mapped pages")
@@ -425,6 +482,10 @@ def mapping_errors(ctx: Checker) -> list[str]:
         del st.walks[name]
     for t in [t for t in tabchk if t not in visited]:
         del tabchk[t]
+    for t in [t for t in hugec if t not in visited]:
+        del hugec[t]
+    for t in [t for t in st.file if t not in live]:
+        del st.file[t]
 
     # which pfns and folios to look at again
     for lo, hi in ranges:
@@ -583,9 +644,11 @@ def swap_errors(ctx: Checker) -> list[str]:
     migration entry), in the walk's address order."""
     m = ctx.m
     st = ctx.state.get("mappings")
-    if m.swap_info is not None or st is None:
+    if st is None:
         return swapfile.check(m)
+    si = m.swap_info
     errs = []
+    refs: dict[int, int] = {}
     for task in m.tasks_with_tables():
         if task.name not in st.leaves:
             continue
@@ -593,13 +656,17 @@ def swap_errors(ctx: Checker) -> list[str]:
         found = [(a, 0, e) for t, _ in pmds for a, e in st.sums[t][4]]
         swaps = [(a, 1, e) for t, _ in ptes for a, e in st.sums[t][4]]
         for a, kind, e in sorted(found + swaps):
-            errs.append(f"{task.name}: non-present PMD {e:#x} at {a:#x} is not a "
-                        "migration entry (swap is never mapped at PMD level)" if kind == 0
-                        else f"{task.name}: swap PTE {e:#x} at {a:#x} names no slot")
+            if kind == 0:
+                errs.append(f"{task.name}: non-present PMD {e:#x} at {a:#x} is not a "
+                            "migration entry (swap is never mapped at PMD level)")
+            elif si is None or swp_type(e) != si.type or not 0 < swp_offset(e) < si.max:
+                errs.append(f"{task.name}: swap PTE {e:#x} at {a:#x} names no slot")
+            else:
+                refs[swp_offset(e)] = refs.get(swp_offset(e), 0) + 1
         if len(swaps) != task.mm.swapents:
             errs.append(f"{task.name}: MM_SWAPENTS {task.mm.swapents} != {len(swaps)} "
                         "swap PTEs")
-    return errs
+    return errs + swapfile.slot_errors(m, refs)
 
 
 # hugetlb folios and pools: kmm/checks_hugetlb.py

@@ -9,6 +9,8 @@ changes (the byte itself is read again at every check).
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from kmm import checks_hugetlb, swapfile
 from kmm.memory import pmd_lookup
 from kmm.pgtable import (
@@ -53,12 +55,15 @@ def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
 
 def data_errors(ctx) -> list[str]:
     """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
-    _data_errors, with each address's place in the page tables kept until a table on
-    its path changes (the byte itself is read again every time)."""
+    _data_errors, with each page's place in the page tables kept until a table on its
+    path changes and each task's written bytes grouped by page while its shadow stays
+    (the bytes themselves are read again every time, a page's at once; a task whose
+    page disagrees is read again byte by byte, for the errors in shadow order)."""
     m, k = ctx.m, ctx.k
     if k is None:
         return []
     where: dict = ctx.state.setdefault("data", {})
+    plans: dict = ctx.state.setdefault("data_plans", {})
     dt = ctx.dirty_tables
     if dt:
         # forget every place whose path changed, not only those looked up now: an
@@ -70,12 +75,16 @@ def data_errors(ctx) -> list[str]:
     data = m.physmem.data
     errs = []
 
-    def read(task, addr: int) -> int | None:
-        key = (task.name, task.mm.pgd, addr)
+    def place(task, vpage: int) -> tuple[tuple[int, ...], int]:
+        # every place kept has a path no table changed on since (the purge above)
+        key = (task.name, task.mm.pgd, vpage)
         got = where.get(key)
-        if got is None or any(t in dt for t in got[0]):
-            got = where[key] = _resolve(m, task.mm, addr)
-        pfn = got[1]
+        if got is None:
+            got = where[key] = _resolve(m, task.mm, vpage << 12)
+        return got
+
+    def read(task, addr: int) -> int | None:
+        pfn = place(task, addr >> 12)[1]
         if pfn == -1:
             return None
         if pfn == -2:
@@ -83,29 +92,116 @@ def data_errors(ctx) -> list[str]:
         frame = data.get(pfn)
         return 0 if frame is None else frame[addr & 4095]
 
+    live = set()
     for name, shadow in k.shadow.items():
         task = m.tasks.get(name)
         if task is None or not task.alive:
             continue
-        unknown = k.unknown.get(name, ())  # written while its fork ran: either value
+        live.add(name)
+        unknown = k.unknown.get(name) or frozenset()  # written while its fork ran
         skip = checks_hugetlb.unchecked_ranges(task)
-        for addr, want in shadow.items():
-            if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
-                continue
-            got = read(task, addr)
-            if got is not None and got != want:
-                errs.append(f"{name}: byte at {addr:#x} reads {got}, was written {want}")
-            if got is None and want != 0:
-                vma = task.mm.vma_lookup(addr)
-                if vma is not None and vma.vm_file is None:  # (a private file mapping's
-                    # COW page may be zapped: the file shows through again)
-                    errs.append(f"{name}: written byte at {addr:#x} is no longer mapped")
+        if not _pages_agree(task, _plan(plans, name, shadow, unknown, skip), place,
+                            data, m):
+            for addr, want in shadow.items():
+                if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
+                    continue
+                got = read(task, addr)
+                if got is not None and got != want:
+                    errs.append(f"{name}: byte at {addr:#x} reads {got}, was written "
+                                f"{want}")
+                if got is None and want != 0:
+                    vma = task.mm.vma_lookup(addr)
+                    if vma is not None and vma.vm_file is None:  # (a private file
+                        # mapping's COW page may be zapped: the file shows through again)
+                        errs.append(f"{name}: written byte at {addr:#x} is no longer "
+                                    "mapped")
         for addr, want in k.lazy.get(name, {}).items():
             got = read(task, addr)
             if got not in (None, 0, want):
                 errs.append(f"{name}: MADV_FREE'd byte at {addr:#x} reads {got}, "
                             f"was written {want}")
+    for name in [n for n in plans if n not in live]:
+        del plans[name]
     return errs + file_errors(m, k)
+
+
+class _Plan:
+    """A task's checked shadow bytes grouped by virtual page, as of its last check:
+    vpage -> {offset: byte}, and per page (offsets getter, bytes, any nonzero)."""
+
+    __slots__ = ("shadow", "unknown", "skip", "bypage", "groups")
+
+    def __init__(self, shadow: dict, unknown, skip: list) -> None:
+        self.shadow = dict(shadow)
+        self.unknown = frozenset(unknown)
+        self.skip = list(skip)
+        self.bypage: dict[int, dict[int, int]] = {}
+        self.groups: dict[int, tuple] = {}
+        for addr, want in shadow.items():
+            if self._checked(addr):
+                self.bypage.setdefault(addr >> 12, {})[addr & 4095] = want
+        for vp in self.bypage:
+            self._group(vp)
+
+    def _checked(self, addr: int) -> bool:
+        return addr not in self.unknown and not (
+            self.skip and any(lo <= addr < hi for lo, hi in self.skip))
+
+    def _group(self, vp: int) -> None:
+        offs = self.bypage.get(vp)
+        if not offs:
+            self.bypage.pop(vp, None)
+            self.groups.pop(vp, None)
+            return
+        get = itemgetter(*offs)
+        wants = get(offs)  # (an int for one offset, as the getter gives)
+        self.groups[vp] = (get, wants, any(offs.values()), tuple(offs))
+
+    def update(self, shadow: dict) -> None:
+        """Regroup the pages of the bytes written or dropped since."""
+        touched = set()
+        for addr, _ in shadow.items() ^ self.shadow.items():
+            vp = addr >> 12
+            touched.add(vp)
+            if addr in shadow and self._checked(addr):
+                self.bypage.setdefault(vp, {})[addr & 4095] = shadow[addr]
+            elif vp in self.bypage:
+                self.bypage[vp].pop(addr & 4095, None)
+        for vp in touched:
+            self._group(vp)
+        self.shadow = dict(shadow)
+
+
+def _plan(plans: dict, name: str, shadow: dict, unknown, skip: list) -> _Plan:
+    plan = plans.get(name)
+    if plan is None or plan.unknown != unknown or plan.skip != skip:
+        plan = plans[name] = _Plan(shadow, unknown, skip)
+    elif plan.shadow != shadow:
+        plan.update(shadow)
+    return plan
+
+
+def _pages_agree(task, plan: _Plan, place, data: dict, m) -> bool:
+    """Every checked byte of the task reads what was written, page by page (False:
+    some page disagrees or is unmapped with a nonzero byte; read it byte by byte)."""
+    for vp, (get, wants, nonzero, offs) in plan.groups.items():
+        pfn = place(task, vp)[1]
+        if pfn >= 0:
+            frame = data.get(pfn)
+            if frame is None:
+                if nonzero:
+                    return False
+            elif get(frame) != wants:
+                return False
+        elif pfn == -1:
+            if nonzero:
+                return False
+        else:  # a swap entry: read through the swap device, byte by byte
+            base = vp << 12
+            got = tuple(read_mapped_byte(m, task.mm, base + o) for o in offs)
+            if got != (wants if len(offs) > 1 else (wants,)):
+                return False
+    return True
 
 
 def file_errors(m, k) -> list[str]:

@@ -571,6 +571,14 @@ def check(m) -> list[str]:
             refs[swp_offset(e)] = refs.get(swp_offset(e), 0) + 1
         if n != mm.swapents:
             errs.append(f"{task.name}: MM_SWAPENTS {mm.swapents} != {n} swap PTEs")
+    return errs + slot_errors(m, refs)
+
+
+def slot_errors(m, refs: dict[int, int]) -> list[str]:
+    """check's part past the page tables: the slots against ``refs`` (slot -> swap PTEs
+    naming it, counted by the caller's walk), the swap cache and the cluster counts."""
+    si = m.swap_info
+    errs: list[str] = []
     shm = m.__dict__.get("shmem")  # shmem's swap entries in the page cache hold one each
     for inode in (shm.inodes.values() if shm is not None else ()):
         for index, (entry, _order, base) in inode.mapping.swapped.items():
