@@ -14,6 +14,7 @@ import pathlib
 import pytest
 
 from kmm import checks, swapfile, testing
+from kmm.pgtable import pte_pfn
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
 
@@ -83,6 +84,16 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_reclaim_split.py", range(1, 3), 0),
     ("race_cow_split.py", range(1, 3), 0),
     ("race_dontneed_fault.py", range(1, 3), 0),
+    # MM_SHMEMPAGES and deposits (page-cache folios), swap slots, large folios
+    ("race_shmem_punch_read.py", range(1, 3), 0),
+    ("race_shmem_collapse_fault.py", range(1, 3), 0),
+    ("race_shmem_fork_write.py", range(1, 3), 0),
+    ("race_shmem_punch_fault.py", range(1, 3), 0),
+    ("race_swapin_shared.py", range(1, 4), 0),
+    ("race_mthp_cow_split.py", range(1, 3), 0),
+    ("race_mthp_fault.py", range(1, 3), 0),
+    ("race_mthp_reclaim.py", range(1, 3), 0),
+    ("race_collapse_range_munmap.py", range(1, 3), 0),
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0
@@ -156,3 +167,125 @@ def test_explore_uses_the_incremental_checker(monkeypatch):
     out = explore.run_schedule(cfg, "random", 1, {})
     assert out.kind is None
     assert len(made) == 1 and made[0].runs["mappings"] > 3
+
+
+# ----------------------------------------- the incremental checker's caches go stale
+def _leaf(m, mm, addr):
+    """(PTE table or None, index) of addr's PTE, or (PMD table, index) of a huge PMD."""
+    from kmm.memory import pmd_lookup
+    from kmm.pgtable import pmd_index, pmd_trans_huge, pte_index, table_pfn
+    t = pmd_lookup(m, mm, addr)
+    e = m.physmem.tables[t][pmd_index(addr)]
+    if pmd_trans_huge(e):
+        return t, pmd_index(addr)
+    return table_pfn(e), pte_index(addr)
+
+
+def _both(c, m, k):
+    """The incremental checker's verdict, which must be the full checker's."""
+    inc = c.errors()
+    assert inc == testing.invariant_errors(m, k)
+    return inc
+
+
+def test_the_shmem_page_count_is_read_again_when_a_folio_changes():
+    """MM_SHMEMPAGES counts the mapped pages of page-cache folios (mm_counter_file):
+    a folio's ``mapping`` is a struct-page field, so the count kept per PTE table must
+    be taken again when a folio it maps changes, its table unchanged."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(64 << 10, backing="memfd")
+        await p.touch(a, 64 << 10, value=5)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a)
+        folio = m.physmem.folio(pte_pfn(m.physmem.tables[t][i]))
+        mapping = folio.mapping
+        object.__setattr__(folio, "mapping", None)  # no longer a page-cache folio
+        gone = _both(c, m, k)
+        object.__setattr__(folio, "mapping", mapping)
+        back = _both(c, m, k)
+        return gone, back
+
+    _, (gone, back) = testing.run_machine(fn)
+    assert any("MM_SHMEMPAGES" in e and "!= 15 mapped page-cache pages" in e for e in gone)
+    assert back == []
+
+
+def test_the_deposit_count_is_read_again_when_a_folio_changes():
+    """An anonymous THP mapped by a PMD has a deposited PTE table (pgtable_trans_huge_
+    deposit), a page-cache one none: the count of PMDs wanting a deposit, kept per PMD
+    table, must be taken again when the mapped folio changes, its table unchanged."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "hugepage")
+        await p.touch(a, 2 << 20, stride=1 << 20, value=1)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a)
+        from kmm.pgtable import pmd_pfn
+        folio = m.physmem.folio(pmd_pfn(m.physmem.tables[t][i]))
+        object.__setattr__(folio, "mapping", object())  # a page-cache folio now
+        bad = _both(c, m, k)
+        object.__setattr__(folio, "mapping", None)
+        return bad, _both(c, m, k)
+
+    _, (bad, back) = testing.run_machine(fn)
+    assert any("has 0 huge PMDs but 1 deposited tables" in e for e in bad)
+    assert back == []
+
+
+def test_a_table_changed_back_is_seen_changed_back():
+    """The Checker's snapshot of the page tables is updated for every table that
+    changed (only those are copied): a PTE made bad and restored is reported once."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "nohugepage")
+        await p.touch(a, 16 << 10, value=2)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a + (64 << 10))
+        tbl = m.physmem.tables[t]
+        list.__setitem__(tbl, i, 0x2000)  # a swap PTE, and no swap device
+        bad = _both(c, m, k)
+        list.__setitem__(tbl, i, 0)
+        back = _both(c, m, k)
+        list.__setitem__(tbl, i, 0x2000)
+        again = _both(c, m, k)
+        list.__setitem__(tbl, i, 0)
+        return bad, back, again
+
+    _, (bad, back, again) = testing.run_machine(fn)
+    assert any("swap PTE 0x2000" in e and "names no slot" in e for e in bad)
+    assert back == []
+    assert again == bad
+
+
+def test_the_data_check_reads_every_byte_again():
+    """The data check groups a task's written bytes by page while its shadow stays:
+    a byte changed in memory, or a write the shadow learns of, is seen at the next
+    check, and a page read through a changed table reads the new page."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "nohugepage")
+        await p.touch(a, 16 << 10, stride=1024, value=9)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a + 4096)
+        pfn = pte_pfn(m.physmem.tables[t][i])
+        m.physmem.data[pfn][1024] = 4   # the second page's second byte written
+        flipped = _both(c, m, k)
+        m.physmem.data[pfn][1024] = 9
+        healed = _both(c, m, k)
+        k.shadow["p"][a + 8192 + 7] = 6  # a byte the shadow holds and memory does not
+        unwritten = _both(c, m, k)
+        del k.shadow["p"][a + 8192 + 7]
+        return flipped, healed, unwritten, _both(c, m, k)
+
+    _, (flipped, healed, unwritten, back) = testing.run_machine(fn)
+    assert flipped and all("reads 4, was written 9" in e for e in flipped)
+    assert healed == [] and back == []
+    assert unwritten and all("reads 0, was written 6" in e for e in unwritten)
