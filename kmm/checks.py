@@ -95,7 +95,7 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
 _PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
                           "entire_mapcount", "large_mapcount", "nr_pages_mapped",
                           "page_type", "on_deferred_list", "swap", "index", "anon_vma",
-                          "mm", "pt_level", "mapping")
+                          "mm", "pt_level", "mapping", "pt_share_count")
 
 
 class Checker:

@@ -63,8 +63,10 @@ def hugetlb_errors(ctx) -> list[str]:
                 if (t, pmd_index(addr)) not in slots:
                     slots.add((t, pmd_index(addr)))
                     maps[pmd_pfn(e)] += 1
-    errs.extend(shared_pmd_errors(m))
-    folios = [p for p in pm.pages.values() if p.page_type == PGTY_hugetlb]
+    hugetlb, shared = _typed_pages(ctx)
+    errs.extend(shared_pmd_errors(m, shared))
+    # (in the order of the struct pages, as the errors are listed)
+    folios = [pg for p, pg in pm.pages.items() if p in hugetlb] if hugetlb else []
     for h in m.hugetlb.hstates:
         mine = [f for f in folios if f.order == h.order]
         free = set(h.freelist)
@@ -99,10 +101,32 @@ def hugetlb_errors(ctx) -> list[str]:
     return errs
 
 
-def shared_pmd_errors(m) -> list[str]:
+def _typed_pages(ctx) -> tuple[set[int], set[int]]:
+    """The pfns of hugetlb folios and of pages with a pt_share_count, kept from check
+    to check by the struct pages that changed (ctx.dirty_pages)."""
+    st = ctx.state.get("hugetlb_pages")
+    if st is None:
+        st = ctx.state["hugetlb_pages"] = (set(), set())
+    hugetlb, shared = st
+    pages = ctx.m.physmem.pages
+    for p in ctx.dirty_pages:
+        pg = pages.get(p)
+        if pg is not None and pg.page_type == PGTY_hugetlb:
+            hugetlb.add(p)
+        else:
+            hugetlb.discard(p)
+        if pg is not None and pg.pt_share_count:
+            shared.add(p)
+        else:
+            shared.discard(p)
+    return st
+
+
+def shared_pmd_errors(m, shared: set[int] | None = None) -> list[str]:
     """pt_share_count against the PUD entries that reach each PMD table; a table
     shared must be alive (never freed while shared) and reached only through shared
-    hugetlb VMAs."""
+    hugetlb VMAs. ``shared``: the pfns whose struct page has a pt_share_count, if the
+    caller keeps them (else every struct page is looked at)."""
     from kmm.mm_types import VM_MAYSHARE
     errs = []
     refs = hugetlb_pmd_share.shared_pmd_tables(m)
@@ -123,7 +147,11 @@ def shared_pmd_errors(m) -> list[str]:
                 if t >= 0 and t in refs and refs[t] > 1:
                     errs.append(f"{task.name}: private hugetlb VMA at {vma.start:#x} "
                                 f"reaches shared PMD table {t:#x}")
-    for pfn, pg in pm.pages.items():
+    if shared is None:
+        looked = pm.pages.items()
+    else:  # (in the order of the struct pages, as the errors are listed)
+        looked = [(p, pg) for p, pg in pm.pages.items() if p in shared] if shared else ()
+    for pfn, pg in looked:
         if pg.pt_share_count and (pg.page_type != "table" or pg.pt_level != "pmd"
                                   or mmzone.all_zones(m).is_free(pfn) or pfn not in refs):
             errs.append(f"page {pfn:#x} has pt_share_count {pg.pt_share_count} but is "

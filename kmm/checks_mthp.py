@@ -11,6 +11,7 @@ anonymous folios of each order.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 
 from kmm import mmzone
@@ -25,7 +26,106 @@ FINGERPRINTS["mthp_gauges"] = lambda m, k: tuple(sorted(
 
 @check("large_folios", "pages", "queue", "pins", "zone", "mthp_gauges")
 def large_folio_check(ctx: Checker) -> list[str]:
-    return large_folio_errors(ctx.m)
+    """large_folio_errors, with the large-folio heads and each folio's walk over its
+    pages (PTE mapcounts, compound heads) kept while none of its struct pages changed
+    (ctx.dirty_pages); the folio's own fields, queue, pins and zone are read afresh."""
+    m = ctx.m
+    pm = m.physmem
+    pages = pm.pages
+    zone = mmzone.all_zones(m)
+    st = ctx.state.get("large_folios")
+    if st is None:
+        st = ctx.state["large_folios"] = ({}, {})
+    heads, walks = st   # the pfns that are a large folio's head; head -> its walk
+    dp = ctx.dirty_pages
+    for p in dp:
+        f = pages.get(p)
+        if f is not None and f.order and f.head == p:
+            heads[p] = None
+        else:
+            heads.pop(p, None)
+            walks.pop(p, None)
+    changed = sorted(dp)
+    nr_anon: Counter = Counter()
+    partial: Counter = Counter()
+    bad: dict[int, list[str]] = {}
+    for head in heads:
+        walk = walks.get(head)
+        if walk is not None and changed:  # a struct page of its range changed
+            i = bisect_left(changed, head)
+            if i < len(changed) and changed[i] < head + walk[0]:
+                del walks[head]
+                walk = None
+        folio = pages[head]
+        if folio.page_type or zone.is_free(head):
+            continue
+        if folio.anon_vma is None or not folio.refcount:
+            continue  # not anonymous, or frozen by a split (no longer counted)
+        if walk is None:
+            walk = walks[head] = _walk(pages, head, folio.nr_pages)
+        errs = _folio_errors(m, head, folio, walk, partial)
+        if errs:
+            bad[head] = errs
+        nr_anon[folio.order] += 1
+    errs = []
+    if bad:  # in the order of the struct pages, as large_folio_errors lists them
+        for head in pages:
+            errs.extend(bad.get(head, ()))
+    return errs + _gauge_errors(m, nr_anon, partial)
+
+
+def _walk(pages: dict, head: int, nr: int) -> tuple[int, int, int, list[str]]:
+    """(nr pages, PTE mappings of the folio's pages, pages with one, pages whose
+    compound head is not ``head``)."""
+    errs = []
+    ptes = mapped = 0
+    for p in range(head, head + nr):
+        page = pages.get(p)
+        if page is None:
+            continue
+        if p != head and page.head != head:
+            errs.append(f"folio {head:#x}: page {p:#x} has head {page.head:#x}")
+        ptes += page.mapcount
+        mapped += 1 if page.mapcount else 0
+    return nr, ptes, mapped, errs
+
+
+def _folio_errors(m, head: int, folio, walk: tuple, partial: Counter) -> list[str]:
+    """One live anonymous large folio against its pages' walk (counting it in
+    ``partial`` if flagged partially mapped)."""
+    _, ptes, mapped, errs = walk
+    errs = list(errs)
+    if folio.large_mapcount != folio.entire_mapcount + ptes:
+        errs.append(f"folio {head:#x} order {folio.order}: large mapcount "
+                    f"{folio.large_mapcount} != entire {folio.entire_mapcount} + "
+                    f"{ptes} PTE mappings")
+    if folio.nr_pages_mapped != mapped:
+        errs.append(f"folio {head:#x} order {folio.order}: nr_pages_mapped "
+                    f"{folio.nr_pages_mapped} != {mapped} pages with a PTE mapping")
+    queued = head in m.deferred_split_queue
+    if queued != folio.on_deferred_list:
+        errs.append(f"folio {head:#x}: on_deferred_list {folio.on_deferred_list} but "
+                    f"{'in' if queued else 'not in'} the deferred split queue")
+    if folio.flags & PG_partially_mapped:
+        partial[folio.order] += 1
+        if not queued and head not in m.split_scan_pins:
+            errs.append(f"folio {head:#x}: partially mapped but not queued")
+    return errs
+
+
+def _gauge_errors(m, nr_anon: Counter, partial: Counter) -> list[str]:
+    """The mTHP gauges against the anonymous folios counted per order."""
+    errs = []
+    for order in range(2, 10):
+        got = m.vmstat.mthp.get(order, {})
+        if got.get("nr_anon", 0) != nr_anon[order]:
+            errs.append(f"hugepages-{4 << order}kB/stats/nr_anon {got.get('nr_anon', 0)} "
+                        f"!= {nr_anon[order]} anonymous folios of order {order}")
+        if got.get("nr_anon_partially_mapped", 0) != partial[order]:
+            errs.append(f"hugepages-{4 << order}kB/stats/nr_anon_partially_mapped "
+                        f"{got.get('nr_anon_partially_mapped', 0)} != {partial[order]} "
+                        f"partially mapped folios of order {order}")
+    return errs
 
 
 def large_folio_errors(m) -> list[str]:
@@ -45,39 +145,7 @@ def large_folio_errors(m) -> list[str]:
             continue
         if folio.anon_vma is None or not folio.refcount:
             continue  # not anonymous, or frozen by a split (no longer counted)
-        nr = folio.nr_pages
-        ptes = mapped = 0
-        for p in range(head, head + nr):
-            page = pm.pages.get(p)
-            if page is None:
-                continue
-            if p != head and page.head != head:
-                errs.append(f"folio {head:#x}: page {p:#x} has head {page.head:#x}")
-            ptes += page.mapcount
-            mapped += 1 if page.mapcount else 0
-        if folio.large_mapcount != folio.entire_mapcount + ptes:
-            errs.append(f"folio {head:#x} order {folio.order}: large mapcount "
-                        f"{folio.large_mapcount} != entire {folio.entire_mapcount} + "
-                        f"{ptes} PTE mappings")
-        if folio.nr_pages_mapped != mapped:
-            errs.append(f"folio {head:#x} order {folio.order}: nr_pages_mapped "
-                        f"{folio.nr_pages_mapped} != {mapped} pages with a PTE mapping")
-        queued = head in m.deferred_split_queue
-        if queued != folio.on_deferred_list:
-            errs.append(f"folio {head:#x}: on_deferred_list {folio.on_deferred_list} but "
-                        f"{'in' if queued else 'not in'} the deferred split queue")
-        if folio.flags & PG_partially_mapped:
-            partial[folio.order] += 1
-            if not queued and head not in m.split_scan_pins:
-                errs.append(f"folio {head:#x}: partially mapped but not queued")
+        errs.extend(_folio_errors(m, head, folio, _walk(pm.pages, head, folio.nr_pages),
+                                  partial))
         nr_anon[folio.order] += 1
-    for order in range(2, 10):
-        got = m.vmstat.mthp.get(order, {})
-        if got.get("nr_anon", 0) != nr_anon[order]:
-            errs.append(f"hugepages-{4 << order}kB/stats/nr_anon {got.get('nr_anon', 0)} "
-                        f"!= {nr_anon[order]} anonymous folios of order {order}")
-        if got.get("nr_anon_partially_mapped", 0) != partial[order]:
-            errs.append(f"hugepages-{4 << order}kB/stats/nr_anon_partially_mapped "
-                        f"{got.get('nr_anon_partially_mapped', 0)} != {partial[order]} "
-                        f"partially mapped folios of order {order}")
-    return errs
+    return errs + _gauge_errors(m, nr_anon, partial)

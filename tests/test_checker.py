@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from kmm import checks, swapfile, testing
+from kmm import checks, checks_mthp, swapfile, testing
 from kmm.pgtable import pte_pfn
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
@@ -39,6 +39,8 @@ class Twin:
         assert self.inc._errs["swap"] == swapfile.check(self.m)
         # the data check, its places kept: testing's reading through the tables
         assert self.inc._errs["data"] == testing._data_errors(self.m, self.k)
+        # the large folios' check, its walks kept: the straight one over every page
+        assert self.inc._errs["large_folios"] == checks_mthp.large_folio_errors(self.m)
         self.checks += 1
         self.failing += bool(full)
 
@@ -94,6 +96,8 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_mthp_fault.py", range(1, 3), 0),
     ("race_mthp_reclaim.py", range(1, 3), 0),
     ("race_collapse_range_munmap.py", range(1, 3), 0),
+    ("race_hugetlb_pmd_share.py", range(1, 3), 0),   # pt_share_count, hugetlb folios
+    ("race_hugetlb_fork_cow.py", range(1, 3), 0),
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0
@@ -289,3 +293,56 @@ def test_the_data_check_reads_every_byte_again():
     assert flipped and all("reads 4, was written 9" in e for e in flipped)
     assert healed == [] and back == []
     assert unwritten and all("reads 0, was written 6" in e for e in unwritten)
+
+
+def test_a_large_folio_is_walked_again_when_a_page_of_it_changes():
+    """large mapcount = entire mapcount + the pages' PTE mapcounts (folio_large_
+    mapcount): the walk over a THP's pages, kept per folio, must be taken again when a
+    tail page changes, the folio's head unchanged."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "hugepage")
+        await p.touch(a, 2 << 20, stride=1 << 20, value=1)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a)
+        from kmm.pgtable import pmd_pfn
+        head = pmd_pfn(m.physmem.tables[t][i])
+        assert m.physmem.pages[head].order == 9
+        tail = m.physmem.page(head + 5)
+        _both(c, m, k)
+        object.__setattr__(tail, "mapcount", 1)  # a PTE mapping no table holds
+        bad = list(_both(c, m, k)), list(c._errs["large_folios"])
+        object.__setattr__(tail, "mapcount", 0)
+        return bad, _both(c, m, k), head
+
+    _, ((bad, mine), back, head) = testing.run_machine(fn)
+    assert mine == [f"folio {head:#x} order 9: large mapcount 1 != entire 1 + 1 PTE "
+                    f"mappings", f"folio {head:#x} order 9: nr_pages_mapped 0 != 1 pages "
+                    "with a PTE mapping"]
+    assert all(e in bad for e in mine)
+    assert back == []
+
+
+def test_a_share_count_on_a_page_that_is_no_table_is_seen():
+    """ptdesc->pt_share_count only on a live shared PMD table: the pages with one, kept
+    from check to check, must take in a page whose count changes."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "nohugepage")
+        await p.touch(a, 4096, value=1)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a)
+        page = m.physmem.pages[pte_pfn(m.physmem.tables[t][i])]
+        object.__setattr__(page, "pt_share_count", 1)
+        bad = _both(c, m, k)
+        object.__setattr__(page, "pt_share_count", 0)
+        return bad, _both(c, m, k), page.pfn
+
+    _, (bad, back, pfn) = testing.run_machine(fn)
+    assert bad == [f"page {pfn:#x} has pt_share_count 1 but is no live PMD table (freed "
+                   "while shared)"]
+    assert back == []
