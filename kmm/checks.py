@@ -323,6 +323,7 @@ class _MapState:
         self.pmd_maps: Counter = Counter()   # head pfn -> PMD mappings
         self.folios: Counter = Counter()     # head pfn -> all mappings
         self.used: dict[int, tuple[int, int]] = {}  # pte-mapped pfn -> (head, n) counted
+        # pfn or head -> its errors (none kept empty: every check lists them sorted)
         self.pte_err: dict[int, list[str]] = {}
         self.pmd_err: dict[int, list[str]] = {}
         self.folio_err: dict[int, list[str]] = {}
@@ -332,8 +333,22 @@ class _MapState:
         self.pins: dict[int, int] = {}
         # PMD table -> (huge zero pfn, struct pages read, PMDs wanting a deposit)
         self.huge: dict[int, tuple] = {}
+        # PMD table -> (its deposited tables, those free or not empty)
+        self.deposits: dict[int, tuple] = {}
         # leaf table -> (its summary, struct pages read, page-cache pages it maps)
         self.file: dict[int, tuple] = {}
+
+
+def _hit(ranges: list[tuple[int, int]], keys) -> set[int]:
+    """The keys (a set, dict or tuple of pfns) in one of the ranges, each range looked
+    at from its smaller side."""
+    out: set[int] = set()
+    for lo, hi in ranges:
+        if hi - lo < len(keys):
+            out.update(p for p in range(lo, hi) if p in keys)
+        else:
+            out.update(p for p in keys if lo <= p < hi)
+    return out
 
 
 def _apply(st: _MapState, t: int, new: tuple | None, touched_pte: set, touched_pmd: set
@@ -386,17 +401,20 @@ def mapping_errors(ctx: Checker) -> list[str]:
         st.zone = (zone.untouched, zone.untouched_end)
     dp = ctx.dirty_pages
     tabchk = st.tabchk
+    rehit = _hit(ranges, tabchk) if ranges else ()  # tables whose free state may change
     hugec = st.huge
+    depc = st.deposits
     hz = m.huge_zero_pfn
     visited: set[int] = set()
     for task in m.tasks_with_tables():  # an exiting mm maps pages until exit_mmap
         mm = task.mm
         name = task.name
         walked = st.walks.get(name)
-        if (walked is None or walked[0] != mm.pgd
-                or any(t in dt for lvl, t in walked[1] if lvl != "pte")):
-            walked = st.walks[name] = (mm.pgd, *_leaf_tables(m, task))
-        _, every, pmds, ptes = walked
+        if walked is None or walked[0] != mm.pgd or dt and not dt.isdisjoint(walked[4]):
+            every, pmds, ptes = _leaf_tables(m, task)
+            walked = st.walks[name] = (mm.pgd, every, pmds, ptes,
+                                       {t for lvl, t in every if lvl != "pte"})
+        _, every, pmds, ptes, _uppers = walked
         st.leaves[name] = (pmds, ptes)
         deposited = 0
         nr_pte_tables = 0
@@ -407,8 +425,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
             # a table page's own checks, kept while its struct page and the free
             # blocks around it stay as they were
             got = tabchk.get(t)
-            if (got is None or got[0] != (lvl, name) or t in dp
-                    or any(lo <= t < hi for lo, hi in ranges)):
+            if got is None or got[0] != (lvl, name) or t in dp or t in rehit:
                 e = []
                 if zone.is_free(t):
                     e.append(f"{name}: {lvl} table {t:#x} is on a free list")
@@ -429,9 +446,16 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 if dep != huge:
                     errs.append(f"{name}: PMD table {t:#x} has {huge} huge PMDs but "
                                 f"{dep} deposited tables")
-                for d in (pg.pt_deposit or ()) if pg else ():
-                    if zone.is_free(d) or any(pm.tables.get(d, [1])):
-                        errs.append(f"{name}: deposited table {d:#x} free or not empty")
+                # the deposited tables free or not empty, kept while the deposit
+                # list, those tables and the free blocks around them stay
+                deps = tuple(pg.pt_deposit or ()) if pg else ()
+                got = depc.get(t)
+                if (got is None or got[0] != deps or dt and not dt.isdisjoint(deps)
+                        or ranges and _hit(ranges, deps)):
+                    got = depc[t] = (deps, [d for d in deps if zone.is_free(d)
+                                            or any(pm.tables.get(d, [1]))])
+                for d in got[1]:
+                    errs.append(f"{name}: deposited table {d:#x} free or not empty")
         if mm.nr_ptes != nr_pte_tables + deposited:
             errs.append(f"{name}: nr_ptes {mm.nr_ptes} != {nr_pte_tables} PTE tables "
                         f"+ {deposited} deposited")
@@ -478,25 +502,21 @@ def mapping_errors(ctx: Checker) -> list[str]:
     for t in [t for t in st.sums if t not in live]:
         _apply(st, t, None, touched_pte, touched_pmd)
     # what was not looked at now missed this check's changes: forget it
-    for name in [n for n in st.walks if n not in st.leaves]:
+    for name in st.walks.keys() - st.leaves.keys():
         del st.walks[name]
-    for t in [t for t in tabchk if t not in visited]:
-        del tabchk[t]
-    for t in [t for t in hugec if t not in visited]:
-        del hugec[t]
-    for t in [t for t in st.file if t not in live]:
+    for cache in (tabchk, hugec, depc):
+        for t in cache.keys() - visited:
+            del cache[t]
+    for t in st.file.keys() - live:
         del st.file[t]
 
     # which pfns and folios to look at again
-    for lo, hi in ranges:
-        for maps, touched in ((st.pte_maps, touched_pte), (st.pmd_maps, touched_pmd)):
-            if hi - lo < len(maps):
-                touched.update(p for p in range(lo, hi) if p in maps)
-            else:
-                touched.update(p for p in maps if lo <= p < hi)
-    touched_pte.update(p for p in dp if p in st.pte_maps)
-    touched_pte.update(p for p in st.pte_maps if p not in pm.pages)  # no struct page
-    touched_pmd.update(p for p in dp if p in st.pmd_maps)
+    if ranges:
+        touched_pte.update(_hit(ranges, st.pte_maps))
+        touched_pmd.update(_hit(ranges, st.pmd_maps))
+    touched_pte.update(st.pte_maps.keys() & dp)
+    touched_pte.update(st.pte_maps.keys() - pm.pages.keys())  # no struct page
+    touched_pmd.update(st.pmd_maps.keys() & dp)
     heads: set[int] = set()
     for p in touched_pte:
         n = st.pte_maps.get(p, 0)
@@ -514,16 +534,18 @@ def mapping_errors(ctx: Checker) -> list[str]:
                      f"{n} PTE mappings")
         if zone.is_free(p):
             e.append(f"pfn {p:#x}: mapped but free")
-        st.pte_err[p] = e
+        if e:
+            st.pte_err[p] = e
+        else:
+            st.pte_err.pop(p, None)
         h = _head_of(pm, p)
         st.used[p] = (h, n)
         st.folios[h] += n
         heads.add(h)
     for h in touched_pmd:
-        old = st.pmd_err.pop(h, None)
+        st.pmd_err.pop(h, None)
         n = st.pmd_maps.get(h, 0)
-        if old is not None:
-            heads.add(h)
+        heads.add(h)  # (its PMD mappings may have changed)
         if not n:
             continue
         folio = pm.pages.get(h)
@@ -533,8 +555,8 @@ def mapping_errors(ctx: Checker) -> list[str]:
                      f"{folio.entire_mapcount if folio else None} != {n} PMD mappings")
         if zone.is_free(h):
             e.append(f"folio {h:#x}: PMD-mapped but free")
-        st.pmd_err[h] = e
-        heads.add(h)
+        if e:
+            st.pmd_err[h] = e
     for p in dp:
         page = pm.pages.get(p)
         heads.add(p)
@@ -551,7 +573,11 @@ def mapping_errors(ctx: Checker) -> list[str]:
             if h in st.folios and not st.folios[h]:
                 del st.folios[h]
             continue
-        st.folio_err[h] = _folio_errors(m, h, n)
+        e = _folio_errors(m, h, n)
+        if e:
+            st.folio_err[h] = e
+        else:
+            st.folio_err.pop(h, None)
     # nothing else may hold a mapcount
     for p in dp | touched_pte | touched_pmd:
         page = pm.pages.get(p)

@@ -100,8 +100,8 @@ def data_errors(ctx) -> list[str]:
         live.add(name)
         unknown = k.unknown.get(name) or frozenset()  # written while its fork ran
         skip = checks_hugetlb.unchecked_ranges(task)
-        if not _pages_agree(task, _plan(plans, name, shadow, unknown, skip), place,
-                            data, m):
+        plan = _plan(plans, task, shadow, unknown, skip)
+        if not _pages_agree(task, plan, where, data, m):
             for addr, want in shadow.items():
                 if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
                     continue
@@ -129,9 +129,10 @@ class _Plan:
     """A task's checked shadow bytes grouped by virtual page, as of its last check:
     vpage -> {offset: byte}, and per page (offsets getter, bytes, any nonzero)."""
 
-    __slots__ = ("shadow", "unknown", "skip", "bypage", "groups")
+    __slots__ = ("key", "shadow", "unknown", "skip", "bypage", "groups")
 
-    def __init__(self, shadow: dict, unknown, skip: list) -> None:
+    def __init__(self, key: tuple, shadow: dict, unknown, skip: list) -> None:
+        self.key = key  # (task name, its pgd): a place's key is key + (vpage,)
         self.shadow = dict(shadow)
         self.unknown = frozenset(unknown)
         self.skip = list(skip)
@@ -155,7 +156,7 @@ class _Plan:
             return
         get = itemgetter(*offs)
         wants = get(offs)  # (an int for one offset, as the getter gives)
-        self.groups[vp] = (get, wants, any(offs.values()), tuple(offs))
+        self.groups[vp] = ((*self.key, vp), get, wants, any(offs.values()), tuple(offs))
 
     def update(self, shadow: dict) -> None:
         """Regroup the pages of the bytes written or dropped since."""
@@ -172,22 +173,28 @@ class _Plan:
         self.shadow = dict(shadow)
 
 
-def _plan(plans: dict, name: str, shadow: dict, unknown, skip: list) -> _Plan:
-    plan = plans.get(name)
-    if plan is None or plan.unknown != unknown or plan.skip != skip:
-        plan = plans[name] = _Plan(shadow, unknown, skip)
+def _plan(plans: dict, task, shadow: dict, unknown, skip: list) -> _Plan:
+    key = (task.name, task.mm.pgd)
+    plan = plans.get(task.name)
+    if plan is None or plan.key != key or plan.unknown != unknown or plan.skip != skip:
+        plan = plans[task.name] = _Plan(key, shadow, unknown, skip)
     elif plan.shadow != shadow:
         plan.update(shadow)
     return plan
 
 
-def _pages_agree(task, plan: _Plan, place, data: dict, m) -> bool:
+def _pages_agree(task, plan: _Plan, where: dict, data: dict, m) -> bool:
     """Every checked byte of the task reads what was written, page by page (False:
     some page disagrees or is unmapped with a nonzero byte; read it byte by byte)."""
-    for vp, (get, wants, nonzero, offs) in plan.groups.items():
-        pfn = place(task, vp)[1]
+    where_get = where.get
+    data_get = data.get
+    for key, get, wants, nonzero, offs in plan.groups.values():
+        got = where_get(key)  # (its place, as data_errors' place() keeps it)
+        if got is None:
+            got = where[key] = _resolve(m, task.mm, key[2] << 12)
+        pfn = got[1]
         if pfn >= 0:
-            frame = data.get(pfn)
+            frame = data_get(pfn)
             if frame is None:
                 if nonzero:
                     return False
@@ -197,7 +204,7 @@ def _pages_agree(task, plan: _Plan, place, data: dict, m) -> bool:
             if nonzero:
                 return False
         else:  # a swap entry: read through the swap device, byte by byte
-            base = vp << 12
+            base = key[2] << 12
             got = tuple(read_mapped_byte(m, task.mm, base + o) for o in offs)
             if got != (wants if len(offs) > 1 else (wants,)):
                 return False

@@ -233,11 +233,17 @@ def test_the_deposit_count_is_read_again_when_a_folio_changes():
         object.__setattr__(folio, "mapping", object())  # a page-cache folio now
         bad = _both(c, m, k)
         object.__setattr__(folio, "mapping", None)
-        return bad, _both(c, m, k)
+        back = _both(c, m, k)
+        d = m.physmem.pages[t].pt_deposit[0]
+        list.__setitem__(m.physmem.tables[d], 3, 0x2000)  # the deposit no longer empty
+        full = _both(c, m, k)
+        list.__setitem__(m.physmem.tables[d], 3, 0)
+        return bad, back, full, _both(c, m, k), d
 
-    _, (bad, back) = testing.run_machine(fn)
+    _, (bad, back, full, again, d) = testing.run_machine(fn)
     assert any("has 0 huge PMDs but 1 deposited tables" in e for e in bad)
-    assert back == []
+    assert back == [] and again == []
+    assert full == [f"p: deposited table {d:#x} free or not empty"]
 
 
 def test_a_table_changed_back_is_seen_changed_back():
