@@ -331,6 +331,7 @@ class _MapState:
         self.zone: tuple[int, int] | None = None   # the buddy's untouched range
         self.free: dict[int, int] = {}              # and its free blocks, at the last check
         self.pins: dict[int, int] = {}
+        self.nopage: set[int] = set()  # PTE-mapped pfns without a struct page
         # PMD table -> (huge zero pfn, struct pages read, PMDs wanting a deposit)
         self.huge: dict[int, tuple] = {}
         # PMD table -> (its deposited tables, those free or not empty)
@@ -515,7 +516,14 @@ def mapping_errors(ctx: Checker) -> list[str]:
         touched_pte.update(_hit(ranges, st.pte_maps))
         touched_pmd.update(_hit(ranges, st.pmd_maps))
     touched_pte.update(st.pte_maps.keys() & dp)
-    touched_pte.update(st.pte_maps.keys() - pm.pages.keys())  # no struct page
+    # the mapped pfns without a struct page, looked at every time: kept as the pfns
+    # whose mappings (touched) or struct page (dp) changed come and go
+    for p in touched_pte | dp:
+        if p in st.pte_maps and p not in pm.pages:
+            st.nopage.add(p)
+        else:
+            st.nopage.discard(p)
+    touched_pte.update(st.nopage)
     touched_pmd.update(st.pmd_maps.keys() & dp)
     heads: set[int] = set()
     for p in touched_pte:

@@ -352,3 +352,38 @@ def test_a_share_count_on_a_page_that_is_no_table_is_seen():
     assert bad == [f"page {pfn:#x} has pt_share_count 1 but is no live PMD table (freed "
                    "while shared)"]
     assert back == []
+
+
+def test_a_mapped_page_without_a_struct_page_is_looked_at_every_time():
+    """A PTE mapping a pfn with no struct page (the mapping check's "mapcount None"):
+    the pfns so mapped are kept from check to check, and stop being looked at when
+    the struct page is back (page_folio: physmem's struct pages, created on use)."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "nohugepage")
+        await p.touch(a, 16 << 10, value=2)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a + 4096)
+        pfn = pte_pfn(m.physmem.tables[t][i])
+        if not pfn & 1:  # (a pfn with a neighbour below it in an order-1 block)
+            t, i = _leaf(m, p.task.mm, a + 8192)
+            pfn = pte_pfn(m.physmem.tables[t][i])
+        assert pfn & 1
+        page = m.physmem.pages.pop(pfn)
+        gone = _both(c, m, k)
+        still = _both(c, m, k)
+        # the page below becomes an order-1 head: the pfn's folio (probed) is that one
+        below = m.physmem.pages[pfn - 1]
+        object.__setattr__(below, "order", 1)
+        probed = _both(c, m, k)
+        object.__setattr__(below, "order", 0)
+        m.physmem.pages[pfn] = page
+        return gone, still, probed, _both(c, m, k), pfn
+
+    _, (gone, still, probed, back, pfn) = testing.run_machine(fn)
+    assert f"pfn {pfn:#x}: mapcount None != 1 PTE mappings" in gone
+    assert still == gone
+    assert f"folio {pfn - 1:#x}: mapcount 0 != 2 mappings" in probed
+    assert back == []
