@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from itertools import compress
-from operator import attrgetter
+from operator import attrgetter, itemgetter, ne
 from typing import Any, Callable
 
 from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
@@ -92,10 +92,11 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
 
 # the struct page fields any check reads (pt_deposit, a list, is read from the table
 # pages themselves at every check)
-_PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
-                          "entire_mapcount", "large_mapcount", "nr_pages_mapped",
-                          "page_type", "on_deferred_list", "swap", "index", "anon_vma",
-                          "mm", "pt_level", "mapping", "pt_share_count")
+_PAGE_FIELDS = ("flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
+                "large_mapcount", "nr_pages_mapped", "page_type", "on_deferred_list",
+                "swap", "index", "anon_vma", "mm", "pt_level", "mapping", "pt_share_count")
+# read a field at a time over every struct page (a list per field, compared in C)
+_PAGE_GETTERS = tuple(attrgetter(f) for f in _PAGE_FIELDS)
 
 
 class Checker:
@@ -105,7 +106,8 @@ class Checker:
         self.m, self.k = m, k
         self.incremental = incremental
         self._tables: dict[int, list[int]] = {}
-        self._pages: dict[int, tuple] = {}
+        self._pkeys: list[int] = []          # the struct pages' pfns at the last check
+        self._pcols: list[list] = []         # and each field's values, in that order
         self._gen = {"tables": 0, "pages": 0}
         self._seen: dict[str, tuple] = {}    # check name -> dep fingerprints at its run
         self._errs: dict[str, list[str]] = {}
@@ -114,6 +116,9 @@ class Checker:
         self.dirty_tables: set[int] = set()
         self.dirty_pages: set[int] = set()
         self.runs: Counter = Counter()       # check name -> times it ran (for tests)
+        self._checks: tuple = ()             # CHECKS as _fingerprints last saw them
+        self._deps: list[str] = []
+        self._getters: list = []
 
     # ------------------------------------------------------------- changes
     def _diff(self) -> None:
@@ -137,24 +142,39 @@ class Checker:
                 else:
                     old_t[t] = e.copy()
             self._gen["tables"] += 1
-        old_p = self._pages
-        now_p = dict(zip(pm.pages.keys(), map(_PAGE_FIELDS, pm.pages.values())))
-        if now_p != old_p or self.first:
+        keys = list(pm.pages)
+        vals = list(pm.pages.values())
+        cols = [list(map(g, vals)) for g in _PAGE_GETTERS]
+        if keys == self._pkeys:
+            dp = set()
+            for now, old in zip(cols, self._pcols):
+                if now != old:  # the pfns whose value of this field differs
+                    dp.update(compress(keys, map(ne, now, old)))
+        else:  # struct pages came or went: by pfn
+            now_p = dict(zip(keys, zip(*cols)))
+            old_p = dict(zip(self._pkeys, zip(*self._pcols)))
             dp = {p for p, _ in now_p.items() - old_p.items()}
             dp.update(old_p.keys() - now_p.keys())
-            self._pages = now_p
+        self._pkeys, self._pcols = keys, cols
+        if dp or self.first:
             self._gen["pages"] += 1
-        else:
-            dp = set()
         self.dirty_tables, self.dirty_pages = dt, dp
 
-    def _fingerprint(self, dep: str, fps: dict) -> Any:
-        got = fps.get(dep)
-        if got is None:
-            fp = FINGERPRINTS.get(dep)
+    def _fingerprints(self) -> tuple[list, dict[str, Any]]:
+        """The registered checks, each with a getter of its deps' fingerprints from
+        the dict returned (every dep's, taken once per call)."""
+        now = tuple(CHECKS)
+        if now != self._checks:  # (a check registered since: its deps and getters)
+            self._checks = now
+            self._deps = list(dict.fromkeys(d for c in now for d in c.deps
+                                            if d not in self._gen))
+            self._getters = [(c, itemgetter(*c.deps)) for c in now]
+        fps: dict[str, Any] = dict(self._gen)
+        for d in self._deps:
+            fp = FINGERPRINTS.get(d)
             # an unknown dep (or "always"): a new object, never equal to the last one
-            got = fps[dep] = object() if fp is None else fp(self.m, self.k)
-        return got
+            fps[d] = object() if fp is None else fp(self.m, self.k)
+        return self._getters, fps
 
     def errors(self) -> list[str]:
         """Every breached invariant, check by check (registration order)."""
@@ -162,10 +182,9 @@ class Checker:
             self.__init__(self.m, self.k, incremental=False)
         self._diff()
         out: list[str] = []
-        fps: dict[str, Any] = dict(self._gen)  # each dep's fingerprint, once per call
-        fingerprint = self._fingerprint
-        for c in CHECKS:
-            seen = [fingerprint(d, fps) for d in c.deps]
+        getters, fps = self._fingerprints()
+        for c, get in getters:
+            seen = get(fps)
             if self.first or self._seen.get(c.name) != seen or c.name not in self._errs:
                 self._errs[c.name] = c.fn(self)
                 self._seen[c.name] = seen
