@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from itertools import compress
-from operator import attrgetter, itemgetter, ne
+from operator import attrgetter, itemgetter
 from typing import Any, Callable
 
 from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
@@ -92,11 +92,10 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
 
 # the struct page fields any check reads (pt_deposit, a list, is read from the table
 # pages themselves at every check)
-_PAGE_FIELDS = ("flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
-                "large_mapcount", "nr_pages_mapped", "page_type", "on_deferred_list",
-                "swap", "index", "anon_vma", "mm", "pt_level", "mapping", "pt_share_count")
-# read a field at a time over every struct page (a list per field, compared in C)
-_PAGE_GETTERS = tuple(attrgetter(f) for f in _PAGE_FIELDS)
+_PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
+                          "entire_mapcount", "large_mapcount", "nr_pages_mapped",
+                          "page_type", "on_deferred_list", "swap", "index", "anon_vma",
+                          "mm", "pt_level", "mapping", "pt_share_count")
 
 
 class Checker:
@@ -106,8 +105,7 @@ class Checker:
         self.m, self.k = m, k
         self.incremental = incremental
         self._tables: dict[int, list[int]] = {}
-        self._pkeys: list[int] = []          # the struct pages' pfns at the last check
-        self._pcols: list[list] = []         # and each field's values, in that order
+        self._pages: dict[int, tuple] = {}
         self._gen = {"tables": 0, "pages": 0}
         self._seen: dict[str, tuple] = {}    # check name -> dep fingerprints at its run
         self._errs: dict[str, list[str]] = {}
@@ -142,22 +140,15 @@ class Checker:
                 else:
                     old_t[t] = e.copy()
             self._gen["tables"] += 1
-        keys = list(pm.pages)
-        vals = list(pm.pages.values())
-        cols = [list(map(g, vals)) for g in _PAGE_GETTERS]
-        if keys == self._pkeys:
-            dp = set()
-            for now, old in zip(cols, self._pcols):
-                if now != old:  # the pfns whose value of this field differs
-                    dp.update(compress(keys, map(ne, now, old)))
-        else:  # struct pages came or went: by pfn
-            now_p = dict(zip(keys, zip(*cols)))
-            old_p = dict(zip(self._pkeys, zip(*self._pcols)))
+        old_p = self._pages
+        now_p = dict(zip(pm.pages.keys(), map(_PAGE_FIELDS, pm.pages.values())))
+        if now_p != old_p or self.first:
             dp = {p for p, _ in now_p.items() - old_p.items()}
             dp.update(old_p.keys() - now_p.keys())
-        self._pkeys, self._pcols = keys, cols
-        if dp or self.first:
+            self._pages = now_p
             self._gen["pages"] += 1
+        else:
+            dp = set()
         self.dirty_tables, self.dirty_pages = dt, dp
 
     def _fingerprints(self) -> tuple[list, dict[str, Any]]:
