@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from itertools import compress
-from operator import attrgetter, itemgetter
+from itertools import compress, count
+from operator import attrgetter, itemgetter, ne
 from typing import Any, Callable
 
 from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
@@ -117,6 +117,8 @@ class Checker:
         self._checks: tuple = ()             # CHECKS as _fingerprints last saw them
         self._deps: list[str] = []
         self._getters: list = []
+        self._was: dict[int, list[int] | None] = {}  # dirty table -> its last snapshot
+        self._slots: dict[int, set[int] | None] = {}  # dirty table -> changed_slots
 
     # ------------------------------------------------------------- changes
     def _diff(self) -> None:
@@ -124,6 +126,7 @@ class Checker:
         pm = self.m.physmem
         old_t = self._tables
         now_t = pm.tables
+        self._was, self._slots = {}, {}
         if self.first:
             dt = set(now_t)  # (against no snapshot: every table changed)
             self._tables = {t: e.copy() for t, e in now_t.items()}
@@ -135,9 +138,8 @@ class Checker:
             dt.update(old_t.keys() - now_t.keys())
             for t in dt:  # copy only the tables that changed
                 e = now_t.get(t)
-                if e is None:
-                    del old_t[t]
-                else:
+                self._was[t] = old_t.pop(t, None)
+                if e is not None:
                     old_t[t] = e.copy()
             self._gen["tables"] += 1
         old_p = self._pages
@@ -150,6 +152,17 @@ class Checker:
         else:
             dp = set()
         self.dirty_tables, self.dirty_pages = dt, dp
+
+    def changed_slots(self, t: int) -> set[int] | None:
+        """The indices of the entries of table t (one of dirty_tables) that changed
+        since the last check; None for all of them (the table came or went)."""
+        got = self._slots.get(t, False)
+        if got is False:
+            old, new = self._was.get(t), self._tables.get(t)
+            got = self._slots[t] = (
+                None if old is None or new is None or len(old) != len(new)
+                else set(compress(count(), map(ne, old, new))))
+        return got
 
     def _fingerprints(self) -> tuple[list, dict[str, Any]]:
         """The registered checks, each with a getter of its deps' fingerprints from

@@ -53,6 +53,18 @@ def _resolve(m, mm, addr: int) -> tuple[tuple[int, ...], int]:
     return path, migration_entry_pfn(p) if is_migration_entry(p) else pte_pfn(p)
 
 
+def _moved(ctx, dt: set[int], path: tuple[int, ...], addr: int) -> bool:
+    """Whether an entry _resolve read for addr along path changed since the last
+    check (a table on the path is dirty)."""
+    for t, i in zip(path, (pgd_index(addr), pud_index(addr), pmd_index(addr),
+                           pte_index(addr))):
+        if t in dt:
+            slots = ctx.changed_slots(t)
+            if slots is None or i in slots:
+                return True
+    return False
+
+
 def data_errors(ctx) -> list[str]:
     """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
     _data_errors, with each page's place in the page tables kept until a table on its
@@ -69,8 +81,10 @@ def data_errors(ctx) -> list[str]:
         # forget every place whose path changed, not only those looked up now: an
         # address out of the shadow at this check (MADV_DONTNEED'd) and written again
         # before the next would otherwise come back to a place from before the change
-        # (race_dontneed_fault under PCT: the freed PTE table, its old pfn read as 0)
-        for key in [key for key, (path, _) in where.items() if not dt.isdisjoint(path)]:
+        # (race_dontneed_fault under PCT: the freed PTE table, its old pfn read as 0).
+        # A place read one entry of each table on its path: only those count.
+        for key in [key for key, (path, _) in where.items()
+                    if not dt.isdisjoint(path) and _moved(ctx, dt, path, key[2] << 12)]:
             del where[key]
     data = m.physmem.data
     errs = []

@@ -293,12 +293,24 @@ def test_the_data_check_reads_every_byte_again():
         k.shadow["p"][a + 8192 + 7] = 6  # a byte the shadow holds and memory does not
         unwritten = _both(c, m, k)
         del k.shadow["p"][a + 8192 + 7]
-        return flipped, healed, unwritten, _both(c, m, k)
+        back = _both(c, m, k)
+        # one PTE of the table pointed at another page: that address reads it
+        await p.touch(a + (64 << 10), 4096, value=5)
+        assert _both(c, m, k) == []
+        other = m.physmem.tables[t][i + 15]
+        was = m.physmem.tables[t][i]
+        list.__setitem__(m.physmem.tables[t], i, other)
+        _both(c, m, k)
+        moved = list(c._errs["data"])
+        list.__setitem__(m.physmem.tables[t], i, was)
+        return flipped, healed, unwritten, back, moved, _both(c, m, k), a
 
-    _, (flipped, healed, unwritten, back) = testing.run_machine(fn)
+    _, (flipped, healed, unwritten, back, moved, again, a) = testing.run_machine(fn)
     assert flipped and all("reads 4, was written 9" in e for e in flipped)
-    assert healed == [] and back == []
+    assert healed == [] and back == [] and again == []
     assert unwritten and all("reads 0, was written 6" in e for e in unwritten)
+    assert moved == [f"p: byte at {a + 4096 + o:#x} reads {0 if o else 5}, was written 9"
+                     for o in (0, 1024, 2048, 3072)]  # (the touch wrote one byte)
 
 
 def test_a_large_folio_is_walked_again_when_a_page_of_it_changes():
