@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from itertools import compress, count
-from operator import attrgetter, itemgetter, ne
+from operator import attrgetter, ne
 from typing import Any, Callable
 
 from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
@@ -107,7 +107,7 @@ class Checker:
         self._tables: dict[int, list[int]] = {}
         self._pages: dict[int, tuple] = {}
         self._gen = {"tables": 0, "pages": 0}
-        self._seen: dict[str, tuple] = {}    # check name -> dep fingerprints at its run
+        self._fps: dict[str, Any] = {}       # dep -> its fingerprint at the last call
         self._errs: dict[str, list[str]] = {}
         self.state: dict[str, Any] = {}      # a check's own memory between runs
         self.first = True
@@ -116,7 +116,6 @@ class Checker:
         self.runs: Counter = Counter()       # check name -> times it ran (for tests)
         self._checks: tuple = ()             # CHECKS as _fingerprints last saw them
         self._deps: list[str] = []
-        self._getters: list = []
         self._was: dict[int, list[int] | None] = {}  # dirty table -> its last snapshot
         self._slots: dict[int, set[int] | None] = {}  # dirty table -> changed_slots
 
@@ -164,21 +163,19 @@ class Checker:
                 else set(compress(count(), map(ne, old, new))))
         return got
 
-    def _fingerprints(self) -> tuple[list, dict[str, Any]]:
-        """The registered checks, each with a getter of its deps' fingerprints from
-        the dict returned (every dep's, taken once per call)."""
+    def _fingerprints(self) -> dict[str, Any]:
+        """Every dep's fingerprint (of the registered checks), taken once per call."""
         now = tuple(CHECKS)
-        if now != self._checks:  # (a check registered since: its deps and getters)
+        if now != self._checks:  # (a check registered since: the deps again)
             self._checks = now
             self._deps = list(dict.fromkeys(d for c in now for d in c.deps
                                             if d not in self._gen))
-            self._getters = [(c, itemgetter(*c.deps)) for c in now]
         fps: dict[str, Any] = dict(self._gen)
         for d in self._deps:
             fp = FINGERPRINTS.get(d)
             # an unknown dep (or "always"): a new object, never equal to the last one
             fps[d] = object() if fp is None else fp(self.m, self.k)
-        return self._getters, fps
+        return fps
 
     def errors(self) -> list[str]:
         """Every breached invariant, check by check (registration order)."""
@@ -186,14 +183,18 @@ class Checker:
             self.__init__(self.m, self.k, incremental=False)
         self._diff()
         out: list[str] = []
-        getters, fps = self._fingerprints()
-        for c, get in getters:
-            seen = get(fps)
-            if self.first or self._seen.get(c.name) != seen or c.name not in self._errs:
+        fps = self._fingerprints()
+        # each dep's fingerprint compared once, with the last call's: a check that did
+        # not run then had seen that one too, so it runs again iff one of its deps
+        # changed since (or it never ran)
+        last = self._fps
+        changed = {d for d, fp in fps.items() if d not in last or last[d] != fp}
+        for c in self._checks:
+            if self.first or c.name not in self._errs or not changed.isdisjoint(c.deps):
                 self._errs[c.name] = c.fn(self)
-                self._seen[c.name] = seen
                 self.runs[c.name] += 1
             out.extend(self._errs[c.name])
+        self._fps = fps  # (only once every check ran: one that raised runs again)
         self.first = False
         return out
 
