@@ -15,10 +15,14 @@ A check is a function ``fn(ctx) -> list[str]`` registered with ``@check(name, *d
 The mapping check (page tables against struct pages, the costly one) is incremental
 inside: the Checker finds the page-table pages whose entries changed and the struct
 pages whose fields changed since the last check (``ctx.dirty_tables``,
-``ctx.dirty_pages``: snapshots compared in C, so no write can be missed), re-reads only
-those tables' leaves and re-checks only the pages and folios they touch. The two modes
-run the same code on the same inputs and list the same errors in the same order
-(tests/test_checker.py runs both at every check of several race programs).
+``ctx.dirty_pages``: snapshots compared in C, so no write can be missed; only the
+tables that changed are copied, and ``ctx.changed_slots(t)`` names their entries that
+did), re-reads only those tables' leaves and re-checks only the pages and folios they
+touch. What it derives per table from struct pages (the page-cache pages a leaf table
+maps, the PMDs that want a deposited table) is kept with the struct pages it read and
+taken again when one of them is dirty. The two modes run the same code on the same
+inputs and list the same errors in the same order (tests/test_checker.py runs both at
+every check of several race programs, and makes each kept result go stale once).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Emulator-only. ``read_mapped_byte`` reads a byte through a process's page tables
 without faulting (kmm.testing exports it); ``data_errors`` is the check (kmm.checks
 registers it, ``ctx`` its Checker),
-which keeps each written address's place in the tables until a table on its path
-changes (the byte itself is read again at every check).
+which keeps each written page's place in the tables until an entry on its path changes
+and a task's written bytes grouped by page while its shadow stays (the bytes
+themselves are read again at every check, a page's with one itemgetter).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def _moved(ctx, dt: set[int], path: tuple[int, ...], addr: int) -> bool:
 
 def data_errors(ctx) -> list[str]:
     """Every byte a workload wrote reads back (with a Kernel only): kmm.testing's
-    _data_errors, with each page's place in the page tables kept until a table on its
-    path changes and each task's written bytes grouped by page while its shadow stays
+    _data_errors, with each page's place in the page tables kept until an entry it read
+    changes and each task's written bytes grouped by page while its shadow stays
     (the bytes themselves are read again every time, a page's at once; a task whose
     page disagrees is read again byte by byte, for the errors in shadow order)."""
     m, k = ctx.m, ctx.k
@@ -90,7 +91,7 @@ def data_errors(ctx) -> list[str]:
     errs = []
 
     def place(task, vpage: int) -> tuple[tuple[int, ...], int]:
-        # every place kept has a path no table changed on since (the purge above)
+        # every place kept read entries that did not change since (the purge above)
         key = (task.name, task.mm.pgd, vpage)
         got = where.get(key)
         if got is None:
