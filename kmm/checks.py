@@ -360,6 +360,8 @@ class _MapState:
         self.free: dict[int, int] = {}              # and its free blocks, at the last check
         self.pins: dict[int, int] = {}
         self.nopage: set[int] = set()  # PTE-mapped pfns without a struct page
+        # PTE-mapped pfn -> on a free list (kept while no free block around it changed)
+        self.is_free: dict[int, bool] = {}
         # PMD table -> (huge zero pfn, struct pages read, PMDs wanting a deposit)
         self.huge: dict[int, tuple] = {}
         # PMD table -> (its deposited tables, those free or not empty)
@@ -540,8 +542,9 @@ def mapping_errors(ctx: Checker) -> list[str]:
         del st.file[t]
 
     # which pfns and folios to look at again
+    freed = _hit(ranges, st.pte_maps) if ranges else ()  # their free state may change
     if ranges:
-        touched_pte.update(_hit(ranges, st.pte_maps))
+        touched_pte.update(freed)
         touched_pmd.update(_hit(ranges, st.pmd_maps))
     touched_pte.update(st.pte_maps.keys() & dp)
     # the mapped pfns without a struct page, looked at every time: kept as the pfns
@@ -562,13 +565,17 @@ def mapping_errors(ctx: Checker) -> list[str]:
             heads.add(old[0])
         if not n:
             st.pte_err.pop(p, None)
+            st.is_free.pop(p, None)
             continue
         page = pm.pages.get(p)
         e = []
         if page is None or page.mapcount != n:
             e.append(f"pfn {p:#x}: mapcount {page.mapcount if page else None} != "
                      f"{n} PTE mappings")
-        if zone.is_free(p):
+        free_now = st.is_free.get(p)
+        if free_now is None or p in freed:
+            free_now = st.is_free[p] = zone.is_free(p)
+        if free_now:
             e.append(f"pfn {p:#x}: mapped but free")
         if e:
             st.pte_err[p] = e

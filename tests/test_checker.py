@@ -399,3 +399,33 @@ def test_a_mapped_page_without_a_struct_page_is_looked_at_every_time():
     assert still == gone
     assert f"folio {pfn - 1:#x}: mapcount 0 != 2 mappings" in probed
     assert back == []
+
+
+def test_a_mapped_page_put_on_a_free_list_is_seen_free():
+    """A mapped page on a buddy free list (PageBuddy with a mapcount: a double free):
+    whether a mapped pfn is free is kept per pfn while no free block around it came or
+    went, and taken again when one did."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(2 << 20)
+        await p.madvise(a, 2 << 20, "nohugepage")
+        await p.touch(a, 16 << 10, value=2)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k) == []
+        t, i = _leaf(m, p.task.mm, a + 4096)
+        pfn = pte_pfn(m.physmem.tables[t][i])
+        seen = []
+        for _ in range(2):
+            dict.__setitem__(m.zone.free_area[0], pfn, None)
+            dict.__setitem__(m.zone.free_order, pfn, 0)
+            seen.append(_both(c, m, k))
+            dict.__delitem__(m.zone.free_area[0], pfn)
+            dict.__delitem__(m.zone.free_order, pfn)
+            seen.append(_both(c, m, k))
+        return seen, pfn
+
+    _, (seen, pfn) = testing.run_machine(fn)
+    free, back, again, back_again = seen
+    assert f"pfn {pfn:#x}: mapped but free" in free
+    assert again == free
+    assert back == [] and back_again == []
