@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from itertools import compress, count
-from operator import attrgetter, ne
+from operator import attrgetter, itemgetter, ne
 from typing import Any, Callable
 
 from kmm import checks_cross, checks_data, checks_hugetlb, mmzone, swap, swapfile
@@ -96,10 +96,14 @@ FINGERPRINTS: dict[str, Callable[[Any, Any], Any]] = {
 
 # the struct page fields any check reads (pt_deposit, a list, is read from the table
 # pages themselves at every check)
-_PAGE_FIELDS = attrgetter("flags", "refcount", "mapcount", "head", "order",
-                          "entire_mapcount", "large_mapcount", "nr_pages_mapped",
-                          "page_type", "on_deferred_list", "swap", "index", "anon_vma",
-                          "mm", "pt_level", "mapping", "pt_share_count")
+_PAGE_FIELD_NAMES = ("flags", "refcount", "mapcount", "head", "order", "entire_mapcount",
+                     "large_mapcount", "nr_pages_mapped", "page_type", "on_deferred_list",
+                     "swap", "index", "anon_vma", "mm", "pt_level", "mapping",
+                     "pt_share_count")
+_PAGE_FIELDS = attrgetter(*_PAGE_FIELD_NAMES)
+# of those, the ones page_folio, folio->mapping and the hugetlb test read
+_FOLIO_FIELDS = itemgetter(*(_PAGE_FIELD_NAMES.index(f)
+                             for f in ("head", "order", "page_type", "mapping")))
 
 
 class Checker:
@@ -117,6 +121,7 @@ class Checker:
         self.first = True
         self.dirty_tables: set[int] = set()
         self.dirty_pages: set[int] = set()
+        self.dirty_folio_pages: set[int] = set()  # head, order, page_type or mapping
         self.runs: Counter = Counter()       # check name -> times it ran (for tests)
         self._checks: tuple = ()             # CHECKS as _fingerprints last saw them
         self._deps: list[str] = []
@@ -154,6 +159,10 @@ class Checker:
             self._gen["pages"] += 1
         else:
             dp = set()
+        # of those, the struct pages that came, went or changed a folio field
+        self.dirty_folio_pages = {
+            p for p in dp if p not in old_p or p not in now_p
+            or _FOLIO_FIELDS(old_p[p]) != _FOLIO_FIELDS(now_p[p])}
         self.dirty_tables, self.dirty_pages = dt, dp
 
     def changed_slots(self, t: int) -> set[int] | None:
@@ -431,6 +440,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
         st.free = dict(free)
         st.zone = (zone.untouched, zone.untouched_end)
     dp = ctx.dirty_pages
+    dfp = ctx.dirty_folio_pages  # (what _head_of, _mapping_of, is_hugetlb_pmd read)
     tabchk = st.tabchk
     rehit = _hit(ranges, tabchk) if ranges else ()  # tables whose free state may change
     hugec = st.huge
@@ -469,7 +479,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
                 # struct pages its huge PMDs read and the huge zero pfn stay
                 got = hugec.get(t)
                 if (got is None or got[0] != hz or t in dt
-                        or not got[1].isdisjoint(dp)):
+                        or not got[1].isdisjoint(dfp)):
                     got = hugec[t] = (hz, *_deposit_wanted(m, pm.tables[t]))
                 huge = got[2]
                 dep = len(pg.pt_deposit or ()) if pg else 0
@@ -518,7 +528,7 @@ def mapping_errors(ctx: Checker) -> list[str]:
             for t, _base in lst:
                 s = st.sums[t]
                 got = filec.get(t)
-                if got is None or got[0] is not s or not got[1].isdisjoint(dp):
+                if got is None or got[0] is not s or not got[1].isdisjoint(dfp):
                     got = filec[t] = (s, *_file_mapped(pm, s[1]))
                 rss_file += got[2] * per
         rss -= rss_file
