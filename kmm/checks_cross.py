@@ -210,13 +210,17 @@ class _AnonState:
         self.slot_err: dict[int, str] = {}
 
 
-def _anon_apply(st: _AnonState, name: str, s: tuple, sign: int, touched: tuple) -> None:
-    """Add (sign 1) or take away (-1) one mm's leaf summary s."""
-    pte_n, pmd_n, claims, swaps = s
-    for counts, agg, seen in ((pte_n, st.pte, touched[0]), (pmd_n, st.pmd, touched[1])):
-        for pfn, n in counts.items():
+_NO_LEAVES: tuple = ({}, {}, (), ())
+
+
+def _anon_apply(st: _AnonState, name: str, old: tuple, new: tuple, touched: tuple) -> None:
+    """Replace one mm's leaf summary ``old`` by ``new`` in the sums (_NO_LEAVES to add
+    or take away a table), noting the pfns and swap entries whose sums changed."""
+    for i, agg, seen in ((0, st.pte, touched[0]), (1, st.pmd, touched[1])):
+        was, now = old[i], new[i]
+        for pfn in {p for p, _ in was.items() ^ now.items()}:
             per = agg.setdefault(pfn, {})
-            n = per.get(name, 0) + sign * n
+            n = per.get(name, 0) + now.get(pfn, 0) - was.get(pfn, 0)
             if n:
                 per[name] = n
             else:
@@ -224,20 +228,23 @@ def _anon_apply(st: _AnonState, name: str, s: tuple, sign: int, touched: tuple) 
                 if not per:
                     del agg[pfn]
             seen.add(pfn)
-    for addr, pfn, is_pmd in claims:
-        if sign > 0:
-            st.claims[(name, addr)] = (pfn, is_pmd)
-        else:
+    if old[2] or new[2]:
+        was, now = set(old[2]), set(new[2])
+        for addr, _pfn, _is_pmd in was - now:
             st.claims.pop((name, addr), None)
-    for addr, slot, excl in swaps:
-        ptes = st.slots.setdefault(slot, {})
-        if sign > 0:
-            ptes[(name, addr)] = excl
-        else:
-            ptes.pop((name, addr), None)
+        for addr, pfn, is_pmd in now - was:
+            st.claims[(name, addr)] = (pfn, is_pmd)
+    if old[3] or new[3]:
+        was, now = set(old[3]), set(new[3])
+        for addr, slot, _excl in was - now:
+            ptes = st.slots[slot]
+            del ptes[(name, addr)]
             if not ptes:
                 del st.slots[slot]
-        touched[2].add(slot)
+            touched[2].add(slot)
+        for addr, slot, excl in now - was:
+            st.slots.setdefault(slot, {})[(name, addr)] = excl
+            touched[2].add(slot)
 
 
 def _claim_error(st: _AnonState, pm, what: str, pfn: int) -> str | None:
@@ -335,7 +342,7 @@ def anon_exclusive_errors(m, k=None) -> list[str]:
     tasks = _mapped_tasks(m)
     for task in tasks:
         leaves = pagewalk.walk_leaves(m, task.mm, 0, TASK_SIZE)
-        _anon_apply(st, task.name, _anon_leaf_summary(m, leaves), 1, touched)
+        _anon_apply(st, task.name, _NO_LEAVES, _anon_leaf_summary(m, leaves), touched)
     pm = m.physmem
     for pfn in [p for p, page in pm.pages.items() if page.flags & PG_anon_exclusive]:
         _judge_page(st, pm, pfn)
@@ -370,13 +377,16 @@ def anon_exclusive_check(ctx) -> list[str]:
             old = st.sums.get(t)
             if old is None or old[0] != key or t in dt:
                 new = (key, _anon_leaf_summary(m, _table_leaves(m, lvl, t, base)))
-                if old is not None:
-                    _anon_apply(st, old[0][1], old[1], -1, touched)
-                _anon_apply(st, name, new[1], 1, touched)
+                if old is not None and old[0][1] == name:
+                    _anon_apply(st, name, old[1], new[1], touched)
+                else:
+                    if old is not None:
+                        _anon_apply(st, old[0][1], old[1], _NO_LEAVES, touched)
+                    _anon_apply(st, name, _NO_LEAVES, new[1], touched)
                 st.sums[t] = new
             live.add(t)
     for t in [t for t in st.sums if t not in live]:
-        _anon_apply(st, st.sums[t][0][1], st.sums.pop(t)[1], -1, touched)
+        _anon_apply(st, st.sums[t][0][1], st.sums.pop(t)[1], _NO_LEAVES, touched)
     # the pages whose verdict may have changed
     again = set(touched[0])
     for p in (pm.pages.keys() if fresh else ctx.dirty_pages):
