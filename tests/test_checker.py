@@ -15,7 +15,9 @@ import pytest
 
 from kmm import atomic, checks, memory, memory_zap, rmap, swapfile, testing
 from kmm.mm_types import PG_anon_exclusive, PG_swapcache
-from kmm.pgtable import _PAGE_SWP_EXCLUSIVE, pmd_index, pte_pfn, table_pfn
+from kmm.pgtable import (
+    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_trans_huge, pte_pfn, swp_entry, table_pfn,
+)
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
 
@@ -271,6 +273,57 @@ def test_the_anon_exclusive_check_follows_tables_pages_and_slots():
     assert out == [[], twice, [], twice, [], twice, [], twice, [],
                    slot1, slot2, slot1, slot2, slot1, [], shared, [], shared, []]
     assert swp
+
+
+def test_the_anon_exclusive_check_follows_a_folios_head():
+    """A verdict on a page read from its folio's head changes with the head alone: a
+    second PMD of an exclusive THP (the head's PMD mappings; no struct page changes),
+    and PG_swapcache set and cleared on the head of a PTE-mapped THP whose tail is
+    exclusive while a swap PTE names the tail's slot (the head's struct page changes,
+    the tail's does not)."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(4 << 20)
+        a = (a + (2 << 20) - 1) & ~((2 << 20) - 1)
+        await p.madvise(a, 2 << 20, "hugepage")
+        await p.touch(a, 2 << 20, value=5, stride=1 << 20)
+        pt = memory.pmd_lookup(m, p.task.mm, a)
+        i = pmd_index(a)
+        huge = m.physmem.tables[pt][i]
+        assert pmd_trans_huge(huge)
+        c = testing.incremental_checker(m, k)
+        out = [_both(c, m, k, "anon_exclusive")]
+
+        async def step(level, t, idx, val):
+            if level == "head":
+                (atomic.folio_set_flags_locked if val else atomic.folio_clear_flags_locked)(
+                    t, PG_swapcache)
+            else:
+                await atomic.entry_set(m, level, t, idx, val)
+            out.append([e.split(": ", 1)[1] for e in _both(c, m, k, "anon_exclusive")])
+        for _ in range(2):
+            await step("pmd", pt, i + 1, huge)
+            await step("pmd", pt, i + 1, 0)
+        assert await p.mprotect(a, 4096, "r") == 0  # the PMD split: PTE-mapped, exclusive
+        t = _pte_table(m, p.task.mm, a)
+        head = m.physmem.pages[pte_pfn(m.physmem.tables[t][0])]
+        assert m.physmem.pages[head.pfn + 1].flags & PG_anon_exclusive
+        small = await p.mmap(64 << 10)
+        await p.touch(small, 4096)
+        t2 = _pte_table(m, p.task.mm, small)
+        atomic.folio_set_field_locked(head, "swap", swp_entry(0, 100))
+        await step("pte", t2, 5, swp_entry(0, 101))  # names the slot of head.pfn + 1
+        for _ in range(2):
+            await step("head", head, 0, True)
+            await step("head", head, 0, False)
+        await step("pte", t2, 5, 0)
+        atomic.folio_set_field_locked(head, "swap", 0)
+        return out
+
+    _, out = testing.run_machine(fn, check=_no_check)
+    twice = ["PG_anon_exclusive but mapped 2 times"]
+    cached = ["PG_anon_exclusive in the swap cache but 1 swap PTEs still name its slot"]
+    assert out == [[], twice, [], twice, [], [], cached, [], cached, [], []]
 
 
 def test_the_incremental_checker_rereads_only_changed_tables():
