@@ -6,7 +6,9 @@ Emulator-only (the kernel's twins: VM_BUG_ONs on the rmap and COW paths, and the
 COW selftests). Each check is ``fn(m, k) -> list of error strings``; a breach found
 nowhere else by the mapping check: a mapping with no VMA to reach it by, a page two
 processes share although marked exclusive (the next write reuses it in place), a byte
-one process wrote showing in another after a fork.
+one process wrote showing in another after a fork. The VMA and anon-exclusive checks
+also have an incremental form, ``fn(ctx)`` (vma_check, anon_exclusive_check: what
+kmm.checks registers), with the full form's verdicts in the same order.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def _table_leaves(m, lvl: str, t: int, base: int) -> Iterator[tuple[int, str, in
 
 
 def _mm_leaf_tables(ctx, tasks) -> list[tuple] | None:
-    """Each task's leaf tables as (level, pfn, base, span) in address order, from the
-    mapping check's walk of this check; None if it has none for a task."""
+    """Each task's leaf tables as (level, pfn, base, span), its PMD tables then its
+    PTE tables, each in address order, from the mapping check's walk at this check;
+    None if it has none for a task."""
     st = ctx.state.get("mappings")
     if st is None or any(t.name not in st.leaves for t in tasks):
         return None
