@@ -203,6 +203,7 @@ def test_the_vma_check_follows_vmas_that_come_and_go(monkeypatch):
         out = [_both(c, m, k, "vmas")]
         assert await p.mmap(4096, a + (80 << 10)) == a + (80 << 10)
         out.append(_both(c, m, k, "vmas"))
+
         async def no_zap(m, tlbg, vma, start, end):
             pass
         with monkeypatch.context() as patch:  # munmap leaves the PTE behind
@@ -213,9 +214,9 @@ def test_the_vma_check_follows_vmas_that_come_and_go(monkeypatch):
         return out
 
     _, out = testing.run_machine(fn, check=_no_check)
-    gone = out[0]
-    assert len(gone) == 1 and gone[0].endswith("lies in no VMA")
-    assert out == [gone, [], gone]
+    stray = out[0]
+    assert len(stray) == 1 and stray[0].endswith("lies in no VMA")
+    assert out == [stray, [], stray]
 
 
 def test_the_anon_exclusive_check_follows_tables_pages_and_slots():
@@ -263,16 +264,15 @@ def test_the_anon_exclusive_check_follows_tables_pages_and_slots():
         for _ in range(2):
             await step(atomic.entry_set, t, 9, swp | _PAGE_SWP_EXCLUSIVE)
             await step(atomic.entry_set, t, 9, 0)
-        return out, swp
+        return out
 
-    _, (out, swp) = testing.run_machine(fn, swap=64 << 20, check=_no_check)
+    _, out = testing.run_machine(fn, swap=64 << 20, check=_no_check)
     twice = ["PG_anon_exclusive but mapped 2 times"]
     slot1 = ["PG_anon_exclusive in the swap cache but 1 swap PTEs still name its slot"]
     slot2 = ["PG_anon_exclusive in the swap cache but 2 swap PTEs still name its slot"]
-    shared = [f"an exclusive swap PTE but 2 PTEs (child, p)"]
+    shared = ["an exclusive swap PTE but 2 PTEs (child, p)"]
     assert out == [[], twice, [], twice, [], twice, [], twice, [],
                    slot1, slot2, slot1, slot2, slot1, [], shared, [], shared, []]
-    assert swp
 
 
 def test_the_anon_exclusive_check_follows_a_folios_head():
