@@ -13,6 +13,7 @@ from kmm.mm_types import PG_lru, PGTY_hugetlb
 from kmm.pgtable import pmd_index, pmd_pfn
 from kmm.testing import run_machine, together
 from kmm.uapi import KmmError
+from kmm.tools.compare import fragment
 from kmm.memory import pmd_lookup
 
 MiB = 1 << 20
@@ -49,15 +50,7 @@ def test_pool_growth_fails_on_a_fragmented_machine():
     # unmovable pages, so with one pinned page in every 2 MiB block the pool cannot
     # grow at all, though most memory is free; the write still succeeds (fewer pages)
     async def fn(m, k):
-        pinned = []
-        while True:
-            pfn = await k.alloc_kernel_pages(0, reserves=True)
-            if pfn < 0:
-                break
-            pinned.append(pfn)
-        for pfn in pinned:
-            if pfn % 512 != 7:
-                await k.free_kernel_pages(pfn)
+        await fragment(k)  # one pinned page in every 2 MiB block
         free = m.zone.nr_free
         await k.set_hugetlb_pool(2)
         return pool(k), free, k.vmstat()["htlb_buddy_alloc_fail"]

@@ -17,34 +17,19 @@ import pytest
 
 from kmm.tools import cli, executors
 from kmm.tools import explore as ex
+from tests.tools.test_explore import TOY  # the textbook lost update
 
 ray = pytest.importorskip("ray")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFILL = str(ROOT / "workloads" / "khugepaged_dontneed_refill_64.toml")
 
-# the textbook lost update (as tests/tools/test_explore.py): one preemption shows it
-TOY = '''
-async def main(k):
-    p = await k.process("main")
-    a = await p.mmap(1 << 21)
-    await p.store(a, bytes([0]))
-
-    async def inc(cpu):
-        q = p.on(cpu)
-        v = (await q.load(a))[0]
-        await q.store(a, bytes([v + 1]))
-
-    await k.parallel(inc, inc)
-    assert (await p.load(a))[0] == 2, "lost update"
-'''
-
 PICKY = '''
 async def main(k):
     p = await k.process("main")
     a = await p.mmap(2 << 20)
     await p.touch(a, 2 << 20)
-    if k.machine.sysfs["enabled"] == "always":
+    if k.knob("enabled") == "always":
         raise RuntimeError("not always")
 '''
 
