@@ -110,7 +110,9 @@ def _vmas_changed(old: tuple | None, new: tuple) -> list[tuple[int, int]]:
 
 class _VmaState:
     def __init__(self) -> None:
-        self.sums: dict[int, tuple] = {}  # leaf table -> ((level, task, base), errors)
+        # (leaf table, task, base) -> (level, errors): a table may be in two mms, or
+        # twice in one (a shared hugetlb PMD table)
+        self.sums: dict[tuple[int, str, int], tuple] = {}
         self.vmas: dict[str, tuple] = {}  # task -> its VMAs' (start, end) at the last run
 
 
@@ -126,7 +128,7 @@ def vma_check(ctx) -> list[str]:
     st: _VmaState = ctx.state.get("vmas") or ctx.state.setdefault("vmas", _VmaState())
     dt = ctx.dirty_tables
     errs: list[str] = []
-    live: set[int] = set()
+    live: set[tuple[int, str, int]] = set()
     for task, tables in zip(tasks, leaf_tables):
         mm, name = task.mm, task.name
         vmas = tuple((v.start, v.end) for v in mm.vmas)
@@ -135,18 +137,18 @@ def vma_check(ctx) -> list[str]:
         st.vmas[name] = vmas
         found = []
         for lvl, t, base, span in tables:
-            key = (lvl, name, base)
-            s = st.sums.get(t)
-            if (s is None or s[0] != key or t in dt
+            key = (t, name, base)
+            s = st.sums.get(key)
+            if (s is None or s[0] != lvl or t in dt
                     or any(lo < base + span and base < hi for lo, hi in changed)):
-                s = st.sums[t] = (key, _vma_leaf_errors(mm, name,
-                                                        _table_leaves(m, lvl, t, base)))
-            live.add(t)
+                s = st.sums[key] = (lvl, _vma_leaf_errors(mm, name,
+                                                          _table_leaves(m, lvl, t, base)))
+            live.add(key)
             found.extend(s[1])
         found.sort()  # walk order: by address (one leaf per address)
         errs.extend(err for _, err in found)
-    for t in [t for t in st.sums if t not in live]:
-        del st.sums[t]
+    for key in [key for key in st.sums if key not in live]:
+        del st.sums[key]
     names = {t.name for t in tasks}
     for name in [n for n in st.vmas if n not in names]:
         del st.vmas[name]
@@ -201,7 +203,8 @@ class _AnonState:
     """The mappings summed over every leaf summary, and the verdicts on them."""
 
     def __init__(self) -> None:
-        self.sums: dict[int, tuple] = {}   # leaf table -> (key, its _anon_leaf_summary)
+        # (leaf table, mm, base) -> ((level, huge zero pfn), its _anon_leaf_summary)
+        self.sums: dict[tuple[int, str, int], tuple] = {}
         self.pte: dict[int, dict[str, int]] = {}   # pfn -> {mm: PTE mappings}
         self.pmd: dict[int, dict[str, int]] = {}   # pfn -> {mm: PMD mappings}
         self.claims: dict[tuple[str, int], tuple[int, bool]] = {}  # (mm, addr) -> entry
@@ -372,24 +375,20 @@ def anon_exclusive_check(ctx) -> list[str]:
     dt = ctx.dirty_tables
     touched: tuple = (set(), set(), set())
     hz = m.huge_zero_pfn
-    live: set[int] = set()
+    live: set[tuple[int, str, int]] = set()
     for task, tables in zip(tasks, leaf_tables):
         name = task.name
         for lvl, t, base, _span in tables:
-            key = (lvl, name, base, hz if lvl == "pmd" else 0)
-            old = st.sums.get(t)
-            if old is None or old[0] != key or t in dt:
-                new = (key, _anon_leaf_summary(m, _table_leaves(m, lvl, t, base)))
-                if old is not None and old[0][1] == name:
-                    _anon_apply(st, name, old[1], new[1], touched)
-                else:
-                    if old is not None:
-                        _anon_apply(st, old[0][1], old[1], _NO_LEAVES, touched)
-                    _anon_apply(st, name, _NO_LEAVES, new[1], touched)
-                st.sums[t] = new
-            live.add(t)
-    for t in [t for t in st.sums if t not in live]:
-        _anon_apply(st, st.sums[t][0][1], st.sums.pop(t)[1], _NO_LEAVES, touched)
+            key = (t, name, base)
+            how = (lvl, hz if lvl == "pmd" else 0)
+            old = st.sums.get(key)
+            if old is None or old[0] != how or t in dt:
+                new = _anon_leaf_summary(m, _table_leaves(m, lvl, t, base))
+                _anon_apply(st, name, _NO_LEAVES if old is None else old[1], new, touched)
+                st.sums[key] = (how, new)
+            live.add(key)
+    for key in [key for key in st.sums if key not in live]:
+        _anon_apply(st, key[1], st.sums.pop(key)[1], _NO_LEAVES, touched)
     # the pages whose verdict may have changed
     again = set(touched[0])
     for p in (pm.pages.keys() if fresh else ctx.dirty_pages):

@@ -16,7 +16,8 @@ import pytest
 from kmm import atomic, checks, memory, memory_zap, rmap, swapfile, testing
 from kmm.mm_types import PG_anon_exclusive, PG_swapcache
 from kmm.pgtable import (
-    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_trans_huge, pte_pfn, swp_entry, table_pfn,
+    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_pfn, pmd_trans_huge, pte_pfn, swp_entry,
+    table_pfn,
 )
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
@@ -324,6 +325,36 @@ def test_the_anon_exclusive_check_follows_a_folios_head():
     twice = ["PG_anon_exclusive but mapped 2 times"]
     cached = ["PG_anon_exclusive in the swap cache but 1 swap PTEs still name its slot"]
     assert out == [[], twice, [], twice, [], [], cached, [], cached, [], []]
+
+
+def test_a_table_two_mms_share_counts_in_both():
+    """A PMD table shared by two mms (hugetlb huge_pmd_share: the child's PUD entry
+    points at the parent's table) is a leaf table of each: its mappings count once per
+    mm, in every check, not once for whichever mm walked it last. A hugetlb folio
+    marked PG_anon_exclusive there is mapped by two mms."""
+    async def fn(m, k):
+        await k.set_hugetlb_pool(4)
+        p = await k.process("main")
+        a = await p.mmap(1 << 30, addr=0x2000_0000_0000, backing="hugetlb_shared",
+                         noreserve=True)
+        await p.store(a, b"\xa1")
+        child = await p.fork("child")
+        await child.store(a + (2 << 20), b"\xc2")  # huge_pmd_share: the parent's table
+        pt = memory.pmd_lookup(m, p.task.mm, a)
+        assert memory.pmd_lookup(m, child.task.mm, a) == pt
+        folio = m.physmem.pages[pmd_pfn(m.physmem.tables[pt][pmd_index(a)])]
+        c = testing.incremental_checker(m, k)
+        out = [_both(c, m, k, "anon_exclusive")]
+        for _ in range(2):
+            atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
+            out.append([e.split(": ", 1)[1] for e in _both(c, m, k, "anon_exclusive")])
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
+            out.append(_both(c, m, k, "anon_exclusive"))
+        return out
+
+    _, out = testing.run_machine(fn, check=_no_check)
+    both = ["PG_anon_exclusive but mapped by 2 mms (child, main)"]
+    assert out == [[], both, [], both, []]
 
 
 def test_the_incremental_checker_rereads_only_changed_tables():
