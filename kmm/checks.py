@@ -819,7 +819,7 @@ def _mk(fn):
     return run
 
 
-check("vmas", "tables", "mms")(_mk(checks_cross.vma_errors))
-check("anon_exclusive", "tables", "pages", "mms")(_mk(checks_cross.anon_exclusive_errors))
+check("vmas", "tables", "mms")(checks_cross.vma_check)
+check("anon_exclusive", "tables", "pages", "mms")(checks_cross.anon_exclusive_check)
 check("rcu", "always")(_mk(checks_cross.rcu_errors))
 check("cross_process", "always")(_mk(checks_cross.cross_process_errors))

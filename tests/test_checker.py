@@ -13,8 +13,12 @@ import pathlib
 
 import pytest
 
-from kmm import checks, checks_mthp, swapfile, testing
-from kmm.pgtable import pte_pfn
+from kmm import atomic, checks, checks_mthp, memory, memory_zap, rmap, swapfile, testing
+from kmm.mm_types import PG_anon_exclusive, PG_swapcache
+from kmm.pgtable import (
+    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_pfn, pmd_trans_huge, pte_pfn, swp_entry,
+    table_pfn,
+)
 from kmm.tools import explore, runner
 from kmm.workload import Kernel
 
@@ -29,6 +33,7 @@ class Twin:
         self.inc = testing.incremental_checker(m, k)
         self.checks = 0
         self.failing = 0
+        self.seen: set[str] = set()  # every error reported at some check
         self.every_point = every_point
 
     def compare(self) -> None:
@@ -43,6 +48,7 @@ class Twin:
         assert self.inc._errs["large_folios"] == checks_mthp.large_folio_errors(self.m)
         self.checks += 1
         self.failing += bool(full)
+        self.seen.update(full)
 
     def at_point(self) -> None:
         if self.every_point and self.m.sched.seq % self.every_point == 0:
@@ -92,12 +98,15 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_shmem_fork_write.py", range(1, 3), 0),
     ("race_shmem_punch_fault.py", range(1, 3), 0),
     ("race_swapin_shared.py", range(1, 4), 0),
-    ("race_mthp_cow_split.py", range(1, 3), 0),
+    ("race_mthp_cow_split.py", range(1, 4), 0),
     ("race_mthp_fault.py", range(1, 3), 0),
     ("race_mthp_reclaim.py", range(1, 3), 0),
     ("race_collapse_range_munmap.py", range(1, 3), 0),
     ("race_hugetlb_pmd_share.py", range(1, 3), 0),   # pt_share_count, hugetlb folios
     ("race_hugetlb_fork_cow.py", range(1, 3), 0),
+    # anon-exclusive pages, swap PTEs and the swap cache, migration entries, forks
+    ("race_fork_reuse.py", range(1, 3), 5),
+    ("race_collapse_rmap.py", range(1, 3), 0),
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0
@@ -118,6 +127,246 @@ def test_they_agree_on_broken_invariants_too(bug):
         if failing >= 2:
             break
     assert failing >= 1
+
+
+def _fork_keeps_exclusive(monkeypatch):
+    """fork leaves the pages it shares PG_anon_exclusive (folio_try_dup_anon_rmap_ptes
+    without its clearing)."""
+    real = rmap.folio_try_dup_anon_rmap_ptes
+
+    async def dup(m, folio, pfn, nr):
+        was = folio.flags & PG_anon_exclusive
+        await real(m, folio, pfn, nr)
+        if was:
+            atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
+    monkeypatch.setattr(rmap, "folio_try_dup_anon_rmap_ptes", dup)
+
+
+def _fork_keeps_swap_exclusive(monkeypatch):
+    """fork copies an exclusive swap PTE with its exclusive bit, in both mms
+    (copy_nonpresent_pte without "mark the swap entry as shared")."""
+    real = memory.copy_nonpresent_pte
+
+    async def copy(m, dst_mm, src_mm, entry, stbl, i):
+        got = await real(m, dst_mm, src_mm, entry, stbl, i)
+        if entry & _PAGE_SWP_EXCLUSIVE:
+            await atomic.entry_set(m, "pte", stbl, i, entry)
+            return got | _PAGE_SWP_EXCLUSIVE
+        return got
+    monkeypatch.setattr(memory, "copy_nonpresent_pte", copy)
+
+
+def _migration_always_exclusive(monkeypatch):
+    """try_to_migrate makes every PTE migration entry exclusive, shared pages too."""
+    real = rmap.make_migration_entry
+    monkeypatch.setattr(rmap, "make_migration_entry",
+                        lambda pfn, write, excl, young, dirty: real(pfn, write, True, young,
+                                                                    dirty))
+
+
+@pytest.mark.parametrize("program,breach,kind", [
+    ("race_fork_reuse.py", _fork_keeps_exclusive, "PG_anon_exclusive but mapped by 2"),
+    ("race_swapin_shared.py", _fork_keeps_exclusive, "PG_anon_exclusive but mapped by 2"),
+    ("race_swapin_shared.py", _fork_keeps_swap_exclusive, "an exclusive swap PTE but 2"),
+    ("race_mthp_cow_split.py", _migration_always_exclusive, "exclusive migration entry of"),
+])
+def test_they_agree_on_anon_exclusive_breaches(monkeypatch, program, breach, kind):
+    """Ownership breaches (kmm.checks_cross.anon_exclusive_errors: a shared page or
+    slot claimed exclusive) come and go as the race runs; the incremental check,
+    which keeps per-table sums and re-judges only the pages they touch, gives the
+    full verdicts at every check."""
+    breach(monkeypatch)
+    seen = checks_run = 0
+    for seed in range(1, 4):
+        twin = twin_run(program, seed)
+        seen += sum(kind in e for e in twin.seen)
+        checks_run += twin.checks
+    assert checks_run > 10 and seen >= 1
+
+
+def _both(c, m, k, name: str) -> list[str]:
+    """The incremental checker's errors of one check, after asserting that all its
+    verdicts are the full checker's."""
+    inc, full = c.errors(), testing.invariant_errors(m, k)
+    assert inc == full
+    return c._errs[name]
+
+
+def _no_check(m, k) -> None:
+    """No check after each operation: the test compares the checkers itself."""
+
+
+def _pte_table(m, mm, addr: int) -> int:
+    return table_pfn(m.physmem.tables[memory.pmd_lookup(m, mm, addr)][pmd_index(addr)])
+
+
+def test_the_vma_check_follows_vmas_that_come_and_go(monkeypatch):
+    """A PTE outside every VMA (a zap that skipped it) is an error while no VMA covers
+    it; a VMA mapped over it and unmapped again (no write to its table) turns the
+    error off and on: the incremental check re-reads a table when its mm's VMAs over
+    the table's range changed, not only when the table did."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(64 << 10)
+        await p.load(a, 1)  # the zero page's special PTE: counted by nothing else
+        t = _pte_table(m, p.task.mm, a)
+        c = testing.incremental_checker(m, k)
+        assert _both(c, m, k, "vmas") == []
+        await atomic.entry_set(m, "pte", t, 20, m.physmem.tables[t][0])  # a + 80 KiB
+        out = [_both(c, m, k, "vmas")]
+        assert await p.mmap(4096, a + (80 << 10)) == a + (80 << 10)
+        out.append(_both(c, m, k, "vmas"))
+
+        async def no_zap(m, tlbg, vma, start, end):
+            pass
+        with monkeypatch.context() as patch:  # munmap leaves the PTE behind
+            patch.setattr(memory_zap, "unmap_page_range", no_zap)
+            assert await p.munmap(a + (80 << 10), 4096) == 0
+        out.append(_both(c, m, k, "vmas"))
+        await atomic.entry_set(m, "pte", t, 20, 0)
+        return out
+
+    _, out = testing.run_machine(fn, check=_no_check)
+    stray = out[0]
+    assert len(stray) == 1 and stray[0].endswith("lies in no VMA")
+    assert out == [stray, [], stray]
+
+
+def test_the_anon_exclusive_check_follows_tables_pages_and_slots():
+    """Each input of a PG_anon_exclusive verdict changed alone, and back: a second PTE
+    of an exclusive page (a table write; the struct page stays), the flag itself (a
+    struct page write), a swap PTE naming the slot of an exclusive page in the swap
+    cache (a table write), and an exclusive swap PTE's twin. Every verdict is
+    reported again after the state returns: no incremental summary goes stale."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(64 << 10)
+        await p.touch(a, 16 << 10, value=5)
+        assert await p.madvise(a + (8 << 10), 8 << 10, "pageout") == 0
+        child = await p.fork("child")  # shares the pages and the two swapped-out slots
+        await p.load(a + (8 << 10), 1)  # swapped in, shared: stays in the swap cache
+        await p.store(a, b"\x06")  # a COW copy: exclusive to p
+        t = _pte_table(m, p.task.mm, a)
+        ct = _pte_table(m, child.task.mm, a)
+        tbl = m.physmem.tables[t]
+        page = m.physmem.pages[pte_pfn(tbl[0])]
+        cached = m.physmem.pages[pte_pfn(tbl[2])]
+        assert page.flags & PG_anon_exclusive and cached.flags & PG_swapcache
+        c = testing.incremental_checker(m, k)
+        out = [_both(c, m, k, "anon_exclusive")]
+
+        async def step(fn, *args):
+            if fn is atomic.entry_set:
+                await fn(m, "pte", *args)
+            else:
+                fn(*args)
+            out.append([e.split(": ", 1)[1] for e in _both(c, m, k, "anon_exclusive")])
+        for _ in range(2):
+            await step(atomic.entry_set, t, 8, tbl[0])       # page mapped twice
+            await step(atomic.entry_set, t, 8, 0)
+        await step(atomic.entry_set, t, 8, tbl[0])
+        await step(atomic.folio_clear_flags_locked, page, PG_anon_exclusive)
+        await step(atomic.folio_set_flags_locked, page, PG_anon_exclusive)
+        await step(atomic.entry_set, t, 8, 0)
+        swp = m.physmem.tables[ct][2]  # the child's swap PTE of the cached page
+        await step(atomic.folio_set_flags_locked, cached, PG_anon_exclusive)
+        for _ in range(2):
+            await step(atomic.entry_set, t, 9, swp)          # a second PTE on its slot
+            await step(atomic.entry_set, t, 9, 0)
+        await step(atomic.folio_clear_flags_locked, cached, PG_anon_exclusive)
+        for _ in range(2):
+            await step(atomic.entry_set, t, 9, swp | _PAGE_SWP_EXCLUSIVE)
+            await step(atomic.entry_set, t, 9, 0)
+        return out
+
+    _, out = testing.run_machine(fn, swap=64 << 20, check=_no_check)
+    twice = ["PG_anon_exclusive but mapped 2 times"]
+    slot1 = ["PG_anon_exclusive in the swap cache but 1 swap PTEs still name its slot"]
+    slot2 = ["PG_anon_exclusive in the swap cache but 2 swap PTEs still name its slot"]
+    shared = ["an exclusive swap PTE but 2 PTEs (child, p)"]
+    assert out == [[], twice, [], twice, [], twice, [], twice, [],
+                   slot1, slot2, slot1, slot2, slot1, [], shared, [], shared, []]
+
+
+def test_the_anon_exclusive_check_follows_a_folios_head():
+    """A verdict on a page read from its folio's head changes with the head alone: a
+    second PMD of an exclusive THP (the head's PMD mappings; no struct page changes),
+    and PG_swapcache set and cleared on the head of a PTE-mapped THP whose tail is
+    exclusive while a swap PTE names the tail's slot (the head's struct page changes,
+    the tail's does not)."""
+    async def fn(m, k):
+        p = await k.process("p")
+        a = await p.mmap(4 << 20)
+        a = (a + (2 << 20) - 1) & ~((2 << 20) - 1)
+        await p.madvise(a, 2 << 20, "hugepage")
+        await p.touch(a, 2 << 20, value=5, stride=1 << 20)
+        pt = memory.pmd_lookup(m, p.task.mm, a)
+        i = pmd_index(a)
+        huge = m.physmem.tables[pt][i]
+        assert pmd_trans_huge(huge)
+        c = testing.incremental_checker(m, k)
+        out = [_both(c, m, k, "anon_exclusive")]
+
+        async def step(level, t, idx, val):
+            if level == "head":
+                (atomic.folio_set_flags_locked if val else atomic.folio_clear_flags_locked)(
+                    t, PG_swapcache)
+            else:
+                await atomic.entry_set(m, level, t, idx, val)
+            out.append([e.split(": ", 1)[1] for e in _both(c, m, k, "anon_exclusive")])
+        for _ in range(2):
+            await step("pmd", pt, i + 1, huge)
+            await step("pmd", pt, i + 1, 0)
+        assert await p.mprotect(a, 4096, "r") == 0  # the PMD split: PTE-mapped, exclusive
+        t = _pte_table(m, p.task.mm, a)
+        head = m.physmem.pages[pte_pfn(m.physmem.tables[t][0])]
+        assert m.physmem.pages[head.pfn + 1].flags & PG_anon_exclusive
+        small = await p.mmap(64 << 10)
+        await p.touch(small, 4096)
+        t2 = _pte_table(m, p.task.mm, small)
+        atomic.folio_set_field_locked(head, "swap", swp_entry(0, 100))
+        await step("pte", t2, 5, swp_entry(0, 101))  # names the slot of head.pfn + 1
+        for _ in range(2):
+            await step("head", head, 0, True)
+            await step("head", head, 0, False)
+        await step("pte", t2, 5, 0)
+        atomic.folio_set_field_locked(head, "swap", 0)
+        return out
+
+    _, out = testing.run_machine(fn, check=_no_check)
+    twice = ["PG_anon_exclusive but mapped 2 times"]
+    cached = ["PG_anon_exclusive in the swap cache but 1 swap PTEs still name its slot"]
+    assert out == [[], twice, [], twice, [], [], cached, [], cached, [], []]
+
+
+def test_a_table_two_mms_share_counts_in_both():
+    """A PMD table shared by two mms (hugetlb huge_pmd_share: the child's PUD entry
+    points at the parent's table) is a leaf table of each: its mappings count once per
+    mm, in every check, not once for whichever mm walked it last. A hugetlb folio
+    marked PG_anon_exclusive there is mapped by two mms."""
+    async def fn(m, k):
+        await k.set_hugetlb_pool(4)
+        p = await k.process("main")
+        a = await p.mmap(1 << 30, addr=0x2000_0000_0000, backing="hugetlb_shared",
+                         noreserve=True)
+        await p.store(a, b"\xa1")
+        child = await p.fork("child")
+        await child.store(a + (2 << 20), b"\xc2")  # huge_pmd_share: the parent's table
+        pt = memory.pmd_lookup(m, p.task.mm, a)
+        assert memory.pmd_lookup(m, child.task.mm, a) == pt
+        folio = m.physmem.pages[pmd_pfn(m.physmem.tables[pt][pmd_index(a)])]
+        c = testing.incremental_checker(m, k)
+        out = [_both(c, m, k, "anon_exclusive")]
+        for _ in range(2):
+            atomic.folio_set_flags_locked(folio, PG_anon_exclusive)
+            out.append([e.split(": ", 1)[1] for e in _both(c, m, k, "anon_exclusive")])
+            atomic.folio_clear_flags_locked(folio, PG_anon_exclusive)
+            out.append(_both(c, m, k, "anon_exclusive"))
+        return out
+
+    _, out = testing.run_machine(fn, check=_no_check)
+    both = ["PG_anon_exclusive but mapped by 2 mms (child, main)"]
+    assert out == [[], both, [], both, []]
 
 
 def test_the_incremental_checker_rereads_only_changed_tables():
