@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from kmm import atomic, checks, checks_mthp, memory, memory_zap, rmap, swapfile, testing
+from kmm import atomic, checks, checks_mapping, checks_mthp, memory, memory_zap, rmap, swapfile, testing
 from kmm.mm_types import PG_anon_exclusive, PG_swapcache
 from kmm.pgtable import (
     _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_pfn, pmd_trans_huge, pte_pfn, swp_entry,
@@ -373,7 +373,7 @@ def test_the_incremental_checker_rereads_only_changed_tables():
     """After a check, a run that changes nothing re-reads no leaf table; a change to
     one PTE table re-reads that one alone."""
     seen = []
-    real = checks._pte_summary
+    real = checks_mapping._pte_summary
 
     def spy(m, name, t, base):
         seen.append(t)
@@ -385,7 +385,7 @@ def test_the_incremental_checker_rereads_only_changed_tables():
         await p.madvise(a, 8 << 20, "nohugepage")
         await p.touch(a, 8 << 20, stride=1 << 20)  # 8 pages, 4 PTE tables
         c = testing.incremental_checker(m, k)
-        checks._pte_summary = spy
+        checks_mapping._pte_summary = spy
         try:
             assert c.errors() == testing.invariant_errors(m, k) == []
             seen.clear()
@@ -398,7 +398,7 @@ def test_the_incremental_checker_rereads_only_changed_tables():
             assert testing.invariant_errors(m, k) == []
             return quiet, changed
         finally:
-            checks._pte_summary = real
+            checks_mapping._pte_summary = real
 
     _, (quiet, changed) = testing.run_machine(fn)
     assert quiet == []
