@@ -62,26 +62,27 @@ async def _walk(m, cpu, mm, addr: int, write: bool) -> bool | None:
     pgde = e = await atomic.entry_read(m, "pgd", mm.pgd, pgd_index(addr))
     if not _usable(e, write):
         return False
-    pude = e = await atomic.entry_read(m, "pud", table_pfn(e), pud_index(addr))
-    if not _usable(e, write):
-        return False
-    tbl, idx = table_pfn(e), pmd_index(addr)
-    pmde = e = await atomic.entry_read(m, "pmd", tbl, idx)
-    if not _usable(e, write):
-        return False
-    huge = bool(e & _PAGE_PSE)
-    if not huge:
-        tbl, idx = table_pfn(e), pte_index(addr)
-        try:
-            e = await atomic.entry_read(m, "pte", tbl, idx)
-        except KeyError:
-            # the PTE table was detached and freed during the walk (retract_page_tables,
-            # PT_RECLAIM): the hardware walk is one instruction, so the flush's IPI came
-            # before it; walk again (the kernel frees such tables after an RCU grace
-            # period: pte_free_defer)
-            return None
+    try:
+        pude = e = await atomic.entry_read(m, "pud", table_pfn(e), pud_index(addr))
         if not _usable(e, write):
             return False
+        tbl, idx = table_pfn(e), pmd_index(addr)
+        pmde = e = await atomic.entry_read(m, "pmd", tbl, idx)
+        if not _usable(e, write):
+            return False
+        huge = bool(e & _PAGE_PSE)
+        if not huge:
+            tbl, idx = table_pfn(e), pte_index(addr)
+            e = await atomic.entry_read(m, "pte", tbl, idx)
+            if not _usable(e, write):
+                return False
+    except KeyError:
+        # a table on the path was detached and freed during the walk (a PTE table by
+        # retract_page_tables or PT_RECLAIM, a shared hugetlb PMD table unshared by
+        # huge_pmd_unshare and freed by its last mm): the hardware walk is one
+        # instruction, so the IPI of the flush or of tlb_remove_table_sync_one came
+        # before it; walk again
+        return None
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
     if want != e and not await atomic.entry_cmpxchg(m, "pmd" if huge else "pte", tbl, idx, e, want):
         return None  # changed under the walker: walk again
@@ -102,22 +103,22 @@ def _walk_quiet(m, cpu, mm, addr: int, write: bool) -> bool | None:
     pgde = e = atomic.entry_read_quiet(m, "pgd", mm.pgd, pgd_index(addr))
     if not _usable(e, write):
         return False
-    pude = e = atomic.entry_read_quiet(m, "pud", table_pfn(e), pud_index(addr))
-    if not _usable(e, write):
-        return False
-    tbl, idx = table_pfn(e), pmd_index(addr)
-    pmde = e = atomic.entry_read_quiet(m, "pmd", tbl, idx)
-    if not _usable(e, write):
-        return False
-    huge = bool(e & _PAGE_PSE)
-    if not huge:
-        tbl, idx = table_pfn(e), pte_index(addr)
-        try:
-            e = atomic.entry_read_quiet(m, "pte", tbl, idx)
-        except KeyError:
-            return None  # the PTE table was freed during the walk (see _walk)
+    try:
+        pude = e = atomic.entry_read_quiet(m, "pud", table_pfn(e), pud_index(addr))
         if not _usable(e, write):
             return False
+        tbl, idx = table_pfn(e), pmd_index(addr)
+        pmde = e = atomic.entry_read_quiet(m, "pmd", tbl, idx)
+        if not _usable(e, write):
+            return False
+        huge = bool(e & _PAGE_PSE)
+        if not huge:
+            tbl, idx = table_pfn(e), pte_index(addr)
+            e = atomic.entry_read_quiet(m, "pte", tbl, idx)
+            if not _usable(e, write):
+                return False
+    except KeyError:
+        return None  # a table on the path was freed during the walk (see _walk)
     want = e | _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
     if want != e and not atomic.entry_cmpxchg_quiet(m, "pmd" if huge else "pte", tbl, idx,
                                                     e, want):
