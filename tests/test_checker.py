@@ -192,6 +192,18 @@ def _both(c, m, k, name: str | None = None) -> list[str]:
     return inc if name is None else c._errs[name]
 
 
+async def _small_anon(m, k, size: int, **touch):
+    """A process with 4 KiB pages written at the start of a 2 MiB range, and an
+    incremental checker that found nothing: (process, address, checker)."""
+    p = await k.process("p")
+    a = await p.mmap(2 << 20)
+    await p.madvise(a, 2 << 20, "nohugepage")
+    await p.touch(a, size, **touch)
+    c = testing.incremental_checker(m, k)
+    assert _both(c, m, k) == []
+    return p, a, c
+
+
 def _no_check(m, k) -> None:
     """No check after each operation: the test compares the checkers itself."""
 
@@ -492,12 +504,7 @@ def test_a_table_changed_back_is_seen_changed_back():
     """The Checker's snapshot of the page tables is updated for every table that
     changed (only those are copied): a PTE made bad and restored is reported once."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "nohugepage")
-        await p.touch(a, 16 << 10, value=2)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + (64 << 10))
         tbl = m.physmem.tables[t]
         list.__setitem__(tbl, i, 0x2000)  # a swap PTE, and no swap device
@@ -520,12 +527,7 @@ def test_the_data_check_reads_every_byte_again():
     a byte changed in memory, or a write the shadow learns of, is seen at the next
     check, and a page read through a changed table reads the new page."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "nohugepage")
-        await p.touch(a, 16 << 10, stride=1024, value=9)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _small_anon(m, k, 16 << 10, stride=1024, value=9)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         m.physmem.data[pfn][1024] = 4   # the second page's second byte written
@@ -589,12 +591,7 @@ def test_a_share_count_on_a_page_that_is_no_table_is_seen():
     """ptdesc->pt_share_count only on a live shared PMD table: the pages with one, kept
     from check to check, must take in a page whose count changes."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "nohugepage")
-        await p.touch(a, 4096, value=1)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _small_anon(m, k, 4096, value=1)
         t, i = _leaf(m, p.task.mm, a)
         page = m.physmem.pages[pte_pfn(m.physmem.tables[t][i])]
         object.__setattr__(page, "pt_share_count", 1)
@@ -613,12 +610,7 @@ def test_a_mapped_page_without_a_struct_page_is_looked_at_every_time():
     the pfns so mapped are kept from check to check, and stop being looked at when
     the struct page is back (page_folio: physmem's struct pages, created on use)."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "nohugepage")
-        await p.touch(a, 16 << 10, value=2)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         if not pfn & 1:  # (a pfn with a neighbour below it in an order-1 block)
@@ -648,12 +640,7 @@ def test_a_mapped_page_put_on_a_free_list_is_seen_free():
     whether a mapped pfn is free is kept per pfn while no free block around it came or
     went, and taken again when one did."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "nohugepage")
-        await p.touch(a, 16 << 10, value=2)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         seen = []
