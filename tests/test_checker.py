@@ -13,10 +13,12 @@ import pathlib
 
 import pytest
 
-from kmm import atomic, checks, checks_mapping, checks_mthp, memory, memory_zap, rmap, swapfile, testing
+from kmm import (
+    atomic, checks, checks_mapping, checks_mthp, memory, memory_zap, rmap, swapfile, testing,
+)
 from kmm.mm_types import PG_anon_exclusive, PG_swapcache
 from kmm.pgtable import (
-    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_pfn, pmd_trans_huge, pte_pfn, swp_entry,
+    _PAGE_SWP_EXCLUSIVE, pmd_index, pmd_pfn, pmd_trans_huge, pte_index, pte_pfn, swp_entry,
     table_pfn,
 )
 from kmm.tools import explore, runner
@@ -192,12 +194,13 @@ def _both(c, m, k, name: str | None = None) -> list[str]:
     return inc if name is None else c._errs[name]
 
 
-async def _small_anon(m, k, size: int, **touch):
-    """A process with 4 KiB pages written at the start of a 2 MiB range, and an
-    incremental checker that found nothing: (process, address, checker)."""
+async def _anon_range(m, k, size: int, advice: str = "nohugepage", **touch):
+    """A process with a 2 MiB range (4 KiB pages, or a THP with advice="hugepage")
+    written from its start, and an incremental checker that found nothing: (process,
+    address, checker)."""
     p = await k.process("p")
     a = await p.mmap(2 << 20)
-    await p.madvise(a, 2 << 20, "nohugepage")
+    await p.madvise(a, 2 << 20, advice)
     await p.touch(a, size, **touch)
     c = testing.incremental_checker(m, k)
     assert _both(c, m, k) == []
@@ -437,9 +440,7 @@ def test_explore_uses_the_incremental_checker(monkeypatch):
 # ----------------------------------------- the incremental checker's caches go stale
 def _leaf(m, mm, addr):
     """(PTE table or None, index) of addr's PTE, or (PMD table, index) of a huge PMD."""
-    from kmm.memory import pmd_lookup
-    from kmm.pgtable import pmd_index, pmd_trans_huge, pte_index, table_pfn
-    t = pmd_lookup(m, mm, addr)
+    t = memory.pmd_lookup(m, mm, addr)
     e = m.physmem.tables[t][pmd_index(addr)]
     if pmd_trans_huge(e):
         return t, pmd_index(addr)
@@ -475,14 +476,8 @@ def test_the_deposit_count_is_read_again_when_a_folio_changes():
     deposit), a page-cache one none: the count of PMDs wanting a deposit, kept per PMD
     table, must be taken again when the mapped folio changes, its table unchanged."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "hugepage")
-        await p.touch(a, 2 << 20, stride=1 << 20, value=1)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _anon_range(m, k, 2 << 20, "hugepage", stride=1 << 20, value=1)
         t, i = _leaf(m, p.task.mm, a)
-        from kmm.pgtable import pmd_pfn
         folio = m.physmem.folio(pmd_pfn(m.physmem.tables[t][i]))
         object.__setattr__(folio, "mapping", object())  # a page-cache folio now
         bad = _both(c, m, k)
@@ -504,7 +499,7 @@ def test_a_table_changed_back_is_seen_changed_back():
     """The Checker's snapshot of the page tables is updated for every table that
     changed (only those are copied): a PTE made bad and restored is reported once."""
     async def fn(m, k):
-        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
+        p, a, c = await _anon_range(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + (64 << 10))
         tbl = m.physmem.tables[t]
         list.__setitem__(tbl, i, 0x2000)  # a swap PTE, and no swap device
@@ -527,7 +522,7 @@ def test_the_data_check_reads_every_byte_again():
     a byte changed in memory, or a write the shadow learns of, is seen at the next
     check, and a page read through a changed table reads the new page."""
     async def fn(m, k):
-        p, a, c = await _small_anon(m, k, 16 << 10, stride=1024, value=9)
+        p, a, c = await _anon_range(m, k, 16 << 10, stride=1024, value=9)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         m.physmem.data[pfn][1024] = 4   # the second page's second byte written
@@ -562,14 +557,8 @@ def test_a_large_folio_is_walked_again_when_a_page_of_it_changes():
     mapcount): the walk over a THP's pages, kept per folio, must be taken again when a
     tail page changes, the folio's head unchanged."""
     async def fn(m, k):
-        p = await k.process("p")
-        a = await p.mmap(2 << 20)
-        await p.madvise(a, 2 << 20, "hugepage")
-        await p.touch(a, 2 << 20, stride=1 << 20, value=1)
-        c = testing.incremental_checker(m, k)
-        assert _both(c, m, k) == []
+        p, a, c = await _anon_range(m, k, 2 << 20, "hugepage", stride=1 << 20, value=1)
         t, i = _leaf(m, p.task.mm, a)
-        from kmm.pgtable import pmd_pfn
         head = pmd_pfn(m.physmem.tables[t][i])
         assert m.physmem.pages[head].order == 9
         tail = m.physmem.page(head + 5)
@@ -591,7 +580,7 @@ def test_a_share_count_on_a_page_that_is_no_table_is_seen():
     """ptdesc->pt_share_count only on a live shared PMD table: the pages with one, kept
     from check to check, must take in a page whose count changes."""
     async def fn(m, k):
-        p, a, c = await _small_anon(m, k, 4096, value=1)
+        p, a, c = await _anon_range(m, k, 4096, value=1)
         t, i = _leaf(m, p.task.mm, a)
         page = m.physmem.pages[pte_pfn(m.physmem.tables[t][i])]
         object.__setattr__(page, "pt_share_count", 1)
@@ -610,7 +599,7 @@ def test_a_mapped_page_without_a_struct_page_is_looked_at_every_time():
     the pfns so mapped are kept from check to check, and stop being looked at when
     the struct page is back (page_folio: physmem's struct pages, created on use)."""
     async def fn(m, k):
-        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
+        p, a, c = await _anon_range(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         if not pfn & 1:  # (a pfn with a neighbour below it in an order-1 block)
@@ -640,7 +629,7 @@ def test_a_mapped_page_put_on_a_free_list_is_seen_free():
     whether a mapped pfn is free is kept per pfn while no free block around it came or
     went, and taken again when one did."""
     async def fn(m, k):
-        p, a, c = await _small_anon(m, k, 16 << 10, value=2)
+        p, a, c = await _anon_range(m, k, 16 << 10, value=2)
         t, i = _leaf(m, p.task.mm, a + 4096)
         pfn = pte_pfn(m.physmem.tables[t][i])
         seen = []
