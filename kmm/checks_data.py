@@ -118,7 +118,7 @@ def data_errors(ctx) -> list[str]:
         plan = _plan(plans, task, shadow, unknown, skip)
         if not _pages_agree(task, plan, where, data, m):
             for addr, want in shadow.items():
-                if addr in unknown or (skip and any(lo <= addr < hi for lo, hi in skip)):
+                if not plan.checked(addr):
                     continue
                 got = read(task, addr)
                 if got is not None and got != want:
@@ -154,12 +154,14 @@ class _Plan:
         self.bypage: dict[int, dict[int, int]] = {}
         self.groups: dict[int, tuple] = {}
         for addr, want in shadow.items():
-            if self._checked(addr):
+            if self.checked(addr):
                 self.bypage.setdefault(addr >> 12, {})[addr & 4095] = want
         for vp in self.bypage:
             self._group(vp)
 
-    def _checked(self, addr: int) -> bool:
+    def checked(self, addr: int) -> bool:
+        """Whether the byte at addr is checked (not written during a fork, not in a
+        range the hugetlb check leaves alone)."""
         return addr not in self.unknown and not (
             self.skip and any(lo <= addr < hi for lo, hi in self.skip))
 
@@ -179,7 +181,7 @@ class _Plan:
         for addr, _ in shadow.items() ^ self.shadow.items():
             vp = addr >> 12
             touched.add(vp)
-            if addr in shadow and self._checked(addr):
+            if addr in shadow and self.checked(addr):
                 self.bypage.setdefault(vp, {})[addr & 4095] = shadow[addr]
             elif vp in self.bypage:
                 self.bypage[vp].pop(addr & 4095, None)
