@@ -277,6 +277,9 @@ def _explore_cli(args) -> int:
         print("kmm explore: --schedules, --jobs, --depth and --cpus must be at least 1",
               file=sys.stderr)
         return 2
+    if args.start < 0:
+        print("kmm explore: --start must be at least 0", file=sys.stderr)
+        return 2
     try:
         from kmm.bugs import BUGS as known
     except ImportError:  # the injected-bug switches may not exist in this build
@@ -304,7 +307,8 @@ def _explore_cli(args) -> int:
         prog = ex.Progress(args.schedules, enabled=not args.quiet)
         summ = ex.explore(cfg, args.schedules, jobs=args.jobs, all_=args.all,
                           determinism=args.check_determinism, progress=prog,
-                          keep_going=args.keep_going, executor=executor)
+                          keep_going=args.keep_going, executor=executor,
+                          start=args.start)
     except executors.ExecutorError as e:
         print(f"kmm explore: {e}", file=sys.stderr)
         return 2
@@ -312,10 +316,7 @@ def _explore_cli(args) -> int:
         args.jobs = summ.workers  # the summary line names the Ray CPUs that ran them
     if args.keep_going:
         return _keep_going_report(args, cfg, summ)
-    rate = summ.schedules / max(summ.seconds, 1e-9)
-    print(f"{args.program}: {summ.schedules} schedules ({args.mode}, seeds {args.seed}.."
-          f"{args.seed + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
-          f"job{'s' if args.jobs > 1 else ''}")
+    print(_explored_line(args, summ))
     if summ.first is None:
         print("no violation")
         return 0
@@ -341,14 +342,21 @@ def _explore_cli(args) -> int:
     return 1
 
 
+def _explored_line(args, summ) -> str:
+    """What kmm explore ran: the program, the schedules, their seeds and the rate."""
+    rate = summ.schedules / max(summ.seconds, 1e-9)
+    lo = args.seed + args.start
+    where = f"schedules {args.start}.., " if args.start else ""
+    return (f"{args.program}: {summ.schedules} schedules ({args.mode}, {where}seeds {lo}.."
+            f"{lo + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
+            f"job{'s' if args.jobs > 1 else ''}")
+
+
 def _keep_going_report(args, cfg, summ) -> int:
     """kmm explore --keep-going: every distinct (kind, site), its first schedule, one
     failure file each."""
     from kmm.tools import explore as ex
-    rate = summ.schedules / max(summ.seconds, 1e-9)
-    print(f"{args.program}: {summ.schedules} schedules ({args.mode}, seeds {args.seed}.."
-          f"{args.seed + summ.schedules - 1}), {rate:.1f} schedules/s on {args.jobs} "
-          f"job{'s' if args.jobs > 1 else ''}, bound {summ.max_points} points")
+    print(f"{_explored_line(args, summ)}, bound {summ.max_points} points")
     if not summ.distinct:
         print("no violation")
         return 0
@@ -493,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "RAY_ADDRESS or a local cluster, else a fresh local Ray); needs "
                         "pip install 'kmm[ray]'")
     e.add_argument("--seed", type=int, default=1, help="schedule i uses seed SEED+i")
+    e.add_argument("--start", type=int, default=0, metavar="I",
+                   help="run schedules I .. I+SCHEDULES-1 of the exploration (0): ranges "
+                        "of one campaign, run apart, run the same schedules as one run")
     e.add_argument("--inject", action="append", metavar="BUG",
                    help="turn on an injected bug (repeatable)")
     e.add_argument("--all", action="store_true", help="run every schedule and count")

@@ -425,8 +425,10 @@ def violation_site(kind: str, message: str) -> str:
 
 def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
             determinism: bool = False, progress: Progress | None = None,
-            keep_going: bool = False, executor=None) -> Summary:
-    """Run schedules 0 .. schedules-1; the result does not depend on ``jobs`` or the
+            keep_going: bool = False, executor=None, start: int = 0) -> Summary:
+    """Run schedules start .. start+schedules-1 (a range of a longer exploration: ``n``
+    and the bound still come from seed S's run, so consecutive ranges run exactly the
+    schedules of one run over their union); the result does not depend on ``jobs`` or the
     ``executor`` (kmm.tools.executors: a Ray cluster's tasks run ranges of schedules as
     the pool's workers do): the first violation is the lowest failing index, and without
     ``all_`` only the schedules up to it are counted. ``keep_going`` runs them all and
@@ -455,7 +457,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
 
     if jobs <= 1 and executor is None:
         async def loop() -> None:
-            for i in range(schedules):
+            for i in range(start, start + schedules):
                 r = await run_one_async(cfg, i, determinism)
                 results[i] = r
                 prog.update(len(results), found())
@@ -467,7 +469,8 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
         with executor or executors.LocalExecutor(jobs) as ex:
             summ.workers = ex.workers
             chunk = max(1, min(16, schedules // (ex.workers * 8) or 1))
-            starts = list(range(0, schedules, chunk))
+            end = start + schedules
+            starts = list(range(start, end, chunk))
             pending: dict = {}
             nxt = 0
             while nxt < len(starts) or pending:
@@ -475,7 +478,7 @@ def explore(cfg: Config, schedules: int, *, jobs: int = 1, all_: bool = False,
                 while (nxt < len(starts) and len(pending) < ex.workers * 2
                        and (best is None or starts[nxt] < best)):
                     lo = starts[nxt]
-                    h = ex.submit(run_chunk, cfg, lo, min(lo + chunk, schedules),
+                    h = ex.submit(run_chunk, cfg, lo, min(lo + chunk, end),
                                   determinism, not all_)
                     pending[h] = lo
                     nxt += 1

@@ -184,6 +184,24 @@ def test_jobs_do_not_change_the_result(toy):
     assert every1.violations == every2.violations and every1.schedules == 24
 
 
+@pytest.mark.parametrize("mode", ["pct", "preempt"])
+def test_ranges_of_an_exploration_run_its_schedules(toy, mode):
+    """explore(start=i) runs schedule i of the one exploration, not schedule 0 of
+    another: n (pct's points, preempt's opportunities) still comes from seed S's run,
+    so one-schedule ranges fail at exactly the indices where one run of 80 fails (the
+    lost update needs a preemption between load and store: first at schedule 58)."""
+    def cfg():
+        return ex.Config(program=toy, mode=mode, seed=1, depth=ex.DEFAULT_DEPTH[mode])
+    whole = ex.explore(cfg(), 80, all_=True)
+    failing = [i for i in range(50, 80)
+               if ex.explore(cfg(), 1, start=i, all_=True).violations]
+    assert failing and failing[0] == whole.first >= 50
+    assert len(failing) == sum(whole.violations.values())
+    # a range's first violation is an absolute schedule index
+    tail = ex.explore(cfg(), 80 - 59, start=59)
+    assert tail.first == next((i for i in failing if i >= 59), None)
+
+
 def test_check_determinism_flags_host_randomness(tmp_path):
     path = tmp_path / "urandom.py"
     path.write_text(URANDOM)

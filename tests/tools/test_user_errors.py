@@ -140,6 +140,8 @@ def test_explore_missing_file_and_bad_numbers(tmp_path, capsys):
     assert capsys.readouterr().err == f"kmm explore: {tmp_path / 'nosuch.py'}: no such file\n"
     assert cli.main(["explore", str(W / "two_cpu_fault.py"), "--cpus", "0"]) == 2
     assert "--cpus must be at least 1" in capsys.readouterr().err.replace(" and --cpus", " --cpus")
+    assert cli.main(["explore", str(W / "two_cpu_fault.py"), "--start", "-1"]) == 2
+    assert capsys.readouterr().err == "kmm explore: --start must be at least 0\n"
 
 
 def test_run_cpus_zero_is_bad_input(capsys):
