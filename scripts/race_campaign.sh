@@ -11,6 +11,8 @@
 #   MODES="pct" PROGRAMS="race_fault_*" JOBS=2 CHUNK=1000 scripts/race_campaign.sh 1000 /tmp/c
 #   CELLS=cells.txt scripts/race_campaign.sh    (the cells to run, "program mode" a line,
 #                                                in that order, instead of MODES x PROGRAMS)
+#   EXPLORE_ARGS="--inject BUG" ...              (more `kmm explore` options, every run)
+# scripts/race_campaign_table.py OUT N prints the campaign's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -18,7 +20,8 @@ OUT=$(realpath -m "${2:-campaign}")
 CHUNK=${CHUNK:-$N}
 mkdir -p "$OUT"
 KMM=${KMM:-kmm}
-export N OUT KMM CHUNK
+EXPLORE_ARGS=${EXPLORE_ARGS:-}
+export N OUT KMM CHUNK EXPLORE_ARGS
 run() {  # program mode start: schedules start .. start+CHUNK-1 of the cell
   local p=$1 m=$2 i=$3 base tag="" fail
   base="$OUT/$p.$m.$N"
@@ -28,7 +31,8 @@ run() {  # program mode start: schedules start .. start+CHUNK-1 of the cell
   fail="$OUT/FAIL-$p-$m${tag:+-$i}.jsonl"
   local s=$SECONDS rc=0 count=$((N - i < CHUNK ? N - i : CHUNK))
   "$KMM" explore "workloads/$p.py" --mode "$m" --schedules "$count" --start "$i" \
-    --seed 1 --jobs 1 --keep-going --quiet --out "$fail" > "$base$tag.log" 2>&1 || rc=$?
+    --seed 1 --jobs 1 --keep-going --quiet --out "$fail" $EXPLORE_ARGS \
+    > "$base$tag.log" 2>&1 || rc=$?
   # rc 1: violations found (listed in the log); anything else: the run did not finish
   echo "$p $m $N rc=$rc secs=$((SECONDS - s)) $(tail -n 1 "$base$tag.log")" \
     >> "$OUT/summary.txt"

@@ -1,14 +1,25 @@
 """scripts/race_campaign.sh: every race program in every mode, one `kmm explore` per
-cell, resumable (the 10,000-schedule campaign of docs/race-lab.md runs through it)."""
+cell, resumable (the 10,000-schedule campaign of docs/race-lab.md runs through it), and
+scripts/race_campaign_table.py, its table."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+RACES = len(list((ROOT / "workloads").glob("race_*.py")))
+
+
+def _table(out: pathlib.Path, n: int) -> list[str]:
+    spec = importlib.util.spec_from_file_location(
+        "race_campaign_table", ROOT / "scripts" / "race_campaign_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.table(out, n).splitlines()
 
 
 def _campaign(out: pathlib.Path, n: int = 3, **env: str) -> str:
@@ -50,3 +61,23 @@ def test_a_chunked_campaign_runs_each_range_once_in_the_listed_cells(tmp_path):
     assert seeds == ["1..2", "3..4", "5..5"]
     _campaign(out, 5, CHUNK="2", CELLS=str(cells))
     assert len((out / "summary.txt").read_text().splitlines()) == 3
+    row = next(ln for ln in _table(out, 5) if ln.startswith("| race_fault_fault |"))
+    assert row.split(" | ")[1:3] == ["not run", "not run"]  # random, pct
+    assert row.split(" | ")[3].startswith("clean, ")  # all 5 preempt schedules
+    assert _table(out, 5)[-1] == f"1 of {RACES * 3} cells ran 5 schedules, 1 of them clean."
+
+
+def test_the_table_counts_an_injected_bugs_violations_and_a_cell_half_run(tmp_path):
+    """With a safeguard removed (EXPLORE_ARGS=--inject), the cell is violating in the
+    table; a cell with only some of its ranges done shows how many schedules ran."""
+    out = tmp_path / "c"
+    cells = tmp_path / "cells.txt"
+    cells.write_text("race_fault_fault random\n")
+    _campaign(out, 8, CHUNK="4", CELLS=str(cells),
+              EXPLORE_ARGS="--inject huge_fault_no_pmd_none_recheck")
+    row = next(ln for ln in _table(out, 8) if ln.startswith("| race_fault_fault |"))
+    assert row.split(" | ")[1].split(" violating")[0].isdigit()
+    assert _table(out, 8)[-1] == f"1 of {RACES * 3} cells ran 8 schedules, 0 of them clean."
+    (out / "race_fault_fault.random.8.4.done").unlink()
+    row = next(ln for ln in _table(out, 8) if ln.startswith("| race_fault_fault |"))
+    assert ", 4 of 8, " in row.split(" | ")[1]
