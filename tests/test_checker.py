@@ -109,6 +109,11 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     # anon-exclusive pages, swap PTEs and the swap cache, migration entries, forks
     ("race_fork_reuse.py", range(1, 3), 5),
     ("race_collapse_rmap.py", range(1, 3), 0),
+    # collapse_file's holes, shared PMD tables of one mm, NUMA hinting on PTEs
+    ("race_shmem_punch_collapse.py", range(1, 3), 0),
+    ("race_shmem_fault_fault.py", range(1, 3), 0),
+    ("race_hugetlb_share_fault_fault.py", range(1, 3), 0),
+    ("race_numa_fault_dontneed.py", range(1, 4), 0),
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0

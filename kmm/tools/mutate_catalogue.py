@@ -247,6 +247,62 @@ MUTANTS: tuple[Mutant, ...] = (
            "the partially mapped destination on no queue",
            ("race_migrate_shrinker.py", "race_collapse_rmap.py"),
            ("tests/mm/test_migrate.py",)),
+    # The paths of mTHP, NUMA balancing, shmem and hugetlb (issues 11 to 14), written
+    # after the catalogue above: their safeguards, from the kernel's functions alone.
+    Mutant("mthp_no_pte_range_none_recheck", "recheck", "kmm/memory.py", "do_anonymous_page",
+           (('        changed = not await memory_anon.pte_range_none(m, tbl, idx, nr)',
+             '        changed = False'),),
+           "the mTHP fault's pte_range_none under the PTE lock (vmf_pte_changed for nr "
+           "pages): a racing fault mapped a page of the range while the folio was "
+           "allocated, and set_ptes overwrites it",
+           ("race_mthp_fault.py",), ("tests/mm/test_mthp.py",)),
+    Mutant("numa_page_no_pte_same", "recheck", "kmm/memory_numa.py", "do_numa_page",
+           (('    if old != vmf.orig_pte:  # pte_same: someone fixed or changed it meanwhile',
+             '    if False:'),),
+           "do_numa_page's pte_same under the PTE lock: the PROT_NONE entry read without "
+           "the lock was zapped, migrated or fixed meanwhile, and the fault restores the "
+           "protection of whatever is there now",
+           ("race_numa_fault_dontneed.py", "race_numa_fault_write.py"),
+           ("tests/mm/test_numa_balancing.py",)),
+    Mutant("finish_fault_no_pte_none_recheck", "recheck", "kmm/memory_file.py",
+           "finish_fault",
+           (('    if busy:\n        await ptl.unlock()\n'
+             '        return memory.VM_FAULT_NOPAGE  # another fault mapped it first',
+             '    if False:\n        await ptl.unlock()\n'
+             '        return memory.VM_FAULT_NOPAGE  # another fault mapped it first'),),
+           "finish_fault's pte_none check under the PTE lock: two faults on one page-cache "
+           "page (or a fault and filemap_map_pages) both map it, counting one mapping "
+           "twice",
+           ("race_shmem_fault_fault.py",), ("tests/mm/test_shmem.py",)),
+    # Not in the catalogue, because kmm cannot tell them from the correct code:
+    # do_set_pmd's pmd_none under the PMD lock (every mapper of a file THP's PMD range,
+    # the fault, fault-around and collapse_pte_mapped_thp alike, holds the folio lock,
+    # which already orders them); collapse_file's reference check after the unmap
+    # (whoever else could hold a reference and use the page, GUP above all, is not
+    # modelled: a mapper must lock the folio first, and the collapse holds it); and the
+    # truncation's folio->mapping recheck after the folio lock (find_lock_entries'; the
+    # kernel's truncate_inode_folio checks the mapping again, and so does kmm's).
+    Mutant("collapse_file_no_filled_recheck", "recheck", "kmm/khugepaged_file.py",
+           "_replace_in_page_cache",
+           (('    if held + nr_none != HPAGE_PMD_NR or any(\n'
+             '            mapping.i_pages.get(i) is not None and m.physmem.folio('
+             'mapping.i_pages[i])\n'
+             '            not in pagelist for i in range(start, start + HPAGE_PMD_NR)):',
+             '    if held + nr_none != HPAGE_PMD_NR:'),),
+           "collapse_file's SCAN_PAGE_FILLED recheck under the i_pages lock: a fault put "
+           "a new folio into a hole while the block was copied, and the new THP replaces "
+           "it in the page cache: what the fault wrote is lost",
+           ("race_shmem_punch_collapse.py", "race_shmem_collapse_fault.py"),
+           ("tests/mm/test_shmem.py",)),
+    Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
+           "huge_pmd_share",
+           (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',
+             '        if True:'),),
+           "huge_pmd_share's pud_none under the shared table's lock: a racing fault of "
+           "this mm populated the PUD entry meanwhile, and the shared table replaces "
+           "it (a table leaked, a share count never dropped)",
+           ("race_hugetlb_share_fault_fault.py", "race_hugetlb_pmd_share.py"),
+           ("tests/mm/test_hugetlb_pmd_share.py",)),
 )
 
 BY_NAME = {mu.name: mu for mu in MUTANTS}

@@ -79,3 +79,23 @@ def test_the_removed_migration_refcount_freeze_is_killed(capsys):
     assert rc == 0
     assert "explore race_migrate_shrinker.py random, schedule" in out
     assert "killed 1/1 (100%)" in out
+
+
+@pytest.mark.parametrize("name, program, mode, budget", [
+    ("mthp_no_pte_range_none_recheck", "race_mthp_fault.py", "pct", 10),
+    ("numa_page_no_pte_same", "race_numa_fault_dontneed.py", "random", 12),
+    ("finish_fault_no_pte_none_recheck", "race_shmem_fault_fault.py", "random", 5),
+    ("collapse_file_no_filled_recheck", "race_shmem_punch_collapse.py", "pct", 30),
+    ("huge_pmd_share_no_pud_recheck", "race_hugetlb_share_fault_fault.py", "random", 15),
+])
+def test_the_safeguards_of_mthp_numa_shmem_and_hugetlb_are_killed(name, program, mode,
+                                                                   budget, capsys):
+    """A mutant of each path added after the first catalogue (mTHP, NUMA balancing on
+    PTEs, shmem faults, collapse_file, hugetlb PMD sharing) dies in its race program,
+    within the schedules measured when it joined the catalogue."""
+    rc = cli.main(["mutate", name, "--budget", str(budget), "--mode", mode,
+                   "--no-tests", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"explore {program} {mode}, schedule" in out
+    assert "killed 1/1 (100%)" in out
