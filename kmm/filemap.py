@@ -95,15 +95,27 @@ def folios_in_range(m, mapping: AddressSpace, start: int, end: int) -> list[Page
     return [m.physmem.page(pfn) for pfn in seen]
 
 
-async def filemap_add_folio(m, mapping: AddressSpace, folio: Page, index: int) -> bool:
+async def filemap_add_folio(m, mapping: AddressSpace, folio: Page, index: int,
+                            expected: tuple | None = None) -> bool:
     """__filemap_add_folio (shmem_add_to_page_cache): insert a locked new folio at
     index, taking nr_pages references; False (-EEXIST) if any index it would cover is
-    taken. Counts NR_SHMEM (and NR_SHMEM_THPS for a PMD-size folio)."""
+    taken. With ``expected`` (a swapped-in folio: the swap entry it replaces), every
+    index must still hold that entry instead, and the entries go in the same section
+    (xas_find_conflict): a truncation or another swap-in that took one meanwhile makes
+    it False. Counts NR_SHMEM (and NR_SHMEM_THPS for a PMD-size folio)."""
     nr = folio.nr_pages
     await mapping.i_pages_lock.lock("filemap_add_folio")
-    if range_has_entry(mapping, index, index + nr):
+    if expected is None:
+        taken = range_has_entry(mapping, index, index + nr)
+    else:
+        taken = any(mapping.swapped.get(i) != expected or i in mapping.i_pages
+                    for i in range(index, index + nr))
+    if taken:
         await mapping.i_pages_lock.unlock()
         return False
+    if expected is not None:
+        for i in range(index, index + nr):
+            del mapping.swapped[i]
     await atomic.folio_ref_add(m, folio, nr)
     atomic.folio_set_field_locked(folio, "mapping", mapping)  # i_pages lock held
     atomic.folio_set_field_locked(folio, "index", index)

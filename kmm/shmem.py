@@ -478,11 +478,16 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     """shmem_swapin_folio (synchronous device, skipping the swap cache): a folio of the
     order the entry was written at is read back whole (pswpin per page), replaces the
     swap entries in the page cache, and the slots are freed. Returns it locked with a
-    reference, or None to look again (a racing swap-in claimed the slots first).
-    Context: no locks held."""
+    reference, or None to look again: a racing swap-in claimed the slots first, or
+    the entry left the page cache before or while it was read (shmem_confirm_swap: a
+    truncation freed it, or another swap-in put its folio there). Context: no locks
+    held."""
     from kmm import page_io, swapfile
     mapping = inode.mapping
-    entry, order, base = mapping.swapped[index]
+    swapped = mapping.swapped.get(index)
+    if swapped is None:
+        return None  # -EEXIST
+    entry, order, base = swapped
     nr = 1 << order
     gfp = huge_memory.vma_thp_gfp_mask(m, vma) if order else gfpmod.GFP_HIGHUSER_MOVABLE
     folio = await shmem_alloc_folio(m, gfp, order, vma, addr & ~((nr << PAGE_SHIFT) - 1))
@@ -499,12 +504,14 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     await lk.lock("shmem_swapin_folio")
     atomic.folio_set_field_locked(folio, "swap", 0)
     m.vmstat.count_vm_event("pgmajfault")
-    await mapping.i_pages_lock.lock("shmem_add_to_page_cache")
-    for i in range(base, base + nr):
-        mapping.swapped.pop(i, None)
-    await mapping.i_pages_lock.unlock()
-    if not await filemap.filemap_add_folio(m, mapping, folio, base):
-        m.bug(f"shmem_swapin_folio: index {base} filled while its swap entry was claimed")
+    # shmem_confirm_swap under the folio lock, then shmem_add_to_page_cache in place of
+    # the entries: one i_pages section, so a punch either freed them first (the folio
+    # is dropped) or finds the folio and removes it
+    if not await filemap.filemap_add_folio(m, mapping, folio, base, expected=swapped):
+        await lk.unlock()
+        await swapfile.swapcache_clear(m, entry, nr)  # frees the slots the punch left
+        await swap.folio_put(m, folio)
+        return None  # -EEXIST
     atomic.folio_set_flags_locked(folio, PG_uptodate | PG_dirty)
     await swap.folio_add_lru(m, folio)
     await swapfile.swap_free_nr(m, entry, nr)
@@ -517,7 +524,10 @@ async def shmem_free_swap(m, mapping, index: int) -> None:
     """shmem_free_swap: truncation drops a page-cache swap entry (and its slot ref)."""
     from kmm import swapfile
     from kmm.pgtable import swp_entry, swp_offset, swp_type
-    entry, order, base = mapping.swapped.pop(index)
+    got = mapping.swapped.pop(index, None)  # xa_cmpxchg of the entry to NULL
+    if got is None:
+        return  # a racing swap-in took it: its slot is the swap-in's to free
+    entry, order, base = got
     slot = swp_entry(swp_type(entry), swp_offset(entry) + index - base)
     await swapfile.free_swap_and_cache(m, slot)
 

@@ -294,6 +294,22 @@ MUTANTS: tuple[Mutant, ...] = (
            "it in the page cache: what the fault wrote is lost",
            ("race_shmem_punch_collapse.py", "race_shmem_collapse_fault.py"),
            ("tests/mm/test_shmem.py",)),
+    Mutant("lazyfree_no_dirty_recheck", "recheck", "kmm/rmap.py", "try_to_unmap_one",
+           (('                    if any(pte_dirty(o) for o in olds):\n'
+             '                        atomic.folio_set_flags_locked(folio, PG_dirty)\n',
+             ''),),
+           "try_to_unmap_one's look at the cleared PTEs' dirty bits for a lazyfree folio: "
+           "a page written after MADV_FREE (its PTE dirty, the folio still clean) is "
+           "discarded by reclaim, and the write is lost",
+           ("race_lazyfree_reclaim.py",), ("tests/mm/test_vmscan.py",)),
+    Mutant("shmem_swapin_no_confirm_swap", "recheck", "kmm/filemap.py", "filemap_add_folio",
+           (('        taken = any(mapping.swapped.get(i) != expected or i in mapping.i_pages',
+             '        taken = any(i in mapping.i_pages'),
+            ('            del mapping.swapped[i]', '            mapping.swapped.pop(i, None)')),
+           "shmem_swapin_folio's shmem_confirm_swap and shmem_add_to_page_cache's expected "
+           "entry: a punch freed the swap entry (and its slot) while the page was read, "
+           "and the old page comes back into the hole",
+           ("race_shmem_swapin_punch.py",), ("tests/mm/test_shmem.py",)),
     Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
            "huge_pmd_share",
            (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',

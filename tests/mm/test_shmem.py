@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kmm import filemap, shmem
 from kmm.pgtable import HPAGE_PMD_NR, pmd_pfn, pmd_trans_huge
-from kmm.testing import run_machine
+from kmm.testing import check_between_ops, run_machine
 
 MiB = 1 << 20
 
@@ -222,3 +222,48 @@ def test_pageout_swaps_shmem_out_and_a_fault_reads_it_back_whole():
     _, r = run_machine(fn, knobs={"shmem_enabled": "always"}, swap=64 * MiB)
     assert r == ((HPAGE_PMD_NR, 0, 1, HPAGE_PMD_NR, HPAGE_PMD_NR), 9,
                  (0, 9, HPAGE_PMD_NR, 0), (0, 0))
+
+
+def test_a_swap_in_whose_entry_a_punch_freed_meanwhile_drops_its_page(monkeypatch):
+    """shmem_swapin_folio rechecks, under the folio lock and then as it replaces the
+    entry in the page cache (shmem_confirm_swap, shmem_add_to_page_cache's expected
+    entry), that the page cache still holds the swap entry it read: a punch that freed
+    it while the page was read wins, the page read is dropped and the fault looks again
+    and finds a hole (a zero page). Found by kmm explore: race_shmem_swapin_punch, pct:
+    the hole read its old byte, a slot was freed twice, a KeyError in shmem_free_swap."""
+    from kmm import page_io
+    seen = {}
+
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(4 * 4096, backing="memfd")
+        for i in range(4):
+            await p.store(a + i * 4096, bytes([0x10 + i]))
+        await p.madvise(a, 4 * 4096, "pageout")
+        mp = p.task.files[a].mapping
+        assert sorted(mp.swapped) == [0, 1, 2, 3]
+        read = page_io.swap_read_folio
+
+        async def read_while_punched(m_, folio):
+            seen["reading"] = True  # the fault has claimed the slot: let the punch run
+            while "punched" not in seen:
+                await m.sched.sleep(1000)
+            return await read(m_, folio)
+
+        async def fault(cpu):
+            return await p.on(cpu).load(a + 4096)
+
+        async def punch(cpu):
+            while "reading" not in seen:
+                await m.sched.sleep(1000)
+            seen["punched"] = await p.on(cpu).fallocate_punch_hole(a, 4096, 4096)
+
+        monkeypatch.setattr(page_io, "swap_read_folio", read_while_punched)
+        seen["read"], _ = await k.parallel(fault, punch)
+        monkeypatch.undo()
+        seen["left"] = (sorted(mp.swapped), m.swap_info.inuse_pages)
+        seen["others"] = [await p.load(a + i * 4096) for i in (0, 2, 3)]
+
+    run_machine(fn, swap=64 * MiB, cpus=2, check=check_between_ops)
+    assert seen == {"reading": True, "punched": 0, "read": b"\x00", "left": ([0, 2, 3], 3),
+                    "others": [b"\x10", b"\x12", b"\x13"]}
