@@ -310,6 +310,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "entry: a punch freed the swap entry (and its slot) while the page was read, "
            "and the old page comes back into the hole",
            ("race_shmem_swapin_punch.py",), ("tests/mm/test_shmem.py",)),
+    Mutant("mremap_no_rmap_locks", "lock", "kmm/mremap.py", "move_page_tables",
+           (('    if anon is not None:\n        await anon.down_write("move_page_tables")',
+             '    if False:\n        await anon.down_write("move_page_tables")'),
+            ('        if anon is not None:\n            await anon.up_write()',
+             '        if False:\n            await anon.up_write()')),
+           "take_rmap_locks in move_page_tables: an rmap walk without the mmap lock "
+           "(migration's remove_migration_ptes) looks for an entry mremap is moving, "
+           "finds it in neither place, and leaves a migration entry behind",
+           ("race_mremap_migrate.py",), ("tests/mm/test_khugepaged.py",)),
     Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
            "huge_pmd_share",
            (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',
