@@ -117,6 +117,7 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_shmem_swapin_punch.py", range(1, 3), 0),   # shmem swap entries, truncated
     ("race_lazyfree_reclaim.py", range(1, 3), 0),
     ("race_mremap_migrate.py", range(1, 3), 0),   # migration entries moved by mremap
+    ("race_mthp_swapin_dontneed.py", range(1, 3), 0),
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0

@@ -319,6 +319,14 @@ MUTANTS: tuple[Mutant, ...] = (
            "(migration's remove_migration_ptes) looks for an entry mremap is moving, "
            "finds it in neither place, and leaves a migration entry behind",
            ("race_mremap_migrate.py",), ("tests/mm/test_khugepaged.py",)),
+    Mutant("mthp_swapin_no_pte_batch_recheck", "recheck", "kmm/memory.py", "do_swap_page",
+           (('                if await memory_swapin.swap_pte_batch(m, res[0], pte_idx, nr, '
+             'first) != nr:',
+             '                if False:'),),
+           "do_swap_page's swap_pte_batch under the PTE lock for a large folio: a PTE of "
+           "the block was zapped or swapped in by another fault while the folio was "
+           "read, and the whole folio is mapped over it",
+           ("race_mthp_swapin_dontneed.py", "race_mthp_reclaim.py"), ("tests/mm/test_mthp.py",)),
     Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
            "huge_pmd_share",
            (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',
