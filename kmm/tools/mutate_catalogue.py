@@ -281,7 +281,11 @@ MUTANTS: tuple[Mutant, ...] = (
     # (whoever else could hold a reference and use the page, GUP above all, is not
     # modelled: a mapper must lock the folio first, and the collapse holds it); and the
     # truncation's folio->mapping recheck after the folio lock (find_lock_entries'; the
-    # kernel's truncate_inode_folio checks the mapping again, and so does kmm's).
+    # kernel's truncate_inode_folio checks the mapping again, and so does kmm's); and
+    # hugetlb_wp's pte_same after the copy (every writer of a private hugetlb entry
+    # while the copy has the PMD lock dropped is excluded: other faults and COWs of the
+    # page by the fault mutex, parent and child alike, since they share the file and
+    # index; zaps by the hugetlb VMA lock; munmap and fork by the mmap lock).
     Mutant("collapse_file_no_filled_recheck", "recheck", "kmm/khugepaged_file.py",
            "_replace_in_page_cache",
            (('    if held + nr_none != HPAGE_PMD_NR or any(\n'
