@@ -331,6 +331,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "the block was zapped or swapped in by another fault while the folio was "
            "read, and the whole folio is mapped over it",
            ("race_mthp_swapin_dontneed.py", "race_mthp_reclaim.py"), ("tests/mm/test_mthp.py",)),
+    Mutant("huge_zero_wp_no_pmd_same", "recheck", "kmm/huge_memory.py",
+           "do_huge_zero_wp_pmd",
+           (('    if await atomic.entry_read(m, "pmd", vmf.pmd_tbl, vmf.pmd_idx) != '
+             'vmf.orig_pmd:',
+             '    if False:'),),
+           "do_huge_zero_wp_pmd's pmd_same under the PMD lock: two writes to the huge "
+           "zero PMD both allocate a THP, and the second replaces the first's, with what "
+           "was written into it",
+           ("race_huge_zero_write.py",), ("tests/mm/test_huge_memory.py",)),
     Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
            "huge_pmd_share",
            (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',
