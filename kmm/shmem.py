@@ -520,16 +520,26 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     return folio
 
 
-async def shmem_free_swap(m, mapping, index: int) -> None:
-    """shmem_free_swap: truncation drops a page-cache swap entry (and its slot ref)."""
+async def shmem_free_swap(m, mapping, index: int, start: int = 0,
+                          end: int = 1 << 62) -> int:
+    """shmem_free_swap: truncation drops the page-cache swap entry at index and the
+    slots it holds, a large entry whole, and only if all of it lies in [start, end).
+    Returns the pages freed: 0 if a racing swap-in took it (the slots are then the
+    swap-in's to free) or it reaches outside the range."""
     from kmm import swapfile
     from kmm.pgtable import swp_entry, swp_offset, swp_type
-    got = mapping.swapped.pop(index, None)  # xa_cmpxchg of the entry to NULL
+    got = mapping.swapped.get(index)
     if got is None:
-        return  # a racing swap-in took it: its slot is the swap-in's to free
+        return 0
     entry, order, base = got
-    slot = swp_entry(swp_type(entry), swp_offset(entry) + index - base)
-    await swapfile.free_swap_and_cache(m, slot)
+    nr = 1 << order
+    if base < start or base + nr > end:
+        return 0
+    for i in range(base, base + nr):  # xa_cmpxchg of the entry to NULL
+        del mapping.swapped[i]
+    for i in range(nr):
+        await swapfile.free_swap_and_cache(m, swp_entry(swp_type(entry), swp_offset(entry) + i))
+    return nr
 
 
 def shmem_swapped_in(mapping, start: int, end: int) -> int:

@@ -154,6 +154,22 @@ async def _lock_get(m, mapping, index: int) -> Page | None:
         await swap.folio_put(m, folio)
 
 
+async def shmem_get_partial_folio(m, inode, index: int) -> Page | None:
+    """shmem_get_partial_folio: the folio at index for the truncation's partial ends,
+    locked and with a reference; a swapped-out one (a large swap entry only partly
+    inside the range) is read back first, so it can be zeroed and split. None: a
+    hole."""
+    from kmm import shmem
+    while True:
+        folio = await _lock_get(m, inode.mapping, index)
+        if folio is not None or index not in inode.mapping.swapped:
+            return folio
+        folio = await shmem.shmem_swapin_folio(m, inode, index, None, 0)
+        if folio is not None:
+            return folio  # locked, with a reference, in the page cache
+        # a racing swap-in or truncation took the entry: look again
+
+
 async def _unlock_put(m, folio: Page) -> None:
     await m.folio_lock_of(folio).unlock()
     await swap.folio_put(m, folio)
@@ -169,7 +185,10 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
     end = (lend + 1) >> PAGE_SHIFT
     from kmm import shmem
     for index in sorted(i for i in mapping.swapped if start <= i < end):
-        await shmem.shmem_free_swap(m, mapping, index)  # swapped-out pages of the range
+        # swapped-out pages of the range: a large entry only when all of it is inside
+        # (find_lock_entries omits one that begins before start or ends beyond end; the
+        # partial folio below reads it back, to be zeroed and split)
+        await shmem.shmem_free_swap(m, mapping, index, start, end)
     # whole folios inside [start, end)
     for folio in filemap.folios_in_range(m, mapping, start, end):
         if folio.index < start or folio.index + folio.nr_pages > end:
@@ -182,7 +201,7 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
         await _unlock_put(m, folio)
     # the partial folios at either end
     same_folio = (lstart >> PAGE_SHIFT) == (lend >> PAGE_SHIFT)
-    folio = await _lock_get(m, mapping, lstart >> PAGE_SHIFT)
+    folio = await shmem_get_partial_folio(m, inode, lstart >> PAGE_SHIFT)
     if folio is not None:
         same_folio = lend < ((folio.index + folio.nr_pages) << PAGE_SHIFT)
         atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
@@ -192,7 +211,7 @@ async def shmem_undo_range(m, inode, lstart: int, lend: int | None) -> None:
                 end = folio.index
         await _unlock_put(m, folio)
     if not same_folio and lend < (1 << 62) - 1:
-        folio = await _lock_get(m, mapping, lend >> PAGE_SHIFT)
+        folio = await shmem_get_partial_folio(m, inode, lend >> PAGE_SHIFT)
         if folio is not None:
             atomic.folio_set_flags_locked(folio, PG_dirty)  # folio_mark_dirty, folio locked
             if not await truncate_inode_partial_folio(m, folio, lstart, lend):

@@ -267,3 +267,28 @@ def test_a_swap_in_whose_entry_a_punch_freed_meanwhile_drops_its_page(monkeypatc
     run_machine(fn, swap=64 * MiB, cpus=2, check=check_between_ops)
     assert seen == {"reading": True, "punched": 0, "read": b"\x00", "left": ([0, 2, 3], 3),
                     "others": [b"\x10", b"\x12", b"\x13"]}
+
+
+def test_a_punch_inside_a_swapped_out_thp_reads_it_back_then_cuts_the_hole():
+    """shmem_undo_range leaves a large swap entry only partly inside the range to the
+    partial-folio step (find_lock_entries omits it), whose shmem_get_partial_folio
+    reads the THP back from swap whole so truncate_inode_partial_folio can zero and
+    split it: the hole reads zero, every other byte its value, no slot is left. (kmm
+    used to free the entry's slots one index at a time, so the rest of the THP kept
+    a large entry a swap-in could never match: the next read looked again forever.)"""
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        for i in range(0, 512, 16):
+            await p.store(a + i * 4096, bytes([i // 16 + 1]))
+        await p.madvise(a, 2 * MiB, "pageout")
+        mp = p.task.files[a].mapping
+        swapped = (len(mp.swapped), {order for _, order, _ in mp.swapped.values()})
+        await p.fallocate_punch_hole(a, 16 * 4096, 2 * 4096)  # pages 16 and 17
+        got = [(await p.load(a + i * 4096))[0] for i in range(0, 512, 16)]
+        return (swapped, m.vmstat.events["pswpin"], len(mp.swapped),
+                m.swap_info.inuse_pages, got)
+
+    _, r = run_machine(fn, knobs={"shmem_enabled": "always"}, swap=64 * MiB)
+    assert r == ((HPAGE_PMD_NR, {9}), HPAGE_PMD_NR, 0, 0,
+                 [0 if i == 16 else i // 16 + 1 for i in range(0, 512, 16)])
