@@ -119,6 +119,7 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_mremap_migrate.py", range(1, 3), 0),   # migration entries moved by mremap
     ("race_mthp_swapin_dontneed.py", range(1, 3), 0),
     ("race_huge_zero_write.py", range(1, 3), 0),   # the huge zero PMD and its deposit
+    ("race_shmem_thp_swapin_punch.py", range(1, 2), 0),   # a large shmem swap entry
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0

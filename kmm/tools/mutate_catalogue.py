@@ -340,6 +340,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "zero PMD both allocate a THP, and the second replaces the first's, with what "
            "was written into it",
            ("race_huge_zero_write.py",), ("tests/mm/test_huge_memory.py",)),
+    Mutant("shmem_free_swap_whole_entry", "revalidate", "kmm/shmem.py", "shmem_free_swap",
+           (('    if base < start or base + nr > end:\n        return 0\n', ''),),
+           "shmem_free_swap's check that a large swap entry lies inside the truncated "
+           "range: a punch inside a swapped-out THP frees the whole entry, and the rest "
+           "of the THP's pages with it (what an upstream fix of January 2026, marked for "
+           "stable, stopped)",
+           ("race_shmem_thp_swapin_punch.py",), ("tests/mm/test_shmem.py",)),
     Mutant("huge_pmd_share_no_pud_recheck", "recheck", "kmm/hugetlb_pmd_share.py",
            "huge_pmd_share",
            (('        if not await atomic.entry_read(m, "pud", pud, pud_index(addr)):',

@@ -92,12 +92,13 @@ def test_the_removed_migration_refcount_freeze_is_killed(capsys):
     ("mremap_no_rmap_locks", "race_mremap_migrate.py", "pct", 12),
     ("mthp_swapin_no_pte_batch_recheck", "race_mthp_swapin_dontneed.py", "random", 10),
     ("huge_zero_wp_no_pmd_same", "race_huge_zero_write.py", "random", 3),
+    ("shmem_free_swap_whole_entry", "race_shmem_thp_swapin_punch.py", "random", 3),
 ])
 def test_the_safeguards_of_mthp_numa_shmem_and_hugetlb_are_killed(name, program, mode,
                                                                    budget, capsys):
     """A mutant of each path added after the first catalogue (mTHP, NUMA balancing on
     PTEs, shmem faults, collapse_file, hugetlb PMD sharing, lazyfree reclaim, shmem
-    swap-in, mremap's rmap locks, mTHP swap-in, the huge zero page's COW) dies in its race program,
+    swap-in, mremap's rmap locks, mTHP swap-in, the huge zero page's COW, a shmem THP's swap entry) dies in its race program,
     within the schedules measured when it joined the catalogue."""
     rc = cli.main(["mutate", name, "--budget", str(budget), "--mode", mode,
                    "--no-tests", "--quiet"])
