@@ -113,14 +113,15 @@ async def filemap_add_folio(m, mapping: AddressSpace, folio: Page, index: int,
     if taken:
         await mapping.i_pages_lock.unlock()
         return False
-    if expected is not None:
-        for i in range(index, index + nr):
-            del mapping.swapped[i]
     await atomic.folio_ref_add(m, folio, nr)
     atomic.folio_set_field_locked(folio, "mapping", mapping)  # i_pages lock held
     atomic.folio_set_field_locked(folio, "index", index)
     atomic.folio_set_flags_locked(folio, PG_swapbacked)
     for i in range(index, index + nr):
+        # one store per index (xas_store): a lockless lookup sees the swap entry or
+        # the folio, never neither
+        if expected is not None:
+            del mapping.swapped[i]
         mapping.i_pages[i] = folio.pfn
     mapping.nrpages += nr
     shmem_stat(m, folio, +1)

@@ -528,15 +528,18 @@ async def shmem_free_swap(m, mapping, index: int, start: int = 0,
     swap-in's to free) or it reaches outside the range."""
     from kmm import swapfile
     from kmm.pgtable import swp_entry, swp_offset, swp_type
+    # xa_cmpxchg of the entry to NULL, under the i_pages lock: a swap-in replacing it
+    # by its folio (filemap_add_folio) is done before, or finds it gone
+    await mapping.i_pages_lock.lock("shmem_free_swap")
     got = mapping.swapped.get(index)
-    if got is None:
-        return 0
-    entry, order, base = got
+    entry, order, base = got or (0, 0, 0)
     nr = 1 << order
-    if base < start or base + nr > end:
+    if got is None or base < start or base + nr > end:
+        await mapping.i_pages_lock.unlock()
         return 0
-    for i in range(base, base + nr):  # xa_cmpxchg of the entry to NULL
+    for i in range(base, base + nr):
         del mapping.swapped[i]
+    await mapping.i_pages_lock.unlock()
     for i in range(nr):
         await swapfile.free_swap_and_cache(m, swp_entry(swp_type(entry), swp_offset(entry) + i))
     return nr

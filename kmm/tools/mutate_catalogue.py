@@ -309,7 +309,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("shmem_swapin_no_confirm_swap", "recheck", "kmm/filemap.py", "filemap_add_folio",
            (('        taken = any(mapping.swapped.get(i) != expected or i in mapping.i_pages',
              '        taken = any(i in mapping.i_pages'),
-            ('            del mapping.swapped[i]', '            mapping.swapped.pop(i, None)')),
+            ('                del mapping.swapped[i]',
+             '                mapping.swapped.pop(i, None)')),
            "shmem_swapin_folio's shmem_confirm_swap and shmem_add_to_page_cache's expected "
            "entry: a punch freed the swap entry (and its slot) while the page was read, "
            "and the old page comes back into the hole",
@@ -341,7 +342,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "was written into it",
            ("race_huge_zero_write.py",), ("tests/mm/test_huge_memory.py",)),
     Mutant("shmem_free_swap_whole_entry", "revalidate", "kmm/shmem.py", "shmem_free_swap",
-           (('    if base < start or base + nr > end:\n        return 0\n', ''),),
+           (('    if got is None or base < start or base + nr > end:',
+             '    if got is None:'),),
            "shmem_free_swap's check that a large swap entry lies inside the truncated "
            "range: a punch inside a swapped-out THP frees the whole entry, and the rest "
            "of the THP's pages with it (what an upstream fix of January 2026, marked for "

@@ -292,3 +292,18 @@ def test_a_punch_inside_a_swapped_out_thp_reads_it_back_then_cuts_the_hole():
     _, r = run_machine(fn, knobs={"shmem_enabled": "always"}, swap=64 * MiB)
     assert r == ((HPAGE_PMD_NR, {9}), HPAGE_PMD_NR, 0, 0,
                  [0 if i == 16 else i // 16 + 1 for i in range(0, 512, 16)])
+
+
+def test_a_lookup_never_sees_neither_the_swap_entry_nor_the_folio():
+    """The swap-in's replacement of the swap entry by its folio is one store per index
+    under the i_pages lock, and shmem_free_swap takes that lock (xa_cmpxchg): a punch
+    that ran while the swap-in was between the two (kmm used to drop the entry, pass a
+    point, then store the folio) found neither, and the old page came back in the
+    hole. The schedule kmm explore found (race_shmem_swapin_punch, pct, schedule 6471
+    of 10,000) runs clean."""
+    import pathlib
+    from kmm.tools import explore as ex
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cfg = ex.Config(program=str(root / "workloads" / "race_shmem_swapin_punch.py"), mode="pct", seed=1, depth=ex.DEFAULT_DEPTH["pct"])
+    summ = ex.explore(cfg, 1, start=6471)
+    assert (summ.schedules, summ.first) == (1, None), summ.first_violation

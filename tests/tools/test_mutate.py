@@ -88,7 +88,7 @@ def test_the_removed_migration_refcount_freeze_is_killed(capsys):
     ("collapse_file_no_filled_recheck", "race_shmem_punch_collapse.py", "pct", 30),
     ("huge_pmd_share_no_pud_recheck", "race_hugetlb_share_fault_fault.py", "random", 15),
     ("lazyfree_no_dirty_recheck", "race_lazyfree_reclaim.py", "random", 3),
-    ("shmem_swapin_no_confirm_swap", "race_shmem_swapin_punch.py", "pct", 120),
+    ("shmem_swapin_no_confirm_swap", "race_shmem_swapin_punch.py", "pct", 260),
     ("mremap_no_rmap_locks", "race_mremap_migrate.py", "pct", 12),
     ("mthp_swapin_no_pte_batch_recheck", "race_mthp_swapin_dontneed.py", "random", 10),
     ("huge_zero_wp_no_pmd_same", "race_huge_zero_write.py", "random", 3),
