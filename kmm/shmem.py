@@ -25,7 +25,7 @@ mounts and their huge= options, quotas, userfaultfd, fallocate preallocation,
 from __future__ import annotations
 
 from kmm import atomic, filemap, gfp as gfpmod, huge_memory, page_alloc, swap
-from kmm.mm_types import PG_dirty, PG_uptodate, VM_HUGEPAGE, VM_NOHUGEPAGE, Page
+from kmm.mm_types import PG_dirty, PG_uptodate, PG_writeback, VM_HUGEPAGE, VM_NOHUGEPAGE, Page
 from kmm.pgtable import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE
 
 COST_CLEAR_PAGE = 250
@@ -482,7 +482,7 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     the entry left the page cache before or while it was read (shmem_confirm_swap: a
     truncation freed it, or another swap-in put its folio there). Context: no locks
     held."""
-    from kmm import page_io, swapfile
+    from kmm import page_io, swap_state, swapfile
     mapping = inode.mapping
     swapped = mapping.swapped.get(index)
     if swapped is None:
@@ -495,7 +495,13 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
         return None
     if await swapfile.swapcache_prepare(m, entry, nr):
         await swap.folio_put(m, folio)
-        await m.sched.sleep(1000)  # another fault is reading it in: relax, look again
+        # the slot is claimed: a folio still in the swap cache holds it (written out,
+        # but reclaim could not free it: swap_cache_get_folio, which the kernel asks
+        # first), or a racing swap-in is reading it (relax, look again)
+        cached = await swap_state.swap_cache_get_folio(m, entry)
+        if cached is not None:
+            return await _shmem_swapin_cached(m, mapping, cached, swapped)
+        await m.sched.sleep(1000)
         return None
     lk = m.folio_lock_of(folio)
     await lk.lock("shmem_swapin_folio")
@@ -517,6 +523,33 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     await swapfile.swap_free_nr(m, entry, nr)
     await swapfile.swapcache_clear(m, entry, nr)  # the claim swapcache_prepare made
     # (on all nr slots: swapcache_prepare claims a large folio's slots all or none)
+    return folio
+
+
+async def _shmem_swapin_cached(m, mapping, folio: Page, swapped: tuple) -> Page | None:
+    """shmem_swapin_folio with the folio found in the swap cache (a reference taken):
+    locked, still caching the entry, it takes the entries' place in the page cache and
+    leaves the swap cache, and the page cache's slot references go. Returns it locked,
+    or None to look again."""
+    from kmm import swap_state, swapfile
+    entry, order, base = swapped
+    nr = 1 << order
+    lk = m.folio_lock_of(folio)
+    await lk.lock("shmem_swapin_folio")
+    if folio.flags & PG_writeback:  # folio_wait_writeback: being written: wait, look again
+        await lk.unlock()
+        await swap.folio_put(m, folio)
+        await m.sched.sleep(1000)
+        return None
+    if (not swap_state.folio_matches_swap_entry(folio, entry) or folio.nr_pages != nr
+            or not await filemap.filemap_add_folio(m, mapping, folio, base,
+                                                   expected=swapped)):
+        await lk.unlock()  # -EEXIST: freed, or swapped in by another fault meanwhile
+        await swap.folio_put(m, folio)
+        return None
+    await swap_state.swap_cache_del_folio(m, folio)
+    atomic.folio_set_flags_locked(folio, PG_dirty)  # the data lives only in memory now
+    await swapfile.swap_free_nr(m, entry, nr)
     return folio
 
 

@@ -307,3 +307,18 @@ def test_a_lookup_never_sees_neither_the_swap_entry_nor_the_folio():
     cfg = ex.Config(program=str(root / "workloads" / "race_shmem_swapin_punch.py"), mode="pct", seed=1, depth=ex.DEFAULT_DEPTH["pct"])
     summ = ex.explore(cfg, 1, start=6471)
     assert (summ.schedules, summ.first) == (1, None), summ.first_violation
+
+
+def test_a_swap_in_takes_a_folio_still_in_the_swap_cache_back():
+    """A shmem swap entry whose folio reclaim wrote but could not free (a fault held
+    its lock or a reference) is still in the swap cache, and its slot claimed by it:
+    shmem_swapin_folio takes that folio back (swap_cache_get_folio, after its write
+    has ended). kmm's swap-in knew only the direct read, failed to claim the slot and
+    waited forever (kmm explore: race_shmem_swapout_fault, random, schedule 96)."""
+    import pathlib
+    from kmm.tools import explore as ex
+    root = pathlib.Path(__file__).resolve().parents[2]
+    cfg = ex.Config(program=str(root / "workloads" / "race_shmem_swapout_fault.py"),
+                    mode="random", seed=1)
+    summ = ex.explore(cfg, 1, start=96)
+    assert (summ.schedules, summ.first) == (1, None), summ.first_violation
