@@ -301,11 +301,7 @@ def test_a_lookup_never_sees_neither_the_swap_entry_nor_the_folio():
     point, then store the folio) found neither, and the old page came back in the
     hole. The schedule kmm explore found (race_shmem_swapin_punch, pct, schedule 6471
     of 10,000) runs clean."""
-    import pathlib
-    from kmm.tools import explore as ex
-    root = pathlib.Path(__file__).resolve().parents[2]
-    cfg = ex.Config(program=str(root / "workloads" / "race_shmem_swapin_punch.py"), mode="pct", seed=1, depth=ex.DEFAULT_DEPTH["pct"])
-    summ = ex.explore(cfg, 1, start=6471)
+    summ = _race_schedule("race_shmem_swapin_punch.py", "pct", 6471)
     assert (summ.schedules, summ.first) == (1, None), summ.first_violation
 
 
@@ -315,10 +311,16 @@ def test_a_swap_in_takes_a_folio_still_in_the_swap_cache_back():
     shmem_swapin_folio takes that folio back (swap_cache_get_folio, after its write
     has ended). kmm's swap-in knew only the direct read, failed to claim the slot and
     waited forever (kmm explore: race_shmem_swapout_fault, random, schedule 96)."""
+    summ = _race_schedule("race_shmem_swapout_fault.py", "random", 96)
+    assert (summ.schedules, summ.first) == (1, None), summ.first_violation
+
+
+def _race_schedule(program: str, mode: str, i: int):
+    """Schedule i of kmm explore's run of a race program (seed 1, the mode's default
+    depth), as the campaign ran it: its explore Summary."""
     import pathlib
     from kmm.tools import explore as ex
     root = pathlib.Path(__file__).resolve().parents[2]
-    cfg = ex.Config(program=str(root / "workloads" / "race_shmem_swapout_fault.py"),
-                    mode="random", seed=1)
-    summ = ex.explore(cfg, 1, start=96)
-    assert (summ.schedules, summ.first) == (1, None), summ.first_violation
+    cfg = ex.Config(program=str(root / "workloads" / program), mode=mode, seed=1,
+                    depth=ex.DEFAULT_DEPTH[mode])
+    return ex.explore(cfg, 1, start=i)

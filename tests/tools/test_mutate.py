@@ -98,8 +98,9 @@ def test_the_safeguards_of_mthp_numa_shmem_and_hugetlb_are_killed(name, program,
                                                                    budget, capsys):
     """A mutant of each path added after the first catalogue (mTHP, NUMA balancing on
     PTEs, shmem faults, collapse_file, hugetlb PMD sharing, lazyfree reclaim, shmem
-    swap-in, mremap's rmap locks, mTHP swap-in, the huge zero page's COW, a shmem THP's swap entry) dies in its race program,
-    within the schedules measured when it joined the catalogue."""
+    swap-in, mremap's rmap locks, mTHP swap-in, the huge zero page's COW, a shmem THP's
+    swap entry) dies in its race program, within the schedules measured when it joined
+    the catalogue."""
     rc = cli.main(["mutate", name, "--budget", str(budget), "--mode", mode,
                    "--no-tests", "--quiet"])
     out = capsys.readouterr().out
