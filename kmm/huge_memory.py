@@ -11,7 +11,8 @@ otherwise splits the PMD so that ``do_wp_page`` copies one 4 KiB page (the 5.8+ 
 of 512 PTEs carrying the PMD's bits (or migration entries, with ``freeze``); the folio
 stays large. Splitting the folio itself (``__folio_split``), the deferred split queue
 and its shrinker, and debugfs ``split_huge_pages_pid`` are in kmm/huge_memory_split.py.
-Left out: file/shmem/DAX THPs, PUD THPs, userfaultfd, NUMA hinting.
+Shmem THPs are mapped by memory_file.py (``do_set_pmd``) and NUMA hinting faults are
+in numa_balancing.py. Left out: DAX, PUD THPs, userfaultfd.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ daemon loop, its budget and its sleeps are policy, in daemons/khugepaged.py.
 Outcomes are ``ScanResult`` values (6.18's enum scan_result, which has no SCAN_PAGE_RO:
 6.18 collapses read-only ranges too); the four tracepoints of
 include/trace/events/huge_memory.h are emitted with the kernel's names and fields, and
-kept in ``KhugepagedScan.log``. Left out: file and shmem collapse, userfaultfd, NUMA
-node choice (one node), memcg charging, KSM, per-VMA locks.
+kept in ``KhugepagedScan.log``. Shmem collapse (the page-cache side) is in
+khugepaged_file.py. Left out: userfaultfd, memcg charging, KSM, per-VMA locks.
 """
 
 from __future__ import annotations

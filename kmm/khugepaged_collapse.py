@@ -30,8 +30,8 @@ R = khugepaged.ScanResult
 def hpage_collapse_find_target_node(m, cc) -> int:
     """hpage_collapse_find_target_node: the first node holding the most of the scanned
     pages; every node that ties with it goes into cc->alloc_nmask (the allocation may
-    fall back to those only). With no tally (a file collapse here) that is node 0 and
-    every node."""
+    fall back to those only). With no tally (no page present) that is node 0 and every
+    node."""
     load = cc.node_load
     target, best = 0, 0
     for nid in sorted(load):

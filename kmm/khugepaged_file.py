@@ -14,14 +14,18 @@ meanwhile), and removes the now empty PTE tables of every mapper without an anon
 page of it into a table being retracted. The PMD is mapped by the next fault, or at
 once by MADV_COLLAPSE (``collapse_pte_mapped_thp`` with install_pmd).
 
-Left out: swapped-out shmem pages (no shmem swap yet), fallocated-not-uptodate pages,
+Swapped-out pages are counted by the scan (khugepaged stops beyond ``max_ptes_swap``,
+``thp_scan_exceed_swap_pte``) and read back by collapse_file (``shmem_get_folio_gfp``
+with SGP_NOALLOC) before they are isolated like the others.
+
+Left out: fallocated-not-uptodate pages,
 userfaultfd, non-shmem files (CONFIG_READ_ONLY_THP_FOR_FS).
 """
 
 from __future__ import annotations
 
 from kmm import (
-    atomic, filemap, khugepaged, memory, pgtable_generic as pgg, swap, tlb, truncate,
+    atomic, filemap, khugepaged, memory, pgtable_generic as pgg, shmem, swap, tlb, truncate,
 )
 from kmm.khugepaged import ScanResult as R
 from kmm.cost import COST_COPY_PAGE
@@ -37,22 +41,29 @@ async def hpage_collapse_scan_file(m, mm, addr: int, inode, start: int, cc) -> R
     """hpage_collapse_scan_file: may the page cache at [start, start+512) collapse?
     SCAN_SUCCEED goes on to collapse_file. Emits mm_khugepaged_scan_file."""
     mapping = inode.mapping
-    present = 0
+    end = start + HPAGE_PMD_NR
+    present = swap = 0
     result = R.SCAN_SUCCEED
+    cc.node_load.clear()  # memset(cc->node_load); nodes_clear(cc->alloc_nmask)
+    cc.alloc_nmask.clear()
     await m.sched.point("xas_for_each", pt=mapping.id, index=start)
-    if any(start <= i < start + HPAGE_PMD_NR for i in mapping.swapped):
-        # swapped-out pages: collapse_file would swap them in; kmm refuses instead
-        result = R.SCAN_EXCEED_SWAP_PTE
-    folios = (filemap.folios_in_range(m, mapping, start, start + HPAGE_PMD_NR)
-              if result == R.SCAN_SUCCEED else [])
-    for folio in folios:
+    from kmm import mmzone, rmap
+    for folio, entry in _entries_in_block(m, mapping, start, end):
+        if folio is None:  # xa_is_value: a swap entry, of 1 << order pages
+            swap += 1 << entry[1]
+            if cc.is_khugepaged and swap > m.sysfs["khugepaged/max_ptes_swap"]:
+                result = R.SCAN_EXCEED_SWAP_PTE
+                m.vmstat.count_vm_event("thp_scan_exceed_swap_pte")
+                break
+            continue
         if folio.order == HPAGE_PMD_ORDER and folio.index == start:
             result = R.SCAN_PTE_MAPPED_HUGEPAGE  # maybe PMD-mapped
             break
+        nid = mmzone.folio_nid(m, folio)  # the collapse allocates on the busiest node
+        cc.node_load[nid] = cc.node_load.get(nid, 0) + 1
         if not folio.flags & PG_lru:
             result = R.SCAN_PAGE_LRU
             break
-        from kmm import rmap
         if folio.refcount != folio.nr_pages + rmap.folio_mapcount(folio):
             result = R.SCAN_PAGE_COUNT  # !is_refcount_suitable
             break
@@ -66,32 +77,62 @@ async def hpage_collapse_scan_file(m, mm, addr: int, inode, start: int, cc) -> R
     m.khugepaged_scan.results[("khugepaged" if cc.is_khugepaged else "madvise",
                                result.name)] += 1
     await khugepaged.trace_event(m, "mm_khugepaged_scan_file", mm=mm.id, ino=inode.id,
-                                 present=present, swap=0, status=result.status)
+                                 present=present, swap=swap, status=result.status)
     return result
 
 
-async def _isolate_range(m, mapping, start: int, end: int, pagelist: list) -> tuple[R, int]:
+def _entries_in_block(m, mapping, start: int, end: int) -> list:
+    """xas_for_each over [start, end): (folio, None) for each folio and (None, (entry,
+    order, base)) for each swap entry, in index order, a large one once."""
+    found = [(f.index, f, None) for f in filemap.folios_in_range(m, mapping, start, end)]
+    if mapping.swapped:
+        seen = set()
+        for i in range(start, end):
+            got = mapping.swapped.get(i)
+            if got is not None and got[2] not in seen:
+                seen.add(got[2])
+                found.append((i, None, got))
+        found.sort(key=lambda e: e[0])
+    return [(f, e) for _, f, e in found]
+
+
+async def _isolate_range(m, inode, start: int, end: int, pagelist: list) -> tuple[R, int]:
     """collapse_file's first loop: lock, isolate and unmap each small folio of the
     block. Returns (result, holes). Context: the new folio locked."""
-    nr_none = 0
+    mapping = inode.mapping
+    nr_none = swapins = 0
     index = start
     lk = mapping.i_pages_lock
     await lk.lock("collapse_file")
     while index < end:
         folio = filemap.filemap_get_entry(m, mapping, index)
-        if folio is None:
+        if folio is None and index in mapping.swapped:
+            # a swap entry: read it back (shmem_get_folio with SGP_NOALLOC), which
+            # returns the folio locked and referenced, as the trylock below would. The
+            # lock is a sleeping one taken with the new folio's and the earlier ones'
+            # held: kmm's lockdep (which, unlike the kernel's, sees folio locks) is told
+            # each such nesting apart by a subclass of its own
+            await lk.unlock()
+            swapins += 1
+            folio = await shmem.shmem_get_folio_gfp(m, inode, index, 0, shmem.SGP_NOALLOC,
+                                                    subclass=swapins)
+            if not isinstance(folio, Page):
+                return R.SCAN_FAIL, 0  # a hole again (truncated): -ENOENT
+            flk = m.folio_lock_of(folio)
+        elif folio is None:
             if index == start and not filemap.range_has_entry(mapping, start, end):
                 await lk.unlock()
                 return R.SCAN_TRUNCATED, 0  # truncated or punched: nothing left
             nr_none += 1
             index += 1
             continue
-        flk = m.folio_lock_of(folio)
-        if not await flk.trylock("collapse_file"):
+        else:
+            flk = m.folio_lock_of(folio)
+            if not await flk.trylock("collapse_file"):
+                await lk.unlock()
+                return R.SCAN_PAGE_LOCK, 0
+            await atomic.folio_ref_add(m, folio, 1)
             await lk.unlock()
-            return R.SCAN_PAGE_LOCK, 0
-        await atomic.folio_ref_add(m, folio, 1)
-        await lk.unlock()
         result = R.SCAN_SUCCEED
         if not folio.flags & PG_uptodate:
             result = R.SCAN_FAIL
@@ -136,7 +177,7 @@ async def collapse_file(m, mm, addr: int, inode, start: int, cc) -> R:
     await nlk.lock("collapse_file")  # __folio_set_locked: nobody can see it yet
     atomic.folio_set_flags_locked(new, PG_swapbacked)  # __folio_set_swapbacked: ours
     pagelist: list[Page] = []
-    result, nr_none = await _isolate_range(m, mapping, start, end, pagelist)
+    result, nr_none = await _isolate_range(m, inode, start, end, pagelist)
     if result == R.SCAN_SUCCEED:
         # copy: the old folios are locked and unmapped, so they change no more
         pm = m.physmem
@@ -173,9 +214,12 @@ async def _replace_in_page_cache(m, mapping, new: Page, start: int, pagelist: li
     lk = mapping.i_pages_lock
     await lk.lock("collapse_file")
     held = sum(f.nr_pages for f in pagelist)
+    # a hole filled meanwhile holds a folio, or its swap entry if that folio was
+    # written out since: either way not a NULL entry (xas_next) any more
     if held + nr_none != HPAGE_PMD_NR or any(
-            mapping.i_pages.get(i) is not None and m.physmem.folio(mapping.i_pages[i])
-            not in pagelist for i in range(start, start + HPAGE_PMD_NR)):
+            (mapping.i_pages.get(i) is not None and m.physmem.folio(mapping.i_pages[i])
+             not in pagelist) or i in mapping.swapped
+            for i in range(start, start + HPAGE_PMD_NR)):
         await lk.unlock()
         return R.SCAN_PAGE_FILLED
     for folio in pagelist:

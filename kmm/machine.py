@@ -18,6 +18,7 @@ from kmm import (
     vmscan,
 )
 from kmm.cost import COST_CLEAR_PAGE, COST_COPY_PAGE, COST_ENTRY  # noqa: F401 (re-export)
+from kmm.lockdep import LockdepSplat
 from kmm.locking import FolioLock, Locks
 from kmm.mm_types import PGTY_table, PGTY_zero, MmStruct, Page
 from kmm.mmdebug import KernelBug, StrictError  # noqa: F401 (re-export)
@@ -36,6 +37,18 @@ def _raised_in_cancel(e: BaseException) -> bool:
             return True
         e, seen = e.__context__, seen + 1
     return False
+
+
+def _cause_behind_cleanup(e: BaseException) -> BaseException:
+    """A kernel bug or lockdep splat that an error of a clean-up path replaced (a
+    ``finally`` releasing a lock the failed path no longer held): the first is the
+    report, the second only its consequence."""
+    c, seen = e, 0
+    while c is not None and seen < 16:
+        if isinstance(c, (KernelBug, LockdepSplat)):
+            return c
+        c, seen = c.__context__, seen + 1
+    return e
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,7 @@ class Machine:
                     e = first[0]
                 else:
                     break
-            raise e from None
+            raise _cause_behind_cleanup(e) from None
 
     # ------------------------------------------------------------------ bugs
     def bug(self, message: str) -> None:

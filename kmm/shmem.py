@@ -17,9 +17,10 @@ not suitable (no fallback is counted for it); a failed allocation counts
 The fault (``shmem_fault`` -> ``shmem_get_folio_gfp`` with SGP_CACHE) returns the folio
 locked with a reference; the caller maps it (memory_file.finish_fault) and unlocks.
 Truncation and hole punching (``shmem_setattr``, ``shmem_fallocate``) are in
-truncate.py. Left out: swap (shmem_writeout/swapin: not modelled yet), tmpfs
-mounts and their huge= options, quotas, userfaultfd, fallocate preallocation,
-``shmem_unused_huge_shrink`` (huge folios beyond i_size: scenarios never leave any).
+truncate.py; swap (``shmem_writeout``, ``shmem_swapin_folio``) at the end of this
+module. Left out: tmpfs mounts and their huge= options, quotas, userfaultfd, fallocate
+preallocation, ``shmem_unused_huge_shrink`` (huge folios beyond i_size: scenarios
+never leave any).
 """
 
 from __future__ import annotations
@@ -277,28 +278,27 @@ async def shmem_alloc_and_add_folio(m, vma, addr: int, gfp: int, inode: ShmemIno
 
 
 async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, sgp: int,
-                              vma=None, addr: int = 0) -> Page | str | None:
+                              vma=None, addr: int = 0, subclass: int = 0) -> Page | str | None:
     """shmem_get_folio_gfp: the folio at index, locked and with a reference: found in
     the page cache, or allocated (``thp_file_alloc`` for a PMD-size one), zeroed and
     added. Returns an errno name (EINVAL: index at or beyond i_size, the fault's
-    SIGBUS), or None (SGP_READ / SGP_NOALLOC on a hole)."""
+    SIGBUS), or None (SGP_READ / SGP_NOALLOC on a hole). ``subclass`` is the lockdep
+    nesting of the folio lock taken (collapse_file holds other folio locks)."""
     while True:
         if sgp <= SGP_CACHE and index << PAGE_SHIFT >= inode.i_size:
             return EINVAL
         folio = await filemap.filemap_get_folio(m, inode.mapping, index)
         if folio is not None:
             lk = m.folio_lock_of(folio)
-            await lk.lock("shmem_get_folio_gfp")
+            await lk.lock("shmem_get_folio_gfp", subclass)
             if (folio.mapping is not inode.mapping or not _covers(folio, index)) and (
                     not m.bugs or "shmem_fault_no_truncate_recheck" not in m.bugs):
                 await lk.unlock()   # truncated or split meanwhile: look again
                 await swap.folio_put(m, folio)
                 continue
             break
-        if index in inode.mapping.swapped:  # a swap entry: read it back
-            if sgp == SGP_NOALLOC:
-                return None
-            folio = await shmem_swapin_folio(m, inode, index, vma, addr)
+        if index in inode.mapping.swapped:  # a swap entry: read it back, whatever sgp
+            folio = await shmem_swapin_folio(m, inode, index, vma, addr, subclass)
             if folio is None:
                 continue
             break
@@ -474,7 +474,8 @@ async def shmem_writeout(m, folio: Page) -> bool:
     return True
 
 
-async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -> Page | None:
+async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int,
+                             subclass: int = 0) -> Page | None:
     """shmem_swapin_folio (synchronous device, skipping the swap cache): a folio of the
     order the entry was written at is read back whole (pswpin per page), replaces the
     swap entries in the page cache, and the slots are freed. Returns it locked with a
@@ -500,16 +501,17 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
         # first), or a racing swap-in is reading it (relax, look again)
         cached = await swap_state.swap_cache_get_folio(m, entry)
         if cached is not None:
-            return await _shmem_swapin_cached(m, mapping, cached, swapped)
+            return await _shmem_swapin_cached(m, mapping, cached, swapped, subclass)
         await m.sched.sleep(1000)
         return None
     lk = m.folio_lock_of(folio)
-    await lk.lock("shmem_swapin_folio")
+    await lk.lock("shmem_swapin_folio", subclass)
     atomic.folio_set_field_locked(folio, "swap", entry)
     await page_io.swap_read_folio(m, folio)  # unlocks it
-    await lk.lock("shmem_swapin_folio")
+    await lk.lock("shmem_swapin_folio", subclass)
     atomic.folio_set_field_locked(folio, "swap", 0)
-    m.vmstat.count_vm_event("pgmajfault")
+    if vma is not None:  # a fault's (fault_type): truncation's and collapse's count none
+        m.vmstat.count_vm_event("pgmajfault")
     # shmem_confirm_swap under the folio lock, then shmem_add_to_page_cache in place of
     # the entries: one i_pages section, so a punch either freed them first (the folio
     # is dropped) or finds the folio and removes it
@@ -526,7 +528,8 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int) -
     return folio
 
 
-async def _shmem_swapin_cached(m, mapping, folio: Page, swapped: tuple) -> Page | None:
+async def _shmem_swapin_cached(m, mapping, folio: Page, swapped: tuple,
+                               subclass: int) -> Page | None:
     """shmem_swapin_folio with the folio found in the swap cache (a reference taken):
     locked, still caching the entry, it takes the entries' place in the page cache and
     leaves the swap cache, and the page cache's slot references go. Returns it locked,
@@ -535,7 +538,7 @@ async def _shmem_swapin_cached(m, mapping, folio: Page, swapped: tuple) -> Page 
     entry, order, base = swapped
     nr = 1 << order
     lk = m.folio_lock_of(folio)
-    await lk.lock("shmem_swapin_folio")
+    await lk.lock("shmem_swapin_folio", subclass)
     if folio.flags & PG_writeback:  # folio_wait_writeback: being written: wait, look again
         await lk.unlock()
         await swap.folio_put(m, folio)

@@ -289,9 +289,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("collapse_file_no_filled_recheck", "recheck", "kmm/khugepaged_file.py",
            "_replace_in_page_cache",
            (('    if held + nr_none != HPAGE_PMD_NR or any(\n'
-             '            mapping.i_pages.get(i) is not None and m.physmem.folio('
+             '            (mapping.i_pages.get(i) is not None and m.physmem.folio('
              'mapping.i_pages[i])\n'
-             '            not in pagelist for i in range(start, start + HPAGE_PMD_NR)):',
+             '             not in pagelist) or i in mapping.swapped\n'
+             '            for i in range(start, start + HPAGE_PMD_NR)):',
              '    if held + nr_none != HPAGE_PMD_NR:'),),
            "collapse_file's SCAN_PAGE_FILLED recheck under the i_pages lock: a fault put "
            "a new folio into a hole while the block was copied, and the new THP replaces "

@@ -162,3 +162,24 @@ def test_with_the_locks_held_the_same_calls_go_through():
         await mm.mmap_lock.up_write()
 
     run_machine(fn)
+
+
+def test_a_bug_raised_with_the_mmap_lock_dropped_is_reported_not_the_cleanup_error(monkeypatch):
+    """madvise_collapse drops the mmap lock around a shmem block's scan; a kernel bug
+    raised there passes through do_madvise_collapse's ``finally``, whose up_read of the
+    lock it no longer holds fails too. The run reports the bug (the cause), not the
+    clean-up's ValueError with a traceback."""
+    from kmm import khugepaged_file
+
+    async def scan_bug(*args):
+        raise KernelBug("hpage_collapse_scan_file: planted")
+
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 4096)
+        monkeypatch.setattr(khugepaged_file, "hpage_collapse_scan_file", scan_bug)
+        await p.madvise(a, 2 * MiB, "collapse")
+
+    with pytest.raises(KernelBug, match="planted"):
+        run_machine(fn)

@@ -164,6 +164,26 @@ def test_khugepaged_collapses_onto_the_node_with_most_pages():
     assert after == {"pages": {"1": 512}, "huge": {"1": 1}}
 
 
+def test_shmem_collapse_goes_to_the_node_with_most_pages_too():
+    """hpage_collapse_scan_file counts the nodes of the page cache's folios into
+    cc->node_load as hpage_collapse_scan_pmd does for PTEs, so collapse_file's new
+    folio is on the node holding most of them, not on the collapsing CPU's node."""
+    async def fn(m, k):
+        p = await k.process()
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.set_mempolicy("bind", [1])
+        await p.on(0).touch(a, 300 * 4096)
+        await p.set_mempolicy("bind", [0])
+        await p.on(0).touch(a + 300 * 4096, 212 * 4096)
+        await p.set_mempolicy("default")
+        before = p.numa_maps(a, 2 * MiB)
+        await p.on(0).madvise(a, 2 * MiB, "collapse")
+        return before, p.numa_maps(a, 2 * MiB)
+    _, (before, after) = two_nodes(fn)
+    assert before == {"pages": {"0": 212, "1": 300}}
+    assert after == {"pages": {"1": 512}, "huge": {"1": 1}}
+
+
 @pytest.mark.parametrize("call, errno", [
     (lambda p, a: p.set_mempolicy("bind", []), "EINVAL"),        # mpol_new: empty mask
     (lambda p, a: p.set_mempolicy("interleave", [5]), "EINVAL"),  # no such node

@@ -324,3 +324,79 @@ def _race_schedule(program: str, mode: str, i: int):
     cfg = ex.Config(program=str(root / "workloads" / program), mode=mode, seed=1,
                     depth=ex.DEFAULT_DEPTH[mode])
     return ex.explore(cfg, 1, start=i)
+
+
+def test_a_collapse_whose_hole_was_filled_and_swapped_out_meanwhile_backs_out(monkeypatch):
+    """collapse_file's last check before the new folio takes the block (6.18: every
+    hole must still be a NULL entry, else SCAN_PAGE_FILLED) counts a swap entry as
+    filled: a fault that wrote into the hole after the copy, and reclaim that then
+    wrote that page out, leave a swap entry, not a hole. The collapse backs out
+    (MADV_COLLAPSE: EAGAIN) and the byte written reads back from swap. (kmm used to
+    look for folios only: the new folio, zero there, took the index over the swap
+    entry and the write was lost.)"""
+    from kmm import khugepaged_file
+    from kmm.workload import KmmError
+    seen = {}
+    hole = 5
+
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        for i in range(HPAGE_PMD_NR):
+            if i != hole:
+                await p.store(a + i * 4096, b"\x01")
+        replace = khugepaged_file._replace_in_page_cache
+
+        async def replace_after_the_fill(*args):
+            seen["copied"] = True  # the hole is zero in the new folio now
+            while "filled" not in seen:
+                await m.sched.sleep(1000)
+            return await replace(*args)
+
+        async def collapse(cpu):
+            try:
+                return await p.on(cpu).madvise(a, 2 * MiB, "collapse")
+            except KmmError as e:
+                return str(e)
+
+        async def fill(cpu):
+            while "copied" not in seen:
+                await m.sched.sleep(1000)
+            await p.on(cpu).store(a + hole * 4096, b"\x77")
+            await p.on(cpu).madvise(a + hole * 4096, 4096, "pageout")
+            seen["filled"] = hole in p.task.files[a].mapping.swapped
+
+        monkeypatch.setattr(khugepaged_file, "_replace_in_page_cache", replace_after_the_fill)
+        seen["collapse"], _ = await k.parallel(collapse, fill)
+        monkeypatch.undo()
+        seen["back"] = await p.load(a + hole * 4096), await p.load(a)
+        seen["thps"] = (m.vmstat.events["thp_collapse_alloc"],
+                        shmem.shmem_meminfo(m).get("ShmemHugePages", 0))
+
+    run_machine(fn, swap=64 * MiB, cpus=2, check=check_between_ops)
+    assert seen["filled"] is True
+    assert "EAGAIN" in str(seen["collapse"])
+    assert seen["back"] == (b"\x77", b"\x01")
+    assert seen["thps"] == (1, 0)  # allocated, then freed with the rollback
+
+
+def test_collapse_reads_swapped_pages_back_without_a_major_fault():
+    """collapse_file reads the swapped pages of its block back through shmem_get_folio
+    (no fault_type): pswpin counts them, pgmajfault does not (the host, 6.18.44 with a
+    zram swap: 16 pages paged out of a 2 MiB shmem block, MADV_COLLAPSE returned 0 with
+    pswpin +16, pgmajfault +0, thp_collapse_alloc +1). A fault's swap-in is major."""
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="shmem")
+        await p.touch(a, 2 * MiB, value=1)
+        await p.madvise(a, 64 << 10, "pageout")
+        ev = m.vmstat.events
+        before = ev["pswpin"], ev["pgmajfault"], ev["thp_collapse_alloc"]
+        r = await p.madvise(a, 2 * MiB, "collapse")
+        collapsed = (r, ev["pswpin"] - before[0], ev["pgmajfault"] - before[1],
+                     ev["thp_collapse_alloc"] - before[2])
+        await p.madvise(a, 2 * MiB, "pageout")  # the THP goes out whole
+        await p.load(a)
+        return collapsed, (ev["pswpin"] - before[0], ev["pgmajfault"] - before[1])
+    _, r = run_machine(fn, knobs={"shmem_enabled": "advise"}, swap=64 * MiB)
+    assert r == ((0, 16, 0, 1), (16 + HPAGE_PMD_NR, 1))
