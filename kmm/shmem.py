@@ -301,6 +301,8 @@ async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, 
             folio = await shmem_swapin_folio(m, inode, index, vma, addr, subclass)
             if folio is None:
                 continue
+            if isinstance(folio, str):
+                return folio  # ENOMEM: no folio to read it into
             break
         if sgp == SGP_READ or sgp == SGP_NOALLOC:
             return None
@@ -475,14 +477,15 @@ async def shmem_writeout(m, folio: Page) -> bool:
 
 
 async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int,
-                             subclass: int = 0) -> Page | None:
+                             subclass: int = 0) -> Page | str | None:
     """shmem_swapin_folio (synchronous device, skipping the swap cache): a folio of the
     order the entry was written at is read back whole (pswpin per page), replaces the
     swap entries in the page cache, and the slots are freed. Returns it locked with a
-    reference, or None to look again: a racing swap-in claimed the slots first, or
-    the entry left the page cache before or while it was read (shmem_confirm_swap: a
-    truncation freed it, or another swap-in put its folio there). Context: no locks
-    held."""
+    reference; ENOMEM when no folio could be allocated (the entry stays; the kernel
+    may retry a large entry at order 0, kmm reads an entry back at its own order); or
+    None to look again: a racing swap-in claimed the slots first, or the entry left
+    the page cache before or while it was read (shmem_confirm_swap: a truncation freed
+    it, or another swap-in put its folio there). Context: no locks held."""
     from kmm import page_io, swap_state, swapfile
     mapping = inode.mapping
     swapped = mapping.swapped.get(index)
@@ -493,7 +496,7 @@ async def shmem_swapin_folio(m, inode: ShmemInode, index: int, vma, addr: int,
     gfp = huge_memory.vma_thp_gfp_mask(m, vma) if order else gfpmod.GFP_HIGHUSER_MOVABLE
     folio = await shmem_alloc_folio(m, gfp, order, vma, addr & ~((nr << PAGE_SHIFT) - 1))
     if folio is None:
-        return None
+        return ENOMEM
     if await swapfile.swapcache_prepare(m, entry, nr):
         await swap.folio_put(m, folio)
         # the slot is claimed: a folio still in the swap cache holds it (written out,

@@ -158,13 +158,16 @@ async def shmem_get_partial_folio(m, inode, index: int) -> Page | None:
     """shmem_get_partial_folio: the folio at index for the truncation's partial ends,
     locked and with a reference; a swapped-out one (a large swap entry only partly
     inside the range) is read back first, so it can be zeroed and split. None: a
-    hole."""
+    hole, or no memory to read the entry back into (shmem_get_folio's error: the
+    partial step is skipped)."""
     from kmm import shmem
     while True:
         folio = await _lock_get(m, inode.mapping, index)
         if folio is not None or index not in inode.mapping.swapped:
             return folio
         folio = await shmem.shmem_swapin_folio(m, inode, index, None, 0)
+        if isinstance(folio, str):
+            return None
         if folio is not None:
             return folio  # locked, with a reference, in the page cache
         # a racing swap-in or truncation took the entry: look again

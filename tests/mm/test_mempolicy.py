@@ -144,13 +144,15 @@ def test_mbind_splits_vmas_and_policies_follow_fork():
     assert sorted(pol.nodes) == [1]
 
 
-def test_khugepaged_collapses_onto_the_node_with_most_pages():
+@pytest.mark.parametrize("backing", ["anon", "shmem"])
+def test_the_collapse_goes_to_the_node_with_most_pages(backing):
     """hpage_collapse_find_target_node: the collapse allocates on the node holding the
-    most of the range's pages (cc->node_load counted by hpage_collapse_scan_pmd), not
-    on the collapsing CPU's node."""
+    most of the range's pages (cc->node_load, counted per PTE by hpage_collapse_scan_pmd
+    and per page-cache folio by hpage_collapse_scan_file), not on the collapsing CPU's
+    node."""
     async def fn(m, k):
         p = await k.process()
-        a = await p.mmap(2 * MiB)
+        a = await p.mmap(2 * MiB, backing=backing)
         await p.set_mempolicy("bind", [1])
         await p.on(0).touch(a, 300 * 4096)
         await p.set_mempolicy("bind", [0])
@@ -160,26 +162,6 @@ def test_khugepaged_collapses_onto_the_node_with_most_pages():
         await p.on(0).madvise(a, 2 * MiB, "collapse")
         return before, p.numa_maps(a, 2 * MiB)
     _, (before, after) = two_nodes(fn, knobs={"enabled": "madvise"})
-    assert before == {"pages": {"0": 212, "1": 300}}
-    assert after == {"pages": {"1": 512}, "huge": {"1": 1}}
-
-
-def test_shmem_collapse_goes_to_the_node_with_most_pages_too():
-    """hpage_collapse_scan_file counts the nodes of the page cache's folios into
-    cc->node_load as hpage_collapse_scan_pmd does for PTEs, so collapse_file's new
-    folio is on the node holding most of them, not on the collapsing CPU's node."""
-    async def fn(m, k):
-        p = await k.process()
-        a = await p.mmap(2 * MiB, backing="shmem")
-        await p.set_mempolicy("bind", [1])
-        await p.on(0).touch(a, 300 * 4096)
-        await p.set_mempolicy("bind", [0])
-        await p.on(0).touch(a + 300 * 4096, 212 * 4096)
-        await p.set_mempolicy("default")
-        before = p.numa_maps(a, 2 * MiB)
-        await p.on(0).madvise(a, 2 * MiB, "collapse")
-        return before, p.numa_maps(a, 2 * MiB)
-    _, (before, after) = two_nodes(fn)
     assert before == {"pages": {"0": 212, "1": 300}}
     assert after == {"pages": {"1": 512}, "huge": {"1": 1}}
 

@@ -6,7 +6,7 @@ tests pin the internal state those recordings imply."""
 
 from __future__ import annotations
 
-from kmm import filemap, shmem
+from kmm import errno_name, filemap, shmem
 from kmm.pgtable import HPAGE_PMD_NR, pmd_pfn, pmd_trans_huge
 from kmm.testing import check_between_ops, run_machine
 
@@ -400,3 +400,38 @@ def test_collapse_reads_swapped_pages_back_without_a_major_fault():
         return collapsed, (ev["pswpin"] - before[0], ev["pgmajfault"] - before[1])
     _, r = run_machine(fn, knobs={"shmem_enabled": "advise"}, swap=64 * MiB)
     assert r == ((0, 16, 0, 1), (16 + HPAGE_PMD_NR, 1))
+
+
+def test_a_swap_in_without_memory_fails_and_leaves_the_entry(monkeypatch):
+    """shmem_swapin_folio with no folio to read into returns -ENOMEM, and the swap
+    entry stays: MADV_COLLAPSE fails (SCAN_FAIL: EINVAL), a later read gets the page
+    back, and a fault that cannot get one is VM_FAULT_OOM (the out-of-memory path
+    ends the process). (kmm used to take the failure for a lost race and look again,
+    forever.)"""
+    from kmm.uapi import OomKilled
+    seen = {}
+
+    async def fn(m, k):
+        p = await k.process("main")
+        a = await p.mmap(2 * MiB, backing="memfd")
+        await p.touch(a, 2 * MiB, value=3)
+        await p.madvise(a, 8192, "pageout")
+        monkeypatch.setattr(shmem, "shmem_alloc_folio", _no_folio)
+        seen["collapse"] = await errno_name(p.madvise(a, 2 * MiB, "collapse"))
+        seen["swapped"] = sorted(p.task.files[a].mapping.swapped)
+        monkeypatch.undo()
+        seen["back"] = await p.load(a)
+        monkeypatch.setattr(shmem, "shmem_alloc_folio", _no_folio)
+        try:
+            await p.load(a + 4096)
+        except OomKilled:
+            seen["fault"] = "OomKilled"
+
+    run_machine(fn, knobs={"shmem_enabled": "advise"}, swap=64 * MiB,
+                check=check_between_ops)
+    assert seen == {"collapse": "EINVAL", "swapped": [0, 1], "back": b"\x03",
+                    "fault": "OomKilled"}
+
+
+async def _no_folio(*args):
+    return None
