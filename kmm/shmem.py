@@ -8,8 +8,9 @@ descriptor and maps with MAP_SHARED or MAP_PRIVATE.
 Orders: ``shmem_allowable_huge_orders`` combines the global ``shmem_enabled`` (the
 internal mount's huge= option: always / within_size / advise / never, and the
 overrides deny / force) with the per-size ``hugepages-<size>kB/shmem_enabled`` knobs,
-which apply to anonymous shmem only (a memfd follows the global knob, with every file
-order). ``shmem_alloc_and_add_folio`` tries the suitable orders highest first: an order
+which apply to a fault in anonymous shmem, a memfd's mapping included (shmem_mmap gives
+every unlinked file shmem_anon_vm_ops); the write path follows the global knob only,
+with every file order. ``shmem_alloc_and_add_folio`` tries the suitable orders highest first: an order
 whose aligned range is outside the VMA, or already has a folio in the page cache, is
 not suitable (no fallback is counted for it); a failed allocation counts
 ``thp_file_fallback`` (PMD size) and the per-size ``shmem_fallback``.
@@ -48,7 +49,7 @@ class ShmemInode:
     def __init__(self, m, id: int, size: int, anon: bool) -> None:
         self.id = id
         self.i_size = size
-        self.anon = anon                # anonymous shmem (shmem_zero_setup) or a memfd
+        self.anon = anon                # shmem_zero_setup's file (else a memfd's)
         self.mapping = filemap.AddressSpace(m, id, self)
         self.i_count = 0                # open files + mapping VMAs (iput at zero)
         self.i_rwsem = m.locks.rwsem("i_rwsem", f"i_rwsem:{id}")
@@ -64,7 +65,10 @@ def vma_is_shmem(vma) -> bool:
 
 
 def vma_is_anon_shmem(vma) -> bool:
-    return vma_is_shmem(vma) and vma.vm_file.anon
+    """vma_is_anon_shmem: the VMA has shmem_anon_vm_ops, which shmem_mmap gives every
+    file unlinked at the time of the mmap: anonymous shmem and every memfd (kmm has no
+    tmpfs path to link a file to)."""
+    return vma_is_shmem(vma)
 
 
 class ShmemState:
@@ -114,8 +118,8 @@ async def iput(m, inode: ShmemInode) -> None:
 
 # ------------------------------------------------------------------ policy
 def _size_knob(m, order: int) -> str:
-    """hugepages-<size>kB/shmem_enabled (the mthp knobs; their defaults until those
-    knobs exist here: inherit for PMD size, never below)."""
+    """hugepages-<size>kB/shmem_enabled, the per-size knob of one order (by default
+    inherit for PMD size, never below)."""
     try:
         return m.sysfs[f"hugepages-{4 << order}kB/shmem_enabled"]
     except KeyError:
@@ -175,8 +179,8 @@ def shmem_allowable_huge_orders(m, inode: ShmemInode, vma, index: int, write_end
         return 0
     global_orders = shmem_huge_global_enabled(m, inode, index, write_end, force, vm_flags,
                                               vma)
-    if vma is None or not inode.anon:
-        return global_orders  # tmpfs and memfd: the mount's policy only
+    if vma is None or not vma_is_anon_shmem(vma):
+        return global_orders  # the write path (and tmpfs files): the mount's policy only
     huge = m.sysfs["shmem_enabled"]
     if huge == "deny":
         return 0

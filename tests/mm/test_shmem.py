@@ -169,10 +169,10 @@ def test_madvise_collapse_replaces_small_folios_and_maps_the_pmd():
 
 
 def test_order_policy_matches_the_kernel_table():
-    """shmem_allowable_huge_orders for anonymous shmem and for a memfd (the global knob
-    only: the PMD order for a fault in a mapping, every file order for the write path),
-    as the recordings show under each mode (memfd_within_size_unaligned: a 2 MiB folio
-    and no 1 MiB one beyond it)."""
+    """shmem_allowable_huge_orders for anonymous shmem and for a memfd, the per-size
+    knobs at their defaults (so the global knob decides: the PMD order for a fault in a
+    mapping, every file order for the write path), as the recordings show under each
+    mode (memfd_within_size_unaligned: a 2 MiB folio and no 1 MiB one beyond it)."""
     async def fn(m, k):
         p = await k.process("main")
         a = await p.mmap(3 * MiB, backing="shmem")
