@@ -10,9 +10,9 @@ internal mount's huge= option: always / within_size / advise / never, and the
 overrides deny / force) with the per-size ``hugepages-<size>kB/shmem_enabled`` knobs,
 which apply to a fault in anonymous shmem, a memfd's mapping included (shmem_mmap gives
 every unlinked file shmem_anon_vm_ops); the write path follows the global knob only,
-with every file order. ``shmem_alloc_and_add_folio`` tries the suitable orders highest first: an order
-whose aligned range is outside the VMA, or already has a folio in the page cache, is
-not suitable (no fallback is counted for it); a failed allocation counts
+with every file order. ``shmem_alloc_and_add_folio`` tries the suitable orders highest
+first: an order whose aligned range is outside the VMA, or already has a folio in the
+page cache, is not suitable (no fallback is counted for it); a failed allocation counts
 ``thp_file_fallback`` (PMD size) and the per-size ``shmem_fallback``.
 
 The fault (``shmem_fault`` -> ``shmem_get_folio_gfp`` with SGP_CACHE) returns the folio
@@ -282,7 +282,8 @@ async def shmem_alloc_and_add_folio(m, vma, addr: int, gfp: int, inode: ShmemIno
 
 
 async def shmem_get_folio_gfp(m, inode: ShmemInode, index: int, write_end: int, sgp: int,
-                              vma=None, addr: int = 0, subclass: int = 0) -> Page | str | None:
+                              vma=None, addr: int = 0,
+                              subclass: int = 0) -> Page | str | None:
     """shmem_get_folio_gfp: the folio at index, locked and with a reference: found in
     the page cache, or allocated (``thp_file_alloc`` for a PMD-size one), zeroed and
     added. Returns an errno name (EINVAL: index at or beyond i_size, the fault's
