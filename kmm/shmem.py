@@ -451,17 +451,17 @@ def vma_unlink_merged(vma) -> None:
 
 # ------------------------------------------------------------------- swap
 async def shmem_writeout(m, folio: Page) -> bool:
-    """shmem_writeout: a clean-for-io, unmapped shmem folio goes to swap whole (a PMD-size
-    one gets a whole cluster: thp_swpout): slots allocated (the folio joins the swap
-    cache), one slot reference per page for the page cache's swap entries
-    (swap_shmem_alloc), the folio leaves the page cache for those entries, and it is
-    written (swap_writeout unlocks it). False (redirty; the caller activates it) without
-    swap or without room. Context: folio locked and isolated, not mapped."""
+    """shmem_writeout: a clean-for-io, unmapped shmem folio of any order goes to swap
+    whole (a PMD-size one gets a whole cluster: thp_swpout; an mTHP aligned slots in a
+    cluster of its order): slots allocated (the folio joins the swap cache), one slot
+    reference per page for the page cache's swap entries (swap_shmem_alloc), the folio
+    leaves the page cache for those entries, and it is written (swap_writeout unlocks
+    it). False (redirty; the caller activates it) without swap or without room (6.18
+    splits a large folio then and tries its pages, and splits one that crosses i_size
+    first: kmm does neither). Context: folio locked and isolated, not mapped."""
     from kmm import page_io, swapfile
     from kmm.pgtable import swp_entry, swp_offset, swp_type
     if m.swap_info is None or not swapfile.total_swap_pages(m):
-        return False
-    if folio.order not in (0, HPAGE_PMD_ORDER):  # (kmm's swap holds 4K and PMD folios)
         return False
     if not await swapfile.folio_alloc_swap(m, folio):
         return False

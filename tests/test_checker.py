@@ -122,6 +122,7 @@ def twin_run(program: str, seed: int, inject=(), every_point: int = 0) -> Twin:
     ("race_shmem_thp_swapin_punch.py", range(1, 2), 0),   # a large shmem swap entry
     ("race_shmem_swapout_fault.py", range(1, 3), 0),   # shmem folios in the swap cache
     ("race_shmem_collapse_swapin.py", range(1, 3), 0),   # collapse_file's swap-ins
+    ("race_shmem_mthp_swapin_punch.py", range(1, 3), 0),   # 64 KiB shmem swap entries
 ])
 def test_incremental_and_full_checkers_agree_on_race_programs(program, seeds, every):
     total = 0
