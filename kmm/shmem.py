@@ -44,12 +44,11 @@ EINVAL, ENOMEM, EEXIST = "EINVAL", "ENOMEM", "EEXIST"
 class ShmemInode:
     """struct shmem_inode_info + its inode: size, page cache, reference count."""
 
-    __slots__ = ("id", "i_size", "mapping", "anon", "i_count", "i_rwsem", "evicted")
+    __slots__ = ("id", "i_size", "mapping", "i_count", "i_rwsem", "evicted")
 
-    def __init__(self, m, id: int, size: int, anon: bool) -> None:
+    def __init__(self, m, id: int, size: int) -> None:
         self.id = id
         self.i_size = size
-        self.anon = anon                # shmem_zero_setup's file (else a memfd's)
         self.mapping = filemap.AddressSpace(m, id, self)
         self.i_count = 0                # open files + mapping VMAs (iput at zero)
         self.i_rwsem = m.locks.rwsem("i_rwsem", f"i_rwsem:{id}")
@@ -92,10 +91,10 @@ def shmem_inodes(m) -> dict[int, ShmemInode]:
     return shmem_state(m).inodes
 
 
-def shmem_new_inode(m, size: int, anon: bool) -> ShmemInode:
+def shmem_new_inode(m, size: int) -> ShmemInode:
     """shmem_get_inode on the internal mount (__shmem_file_setup)."""
     st = shmem_state(m)
-    inode = ShmemInode(m, st.next_ino, size, anon)
+    inode = ShmemInode(m, st.next_ino, size)
     st.next_ino += 1
     st.inodes[inode.id] = inode
     return inode
@@ -363,7 +362,7 @@ async def shmem_fault(m, vmf) -> Page | str:
 # ------------------------------------------------------------------ files
 def shmem_zero_setup(m, vma) -> None:
     """shmem_zero_setup: a MAP_SHARED|MAP_ANONYMOUS VMA gets a new file of its size."""
-    inode = shmem_new_inode(m, vma.end - vma.start, anon=True)
+    inode = shmem_new_inode(m, vma.end - vma.start)
     vma.vm_file = inode
     vma.pgoff = 0
     ihold(inode)
@@ -371,7 +370,7 @@ def shmem_zero_setup(m, vma) -> None:
 
 def memfd_create(m, size: int) -> ShmemInode:
     """memfd_create + ftruncate(size): a new shmem file held by one descriptor."""
-    inode = shmem_new_inode(m, size, anon=False)
+    inode = shmem_new_inode(m, size)
     ihold(inode)
     return inode
 
@@ -408,7 +407,7 @@ async def shmem_mmap(m, task, vma, backing: str) -> None:
     memfd (memfd_create + ftruncate to the length; the descriptor stays open in the
     task, keyed by the address) mapped from offset 0; then vma_link_file."""
     if backing == "shmem":
-        inode = shmem_new_inode(m, vma.end - vma.start, anon=True)
+        inode = shmem_new_inode(m, vma.end - vma.start)
     else:
         inode = memfd_create(m, vma.end - vma.start)
         task.files[vma.start] = inode
