@@ -29,26 +29,25 @@ from kmm.sysfs import Sysfs
 from kmm.vmstat import VmStat
 
 
+def _contexts(e: BaseException | None):
+    """e, then the exceptions it was raised while handling (__context__), 16 at most."""
+    for _ in range(16):
+        if e is None:
+            return
+        yield e
+        e = e.__context__
+
+
 def _raised_in_cancel(e: BaseException) -> bool:
     """The exception is trio's Cancelled, or came while one was being handled."""
-    seen = 0
-    while e is not None and seen < 16:
-        if isinstance(e, trio.Cancelled):
-            return True
-        e, seen = e.__context__, seen + 1
-    return False
+    return any(isinstance(c, trio.Cancelled) for c in _contexts(e))
 
 
 def _cause_behind_cleanup(e: BaseException) -> BaseException:
     """A kernel bug or lockdep splat that an error of a clean-up path replaced (a
     ``finally`` releasing a lock the failed path no longer held): the first is the
     report, the second only its consequence."""
-    c, seen = e, 0
-    while c is not None and seen < 16:
-        if isinstance(c, (KernelBug, LockdepSplat)):
-            return c
-        c, seen = c.__context__, seen + 1
-    return e
+    return next((c for c in _contexts(e) if isinstance(c, (KernelBug, LockdepSplat))), e)
 
 
 @dataclass(frozen=True)
